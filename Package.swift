@@ -1,0 +1,54 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "Keel",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "keel", targets: ["keel"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
+    targets: [
+        // C libraries, through thin system-library targets.
+        .systemLibrary(name: "CLiburing", pkgConfig: "liburing",
+                       providers: [.apt(["liburing-dev"])]),
+        .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd",
+                       providers: [.apt(["libnbd-dev"])]),
+        .systemLibrary(name: "CSQLite", pkgConfig: "sqlite3",
+                       providers: [.apt(["libsqlite3-dev"])]),
+
+        // Thin typed wrappers over the syscalls Keel uses outside io_uring.
+        .systemLibrary(name: "CSyscalls"),
+        .target(name: "Syscalls", dependencies: ["CSyscalls"]),
+        // One io_uring per thread: submission, completion, registered buffers.
+        .target(name: "IOUring", dependencies: ["CLiburing", "Syscalls"]),
+        // The NBD protocol as pure state machines: bytes in, bytes out.
+        .target(name: "NBDProtocol"),
+        // The NBD server core: connections on io_uring, dispatch to a block device.
+        .target(name: "NBDServer", dependencies: [
+            "NBDProtocol", "IOUring", "Syscalls",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // A raw image file as an NBD block device (O_DIRECT, read-modify-write).
+        .target(name: "FileExport", dependencies: [
+            "NBDServer", "NBDProtocol", "IOUring", "Syscalls", "CSyscalls",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // Client side: a Swift wrapper over libnbd.
+        .target(name: "LibNBD", dependencies: ["CLibNBD"]),
+
+        .executableTarget(name: "keel", dependencies: [
+            "NBDServer", "FileExport", "Syscalls",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+
+        .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
+        .testTarget(name: "IOUringTests", dependencies: ["IOUring", "Syscalls"]),
+        .testTarget(name: "KeelExportTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls"]),
+    ],
+    swiftLanguageModes: [.v5]
+)

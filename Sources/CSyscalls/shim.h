@@ -1,0 +1,17 @@
+// Linux headers and GNU constants that Glibc's Swift module does not cover.
+#define _GNU_SOURCE 1
+#include <fcntl.h>
+#include <pthread.h>
+#include <unistd.h>
+#include <sys/eventfd.h>
+#include <linux/falloc.h>
+
+#ifdef O_DIRECT
+static const int keel_o_direct = O_DIRECT;
+#elif defined(__x86_64__)
+static const int keel_o_direct = 040000;
+#else
+static const int keel_o_direct = 0200000;
+#endif
+static const int keel_seek_data = 3;  // SEEK_DATA
+static const int keel_seek_hole = 4;  // SEEK_HOLE

@@ -1,0 +1,119 @@
+import CLiburing
+import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One io_uring, owned by exactly one thread for its whole life.
+///
+/// Setup asks for SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN (completion
+/// work runs only when this thread asks for events, in batches) and falls back
+/// to a plain ring on kernels that refuse them.
+public final class Ring {
+    @usableFromInline var ring = io_uring()
+    public let entries: UInt32
+    /// The setup flags the kernel accepted.
+    public let setupFlags: UInt32
+    private var cqeBatch: UnsafeMutablePointer<UnsafeMutablePointer<io_uring_cqe>?>
+    private static let cqeBatchSize = 256
+
+    public init(entries: UInt32 = 512) throws {
+        self.entries = entries
+        let preferred = UInt32(IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN)
+        var accepted: UInt32 = 0
+        var rc: Int32 = -EINVAL
+        for flags in [preferred, UInt32(IORING_SETUP_COOP_TASKRUN), 0] {
+            var params = io_uring_params()
+            params.flags = flags
+            // The completion queue is sized for many connections' multishot traffic.
+            params.flags |= UInt32(IORING_SETUP_CQSIZE)
+            params.cq_entries = entries * 4
+            rc = io_uring_queue_init_params(entries, &ring, &params)
+            if rc == 0 { accepted = flags; break }
+        }
+        guard rc == 0 else { throw SystemError(errno: -rc, "io_uring_queue_init") }
+        setupFlags = accepted
+        cqeBatch = .allocate(capacity: Self.cqeBatchSize)
+    }
+
+    deinit {
+        io_uring_queue_exit(&ring)
+        cqeBatch.deallocate()
+    }
+
+    public var acceptedPreferredFlags: Bool {
+        setupFlags & UInt32(IORING_SETUP_DEFER_TASKRUN) != 0
+    }
+
+    /// A free submission entry; submits what is queued when the queue is full.
+    @inlinable
+    public func nextSubmission() -> UnsafeMutablePointer<io_uring_sqe> {
+        while true {
+            if let sqe = io_uring_get_sqe(&ring) { return sqe }
+            _ = io_uring_submit(&ring)
+        }
+    }
+
+    /// Submits queued entries and waits until at least `minimum` completions are ready.
+    public func submitAndWait(_ minimum: UInt32 = 1) throws {
+        while true {
+            let rc = io_uring_submit_and_wait(&ring, minimum)
+            if rc >= 0 || rc == -EINTR || rc == -ETIME { return }
+            if rc == -EBUSY || rc == -EAGAIN { return }  // completions must be reaped first
+            throw SystemError(errno: -rc, "io_uring_submit_and_wait")
+        }
+    }
+
+    public func submit() throws {
+        let rc = io_uring_submit(&ring)
+        if rc < 0 && rc != -EINTR && rc != -EBUSY && rc != -EAGAIN {
+            throw SystemError(errno: -rc, "io_uring_submit")
+        }
+    }
+
+    /// Hands every ready completion to `body`, then marks them all seen.
+    /// Returns how many there were.
+    @discardableResult
+    @inline(__always)
+    public func drainCompletions(_ body: (Completion) -> Void) -> Int {
+        var total = 0
+        while true {
+            let n = Int(io_uring_peek_batch_cqe(&ring, cqeBatch, UInt32(Self.cqeBatchSize)))
+            if n == 0 { return total }
+            for i in 0..<n {
+                let cqe = cqeBatch[i]!.pointee
+                body(Completion(userData: cqe.user_data, result: cqe.res, flags: cqe.flags))
+            }
+            io_uring_cq_advance(&ring, UInt32(n))
+            total += n
+            if n < Self.cqeBatchSize { return total }
+        }
+    }
+
+    /// Registers `memory` as fixed buffer 0 (for READ_FIXED / WRITE_FIXED).
+    public func registerBuffer(_ memory: UnsafeMutableRawBufferPointer) throws {
+        var iov = iovec(iov_base: memory.baseAddress, iov_len: memory.count)
+        let rc = io_uring_register_buffers(&ring, &iov, 1)
+        guard rc == 0 else { throw SystemError(errno: -rc, "io_uring_register_buffers") }
+    }
+
+    func registerBufferRing(_ reg: inout io_uring_buf_reg) throws {
+        let rc = io_uring_register_buf_ring(&ring, &reg, 0)
+        guard rc == 0 else { throw SystemError(errno: -rc, "io_uring_register_buf_ring") }
+    }
+}
+
+/// One completion queue entry, copied out of the ring.
+public struct Completion {
+    public var userData: UInt64
+    public var result: Int32
+    public var flags: UInt32
+
+    /// A multishot request stays armed after this completion.
+    @inlinable public var hasMore: Bool { flags & UInt32(IORING_CQE_F_MORE) != 0 }
+
+    /// The provided buffer this completion filled, if any.
+    @inlinable public var bufferID: UInt16? {
+        flags & UInt32(IORING_CQE_F_BUFFER) != 0 ? UInt16(truncatingIfNeeded: flags >> UInt32(IORING_CQE_BUFFER_SHIFT)) : nil
+    }
+}

@@ -1,0 +1,317 @@
+/// The fixed-newstyle handshake as a state machine: fed the client's bytes,
+/// it appends the server's answers to `reply` and says when transmission
+/// may start. It owns no socket, so it is tested and fuzzed with plain bytes.
+public struct Handshake {
+    public enum Step: Equatable {
+        case needMore
+        /// Transmission starts; `consumed` bytes of the last input belonged to the handshake.
+        case finished(Negotiated, consumed: Int)
+        /// Hard disconnect (after sending `reply`, if any).
+        case close(reason: String)
+    }
+
+    /// Larger options are read and discarded, then answered with ERR_TOO_BIG.
+    public static let maximumOptionLength = 64 * 1024
+
+    private enum State {
+        case clientFlags
+        case optionHeader
+        case optionData(option: UInt32, length: Int)
+        case discarding(option: UInt32, remaining: Int)
+        case finished
+    }
+
+    private let exports: [ExportDescription]
+    private var state = State.clientFlags
+    private var pending: [UInt8] = []
+    private var clientNoZeroes = false
+    private var structuredReplies = false
+    /// The export named by the last SET_META_CONTEXT that selected base:allocation.
+    private var baseAllocationExport: String?
+
+    /// `exports[0]` is the default export, also reachable by the empty name.
+    public init(exports: [ExportDescription]) {
+        precondition(!exports.isEmpty)
+        self.exports = exports
+    }
+
+    /// What the server sends as soon as a client connects.
+    public static var greeting: [UInt8] {
+        var bytes: [UInt8] = []
+        bytes.appendBigEndian(NBDMagic.initPassword)
+        bytes.appendBigEndian(NBDMagic.option)
+        bytes.appendBigEndian(HandshakeFlags([.fixedNewstyle, .noZeroes]).rawValue)
+        return bytes
+    }
+
+    public mutating func receive(_ input: UnsafeRawBufferPointer, reply: inout [UInt8]) -> Step {
+        var offset = 0
+        while true {
+            switch state {
+            case .finished:
+                return .close(reason: "data after the handshake finished")
+            case .discarding(let option, let remaining):
+                let take = min(remaining, input.count - offset)
+                offset += take
+                if take < remaining {
+                    state = .discarding(option: option, remaining: remaining - take)
+                    return .needMore
+                }
+                appendOptionReply(&reply, option: option, type: .errTooBig,
+                                  message: "option data longer than \(Self.maximumOptionLength) bytes")
+                state = .optionHeader
+            case .clientFlags, .optionHeader, .optionData:
+                let needed = bytesNeeded()
+                let take = min(needed - pending.count, input.count - offset)
+                if take > 0 {
+                    pending.append(contentsOf: UnsafeRawBufferPointer(rebasing: input[offset..<offset + take]))
+                    offset += take
+                }
+                if pending.count < needed { return .needMore }
+                let message = pending
+                pending.removeAll(keepingCapacity: true)
+                switch advance(with: message, reply: &reply) {
+                case .needMore: continue
+                case .finished(let negotiated, _): return .finished(negotiated, consumed: offset)
+                case .close(let reason): return .close(reason: reason)
+                }
+            }
+        }
+    }
+
+    private func bytesNeeded() -> Int {
+        switch state {
+        case .clientFlags: return 4
+        case .optionHeader: return 16
+        case .optionData(_, let length): return length
+        case .discarding, .finished: return 0
+        }
+    }
+
+    private mutating func advance(with message: [UInt8], reply: inout [UInt8]) -> Step {
+        switch state {
+        case .clientFlags:
+            let flags = ClientFlags(rawValue: message.loadBigEndian(at: 0, as: UInt32.self))
+            guard flags.isSubset(of: [.fixedNewstyle, .noZeroes]) else {
+                return .close(reason: "client flags 0x\(String(flags.rawValue, radix: 16)) are not known")
+            }
+            guard flags.contains(.fixedNewstyle) else {
+                return .close(reason: "client does not speak fixed newstyle")
+            }
+            clientNoZeroes = flags.contains(.noZeroes)
+            state = .optionHeader
+            return .needMore
+        case .optionHeader:
+            guard message.loadBigEndian(at: 0, as: UInt64.self) == NBDMagic.option else {
+                return .close(reason: "option without the IHAVEOPT magic")
+            }
+            let option = message.loadBigEndian(at: 8, as: UInt32.self)
+            let length = Int(message.loadBigEndian(at: 12, as: UInt32.self))
+            if length > Self.maximumOptionLength {
+                state = .discarding(option: option, remaining: length)
+            } else {
+                state = .optionData(option: option, length: length)
+                if length == 0 { return advance(with: [], reply: &reply) }
+            }
+            return .needMore
+        case .optionData(let option, _):
+            state = .optionHeader
+            return handleOption(option, data: message, reply: &reply)
+        case .discarding, .finished:
+            preconditionFailure("no message is assembled in this state")
+        }
+    }
+
+    // MARK: - Options
+
+    private mutating func handleOption(_ code: UInt32, data: [UInt8], reply: inout [UInt8]) -> Step {
+        guard let option = OptionType(rawValue: code) else {
+            appendOptionReply(&reply, option: code, type: .errUnsupported, message: "option \(code) is not supported")
+            return .needMore
+        }
+        switch option {
+        case .exportName:
+            guard let name = String(validating: data, as: UTF8.self), let export = lookup(name) else {
+                return .close(reason: "unknown export requested with EXPORT_NAME")
+            }
+            reply.appendBigEndian(export.size)
+            reply.appendBigEndian(export.transmissionFlags(structuredReplies: structuredReplies).rawValue)
+            if !clientNoZeroes { reply.append(contentsOf: repeatElement(0, count: 124)) }
+            return finish(with: export)
+        case .abort:
+            appendOptionReply(&reply, option: code, type: .ack)
+            return .close(reason: "client aborted the handshake")
+        case .list:
+            guard data.isEmpty else {
+                appendOptionReply(&reply, option: code, type: .errInvalid, message: "LIST takes no data")
+                return .needMore
+            }
+            for export in exports {
+                var payload: [UInt8] = []
+                payload.appendBigEndian(UInt32(export.name.utf8.count))
+                payload.append(contentsOf: export.name.utf8)
+                payload.append(contentsOf: export.description.utf8)
+                appendOptionReply(&reply, option: code, type: .server, payload: payload)
+            }
+            appendOptionReply(&reply, option: code, type: .ack)
+            return .needMore
+        case .startTLS:
+            appendOptionReply(&reply, option: code, type: .errUnsupported, message: "TLS is not supported")
+            return .needMore
+        case .info, .go:
+            return handleInfo(option, data: data, reply: &reply)
+        case .structuredReply:
+            guard data.isEmpty else {
+                appendOptionReply(&reply, option: code, type: .errInvalid, message: "STRUCTURED_REPLY takes no data")
+                return .needMore
+            }
+            structuredReplies = true
+            appendOptionReply(&reply, option: code, type: .ack)
+            return .needMore
+        case .listMetaContext, .setMetaContext:
+            handleMetaContext(option, data: data, reply: &reply)
+            return .needMore
+        }
+    }
+
+    private mutating func handleInfo(_ option: OptionType, data: [UInt8], reply: inout [UInt8]) -> Step {
+        let code = option.rawValue
+        var reader = OptionReader(data)
+        guard let name = reader.string(), let count = reader.uint16(),
+              reader.remaining == Int(count) * 2 else {
+            appendOptionReply(&reply, option: code, type: .errInvalid, message: "malformed \(option) request")
+            return .needMore
+        }
+        var requested: Set<UInt16> = []
+        for _ in 0..<count { requested.insert(reader.uint16()!) }
+        guard let export = lookup(name) else {
+            appendOptionReply(&reply, option: code, type: .errUnknown, message: "no export named '\(name)'")
+            return .needMore
+        }
+        var info: [UInt8] = []
+        info.appendBigEndian(InfoType.export.rawValue)
+        info.appendBigEndian(export.size)
+        info.appendBigEndian(export.transmissionFlags(structuredReplies: structuredReplies).rawValue)
+        appendOptionReply(&reply, option: code, type: .info, payload: info)
+
+        // Sent unasked too: clients that understand it avoid out-of-range sizes.
+        info = []
+        info.appendBigEndian(InfoType.blockSize.rawValue)
+        info.appendBigEndian(export.blockSizes.minimum)
+        info.appendBigEndian(export.blockSizes.preferred)
+        info.appendBigEndian(export.blockSizes.maximum)
+        appendOptionReply(&reply, option: code, type: .info, payload: info)
+
+        if requested.contains(InfoType.name.rawValue) {
+            info = []
+            info.appendBigEndian(InfoType.name.rawValue)
+            info.append(contentsOf: export.name.utf8)
+            appendOptionReply(&reply, option: code, type: .info, payload: info)
+        }
+        if requested.contains(InfoType.description.rawValue), !export.description.isEmpty {
+            info = []
+            info.appendBigEndian(InfoType.description.rawValue)
+            info.append(contentsOf: export.description.utf8)
+            appendOptionReply(&reply, option: code, type: .info, payload: info)
+        }
+        appendOptionReply(&reply, option: code, type: .ack)
+        return option == .go ? finish(with: export) : .needMore
+    }
+
+    private mutating func handleMetaContext(_ option: OptionType, data: [UInt8], reply: inout [UInt8]) {
+        let code = option.rawValue
+        let isSet = option == .setMetaContext
+        // A SET replaces earlier selections even when it fails.
+        if isSet { baseAllocationExport = nil }
+        guard structuredReplies || !isSet else {
+            appendOptionReply(&reply, option: code, type: .errInvalid,
+                              message: "SET_META_CONTEXT needs STRUCTURED_REPLY first")
+            return
+        }
+        var reader = OptionReader(data)
+        guard let name = reader.string(), let count = reader.uint32() else {
+            appendOptionReply(&reply, option: code, type: .errInvalid, message: "malformed \(option) request")
+            return
+        }
+        var queries: [String] = []
+        for _ in 0..<count {
+            guard let query = reader.string() else {
+                appendOptionReply(&reply, option: code, type: .errInvalid, message: "malformed \(option) query")
+                return
+            }
+            queries.append(query)
+        }
+        guard reader.remaining == 0 else {
+            appendOptionReply(&reply, option: code, type: .errInvalid, message: "trailing data in \(option)")
+            return
+        }
+        guard let export = lookup(name) else {
+            appendOptionReply(&reply, option: code, type: .errUnknown, message: "no export named '\(name)'")
+            return
+        }
+        let selects: Bool
+        if isSet {
+            selects = queries.contains(MetaContext.baseAllocation)
+        } else {
+            selects = queries.isEmpty || queries.contains { $0 == "base:" || $0 == MetaContext.baseAllocation }
+        }
+        if selects {
+            var payload: [UInt8] = []
+            payload.appendBigEndian(isSet ? MetaContext.baseAllocationID : 0)
+            payload.append(contentsOf: MetaContext.baseAllocation.utf8)
+            appendOptionReply(&reply, option: code, type: .metaContext, payload: payload)
+            if isSet { baseAllocationExport = export.name }
+        }
+        appendOptionReply(&reply, option: code, type: .ack)
+    }
+
+    private mutating func finish(with export: ExportDescription) -> Step {
+        state = .finished
+        let negotiated = Negotiated(export: export, structuredReplies: structuredReplies,
+                                    baseAllocation: structuredReplies && baseAllocationExport == export.name)
+        return .finished(negotiated, consumed: 0)
+    }
+
+    private func lookup(_ name: String) -> ExportDescription? {
+        name.isEmpty ? exports[0] : exports.first { $0.name == name }
+    }
+
+    private func appendOptionReply(_ reply: inout [UInt8], option: UInt32, type: OptionReplyType,
+                                   payload: [UInt8] = [], message: String? = nil) {
+        let body = message.map { Array($0.utf8) } ?? payload
+        reply.appendBigEndian(NBDMagic.optionReply)
+        reply.appendBigEndian(option)
+        reply.appendBigEndian(type.rawValue)
+        reply.appendBigEndian(UInt32(body.count))
+        reply.append(contentsOf: body)
+    }
+}
+
+/// Reads length-prefixed fields of an option's data, failing softly on truncation.
+struct OptionReader {
+    private let bytes: [UInt8]
+    private var offset = 0
+
+    init(_ bytes: [UInt8]) { self.bytes = bytes }
+
+    var remaining: Int { bytes.count - offset }
+
+    mutating func uint16() -> UInt16? {
+        guard remaining >= 2 else { return nil }
+        defer { offset += 2 }
+        return bytes.loadBigEndian(at: offset)
+    }
+
+    mutating func uint32() -> UInt32? {
+        guard remaining >= 4 else { return nil }
+        defer { offset += 4 }
+        return bytes.loadBigEndian(at: offset)
+    }
+
+    /// A u32 length followed by that many bytes of UTF-8 (at most 4096, as the protocol says).
+    mutating func string() -> String? {
+        guard let length = uint32(), length <= 4096, remaining >= Int(length) else { return nil }
+        defer { offset += Int(length) }
+        return String(validating: bytes[offset..<offset + Int(length)], as: UTF8.self)
+    }
+}

@@ -1,0 +1,38 @@
+import ArgumentParser
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@main
+struct Keel: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "keel",
+        abstract: "Replicated block storage served over NBD.",
+        subcommands: [Export.self])
+
+    /// Every failure ends in one line on stderr and a non-zero exit.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch let error as CLIError {
+            fputs("keel: \(error.message)\n", stderr)
+            Glibc.exit(1)
+        } catch {
+            let code = exitCode(for: error)
+            if code == .success {
+                print(fullMessage(for: error))
+                Glibc.exit(0)
+            }
+            let message = self.message(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
+            fputs("keel: \(message) (see 'keel --help')\n", stderr)
+            Glibc.exit(code.rawValue == 0 ? 2 : code.rawValue)
+        }
+    }
+}
+
+/// A failure the user can act on, already phrased for them.
+struct CLIError: Error {
+    let message: String
+    init(_ message: String) { self.message = message }
+}
