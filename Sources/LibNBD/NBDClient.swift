@@ -1,0 +1,197 @@
+import CLibNBD
+
+/// A failed libnbd call: the errno the server (or libnbd) reported, and libnbd's message.
+public struct NBDClientError: Error, CustomStringConvertible {
+    public let errno: Int32
+    public let message: String
+
+    static func last() -> NBDClientError {
+        NBDClientError(errno: nbd_get_errno(), message: nbd_get_error().map { String(cString: $0) } ?? "unknown libnbd error")
+    }
+
+    public var description: String { message }
+}
+
+/// A thin Swift wrapper over one libnbd handle (one NBD connection).
+/// Not thread-safe, like the handle it wraps.
+public final class NBDClient {
+    public struct CommandFlags: OptionSet {
+        public let rawValue: UInt32
+        public init(rawValue: UInt32) { self.rawValue = rawValue }
+        public static let fua = CommandFlags(rawValue: LIBNBD_CMD_FLAG_FUA)
+        public static let noHole = CommandFlags(rawValue: LIBNBD_CMD_FLAG_NO_HOLE)
+        public static let dontFragment = CommandFlags(rawValue: LIBNBD_CMD_FLAG_DF)
+        public static let requestOne = CommandFlags(rawValue: LIBNBD_CMD_FLAG_REQ_ONE)
+        public static let fastZero = CommandFlags(rawValue: LIBNBD_CMD_FLAG_FAST_ZERO)
+    }
+
+    public struct Extent: Equatable {
+        public var length: UInt32
+        public var flags: UInt32
+    }
+
+    let handle: OpaquePointer
+
+    public init() throws {
+        guard let handle = nbd_create() else { throw NBDClientError.last() }
+        self.handle = handle
+    }
+
+    deinit { nbd_close(handle) }
+
+    // MARK: - Before connecting
+
+    public func setExportName(_ name: String) throws {
+        try check(nbd_set_export_name(handle, name))
+    }
+
+    public func requestStructuredReplies(_ enable: Bool) throws {
+        try check(nbd_set_request_structured_replies(handle, enable))
+    }
+
+    public func addMetaContext(_ name: String) throws {
+        try check(nbd_add_meta_context(handle, name))
+    }
+
+    /// Turns off libnbd's own checks so that bad requests reach the server.
+    public func disableClientSideChecks() throws {
+        try check(nbd_set_strict_mode(handle, 0))
+    }
+
+    /// Stops after the handshake's option phase (for LIST, INFO, ...).
+    public func setOptionMode(_ enable: Bool) throws {
+        try check(nbd_set_opt_mode(handle, enable))
+    }
+
+    // MARK: - Connecting
+
+    public func connect(uri: String) throws { try check(nbd_connect_uri(handle, uri)) }
+    public func connect(unixSocket path: String) throws { try check(nbd_connect_unix(handle, path)) }
+    public func connect(host: String, port: UInt16) throws { try check(nbd_connect_tcp(handle, host, String(port))) }
+
+    public func go() throws { try check(nbd_opt_go(handle)) }
+    public func abortOptions() throws { try check(nbd_opt_abort(handle)) }
+
+    /// NBD_OPT_LIST: the exports the server offers.
+    public func listExports() throws -> [String] {
+        final class Names { var list: [String] = [] }
+        let names = Names()
+        let context = Unmanaged.passUnretained(names).toOpaque()
+        let callback = nbd_list_callback(callback: { data, name, _ in
+            Unmanaged<Names>.fromOpaque(data!).takeUnretainedValue().list.append(String(cString: name!))
+            return 0
+        }, user_data: context, free: nil)
+        try check(nbd_opt_list(handle, callback))
+        return names.list
+    }
+
+    public func shutdown() throws { try check(nbd_shutdown(handle, 0)) }
+
+    // MARK: - What the server offers
+
+    public var size: UInt64 { get throws { UInt64(try check64(nbd_get_size(handle))) } }
+    public var isReadOnly: Bool { nbd_is_read_only(handle) == 1 }
+    public var canFlush: Bool { nbd_can_flush(handle) == 1 }
+    public var canFUA: Bool { nbd_can_fua(handle) == 1 }
+    public var canTrim: Bool { nbd_can_trim(handle) == 1 }
+    public var canZero: Bool { nbd_can_zero(handle) == 1 }
+    public var canFastZero: Bool { nbd_can_fast_zero(handle) == 1 }
+    public var canCache: Bool { nbd_can_cache(handle) == 1 }
+    public var canMultiConn: Bool { nbd_can_multi_conn(handle) == 1 }
+    public var structuredRepliesNegotiated: Bool { nbd_get_structured_replies_negotiated(handle) == 1 }
+
+    public func canMetaContext(_ name: String) -> Bool { nbd_can_meta_context(handle, name) == 1 }
+
+    /// (minimum, preferred, maximum) from NBD_INFO_BLOCK_SIZE.
+    public func blockSizes() throws -> (Int64, Int64, Int64) {
+        (try check64(nbd_get_block_size(handle, Int32(LIBNBD_SIZE_MINIMUM))),
+         try check64(nbd_get_block_size(handle, Int32(LIBNBD_SIZE_PREFERRED))),
+         try check64(nbd_get_block_size(handle, Int32(LIBNBD_SIZE_MAXIMUM))))
+    }
+
+    // MARK: - Commands (synchronous)
+
+    public func read(count: Int, at offset: UInt64, flags: CommandFlags = []) throws -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        try bytes.withUnsafeMutableBytes { raw in
+            try check(nbd_pread(handle, raw.baseAddress, count, offset, flags.rawValue))
+        }
+        return bytes
+    }
+
+    public func write(_ bytes: [UInt8], at offset: UInt64, flags: CommandFlags = []) throws {
+        try bytes.withUnsafeBytes { raw in
+            try check(nbd_pwrite(handle, raw.baseAddress, raw.count, offset, flags.rawValue))
+        }
+    }
+
+    public func flush() throws { try check(nbd_flush(handle, 0)) }
+
+    public func trim(count: UInt64, at offset: UInt64, flags: CommandFlags = []) throws {
+        try check(nbd_trim(handle, count, offset, flags.rawValue))
+    }
+
+    public func zero(count: UInt64, at offset: UInt64, flags: CommandFlags = []) throws {
+        try check(nbd_zero(handle, count, offset, flags.rawValue))
+    }
+
+    public func cache(count: UInt64, at offset: UInt64) throws {
+        try check(nbd_cache(handle, count, offset, 0))
+    }
+
+    /// `base:allocation` extents (needs `addMetaContext("base:allocation")` before connecting).
+    public func blockStatus(count: UInt64, at offset: UInt64, flags: CommandFlags = []) throws -> [Extent] {
+        final class Extents { var list: [Extent] = [] }
+        let extents = Extents()
+        let context = Unmanaged.passUnretained(extents).toOpaque()
+        let callback = nbd_extent_callback(callback: { data, _, _, entries, count, _ in
+            let box = Unmanaged<Extents>.fromOpaque(data!).takeUnretainedValue()
+            var i = 0
+            while i + 1 < count {
+                box.list.append(Extent(length: entries![i], flags: entries![i + 1]))
+                i += 2
+            }
+            return 0
+        }, user_data: context, free: nil)
+        try check(nbd_block_status(handle, count, offset, callback, flags.rawValue))
+        return extents.list
+    }
+
+    // MARK: - Commands in flight (asynchronous)
+
+    /// Starts a write; `buffer` must stay valid until the command completes.
+    public func startWrite(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws -> Int64 {
+        try check64(nbd_aio_pwrite(handle, buffer.baseAddress, buffer.count, offset,
+                                   nbd_completion_callback(callback: nil, user_data: nil, free: nil), 0))
+    }
+
+    /// Starts a read into `buffer`, which must stay valid until the command completes.
+    public func startRead(_ buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int64 {
+        try check64(nbd_aio_pread(handle, buffer.baseAddress, buffer.count, offset,
+                                  nbd_completion_callback(callback: nil, user_data: nil, free: nil), 0))
+    }
+
+    public var commandsInFlight: Int { Int(nbd_aio_in_flight(handle)) }
+
+    /// Waits for traffic for up to `milliseconds`.
+    public func poll(milliseconds: Int32) throws { try check(nbd_poll(handle, milliseconds)) }
+
+    /// True once the command finished; throws if it failed.
+    public func isComplete(_ cookie: Int64) throws -> Bool {
+        let rc = nbd_aio_command_completed(handle, UInt64(cookie))
+        if rc < 0 { throw NBDClientError.last() }
+        return rc == 1
+    }
+
+    // MARK: -
+
+    private func check(_ rc: Int32) throws {
+        if rc < 0 { throw NBDClientError.last() }
+    }
+
+    @discardableResult
+    private func check64(_ rc: Int64) throws -> Int64 {
+        if rc < 0 { throw NBDClientError.last() }
+        return rc
+    }
+}
