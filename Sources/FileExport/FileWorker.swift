@@ -22,6 +22,8 @@ public final class FileWorker: BlockWorker {
     /// `IORequest.phase` bits.
     private static let edgesLocked: UInt8 = 1
     private static let syncIssued: UInt8 = 2
+    private static let headReadPending: UInt8 = 4
+    private static let tailReadPending: UInt8 = 8
 
     private let device: FileDevice
     private let ring: Ring
@@ -106,7 +108,9 @@ public final class FileWorker: BlockWorker {
             }
         case .headRead, .tailRead:
             if result != Int32(alignment) { fail(r, errno: result < 0 ? -result : EIO) }
-            if r.pointee.pendingOperations == 0 && r.pointee.firstError == nil { edgesArrived(r, token) }
+            r.pointee.phase &= ~(operation == .headRead ? Self.headReadPending : Self.tailReadPending)
+            let bothArrived = r.pointee.phase & (Self.headReadPending | Self.tailReadPending) == 0
+            if bothArrived && r.pointee.firstError == nil { edgesArrived(r, token) }
         case .headWrite, .tailWrite:
             if result != Int32(alignment) { fail(r, errno: result < 0 ? -result : EIO) }
         case .lockRetry:
@@ -190,11 +194,13 @@ public final class FileWorker: BlockWorker {
         let scratch = r.pointee.scratch!
         let a = alignment
         if let head = e.head {
+            r.pointee.phase |= Self.headReadPending
             submit(r, token, .headRead) {
                 ring.read(fd, into: scratch.base, count: a, at: head * UInt64(a), fixed: scratch.isFixed, userData: $0)
             }
         }
         if let tail = e.tail {
+            r.pointee.phase |= Self.tailReadPending
             submit(r, token, .tailRead) {
                 ring.read(fd, into: scratch.base + a, count: a, at: tail * UInt64(a), fixed: scratch.isFixed, userData: $0)
             }

@@ -28,6 +28,11 @@ public final class NBDClient {
     public struct Extent: Equatable {
         public var length: UInt32
         public var flags: UInt32
+
+        public init(length: UInt32, flags: UInt32) {
+            self.length = length
+            self.flags = flags
+        }
     }
 
     let handle: OpaquePointer

@@ -1,0 +1,191 @@
+import Foundation
+import Syscalls
+import Testing
+
+/// Paths of things the tests run.
+enum Paths {
+    /// The `keel` executable that `swift test` built next to the test bundle.
+    static let keel: String = {
+        var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        for _ in 0..<4 {
+            let candidate = dir.appendingPathComponent("keel").path
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+            dir.deleteLastPathComponent()
+        }
+        let fallback = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+            .appendingPathComponent("../../.build/debug/keel").standardized.path
+        return fallback
+    }()
+}
+
+/// A directory on disk (not tmpfs: O_DIRECT must work) removed at deinit.
+final class Scratch {
+    let path: String
+
+    init() throws {
+        let base = ProcessInfo.processInfo.environment["KEEL_TEST_DIR"] ?? "/var/tmp"
+        path = base + "/keel-test-" + UUID().uuidString.prefix(8)
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    }
+
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+
+    func file(_ name: String) -> String { path + "/" + name }
+
+    /// A sparse file of `size` bytes.
+    func image(_ name: String = "disk.img", size: Int) throws -> String {
+        let p = file(name)
+        FileManager.default.createFile(atPath: p, contents: nil)
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: p))
+        try handle.truncate(atOffset: UInt64(size))
+        try handle.close()
+        return p
+    }
+}
+
+/// Output of a finished command.
+struct Finished {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+}
+
+/// Runs a command to completion, with a time limit; output goes through
+/// files so that a chatty command can never block on a full pipe.
+@discardableResult
+func run(_ argv: [String], timeout: TimeInterval = 120) throws -> Finished {
+    let scratch = try Scratch()
+    let outPath = scratch.file("stdout"), errPath = scratch.file("stderr")
+    FileManager.default.createFile(atPath: outPath, contents: nil)
+    FileManager.default.createFile(atPath: errPath, contents: nil)
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: argv[0].hasPrefix("/") ? argv[0] : "/usr/bin/env")
+    process.arguments = argv[0].hasPrefix("/") ? Array(argv.dropFirst()) : argv
+    process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outPath))
+    process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
+    process.standardInput = FileHandle.nullDevice
+    try process.run()
+    let deadline = Date().addingTimeInterval(timeout)
+    while process.isRunning && Date() < deadline { usleep(10_000) }
+    if process.isRunning {
+        process.terminate()
+        Issue.record("timed out after \(timeout) s: \(argv.joined(separator: " "))")
+    }
+    process.waitUntilExit()
+    return Finished(status: process.terminationStatus,
+                    stdout: (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? "",
+                    stderr: (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "")
+}
+
+/// A `keel export` process started for one test and stopped with SIGTERM.
+final class KeelExport {
+    let process = Process()
+    let address: String
+    let logPath: String
+    private var stopped = false
+
+    /// The socket path, for unix addresses.
+    var socketPath: String? { address.hasPrefix("unix:") ? String(address.dropFirst(5)) : nil }
+
+    var uri: String {
+        if let socketPath { return "nbd+unix:///?socket=\(socketPath)" }
+        return "nbd://\(address)/"
+    }
+
+    init(image: String, scratch: Scratch, extra: [String] = [], address: String? = nil) throws {
+        self.address = address ?? "unix:\(scratch.file("nbd-\(UUID().uuidString.prefix(6)).sock"))"
+        logPath = scratch.file("keel-\(UUID().uuidString.prefix(6)).log")
+        FileManager.default.createFile(atPath: logPath, contents: nil)
+        process.executableURL = URL(fileURLWithPath: Paths.keel)
+        process.arguments = ["export", image, "--listen", self.address, "--log-level", "info"] + extra
+        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
+        process.standardOutput = log
+        process.standardError = log
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        try waitUntilListening()
+    }
+
+    private func waitUntilListening() throws {
+        let target = try SocketAddress(parsing: address)
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline {
+            guard process.isRunning else { throw TestFailure("keel export exited early:\n\(log)") }
+            if let fd = try? Socket.connect(to: target) {
+                fd.close()
+                return
+            }
+            usleep(20_000)
+        }
+        throw TestFailure("keel export did not listen on \(address):\n\(log)")
+    }
+
+    var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+
+    /// SIGTERM, then the exit status (nil if it had to be killed).
+    @discardableResult
+    func stop() -> Int32? {
+        guard !stopped else { return process.terminationStatus }
+        stopped = true
+        process.terminate()
+        let deadline = Date().addingTimeInterval(15)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+            return nil
+        }
+        return process.terminationStatus
+    }
+
+    deinit { stop() }
+}
+
+struct TestFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Deterministic test data: a random block with each 4 KiB stamped with its
+/// absolute offset, so any misplaced or stale block is caught by a compare.
+struct Pattern {
+    private let seed: [UInt8]
+
+    init(bytes: Int = 1 << 20, seed: UInt64 = 0x6b65656c) {
+        var state = seed
+        var data = [UInt8](repeating: 0, count: bytes)
+        data.withUnsafeMutableBytes { raw in
+            let words = raw.bindMemory(to: UInt64.self)
+            for i in words.indices {
+                state &+= 0x9E37_79B9_7F4A_7C15
+                var z = state
+                z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+                z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+                words[i] = z ^ (z >> 31)
+            }
+        }
+        self.seed = data
+    }
+
+    /// Bytes for `offset ..< offset + count`; offset and count multiples of 4096.
+    func bytes(at offset: UInt64, count: Int) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        out.withUnsafeMutableBytes { raw in
+            seed.withUnsafeBytes { src in
+                var done = 0
+                while done < count {
+                    let start = Int((offset + UInt64(done)) % UInt64(seed.count))
+                    let n = min(count - done, seed.count - start)
+                    raw.baseAddress!.advanced(by: done).copyMemory(from: src.baseAddress! + start, byteCount: n)
+                    done += n
+                }
+                var block = 0
+                while block < count {
+                    raw.storeBytes(of: offset + UInt64(block), toByteOffset: block, as: UInt64.self)
+                    block += 4096
+                }
+            }
+        }
+        return out
+    }
+}
