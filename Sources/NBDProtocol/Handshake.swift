@@ -19,6 +19,7 @@ public struct Handshake {
         case optionData(option: UInt32, length: Int)
         case discarding(option: UInt32, remaining: Int)
         case finished
+        case closed
     }
 
     private let exports: [ExportDescription]
@@ -48,8 +49,9 @@ public struct Handshake {
         var offset = 0
         while true {
             switch state {
-            case .finished:
-                return .close(reason: "data after the handshake finished")
+            case .finished, .closed:
+                state = .closed
+                return .close(reason: "data after the handshake ended")
             case .discarding(let option, let remaining):
                 let take = min(remaining, input.count - offset)
                 offset += take
@@ -57,9 +59,15 @@ public struct Handshake {
                     state = .discarding(option: option, remaining: remaining - take)
                     return .needMore
                 }
+                state = .optionHeader
+                if option == OptionType.abort.rawValue {
+                    // ABORT is acknowledged whatever data came with it.
+                    appendOptionReply(&reply, option: option, type: .ack)
+                    state = .closed
+                    return .close(reason: "client aborted the handshake")
+                }
                 appendOptionReply(&reply, option: option, type: .errTooBig,
                                   message: "option data longer than \(Self.maximumOptionLength) bytes")
-                state = .optionHeader
             case .clientFlags, .optionHeader, .optionData:
                 let needed = bytesNeeded()
                 let take = min(needed - pending.count, input.count - offset)
@@ -73,7 +81,9 @@ public struct Handshake {
                 switch advance(with: message, reply: &reply) {
                 case .needMore: continue
                 case .finished(let negotiated, _): return .finished(negotiated, consumed: offset)
-                case .close(let reason): return .close(reason: reason)
+                case .close(let reason):
+                    state = .closed
+                    return .close(reason: reason)
                 }
             }
         }
@@ -84,7 +94,7 @@ public struct Handshake {
         case .clientFlags: return 4
         case .optionHeader: return 16
         case .optionData(_, let length): return length
-        case .discarding, .finished: return 0
+        case .discarding, .finished, .closed: return 0
         }
     }
 
@@ -108,6 +118,10 @@ public struct Handshake {
             let option = message.loadBigEndian(at: 8, as: UInt32.self)
             let length = Int(message.loadBigEndian(at: 12, as: UInt32.self))
             if length > Self.maximumOptionLength {
+                // EXPORT_NAME has no error reply; a name that long is not one of ours.
+                if option == OptionType.exportName.rawValue {
+                    return .close(reason: "EXPORT_NAME longer than any export name")
+                }
                 state = .discarding(option: option, remaining: length)
             } else {
                 state = .optionData(option: option, length: length)
@@ -117,7 +131,7 @@ public struct Handshake {
         case .optionData(let option, _):
             state = .optionHeader
             return handleOption(option, data: message, reply: &reply)
-        case .discarding, .finished:
+        case .discarding, .finished, .closed:
             preconditionFailure("no message is assembled in this state")
         }
     }

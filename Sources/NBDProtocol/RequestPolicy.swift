@@ -19,6 +19,8 @@ public struct RequestPolicy: Sendable {
 
     public func check(_ header: RequestHeader) -> Verdict {
         guard let command = header.command else { return .reject(.invalid) }
+        // DISC never gets a reply, whatever flags came with it.
+        if command == .disconnect { return .disconnect }
         let export = negotiated.export
         let maximum = export.blockSizes.maximum
         if command == .write && header.length > maximum {
@@ -29,7 +31,7 @@ public struct RequestPolicy: Sendable {
 
         switch command {
         case .disconnect:
-            return .disconnect
+            preconditionFailure("handled above")
         case .flush:
             return .accept(.flush)
         case .read, .cache:
