@@ -2,7 +2,7 @@
 """Keel's export benchmark: one run, one backing file, the same fio jobs
 against raw io_uring (the limit), nbdkit file, qemu-nbd and `keel export`.
 
-Usage: Bench/run [--size 1G] [--runtime 8] [--dir DIR] [--only keel,raw]
+Usage: Bench/run [--size 1G] [--runtime 8] [--rounds 1] [--dir DIR] [--only keel,raw] [--json FILE]
 Prints one table per job with IOPS, MiB/s, mean latency and each server's
 ratio to raw and to the better of nbdkit and qemu-nbd.
 """
@@ -84,6 +84,7 @@ def main():
     ap.add_argument("--dir", default=os.environ.get("KEEL_BENCH_DIR", "/var/tmp/keel-bench"),
                     help="where the backing file lives (must be a real disk, not tmpfs)")
     ap.add_argument("--only", default="raw,nbdkit,qemu-nbd,keel")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat every job; report the median")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -112,20 +113,22 @@ def main():
         "keel": ([keel, "export", image, "--listen", f"unix:{sock}"], ["--ioengine=nbd", f"--uri={uri}"]),
     }
     chosen = [t for t in targets if t in args.only.split(",")]
-    results = {job[0]: {} for job in JOBS}
-    for name in chosen:
-        server_argv, fio_args = targets[name]
-        print(f"bench: {name}", flush=True)
-        ctx = Server(name, server_argv, sock) if server_argv else None
-        if ctx:
-            ctx.__enter__()
-        try:
-            for label, rw, bs, depth in JOBS:
+    # Job-major order, every target in turn, so that drift of the disk over
+    # the run affects all targets of a job alike; --rounds repeats and keeps the median.
+    samples = {job[0]: {name: [] for name in chosen} for job in JOBS}
+    for round_ in range(args.rounds):
+        for label, rw, bs, depth in JOBS:
+            for name in chosen:
+                server_argv, fio_args = targets[name]
+                print(f"bench: round {round_ + 1}: {label}: {name}", flush=True)
                 drop_caches()
-                results[label][name] = fio(fio_args, rw, bs, depth, args.runtime, args.size)
-        finally:
-            if ctx:
-                ctx.__exit__(None, None, None)
+                if server_argv:
+                    with Server(name, server_argv, sock):
+                        samples[label][name].append(fio(fio_args, rw, bs, depth, args.runtime, args.size))
+                else:
+                    samples[label][name].append(fio(fio_args, rw, bs, depth, args.runtime, args.size))
+    results = {label: {name: sorted(runs, key=lambda r: r["iops"])[len(runs) // 2]
+                       for name, runs in by_target.items()} for label, by_target in samples.items()}
 
     print()
     for label, *_ in JOBS:

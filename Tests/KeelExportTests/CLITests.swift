@@ -56,6 +56,24 @@ import Testing
         }
     }
 
+    /// SIGTERM under load: requests in flight finish, the process exits 0 promptly.
+    @Test func sigtermDuringIOExitsCleanly() throws {
+        let scratch = try Scratch()
+        let server = try KeelExport(image: try scratch.image(size: 64 << 20), scratch: scratch)
+        let fio = Process()
+        fio.executableURL = URL(fileURLWithPath: "/usr/bin/fio")
+        fio.arguments = ["--name=load", "--ioengine=nbd", "--uri=\(server.uri)", "--rw=randrw", "--bs=64k",
+                         "--iodepth=32", "--size=64M", "--time_based", "--runtime=30"]
+        fio.standardOutput = FileHandle.nullDevice
+        fio.standardError = FileHandle.nullDevice
+        try fio.run()
+        defer { if fio.isRunning { fio.terminate() } }
+        usleep(1_000_000)
+        let started = Date()
+        #expect(server.stop() == 0)
+        #expect(Date().timeIntervalSince(started) < 10)
+    }
+
     @Test func helpExitsZero() throws {
         let result = try run([Paths.keel, "export", "--help"])
         #expect(result.status == 0)

@@ -62,6 +62,22 @@ import Testing
         #expect(try clients[1].read(count: 4096, at: 11 * 4096) == expected)
     }
 
+    /// A maximum-size read and write: replies far larger than the socket
+    /// buffer go out in many partial sends, and buffers come from outside the arena.
+    @Test func thirtyTwoMebibyteRequests() throws {
+        let scratch = try Scratch()
+        let server = try KeelExport(image: try scratch.image(size: 64 << 20), scratch: scratch)
+        let client = try NBDClient()
+        try client.connect(uri: server.uri)
+        let data = Pattern().bytes(at: 4096, count: 32 << 20)
+        try client.write(data, at: 4096)
+        #expect(try client.read(count: 32 << 20, at: 4096) == data)
+        let simple = try NBDClient()
+        try simple.requestStructuredReplies(false)
+        try simple.connect(uri: server.uri)
+        #expect(try simple.read(count: 32 << 20, at: 4096) == data)
+    }
+
     @Test func zeroTrimCacheAndFlush() throws {
         let scratch = try Scratch()
         let server = try KeelExport(image: try scratch.image(size: 4 << 20), scratch: scratch)
