@@ -42,6 +42,10 @@ let package = Package(
             "NBDServer", "NBDProtocol", "IOUring", "Syscalls", "CSyscalls",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
+        // Metadata: a thin wrapper over the SQLite C API.
+        .target(name: "SQLite", dependencies: ["CSQLite"]),
+        // A replica's data directory: head layer file and metadata, epoch fencing state.
+        .target(name: "ReplicaStore", dependencies: ["SQLite", "Syscalls"]),
         // Client side: a Swift wrapper over libnbd.
         .target(name: "LibNBD", dependencies: ["CLibNBD"]),
 
@@ -53,6 +57,7 @@ let package = Package(
 
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "IOUringTests", dependencies: ["IOUring", "Syscalls"]),
+        .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite"]),
         .testTarget(name: "KeelExportTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls"]),
     ],
     swiftLanguageModes: [.v5]
