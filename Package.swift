@@ -46,11 +46,16 @@ let package = Package(
         .target(name: "SQLite", dependencies: ["CSQLite"]),
         // A replica's data directory: head layer file and metadata, epoch fencing state.
         .target(name: "ReplicaStore", dependencies: ["SQLite", "Syscalls"]),
+        // `keel replica serve`: a replica's head served over NBD, fenced by epoch.
+        .target(name: "ReplicaServer", dependencies: [
+            "ReplicaStore", "FileExport", "NBDServer", "NBDProtocol", "IOUring",
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: hotPath),
         // Client side: a Swift wrapper over libnbd.
         .target(name: "LibNBD", dependencies: ["CLibNBD"]),
 
         .executableTarget(name: "keel", dependencies: [
-            "NBDServer", "FileExport", "Syscalls",
+            "NBDServer", "FileExport", "ReplicaServer", "ReplicaStore", "Syscalls",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -58,7 +63,7 @@ let package = Package(
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "IOUringTests", dependencies: ["IOUring", "Syscalls"]),
         .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite"]),
-        .testTarget(name: "KeelExportTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls"]),
     ],
     swiftLanguageModes: [.v5]
 )

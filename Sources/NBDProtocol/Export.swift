@@ -5,14 +5,18 @@ public struct ExportDescription: Sendable, Equatable {
     public var size: UInt64
     public var readOnly: Bool
     public var blockSizes: BlockSizes
+    /// Opaque to the protocol; handed to the device with every request of
+    /// connections on this export (a replica puts the engine's epoch here).
+    public var session: UInt64
 
     public init(name: String, description: String = "", size: UInt64, readOnly: Bool,
-                blockSizes: BlockSizes = BlockSizes()) {
+                blockSizes: BlockSizes = BlockSizes(), session: UInt64 = 0) {
         self.name = name
         self.description = description
         self.size = size
         self.readOnly = readOnly
         self.blockSizes = blockSizes
+        self.session = session
     }
 
     /// Transmission flags for this export; DF only makes sense with structured replies.
@@ -60,5 +64,37 @@ public struct Negotiated: Sendable, Equatable {
 
     public var transmissionFlags: TransmissionFlags {
         export.transmissionFlags(structuredReplies: structuredReplies)
+    }
+}
+
+/// Where the handshake finds exports by name.
+public protocol ExportCatalog: Sendable {
+    /// What NBD_OPT_LIST shows.
+    var listed: [ExportDescription] { get }
+    /// The export a client asks for ("" is the default export). `opening` is
+    /// true for GO and EXPORT_NAME, which start transmission; INFO and meta
+    /// context queries only look.
+    func resolve(_ name: String, opening: Bool) -> ExportResolution
+}
+
+public enum ExportResolution: Equatable, Sendable {
+    case found(ExportDescription)
+    /// Refused with this option error and message.
+    case refused(OptionReplyType, String)
+}
+
+/// A fixed list of exports; the first is also the default export.
+public struct StaticExports: ExportCatalog {
+    public let listed: [ExportDescription]
+
+    public init(_ exports: [ExportDescription]) {
+        precondition(!exports.isEmpty)
+        listed = exports
+    }
+
+    public func resolve(_ name: String, opening: Bool) -> ExportResolution {
+        if name.isEmpty { return .found(listed[0]) }
+        if let export = listed.first(where: { $0.name == name }) { return .found(export) }
+        return .refused(.errUnknown, "no export named '\(name)'")
     }
 }

@@ -22,7 +22,7 @@ public struct Handshake {
         case closed
     }
 
-    private let exports: [ExportDescription]
+    private let catalog: any ExportCatalog
     private var state = State.clientFlags
     private var pending: [UInt8] = []
     private var clientNoZeroes = false
@@ -30,10 +30,13 @@ public struct Handshake {
     /// The export named by the last SET_META_CONTEXT that selected base:allocation.
     private var baseAllocationExport: String?
 
+    public init(catalog: any ExportCatalog) {
+        self.catalog = catalog
+    }
+
     /// `exports[0]` is the default export, also reachable by the empty name.
     public init(exports: [ExportDescription]) {
-        precondition(!exports.isEmpty)
-        self.exports = exports
+        self.init(catalog: StaticExports(exports))
     }
 
     /// What the server sends as soon as a client connects.
@@ -145,8 +148,9 @@ public struct Handshake {
         }
         switch option {
         case .exportName:
-            guard let name = String(validating: data, as: UTF8.self), let export = lookup(name) else {
-                return .close(reason: "unknown export requested with EXPORT_NAME")
+            guard let name = String(validating: data, as: UTF8.self),
+                  case .found(let export) = catalog.resolve(name, opening: true) else {
+                return .close(reason: "unknown or refused export requested with EXPORT_NAME")
             }
             reply.appendBigEndian(export.size)
             reply.appendBigEndian(export.transmissionFlags(structuredReplies: structuredReplies).rawValue)
@@ -160,7 +164,7 @@ public struct Handshake {
                 appendOptionReply(&reply, option: code, type: .errInvalid, message: "LIST takes no data")
                 return .needMore
             }
-            for export in exports {
+            for export in catalog.listed {
                 var payload: [UInt8] = []
                 payload.appendBigEndian(UInt32(export.name.utf8.count))
                 payload.append(contentsOf: export.name.utf8)
@@ -198,8 +202,11 @@ public struct Handshake {
         }
         var requested: Set<UInt16> = []
         for _ in 0..<count { requested.insert(reader.uint16()!) }
-        guard let export = lookup(name) else {
-            appendOptionReply(&reply, option: code, type: .errUnknown, message: "no export named '\(name)'")
+        let export: ExportDescription
+        switch catalog.resolve(name, opening: option == .go) {
+        case .found(let found): export = found
+        case .refused(let type, let message):
+            appendOptionReply(&reply, option: code, type: type, message: message)
             return .needMore
         }
         var info: [UInt8] = []
@@ -259,8 +266,11 @@ public struct Handshake {
             appendOptionReply(&reply, option: code, type: .errInvalid, message: "trailing data in \(option)")
             return
         }
-        guard let export = lookup(name) else {
-            appendOptionReply(&reply, option: code, type: .errUnknown, message: "no export named '\(name)'")
+        let export: ExportDescription
+        switch catalog.resolve(name, opening: false) {
+        case .found(let found): export = found
+        case .refused(let type, let message):
+            appendOptionReply(&reply, option: code, type: type, message: message)
             return
         }
         let selects: Bool
@@ -286,9 +296,6 @@ public struct Handshake {
         return .finished(negotiated, consumed: 0)
     }
 
-    private func lookup(_ name: String) -> ExportDescription? {
-        name.isEmpty ? exports[0] : exports.first { $0.name == name }
-    }
 
     private func appendOptionReply(_ reply: inout [UInt8], option: UInt32, type: OptionReplyType,
                                    payload: [UInt8] = [], message: String? = nil) {

@@ -39,6 +39,8 @@ public struct IORequest {
     public var flags: CommandFlags
     public var offset: UInt64
     public var length: UInt32
+    /// The session tag of the export the connection negotiated (`ExportDescription.session`).
+    public var session: UInt64
 
     /// For READ and WRITE: covers `alignedOffset ..< alignedOffset + alignedLength`;
     /// the request's bytes start at `dataOffset`. For BLOCK_STATUS: room for descriptors.
@@ -62,6 +64,7 @@ public struct IORequest {
         flags = []
         offset = 0
         length = 0
+        session = 0
         buffer = nil
         alignedOffset = 0
         alignedLength = 0

@@ -21,7 +21,7 @@ final class IOThread<Device: BlockDevice> {
 
     let id: Int
     let device: Device
-    let exports: [ExportDescription]
+    let catalog: any ExportCatalog
     let listener: FileDescriptor
     let configuration: Configuration
     var logger: Logger
@@ -41,11 +41,11 @@ final class IOThread<Device: BlockDevice> {
     private let wakeCounter = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
     private lazy var graceTimeout = TimeoutDuration(nanoseconds: Int64(configuration.shutdownGraceSeconds) * 1_000_000_000)
 
-    init(id: Int, device: Device, exports: [ExportDescription], listener: FileDescriptor,
+    init(id: Int, device: Device, catalog: any ExportCatalog, listener: FileDescriptor,
          configuration: Configuration, logger: Logger) throws {
         self.id = id
         self.device = device
-        self.exports = exports
+        self.catalog = catalog
         self.listener = listener
         self.configuration = configuration
         self.logger = logger
@@ -146,7 +146,7 @@ final class IOThread<Device: BlockDevice> {
             index = connections.count
             connections.append(nil)
         }
-        let connection = Connection(index: index, fd: fd, handshake: Handshake(exports: exports))
+        let connection = Connection(index: index, fd: fd, handshake: Handshake(catalog: catalog))
         connections[index] = connection
         liveConnections += 1
         Socket.setNoDelay(fd)
@@ -347,6 +347,7 @@ final class IOThread<Device: BlockDevice> {
         s.pointee.request.flags = header.commandFlags
         s.pointee.request.offset = header.offset
         s.pointee.request.length = header.length
+        s.pointee.request.session = policy.negotiated.export.session
         s.pointee.request.descriptorCount = 0
         s.pointee.request.phase = 0
         s.pointee.request.pendingOperations = 0

@@ -6,17 +6,6 @@ import Syscalls
 /// An NBD server: a listening socket shared by `threads` I/O threads, each
 /// with its own ring, all serving one block device.
 public final class Server<Device: BlockDevice>: @unchecked Sendable {
-    public struct Options: Sendable {
-        public var threads: Int
-        public var exportName: String
-        public var description: String
-
-        public init(threads: Int, exportName: String = "", description: String = "") {
-            self.threads = threads
-            self.exportName = exportName
-            self.description = description
-        }
-    }
 
     private let device: Device
     private let listener: FileDescriptor
@@ -24,23 +13,27 @@ public final class Server<Device: BlockDevice>: @unchecked Sendable {
     private var ioThreads: [IOThread<Device>] = []
     private var osThreads: [PosixThread] = []
 
-    public let export: ExportDescription
+    private let catalog: any ExportCatalog
+    private let threadCount: Int
 
-    public init(device: Device, listener: FileDescriptor, options: Options, logger: Logger) {
+    public init(device: Device, listener: FileDescriptor, catalog: any ExportCatalog, threads: Int, logger: Logger) {
         self.device = device
         self.listener = listener
+        self.catalog = catalog
         self.logger = logger
-        export = ExportDescription(name: options.exportName, description: options.description,
-                                   size: device.size, readOnly: device.readOnly)
-        threadCount = max(1, options.threads)
+        threadCount = max(1, threads)
     }
 
-    private let threadCount: Int
+    /// One export of the whole device under `exportName` (and the default name "").
+    public convenience init(device: Device, listener: FileDescriptor, exportName: String, threads: Int, logger: Logger) {
+        let export = ExportDescription(name: exportName, size: device.size, readOnly: device.readOnly)
+        self.init(device: device, listener: listener, catalog: StaticExports([export]), threads: threads, logger: logger)
+    }
 
     /// Starts the I/O threads; returns once each has set up its ring, or throws the first failure.
     public func start() throws {
         for id in 0..<threadCount {
-            let thread = try IOThread(id: id, device: device, exports: [export], listener: listener,
+            let thread = try IOThread(id: id, device: device, catalog: catalog, listener: listener,
                                       configuration: .init(), logger: logger)
             let ready = Handoff<Result<Void, Error>>()
             let os = try PosixThread(name: "keel-io-\(id)") { [logger] in

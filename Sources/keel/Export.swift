@@ -42,37 +42,16 @@ struct Export: ParsableCommand {
 
     func run() throws {
         let logger = makeLogger(label: "keel.export", level: logLevel)
-        let address: SocketAddress
-        do { address = try SocketAddress(parsing: listen) } catch {
-            throw CLIError("invalid --listen: \(error)")
-        }
+        let address = try parseListenAddress(listen)
         TerminationSignals.block()
-
         let device: FileDevice
         do { device = try FileDevice(path: file, readOnly: readOnly, logger: logger) } catch {
             throw CLIError("\(error)")
         }
-        let listener: FileDescriptor
-        do { listener = try Socket.listen(on: address) } catch {
-            throw CLIError("\(error)")
+        let what = "\(file) (\(device.size) bytes, \(device.isDirect ? "O_DIRECT" : "buffered")\(readOnly ? ", read-only" : "")) as '\(name)' with \(threads) thread(s)"
+        try serveUntilSignalled(device, on: address, logger: logger, what: what) { listener in
+            Server(device: device, listener: listener, exportName: name, threads: threads, logger: logger)
         }
-        let server = Server(device: device, listener: listener,
-                            options: .init(threads: threads, exportName: name), logger: logger)
-        do { try server.start() } catch {
-            throw CLIError("cannot start the I/O threads: \(error)")
-        }
-        logger.notice("serving \(file) (\(device.size) bytes, \(device.isDirect ? "O_DIRECT" : "buffered")\(readOnly ? ", read-only" : "")) as '\(name)' on \(address) with \(threads) thread(s)")
-
-        let signal = TerminationSignals.wait()
-        logger.notice("signal \(signal): finishing in-flight requests")
-        server.stop()
-        server.wait()
-        listener.close()
-        if case .unix(let path) = address { unlink(path) }
-        do { try device.flush() } catch {
-            throw CLIError("final flush of \(file) failed: \(error)")
-        }
-        logger.notice("stopped")
     }
 }
 

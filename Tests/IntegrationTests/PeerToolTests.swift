@@ -8,7 +8,7 @@ import Testing
 
     @Test func nbdinfoDescribesTheExport() throws {
         let scratch = try Scratch()
-        let server = try KeelExport(image: try scratch.image(size: 48 << 20), scratch: scratch, extra: ["--name", "vol"])
+        let server = try KeelServer(image: try scratch.image(size: 48 << 20), scratch: scratch, extra: ["--name", "vol"])
         let info = try run(["nbdinfo", "--json", server.uri.replacingOccurrences(of: ":///?", with: ":///vol?")])
         #expect(info.status == 0, "\(info.stderr)")
         let json = try JSONSerialization.jsonObject(with: Data(info.stdout.utf8)) as! [String: Any]
@@ -22,7 +22,7 @@ import Testing
 
     @Test func nbdshScriptReadsWritesAndZeroes() throws {
         let scratch = try Scratch()
-        let server = try KeelExport(image: try scratch.image(size: 8 << 20), scratch: scratch)
+        let server = try KeelServer(image: try scratch.image(size: 8 << 20), scratch: scratch)
         let script = """
             import hashlib
             data = bytes(range(256)) * 4096
@@ -45,7 +45,7 @@ import Testing
         let scratch = try Scratch()
         let source = scratch.file("source.img")
         #expect(try run(["dd", "if=/dev/urandom", "of=\(source)", "bs=1M", "count=32", "status=none"]).status == 0)
-        let server = try KeelExport(image: try scratch.image(size: 32 << 20), scratch: scratch)
+        let server = try KeelServer(image: try scratch.image(size: 32 << 20), scratch: scratch)
         #expect(try run(["nbdcopy", source, server.uri]).status == 0)
         let back = scratch.file("back.img")
         #expect(try run(["nbdcopy", server.uri, back]).status == 0)
@@ -56,7 +56,7 @@ import Testing
         let scratch = try Scratch()
         let source = scratch.file("source.img")
         #expect(try run(["dd", "if=/dev/urandom", "of=\(source)", "bs=1M", "count=16", "seek=8", "status=none"]).status == 0)
-        let server = try KeelExport(image: try scratch.image(size: 24 << 20), scratch: scratch)
+        let server = try KeelServer(image: try scratch.image(size: 24 << 20), scratch: scratch)
         let convert = try run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", source, server.uri])
         #expect(convert.status == 0, "\(convert.stderr)")
         let compare = try run(["qemu-img", "compare", "-f", "raw", "-F", "raw", source, server.uri])
@@ -70,7 +70,7 @@ import Testing
     /// verification: 512 MiB written and 512 MiB read back and checked.
     @Test func fioVerifyMovesOneGibibyte() throws {
         let scratch = try Scratch()
-        let server = try KeelExport(image: try scratch.image(size: 512 << 20), scratch: scratch)
+        let server = try KeelServer(image: try scratch.image(size: 512 << 20), scratch: scratch)
         let fio = try run(["fio", "--name=verify", "--ioengine=nbd", "--uri=\(server.uri)", "--rw=randwrite",
                            "--bsrange=4k-256k", "--iodepth=32", "--size=512M", "--verify=crc32c",
                            "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json"], timeout: 600)
@@ -86,7 +86,7 @@ import Testing
 
     @Test func fioUnalignedVerify() throws {
         let scratch = try Scratch()
-        let server = try KeelExport(image: try scratch.image(size: 64 << 20), scratch: scratch)
+        let server = try KeelServer(image: try scratch.image(size: 64 << 20), scratch: scratch)
         let fio = try run(["fio", "--name=odd", "--ioengine=nbd", "--uri=\(server.uri)", "--rw=randwrite",
                            "--bsrange=512-12k", "--blockalign=512", "--iodepth=16", "--size=64M",
                            "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0"], timeout: 600)

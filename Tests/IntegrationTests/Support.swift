@@ -77,8 +77,9 @@ func run(_ argv: [String], timeout: TimeInterval = 120) throws -> Finished {
                     stderr: (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "")
 }
 
-/// A `keel export` process started for one test and stopped with SIGTERM.
-final class KeelExport {
+/// A `keel` server process (export, replica serve, …) started for one test
+/// and stopped with SIGTERM.
+final class KeelServer {
     let process = Process()
     let address: String
     let logPath: String
@@ -87,17 +88,20 @@ final class KeelExport {
     /// The socket path, for unix addresses.
     var socketPath: String? { address.hasPrefix("unix:") ? String(address.dropFirst(5)) : nil }
 
-    var uri: String {
-        if let socketPath { return "nbd+unix:///?socket=\(socketPath)" }
-        return "nbd://\(address)/"
+    var uri: String { uri(export: "") }
+
+    func uri(export: String) -> String {
+        if let socketPath { return "nbd+unix:///\(export)?socket=\(socketPath)" }
+        return "nbd://\(address)/\(export)"
     }
 
-    init(image: String, scratch: Scratch, extra: [String] = [], address: String? = nil) throws {
+    /// Runs `keel ARGUMENTS --listen ADDRESS` (a fresh unix socket unless given).
+    init(_ arguments: [String], scratch: Scratch, address: String? = nil) throws {
         self.address = address ?? "unix:\(scratch.file("nbd-\(UUID().uuidString.prefix(6)).sock"))"
         logPath = scratch.file("keel-\(UUID().uuidString.prefix(6)).log")
         FileManager.default.createFile(atPath: logPath, contents: nil)
         process.executableURL = URL(fileURLWithPath: Paths.keel)
-        process.arguments = ["export", image, "--listen", self.address, "--log-level", "info"] + extra
+        process.arguments = arguments + ["--listen", self.address, "--log-level", "info"]
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
         process.standardOutput = log
         process.standardError = log
@@ -106,18 +110,23 @@ final class KeelExport {
         try waitUntilListening()
     }
 
+    /// `keel export IMAGE EXTRA…`
+    convenience init(image: String, scratch: Scratch, extra: [String] = [], address: String? = nil) throws {
+        try self.init(["export", image] + extra, scratch: scratch, address: address)
+    }
+
     private func waitUntilListening() throws {
         let target = try SocketAddress(parsing: address)
         let deadline = Date().addingTimeInterval(20)
         while Date() < deadline {
-            guard process.isRunning else { throw TestFailure("keel export exited early:\n\(log)") }
+            guard process.isRunning else { throw TestFailure("keel exited early:\n\(log)") }
             if let fd = try? Socket.connect(to: target) {
                 fd.close()
                 return
             }
             usleep(20_000)
         }
-        throw TestFailure("keel export did not listen on \(address):\n\(log)")
+        throw TestFailure("keel did not listen on \(address):\n\(log)")
     }
 
     var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }

@@ -8,13 +8,13 @@ import Testing
 @Suite(.serialized) struct BadInputTests {
     let scratch: Scratch
     let image: String
-    let server: KeelExport
+    let server: KeelServer
     static let size: UInt64 = 1 << 20
 
     init() throws {
         scratch = try Scratch()
         image = try scratch.image(size: Int(Self.size))
-        server = try KeelExport(image: image, scratch: scratch)
+        server = try KeelServer(image: image, scratch: scratch)
     }
 
     /// After each test: still serving, file size unchanged, clean exit.
@@ -75,7 +75,7 @@ import Testing
 
     @Test func readOnlyExportRefusesChangesWithEPERM() throws {
         server.stop()
-        let readOnly = try KeelExport(image: image, scratch: scratch, extra: ["--read-only"])
+        let readOnly = try KeelServer(image: image, scratch: scratch, extra: ["--read-only"])
         let client = try NBDClient()
         try client.disableClientSideChecks()
         try client.connect(uri: readOnly.uri)

@@ -29,9 +29,9 @@ import Testing
         let scratch = try Scratch()
         let image = try scratch.image(size: 1 << 20)
         let port = 20000 + Int.random(in: 0..<20000)
-        let first = try KeelExport(image: image, scratch: scratch, address: "127.0.0.1:\(port)")
+        let first = try KeelServer(image: image, scratch: scratch, address: "127.0.0.1:\(port)")
         try expectOneLineFailure(["export", image, "--listen", "127.0.0.1:\(port)"], mentioning: ["already in use"])
-        let onSocket = try KeelExport(image: image, scratch: scratch)
+        let onSocket = try KeelServer(image: image, scratch: scratch)
         try expectOneLineFailure(["export", image, "--listen", onSocket.address], mentioning: ["another process"])
         #expect(first.stop() == 0)
         #expect(onSocket.stop() == 0)
@@ -48,7 +48,7 @@ import Testing
         let scratch = try Scratch()
         let image = try scratch.image(size: 1 << 20)
         for signal in [SIGINT, SIGTERM] {
-            let server = try KeelExport(image: image, scratch: scratch)
+            let server = try KeelServer(image: image, scratch: scratch)
             kill(server.process.processIdentifier, signal)
             server.process.waitUntilExit()
             #expect(server.process.terminationStatus == 0)
@@ -59,7 +59,7 @@ import Testing
     /// SIGTERM under load: requests in flight finish, the process exits 0 promptly.
     @Test func sigtermDuringIOExitsCleanly() throws {
         let scratch = try Scratch()
-        let server = try KeelExport(image: try scratch.image(size: 64 << 20), scratch: scratch)
+        let server = try KeelServer(image: try scratch.image(size: 64 << 20), scratch: scratch)
         let fio = Process()
         fio.executableURL = URL(fileURLWithPath: "/usr/bin/fio")
         fio.arguments = ["--name=load", "--ioengine=nbd", "--uri=\(server.uri)", "--rw=randrw", "--bs=64k",

@@ -6,7 +6,7 @@ import Testing
 @Suite(.serialized) struct HandshakeTests {
     @Test func advertisesSizeFlagsAndBlockSizes() throws {
         let scratch = try Scratch()
-        let server = try KeelExport(image: try scratch.image(size: 64 << 20), scratch: scratch)
+        let server = try KeelServer(image: try scratch.image(size: 64 << 20), scratch: scratch)
         let client = try NBDClient()
         try client.addMetaContext("base:allocation")
         try client.connect(uri: server.uri)
@@ -23,7 +23,7 @@ import Testing
 
     @Test func namedExportAndDefaultExport() throws {
         let scratch = try Scratch()
-        let server = try KeelExport(image: try scratch.image(size: 1 << 20), scratch: scratch, extra: ["--name", "disk"])
+        let server = try KeelServer(image: try scratch.image(size: 1 << 20), scratch: scratch, extra: ["--name", "disk"])
         for name in ["", "disk"] {
             let client = try NBDClient()
             try client.setExportName(name)
@@ -43,7 +43,7 @@ import Testing
 
     @Test func simpleRepliesWhenStructuredRepliesAreNotRequested() throws {
         let scratch = try Scratch()
-        let server = try KeelExport(image: try scratch.image(size: 1 << 20), scratch: scratch)
+        let server = try KeelServer(image: try scratch.image(size: 1 << 20), scratch: scratch)
         let client = try NBDClient()
         try client.requestStructuredReplies(false)
         try client.connect(uri: server.uri)
@@ -57,7 +57,7 @@ import Testing
     @Test func tcpListener() throws {
         let scratch = try Scratch()
         let port = 20000 + Int.random(in: 0..<20000)
-        let server = try KeelExport(image: try scratch.image(size: 1 << 20), scratch: scratch,
+        let server = try KeelServer(image: try scratch.image(size: 1 << 20), scratch: scratch,
                                     address: "127.0.0.1:\(port)")
         let client = try NBDClient()
         try client.connect(host: "127.0.0.1", port: UInt16(port))

@@ -9,7 +9,7 @@ import Testing
         let size = 4 << 20
         let scratch = try Scratch()
         let image = try scratch.image(size: size)
-        let server = try KeelExport(image: image, scratch: scratch)
+        let server = try KeelServer(image: image, scratch: scratch)
         let client = try NBDClient()
         try client.connect(uri: server.uri)
 
@@ -35,7 +35,7 @@ import Testing
     /// read-modify-write must not lose any of them.
     @Test func concurrentPartialWritesToOneBlockAllSurvive() throws {
         let scratch = try Scratch()
-        let server = try KeelExport(image: try scratch.image(size: 1 << 20), scratch: scratch)
+        let server = try KeelServer(image: try scratch.image(size: 1 << 20), scratch: scratch)
         let clients = try (0..<2).map { _ in try NBDClient() }
         for client in clients { try client.connect(uri: server.uri) }
         let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
@@ -66,7 +66,7 @@ import Testing
     /// buffer go out in many partial sends, and buffers come from outside the arena.
     @Test func thirtyTwoMebibyteRequests() throws {
         let scratch = try Scratch()
-        let server = try KeelExport(image: try scratch.image(size: 64 << 20), scratch: scratch)
+        let server = try KeelServer(image: try scratch.image(size: 64 << 20), scratch: scratch)
         let client = try NBDClient()
         try client.connect(uri: server.uri)
         let data = Pattern().bytes(at: 4096, count: 32 << 20)
@@ -80,7 +80,7 @@ import Testing
 
     @Test func zeroTrimCacheAndFlush() throws {
         let scratch = try Scratch()
-        let server = try KeelExport(image: try scratch.image(size: 4 << 20), scratch: scratch)
+        let server = try KeelServer(image: try scratch.image(size: 4 << 20), scratch: scratch)
         let client = try NBDClient()
         try client.connect(uri: server.uri)
         let data = Pattern().bytes(at: 0, count: 1 << 20)
@@ -104,7 +104,7 @@ import Testing
 
     @Test func blockStatusReportsHolesAndData() throws {
         let scratch = try Scratch()
-        let server = try KeelExport(image: try scratch.image(size: 8 << 20), scratch: scratch)
+        let server = try KeelServer(image: try scratch.image(size: 8 << 20), scratch: scratch)
         let client = try NBDClient()
         try client.addMetaContext("base:allocation")
         try client.connect(uri: server.uri)
@@ -119,7 +119,7 @@ import Testing
 
     @Test func manyConnectionsAtOnce() async throws {
         let scratch = try Scratch()
-        let server = try KeelExport(image: try scratch.image(size: 16 << 20), scratch: scratch, extra: ["--threads", "2"])
+        let server = try KeelServer(image: try scratch.image(size: 16 << 20), scratch: scratch, extra: ["--threads", "2"])
         let uri = server.uri
         try await withThrowingTaskGroup(of: Void.self) { group in
             for c in 0..<8 {
@@ -147,7 +147,7 @@ import Testing
     @Test func oneGibibyteThroughLibNBDWithDataChecked() throws {
         let chunk = 1 << 20, depth = 16, total = 512 << 20
         let scratch = try Scratch()
-        let server = try KeelExport(image: try scratch.image(size: 256 << 20), scratch: scratch)
+        let server = try KeelServer(image: try scratch.image(size: 256 << 20), scratch: scratch)
         let client = try NBDClient()
         try client.connect(uri: server.uri)
         let pattern = Pattern()

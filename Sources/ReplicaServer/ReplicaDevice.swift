@@ -1,0 +1,72 @@
+import FileExport
+import Logging
+import IOUring
+import NBDProtocol
+import NBDServer
+import ReplicaStore
+
+/// A replica's head layer as a block device, fenced by epoch.
+public final class ReplicaDevice: BlockDevice {
+    public let store: ReplicaStore
+    let head: FileDevice
+    let fence = EpochFence()
+
+    public init(store: ReplicaStore, head: FileDevice) {
+        self.store = store
+        self.head = head
+    }
+
+    public var size: UInt64 { store.size }
+    public var readOnly: Bool { false }
+    public var alignment: Int { head.alignment }
+
+    public func makeWorker(ring: Ring, arena: BufferArena) throws -> ReplicaWorker {
+        ReplicaWorker(device: self, ring: ring, file: try head.makeWorker(ring: ring, arena: arena))
+    }
+
+    public func flush() throws { try head.flush() }
+
+    /// The export catalog that claims this replica for engines.
+    public func catalog(logger: Logger) -> any ExportCatalog {
+        ReplicaCatalog(store: store, logger: logger)
+    }
+}
+
+/// Admits each request through the epoch fence, then runs it on the head file.
+public final class ReplicaWorker: BlockWorker {
+    /// The sub-operation number of the fence's retry timer (the file worker's are small).
+    static let fenceRetry: UInt8 = 0xF0
+
+    private let device: ReplicaDevice
+    private let ring: Ring
+    private let file: FileWorker
+    private let retryDelay = TimeoutDuration(nanoseconds: 50_000)
+
+    init(device: ReplicaDevice, ring: Ring, file: FileWorker) {
+        self.device = device
+        self.ring = ring
+        self.file = file
+    }
+
+    public func start(_ r: UnsafeMutablePointer<IORequest>, token: IOToken) -> IOStatus {
+        switch device.fence.enter(session: r.pointee.session, current: device.store.epoch) {
+        case .reject:
+            return .done(.shutdown)
+        case .wait:
+            ring.timeout(retryDelay, userData: token.with(sub: Self.fenceRetry).rawValue)
+            return .inFlight
+        case .admit:
+            return leavingWhenDone(r, file.start(r, token: token))
+        }
+    }
+
+    public func complete(_ r: UnsafeMutablePointer<IORequest>, token: IOToken, result: Int32) -> IOStatus {
+        if token.sub == Self.fenceRetry { return start(r, token: token) }
+        return leavingWhenDone(r, file.complete(r, token: token, result: result))
+    }
+
+    private func leavingWhenDone(_ r: UnsafeMutablePointer<IORequest>, _ status: IOStatus) -> IOStatus {
+        if case .done = status { device.fence.leave(session: r.pointee.session) }
+        return status
+    }
+}

@@ -1,0 +1,68 @@
+import ArgumentParser
+import FileExport
+import Logging
+import NBDServer
+import ReplicaServer
+import ReplicaStore
+import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Replica: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Replica processes: hold a volume's data for its engine.",
+        subcommands: [Serve.self])
+
+    struct Serve: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Serve a replica's data over NBD to the engine holding the newest epoch.",
+            discussion: """
+                Creates the replica in DIR on first start (--size is required then) and
+                reopens it afterwards. Engines open the export '<volume>@<epoch>'; a newer
+                epoch claims the replica (persisted before the answer), older ones are refused.
+                Example: keel replica serve --dir /var/lib/keel/r1 --listen 127.0.0.1:7001 --size 10G
+                """)
+
+        @Option(help: "The replica's data directory.")
+        var dir: String
+
+        @Option(help: "Data (NBD) address: HOST:PORT or unix:/path.")
+        var listen: String
+
+        @Option(help: "Size of a new replica, e.g. 10G (binary units); must match an existing one.")
+        var size: ByteCount?
+
+        @Option(help: "I/O threads, each with its own io_uring (default: one per CPU).")
+        var threads: Int = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+
+        @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+        var logLevel: Logger.Level = .notice
+
+        func validate() throws {
+            guard (1...64).contains(threads) else {
+                throw ValidationError("--threads must be between 1 and 64, not \(threads)")
+            }
+        }
+
+        func run() throws {
+            let logger = makeLogger(label: "keel.replica", level: logLevel)
+            let address = try parseListenAddress(listen)
+            TerminationSignals.block()
+            let store: ReplicaStore
+            let head: FileDevice
+            do {
+                store = try ReplicaStore.open(directory: dir, size: size?.bytes)
+                head = try FileDevice(path: store.headPath, readOnly: false, logger: logger)
+            } catch {
+                throw CLIError("\(error)")
+            }
+            let device = ReplicaDevice(store: store, head: head)
+            let what = "replica \(dir) (\(store.size) bytes, epoch \(store.epoch))"
+            try serveUntilSignalled(device, on: address, logger: logger, what: what) { listener in
+                Server(device: device, listener: listener, catalog: device.catalog(logger: logger),
+                       threads: threads, logger: logger)
+            }
+        }
+    }
+}

@@ -1,0 +1,63 @@
+import Logging
+import NBDServer
+import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What every serving command does after setting up its device: listen,
+/// start the I/O threads, wait for SIGINT/SIGTERM, drain, flush, clean up.
+func serveUntilSignalled<Device: BlockDevice>(
+    _ device: Device, on address: SocketAddress, logger: Logger, what: String,
+    makeServer: (FileDescriptor) -> Server<Device>
+) throws {
+    let listener: FileDescriptor
+    do { listener = try Socket.listen(on: address) } catch {
+        throw CLIError("\(error)")
+    }
+    let server = makeServer(listener)
+    do { try server.start() } catch {
+        listener.close()
+        throw CLIError("cannot start the I/O threads: \(error)")
+    }
+    logger.notice("serving \(what) on \(address)")
+
+    let signal = TerminationSignals.wait()
+    logger.notice("signal \(signal): finishing in-flight requests")
+    server.stop()
+    server.wait()
+    listener.close()
+    if case .unix(let path) = address { unlink(path) }
+    do { try device.flush() } catch {
+        throw CLIError("final flush failed: \(error)")
+    }
+    logger.notice("stopped")
+}
+
+func parseListenAddress(_ text: String, option: String = "--listen") throws -> SocketAddress {
+    do { return try SocketAddress(parsing: text) } catch {
+        throw CLIError("invalid \(option): \(error)")
+    }
+}
+
+/// A size such as 4096, 64M, 10G (binary units).
+struct ByteCount: ExpressibleByArgument {
+    let bytes: UInt64
+
+    init?(argument: String) {
+        let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
+        var text = argument.uppercased()
+        if text.hasSuffix("IB") { text.removeLast(2) } else if text.hasSuffix("B") { text.removeLast() }
+        var multiplier: UInt64 = 1
+        if let last = text.last, let unit = units[last] {
+            multiplier = unit
+            text.removeLast()
+        }
+        guard let value = UInt64(text), value.multipliedReportingOverflow(by: multiplier).overflow == false else {
+            return nil
+        }
+        bytes = value * multiplier
+    }
+}
+
+import ArgumentParser
