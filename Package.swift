@@ -51,11 +51,16 @@ let package = Package(
             "ReplicaStore", "FileExport", "NBDServer", "NBDProtocol", "IOUring",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
+        // `keel engine serve`: a volume's frontend, replicated synchronously to its replicas.
+        .target(name: "Engine", dependencies: [
+            "NBDServer", "NBDProtocol", "IOUring", "LibNBD", "Syscalls",
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: hotPath),
         // Client side: a Swift wrapper over libnbd.
         .target(name: "LibNBD", dependencies: ["CLibNBD"]),
 
         .executableTarget(name: "keel", dependencies: [
-            "NBDServer", "FileExport", "ReplicaServer", "ReplicaStore", "Syscalls",
+            "NBDServer", "FileExport", "ReplicaServer", "ReplicaStore", "Engine", "LibNBD", "Syscalls",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

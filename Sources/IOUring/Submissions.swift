@@ -79,6 +79,25 @@ extension Ring {
         sqe.pointee.user_data = userData
     }
 
+    /// Waits for `events` (POLLIN, POLLOUT) on `fd`; `multishot` keeps it armed.
+    public func poll(_ fd: Int32, events: Int16, multishot: Bool, userData: UInt64) {
+        let sqe = nextSubmission()
+        if multishot {
+            io_uring_prep_poll_multishot(sqe, fd, UInt32(UInt16(bitPattern: events)))
+        } else {
+            io_uring_prep_poll_add(sqe, fd, UInt32(UInt16(bitPattern: events)))
+        }
+        sqe.pointee.user_data = userData
+    }
+
+    /// A completion with no work: how code outside a completion hands a result to the loop.
+    @inlinable
+    public func nop(userData: UInt64) {
+        let sqe = nextSubmission()
+        io_uring_prep_nop(sqe)
+        sqe.pointee.user_data = userData
+    }
+
     public func cancel(userData target: UInt64, userData: UInt64) {
         let sqe = nextSubmission()
         io_uring_prep_cancel64(sqe, target, 0)

@@ -75,6 +75,8 @@ public final class NBDClient {
     public func connect(host: String, port: UInt16) throws { try check(nbd_connect_tcp(handle, host, String(port))) }
 
     public func go() throws { try check(nbd_opt_go(handle)) }
+    /// NBD_OPT_INFO for the export name set: fills in size and flags without opening it.
+    public func info() throws { try check(nbd_opt_info(handle)) }
     public func abortOptions() throws { try check(nbd_opt_abort(handle)) }
 
     /// NBD_OPT_LIST: the exports the server offers.
@@ -198,5 +200,51 @@ public final class NBDClient {
     private func check64(_ rc: Int64) throws -> Int64 {
         if rc < 0 { throw NBDClientError.last() }
         return rc
+    }
+}
+
+/// Driving a handle from someone else's event loop (the engine's rings):
+/// commands with completion callbacks, the socket, and the notify calls.
+extension NBDClient {
+    /// Called by libnbd when a command finishes: (context, pointer to errno or 0).
+    public typealias CompletionFunction = @convention(c) (UnsafeMutableRawPointer?, UnsafeMutablePointer<Int32>?) -> Int32
+
+    public enum Command {
+        case read(UnsafeMutableRawPointer, count: Int, offset: UInt64)
+        case write(UnsafeRawPointer, count: Int, offset: UInt64)
+        case flush
+        case trim(count: UInt64, offset: UInt64)
+        case zero(count: UInt64, offset: UInt64)
+    }
+
+    /// The connection's socket, to poll.
+    public var descriptor: Int32 { nbd_aio_get_fd(handle) }
+
+    /// libnbd has bytes to send and is waiting for the socket to be writable.
+    public var wantsToWrite: Bool { nbd_aio_get_direction(handle) & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 }
+
+    public var isDead: Bool { nbd_aio_is_dead(handle) == 1 || nbd_aio_is_closed(handle) == 1 }
+
+    public func notifyReadable() { _ = nbd_aio_notify_read(handle) }
+    public func notifyWritable() { _ = nbd_aio_notify_write(handle) }
+
+    /// Queues a command; `function(context, &error)` runs when it finishes.
+    public func submit(_ command: Command, flags: CommandFlags = [], function: CompletionFunction,
+                       context: UnsafeMutableRawPointer) throws {
+        let completion = nbd_completion_callback(callback: function, user_data: context, free: nil)
+        let rc: Int64
+        switch command {
+        case .read(let buffer, let count, let offset):
+            rc = nbd_aio_pread(handle, buffer, count, offset, completion, flags.rawValue)
+        case .write(let buffer, let count, let offset):
+            rc = nbd_aio_pwrite(handle, buffer, count, offset, completion, flags.rawValue)
+        case .flush:
+            rc = nbd_aio_flush(handle, completion, flags.rawValue)
+        case .trim(let count, let offset):
+            rc = nbd_aio_trim(handle, count, offset, completion, flags.rawValue)
+        case .zero(let count, let offset):
+            rc = nbd_aio_zero(handle, count, offset, completion, flags.rawValue)
+        }
+        if rc < 0 { throw NBDClientError.last() }
     }
 }

@@ -25,6 +25,12 @@ public protocol BlockDevice: AnyObject, Sendable {
 public protocol BlockWorker: AnyObject {
     func start(_ request: UnsafeMutablePointer<IORequest>, token: IOToken) -> IOStatus
     func complete(_ request: UnsafeMutablePointer<IORequest>, token: IOToken, result: Int32) -> IOStatus
+    /// A completion of one of the worker's own operations (`IOToken.worker`).
+    func workerEvent(token: IOToken, result: Int32, flags: UInt32)
+}
+
+extension BlockWorker {
+    public func workerEvent(token: IOToken, result: Int32, flags: UInt32) {}
 }
 
 public enum IOStatus: Equatable {

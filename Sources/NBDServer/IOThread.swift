@@ -103,6 +103,8 @@ final class IOThread<Device: BlockDevice> {
                 finish(connection, slot: token.slot, error: error)
             }
             settle(connection)
+        case .worker:
+            worker.workerEvent(token: token, result: completion.result, flags: completion.flags)
         case .wake:
             beginStopping()
         case .graceTimer:

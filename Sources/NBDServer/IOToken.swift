@@ -12,6 +12,8 @@ public struct IOToken: Equatable {
         case wake = 5
         case cancel = 6
         case graceTimer = 7
+        /// The device worker's own operations, not tied to a request (polls, timers).
+        case worker = 8
     }
 
     public let rawValue: UInt64
@@ -25,6 +27,14 @@ public struct IOToken: Equatable {
     var kind: Kind? { Kind(rawValue: UInt8(truncatingIfNeeded: rawValue >> 56)) }
     var connection: Int { Int(truncatingIfNeeded: rawValue >> 24) & 0xFF_FFFF }
     var slot: Int { Int(truncatingIfNeeded: rawValue) & 0xFF_FFFF }
+
+    /// A token for the worker's own operations; `index` is the worker's to choose.
+    public static func worker(_ index: Int, sub: UInt8 = 0) -> IOToken {
+        IOToken(.worker, connection: 0, slot: index).with(sub: sub)
+    }
+
+    /// The worker's index in a `.worker` token.
+    public var workerIndex: Int { slot }
 
     /// The device's own number for one of several operations of a request.
     public var sub: UInt8 { UInt8(truncatingIfNeeded: rawValue >> 48) }

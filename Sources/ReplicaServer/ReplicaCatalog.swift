@@ -9,7 +9,10 @@ struct ReplicaCatalog: ExportCatalog {
     let store: ReplicaStore
     let logger: Logger
 
-    var listed: [ExportDescription] { [] }
+    /// `@<epoch>`: how an engine learns the epoch it has to outbid.
+    var listed: [ExportDescription] {
+        [ExportDescription(name: "@\(store.epoch)", description: "Keel replica", size: store.size, readOnly: false)]
+    }
 
     static func epoch(in name: String) -> UInt64? {
         guard let at = name.lastIndex(of: "@") else { return nil }

@@ -1,0 +1,230 @@
+import IOUring
+import LibNBD
+import NBDProtocol
+import NBDServer
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One I/O thread's half of the engine: its own libnbd connection to every
+/// replica (handles are not thread-safe), driven from the thread's ring by
+/// polls on their sockets. When the last replica answers a request, a NOP
+/// carrying the request's token hands it back to the server core.
+public final class EngineWorker: BlockWorker {
+    /// One command on one replica for one request. The address is what
+    /// libnbd gets as callback context, so operations never move.
+    struct Operation {
+        var worker: Unmanaged<EngineWorker>
+        var request: UnsafeMutablePointer<IORequest>?
+        var token: UInt64
+        var replica: Int
+        var active: Bool
+    }
+
+    struct Link {
+        var client: NBDClient?
+        var dead = false
+        var pollingIn = false
+        var pollingOut = false
+    }
+
+    private static let pollIn: UInt8 = 1
+    private static let pollOut: UInt8 = 2
+    private static let blockSize = 1024
+
+    private let device: EngineDevice
+    private let ring: Ring
+    private var links: [Link]
+    private var blocks: [UnsafeMutablePointer<Operation>] = []
+    private var freeOperations: [UnsafeMutablePointer<Operation>] = []
+    private var nextReader = 0
+
+    init(device: EngineDevice, ring: Ring) throws {
+        self.device = device
+        self.ring = ring
+        links = Array(repeating: Link(), count: device.replicas.addresses.count)
+        for i in links.indices where device.replicas.mode(i) == .rw {
+            do { links[i].client = try device.connect(i) } catch {
+                device.replicas.fail(i, reason: "cannot connect: \(error)")
+            }
+            service(i)
+        }
+    }
+
+    deinit {
+        for block in blocks { block.deallocate() }
+    }
+
+    // MARK: - BlockWorker
+
+    public func start(_ r: UnsafeMutablePointer<IORequest>, token: IOToken) -> IOStatus {
+        r.pointee.pendingOperations = 0
+        r.pointee.progress = 0
+        r.pointee.firstError = nil
+        let request = r.pointee
+        let fua: NBDClient.CommandFlags = request.flags.contains(.fua) ? .fua : []
+        switch request.command {
+        case .read:
+            guard issueRead(r, token) else { return .done(.io) }
+        case .write:
+            let data = UnsafeRawPointer(request.buffer!.base + request.dataOffset)
+            fanOut(r, token, .write(data, count: Int(request.length), offset: request.offset), flags: fua)
+        case .flush:
+            fanOut(r, token, .flush, flags: [])
+        case .trim:
+            fanOut(r, token, .trim(count: UInt64(request.length), offset: request.offset), flags: fua)
+        case .writeZeroes:
+            var flags = fua
+            if request.flags.contains(.noHole) { flags.insert(.noHole) }
+            if request.flags.contains(.fastZero) { flags.insert(.fastZero) }
+            fanOut(r, token, .zero(count: UInt64(request.length), offset: request.offset), flags: flags)
+        case .cache, .disconnect:
+            return .done(nil)
+        case .blockStatus:
+            // One extent, "allocated": always a correct answer; replicas keep the detail.
+            let descriptor = request.buffer!.base
+            descriptor.storeBigEndian(request.length, at: 0)
+            descriptor.storeBigEndian(UInt32(0), at: 4)
+            r.pointee.descriptorCount = 1
+            return .done(nil)
+        }
+        return r.pointee.pendingOperations > 0 ? .inFlight : .done(.io)
+    }
+
+    /// The NOP that says all replicas answered.
+    public func complete(_ r: UnsafeMutablePointer<IORequest>, token: IOToken, result: Int32) -> IOStatus {
+        .done(r.pointee.firstError)
+    }
+
+    public func workerEvent(token: IOToken, result: Int32, flags: UInt32) {
+        let i = token.workerIndex
+        guard i < links.count, let client = links[i].client else { return }
+        if token.sub == Self.pollIn {
+            links[i].pollingIn = false
+            client.notifyReadable()
+        } else {
+            links[i].pollingOut = false
+            client.notifyWritable()
+        }
+        service(i)
+    }
+
+    // MARK: - Issuing
+
+    private func fanOut(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken, _ command: NBDClient.Command,
+                        flags: NBDClient.CommandFlags) {
+        for i in links.indices { _ = issue(r, token, command, flags: flags, on: i) }
+    }
+
+    /// Reads go round robin over healthy replicas; a failed read moves on to the next one.
+    private func issueRead(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken) -> Bool {
+        let request = r.pointee
+        let command = NBDClient.Command.read(request.buffer!.base + request.dataOffset,
+                                             count: Int(request.length), offset: request.offset)
+        for step in 0..<links.count {
+            let i = (nextReader + step) % links.count
+            if issue(r, token, command, flags: [], on: i) {
+                nextReader = i + 1
+                return true
+            }
+        }
+        return false
+    }
+
+    private func issue(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken, _ command: NBDClient.Command,
+                       flags: NBDClient.CommandFlags, on i: Int) -> Bool {
+        guard let client = links[i].client, !links[i].dead, device.replicas.mode(i) == .rw else { return false }
+        let operation = allocateOperation()
+        operation.pointee.request = r
+        operation.pointee.token = token.rawValue
+        operation.pointee.replica = i
+        operation.pointee.active = true
+        do {
+            try client.submit(command, flags: flags, function: operationFinished, context: operation)
+        } catch {
+            operation.pointee.active = false
+            freeOperations.append(operation)
+            device.replicas.fail(i, reason: "\(error)")
+            return false
+        }
+        r.pointee.pendingOperations += 1
+        service(i)
+        return true
+    }
+
+    // MARK: - Completion
+
+    fileprivate func finished(_ operation: UnsafeMutablePointer<Operation>, error: Int32) {
+        guard operation.pointee.active, let r = operation.pointee.request else { return }
+        operation.pointee.active = false
+        let token = IOToken(rawValue: operation.pointee.token)
+        let replica = operation.pointee.replica
+        freeOperations.append(operation)
+
+        if error == 0 {
+            r.pointee.progress += 1
+        } else if error == ENOTSUP && r.pointee.command == .writeZeroes {
+            // FAST_ZERO that cannot be fast: the request's answer, not a broken replica.
+            r.pointee.firstError = .notSupported
+        } else {
+            device.replicas.fail(replica, reason: "\(r.pointee.command) failed: \(String(cString: strerror(error)))")
+        }
+        r.pointee.pendingOperations -= 1
+        if error != 0 && r.pointee.command == .read && r.pointee.progress == 0 {
+            _ = issueRead(r, token)
+        }
+        guard r.pointee.pendingOperations == 0 else { return }
+        if r.pointee.progress == 0 && r.pointee.firstError == nil { r.pointee.firstError = .io }
+        ring.nop(userData: token.rawValue)
+    }
+
+    // MARK: - Sockets
+
+    /// Keeps a poll armed for replies and one for sending while libnbd has bytes queued.
+    private func service(_ i: Int) {
+        guard let client = links[i].client, !links[i].dead else { return }
+        if client.isDead {
+            linkDied(i)
+            return
+        }
+        if !links[i].pollingIn {
+            links[i].pollingIn = true
+            ring.poll(client.descriptor, events: Int16(POLLIN), multishot: false,
+                      userData: IOToken.worker(i, sub: Self.pollIn).rawValue)
+        }
+        if client.wantsToWrite && !links[i].pollingOut {
+            links[i].pollingOut = true
+            ring.poll(client.descriptor, events: Int16(POLLOUT), multishot: false,
+                      userData: IOToken.worker(i, sub: Self.pollOut).rawValue)
+        }
+    }
+
+    /// The connection is gone: the replica is failed and its outstanding commands with it.
+    private func linkDied(_ i: Int) {
+        links[i].dead = true
+        device.replicas.fail(i, reason: "connection lost")
+        for block in blocks {
+            for k in 0..<Self.blockSize where block[k].active && block[k].replica == i {
+                finished(block + k, error: ENOTCONN)
+            }
+        }
+    }
+
+    private func allocateOperation() -> UnsafeMutablePointer<Operation> {
+        if let operation = freeOperations.popLast() { return operation }
+        let block = UnsafeMutablePointer<Operation>.allocate(capacity: Self.blockSize)
+        block.initialize(repeating: Operation(worker: .passUnretained(self), request: nil, token: 0, replica: 0, active: false),
+                         count: Self.blockSize)
+        blocks.append(block)
+        freeOperations.reserveCapacity(blocks.count * Self.blockSize)
+        for k in stride(from: Self.blockSize - 1, to: 0, by: -1) { freeOperations.append(block + k) }
+        return block
+    }
+}
+
+/// libnbd's completion callback: context is the operation; returning 1 retires the command.
+private let operationFinished: NBDClient.CompletionFunction = { context, error in
+    let operation = context!.assumingMemoryBound(to: EngineWorker.Operation.self)
+    operation.pointee.worker.takeUnretainedValue().finished(operation, error: error?.pointee ?? 0)
+    return 1
+}

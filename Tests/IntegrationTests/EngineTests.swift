@@ -1,0 +1,182 @@
+import Foundation
+import LibNBD
+import Testing
+
+/// `keel engine serve` with real `keel replica serve` processes on unix
+/// sockets, exercised with fio and libnbd, with replicas killed under load.
+@Suite(.serialized) struct EngineTests {
+    /// Replicas and an engine of one volume, started for one test.
+    final class Cluster {
+        let scratch: Scratch
+        var replicas: [KeelServer] = []
+        var engine: KeelServer?
+        let size: String
+
+        init(replicas count: Int, size: String = "256M") throws {
+            scratch = try Scratch()
+            self.size = size
+            for i in 0..<count { replicas.append(try startReplica(i)) }
+        }
+
+        func replicaDirectory(_ i: Int) -> String { scratch.file("r\(i)") }
+
+        func startReplica(_ i: Int) throws -> KeelServer {
+            try KeelServer(["replica", "serve", "--dir", replicaDirectory(i), "--size", size], scratch: scratch,
+                           address: "unix:\(scratch.file("r\(i).sock"))")
+        }
+
+        var replicaArguments: [String] { replicas.flatMap { ["--replica", $0.address] } }
+
+        @discardableResult
+        func startEngine(extra: [String] = []) throws -> KeelServer {
+            let engine = try KeelServer(["engine", "serve", "--volume", "vol", "--size", size] + replicaArguments + extra,
+                                        scratch: scratch)
+            self.engine = engine
+            return engine
+        }
+
+        var uri: String { engine!.uri(export: "vol") }
+
+        func fio(_ arguments: [String], timeout: TimeInterval = 300) throws -> Finished {
+            try run(["fio", "--name=engine", "--ioengine=nbd", "--uri=\(uri)", "--verify=crc32c", "--do_verify=1",
+                     "--verify_fatal=1", "--verify_state_save=0"] + arguments, timeout: timeout)
+        }
+
+        func headsAreIdentical(_ indexes: [Int]) throws -> Bool {
+            let sums = try indexes.map { try run(["sha256sum", replicaDirectory($0) + "/layers/head.img"]).stdout.prefix(64) }
+            return Set(sums).count == 1
+        }
+
+        func kill9Replica(_ i: Int) {
+            kill(replicas[i].process.processIdentifier, SIGKILL)
+            replicas[i].process.waitUntilExit()
+        }
+    }
+
+    @Test func threeReplicasFioVerifyAndIdenticalHeads() throws {
+        let cluster = try Cluster(replicas: 3)
+        try cluster.startEngine()
+        let fio = try cluster.fio(["--rw=randwrite", "--bsrange=4k-256k", "--iodepth=32", "--size=128M"])
+        #expect(fio.status == 0, "\(fio.stdout)\(fio.stderr)")
+        #expect(cluster.engine!.stop() == 0)
+        for replica in cluster.replicas { #expect(replica.stop() == 0) }
+        #expect(try cluster.headsAreIdentical([0, 1, 2]))
+    }
+
+    @Test func replicaKilledDuringFioVerify() throws {
+        let cluster = try Cluster(replicas: 3)
+        let engine = try cluster.startEngine()
+        let fio = Process()
+        fio.executableURL = URL(fileURLWithPath: "/usr/bin/fio")
+        let output = cluster.scratch.file("fio.out")
+        fio.arguments = ["--name=kill", "--ioengine=nbd", "--uri=\(cluster.uri)", "--rw=randwrite", "--bs=4k",
+                         "--iodepth=32", "--size=64M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                         "--verify_state_save=0", "--time_based", "--runtime=5", "--output=\(output)"]
+        try fio.run()
+        usleep(1_500_000)
+        cluster.kill9Replica(1)
+        let deadline = Date().addingTimeInterval(120)
+        while fio.isRunning && Date() < deadline { usleep(50_000) }
+        #expect(!fio.isRunning)
+        let report = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
+        #expect(fio.terminationStatus == 0 && report.contains("err= 0"), "\(report)")
+        #expect(engine.log.contains("volume degraded: 2 of 3 replicas healthy"))
+        #expect(engine.stop() == 0)
+        for i in [0, 2] { #expect(cluster.replicas[i].stop() == 0) }
+        #expect(try cluster.headsAreIdentical([0, 2]))
+    }
+
+    @Test func allReplicasGoneMeansEIONeverSilentSuccess() throws {
+        let cluster = try Cluster(replicas: 2, size: "16M")
+        try cluster.startEngine()
+        let client = try NBDClient()
+        try client.connect(uri: cluster.uri)
+        try client.write([1, 2, 3], at: 0)
+        cluster.kill9Replica(0)
+        cluster.kill9Replica(1)
+        var failures = 0
+        for i in 0..<4 {
+            do { try client.write([UInt8](repeating: 9, count: 4096), at: UInt64(i) * 4096) } catch let error as NBDClientError {
+                #expect(error.errno == EIO)
+                failures += 1
+            }
+        }
+        #expect(failures == 4)
+        #expect(cluster.engine!.log.contains("faulted"))
+    }
+
+    /// A second engine claims the replicas: the first engine's next write
+    /// fails with EIO, and none of its writes lands after the claim.
+    @Test func aSecondEngineFencesTheFirst() throws {
+        let cluster = try Cluster(replicas: 2, size: "16M")
+        let first = try cluster.startEngine()
+        let old = try NBDClient()
+        try old.connect(uri: first.uri(export: "vol"))
+        try old.write([UInt8](repeating: 1, count: 4096), at: 0, flags: .fua)
+
+        let second = try KeelServer(["engine", "serve", "--volume", "vol", "--size", "16M"] + cluster.replicaArguments,
+                                    scratch: cluster.scratch)
+        let new = try NBDClient()
+        try new.connect(uri: second.uri(export: "vol"))
+        do {
+            try old.write([UInt8](repeating: 2, count: 4096), at: 0)
+            Issue.record("the fenced engine acknowledged a write")
+        } catch let error as NBDClientError {
+            #expect(error.errno == EIO)
+        }
+        #expect(try new.read(count: 4096, at: 0) == [UInt8](repeating: 1, count: 4096))
+        try new.write([UInt8](repeating: 3, count: 4096), at: 4096, flags: .fua)
+        #expect(second.stop() == 0)
+        #expect(second.log.contains("epoch 2"))
+        #expect(first.stop() == 0)
+        for replica in cluster.replicas { #expect(replica.stop() == 0) }
+        #expect(try cluster.headsAreIdentical([0, 1]))
+    }
+
+    /// kill -9 the engine during writes and start another: every write it
+    /// acknowledged reads back.
+    @Test func acknowledgedWritesSurviveAnEngineKill() throws {
+        let cluster = try Cluster(replicas: 2, size: "64M")
+        let first = try cluster.startEngine()
+        let client = try NBDClient()
+        try client.connect(uri: first.uri(export: "vol"))
+        var acknowledged: [UInt64: [UInt8]] = [:]
+        for i in 0..<200 {
+            let data = Pattern().bytes(at: UInt64(i) * 65536, count: 65536)
+            try client.write(data, at: UInt64(i) * 65536)
+            acknowledged[UInt64(i) * 65536] = data
+        }
+        kill(first.process.processIdentifier, SIGKILL)
+        first.process.waitUntilExit()
+        let second = try cluster.startEngine()
+        let reader = try NBDClient()
+        try reader.connect(uri: second.uri(export: "vol"))
+        for (offset, data) in acknowledged { #expect(try reader.read(count: data.count, at: offset) == data) }
+    }
+
+    @Test func badCallsGetOneLineAndWriteNothing() throws {
+        let cluster = try Cluster(replicas: 1, size: "16M")
+        let replica = cluster.replicas[0].address
+        func expectFailure(_ arguments: [String], mentioning word: String) throws {
+            let result = try run([Paths.keel, "engine", "serve", "--volume", "vol", "--listen",
+                                  "unix:\(cluster.scratch.file("e.sock"))"] + arguments, timeout: 30)
+            #expect(result.status != 0)
+            #expect(result.stderr.split(separator: "\n").count == 1, "\(result.stderr)")
+            #expect(result.stderr.contains(word), "\(result.stderr)")
+        }
+        try expectFailure(["--size", "32M", "--replica", replica], mentioning: "holds 16777216 bytes")
+        try expectFailure(["--size", "16M", "--replica", "unix:\(cluster.scratch.file("none.sock"))"], mentioning: "cannot reach")
+        try expectFailure(["--size", "16M", "--replica", "127.0.0.1:1"], mentioning: "cannot reach")
+        let notReplica = try KeelServer(image: try cluster.scratch.image(size: 16 << 20), scratch: cluster.scratch)
+        try expectFailure(["--size", "16M", "--replica", notReplica.address], mentioning: "not a Keel replica")
+        try expectFailure(["--size", "16M"], mentioning: "--replica")
+        // Claimed by a newer epoch already.
+        let engine = try cluster.startEngine(extra: ["--epoch", "10"])
+        #expect(engine.stop() == 0)
+        try expectFailure(["--size", "16M", "--replica", replica, "--epoch", "5"], mentioning: "refused epoch 5")
+        // The failed starts changed nothing: epoch 10 still owns the replica.
+        let probe = try NBDClient()
+        try probe.setExportName("vol@10")
+        try probe.connect(unixSocket: cluster.replicas[0].socketPath!)
+    }
+}
