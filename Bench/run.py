@@ -58,6 +58,46 @@ class Server:
             self.proc.wait()
 
 
+class Cluster:
+    """N `keel replica serve` on unix sockets, then `keel engine serve` in front.
+    Each replica's head starts as a copy of the benchmark image, so that reads
+    and writes meet allocated blocks, as on the other targets."""
+
+    def __init__(self, keel, workdir, replicas, size, sock, image):
+        self.keel, self.count, self.size, self.sock = keel, replicas, size, sock
+        self.dirs = [os.path.join(workdir, f"replica{i}") for i in range(replicas)]
+        self.socks = [os.path.join(os.path.dirname(sock), f"replica{i}.sock") for i in range(replicas)]
+        for d, rsock in zip(self.dirs, self.socks):
+            shutil.rmtree(d, ignore_errors=True)
+            with self._replica(d, rsock):
+                pass
+            subprocess.run(["dd", f"if={image}", f"of={d}/layers/head.img", "bs=1M", "conv=notrunc",
+                            "oflag=direct", "status=none"], check=True)
+
+    def _replica(self, d, rsock):
+        return Server("replica", [self.keel, "replica", "serve", "--dir", d, "--listen", f"unix:{rsock}",
+                                  "--size", self.size], rsock)
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        self.servers = [self._replica(d, rsock).__enter__() for d, rsock in zip(self.dirs, self.socks)]
+        addresses = [a for rsock in self.socks for a in ("--replica", f"unix:{rsock}")]
+        engine = Server("engine", [self.keel, "engine", "serve", "--volume", "bench", "--size", self.size,
+                                   "--listen", f"unix:{self.sock}"] + addresses, self.sock)
+        self.servers.append(engine.__enter__())
+        return self
+
+    def __exit__(self, *exc):
+        for server in reversed(self.servers):
+            server.__exit__(None, None, None)
+
+    def remove(self):
+        for d in self.dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def drop_caches():
     try:
         os.sync()
@@ -83,7 +123,8 @@ def main():
     ap.add_argument("--runtime", type=int, default=8, help="seconds per job and target")
     ap.add_argument("--dir", default=os.environ.get("KEEL_BENCH_DIR", "/var/tmp/keel-bench"),
                     help="where the backing file lives (must be a real disk, not tmpfs)")
-    ap.add_argument("--only", default="raw,nbdkit,qemu-nbd,keel")
+    ap.add_argument("--only", default="raw,nbdkit,qemu-nbd,keel",
+                    help="targets, comma-separated: raw, nbdkit, qemu-nbd, keel, engine-1, engine-3")
     ap.add_argument("--rounds", type=int, default=1, help="repeat every job; report the median")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -111,8 +152,14 @@ def main():
         "qemu-nbd": (["qemu-nbd", "-f", "raw", "--aio=io_uring", "--cache=none", "-k", sock, "-t", image],
                      ["--ioengine=nbd", f"--uri={uri}"]),
         "keel": ([keel, "export", image, "--listen", f"unix:{sock}"], ["--ioengine=nbd", f"--uri={uri}"]),
+        # The engine with 1 and 3 replicas, all on this disk (3 replicas write 3x).
     }
-    chosen = [t for t in targets if t in args.only.split(",")]
+    chosen = [t for t in ["raw", "nbdkit", "qemu-nbd", "keel", "engine-1", "engine-3"] if t in args.only.split(",")]
+    for replicas in (1, 3):
+        if f"engine-{replicas}" in chosen:
+            print(f"bench: preparing {replicas} replica(s)", flush=True)
+            targets[f"engine-{replicas}"] = (Cluster(keel, args.dir, replicas, args.size, sock, image),
+                                             ["--ioengine=nbd", f"--uri={uri}"])
     # Job-major order, every target in turn, so that drift of the disk over
     # the run affects all targets of a job alike; --rounds repeats and keeps the median.
     samples = {job[0]: {name: [] for name in chosen} for job in JOBS}
@@ -122,11 +169,17 @@ def main():
                 server_argv, fio_args = targets[name]
                 print(f"bench: round {round_ + 1}: {label}: {name}", flush=True)
                 drop_caches()
-                if server_argv:
+                if isinstance(server_argv, Cluster):
+                    with server_argv:
+                        samples[label][name].append(fio(fio_args, rw, bs, depth, args.runtime, args.size))
+                elif server_argv:
                     with Server(name, server_argv, sock):
                         samples[label][name].append(fio(fio_args, rw, bs, depth, args.runtime, args.size))
                 else:
                     samples[label][name].append(fio(fio_args, rw, bs, depth, args.runtime, args.size))
+    for name in chosen:
+        if isinstance(targets[name][0], Cluster):
+            targets[name][0].remove()
     results = {label: {name: sorted(runs, key=lambda r: r["iops"])[len(runs) // 2]
                        for name, runs in by_target.items()} for label, by_target in samples.items()}
 
@@ -141,7 +194,12 @@ def main():
             r = row[name]
             to_raw = r["iops"] / row["raw"]["iops"] if "raw" in row else float("nan")
             to_peer = r["iops"] / best_peer if best_peer else float("nan")
-            print(f"  {name:<10} {r['iops']:>10.0f} {r['mibs']:>9.1f} {r['lat_us']:>9.1f} {to_raw:>7.2f} {to_peer:>12.2f}")
+            extra = ""
+            if name.startswith("engine") and "keel" in row:
+                extra += f" {r['iops'] / row['keel']['iops']:>7.2f} x keel"
+            if name == "engine-3" and "engine-1" in row:
+                extra += f" {r['iops'] / row['engine-1']['iops']:>7.2f} x engine-1"
+            print(f"  {name:<10} {r['iops']:>10.0f} {r['mibs']:>9.1f} {r['lat_us']:>9.1f} {to_raw:>7.2f} {to_peer:>12.2f}{extra}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -13,17 +13,21 @@ public final class EngineDevice: BlockDevice {
     public let size: UInt64
     public let epoch: UInt64
     public let replicas: ReplicaSet
+    /// How long a replica may leave a command unanswered before it is failed (ns).
+    public let replicaTimeout: UInt64
     let logger: Logger
 
     public var readOnly: Bool { false }
     /// Replicas take any offset and length; buffers need no alignment here.
     public var alignment: Int { 1 }
 
-    public init(volume: String, size: UInt64, epoch: UInt64, replicas: ReplicaSet, logger: Logger) {
+    public init(volume: String, size: UInt64, epoch: UInt64, replicas: ReplicaSet,
+                replicaTimeoutSeconds: Double = 8, logger: Logger) {
         self.volume = volume
         self.size = size
         self.epoch = epoch
         self.replicas = replicas
+        replicaTimeout = UInt64(replicaTimeoutSeconds * 1e9)
         self.logger = logger
     }
 

@@ -19,6 +19,8 @@ public final class EngineWorker: BlockWorker {
         var token: UInt64
         var replica: Int
         var active: Bool
+        /// When it was sent (CLOCK_MONOTONIC, ns): a replica has `replicaTimeout` to answer.
+        var sent: UInt64
     }
 
     struct Link {
@@ -30,6 +32,7 @@ public final class EngineWorker: BlockWorker {
 
     private static let pollIn: UInt8 = 1
     private static let pollOut: UInt8 = 2
+    private static let deadlineCheck: UInt8 = 3
     private static let blockSize = 1024
 
     private let device: EngineDevice
@@ -38,10 +41,13 @@ public final class EngineWorker: BlockWorker {
     private var blocks: [UnsafeMutablePointer<Operation>] = []
     private var freeOperations: [UnsafeMutablePointer<Operation>] = []
     private var nextReader = 0
+    /// How often outstanding commands are checked against their deadline.
+    private let checkInterval: TimeoutDuration
 
     init(device: EngineDevice, ring: Ring) throws {
         self.device = device
         self.ring = ring
+        checkInterval = TimeoutDuration(nanoseconds: Int64(device.replicaTimeout / 4))
         links = Array(repeating: Link(), count: device.replicas.addresses.count)
         for i in links.indices where device.replicas.mode(i) == .rw {
             do { links[i].client = try device.connect(i) } catch {
@@ -49,6 +55,7 @@ public final class EngineWorker: BlockWorker {
             }
             service(i)
         }
+        ring.timeout(checkInterval, userData: IOToken.worker(0, sub: Self.deadlineCheck).rawValue)
     }
 
     deinit {
@@ -97,6 +104,11 @@ public final class EngineWorker: BlockWorker {
     }
 
     public func workerEvent(token: IOToken, result: Int32, flags: UInt32) {
+        if token.sub == Self.deadlineCheck {
+            failLateReplicas()
+            ring.timeout(checkInterval, userData: token.rawValue)
+            return
+        }
         let i = token.workerIndex
         guard i < links.count, let client = links[i].client else { return }
         if token.sub == Self.pollIn {
@@ -139,6 +151,7 @@ public final class EngineWorker: BlockWorker {
         operation.pointee.token = token.rawValue
         operation.pointee.replica = i
         operation.pointee.active = true
+        operation.pointee.sent = Self.now()
         do {
             try client.submit(command, flags: flags, function: operationFinished, context: operation)
         } catch {
@@ -210,10 +223,33 @@ public final class EngineWorker: BlockWorker {
         }
     }
 
+    /// NBD has no timeout of its own: a replica that leaves a command
+    /// unanswered past the deadline is failed, and the request goes on without it.
+    private func failLateReplicas() {
+        let deadline = Self.now() &- device.replicaTimeout
+        var late = Set<Int>()
+        for block in blocks {
+            for k in 0..<Self.blockSize where block[k].active && block[k].sent < deadline {
+                late.insert(block[k].replica)
+            }
+        }
+        for i in late.sorted() {
+            device.replicas.fail(i, reason: "no answer within \(device.replicaTimeout / 1_000_000_000) s")
+            linkDied(i)
+        }
+    }
+
+    private static func now() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
     private func allocateOperation() -> UnsafeMutablePointer<Operation> {
         if let operation = freeOperations.popLast() { return operation }
         let block = UnsafeMutablePointer<Operation>.allocate(capacity: Self.blockSize)
-        block.initialize(repeating: Operation(worker: .passUnretained(self), request: nil, token: 0, replica: 0, active: false),
+        block.initialize(repeating: Operation(worker: .passUnretained(self), request: nil, token: 0, replica: 0,
+                                              active: false, sent: 0),
                          count: Self.blockSize)
         blocks.append(block)
         freeOperations.reserveCapacity(blocks.count * Self.blockSize)

@@ -39,6 +39,9 @@ struct EngineCommand: ParsableCommand {
         @Option(help: "The epoch to claim the replicas with (default: one more than the newest they have seen).")
         var epoch: UInt64?
 
+        @Option(help: "Seconds a replica may leave a request unanswered before it is failed (ERR).")
+        var replicaTimeout: Double = 8
+
         @Option(help: "I/O threads, each with its own io_uring and replica connections (default: one per CPU).")
         var threads: Int = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
 
@@ -49,6 +52,9 @@ struct EngineCommand: ParsableCommand {
             guard !replicas.isEmpty else { throw ValidationError("give at least one --replica HOST:PORT") }
             guard (1...64).contains(threads) else {
                 throw ValidationError("--threads must be between 1 and 64, not \(threads)")
+            }
+            guard replicaTimeout >= 0.1 && replicaTimeout <= 3600 else {
+                throw ValidationError("--replica-timeout must be between 0.1 and 3600 seconds")
             }
             guard !volume.isEmpty, !volume.contains("@") else {
                 throw ValidationError("--volume must be a non-empty name without '@'")
@@ -67,7 +73,8 @@ struct EngineCommand: ParsableCommand {
             for replica in addresses { try claimReplica(replica, epoch: claim) }
 
             let set = ReplicaSet(addresses: addresses, logger: logger)
-            let device = EngineDevice(volume: volume, size: size.bytes, epoch: claim, replicas: set, logger: logger)
+            let device = EngineDevice(volume: volume, size: size.bytes, epoch: claim, replicas: set,
+                                      replicaTimeoutSeconds: replicaTimeout, logger: logger)
             let what = "volume \(volume) (\(size.bytes) bytes) with \(addresses.count) replica(s), epoch \(claim)"
             try serveUntilSignalled(device, on: address, logger: logger, what: what) { listener in
                 Server(device: device, listener: listener, exportName: volume, threads: threads, logger: logger)

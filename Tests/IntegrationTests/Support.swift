@@ -95,13 +95,15 @@ final class KeelServer {
         return "nbd://\(address)/\(export)"
     }
 
-    /// Runs `keel ARGUMENTS --listen ADDRESS` (a fresh unix socket unless given).
-    init(_ arguments: [String], scratch: Scratch, address: String? = nil) throws {
+    /// Runs `keel ARGUMENTS --listen ADDRESS` (a fresh unix socket unless given);
+    /// with `executable`, runs that with ARGUMENTS instead (e.g. `ip netns exec … keel …`).
+    init(_ arguments: [String], scratch: Scratch, address: String? = nil, executable: String? = nil) throws {
         self.address = address ?? "unix:\(scratch.file("nbd-\(UUID().uuidString.prefix(6)).sock"))"
         logPath = scratch.file("keel-\(UUID().uuidString.prefix(6)).log")
         FileManager.default.createFile(atPath: logPath, contents: nil)
-        process.executableURL = URL(fileURLWithPath: Paths.keel)
-        process.arguments = arguments + ["--listen", self.address, "--log-level", "info"]
+        process.executableURL = URL(fileURLWithPath: executable ?? Paths.keel)
+        process.arguments = (executable == nil ? arguments : Array(arguments.dropFirst()))
+            + ["--listen", self.address, "--log-level", "info"]
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
         process.standardOutput = log
         process.standardError = log

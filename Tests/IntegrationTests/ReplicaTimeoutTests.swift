@@ -1,0 +1,103 @@
+import Foundation
+import LibNBD
+import Testing
+
+/// Replicas that stop answering: NBD has no timeout, the engine has one.
+@Suite(.serialized) struct ReplicaTimeoutTests {
+    private func fioInBackground(_ cluster: EngineTests.Cluster, seconds: Int) throws -> (Process, String) {
+        let fio = Process()
+        fio.executableURL = URL(fileURLWithPath: "/usr/bin/fio")
+        let output = cluster.scratch.file("fio-\(UUID().uuidString.prefix(4)).out")
+        fio.arguments = ["--name=cut", "--ioengine=nbd", "--uri=\(cluster.uri)", "--rw=randwrite", "--bs=4k",
+                         "--iodepth=16", "--size=32M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                         "--verify_state_save=0", "--time_based", "--runtime=\(seconds)", "--output=\(output)"]
+        try fio.run()
+        return (fio, output)
+    }
+
+    private func expectFioSucceeded(_ fio: Process, _ output: String) {
+        let deadline = Date().addingTimeInterval(120)
+        while fio.isRunning && Date() < deadline { usleep(50_000) }
+        if fio.isRunning { fio.terminate() }
+        let report = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
+        #expect(fio.terminationStatus == 0 && report.contains("err= 0"), "\(report)")
+    }
+
+    /// A frozen replica process (SIGSTOP) keeps its socket open but answers nothing.
+    @Test func aFrozenReplicaIsFailedWithinTheTimeout() throws {
+        let cluster = try EngineTests.Cluster(replicas: 3, size: "64M")
+        let engine = try cluster.startEngine(extra: ["--replica-timeout", "1"])
+        let (fio, output) = try fioInBackground(cluster, seconds: 5)
+        usleep(1_000_000)
+        kill(cluster.replicas[2].process.processIdentifier, SIGSTOP)
+        defer { kill(cluster.replicas[2].process.processIdentifier, SIGCONT) }
+        expectFioSucceeded(fio, output)
+        #expect(engine.log.contains("no answer within 1 s"), "\(engine.log)")
+        #expect(engine.log.contains("volume degraded: 2 of 3 replicas healthy"))
+    }
+
+    /// The replica runs in a network namespace behind a veth pair; taking the
+    /// link down leaves its TCP connection silent, not closed.
+    @Test func aReplicaBehindACutLinkIsFailedAndIOGoesOn() throws {
+        let net = try TestNetwork()
+        defer { net.remove() }
+        let cluster = try EngineTests.Cluster(replicas: 2, size: "64M")
+        let remote = try KeelServer(["ip", "netns", "exec", net.namespace, Paths.keel, "replica", "serve",
+                                     "--dir", cluster.scratch.file("remote"), "--size", "64M"],
+                                    scratch: cluster.scratch, address: "\(net.namespaceAddress):7001",
+                                    executable: "/usr/sbin/ip")
+        defer { remote.stop() }
+        cluster.replicas.append(remote)
+        let engine = try cluster.startEngine(extra: ["--replica-timeout", "2"])
+        let (fio, output) = try fioInBackground(cluster, seconds: 6)
+        usleep(1_500_000)
+        try net.cutLink()
+        expectFioSucceeded(fio, output)
+        #expect(engine.log.contains("no answer within 2 s"), "\(engine.log)")
+        #expect(engine.log.contains("volume degraded: 2 of 3 replicas healthy"))
+    }
+}
+
+/// A network namespace joined to this one by a veth pair, made by the test
+/// and removed after it. Addresses are in 10.231.0.0/16, on these links only.
+final class TestNetwork {
+    let namespace: String
+    let hostLink: String
+    let hostAddress: String
+    let namespaceAddress: String
+
+    init() throws {
+        let id = Int.random(in: 1...250)
+        namespace = "keel-test-\(id)-\(UUID().uuidString.prefix(4))"
+        hostLink = "kh\(id)\(UUID().uuidString.prefix(4))"
+        let peer = "kn\(id)\(UUID().uuidString.prefix(4))"
+        hostAddress = "10.231.\(id).1"
+        namespaceAddress = "10.231.\(id).2"
+        for command in [
+            ["ip", "netns", "add", namespace],
+            ["ip", "link", "add", hostLink, "type", "veth", "peer", "name", peer],
+            ["ip", "link", "set", peer, "netns", namespace],
+            ["ip", "addr", "add", "\(hostAddress)/24", "dev", hostLink],
+            ["ip", "link", "set", hostLink, "up"],
+            ["ip", "netns", "exec", namespace, "ip", "addr", "add", "\(namespaceAddress)/24", "dev", peer],
+            ["ip", "netns", "exec", namespace, "ip", "link", "set", peer, "up"],
+            ["ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up"],
+        ] {
+            let result = try run(command, timeout: 20)
+            guard result.status == 0 else {
+                remove()
+                throw TestFailure("\(command.joined(separator: " ")) failed: \(result.stderr)")
+            }
+        }
+    }
+
+    func cutLink() throws {
+        let result = try run(["ip", "link", "set", hostLink, "down"], timeout: 20)
+        guard result.status == 0 else { throw TestFailure("cannot take \(hostLink) down: \(result.stderr)") }
+    }
+
+    func remove() {
+        _ = try? run(["ip", "link", "del", hostLink], timeout: 20)
+        _ = try? run(["ip", "netns", "del", namespace], timeout: 20)
+    }
+}
