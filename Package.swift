@@ -15,6 +15,10 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/grpc/grpc-swift-2", from: "2.0.0"),
+        .package(url: "https://github.com/grpc/grpc-swift-nio-transport", from: "2.0.0"),
+        .package(url: "https://github.com/grpc/grpc-swift-protobuf", from: "2.0.0"),
+        .package(url: "https://github.com/apple/swift-protobuf", from: "1.28.0"),
     ],
     targets: [
         // C libraries, through thin system-library targets.
@@ -51,16 +55,25 @@ let package = Package(
             "ReplicaStore", "FileExport", "NBDServer", "NBDProtocol", "IOUring",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
+        // The control API: .proto in Proto/, generated code committed (scripts/generate-proto).
+        .target(name: "ControlAPI", dependencies: [
+            .product(name: "GRPCCore", package: "grpc-swift-2"),
+            .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        ]),
         // `keel engine serve`: a volume's frontend, replicated synchronously to its replicas.
         .target(name: "Engine", dependencies: [
-            "NBDServer", "NBDProtocol", "IOUring", "LibNBD", "Syscalls",
+            "NBDServer", "NBDProtocol", "IOUring", "LibNBD", "Syscalls", "ControlAPI",
+            .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
         // Client side: a Swift wrapper over libnbd.
         .target(name: "LibNBD", dependencies: ["CLibNBD"]),
 
         .executableTarget(name: "keel", dependencies: [
-            "NBDServer", "FileExport", "ReplicaServer", "ReplicaStore", "Engine", "LibNBD", "Syscalls",
+            "NBDServer", "FileExport", "ReplicaServer", "ReplicaStore", "Engine", "LibNBD", "Syscalls", "ControlAPI",
+            .product(name: "GRPCCore", package: "grpc-swift-2"),
+            .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

@@ -15,6 +15,7 @@ public final class EngineDevice: BlockDevice {
     public let replicas: ReplicaSet
     /// How long a replica may leave a command unanswered before it is failed (ns).
     public let replicaTimeout: UInt64
+    public let counters = IOCounters()
     let logger: Logger
 
     public var readOnly: Bool { false }

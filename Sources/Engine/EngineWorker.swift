@@ -72,7 +72,10 @@ public final class EngineWorker: BlockWorker {
         let fua: NBDClient.CommandFlags = request.flags.contains(.fua) ? .fua : []
         switch request.command {
         case .read:
-            guard issueRead(r, token) else { return .done(.io) }
+            guard issueRead(r, token) else {
+                device.counters.count(.read, length: request.length, error: .io)
+                return .done(.io)
+            }
         case .write:
             let data = UnsafeRawPointer(request.buffer!.base + request.dataOffset)
             fanOut(r, token, .write(data, count: Int(request.length), offset: request.offset), flags: fua)
@@ -95,12 +98,17 @@ public final class EngineWorker: BlockWorker {
             r.pointee.descriptorCount = 1
             return .done(nil)
         }
-        return r.pointee.pendingOperations > 0 ? .inFlight : .done(.io)
+        guard r.pointee.pendingOperations > 0 else {
+            device.counters.count(request.command, length: request.length, error: .io)
+            return .done(.io)
+        }
+        return .inFlight
     }
 
     /// The NOP that says all replicas answered.
     public func complete(_ r: UnsafeMutablePointer<IORequest>, token: IOToken, result: Int32) -> IOStatus {
-        .done(r.pointee.firstError)
+        device.counters.count(r.pointee.command, length: r.pointee.length, error: r.pointee.firstError)
+        return .done(r.pointee.firstError)
     }
 
     public func workerEvent(token: IOToken, result: Int32, flags: UInt32) {

@@ -21,12 +21,14 @@ public final class ReplicaSet: @unchecked Sendable {
 
     public let addresses: [SocketAddress]
     private var modes: [Mode]
+    private var reasons: [String]
     private var mutex = pthread_mutex_t()
     private let logger: Logger
 
     public init(addresses: [SocketAddress], logger: Logger) {
         self.addresses = addresses
         modes = Array(repeating: .rw, count: addresses.count)
+        reasons = Array(repeating: "", count: addresses.count)
         self.logger = logger
         pthread_mutex_init(&mutex, nil)
     }
@@ -37,6 +39,13 @@ public final class ReplicaSet: @unchecked Sendable {
         pthread_mutex_lock(&mutex)
         defer { pthread_mutex_unlock(&mutex) }
         return modes[index]
+    }
+
+    /// Each replica's mode and, for ERR, why.
+    public var states: [(address: SocketAddress, mode: Mode, reason: String)] {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        return addresses.indices.map { (addresses[$0], modes[$0], reasons[$0]) }
     }
 
     public var health: Health {
@@ -51,6 +60,7 @@ public final class ReplicaSet: @unchecked Sendable {
         pthread_mutex_lock(&mutex)
         guard modes[index] != .err else { pthread_mutex_unlock(&mutex); return }
         modes[index] = .err
+        reasons[index] = reason
         let healthy = modes.filter { $0 == .rw }.count
         pthread_mutex_unlock(&mutex)
         let state = healthy == 0 ? "faulted: no healthy replica, I/O fails with EIO" : "degraded: \(healthy) of \(modes.count) replicas healthy"

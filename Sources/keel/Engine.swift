@@ -36,6 +36,9 @@ struct EngineCommand: ParsableCommand {
         @Option(help: "Frontend address: unix:/path or HOST:PORT.")
         var listen: String
 
+        @Option(help: "Control API (gRPC) address HOST:PORT, for `keel status` (default: none).")
+        var control: String?
+
         @Option(help: "The epoch to claim the replicas with (default: one more than the newest they have seen).")
         var epoch: UInt64?
 
@@ -65,6 +68,7 @@ struct EngineCommand: ParsableCommand {
             let logger = makeLogger(label: "keel.engine", level: logLevel)
             let address = try parseListenAddress(listen)
             let addresses = try replicas.map { try parseListenAddress($0, option: "--replica") }
+            let controlAddress = try control.map { try parseListenAddress($0, option: "--control") }
             TerminationSignals.block()
 
             // Look first, claim after: a refused start must not fence the engine in charge.
@@ -76,6 +80,10 @@ struct EngineCommand: ParsableCommand {
             let device = EngineDevice(volume: volume, size: size.bytes, epoch: claim, replicas: set,
                                       replicaTimeoutSeconds: replicaTimeout, logger: logger)
             let what = "volume \(volume) (\(size.bytes) bytes) with \(addresses.count) replica(s), epoch \(claim)"
+            let controlServer = try controlAddress.map {
+                try ControlServer(address: $0, services: [EngineControlService(device: device)])
+            }
+            defer { controlServer?.stop() }
             try serveUntilSignalled(device, on: address, logger: logger, what: what) { listener in
                 Server(device: device, listener: listener, exportName: volume, threads: threads, logger: logger)
             }

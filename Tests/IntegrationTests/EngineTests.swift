@@ -63,9 +63,18 @@ import Testing
         #expect(try cluster.headsAreIdentical([0, 1, 2]))
     }
 
+    /// `keel status --json` of an engine started with `--control`.
+    static func status(_ control: String) throws -> [String: Any] {
+        let result = try run([Paths.keel, "status", "--engine", control, "--json"], timeout: 30)
+        guard result.status == 0 else { throw TestFailure("keel status failed: \(result.stderr)") }
+        return try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as! [String: Any]
+    }
+
     @Test func replicaKilledDuringFioVerify() throws {
         let cluster = try Cluster(replicas: 3)
-        let engine = try cluster.startEngine()
+        let control = "127.0.0.1:\(Int.random(in: 20000..<60000))"
+        let engine = try cluster.startEngine(extra: ["--control", control])
+        #expect(try Self.status(control)["health"] as? String == "healthy")
         let fio = Process()
         fio.executableURL = URL(fileURLWithPath: "/usr/bin/fio")
         let output = cluster.scratch.file("fio.out")
@@ -81,6 +90,14 @@ import Testing
         let report = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
         #expect(fio.terminationStatus == 0 && report.contains("err= 0"), "\(report)")
         #expect(engine.log.contains("volume degraded: 2 of 3 replicas healthy"))
+        let status = try Self.status(control)
+        #expect(status["health"] as? String == "degraded")
+        let modes = (status["replicas"] as! [[String: Any]]).map { $0["mode"] as! String }
+        #expect(modes == ["RW", "ERR", "RW"])
+        let io = status["io"] as! [String: Any]
+        #expect((io["writes"] as? Int ?? 0) > 1000 && io["errors"] as? Int == 0)
+        let table = try run([Paths.keel, "status", "--engine", control])
+        #expect(table.stdout.hasPrefix("volume vol: degraded"), "\(table.stdout)")
         #expect(engine.stop() == 0)
         for i in [0, 2] { #expect(cluster.replicas[i].stop() == 0) }
         #expect(try cluster.headsAreIdentical([0, 2]))

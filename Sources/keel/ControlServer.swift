@@ -1,0 +1,47 @@
+import Dispatch
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Syscalls
+
+/// A gRPC server for a daemon's control API, run beside its I/O threads.
+final class ControlServer: @unchecked Sendable {
+    private let server: GRPCServer<HTTP2ServerTransport.Posix>
+    private let finished = DispatchSemaphore(value: 0)
+
+    /// Starts serving; returns once the address is bound, or throws a CLIError.
+    init(address: Syscalls.SocketAddress, services: [any RegistrableRPCService]) throws {
+        guard case .tcp(let host, let port) = address else {
+            throw CLIError("--control takes HOST:PORT, not \(address)")
+        }
+        server = GRPCServer(transport: .http2NIOPosix(address: .ipv4(host: host, port: Int(port)),
+                                                      transportSecurity: .plaintext),
+                            services: services)
+        let bound = Handoff<Result<Void, Error>>()
+        Task { [server, finished] in
+            do { try await server.serve() } catch { bound.put(.failure(error)) }
+            finished.signal()
+        }
+        Task { [server] in
+            do {
+                if try await server.listeningAddress != nil { bound.put(.success(())) }
+            } catch { bound.put(.failure(error)) }
+        }
+        if case .failure(let error) = bound.take() {
+            throw CLIError("cannot serve the control API on \(address): \(error)")
+        }
+    }
+
+    func stop() {
+        server.beginGracefulShutdown()
+        finished.wait()
+    }
+}
+
+/// Runs async client code from a synchronous command.
+func blocking<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) throws -> T {
+    let result = Handoff<Result<T, Error>>()
+    Task {
+        do { result.put(.success(try await body())) } catch { result.put(.failure(error)) }
+    }
+    return try result.take().get()
+}
