@@ -45,17 +45,10 @@ struct EngineCommand: ParsableCommand {
         @Option(help: "Seconds a replica may leave a request unanswered before it is failed (ERR).")
         var replicaTimeout: Double = 8
 
-        @Option(help: "I/O threads, each with its own io_uring and replica connections (default: one per CPU).")
-        var threads: Int = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
-
-        @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
-        var logLevel: Logger.Level = .notice
+        @OptionGroup var serving: ServingOptions
 
         func validate() throws {
             guard !replicas.isEmpty else { throw ValidationError("give at least one --replica HOST:PORT") }
-            guard (1...64).contains(threads) else {
-                throw ValidationError("--threads must be between 1 and 64, not \(threads)")
-            }
             guard replicaTimeout >= 0.1 && replicaTimeout <= 3600 else {
                 throw ValidationError("--replica-timeout must be between 0.1 and 3600 seconds")
             }
@@ -65,7 +58,7 @@ struct EngineCommand: ParsableCommand {
         }
 
         func run() throws {
-            let logger = makeLogger(label: "keel.engine", level: logLevel)
+            let logger = makeLogger(label: "keel.engine", level: serving.logLevel)
             let address = try parseListenAddress(listen)
             let addresses = try replicas.map { try parseListenAddress($0, option: "--replica") }
             let controlAddress = try control.map { try parseListenAddress($0, option: "--control") }
@@ -85,7 +78,7 @@ struct EngineCommand: ParsableCommand {
             }
             defer { controlServer?.stop() }
             try serveUntilSignalled(device, on: address, logger: logger, what: what) { listener in
-                Server(device: device, listener: listener, exportName: volume, threads: threads, logger: logger)
+                Server(device: device, listener: listener, exportName: volume, threads: serving.threads, logger: logger)
             }
         }
 

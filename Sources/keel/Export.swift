@@ -28,29 +28,19 @@ struct Export: ParsableCommand {
     @Flag(help: "Refuse writes, trims and zeroing (EPERM).")
     var readOnly = false
 
-    @Option(help: "I/O threads, each with its own io_uring (default: one per CPU).")
-    var threads: Int = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
-
-    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
-    var logLevel: Logger.Level = .notice
-
-    func validate() throws {
-        guard (1...64).contains(threads) else {
-            throw ValidationError("--threads must be between 1 and 64, not \(threads)")
-        }
-    }
+    @OptionGroup var serving: ServingOptions
 
     func run() throws {
-        let logger = makeLogger(label: "keel.export", level: logLevel)
+        let logger = makeLogger(label: "keel.export", level: serving.logLevel)
         let address = try parseListenAddress(listen)
         TerminationSignals.block()
         let device: FileDevice
         do { device = try FileDevice(path: file, readOnly: readOnly, logger: logger) } catch {
             throw CLIError("\(error)")
         }
-        let what = "\(file) (\(device.size) bytes, \(device.isDirect ? "O_DIRECT" : "buffered")\(readOnly ? ", read-only" : "")) as '\(name)' with \(threads) thread(s)"
+        let what = "\(file) (\(device.size) bytes, \(device.isDirect ? "O_DIRECT" : "buffered")\(readOnly ? ", read-only" : "")) as '\(name)' with \(serving.threads) thread(s)"
         try serveUntilSignalled(device, on: address, logger: logger, what: what) { listener in
-            Server(device: device, listener: listener, exportName: name, threads: threads, logger: logger)
+            Server(device: device, listener: listener, exportName: name, threads: serving.threads, logger: logger)
         }
     }
 }

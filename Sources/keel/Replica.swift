@@ -33,20 +33,10 @@ struct Replica: ParsableCommand {
         @Option(help: "Size of a new replica, e.g. 10G (binary units); must match an existing one.")
         var size: ByteCount?
 
-        @Option(help: "I/O threads, each with its own io_uring (default: one per CPU).")
-        var threads: Int = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
-
-        @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
-        var logLevel: Logger.Level = .notice
-
-        func validate() throws {
-            guard (1...64).contains(threads) else {
-                throw ValidationError("--threads must be between 1 and 64, not \(threads)")
-            }
-        }
+        @OptionGroup var serving: ServingOptions
 
         func run() throws {
-            let logger = makeLogger(label: "keel.replica", level: logLevel)
+            let logger = makeLogger(label: "keel.replica", level: serving.logLevel)
             let address = try parseListenAddress(listen)
             TerminationSignals.block()
             let store: ReplicaStore
@@ -61,7 +51,7 @@ struct Replica: ParsableCommand {
             let what = "replica \(dir) (\(store.size) bytes, epoch \(store.epoch))"
             try serveUntilSignalled(device, on: address, logger: logger, what: what) { listener in
                 Server(device: device, listener: listener, catalog: device.catalog(logger: logger),
-                       threads: threads, logger: logger)
+                       threads: serving.threads, logger: logger)
             }
         }
     }

@@ -1,3 +1,4 @@
+import ArgumentParser
 import Logging
 import NBDServer
 import Syscalls
@@ -60,4 +61,18 @@ struct ByteCount: ExpressibleByArgument {
     }
 }
 
-import ArgumentParser
+
+/// The options every serving command shares.
+struct ServingOptions: ParsableArguments {
+    @Option(help: "I/O threads, each with its own io_uring (default: one per CPU).")
+    var threads: Int = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: Logger.Level = .notice
+
+    func validate() throws {
+        guard (1...64).contains(threads) else {
+            throw ValidationError("--threads must be between 1 and 64, not \(threads)")
+        }
+    }
+}
