@@ -47,6 +47,12 @@ import Testing
             return Set(sums).count == 1
         }
 
+        /// fio random writes with crc32c verification, running while the test breaks things.
+        func startFio(depth: Int, seconds: Int) throws -> BackgroundFio {
+            try BackgroundFio(uri: uri, output: scratch.file("fio-\(UUID().uuidString.prefix(4)).out"),
+                              depth: depth, seconds: seconds)
+        }
+
         func kill9Replica(_ i: Int) {
             kill(replicas[i].process.processIdentifier, SIGKILL)
             replicas[i].process.waitUntilExit()
@@ -75,20 +81,10 @@ import Testing
         let control = "127.0.0.1:\(Int.random(in: 20000..<60000))"
         let engine = try cluster.startEngine(extra: ["--control", control])
         #expect(try Self.status(control)["health"] as? String == "healthy")
-        let fio = Process()
-        fio.executableURL = URL(fileURLWithPath: "/usr/bin/fio")
-        let output = cluster.scratch.file("fio.out")
-        fio.arguments = ["--name=kill", "--ioengine=nbd", "--uri=\(cluster.uri)", "--rw=randwrite", "--bs=4k",
-                         "--iodepth=32", "--size=64M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-                         "--verify_state_save=0", "--time_based", "--runtime=5", "--output=\(output)"]
-        try fio.run()
+        let fio = try cluster.startFio(depth: 32, seconds: 5)
         usleep(1_500_000)
         cluster.kill9Replica(1)
-        let deadline = Date().addingTimeInterval(120)
-        while fio.isRunning && Date() < deadline { usleep(50_000) }
-        #expect(!fio.isRunning)
-        let report = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
-        #expect(fio.terminationStatus == 0 && report.contains("err= 0"), "\(report)")
+        fio.expectSucceeded()
         #expect(engine.log.contains("volume degraded: 2 of 3 replicas healthy"))
         let status = try Self.status(control)
         #expect(status["health"] as? String == "degraded")
@@ -196,4 +192,31 @@ import Testing
         try probe.setExportName("vol@10")
         try probe.connect(unixSocket: cluster.replicas[0].socketPath!)
     }
+}
+
+/// An fio verify job in the background; `expectSucceeded` waits (bounded) and checks it.
+final class BackgroundFio {
+    let process = Process()
+    let output: String
+
+    init(uri: String, output: String, depth: Int, seconds: Int) throws {
+        self.output = output
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/fio")
+        process.arguments = ["--name=background", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite", "--bs=4k",
+                             "--iodepth=\(depth)", "--size=32M", "--verify=crc32c", "--do_verify=1",
+                             "--verify_fatal=1", "--verify_state_save=0", "--time_based", "--runtime=\(seconds)",
+                             "--output=\(output)"]
+        try process.run()
+    }
+
+    func expectSucceeded() {
+        let deadline = Date().addingTimeInterval(120)
+        while process.isRunning && Date() < deadline { usleep(50_000) }
+        if process.isRunning { process.terminate() }
+        process.waitUntilExit()
+        let report = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
+        #expect(process.terminationStatus == 0 && report.contains("err= 0"), "\(report)")
+    }
+
+    deinit { if process.isRunning { process.terminate() } }
 }

@@ -4,34 +4,15 @@ import Testing
 
 /// Replicas that stop answering: NBD has no timeout, the engine has one.
 @Suite(.serialized) struct ReplicaTimeoutTests {
-    private func fioInBackground(_ cluster: EngineTests.Cluster, seconds: Int) throws -> (Process, String) {
-        let fio = Process()
-        fio.executableURL = URL(fileURLWithPath: "/usr/bin/fio")
-        let output = cluster.scratch.file("fio-\(UUID().uuidString.prefix(4)).out")
-        fio.arguments = ["--name=cut", "--ioengine=nbd", "--uri=\(cluster.uri)", "--rw=randwrite", "--bs=4k",
-                         "--iodepth=16", "--size=32M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-                         "--verify_state_save=0", "--time_based", "--runtime=\(seconds)", "--output=\(output)"]
-        try fio.run()
-        return (fio, output)
-    }
-
-    private func expectFioSucceeded(_ fio: Process, _ output: String) {
-        let deadline = Date().addingTimeInterval(120)
-        while fio.isRunning && Date() < deadline { usleep(50_000) }
-        if fio.isRunning { fio.terminate() }
-        let report = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
-        #expect(fio.terminationStatus == 0 && report.contains("err= 0"), "\(report)")
-    }
-
     /// A frozen replica process (SIGSTOP) keeps its socket open but answers nothing.
     @Test func aFrozenReplicaIsFailedWithinTheTimeout() throws {
         let cluster = try EngineTests.Cluster(replicas: 3, size: "64M")
         let engine = try cluster.startEngine(extra: ["--replica-timeout", "1"])
-        let (fio, output) = try fioInBackground(cluster, seconds: 5)
+        let fio = try cluster.startFio(depth: 16, seconds: 5)
         usleep(1_000_000)
         kill(cluster.replicas[2].process.processIdentifier, SIGSTOP)
         defer { kill(cluster.replicas[2].process.processIdentifier, SIGCONT) }
-        expectFioSucceeded(fio, output)
+        fio.expectSucceeded()
         #expect(engine.log.contains("no answer within 1 s"), "\(engine.log)")
         #expect(engine.log.contains("volume degraded: 2 of 3 replicas healthy"))
     }
@@ -49,10 +30,10 @@ import Testing
         defer { remote.stop() }
         cluster.replicas.append(remote)
         let engine = try cluster.startEngine(extra: ["--replica-timeout", "2"])
-        let (fio, output) = try fioInBackground(cluster, seconds: 6)
+        let fio = try cluster.startFio(depth: 16, seconds: 6)
         usleep(1_500_000)
         try net.cutLink()
-        expectFioSucceeded(fio, output)
+        fio.expectSucceeded()
         #expect(engine.log.contains("no answer within 2 s"), "\(engine.log)")
         #expect(engine.log.contains("volume degraded: 2 of 3 replicas healthy"))
     }
