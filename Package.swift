@@ -52,12 +52,15 @@ let package = Package(
         .target(name: "ReplicaStore", dependencies: ["SQLite", "Syscalls"]),
         // `keel replica serve`: a replica's head served over NBD, fenced by epoch.
         .target(name: "ReplicaServer", dependencies: [
-            "ReplicaStore", "FileExport", "NBDServer", "NBDProtocol", "IOUring",
+            "ReplicaStore", "FileExport", "NBDServer", "NBDProtocol", "IOUring", "ControlAPI",
+            .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
         // The control API: .proto in Proto/, generated code committed (scripts/generate-proto).
         .target(name: "ControlAPI", dependencies: [
+            "Syscalls",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
+            .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ]),
@@ -81,6 +84,7 @@ let package = Package(
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "IOUringTests", dependencies: ["IOUring", "Syscalls"]),
         .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite"]),
+        .testTarget(name: "EngineUnitTests", dependencies: ["Engine", "ControlAPI"]),
         .testTarget(name: "IntegrationTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls"]),
     ],
     swiftLanguageModes: [.v5]

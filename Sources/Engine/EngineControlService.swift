@@ -1,6 +1,7 @@
 import ControlAPI
 import GRPCCore
 import Synchronization
+import Syscalls
 
 /// The engine's side of the control API.
 public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceProtocol {
@@ -19,12 +20,15 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
         case .degraded: status.health = .degraded
         case .faulted: status.health = .faulted
         }
-        status.replicas = device.replicas.states.map { state in
+        status.replicas = device.replicas.replicas.filter { $0.mode != .removed }.map { state in
             var replica = Keel_Control_V1_ReplicaState()
             replica.address = "\(state.address)"
+            replica.id = state.id
             replica.mode = state.mode.rawValue
             replica.epoch = device.epoch
             replica.error = state.reason
+            replica.rebuiltBytes = state.mode == .rw ? device.size : state.rebuiltBytes
+            replica.rebuildProgress = device.size == 0 ? 1 : Double(replica.rebuiltBytes) / Double(device.size)
             return replica
         }
         let counters = device.counters
@@ -37,5 +41,31 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
             $0.errors = counters.errors.load(ordering: .relaxed)
         }
         return status
+    }
+
+    public func addReplica(request: Keel_Control_V1_AddReplicaRequest,
+                           context: ServerContext) async throws -> Keel_Control_V1_EngineStatus {
+        let address = try parse(request.address)
+        try refusing { try device.addReplica(address: address) }
+        return try await status(request: .init(), context: context)
+    }
+
+    public func removeReplica(request: Keel_Control_V1_RemoveReplicaRequest,
+                              context: ServerContext) async throws -> Keel_Control_V1_EngineStatus {
+        let address = try parse(request.address)
+        try refusing { try device.removeReplica(address: address) }
+        return try await status(request: .init(), context: context)
+    }
+
+    private func parse(_ text: String) throws -> Syscalls.SocketAddress {
+        do { return try Syscalls.SocketAddress(parsing: text) } catch {
+            throw RPCError(code: .invalidArgument, message: "\(error)")
+        }
+    }
+
+    private func refusing(_ body: () throws -> Void) throws {
+        do { try body() } catch {
+            throw RPCError(code: .failedPrecondition, message: "\(error)")
+        }
     }
 }

@@ -1,55 +1,146 @@
+import ControlAPI
 import IOUring
 import LibNBD
 import Logging
 import NBDProtocol
 import NBDServer
+import Synchronization
 import Syscalls
 
 /// The volume as the engine's frontend sees it: every write goes to every
-/// healthy replica and is acknowledged when all of them acknowledged it;
+/// writable replica and is acknowledged when all of them acknowledged it;
 /// reads go to one healthy replica at a time.
-public final class EngineDevice: BlockDevice {
+public final class EngineDevice: BlockDevice, @unchecked Sendable {
     public let volume: String
     public let size: UInt64
     public let epoch: UInt64
+    /// This engine process's identity: its claims are `(epoch, engine)`.
+    public let engineID: String
     public let replicas: ReplicaSet
+    public let gate: WriteGate
     /// How long a replica may leave a command unanswered before it is failed (ns).
     public let replicaTimeout: UInt64
+    public let replicaTimeoutSeconds: Double
     public let counters = IOCounters()
     let logger: Logger
+    private(set) var keeper: MetadataKeeper!
+    private let wakers = Mutex<[EventFD]>([])
+    /// I/O threads connected to each replica: a rebuild starts copying only once all are.
+    private let joined = Mutex<[Int: Int]>([:])
+    private let currentRebuild = Mutex<Rebuild?>(nil)
 
     public var readOnly: Bool { false }
     /// Replicas take any offset and length; buffers need no alignment here.
     public var alignment: Int { 1 }
 
-    public init(volume: String, size: UInt64, epoch: UInt64, replicas: ReplicaSet,
-                replicaTimeoutSeconds: Double = 8, logger: Logger) {
+    public init(volume: String, size: UInt64, epoch: UInt64, engineID: String, replicas: ReplicaSet,
+                gate: WriteGate, replicaTimeoutSeconds: Double = 8, logger: Logger) {
         self.volume = volume
         self.size = size
         self.epoch = epoch
+        self.engineID = engineID
         self.replicas = replicas
+        self.gate = gate
+        self.replicaTimeoutSeconds = replicaTimeoutSeconds
         replicaTimeout = UInt64(replicaTimeoutSeconds * 1e9)
         self.logger = logger
+        keeper = MetadataKeeper(device: self, logger: logger)
+        replicas.onChange = { [weak self] in
+            self?.keeper.poke()
+            self?.wakeWorkers()
+        }
+        gate.onMarkNeeded = { [weak self] in self?.keeper.poke() }
     }
 
-    /// The export name that carries this engine's epoch to a replica.
-    public var replicaExportName: String { "\(volume)@\(epoch)" }
+    /// The export name that carries this engine's claim to a replica.
+    public var replicaExportName: String { Self.exportName(volume: volume, epoch: epoch, engine: engineID) }
+
+    public static func exportName(volume: String, epoch: UInt64, engine: String) -> String {
+        "\(volume)@\(epoch)+\(engine)"
+    }
+
+    var ownerMessage: Keel_Control_V1_Owner {
+        .with { $0.epoch = epoch; $0.engine = engineID }
+    }
 
     public func makeWorker(ring: Ring, arena: BufferArena) throws -> EngineWorker {
         try EngineWorker(device: self, ring: ring)
     }
 
+    /// Starts the control-plane thread; call before serving.
+    public func startKeeper() throws { try keeper.start() }
+
+    /// After the server has stopped: clean dirty regions, persisted membership.
+    public func stopKeeper() {
+        currentRebuild.withLock { $0 }?.cancel()
+        keeper.stop()
+    }
+
     /// Replicas make writes durable on FLUSH and FUA, which the engine forwards.
     public func flush() throws {}
 
-    /// Opens one connection to a replica with this engine's epoch.
+    /// Opens one connection to a replica with this engine's claim.
     func connect(_ index: Int) throws -> NBDClient {
+        try connect(address: replicas.replicas[index].address)
+    }
+
+    func connect(address: SocketAddress) throws -> NBDClient {
         let client = try NBDClient()
-        try client.setExportName(replicaExportName)
-        switch replicas.addresses[index] {
-        case .unix(let path): try client.connect(unixSocket: path)
-        case .tcp(let host, let port): try client.connect(host: host, port: port)
-        }
+        try open(client, address: address)
         return client
+    }
+
+    /// Connects a prepared client with this engine's claim.
+    func open(_ client: NBDClient, address: SocketAddress) throws {
+        try client.setExportName(replicaExportName)
+        try client.connect(to: address)
+    }
+
+    // MARK: - I/O threads
+
+    func register(waker: EventFD) {
+        wakers.withLock { $0.append(waker) }
+    }
+
+    var workerCount: Int { wakers.withLock { $0.count } }
+
+    /// Lets the I/O threads retry parked writes, release held answers and see replica changes.
+    func wakeWorkers() {
+        for waker in wakers.withLock({ $0 }) { waker.signal() }
+    }
+
+    func workerJoined(_ index: Int) {
+        joined.withLock { $0[index, default: 0] += 1 }
+    }
+
+    func workersJoined(_ index: Int) -> Int { joined.withLock { $0[index, default: 0] } }
+
+    // MARK: - Rebuild
+
+    var rebuild: Rebuild? { currentRebuild.withLock { $0 } }
+
+    /// Adds a replica in WO mode and starts copying the volume to it.
+    public func addReplica(address: SocketAddress) throws {
+        try currentRebuild.withLock { current in
+            if let current, !current.finished {
+                throw EngineError("a rebuild of \(current.address) is running; wait for it to finish")
+            }
+            current = try Rebuild.start(device: self, address: address, logger: logger)
+        }
+    }
+
+    public func removeReplica(address: SocketAddress) throws {
+        let index = try replicas.remove(address: address)
+        if let rebuild, rebuild.index == index { rebuild.cancel() }
+    }
+}
+
+extension NBDClient {
+    /// Connects to a unix or TCP address.
+    public func connect(to address: SocketAddress) throws {
+        switch address {
+        case .unix(let path): try connect(unixSocket: path)
+        case .tcp(let host, let port): try connect(host: host, port: port)
+        }
     }
 }

@@ -2,6 +2,7 @@ import IOUring
 import LibNBD
 import NBDProtocol
 import NBDServer
+import Syscalls
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -10,6 +11,10 @@ import Glibc
 /// replica (handles are not thread-safe), driven from the thread's ring by
 /// polls on their sockets. When the last replica answers a request, a NOP
 /// carrying the request's token hands it back to the server core.
+///
+/// Writes pass the `WriteGate` first; those it holds back wait in `parked`.
+/// Answers to writes wait in `held` while a membership change is being
+/// persisted. Both are retried when the device wakes the thread's eventfd.
 public final class EngineWorker: BlockWorker {
     /// One command on one replica for one request. The address is what
     /// libnbd gets as callback context, so operations never move.
@@ -33,11 +38,19 @@ public final class EngineWorker: BlockWorker {
     private static let pollIn: UInt8 = 1
     private static let pollOut: UInt8 = 2
     private static let deadlineCheck: UInt8 = 3
+    private static let wakeUp: UInt8 = 4
     private static let blockSize = 1024
 
     private let device: EngineDevice
     private let ring: Ring
     private var links: [Link]
+    /// This thread's copy of the replicas' modes, refreshed when the set's version moves.
+    private var modes: [ReplicaSet.Mode] = []
+    private var knownVersion = UInt64.max
+    private var parked: [(UnsafeMutablePointer<IORequest>, IOToken)] = []
+    private var held: [(UnsafeMutablePointer<IORequest>, IOToken)] = []
+    private let wake: EventFD
+    private let wakeCounter = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
     private var blocks: [UnsafeMutablePointer<Operation>] = []
     private var freeOperations: [UnsafeMutablePointer<Operation>] = []
     private var nextReader = 0
@@ -48,18 +61,40 @@ public final class EngineWorker: BlockWorker {
         self.device = device
         self.ring = ring
         checkInterval = TimeoutDuration(nanoseconds: Int64(device.replicaTimeout / 4))
-        links = Array(repeating: Link(), count: device.replicas.addresses.count)
-        for i in links.indices where device.replicas.mode(i) == .rw {
-            do { links[i].client = try device.connect(i) } catch {
-                device.replicas.fail(i, reason: "cannot connect: \(error)")
-            }
-            service(i)
-        }
+        links = Array(repeating: Link(), count: ReplicaSet.capacity)
+        wake = try EventFD()
+        refreshReplicas()
+        device.register(waker: wake)
+        ring.readEvent(wake.descriptor, into: wakeCounter, userData: IOToken.worker(0, sub: Self.wakeUp).rawValue)
         ring.timeout(checkInterval, userData: IOToken.worker(0, sub: Self.deadlineCheck).rawValue)
     }
 
     deinit {
         for block in blocks { block.deallocate() }
+        wakeCounter.deallocate()
+    }
+
+    /// Connects to replicas that became writable, drops removed ones.
+    private func refreshReplicas() {
+        let version = device.replicas.version.load(ordering: .acquiring)
+        guard version != knownVersion else { return }
+        knownVersion = version
+        let replicas = device.replicas.replicas
+        modes = replicas.map(\.mode)
+        for (i, replica) in replicas.enumerated() {
+            if replica.mode.isWritable && links[i].client == nil && !links[i].dead {
+                do {
+                    links[i].client = try device.connect(i)
+                    if replica.mode == .wo { device.workerJoined(i) }
+                } catch {
+                    links[i].dead = true
+                    device.replicas.fail(i, reason: "cannot connect: \(error)")
+                }
+                service(i)
+            } else if replica.mode == .removed && links[i].client != nil && !links[i].dead {
+                linkDied(i)
+            }
+        }
     }
 
     // MARK: - BlockWorker
@@ -68,26 +103,20 @@ public final class EngineWorker: BlockWorker {
         r.pointee.pendingOperations = 0
         r.pointee.progress = 0
         r.pointee.firstError = nil
+        refreshReplicas()
         let request = r.pointee
-        let fua: NBDClient.CommandFlags = request.flags.contains(.fua) ? .fua : []
         switch request.command {
         case .read:
             guard issueRead(r, token) else {
                 device.counters.count(.read, length: request.length, error: .io)
                 return .done(.io)
             }
-        case .write:
-            let data = UnsafeRawPointer(request.buffer!.base + request.dataOffset)
-            fanOut(r, token, .write(data, count: Int(request.length), offset: request.offset), flags: fua)
+        case .write, .trim, .writeZeroes:
+            let status = admitWrite(r, token)
+            if case .done(let error) = status { device.counters.count(request.command, length: request.length, error: error) }
+            return status
         case .flush:
             fanOut(r, token, .flush, flags: [])
-        case .trim:
-            fanOut(r, token, .trim(count: UInt64(request.length), offset: request.offset), flags: fua)
-        case .writeZeroes:
-            var flags = fua
-            if request.flags.contains(.noHole) { flags.insert(.noHole) }
-            if request.flags.contains(.fastZero) { flags.insert(.fastZero) }
-            fanOut(r, token, .zero(count: UInt64(request.length), offset: request.offset), flags: flags)
         case .cache, .disconnect:
             return .done(nil)
         case .blockStatus:
@@ -105,6 +134,32 @@ public final class EngineWorker: BlockWorker {
         return .inFlight
     }
 
+    /// Sends a write to every writable replica once the gate lets it; parks it otherwise.
+    private func admitWrite(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken) -> IOStatus {
+        let request = r.pointee
+        guard device.gate.admit(offset: request.offset, length: UInt64(request.length)) else {
+            parked.append((r, token))
+            return .inFlight
+        }
+        var flags: NBDClient.CommandFlags = request.flags.contains(.fua) ? .fua : []
+        switch request.command {
+        case .write:
+            let data = UnsafeRawPointer(request.buffer!.base + request.dataOffset)
+            fanOut(r, token, .write(data, count: Int(request.length), offset: request.offset), flags: flags)
+        case .trim:
+            fanOut(r, token, .trim(count: UInt64(request.length), offset: request.offset), flags: flags)
+        default:
+            if request.flags.contains(.noHole) { flags.insert(.noHole) }
+            if request.flags.contains(.fastZero) { flags.insert(.fastZero) }
+            fanOut(r, token, .zero(count: UInt64(request.length), offset: request.offset), flags: flags)
+        }
+        guard r.pointee.pendingOperations > 0 else {
+            device.gate.finish(offset: request.offset, length: UInt64(request.length))
+            return .done(.io)
+        }
+        return .inFlight
+    }
+
     /// The NOP that says all replicas answered.
     public func complete(_ r: UnsafeMutablePointer<IORequest>, token: IOToken, result: Int32) -> IOStatus {
         device.counters.count(r.pointee.command, length: r.pointee.length, error: r.pointee.firstError)
@@ -115,6 +170,13 @@ public final class EngineWorker: BlockWorker {
         if token.sub == Self.deadlineCheck {
             failLateReplicas()
             ring.timeout(checkInterval, userData: token.rawValue)
+            return
+        }
+        if token.sub == Self.wakeUp {
+            ring.readEvent(wake.descriptor, into: wakeCounter, userData: token.rawValue)
+            refreshReplicas()
+            retryParked()
+            releaseHeld()
             return
         }
         let i = token.workerIndex
@@ -129,11 +191,35 @@ public final class EngineWorker: BlockWorker {
         service(i)
     }
 
+    private func retryParked() {
+        guard !parked.isEmpty else { return }
+        let waiting = parked
+        parked.removeAll(keepingCapacity: true)
+        for (r, token) in waiting {
+            if case .done(let error) = admitWrite(r, token) {
+                r.pointee.firstError = error
+                ring.nop(userData: token.rawValue)
+            }
+        }
+    }
+
+    /// Answers held back for a membership change, once it is persisted;
+    /// with no healthy replica left they fail: no replica is known to hold them.
+    private func releaseHeld() {
+        guard !held.isEmpty, !device.replicas.holdsAcknowledgements else { return }
+        let faulted = device.replicas.health == .faulted
+        for (r, token) in held {
+            if faulted { r.pointee.firstError = .io }
+            ring.nop(userData: token.rawValue)
+        }
+        held.removeAll(keepingCapacity: true)
+    }
+
     // MARK: - Issuing
 
     private func fanOut(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken, _ command: NBDClient.Command,
                         flags: NBDClient.CommandFlags) {
-        for i in links.indices { _ = issue(r, token, command, flags: flags, on: i) }
+        for i in modes.indices where modes[i].isWritable { _ = issue(r, token, command, flags: flags, on: i) }
     }
 
     /// Reads go round robin over healthy replicas; a failed read moves on to the next one.
@@ -141,9 +227,9 @@ public final class EngineWorker: BlockWorker {
         let request = r.pointee
         let command = NBDClient.Command.read(request.buffer!.base + request.dataOffset,
                                              count: Int(request.length), offset: request.offset)
-        for step in 0..<links.count {
-            let i = (nextReader + step) % links.count
-            if issue(r, token, command, flags: [], on: i) {
+        for step in 0..<modes.count {
+            let i = (nextReader + step) % modes.count
+            if modes[i] == .rw && issue(r, token, command, flags: [], on: i) {
                 nextReader = i + 1
                 return true
             }
@@ -153,7 +239,7 @@ public final class EngineWorker: BlockWorker {
 
     private func issue(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken, _ command: NBDClient.Command,
                        flags: NBDClient.CommandFlags, on i: Int) -> Bool {
-        guard let client = links[i].client, !links[i].dead, device.replicas.mode(i) == .rw else { return false }
+        guard let client = links[i].client, !links[i].dead else { return false }
         let operation = allocateOperation()
         operation.pointee.request = r
         operation.pointee.token = token.rawValue
@@ -189,6 +275,9 @@ public final class EngineWorker: BlockWorker {
             r.pointee.firstError = .notSupported
         } else {
             device.replicas.fail(replica, reason: "\(r.pointee.command) failed: \(String(cString: strerror(error)))")
+            // At once, not at the next refresh: this may run inside the replica's own
+            // libnbd callback, where issuing on its handle again would deadlock.
+            if replica < modes.count { modes[replica] = .err }
         }
         r.pointee.pendingOperations -= 1
         if error != 0 && r.pointee.command == .read && r.pointee.progress == 0 {
@@ -196,6 +285,16 @@ public final class EngineWorker: BlockWorker {
         }
         guard r.pointee.pendingOperations == 0 else { return }
         if r.pointee.progress == 0 && r.pointee.firstError == nil { r.pointee.firstError = .io }
+        switch r.pointee.command {
+        case .write, .trim, .writeZeroes:
+            device.gate.finish(offset: r.pointee.offset, length: UInt64(r.pointee.length))
+            if device.replicas.holdsAcknowledgements {
+                held.append((r, token))
+                return
+            }
+        default:
+            break
+        }
         ring.nop(userData: token.rawValue)
     }
 

@@ -1,69 +1,178 @@
 import Logging
+import Synchronization
 import Syscalls
-#if canImport(Glibc)
-import Glibc
-#endif
 
-/// The volume's replicas and their modes, shared by all I/O threads.
+/// The volume's replicas and their modes, shared by all I/O threads and the
+/// control plane.
 ///
-/// Modes form a small state machine: `rw → err` when a replica fails an
-/// I/O or its connection dies; `err` is final for that replica instance
-/// (a replacement joins through rebuild, which comes with the control API).
+/// Each replica's mode is an explicit state machine:
+///
+///     WO ──(rebuilt)──▶ RW ──(failed)──▶ ERR
+///      └──────────(failed)─────────────▶ ERR        any ──(removed)──▶ removed
+///
+/// ERR and removed are final for that replica instance; a replacement joins
+/// as a new WO replica. Replicas keep their index for the engine's life.
+///
+/// `generation` counts changes of the membership (the set of RW replicas);
+/// the metadata keeper persists each generation on the replicas. While the
+/// newest one is not persisted, write acknowledgements are held back: a write
+/// must never be acknowledged while a replica that missed it could still be
+/// taken for up to date after a crash.
 public final class ReplicaSet: @unchecked Sendable {
     public enum Mode: String, Sendable {
         case rw = "RW"
+        case wo = "WO"
         case err = "ERR"
+        case removed = "REMOVED"
+
+        /// Receives writes.
+        public var isWritable: Bool { self == .rw || self == .wo }
     }
 
     public enum Health: String, Sendable {
         case healthy, degraded, faulted
     }
 
-    public let addresses: [SocketAddress]
-    private var modes: [Mode]
-    private var reasons: [String]
-    private var mutex = pthread_mutex_t()
+    public struct Replica: Sendable {
+        public var address: SocketAddress
+        public var controlAddress: SocketAddress
+        public var id: String
+        public var mode: Mode
+        public var reason = ""
+        /// While WO: how much of the volume has been copied to it.
+        public var rebuiltBytes: UInt64 = 0
+    }
+
+    /// The most replicas a volume can have over an engine's life (indexes are never reused).
+    public static let capacity = 32
+
+    private let state: Mutex<[Replica]>
+    /// Bumped on every change, so that I/O threads refresh their copy only then.
+    let version = Atomic<UInt64>(0)
+    private let generationCounter = Atomic<UInt64>(1)
+    private let persistedGeneration = Atomic<UInt64>(0)
     private let logger: Logger
+    /// Called after every change (outside the lock): wakes the keeper and the I/O threads.
+    var onChange: @Sendable () -> Void = {}
 
-    public init(addresses: [SocketAddress], logger: Logger) {
-        self.addresses = addresses
-        modes = Array(repeating: .rw, count: addresses.count)
-        reasons = Array(repeating: "", count: addresses.count)
+    public init(_ replicas: [Replica], logger: Logger) {
+        precondition(replicas.count <= Self.capacity)
+        state = Mutex(replicas)
         self.logger = logger
-        pthread_mutex_init(&mutex, nil)
     }
 
-    deinit { pthread_mutex_destroy(&mutex) }
+    public var replicas: [Replica] { state.withLock { $0 } }
 
-    public func mode(_ index: Int) -> Mode {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return modes[index]
-    }
+    public var count: Int { state.withLock { $0.count } }
 
-    /// Each replica's mode and, for ERR, why.
-    public var states: [(address: SocketAddress, mode: Mode, reason: String)] {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return addresses.indices.map { (addresses[$0], modes[$0], reasons[$0]) }
-    }
+    public func mode(_ index: Int) -> Mode { state.withLock { $0[index].mode } }
 
     public var health: Health {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
+        let modes = replicas.map(\.mode).filter { $0 != .removed }
         let healthy = modes.filter { $0 == .rw }.count
         return healthy == modes.count ? .healthy : healthy == 0 ? .faulted : .degraded
     }
 
+    // MARK: - Membership generations
+
+    public var generation: UInt64 { generationCounter.load(ordering: .acquiring) }
+
+    /// The identities of the RW replicas, with the generation they form.
+    var membership: (generation: UInt64, members: [String]) {
+        state.withLock { replicas in
+            (generationCounter.load(ordering: .acquiring), replicas.filter { $0.mode == .rw }.map(\.id))
+        }
+    }
+
+    /// Whether acknowledgements must wait for the newest membership to be persisted.
+    var holdsAcknowledgements: Bool {
+        generationCounter.load(ordering: .acquiring) != persistedGeneration.load(ordering: .acquiring)
+    }
+
+    func persisted(generation: UInt64) {
+        persistedGeneration.store(generation, ordering: .releasing)
+        onChange()
+    }
+
+    // MARK: - Transitions
+
     /// Marks a replica failed (once) and says what that means for the volume.
     public func fail(_ index: Int, reason: String) {
-        pthread_mutex_lock(&mutex)
-        guard modes[index] != .err else { pthread_mutex_unlock(&mutex); return }
-        modes[index] = .err
-        reasons[index] = reason
-        let healthy = modes.filter { $0 == .rw }.count
-        pthread_mutex_unlock(&mutex)
-        let state = healthy == 0 ? "faulted: no healthy replica, I/O fails with EIO" : "degraded: \(healthy) of \(modes.count) replicas healthy"
-        logger.error("replica \(addresses[index]) failed (\(reason)); volume \(state)")
+        let outcome: (changed: Bool, healthy: Int, total: Int, address: SocketAddress) = state.withLock { replicas in
+            let address = replicas[index].address
+            guard replicas[index].mode.isWritable else { return (false, 0, 0, address) }
+            if replicas[index].mode == .rw { generationCounter.add(1, ordering: .sequentiallyConsistent) }
+            replicas[index].mode = .err
+            replicas[index].reason = reason
+            let live = replicas.filter { $0.mode != .removed }
+            return (true, live.filter { $0.mode == .rw }.count, live.count, address)
+        }
+        guard outcome.changed else { return }
+        changed()
+        let volume = outcome.healthy == 0 ? "faulted: no healthy replica, I/O fails with EIO"
+                                          : "degraded: \(outcome.healthy) of \(outcome.total) replicas healthy"
+        logger.error("replica \(outcome.address) failed (\(reason)); volume \(volume)")
     }
+
+    /// A new replica in WO mode; returns its index.
+    func add(address: SocketAddress, controlAddress: SocketAddress, id: String) throws -> Int {
+        let index: Int = try state.withLock { replicas in
+            if let same = replicas.firstIndex(where: { $0.id == id && $0.mode.isWritable }) {
+                throw EngineError("replica \(replicas[same].address) with this identity is already in the volume")
+            }
+            guard replicas.count < Self.capacity else {
+                throw EngineError("this engine has taken \(Self.capacity) replicas over its life; restart it to add more")
+            }
+            replicas.append(Replica(address: address, controlAddress: controlAddress, id: id, mode: .wo))
+            return replicas.count - 1
+        }
+        changed()
+        return index
+    }
+
+    func rebuilt(_ index: Int, bytes: UInt64) {
+        state.withLock { $0[index].rebuiltBytes = bytes }
+    }
+
+    /// WO → RW, when the rebuild has copied everything.
+    func promote(_ index: Int) -> Bool {
+        let done: Bool = state.withLock { replicas in
+            guard replicas[index].mode == .wo else { return false }
+            replicas[index].mode = .rw
+            generationCounter.add(1, ordering: .sequentiallyConsistent)
+            return true
+        }
+        if done { changed() }
+        return done
+    }
+
+    /// Takes a replica out for good; refused for the last RW replica.
+    func remove(address: SocketAddress) throws -> Int {
+        let index: Int = try state.withLock { replicas in
+            guard let index = replicas.lastIndex(where: { $0.address == address && $0.mode != .removed }) else {
+                throw EngineError("\(address) is not a replica of this volume")
+            }
+            if replicas[index].mode == .rw && replicas.filter({ $0.mode == .rw }).count == 1 {
+                throw EngineError("\(address) is the volume's last healthy replica; add another one first")
+            }
+            if replicas[index].mode == .rw { generationCounter.add(1, ordering: .sequentiallyConsistent) }
+            replicas[index].mode = .removed
+            replicas[index].reason = "removed"
+            return index
+        }
+        changed()
+        logger.notice("replica \(address) removed")
+        return index
+    }
+
+    private func changed() {
+        version.add(1, ordering: .releasing)
+        onChange()
+    }
+}
+
+/// A control-plane request the engine refuses, with the reason.
+public struct EngineError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
 }

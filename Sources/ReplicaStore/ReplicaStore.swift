@@ -7,22 +7,27 @@ import Glibc
 /// A replica's data directory: the head layer file and its metadata.
 ///
 /// ```
-/// DIR/replica.sqlite     size, epoch, state, layers (SQLite, WAL, synchronous=FULL)
+/// DIR/replica.sqlite     identity, size, epoch and its engine, layers, dirty
+///                        regions, the volume's membership (SQLite, WAL, synchronous=FULL)
 /// DIR/layers/head.img    the writable head layer, a sparse file of the volume's size
 /// ```
 /// The database appears last, by rename, so a directory that has it holds a
-/// complete replica. The epoch only grows and is on disk before `claim` returns.
+/// complete replica. The epoch only grows and is on disk before `claim` returns;
+/// so are dirty marks and memberships before their setters return.
 public final class ReplicaStore: @unchecked Sendable {
     public static let metadataName = "replica.sqlite"
-    public static let schemaVersion: Int64 = 1
+    public static let schemaVersion: Int64 = 2
 
     public let directory: String
     public let size: UInt64
+    /// Chosen at creation, never reused: how engines tell a replica from its replacement.
+    public let id: String
     public var headPath: String { directory + "/layers/head.img" }
 
     private let database: Database
     private var mutex = pthread_mutex_t()
     private var currentEpoch: UInt64
+    private var currentEngine: String
 
     public enum Failure: Error, CustomStringConvertible, Equatable {
         case sizeRequired(String)
@@ -52,6 +57,8 @@ public final class ReplicaStore: @unchecked Sendable {
         case current
         /// The replica already belongs to a newer epoch.
         case stale(current: UInt64)
+        /// Another engine claimed this very epoch first.
+        case taken(engine: String)
     }
 
     /// Opens the replica in `directory`, creating it when absent and `size` is given.
@@ -72,12 +79,15 @@ public final class ReplicaStore: @unchecked Sendable {
         self.directory = directory
         do {
             database = try Database(path: directory + "/" + Self.metadataName, create: false)
-            let rows = try database.query("SELECT size, epoch FROM replica WHERE id = 1")
-            guard let row = rows.first, let size = row[0].integer, let epoch = row[1].integer else {
+            let rows = try database.query("SELECT size, epoch, engine, replica_id FROM replica WHERE id = 1")
+            guard let row = rows.first, let size = row[0].integer, let epoch = row[1].integer,
+                  let engine = row[2].text, let id = row[3].text else {
                 throw Failure.notAReplica(directory)
             }
             self.size = UInt64(size)
+            self.id = id
             currentEpoch = UInt64(epoch)
+            currentEngine = engine
         } catch is SQLiteError {
             throw Failure.notAReplica(directory)
         }
@@ -92,15 +102,99 @@ public final class ReplicaStore: @unchecked Sendable {
         return currentEpoch
     }
 
-    /// Takes the replica for `epoch` if it is newer than any seen, durably.
-    public func claim(epoch: UInt64) throws -> Claim {
+    /// The epoch and the engine that holds it.
+    public var owner: (epoch: UInt64, engine: String) {
         pthread_mutex_lock(&mutex)
         defer { pthread_mutex_unlock(&mutex) }
-        if epoch < currentEpoch { return .stale(current: currentEpoch) }
-        if epoch == currentEpoch { return .current }
-        try database.query("UPDATE replica SET epoch = ? WHERE id = 1", [.integer(Int64(epoch))])
-        currentEpoch = epoch
-        return .claimed
+        return (currentEpoch, currentEngine)
+    }
+
+    /// Takes the replica for `engine` at `epoch` if the epoch is newer than any
+    /// seen, durably. The same epoch stays its first claimer's: two engines that
+    /// picked the same number cannot both own the replica.
+    public func claim(epoch: UInt64, engine: String = "") throws -> Claim {
+        try locked {
+            if epoch < currentEpoch { return .stale(current: currentEpoch) }
+            if epoch == currentEpoch {
+                return engine == currentEngine ? .current : .taken(engine: currentEngine)
+            }
+            try database.query("UPDATE replica SET epoch = ?, engine = ? WHERE id = 1",
+                               [.integer(Int64(epoch)), .text(engine)])
+            currentEpoch = epoch
+            currentEngine = engine
+            return .claimed
+        }
+    }
+
+    /// Whether `epoch` and `engine` are the replica's owner: control calls of anyone else are refused.
+    public func isOwned(by epoch: UInt64, engine: String) -> Bool {
+        let owner = self.owner
+        return owner.epoch == epoch && owner.engine == engine
+    }
+
+    // MARK: - Write-intent log
+
+    /// Byte ranges the engine may have written without every replica having
+    /// acknowledged them: after an engine crash, exactly what must be made identical.
+    public func dirtyRanges() throws -> [ByteRange] {
+        try locked {
+            try database.query("SELECT offset, length FROM dirty ORDER BY offset").map {
+                ByteRange(offset: UInt64($0[0].integer!), length: UInt64($0[1].integer!))
+            }
+        }
+    }
+
+    /// Records ranges as dirty, durably, before the engine writes into them.
+    public func markDirty(_ ranges: [ByteRange]) throws {
+        try locked {
+            try database.transaction {
+                for range in ranges {
+                    try database.query("INSERT OR REPLACE INTO dirty (offset, length) VALUES (?, ?)",
+                                       [.integer(Int64(range.offset)), .integer(Int64(range.length))])
+                }
+            }
+        }
+    }
+
+    /// Forgets every dirty range that starts inside one of `ranges`.
+    public func clearDirty(_ ranges: [ByteRange]) throws {
+        try locked {
+            try database.transaction {
+                for range in ranges {
+                    try database.query("DELETE FROM dirty WHERE offset >= ? AND offset < ?",
+                                       [.integer(Int64(range.offset)), .integer(Int64(range.offset + range.length))])
+                }
+            }
+        }
+    }
+
+    // MARK: - Membership
+
+    /// The replicas known to hold every acknowledged write, as the engine last recorded it.
+    public func membership() throws -> Membership? {
+        try locked {
+            guard let row = try database.query("SELECT epoch, generation, members FROM membership WHERE id = 1").first,
+                  let epoch = row[0].integer, let generation = row[1].integer, let members = row[2].text else {
+                return nil
+            }
+            return Membership(epoch: UInt64(epoch), generation: UInt64(generation),
+                              members: members.split(separator: ",").map(String.init))
+        }
+    }
+
+    public func setMembership(_ membership: Membership) throws {
+        try locked {
+            try database.query("""
+                INSERT OR REPLACE INTO membership (id, epoch, generation, members) VALUES (1, ?, ?, ?)
+                """, [.integer(Int64(membership.epoch)), .integer(Int64(membership.generation)),
+                      .text(membership.members.joined(separator: ","))])
+        }
+    }
+
+    private func locked<T>(_ body: () throws -> T) throws -> T {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        return try body()
     }
 
     private static func create(directory: String, size: UInt64) throws {
@@ -127,7 +221,9 @@ public final class ReplicaStore: @unchecked Sendable {
                         id INTEGER PRIMARY KEY CHECK (id = 1),
                         schema INTEGER NOT NULL,
                         size INTEGER NOT NULL,
+                        replica_id TEXT NOT NULL,
                         epoch INTEGER NOT NULL,
+                        engine TEXT NOT NULL DEFAULT '',
                         state TEXT NOT NULL,
                         created TEXT NOT NULL DEFAULT (datetime('now')));
                     CREATE TABLE layers (
@@ -136,9 +232,18 @@ public final class ReplicaStore: @unchecked Sendable {
                         parent INTEGER REFERENCES layers(id),
                         kind TEXT NOT NULL CHECK (kind IN ('head', 'snapshot')),
                         created TEXT NOT NULL DEFAULT (datetime('now')));
+                    CREATE TABLE dirty (
+                        offset INTEGER PRIMARY KEY,
+                        length INTEGER NOT NULL);
+                    CREATE TABLE membership (
+                        id INTEGER PRIMARY KEY CHECK (id = 1),
+                        epoch INTEGER NOT NULL,
+                        generation INTEGER NOT NULL,
+                        members TEXT NOT NULL);
                     """)
-                try database.query("INSERT INTO replica (id, schema, size, epoch, state) VALUES (1, ?, ?, 0, 'clean')",
-                                   [.integer(schemaVersion), .integer(Int64(size))])
+                try database.query("""
+                    INSERT INTO replica (id, schema, size, replica_id, epoch, state) VALUES (1, ?, ?, ?, 0, 'clean')
+                    """, [.integer(schemaVersion), .integer(Int64(size)), .text(newIdentifier())])
                 try database.query("INSERT INTO layers (file, kind) VALUES ('layers/head.img', 'head')")
             }
             // Back to a single file, so that the rename below moves all of it.
@@ -148,6 +253,16 @@ public final class ReplicaStore: @unchecked Sendable {
             throw SystemError.current("rename \(temporary)")
         }
         try syncDirectory(directory)
+    }
+
+    /// 128 random bits in hex.
+    private static func newIdentifier() -> String {
+        var bytes = [UInt8](repeating: 0, count: 16)
+        for i in bytes.indices { bytes[i] = UInt8.random(in: 0...255) }
+        return bytes.map { byte in
+            let hex = String(byte, radix: 16)
+            return hex.count == 1 ? "0" + hex : hex
+        }.joined()
     }
 
     private static func makeDirectory(_ path: String) throws {

@@ -107,7 +107,8 @@ public enum Socket {
         guard Glibc.listen(fd.rawValue, backlog) == 0 else { throw SystemError.current("listen") }
     }
 
-    private static func removeStaleUnixSocket(at path: String) throws {
+    /// Makes way for a new listener on `path` unless a live one is there.
+    public static func removeStaleUnixSocket(at path: String) throws {
         var st = stat()
         guard lstat(path, &st) == 0 else { return }
         guard st.st_mode & S_IFMT == S_IFSOCK else {

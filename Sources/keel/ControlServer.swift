@@ -1,20 +1,25 @@
+import ControlAPI
 import Dispatch
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A gRPC server for a daemon's control API, run beside its I/O threads.
 final class ControlServer: @unchecked Sendable {
     private let server: GRPCServer<HTTP2ServerTransport.Posix>
     private let finished = DispatchSemaphore(value: 0)
+    private let address: Syscalls.SocketAddress
 
     /// Starts serving; returns once the address is bound, or throws a CLIError.
     init(address: Syscalls.SocketAddress, services: [any RegistrableRPCService]) throws {
-        guard case .tcp(let host, let port) = address else {
-            throw CLIError("--control takes HOST:PORT, not \(address)")
+        if case .unix(let path) = address {
+            do { try Socket.removeStaleUnixSocket(at: path) } catch { throw CLIError("--control: \(error)") }
         }
-        server = GRPCServer(transport: .http2NIOPosix(address: .ipv4(host: host, port: Int(port)),
-                                                      transportSecurity: .plaintext),
+        self.address = address
+        server = GRPCServer(transport: .http2NIOPosix(address: address.grpcBindTarget, transportSecurity: .plaintext),
                             services: services)
         let bound = Handoff<Result<Void, Error>>()
         Task { [server, finished] in
@@ -34,6 +39,7 @@ final class ControlServer: @unchecked Sendable {
     func stop() {
         server.beginGracefulShutdown()
         finished.wait()
+        if case .unix(let path) = address { unlink(path) }
     }
 }
 

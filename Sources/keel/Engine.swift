@@ -64,68 +64,25 @@ struct EngineCommand: ParsableCommand {
             let controlAddress = try control.map { try parseListenAddress($0, option: "--control") }
             TerminationSignals.block()
 
-            // Look first, claim after: a refused start must not fence the engine in charge.
-            let newest = try addresses.map(inspect).max()!
-            let claim = epoch ?? newest + 1
-            for replica in addresses { try claimReplica(replica, epoch: claim) }
-
-            let set = ReplicaSet(addresses: addresses, logger: logger)
-            let device = EngineDevice(volume: volume, size: size.bytes, epoch: claim, replicas: set,
+            let engineID = String(UInt64.random(in: 1...UInt64.max), radix: 16)
+            let startup = VolumeStartup(volume: volume, size: size.bytes, engineID: engineID,
+                                        replicaTimeoutSeconds: replicaTimeout, logger: logger)
+            let outcome: VolumeStartup.Outcome
+            do { outcome = try startup.run(addresses: addresses, epoch: epoch) } catch {
+                throw CLIError("\(error)")
+            }
+            let device = EngineDevice(volume: volume, size: size.bytes, epoch: outcome.epoch, engineID: engineID,
+                                      replicas: outcome.replicas, gate: WriteGate(size: size.bytes),
                                       replicaTimeoutSeconds: replicaTimeout, logger: logger)
-            let what = "volume \(volume) (\(size.bytes) bytes) with \(addresses.count) replica(s), epoch \(claim)"
+            try device.startKeeper()
+            defer { device.stopKeeper() }
+            let what = "volume \(volume) (\(size.bytes) bytes) with \(addresses.count) replica(s), epoch \(outcome.epoch)"
             let controlServer = try controlAddress.map {
                 try ControlServer(address: $0, services: [EngineControlService(device: device)])
             }
             defer { controlServer?.stop() }
             try serveUntilSignalled(device, on: address, logger: logger, what: what) { listener in
                 Server(device: device, listener: listener, exportName: volume, threads: serving.threads, logger: logger)
-            }
-        }
-
-        /// The newest epoch a replica has seen (its export list shows `@<epoch>`),
-        /// after checking, without claiming anything, that its size is the volume's.
-        private func inspect(_ replica: SocketAddress) throws -> UInt64 {
-            let probe: NBDClient
-            let exports: [String]
-            do {
-                probe = try NBDClient()
-                try probe.setOptionMode(true)
-                try connect(probe, to: replica)
-                exports = try probe.listExports()
-            } catch {
-                throw CLIError("cannot reach replica \(replica): \(error)")
-            }
-            guard exports.count == 1, exports[0].hasPrefix("@"), let epoch = UInt64(exports[0].dropFirst()) else {
-                throw CLIError("\(replica) is not a Keel replica (it lists exports \(exports))")
-            }
-            let replicaSize: UInt64
-            do {
-                try probe.setExportName("\(volume)@\(epoch)")
-                try probe.info()
-                replicaSize = try probe.size
-                try? probe.abortOptions()
-            } catch {
-                throw CLIError("cannot inspect replica \(replica): \(error)")
-            }
-            guard replicaSize == size.bytes else {
-                throw CLIError("replica \(replica) holds \(replicaSize) bytes but the volume is \(size.bytes); nothing was changed")
-            }
-            return epoch
-        }
-
-        private func claimReplica(_ replica: SocketAddress, epoch: UInt64) throws {
-            let client = try NBDClient()
-            try client.setExportName("\(volume)@\(epoch)")
-            do { try connect(client, to: replica) } catch {
-                throw CLIError("replica \(replica) refused epoch \(epoch): \(error)")
-            }
-            try? client.shutdown()
-        }
-
-        private func connect(_ client: NBDClient, to address: SocketAddress) throws {
-            switch address {
-            case .unix(let path): try client.connect(unixSocket: path)
-            case .tcp(let host, let port): try client.connect(host: host, port: port)
             }
         }
     }

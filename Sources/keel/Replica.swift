@@ -1,4 +1,5 @@
 import ArgumentParser
+import ControlAPI
 import FileExport
 import Logging
 import NBDServer
@@ -12,7 +13,7 @@ import Glibc
 struct Replica: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Replica processes: hold a volume's data for its engine.",
-        subcommands: [Serve.self])
+        subcommands: [Serve.self, Add.self, Remove.self])
 
     struct Serve: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -30,6 +31,9 @@ struct Replica: ParsableCommand {
         @Option(help: "Data (NBD) address: HOST:PORT or unix:/path.")
         var listen: String
 
+        @Option(help: "Control API (gRPC) address: HOST:PORT or unix:/path (default: data port + 1, or <socket>.control).")
+        var control: String?
+
         @Option(help: "Size of a new replica, e.g. 10G (binary units); must match an existing one.")
         var size: ByteCount?
 
@@ -38,6 +42,8 @@ struct Replica: ParsableCommand {
         func run() throws {
             let logger = makeLogger(label: "keel.replica", level: serving.logLevel)
             let address = try parseListenAddress(listen)
+            let controlAddress = try control.map { try parseListenAddress($0, option: "--control") }
+                ?? defaultControlAddress(forData: address)
             TerminationSignals.block()
             let store: ReplicaStore
             let head: FileDevice
@@ -48,7 +54,10 @@ struct Replica: ParsableCommand {
                 throw CLIError("\(error)")
             }
             let device = ReplicaDevice(store: store, head: head)
-            let what = "replica \(dir) (\(store.size) bytes, epoch \(store.epoch))"
+            let controlServer = try ControlServer(address: controlAddress,
+                                                  services: [ReplicaControlService(store: store, logger: logger)])
+            defer { controlServer.stop() }
+            let what = "replica \(store.id) in \(dir) (\(store.size) bytes, epoch \(store.epoch)), control on \(controlAddress)"
             try serveUntilSignalled(device, on: address, logger: logger, what: what) { listener in
                 Server(device: device, listener: listener, catalog: device.catalog(logger: logger),
                        threads: serving.threads, logger: logger)

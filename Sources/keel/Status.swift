@@ -9,28 +9,14 @@ struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show a volume's state: health, replicas (address, mode, epoch, rebuild), I/O counters.")
 
-    @Option(help: "The engine's control address HOST:PORT (its --control).")
+    @Option(help: "The engine's control address, HOST:PORT or unix:/path (its --control).")
     var engine: String
 
     @Flag(help: "Print JSON instead of a table.")
     var json = false
 
     func run() throws {
-        let address = try parseListenAddress(engine, option: "--engine")
-        guard case .tcp(let host, let port) = address else {
-            throw CLIError("--engine takes HOST:PORT, not \(address)")
-        }
-        let status: Keel_Control_V1_EngineStatus
-        do {
-            status = try blocking {
-                try await withGRPCClient(transport: .http2NIOPosix(target: .ipv4(host: host, port: Int(port)),
-                                                                   transportSecurity: .plaintext)) { client in
-                    try await Keel_Control_V1_EngineControl.Client(wrapping: client).status(.init())
-                }
-            }
-        } catch {
-            throw CLIError("cannot get the status from the engine at \(engine): \(error)")
-        }
+        let status = try callEngine(engine, doing: "report its status") { try await $0.status(.init()) }
         if json {
             print(try renderJSON(status))
         } else {
@@ -38,7 +24,7 @@ struct Status: ParsableCommand {
         }
     }
 
-    private func health(_ status: Keel_Control_V1_EngineStatus) -> String {
+    static func health(_ status: Keel_Control_V1_EngineStatus) -> String {
         switch status.health {
         case .ok: return "healthy"
         case .degraded: return "degraded"
@@ -51,10 +37,11 @@ struct Status: ParsableCommand {
     private func renderJSON(_ status: Keel_Control_V1_EngineStatus) throws -> String {
         let io = status.io
         let object: [String: Any] = [
-            "volume": status.volume, "size": status.size, "epoch": status.epoch, "health": health(status),
+            "volume": status.volume, "size": status.size, "epoch": status.epoch, "health": Self.health(status),
             "replicas": status.replicas.map {
-                ["address": $0.address, "mode": $0.mode, "epoch": $0.epoch,
-                 "rebuild_progress": $0.rebuildProgress, "error": $0.error] as [String: Any]
+                ["address": $0.address, "id": $0.id, "mode": $0.mode, "epoch": $0.epoch,
+                 "rebuild_progress": $0.rebuildProgress, "rebuilt_bytes": $0.rebuiltBytes,
+                 "error": $0.error] as [String: Any]
             },
             "io": ["reads": io.reads, "writes": io.writes, "read_bytes": io.readBytes,
                    "written_bytes": io.writtenBytes, "flushes": io.flushes, "errors": io.errors],
@@ -64,7 +51,7 @@ struct Status: ParsableCommand {
     }
 
     private func render(_ status: Keel_Control_V1_EngineStatus) -> String {
-        var lines = ["volume \(status.volume): \(health(status)), \(status.size) bytes, epoch \(status.epoch)"]
+        var lines = ["volume \(status.volume): \(Self.health(status)), \(status.size) bytes, epoch \(status.epoch)"]
         let width = max(20, status.replicas.map(\.address.count).max() ?? 0)
         lines.append("  " + "REPLICA".padding(toLength: width, withPad: " ", startingAt: 0) + "  MODE  EPOCH  REBUILD  ERROR")
         for replica in status.replicas {

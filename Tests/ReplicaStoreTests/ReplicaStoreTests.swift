@@ -65,3 +65,55 @@ import Testing
         #expect(throws: ReplicaStore.Failure.badSize(0)) { try ReplicaStore.open(directory: other, size: 0) }
     }
 }
+
+@Suite struct ReplicaRecordsTests {
+    private func store() throws -> (ReplicaStore, String) {
+        let dir = "/var/tmp/keel-store-\(UUID().uuidString.prefix(8))"
+        return (try ReplicaStore.open(directory: dir, size: 16 << 20), dir)
+    }
+
+    @Test func anIdentityIsChosenOnceAndKept() throws {
+        let (first, dir) = try store()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        #expect(first.id.count == 32)
+        #expect(try ReplicaStore.open(directory: dir, size: nil).id == first.id)
+        let (other, otherDir) = try store()
+        defer { try? FileManager.default.removeItem(atPath: otherDir) }
+        #expect(other.id != first.id)
+    }
+
+    @Test func anEpochBelongsToTheEngineThatClaimedItFirst() throws {
+        let (store, dir) = try store()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        #expect(try store.claim(epoch: 3, engine: "a") == .claimed)
+        #expect(try store.claim(epoch: 3, engine: "a") == .current)
+        #expect(try store.claim(epoch: 3, engine: "b") == .taken(engine: "a"))
+        #expect(store.isOwned(by: 3, engine: "a") && !store.isOwned(by: 3, engine: "b"))
+        #expect(try store.claim(epoch: 4, engine: "b") == .claimed)
+        let reopened = try ReplicaStore.open(directory: dir, size: nil)
+        #expect(reopened.owner == (4, "b") as (UInt64, String))
+    }
+
+    @Test func dirtyRangesPersistAndClearByRange() throws {
+        let (store, dir) = try store()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let mib: UInt64 = 1 << 20
+        try store.markDirty([0, 1, 5, 9].map { ByteRange(offset: $0 * mib, length: mib) })
+        try store.markDirty([ByteRange(offset: mib, length: mib)])
+        #expect(try store.dirtyRanges().map(\.offset) == [0, mib, 5 * mib, 9 * mib])
+        try store.clearDirty([ByteRange(offset: 0, length: 6 * mib)])
+        #expect(try ReplicaStore.open(directory: dir, size: nil).dirtyRanges() == [ByteRange(offset: 9 * mib, length: mib)])
+    }
+
+    @Test func theMembershipRecordIsReplacedWhole() throws {
+        let (store, dir) = try store()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        #expect(try store.membership() == nil)
+        try store.setMembership(Membership(epoch: 2, generation: 1, members: ["a", "b"]))
+        try store.setMembership(Membership(epoch: 2, generation: 2, members: ["a"]))
+        let record = try ReplicaStore.open(directory: dir, size: nil).membership()
+        #expect(record == Membership(epoch: 2, generation: 2, members: ["a"]))
+        #expect(record!.isNewer(than: Membership(epoch: 1, generation: 9, members: [])))
+        #expect(!record!.isNewer(than: Membership(epoch: 2, generation: 3, members: [])))
+    }
+}

@@ -35,9 +35,37 @@ public enum Keel_Control_V1_EngineControl: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "AddReplica" metadata.
+        public enum AddReplica: Sendable {
+            /// Request type for "AddReplica".
+            public typealias Input = Keel_Control_V1_AddReplicaRequest
+            /// Response type for "AddReplica".
+            public typealias Output = Keel_Control_V1_EngineStatus
+            /// Descriptor for "AddReplica".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.EngineControl"),
+                method: "AddReplica",
+                type: .unary
+            )
+        }
+        /// Namespace for "RemoveReplica" metadata.
+        public enum RemoveReplica: Sendable {
+            /// Request type for "RemoveReplica".
+            public typealias Input = Keel_Control_V1_RemoveReplicaRequest
+            /// Response type for "RemoveReplica".
+            public typealias Output = Keel_Control_V1_EngineStatus
+            /// Descriptor for "RemoveReplica".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.EngineControl"),
+                method: "RemoveReplica",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "keel.control.v1.EngineControl" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
-            Status.descriptor
+            Status.descriptor,
+            AddReplica.descriptor,
+            RemoveReplica.descriptor
         ]
     }
 }
@@ -85,6 +113,42 @@ extension Keel_Control_V1_EngineControl {
             request: GRPCCore.StreamingServerRequest<Keel_Control_V1_EngineStatusRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_EngineStatus>
+
+        /// Handle the "AddReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Adds a replica in WO mode and rebuilds it in the background; returns at once.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_AddReplicaRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_EngineStatus` messages.
+        func addReplica(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_AddReplicaRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_EngineStatus>
+
+        /// Handle the "RemoveReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Takes a replica out of the volume for good (refused for the last healthy one).
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_RemoveReplicaRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_EngineStatus` messages.
+        func removeReplica(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_RemoveReplicaRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_EngineStatus>
     }
 
     /// Service protocol for the "keel.control.v1.EngineControl" service.
@@ -116,6 +180,42 @@ extension Keel_Control_V1_EngineControl {
             request: GRPCCore.ServerRequest<Keel_Control_V1_EngineStatusRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus>
+
+        /// Handle the "AddReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Adds a replica in WO mode and rebuilds it in the background; returns at once.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_AddReplicaRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_EngineStatus` message.
+        func addReplica(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_AddReplicaRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus>
+
+        /// Handle the "RemoveReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Takes a replica out of the volume for good (refused for the last healthy one).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_RemoveReplicaRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_EngineStatus` message.
+        func removeReplica(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_RemoveReplicaRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus>
     }
 
     /// Simple service protocol for the "keel.control.v1.EngineControl" service.
@@ -145,6 +245,42 @@ extension Keel_Control_V1_EngineControl {
             request: Keel_Control_V1_EngineStatusRequest,
             context: GRPCCore.ServerContext
         ) async throws -> Keel_Control_V1_EngineStatus
+
+        /// Handle the "AddReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Adds a replica in WO mode and rebuilds it in the background; returns at once.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_AddReplicaRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_EngineStatus` to respond with.
+        func addReplica(
+            request: Keel_Control_V1_AddReplicaRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_EngineStatus
+
+        /// Handle the "RemoveReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Takes a replica out of the volume for good (refused for the last healthy one).
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_RemoveReplicaRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_EngineStatus` to respond with.
+        func removeReplica(
+            request: Keel_Control_V1_RemoveReplicaRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_EngineStatus
     }
 }
 
@@ -158,6 +294,28 @@ extension Keel_Control_V1_EngineControl.StreamingServiceProtocol {
             serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_EngineStatus>(),
             handler: { request, context in
                 try await self.status(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_EngineControl.Method.AddReplica.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_AddReplicaRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_EngineStatus>(),
+            handler: { request, context in
+                try await self.addReplica(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_EngineControl.Method.RemoveReplica.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_RemoveReplicaRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_EngineStatus>(),
+            handler: { request, context in
+                try await self.removeReplica(
                     request: request,
                     context: context
                 )
@@ -179,6 +337,28 @@ extension Keel_Control_V1_EngineControl.ServiceProtocol {
         )
         return GRPCCore.StreamingServerResponse(single: response)
     }
+
+    public func addReplica(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_AddReplicaRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_EngineStatus> {
+        let response = try await self.addReplica(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func removeReplica(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_RemoveReplicaRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_EngineStatus> {
+        let response = try await self.removeReplica(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
 }
 
 // Default implementation of methods from 'ServiceProtocol'.
@@ -190,6 +370,32 @@ extension Keel_Control_V1_EngineControl.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus> {
         return GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus>(
             message: try await self.status(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func addReplica(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_AddReplicaRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus>(
+            message: try await self.addReplica(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func removeReplica(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_RemoveReplicaRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus>(
+            message: try await self.removeReplica(
                 request: request.message,
                 context: context
             ),
@@ -229,6 +435,52 @@ extension Keel_Control_V1_EngineControl {
         func status<Result>(
             request: GRPCCore.ClientRequest<Keel_Control_V1_EngineStatusRequest>,
             serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_EngineStatusRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_EngineStatus>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineStatus>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "AddReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Adds a replica in WO mode and rebuilds it in the background; returns at once.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_AddReplicaRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_AddReplicaRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_EngineStatus` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func addReplica<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_AddReplicaRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_AddReplicaRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_EngineStatus>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineStatus>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "RemoveReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Takes a replica out of the volume for good (refused for the last healthy one).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_RemoveReplicaRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_RemoveReplicaRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_EngineStatus` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func removeReplica<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_RemoveReplicaRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_RemoveReplicaRequest>,
             deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_EngineStatus>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineStatus>) async throws -> Result
@@ -288,6 +540,74 @@ extension Keel_Control_V1_EngineControl {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "AddReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Adds a replica in WO mode and rebuilds it in the background; returns at once.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_AddReplicaRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_AddReplicaRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_EngineStatus` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func addReplica<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_AddReplicaRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_AddReplicaRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_EngineStatus>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineStatus>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_EngineControl.Method.AddReplica.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "RemoveReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Takes a replica out of the volume for good (refused for the last healthy one).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_RemoveReplicaRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_RemoveReplicaRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_EngineStatus` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func removeReplica<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_RemoveReplicaRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_RemoveReplicaRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_EngineStatus>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineStatus>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_EngineControl.Method.RemoveReplica.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -317,6 +637,64 @@ extension Keel_Control_V1_EngineControl.ClientProtocol {
         try await self.status(
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_EngineStatusRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_EngineStatus>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "AddReplica" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Adds a replica in WO mode and rebuilds it in the background; returns at once.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_AddReplicaRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func addReplica<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_AddReplicaRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineStatus>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.addReplica(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_AddReplicaRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_EngineStatus>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "RemoveReplica" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Takes a replica out of the volume for good (refused for the last healthy one).
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_RemoveReplicaRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func removeReplica<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_RemoveReplicaRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineStatus>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.removeReplica(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_RemoveReplicaRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_EngineStatus>(),
             options: options,
             onResponse: handleResponse
@@ -354,6 +732,1068 @@ extension Keel_Control_V1_EngineControl.ClientProtocol {
             metadata: metadata
         )
         return try await self.status(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "AddReplica" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Adds a replica in WO mode and rebuilds it in the background; returns at once.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func addReplica<Result>(
+        _ message: Keel_Control_V1_AddReplicaRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineStatus>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_AddReplicaRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.addReplica(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "RemoveReplica" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Takes a replica out of the volume for good (refused for the last healthy one).
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func removeReplica<Result>(
+        _ message: Keel_Control_V1_RemoveReplicaRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineStatus>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_RemoveReplicaRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.removeReplica(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}
+
+// MARK: - keel.control.v1.ReplicaControl
+
+/// Namespace containing generated types for the "keel.control.v1.ReplicaControl" service.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+public enum Keel_Control_V1_ReplicaControl: Sendable {
+    /// Service descriptor for the "keel.control.v1.ReplicaControl" service.
+    public static let descriptor = GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.ReplicaControl")
+    /// Namespace for method metadata.
+    public enum Method: Sendable {
+        /// Namespace for "Status" metadata.
+        public enum Status: Sendable {
+            /// Request type for "Status".
+            public typealias Input = Keel_Control_V1_ReplicaStatusRequest
+            /// Response type for "Status".
+            public typealias Output = Keel_Control_V1_ReplicaStatus
+            /// Descriptor for "Status".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.ReplicaControl"),
+                method: "Status",
+                type: .unary
+            )
+        }
+        /// Namespace for "MarkDirty" metadata.
+        public enum MarkDirty: Sendable {
+            /// Request type for "MarkDirty".
+            public typealias Input = Keel_Control_V1_DirtyRanges
+            /// Response type for "MarkDirty".
+            public typealias Output = Keel_Control_V1_Done
+            /// Descriptor for "MarkDirty".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.ReplicaControl"),
+                method: "MarkDirty",
+                type: .unary
+            )
+        }
+        /// Namespace for "ClearDirty" metadata.
+        public enum ClearDirty: Sendable {
+            /// Request type for "ClearDirty".
+            public typealias Input = Keel_Control_V1_DirtyRanges
+            /// Response type for "ClearDirty".
+            public typealias Output = Keel_Control_V1_Done
+            /// Descriptor for "ClearDirty".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.ReplicaControl"),
+                method: "ClearDirty",
+                type: .unary
+            )
+        }
+        /// Namespace for "SetMembership" metadata.
+        public enum SetMembership: Sendable {
+            /// Request type for "SetMembership".
+            public typealias Input = Keel_Control_V1_MembershipUpdate
+            /// Response type for "SetMembership".
+            public typealias Output = Keel_Control_V1_Done
+            /// Descriptor for "SetMembership".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.ReplicaControl"),
+                method: "SetMembership",
+                type: .unary
+            )
+        }
+        /// Descriptors for all methods in the "keel.control.v1.ReplicaControl" service.
+        public static let descriptors: [GRPCCore.MethodDescriptor] = [
+            Status.descriptor,
+            MarkDirty.descriptor,
+            ClearDirty.descriptor,
+            SetMembership.descriptor
+        ]
+    }
+}
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension GRPCCore.ServiceDescriptor {
+    /// Service descriptor for the "keel.control.v1.ReplicaControl" service.
+    public static let keel_control_v1_ReplicaControl = GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.ReplicaControl")
+}
+
+// MARK: keel.control.v1.ReplicaControl (server)
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_ReplicaControl {
+    /// Streaming variant of the service protocol for the "keel.control.v1.ReplicaControl" service.
+    ///
+    /// This protocol is the lowest-level of the service protocols generated for this service
+    /// giving you the most flexibility over the implementation of your service. This comes at
+    /// the cost of more verbose and less strict APIs. Each RPC requires you to implement it in
+    /// terms of a request stream and response stream. Where the RPC expects only a single
+    /// request or response message, you are responsible for ensuring your implementation
+    /// maintains this invariant.
+    ///
+    /// Where possible, prefer using the stricter, less-verbose ``ServiceProtocol``
+    /// or ``SimpleServiceProtocol`` instead.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > One per replica (`keel replica serve --control HOST:PORT`, default: data port + 1).
+    /// > Every call that changes something names the epoch and engine that own the
+    /// > replica; anyone else is refused with FAILED_PRECONDITION.
+    public protocol StreamingServiceProtocol: GRPCCore.RegistrableRPCService {
+        /// Handle the "Status" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_ReplicaStatusRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_ReplicaStatus` messages.
+        func status(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_ReplicaStatusRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_ReplicaStatus>
+
+        /// Handle the "MarkDirty" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Records ranges as dirty (durably) before the engine writes into them.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_DirtyRanges` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_Done` messages.
+        func markDirty(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_DirtyRanges>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Done>
+
+        /// Handle the "ClearDirty" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Forgets dirty ranges that every replica holds identically again.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_DirtyRanges` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_Done` messages.
+        func clearDirty(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_DirtyRanges>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Done>
+
+        /// Handle the "SetMembership" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Records which replicas hold every acknowledged write.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_MembershipUpdate` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_Done` messages.
+        func setMembership(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_MembershipUpdate>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Done>
+    }
+
+    /// Service protocol for the "keel.control.v1.ReplicaControl" service.
+    ///
+    /// This protocol is higher level than ``StreamingServiceProtocol`` but lower level than
+    /// the ``SimpleServiceProtocol``, it provides access to request and response metadata and
+    /// trailing response metadata. If you don't need these then consider using
+    /// the ``SimpleServiceProtocol``. If you need fine grained control over your RPCs then
+    /// use ``StreamingServiceProtocol``.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > One per replica (`keel replica serve --control HOST:PORT`, default: data port + 1).
+    /// > Every call that changes something names the epoch and engine that own the
+    /// > replica; anyone else is refused with FAILED_PRECONDITION.
+    public protocol ServiceProtocol: Keel_Control_V1_ReplicaControl.StreamingServiceProtocol {
+        /// Handle the "Status" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_ReplicaStatusRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_ReplicaStatus` message.
+        func status(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_ReplicaStatusRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_ReplicaStatus>
+
+        /// Handle the "MarkDirty" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Records ranges as dirty (durably) before the engine writes into them.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_DirtyRanges` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_Done` message.
+        func markDirty(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_DirtyRanges>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Done>
+
+        /// Handle the "ClearDirty" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Forgets dirty ranges that every replica holds identically again.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_DirtyRanges` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_Done` message.
+        func clearDirty(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_DirtyRanges>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Done>
+
+        /// Handle the "SetMembership" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Records which replicas hold every acknowledged write.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_MembershipUpdate` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_Done` message.
+        func setMembership(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_MembershipUpdate>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Done>
+    }
+
+    /// Simple service protocol for the "keel.control.v1.ReplicaControl" service.
+    ///
+    /// This is the highest level protocol for the service. The API is the easiest to use but
+    /// doesn't provide access to request or response metadata. If you need access to these
+    /// then use ``ServiceProtocol`` instead.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > One per replica (`keel replica serve --control HOST:PORT`, default: data port + 1).
+    /// > Every call that changes something names the epoch and engine that own the
+    /// > replica; anyone else is refused with FAILED_PRECONDITION.
+    public protocol SimpleServiceProtocol: Keel_Control_V1_ReplicaControl.ServiceProtocol {
+        /// Handle the "Status" method.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_ReplicaStatusRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_ReplicaStatus` to respond with.
+        func status(
+            request: Keel_Control_V1_ReplicaStatusRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_ReplicaStatus
+
+        /// Handle the "MarkDirty" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Records ranges as dirty (durably) before the engine writes into them.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_DirtyRanges` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_Done` to respond with.
+        func markDirty(
+            request: Keel_Control_V1_DirtyRanges,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_Done
+
+        /// Handle the "ClearDirty" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Forgets dirty ranges that every replica holds identically again.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_DirtyRanges` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_Done` to respond with.
+        func clearDirty(
+            request: Keel_Control_V1_DirtyRanges,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_Done
+
+        /// Handle the "SetMembership" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Records which replicas hold every acknowledged write.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_MembershipUpdate` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_Done` to respond with.
+        func setMembership(
+            request: Keel_Control_V1_MembershipUpdate,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_Done
+    }
+}
+
+// Default implementation of 'registerMethods(with:)'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_ReplicaControl.StreamingServiceProtocol {
+    public func registerMethods<Transport>(with router: inout GRPCCore.RPCRouter<Transport>) where Transport: GRPCCore.ServerTransport {
+        router.registerHandler(
+            forMethod: Keel_Control_V1_ReplicaControl.Method.Status.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_ReplicaStatusRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_ReplicaStatus>(),
+            handler: { request, context in
+                try await self.status(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_ReplicaControl.Method.MarkDirty.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_DirtyRanges>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Done>(),
+            handler: { request, context in
+                try await self.markDirty(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_ReplicaControl.Method.ClearDirty.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_DirtyRanges>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Done>(),
+            handler: { request, context in
+                try await self.clearDirty(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_ReplicaControl.Method.SetMembership.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_MembershipUpdate>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Done>(),
+            handler: { request, context in
+                try await self.setMembership(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+    }
+}
+
+// Default implementation of streaming methods from 'StreamingServiceProtocol'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_ReplicaControl.ServiceProtocol {
+    public func status(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_ReplicaStatusRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_ReplicaStatus> {
+        let response = try await self.status(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func markDirty(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_DirtyRanges>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Done> {
+        let response = try await self.markDirty(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func clearDirty(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_DirtyRanges>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Done> {
+        let response = try await self.clearDirty(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func setMembership(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_MembershipUpdate>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Done> {
+        let response = try await self.setMembership(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+}
+
+// Default implementation of methods from 'ServiceProtocol'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_ReplicaControl.SimpleServiceProtocol {
+    public func status(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_ReplicaStatusRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_ReplicaStatus> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_ReplicaStatus>(
+            message: try await self.status(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func markDirty(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_DirtyRanges>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Done> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_Done>(
+            message: try await self.markDirty(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func clearDirty(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_DirtyRanges>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Done> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_Done>(
+            message: try await self.clearDirty(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func setMembership(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_MembershipUpdate>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Done> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_Done>(
+            message: try await self.setMembership(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+}
+
+// MARK: keel.control.v1.ReplicaControl (client)
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_ReplicaControl {
+    /// Generated client protocol for the "keel.control.v1.ReplicaControl" service.
+    ///
+    /// You don't need to implement this protocol directly, use the generated
+    /// implementation, ``Client``.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > One per replica (`keel replica serve --control HOST:PORT`, default: data port + 1).
+    /// > Every call that changes something names the epoch and engine that own the
+    /// > replica; anyone else is refused with FAILED_PRECONDITION.
+    public protocol ClientProtocol: Sendable {
+        /// Call the "Status" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_ReplicaStatusRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_ReplicaStatusRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_ReplicaStatus` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func status<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_ReplicaStatusRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_ReplicaStatusRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_ReplicaStatus>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_ReplicaStatus>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "MarkDirty" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Records ranges as dirty (durably) before the engine writes into them.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_DirtyRanges` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_DirtyRanges` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Done` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func markDirty<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_DirtyRanges>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_DirtyRanges>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Done>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "ClearDirty" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Forgets dirty ranges that every replica holds identically again.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_DirtyRanges` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_DirtyRanges` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Done` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func clearDirty<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_DirtyRanges>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_DirtyRanges>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Done>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "SetMembership" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Records which replicas hold every acknowledged write.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_MembershipUpdate` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_MembershipUpdate` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Done` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func setMembership<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_MembershipUpdate>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_MembershipUpdate>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Done>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+    }
+
+    /// Generated client for the "keel.control.v1.ReplicaControl" service.
+    ///
+    /// The ``Client`` provides an implementation of ``ClientProtocol`` which wraps
+    /// a `GRPCCore.GRPCCClient`. The underlying `GRPCClient` provides the long-lived
+    /// means of communication with the remote peer.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > One per replica (`keel replica serve --control HOST:PORT`, default: data port + 1).
+    /// > Every call that changes something names the epoch and engine that own the
+    /// > replica; anyone else is refused with FAILED_PRECONDITION.
+    public struct Client<Transport>: ClientProtocol where Transport: GRPCCore.ClientTransport {
+        private let client: GRPCCore.GRPCClient<Transport>
+
+        /// Creates a new client wrapping the provided `GRPCCore.GRPCClient`.
+        ///
+        /// - Parameters:
+        ///   - client: A `GRPCCore.GRPCClient` providing a communication channel to the service.
+        public init(wrapping client: GRPCCore.GRPCClient<Transport>) {
+            self.client = client
+        }
+
+        /// Call the "Status" method.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_ReplicaStatusRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_ReplicaStatusRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_ReplicaStatus` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func status<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_ReplicaStatusRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_ReplicaStatusRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_ReplicaStatus>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_ReplicaStatus>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_ReplicaControl.Method.Status.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "MarkDirty" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Records ranges as dirty (durably) before the engine writes into them.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_DirtyRanges` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_DirtyRanges` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Done` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func markDirty<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_DirtyRanges>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_DirtyRanges>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Done>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_ReplicaControl.Method.MarkDirty.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "ClearDirty" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Forgets dirty ranges that every replica holds identically again.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_DirtyRanges` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_DirtyRanges` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Done` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func clearDirty<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_DirtyRanges>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_DirtyRanges>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Done>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_ReplicaControl.Method.ClearDirty.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "SetMembership" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Records which replicas hold every acknowledged write.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_MembershipUpdate` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_MembershipUpdate` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Done` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func setMembership<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_MembershipUpdate>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_MembershipUpdate>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Done>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_ReplicaControl.Method.SetMembership.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+    }
+}
+
+// Helpers providing default arguments to 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_ReplicaControl.ClientProtocol {
+    /// Call the "Status" method.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_ReplicaStatusRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func status<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_ReplicaStatusRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_ReplicaStatus>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.status(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_ReplicaStatusRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_ReplicaStatus>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "MarkDirty" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Records ranges as dirty (durably) before the engine writes into them.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_DirtyRanges` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func markDirty<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_DirtyRanges>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.markDirty(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_DirtyRanges>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Done>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "ClearDirty" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Forgets dirty ranges that every replica holds identically again.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_DirtyRanges` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func clearDirty<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_DirtyRanges>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.clearDirty(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_DirtyRanges>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Done>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "SetMembership" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Records which replicas hold every acknowledged write.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_MembershipUpdate` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func setMembership<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_MembershipUpdate>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.setMembership(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_MembershipUpdate>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Done>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}
+
+// Helpers providing sugared APIs for 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_ReplicaControl.ClientProtocol {
+    /// Call the "Status" method.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func status<Result>(
+        _ message: Keel_Control_V1_ReplicaStatusRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_ReplicaStatus>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_ReplicaStatusRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.status(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "MarkDirty" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Records ranges as dirty (durably) before the engine writes into them.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func markDirty<Result>(
+        _ message: Keel_Control_V1_DirtyRanges,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_DirtyRanges>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.markDirty(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "ClearDirty" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Forgets dirty ranges that every replica holds identically again.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func clearDirty<Result>(
+        _ message: Keel_Control_V1_DirtyRanges,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_DirtyRanges>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.clearDirty(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "SetMembership" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Records which replicas hold every acknowledged write.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func setMembership<Result>(
+        _ message: Keel_Control_V1_MembershipUpdate,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_MembershipUpdate>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.setMembership(
             request: request,
             options: options,
             onResponse: handleResponse

@@ -1,0 +1,134 @@
+import ControlAPI
+import LibNBD
+import Logging
+import Synchronization
+import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Brings a new replica up to date while the volume keeps serving.
+///
+/// The replica joins in WO mode: from the moment every I/O thread is
+/// connected to it, it receives every new write. Then the volume is copied
+/// to it region by region from an RW replica (holes as WRITE_ZEROES). Each
+/// region is closed to new writes while it is copied (`WriteGate`), so a copy
+/// never overwrites a newer write. When the last region is done the replica
+/// becomes RW.
+final class Rebuild: @unchecked Sendable {
+    let address: SocketAddress
+    let index: Int
+    private unowned let device: EngineDevice
+    private let logger: Logger
+    private let stopRequested = Atomic<Bool>(false)
+    private let done = Atomic<Bool>(false)
+    private var thread: PosixThread?
+
+    var finished: Bool { done.load(ordering: .acquiring) }
+
+    private init(device: EngineDevice, address: SocketAddress, index: Int, logger: Logger) {
+        self.device = device
+        self.address = address
+        self.index = index
+        self.logger = logger
+    }
+
+    /// Checks the replica (reachable, a Keel replica of the volume's size, not
+    /// owned by a newer engine), claims it, adds it in WO mode and starts copying.
+    static func start(device: EngineDevice, address: SocketAddress, logger: Logger) throws -> Rebuild {
+        let controlAddress = defaultControlAddress(forData: address)
+        let status: Keel_Control_V1_ReplicaStatus
+        do {
+            status = try ReplicaControlClient(address: controlAddress).call(timeout: device.replicaTimeoutSeconds) {
+                try await $0.status(.init(), options: $1)
+            }
+        } catch {
+            throw EngineError("cannot reach the control API of \(address) at \(controlAddress): \(error)")
+        }
+        guard status.size == device.size else {
+            throw EngineError("replica \(address) holds \(status.size) bytes but the volume is \(device.size); nothing was changed")
+        }
+        guard status.owner.epoch <= device.epoch else {
+            throw EngineError("replica \(address) belongs to a newer engine (epoch \(status.owner.epoch) > \(device.epoch))")
+        }
+        do {
+            let claim = try device.connect(address: address)
+            try? claim.shutdown()
+        } catch {
+            throw EngineError("replica \(address) refused this engine's epoch \(device.epoch): \(error)")
+        }
+        let index = try device.replicas.add(address: address, controlAddress: controlAddress, id: status.id)
+        let rebuild = Rebuild(device: device, address: address, index: index, logger: logger)
+        rebuild.thread = try PosixThread(name: "keel-rebuild") { rebuild.run() }
+        logger.notice("replica \(address) (\(status.id)) added in WO mode; rebuilding")
+        return rebuild
+    }
+
+    func cancel() {
+        stopRequested.store(true, ordering: .releasing)
+        thread?.join()
+    }
+
+    private var shouldStop: Bool {
+        stopRequested.load(ordering: .acquiring) || device.replicas.mode(index) != .wo
+    }
+
+    private func run() {
+        defer { done.store(true, ordering: .releasing) }
+        do {
+            try waitForWorkers()
+            let copier = try openCopier()
+            let gate = device.gate
+            for region in 0..<gate.regionCount {
+                if shouldStop { return }
+                let range = gate.range(of: region)
+                let length = min(range.length, device.size - range.offset)
+                try closed(region) { try copier.copy(offset: range.offset, length: length) }
+                device.replicas.rebuilt(index, bytes: range.offset + length)
+            }
+            try copier.targets[0].flush()
+            if device.replicas.promote(index) {
+                logger.notice("replica \(address) rebuilt: now RW")
+            }
+        } catch {
+            if !shouldStop { device.replicas.fail(index, reason: "rebuild failed: \(error)") }
+        }
+    }
+
+    /// Every I/O thread must send new writes to the replica before any region is copied.
+    private func waitForWorkers() throws {
+        device.wakeWorkers()
+        for _ in 0..<3000 {
+            if shouldStop { throw EngineError("stopped") }
+            if device.workersJoined(index) >= device.workerCount { return }
+            usleep(10_000)
+        }
+        throw EngineError("the I/O threads did not connect to the replica within 30 s")
+    }
+
+    private func openCopier() throws -> RegionCopier {
+        guard let source = device.replicas.replicas.firstIndex(where: { $0.mode == .rw }) else {
+            throw EngineError("no healthy replica to copy from")
+        }
+        let open = { (i: Int) in try RegionCopier.connect { try self.device.open($0, address: self.device.replicas.replicas[i].address) } }
+        return RegionCopier(source: try open(source), targets: [try open(index)],
+                            timeoutSeconds: device.replicaTimeoutSeconds)
+    }
+
+    /// Runs `body` with the region closed to new writes and none in flight.
+    private func closed(_ region: Int, _ body: () throws -> Void) throws {
+        defer {
+            device.gate.unlockCopy()
+            device.wakeWorkers()
+        }
+        var quiet = device.gate.lockForCopy(region)
+        // Writes in flight finish, or their replica is failed, within the replica timeout.
+        let limit = Int(device.replicaTimeoutSeconds * 10_000) + 10_000
+        for _ in 0..<limit where !quiet {
+            usleep(100)
+            quiet = device.gate.isQuiet(region)
+        }
+        guard quiet else { throw EngineError("writes to region \(region) did not finish") }
+        try body()
+    }
+}

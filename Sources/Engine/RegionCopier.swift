@@ -1,0 +1,64 @@
+import LibNBD
+
+/// Copies byte ranges from one replica to others over plain (blocking) libnbd
+/// connections: data is read and written, holes and zeroes become
+/// WRITE_ZEROES (BLOCK_STATUS tells which), so sparse regions stay sparse.
+struct RegionCopier {
+    let source: NBDClient
+    let targets: [NBDClient]
+    /// How long one range may take before the connections are cut.
+    let timeoutSeconds: Double
+    private static let chunk: UInt64 = 1 << 20
+    private static let holeOrZero: UInt32 = 1 | 2
+
+    /// Opens a connection to a replica able to answer BLOCK_STATUS.
+    static func connect(_ open: (NBDClient) throws -> Void) throws -> NBDClient {
+        let client = try NBDClient()
+        try client.addMetaContext("base:allocation")
+        try open(client)
+        return client
+    }
+
+    /// Copies `length` bytes at `offset`; returns how many were data (not holes).
+    @discardableResult
+    func copy(offset: UInt64, length: UInt64) throws -> UInt64 {
+        let deadline = Deadline(seconds: timeoutSeconds,
+                                descriptors: ([source] + targets).map(\.descriptor))
+        defer { deadline.cancel() }
+        do {
+            return try copyExtents(offset: offset, length: length)
+        } catch where deadline.expired {
+            throw EngineError("no answer within \(timeoutSeconds) s while copying \(length) bytes at \(offset)")
+        }
+    }
+
+    private func copyExtents(offset: UInt64, length: UInt64) throws -> UInt64 {
+        var position = offset
+        var data: UInt64 = 0
+        let end = offset + length
+        while position < end {
+            let extents = source.canMetaContext("base:allocation")
+                ? try source.blockStatus(count: min(end - position, 1 << 30), at: position)
+                : [NBDClient.Extent(length: UInt32(min(end - position, Self.chunk)), flags: 0)]
+            guard !extents.isEmpty else { throw EngineError("the source replica sent no block status at \(position)") }
+            for extent in extents where position < end {
+                let count = min(UInt64(extent.length), end - position)
+                guard count > 0 else { throw EngineError("the source replica sent an empty extent at \(position)") }
+                if extent.flags & Self.holeOrZero != 0 {
+                    for target in targets { try target.zero(count: count, at: position) }
+                } else {
+                    var done: UInt64 = 0
+                    while done < count {
+                        let piece = min(Self.chunk, count - done)
+                        let bytes = try source.read(count: Int(piece), at: position + done)
+                        for target in targets { try target.write(bytes, at: position + done) }
+                        done += piece
+                    }
+                    data += count
+                }
+                position += count
+            }
+        }
+        return data
+    }
+}

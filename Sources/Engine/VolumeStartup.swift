@@ -1,0 +1,213 @@
+import ControlAPI
+import GRPCCore
+import LibNBD
+import Logging
+import Syscalls
+
+/// What an engine does before it serves: look at every replica (without
+/// changing anything), decide which of them hold the volume's newest data,
+/// claim them all with a new epoch, make the up-to-date ones identical again
+/// where the previous engine may have left writes half done (the dirty
+/// regions), and record the membership.
+public struct VolumeStartup {
+    public let volume: String
+    public let size: UInt64
+    public let engineID: String
+    public let replicaTimeoutSeconds: Double
+    public let logger: Logger
+
+    public init(volume: String, size: UInt64, engineID: String, replicaTimeoutSeconds: Double, logger: Logger) {
+        self.volume = volume
+        self.size = size
+        self.engineID = engineID
+        self.replicaTimeoutSeconds = replicaTimeoutSeconds
+        self.logger = logger
+    }
+
+    /// What one replica said before anything was claimed.
+    struct Report {
+        var address: SocketAddress
+        var control: ReplicaControlClient
+        var status: Keel_Control_V1_ReplicaStatus
+    }
+
+    public struct Outcome {
+        public var epoch: UInt64
+        public var replicas: ReplicaSet
+        public var resyncedBytes: UInt64
+        public var resyncedRanges: Int
+    }
+
+    public func run(addresses: [SocketAddress], epoch requested: UInt64?) throws -> Outcome {
+        var unreachable: [String] = []
+        let reports = try addresses.map { address -> Report? in
+            do { return try inspect(address) } catch let error as Unreachable {
+                unreachable.append("\(address): \(error.reason)")
+                return nil
+            }
+        }
+        guard reports.contains(where: { $0 != nil }) else {
+            throw EngineError("cannot reach any replica (\(unreachable.joined(separator: "; "))); nothing was changed")
+        }
+        let members = try Self.members(reports.map { $0.map { ($0.status.id, $0.status.hasMembership ? $0.status.membership : nil) } })
+        let newest = reports.compactMap { $0?.status.owner.epoch }.max()!
+        let epoch = requested ?? newest + 1
+        guard epoch > newest else {
+            throw EngineError("--epoch \(epoch) is not newer than epoch \(newest), which a replica has seen; nothing was changed")
+        }
+
+        var clients: [Int: NBDClient] = [:]
+        for (i, report) in reports.enumerated() {
+            guard let report else { continue }
+            do {
+                clients[i] = try RegionCopier.connect {
+                    try $0.setExportName(EngineDevice.exportName(volume: volume, epoch: epoch, engine: engineID))
+                    try $0.connect(to: report.address)
+                }
+            } catch {
+                throw EngineError("replica \(report.address) refused epoch \(epoch): \(error)")
+            }
+        }
+        defer { for client in clients.values { try? client.shutdown() } }
+
+        let ordered = members.sorted()
+        let dirty = Self.union(ordered.flatMap { reports[$0]!.status.dirty }, size: size)
+        let owner = Keel_Control_V1_Owner.with { $0.epoch = epoch; $0.engine = engineID }
+        var copied: UInt64 = 0
+        if !dirty.isEmpty {
+            if ordered.count > 1 {
+                let copier = RegionCopier(source: clients[ordered[0]]!, targets: ordered.dropFirst().map { clients[$0]! },
+                                          timeoutSeconds: replicaTimeoutSeconds)
+                for range in dirty {
+                    do { try copier.copy(offset: range.offset, length: range.length) } catch {
+                        throw EngineError("cannot make the replicas identical at \(range.offset)+\(range.length): \(error)")
+                    }
+                    copied += range.length
+                }
+                for i in ordered.dropFirst() { try clients[i]!.flush() }
+            }
+            let request = Keel_Control_V1_DirtyRanges.with { $0.owner = owner; $0.ranges = dirty }
+            for i in ordered {
+                _ = try controlCall(reports[i]!) { try await $0.clearDirty(request, options: $1) }
+            }
+            logger.notice("made the replicas identical: copied \(copied) of \(size) bytes, in \(dirty.count) dirty range(s)")
+        }
+
+        let replicas = ReplicaSet(reports.enumerated().map { i, report in
+            let address = addresses[i]
+            var replica = ReplicaSet.Replica(address: address, controlAddress: defaultControlAddress(forData: address),
+                                             id: report?.status.id ?? "", mode: members.contains(i) ? .rw : .err)
+            if report == nil {
+                replica.reason = "unreachable at start"
+            } else if !members.contains(i) {
+                replica.reason = "stale: it missed writes; rebuild it with keel replica add"
+            }
+            return replica
+        }, logger: logger)
+        let membership = Keel_Control_V1_MembershipUpdate.with {
+            $0.owner = owner
+            $0.membership = .with {
+                $0.epoch = epoch
+                $0.generation = replicas.generation
+                $0.members = ordered.map { reports[$0]!.status.id }
+            }
+        }
+        for i in reports.indices where reports[i] != nil {
+            _ = try controlCall(reports[i]!) { try await $0.setMembership(membership, options: $1) }
+        }
+        replicas.persisted(generation: replicas.generation)
+        for line in unreachable { logger.warning("replica unreachable at start, left out: \(line)") }
+        for i in reports.indices where reports[i] != nil && !members.contains(i) {
+            logger.warning("replica \(addresses[i]) is stale: it missed writes; rebuild it with keel replica add")
+        }
+        return Outcome(epoch: epoch, replicas: replicas, resyncedBytes: copied, resyncedRanges: dirty.count)
+    }
+
+    // MARK: - Deciding
+
+    /// Which replicas hold every acknowledged write: those named by the newest
+    /// membership record any of them has; with no record anywhere (a new
+    /// volume), all of them. A majority of that record's members must be
+    /// reachable: a lone replica with an old record cannot tell it is stale.
+    static func members(_ replicas: [(id: String, membership: Keel_Control_V1_Membership?)?]) throws -> Set<Int> {
+        let reachable = replicas.indices.filter { replicas[$0] != nil }
+        let records = reachable.compactMap { replicas[$0]!.membership }
+        guard let newest = records.max(by: { ($0.epoch, $0.generation) < ($1.epoch, $1.generation) }) else {
+            return Set(reachable)
+        }
+        let members = Set(reachable.filter { newest.members.contains(replicas[$0]!.id) })
+        guard !members.isEmpty, members.count * 2 > newest.members.count else {
+            throw EngineError("""
+                only \(members.count) of the \(newest.members.count) replica(s) that hold the volume's newest data \
+                (membership \(newest.epoch).\(newest.generation)) are given and reachable; start the engine with more of them
+                """)
+        }
+        return members
+    }
+
+    /// Sorted, merged, clipped to the volume.
+    static func union(_ ranges: [Keel_Control_V1_ByteRange], size: UInt64) -> [Keel_Control_V1_ByteRange] {
+        var merged: [Keel_Control_V1_ByteRange] = []
+        for range in ranges.sorted(by: { $0.offset < $1.offset }) where range.offset < size {
+            let end = min(range.offset + range.length, size)
+            if let last = merged.last, range.offset <= last.offset + last.length {
+                merged[merged.count - 1].length = max(last.length, end - last.offset)
+            } else {
+                merged.append(.with { $0.offset = range.offset; $0.length = end - range.offset })
+            }
+        }
+        return merged
+    }
+
+    // MARK: - Looking
+
+    private struct Unreachable: Error {
+        let reason: String
+    }
+
+    /// A replica's identity and records, after checking it is a Keel replica
+    /// of the volume's size; `Unreachable` when nothing answers at its address.
+    private func inspect(_ address: SocketAddress) throws -> Report {
+        let probe = try NBDClient()
+        let exports: [String]
+        do {
+            try probe.setOptionMode(true)
+            try probe.connect(to: address)
+        } catch {
+            throw Unreachable(reason: "\(error)")
+        }
+        do { exports = try probe.listExports() } catch {
+            throw EngineError("cannot list the exports of replica \(address): \(error)")
+        }
+        guard exports.count == 1, exports[0].hasPrefix("@"), let epoch = UInt64(exports[0].dropFirst()) else {
+            throw EngineError("\(address) is not a Keel replica (it lists exports \(exports))")
+        }
+        let replicaSize: UInt64
+        do {
+            try probe.setExportName("\(volume)@\(epoch)")
+            try probe.info()
+            replicaSize = try probe.size
+            try? probe.abortOptions()
+        } catch {
+            throw EngineError("cannot inspect replica \(address): \(error)")
+        }
+        guard replicaSize == size else {
+            throw EngineError("replica \(address) holds \(replicaSize) bytes but the volume is \(size); nothing was changed")
+        }
+        let controlAddress = defaultControlAddress(forData: address)
+        let control = try ReplicaControlClient(address: controlAddress)
+        do {
+            let status = try control.call(timeout: replicaTimeoutSeconds) { try await $0.status(.init(), options: $1) }
+            return Report(address: address, control: control, status: status)
+        } catch {
+            throw EngineError("replica \(address) answers NBD but not its control API at \(controlAddress): \(error)")
+        }
+    }
+
+    private func controlCall<T: Sendable>(_ report: Report,
+                                          _ body: @escaping @Sendable (ReplicaControlClient.Stub, CallOptions) async throws -> T) throws -> T {
+        do { return try report.control.call(timeout: replicaTimeoutSeconds, body) } catch {
+            throw EngineError("replica \(report.address) failed a control call: \(error)")
+        }
+    }
+}

@@ -1,0 +1,173 @@
+import Synchronization
+
+/// Decides, per region of the volume, when a write may go to the replicas.
+///
+/// Two things hold a write back:
+/// - the **write-intent log**: a region must be marked dirty on every replica
+///   (durably) before the first write into it, so that after an engine crash
+///   the replicas know which regions may differ. Each region's intent state:
+///
+///       clean ──(first write)──▶ marking ──(marked on all)──▶ dirty
+///         ▲                                                    │
+///         └──────(cleared on all)── clearing ◀──(idle)─────────┘
+///
+///   Writes go only to dirty regions; a write that meets clean, marking or
+///   clearing waits and is retried when the keeper wakes the I/O threads.
+/// - a **rebuild copy**: the region being copied to a new replica takes no
+///   writes until the copy is done, so the copy never overwrites a newer write.
+public final class WriteGate: @unchecked Sendable {
+    enum Intent: UInt8 {
+        case clean, marking, dirty, clearing
+    }
+
+    public let regionSize: UInt64
+    public let regionCount: Int
+
+    private struct State {
+        var intent: [Intent]
+        var inFlight: [UInt32]
+        /// The keeper's tick of each region's last write: idle regions get cleared.
+        var lastWrite: [UInt32]
+        var tick: UInt32 = 0
+        var toMark: [Int] = []
+        var copying: Int?
+    }
+
+    private let state: Mutex<State>
+    /// Called when a region needs marking: wakes the keeper.
+    var onMarkNeeded: @Sendable () -> Void = {}
+
+    /// Regions of at least 1 MiB, and no more than 65536 of them.
+    public init(size: UInt64, regionSize: UInt64? = nil) {
+        var region: UInt64 = regionSize ?? 1 << 20
+        while regionSize == nil && (size + region - 1) / region > 65536 { region <<= 1 }
+        self.regionSize = region
+        regionCount = Int((size + region - 1) / region)
+        state = Mutex(State(intent: Array(repeating: .clean, count: regionCount),
+                            inFlight: Array(repeating: 0, count: regionCount),
+                            lastWrite: Array(repeating: 0, count: regionCount)))
+    }
+
+    public func regions(offset: UInt64, length: UInt64) -> ClosedRange<Int> {
+        let first = Int(offset / regionSize)
+        let last = Int((offset + max(length, 1) - 1) / regionSize)
+        return first...min(last, regionCount - 1)
+    }
+
+    public func range(of region: Int) -> (offset: UInt64, length: UInt64) {
+        (UInt64(region) * regionSize, regionSize)
+    }
+
+    // MARK: - I/O threads
+
+    /// Admits a write (counting it in flight) or says it must wait.
+    public func admit(offset: UInt64, length: UInt64) -> Bool {
+        let span = regions(offset: offset, length: length)
+        let (admitted, needsMark): (Bool, Bool) = state.withLock { s in
+            var ready = true, needsMark = false
+            for r in span {
+                if s.copying == r { ready = false }
+                switch s.intent[r] {
+                case .dirty: continue
+                case .clean:
+                    s.intent[r] = .marking
+                    s.toMark.append(r)
+                    needsMark = true
+                    ready = false
+                case .marking, .clearing:
+                    ready = false
+                }
+            }
+            guard ready else { return (false, needsMark) }
+            for r in span {
+                s.inFlight[r] += 1
+                s.lastWrite[r] = s.tick
+            }
+            return (true, false)
+        }
+        if needsMark { onMarkNeeded() }
+        return admitted
+    }
+
+    /// The write has been answered by every replica.
+    public func finish(offset: UInt64, length: UInt64) {
+        let span = regions(offset: offset, length: length)
+        state.withLock { s in
+            for r in span {
+                assert(s.inFlight[r] > 0)
+                s.inFlight[r] -= 1
+            }
+        }
+    }
+
+    // MARK: - Keeper
+
+    /// Regions waiting to be marked dirty on the replicas.
+    func takeRegionsToMark() -> [Int] {
+        state.withLock { s in
+            defer { s.toMark.removeAll(keepingCapacity: true) }
+            return s.toMark
+        }
+    }
+
+    func marked(_ regions: [Int]) {
+        state.withLock { s in
+            for r in regions where s.intent[r] == .marking { s.intent[r] = .dirty }
+        }
+    }
+
+    /// Advances the idle clock; the keeper calls it about once a second.
+    func tick() {
+        state.withLock { $0.tick &+= 1 }
+    }
+
+    /// Dirty regions with no write in flight and none for `idleTicks`: they
+    /// become `clearing` (writes to them wait) until `cleared`.
+    func beginClearing(idleTicks: UInt32) -> [Int] {
+        state.withLock { s in
+            var regions: [Int] = []
+            for r in 0..<regionCount
+            where s.intent[r] == .dirty && s.inFlight[r] == 0 && s.tick &- s.lastWrite[r] >= idleTicks {
+                s.intent[r] = .clearing
+                regions.append(r)
+            }
+            return regions
+        }
+    }
+
+    /// The clear is done (or abandoned: then the regions stay dirty).
+    func cleared(_ regions: [Int], succeeded: Bool) {
+        state.withLock { s in
+            for r in regions where s.intent[r] == .clearing { s.intent[r] = succeeded ? .clean : .dirty }
+        }
+    }
+
+    /// Dirty regions known at start (from the replicas' logs) stay dirty until cleared.
+    func markedAtStart(_ regions: [Int]) {
+        state.withLock { s in
+            for r in regions { s.intent[r] = .dirty }
+        }
+    }
+
+    public var dirtyRegionCount: Int {
+        state.withLock { s in s.intent.filter { $0 != .clean }.count }
+    }
+
+    // MARK: - Rebuild
+
+    /// Closes a region to new writes; true once none is in flight there.
+    func lockForCopy(_ region: Int) -> Bool {
+        state.withLock { s in
+            s.copying = region
+            return s.inFlight[region] == 0
+        }
+    }
+
+    func isQuiet(_ region: Int) -> Bool {
+        state.withLock { $0.inFlight[region] == 0 }
+    }
+
+    func unlockCopy() {
+        state.withLock { $0.copying = nil }
+    }
+}

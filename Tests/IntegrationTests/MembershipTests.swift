@@ -1,0 +1,122 @@
+import Foundation
+import LibNBD
+import Testing
+
+/// Which replicas an engine trusts: stale replicas after a restart, the rule
+/// that a lone stale replica cannot start a volume, claims by engine identity,
+/// and what `keel replica add/rm` refuse.
+@Suite(.serialized) struct MembershipTests {
+    typealias Cluster = EngineTests.Cluster
+
+    /// A replica that missed writes while it was down comes back after an
+    /// engine restart as ERR (stale), never as a source of old data, and is
+    /// brought back with `keel replica add`.
+    @Test func aReplicaThatMissedWritesIsStaleAfterRestart() throws {
+        let cluster = try Cluster(replicas: 3, size: "32M")
+        try cluster.startEngine()
+        let client = try NBDClient()
+        try client.connect(uri: cluster.uri)
+        try client.write([UInt8](repeating: 1, count: 65536), at: 0, flags: .fua)
+        cluster.kill9Replica(2)
+        try client.write([UInt8](repeating: 2, count: 65536), at: 0, flags: .fua)
+        #expect(cluster.engine!.stop() == 0)
+
+        cluster.replicas[2] = try cluster.startReplica(2)
+        // Alone, the stale replica cannot tell it is stale: refused, nothing claimed.
+        let alone = try run([Paths.keel, "engine", "serve", "--volume", "vol", "--size", "32M",
+                             "--replica", cluster.replicas[2].address,
+                             "--listen", "unix:" + cluster.scratch.file("alone.sock")], timeout: 30)
+        #expect(alone.status != 0 && alone.stderr.contains("newest data"), "\(alone.stderr)")
+        #expect(alone.stderr.split(separator: "\n").count == 1, "\(alone.stderr)")
+
+        let control = "unix:" + cluster.scratch.file("engine.control")
+        let engine = try cluster.startEngine(extra: ["--control", control])
+        let status = try EngineTests.status(control)
+        #expect(EngineTests.modes(status) == ["RW", "RW", "ERR"])
+        let replicas = status["replicas"] as! [[String: Any]]
+        #expect((replicas[2]["error"] as? String ?? "").contains("stale"), "\(replicas[2])")
+        let reader = try NBDClient()
+        try reader.connect(uri: cluster.uri)
+        for _ in 0..<6 { #expect(try reader.read(count: 65536, at: 0) == [UInt8](repeating: 2, count: 65536)) }
+
+        let add = try run([Paths.keel, "replica", "add", "--engine", control, cluster.replicas[2].address], timeout: 120)
+        #expect(add.status == 0 && add.stdout.contains("is RW"), "\(add.stdout)\(add.stderr)")
+        #expect(add.stdout.contains("rebuilding") && add.stdout.contains("100%"), "\(add.stdout)")
+        #expect(EngineTests.modes(try EngineTests.status(control)) == ["RW", "RW", "ERR", "RW"])
+        #expect(engine.stop() == 0)
+        for replica in cluster.replicas { #expect(replica.stop() == 0) }
+        #expect(try cluster.headsAreIdentical([0, 1, 2]))
+    }
+
+    /// Two engines that pick the same epoch cannot both own a replica: the
+    /// epoch stays with the engine that claimed it first.
+    @Test func theSameEpochFromAnotherEngineIsRefused() throws {
+        let cluster = try Cluster(replicas: 1, size: "16M")
+        let socket = cluster.replicas[0].socketPath!
+        let first = try NBDClient()
+        try first.setExportName("vol@5+aaaa")
+        try first.connect(unixSocket: socket)
+        let again = try NBDClient()
+        try again.setExportName("vol@5+aaaa")
+        try again.connect(unixSocket: socket)
+        let other = try NBDClient()
+        try other.setExportName("vol@5+bbbb")
+        #expect(throws: NBDClientError.self) { try other.connect(unixSocket: socket) }
+        let newer = try NBDClient()
+        try newer.setExportName("vol@6+bbbb")
+        try newer.connect(unixSocket: socket)
+        #expect(cluster.replicas[0].log.contains("epoch 6 claimed by engine bbbb"))
+    }
+
+    @Test func badAddAndRemoveCallsGetOneLine() throws {
+        let cluster = try Cluster(replicas: 2, size: "16M")
+        let control = "unix:" + cluster.scratch.file("engine.control")
+        try cluster.startEngine(extra: ["--control", control])
+        func expectFailure(_ arguments: [String], mentioning word: String) throws {
+            let result = try run([Paths.keel, "replica"] + arguments, timeout: 60)
+            #expect(result.status != 0)
+            #expect(result.stderr.split(separator: "\n").count == 1, "\(result.stderr)")
+            #expect(result.stderr.contains(word), "\(result.stderr)")
+        }
+        let otherSize = try KeelServer(["replica", "serve", "--dir", cluster.scratch.file("big"), "--size", "32M"],
+                                       scratch: cluster.scratch, address: "unix:" + cluster.scratch.file("big.sock"))
+        try expectFailure(["add", "--engine", control, otherSize.address], mentioning: "holds 33554432 bytes")
+        try expectFailure(["add", "--engine", control, "unix:" + cluster.scratch.file("none.sock")],
+                          mentioning: "cannot reach the control API")
+        try expectFailure(["add", "--engine", control, cluster.replicas[0].address], mentioning: "already in the volume")
+        try expectFailure(["add", "--engine", "unix:" + cluster.scratch.file("no-engine"), otherSize.address],
+                          mentioning: "cannot reach the engine")
+        try expectFailure(["add", "--engine", control, "nowhere"], mentioning: "REPLICA")
+        try expectFailure(["rm", "--engine", control, otherSize.address], mentioning: "not a replica of this volume")
+        let first = try run([Paths.keel, "replica", "rm", "--engine", control, cluster.replicas[0].address])
+        #expect(first.status == 0, "\(first.stderr)")
+        try expectFailure(["rm", "--engine", control, cluster.replicas[1].address], mentioning: "last healthy replica")
+        // Nothing was added by the refused calls.
+        #expect(EngineTests.modes(try EngineTests.status(control)) == ["RW"])
+    }
+
+    /// `--no-wait` returns while the rebuild runs; the status shows its progress until RW.
+    @Test func addWithoutWaitingThenWatchTheStatus() throws {
+        let cluster = try Cluster(replicas: 1, size: "64M")
+        let control = "unix:" + cluster.scratch.file("engine.control")
+        try cluster.startEngine(extra: ["--control", control])
+        let writer = try NBDClient()
+        try writer.connect(uri: cluster.uri)
+        for i in 0..<48 { try writer.write(Pattern().bytes(at: UInt64(i) << 20, count: 1 << 20), at: UInt64(i) << 20) }
+        let fresh = try cluster.startReplica(1)
+        cluster.replicas.append(fresh)
+        let add = try run([Paths.keel, "replica", "add", "--no-wait", "--engine", control, fresh.address])
+        #expect(add.status == 0, "\(add.stderr)")
+        var mode = ""
+        for _ in 0..<600 where mode != "RW" {
+            let replicas = try EngineTests.status(control)["replicas"] as! [[String: Any]]
+            mode = replicas[1]["mode"] as! String
+            #expect(mode == "WO" || mode == "RW")
+            usleep(100_000)
+        }
+        #expect(mode == "RW")
+        #expect(cluster.engine!.stop() == 0)
+        for replica in cluster.replicas { #expect(replica.stop() == 0) }
+        #expect(try cluster.headsAreIdentical([0, 1]))
+    }
+}
