@@ -1,4 +1,5 @@
 import ControlAPI
+import Dispatch
 import GRPCCore
 import Synchronization
 import Syscalls
@@ -46,7 +47,8 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
     public func addReplica(request: Keel_Control_V1_AddReplicaRequest,
                            context: ServerContext) async throws -> Keel_Control_V1_EngineStatus {
         let address = try parse(request.address)
-        try refusing { try device.addReplica(address: address) }
+        // Adding talks to the replica with blocking calls: off the cooperative pool.
+        try await offloaded { try refusing { try device.addReplica(address: address) } }
         return try await status(request: .init(), context: context)
     }
 
@@ -60,6 +62,14 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
     private func parse(_ text: String) throws -> Syscalls.SocketAddress {
         do { return try Syscalls.SocketAddress(parsing: text) } catch {
             throw RPCError(code: .invalidArgument, message: "\(error)")
+        }
+    }
+
+    private func offloaded(_ body: @escaping @Sendable () throws -> Void) async throws {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, Error>) in
+            DispatchQueue.global().async {
+                do { try body(); continuation.resume() } catch { continuation.resume(throwing: error) }
+            }
         }
     }
 

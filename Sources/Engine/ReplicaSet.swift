@@ -114,7 +114,8 @@ public final class ReplicaSet: @unchecked Sendable {
         logger.error("replica \(outcome.address) failed (\(reason)); volume \(volume)")
     }
 
-    /// A new replica in WO mode; returns its index.
+    /// A new replica in WO mode; returns its index. A failed replica at the
+    /// same address is replaced: it leaves the set.
     func add(address: SocketAddress, controlAddress: SocketAddress, id: String) throws -> Int {
         let index: Int = try state.withLock { replicas in
             if let same = replicas.firstIndex(where: { $0.id == id && $0.mode.isWritable }) {
@@ -122,6 +123,10 @@ public final class ReplicaSet: @unchecked Sendable {
             }
             guard replicas.count < Self.capacity else {
                 throw EngineError("this engine has taken \(Self.capacity) replicas over its life; restart it to add more")
+            }
+            for i in replicas.indices where replicas[i].address == address && replicas[i].mode == .err {
+                replicas[i].mode = .removed
+                replicas[i].reason = "replaced"
             }
             replicas.append(Replica(address: address, controlAddress: controlAddress, id: id, mode: .wo))
             return replicas.count - 1
