@@ -14,13 +14,17 @@ public struct VolumeStartup {
     public let size: UInt64
     public let engineID: String
     public let replicaTimeoutSeconds: Double
+    /// Serve without up-to-date replicas that cannot be reached (a majority must be there).
+    public let allowDegraded: Bool
     public let logger: Logger
 
-    public init(volume: String, size: UInt64, engineID: String, replicaTimeoutSeconds: Double, logger: Logger) {
+    public init(volume: String, size: UInt64, engineID: String, replicaTimeoutSeconds: Double,
+                allowDegraded: Bool = false, logger: Logger) {
         self.volume = volume
         self.size = size
         self.engineID = engineID
         self.replicaTimeoutSeconds = replicaTimeoutSeconds
+        self.allowDegraded = allowDegraded
         self.logger = logger
     }
 
@@ -49,7 +53,14 @@ public struct VolumeStartup {
         guard reports.contains(where: { $0 != nil }) else {
             throw EngineError("cannot reach any replica (\(unreachable.joined(separator: "; "))); nothing was changed")
         }
-        let members = try Self.members(reports.map { $0.map { ($0.status.id, $0.status.hasMembership ? $0.status.membership : nil) } })
+        let records = reports.map { $0.map { ($0.status.id, $0.status.hasMembership ? $0.status.membership : nil) } }
+        let members = try Self.members(records)
+        // An unreachable replica the newest membership already left out is just
+        // stale; one that may hold the newest data is only skipped when asked.
+        let expected = Self.newest(records.compactMap { $0?.1 })?.members.count ?? addresses.count
+        if let first = unreachable.first, members.count < expected, !allowDegraded {
+            throw EngineError("cannot reach replica \(first); nothing was changed (--allow-degraded starts without it)")
+        }
         let newest = reports.compactMap { $0?.status.owner.epoch }.max()!
         let epoch = requested ?? newest + 1
         guard epoch > newest else {
@@ -131,8 +142,7 @@ public struct VolumeStartup {
     /// reachable: a lone replica with an old record cannot tell it is stale.
     static func members(_ replicas: [(id: String, membership: Keel_Control_V1_Membership?)?]) throws -> Set<Int> {
         let reachable = replicas.indices.filter { replicas[$0] != nil }
-        let records = reachable.compactMap { replicas[$0]!.membership }
-        guard let newest = records.max(by: { ($0.epoch, $0.generation) < ($1.epoch, $1.generation) }) else {
+        guard let newest = newest(reachable.compactMap { replicas[$0]!.membership }) else {
             return Set(reachable)
         }
         let members = Set(reachable.filter { newest.members.contains(replicas[$0]!.id) })
@@ -143,6 +153,10 @@ public struct VolumeStartup {
                 """)
         }
         return members
+    }
+
+    static func newest(_ records: [Keel_Control_V1_Membership]) -> Keel_Control_V1_Membership? {
+        records.max(by: { ($0.epoch, $0.generation) < ($1.epoch, $1.generation) })
     }
 
     /// Sorted, merged, clipped to the volume.

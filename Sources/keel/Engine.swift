@@ -45,6 +45,9 @@ struct EngineCommand: ParsableCommand {
         @Option(help: "Seconds a replica may leave a request unanswered before it is failed (ERR).")
         var replicaTimeout: Double = 8
 
+        @Flag(help: "Start even if replicas that may hold the newest data cannot be reached (a majority must be).")
+        var allowDegraded = false
+
         @OptionGroup var serving: ServingOptions
 
         func validate() throws {
@@ -66,7 +69,8 @@ struct EngineCommand: ParsableCommand {
 
             let engineID = String(UInt64.random(in: 1...UInt64.max), radix: 16)
             let startup = VolumeStartup(volume: volume, size: size.bytes, engineID: engineID,
-                                        replicaTimeoutSeconds: replicaTimeout, logger: logger)
+                                        replicaTimeoutSeconds: replicaTimeout, allowDegraded: allowDegraded,
+                                        logger: logger)
             let outcome: VolumeStartup.Outcome
             do { outcome = try startup.run(addresses: addresses, epoch: epoch) } catch {
                 throw CLIError("\(error)")

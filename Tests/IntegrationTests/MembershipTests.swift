@@ -49,6 +49,34 @@ import Testing
         #expect(try cluster.headsAreIdentical([0, 1, 2]))
     }
 
+    /// An unreachable replica that may hold the newest data stops the start
+    /// (one line, nothing claimed) unless `--allow-degraded`; one that the
+    /// newest membership already left out does not.
+    @Test func unreachableReplicasAtStart() throws {
+        let cluster = try Cluster(replicas: 3, size: "16M")
+        cluster.kill9Replica(2)
+        let refused = try run([Paths.keel, "engine", "serve", "--volume", "vol", "--size", "16M",
+                               "--listen", "unix:" + cluster.scratch.file("refused.sock")] + cluster.replicaArguments,
+                              timeout: 30)
+        #expect(refused.status != 0 && refused.stderr.contains("cannot reach replica"), "\(refused.stderr)")
+        #expect(refused.stderr.contains("--allow-degraded") && refused.stderr.split(separator: "\n").count == 1)
+
+        let control = "unix:" + cluster.scratch.file("engine.control")
+        let degraded = try cluster.startEngine(extra: ["--allow-degraded", "--control", control])
+        var status = try EngineTests.status(control)
+        #expect(EngineTests.modes(status) == ["RW", "RW", "ERR"] && status["health"] as? String == "degraded")
+        let replicas = status["replicas"] as! [[String: Any]]
+        #expect((replicas[2]["error"] as? String ?? "").contains("unreachable"), "\(replicas[2])")
+        let client = try NBDClient()
+        try client.connect(uri: cluster.uri)
+        try client.write([UInt8](repeating: 7, count: 4096), at: 0, flags: .fua)
+        #expect(degraded.stop() == 0)
+
+        try cluster.startEngine(extra: ["--control", control])
+        status = try EngineTests.status(control)
+        #expect(EngineTests.modes(status) == ["RW", "RW", "ERR"])
+    }
+
     /// Two engines that pick the same epoch cannot both own a replica: the
     /// epoch stays with the engine that claimed it first.
     @Test func theSameEpochFromAnotherEngineIsRefused() throws {
