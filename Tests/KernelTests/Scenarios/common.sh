@@ -1,0 +1,48 @@
+# Shared by the real-kernel scenarios; runs inside the guest (see scripts/kernel-vm).
+# Usage: . common.sh KEEL_BINARY
+set -eu
+KEEL=$1
+work=$(mktemp -d /tmp/keel.XXXXXX)
+pids=""
+
+step() { echo "== $*"; }
+
+# Replica data needs O_DIRECT: ext4 on a loop device (the guest's tmpfs refuses it).
+truncate -s 3G "$work/disk.img"
+mkfs.ext4 -q "$work/disk.img"
+mkdir "$work/data"
+mount -o loop "$work/disk.img" "$work/data"
+
+wait_for_socket() {
+    for _ in $(seq 300); do [ -S "$1" ] && return 0; sleep 0.1; done
+    echo "no socket $1"; cat "$work"/*.log; exit 1
+}
+
+start_replica() {
+    "$KEEL" replica serve --dir "$work/data/r$1" --listen "unix:$work/r$1.sock" --size "$2" 2>>"$work/r$1.log" &
+    eval "replica$1=$!"
+    wait_for_socket "$work/r$1.sock"
+}
+
+start_engine() {
+    "$KEEL" engine serve --volume vol --size "$1" --listen "unix:$work/engine.sock" --control "unix:$work/engine.control" \
+        --replica "unix:$work/r0.sock" --replica "unix:$work/r1.sock" --replica "unix:$work/r2.sock" \
+        --replica-timeout 5 2>>"$work/engine.log" &
+    engine=$!
+    wait_for_socket "$work/engine.sock"
+}
+
+attach() {
+    nbd-client -unix "$work/engine.sock" /dev/nbd0 -name vol -connections 2 -block-size 4096 -timeout 60 >/dev/null
+    for _ in $(seq 100); do [ "$(cat /sys/block/nbd0/size)" != 0 ] && return 0; sleep 0.1; done
+    echo "/dev/nbd0 did not get a size"; exit 1
+}
+
+detach() { nbd-client -d /dev/nbd0 >/dev/null; }
+
+on_exit() {
+    status=$?
+    if [ $status -ne 0 ]; then for f in "$work"/*.log; do echo "--- $f"; tail -20 "$f"; done; fi
+    exit $status
+}
+trap on_exit EXIT

@@ -1,0 +1,209 @@
+#!/usr/bin/python3
+"""Keel's real-kernel harness: boots Debian's own kernel (which has nbd.ko) in
+QEMU with the host's root shared read-only over virtio-9p, and runs one
+command inside it. See ../../../shared/KERNEL-VM.md for why it looks like this.
+
+  vm.py prepare            download and unpack the kernel, build the initramfs (cached)
+  vm.py run [--timeout S] -- COMMAND...
+                           boot, run COMMAND as root in the guest (the host's
+                           filesystem, read-only, under a tmpfs overlay), print
+                           its output, exit with its status
+
+Everything is cached in .build-vm/ at the repository's root. The guest has no
+network device: every process of a test runs inside it, on its loopback.
+"""
+import argparse
+import glob
+import lzma
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+CACHE = os.path.join(REPO, ".build-vm")
+# Loaded in this order (dependencies first, resolved from each module's .modinfo).
+MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "ext4", "crc32c_generic", "loop"]
+GUEST_INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules.order); do insmod /modules/$m 2>/dev/null; done
+insmod /modules/nbd.ko nbds_max=8
+mkdir -p /host /overlay /newroot
+mount -t 9p -o trans=virtio,version=9p2000.L,cache=mmap,msize=262144 hostroot /host || { echo "vm: cannot mount the host root" > /dev/ttyS1; reboot -f; }
+mount -t tmpfs -o size=75% tmpfs /overlay
+mkdir -p /overlay/upper /overlay/work
+mount -t overlay overlay -o lowerdir=/host,upperdir=/overlay/upper,workdir=/overlay/work /newroot
+run=$(cat /run-dir)
+mkdir -p /newroot$run
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results /newroot$run
+for d in proc sys dev; do mount --rbind /$d /newroot/$d; done
+mount -t devpts devpts /newroot/dev/pts 2>/dev/null
+mount -t tmpfs tmpfs /newroot/run
+mount -t tmpfs tmpfs /newroot/tmp
+chroot /newroot /bin/sh -c "cd $run && exec /bin/sh $run/command.sh" > /dev/ttyS1 2>&1
+echo $? > /newroot$run/exit-status
+sync
+reboot -f
+"""
+
+
+def log(message):
+    print("vm: " + message, file=sys.stderr, flush=True)
+
+
+def kernel_package():
+    depends = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True,
+                             check=True).stdout
+    match = re.search(r"Depends: (linux-image-[0-9][^\s]*-amd64)", depends)
+    if not match:
+        sys.exit("vm: cannot tell which kernel linux-image-amd64 stands for:\n" + depends)
+    return match.group(1)
+
+
+def extract_vmlinux(vmlinuz, out):
+    """The ELF kernel inside a bzImage: find the xz payload and unpack it
+    (QEMU boots an ELF vmlinux directly, without the slow decompressor)."""
+    data = open(vmlinuz, "rb").read()
+    start = data.find(b"\xfd7zXZ\x00")
+    if start < 0:
+        sys.exit("vm: no xz payload in %s" % vmlinuz)
+    kernel = lzma.LZMADecompressor().decompress(data[start:])
+    if kernel[:4] != b"\x7fELF":
+        sys.exit("vm: the payload of %s is not an ELF kernel" % vmlinuz)
+    open(out, "wb").write(kernel)
+
+
+def module_depends(path):
+    match = re.search(rb"depends=([^\x00]*)\x00", open(path, "rb").read())
+    return [d for d in match.group(1).decode().split(",") if d] if match else []
+
+
+def module_order(module_dir):
+    paths = {}
+    for path in glob.glob(os.path.join(module_dir, "kernel", "**", "*.ko"), recursive=True):
+        paths[os.path.basename(path)[:-3].replace("-", "_")] = path
+    order, seen = [], set()
+
+    def visit(name):
+        name = name.replace("-", "_")
+        if name in seen:
+            return
+        seen.add(name)
+        if name not in paths:
+            sys.exit("vm: module %s not found in %s" % (name, module_dir))
+        for dependency in module_depends(paths[name]):
+            visit(dependency)
+        order.append(paths[name])
+
+    for name in MODULES:
+        visit(name)
+    return order, paths["nbd"]
+
+
+def ensure_tools():
+    missing = [package for tool, package in [("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static"),
+                                             ("cpio", "cpio")] if not shutil.which(tool)]
+    if missing:
+        log("installing " + " ".join(missing))
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends"] + missing, check=True,
+                       stdout=subprocess.DEVNULL, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+
+
+def prepare():
+    ensure_tools()
+    package = kernel_package()
+    stamp = os.path.join(CACHE, package + ".ready")
+    if os.path.exists(stamp):
+        return
+    busybox = shutil.which("busybox")
+    os.makedirs(CACHE, exist_ok=True)
+    work = tempfile.mkdtemp(dir=CACHE)
+    log("downloading %s" % package)
+    subprocess.run(["apt-get", "download", "-q", package], cwd=work, check=True, stderr=subprocess.DEVNULL)
+    deb = glob.glob(os.path.join(work, package + "_*.deb"))[0]
+    subprocess.run(["dpkg-deb", "-x", deb, os.path.join(work, "root")], check=True)
+    vmlinuz = glob.glob(os.path.join(work, "root", "boot", "vmlinuz-*"))[0]
+    extract_vmlinux(vmlinuz, os.path.join(CACHE, "vmlinux"))
+
+    initramfs = os.path.join(work, "initramfs")
+    for d in ["bin", "proc", "sys", "dev", "modules"]:
+        os.makedirs(os.path.join(initramfs, d))
+    shutil.copy(busybox, os.path.join(initramfs, "bin", "busybox"))
+    modules, nbd = module_order(glob.glob(os.path.join(work, "root", "lib", "modules", "*"))[0])
+    for path in modules + [nbd]:
+        shutil.copy(path, os.path.join(initramfs, "modules"))
+    with open(os.path.join(initramfs, "modules.order"), "w") as f:
+        f.write("\n".join(os.path.basename(p) for p in modules) + "\n")
+    with open(os.path.join(initramfs, "init"), "w") as f:
+        f.write(GUEST_INIT)
+    os.chmod(os.path.join(initramfs, "init"), 0o755)
+    with open(os.path.join(CACHE, "initramfs.cpio"), "wb") as out:
+        files = subprocess.run("find . | sort", shell=True, cwd=initramfs, capture_output=True, check=True).stdout
+        subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input=files, cwd=initramfs, stdout=out, check=True)
+    shutil.rmtree(work)
+    open(stamp, "w").close()
+    log("kernel %s ready in %s" % (package, CACHE))
+
+
+def run(command, timeout):
+    prepare()
+    run_dir = tempfile.mkdtemp(prefix="keel-vm-", dir="/var/tmp")
+    os.chmod(run_dir, 0o755)
+    with open(os.path.join(run_dir, "command.sh"), "w") as f:
+        f.write("set -e\n" + " ".join(shlex.quote(c) for c in command) + "\n")
+    # The guest learns where its results go from a one-line file appended to the initramfs.
+    initramfs = os.path.join(run_dir, "initramfs.cpio")
+    extra = os.path.join(run_dir, "extra")
+    os.makedirs(extra)
+    with open(os.path.join(extra, "run-dir"), "w") as f:
+        f.write(run_dir + "\n")
+    with open(initramfs, "wb") as out:
+        out.write(open(os.path.join(CACHE, "initramfs.cpio"), "rb").read())
+        subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input=b"run-dir\n", cwd=extra, stdout=out, check=True)
+    accel = "kvm" if re.search(r"\b(vmx|svm)\b", open("/proc/cpuinfo").read()) else "tcg,thread=multi"
+    qemu = ["qemu-system-x86_64", "-accel", accel, "-cpu", "max", "-smp", "2", "-m", "3G",
+            "-kernel", os.path.join(CACHE, "vmlinux"), "-initrd", initramfs,
+            "-append", "console=ttyS0 quiet panic=-1 rdinit=/init",
+            "-display", "none", "-no-reboot", "-nic", "none",
+            "-serial", "file:" + os.path.join(run_dir, "console.log"),
+            "-chardev", "stdio,id=out,signal=off", "-serial", "chardev:out",
+            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+            "-virtfs", "local,path=%s,mount_tag=results,security_model=none" % run_dir]
+    try:
+        subprocess.run(qemu, stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        log("the guest did not finish within %d s; console log: %s" % (timeout, run_dir + "/console.log"))
+        return 124
+    status_file = os.path.join(run_dir, "exit-status")
+    if not os.path.exists(status_file):
+        log("the guest ended without an exit status; console log:")
+        sys.stderr.write(open(os.path.join(run_dir, "console.log"), errors="replace").read()[-4000:])
+        return 125
+    status = int(open(status_file).read().strip() or "125")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return status
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("prepare")
+    runner = sub.add_parser("run")
+    runner.add_argument("--timeout", type=int, default=600)
+    runner.add_argument("command", nargs="+")
+    args = parser.parse_args()
+    if args.action == "prepare":
+        prepare()
+    else:
+        sys.exit(run(args.command, args.timeout))
+
+
+if __name__ == "__main__":
+    main()
