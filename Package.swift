@@ -64,9 +64,12 @@ let package = Package(
             .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ]),
+        // The kernel's NBD driver over generic netlink: /dev/nbdX from sockets in transmission.
+        .systemLibrary(name: "CNetlink"),
+        .target(name: "KernelNBD", dependencies: ["CNetlink", "Syscalls"]),
         // `keel engine serve`: a volume's frontend, replicated synchronously to its replicas.
         .target(name: "Engine", dependencies: [
-            "NBDServer", "NBDProtocol", "IOUring", "LibNBD", "Syscalls", "ControlAPI",
+            "NBDServer", "NBDProtocol", "IOUring", "LibNBD", "Syscalls", "ControlAPI", "KernelNBD",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
@@ -85,6 +88,7 @@ let package = Package(
         .testTarget(name: "IOUringTests", dependencies: ["IOUring", "Syscalls"]),
         .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite"]),
         .testTarget(name: "EngineUnitTests", dependencies: ["Engine", "ControlAPI"]),
+        .testTarget(name: "KernelNBDTests", dependencies: ["KernelNBD"]),
         .testTarget(name: "IntegrationTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls"]),
         // Runs Scenarios/*.sh in a QEMU guest with Debian's kernel (scripts/kernel-vm): /dev/nbdX for real.
         .testTarget(name: "KernelTests", exclude: ["Scenarios"]),

@@ -67,10 +67,10 @@ final class Connection {
     /// Queued in the thread's list of connections with replies to send.
     var needsFlush = false
 
-    init(index: Int, fd: FileDescriptor, handshake: Handshake) {
+    init(index: Int, fd: FileDescriptor, phase: Phase) {
         self.index = index
         self.fd = fd
-        phase = .handshake(handshake)
+        self.phase = phase
         slots = .allocate(capacity: Self.slotCount)
         slots.initialize(repeating: Slot(), count: Self.slotCount)
         freeSlots = (0..<Int32(Self.slotCount)).reversed()

@@ -23,6 +23,8 @@ final class IOThread<Device: BlockDevice> {
     let device: Device
     let catalog: any ExportCatalog
     let listener: FileDescriptor
+    /// Sockets already past the handshake (the kernel's ends of socketpairs), served from the start.
+    let adopted: [AdoptedConnection]
     let configuration: Configuration
     var logger: Logger
     let wake: EventFD
@@ -42,11 +44,12 @@ final class IOThread<Device: BlockDevice> {
     private lazy var graceTimeout = TimeoutDuration(nanoseconds: Int64(configuration.shutdownGraceSeconds) * 1_000_000_000)
 
     init(id: Int, device: Device, catalog: any ExportCatalog, listener: FileDescriptor,
-         configuration: Configuration, logger: Logger) throws {
+         adopted: [AdoptedConnection] = [], configuration: Configuration, logger: Logger) throws {
         self.id = id
         self.device = device
         self.catalog = catalog
         self.listener = listener
+        self.adopted = adopted
         self.configuration = configuration
         self.logger = logger
         self.logger[metadataKey: "thread"] = "\(id)"
@@ -74,6 +77,7 @@ final class IOThread<Device: BlockDevice> {
     func run() throws {
         ring.acceptMultishot(listener, userData: IOToken(.accept).rawValue)
         ring.readEvent(wake.descriptor, into: wakeCounter, userData: IOToken(.wake).rawValue)
+        for connection in adopted { open(connection.fd, negotiated: connection.negotiated) }
         while !(stopping && liveConnections == 0) {
             try ring.submitAndWait(1)
             ring.drainCompletions { handle($0) }
@@ -142,18 +146,24 @@ final class IOThread<Device: BlockDevice> {
         }
     }
 
-    private func open(_ fd: FileDescriptor) {
+    /// A new connection: from the handshake's greeting on, or, when already
+    /// negotiated elsewhere, straight in the transmission phase.
+    private func open(_ fd: FileDescriptor, negotiated: Negotiated? = nil) {
         let index: Int
         if let free = freeConnectionIndexes.popLast() { index = free } else {
             index = connections.count
             connections.append(nil)
         }
-        let connection = Connection(index: index, fd: fd, handshake: Handshake(catalog: catalog))
+        let phase: Connection.Phase = negotiated.map { .transmission(RequestPolicy($0)) }
+            ?? .handshake(Handshake(catalog: catalog))
+        let connection = Connection(index: index, fd: fd, phase: phase)
         connections[index] = connection
         liveConnections += 1
         Socket.setNoDelay(fd)
-        connection.rawOutput = Handshake.greeting
-        markForFlush(connection)
+        if negotiated == nil {
+            connection.rawOutput = Handshake.greeting
+            markForFlush(connection)
+        }
         armReceive(connection)
         logger.debug("connection \(index) opened")
     }

@@ -15,25 +15,35 @@ public final class Server<Device: BlockDevice>: @unchecked Sendable {
 
     private let catalog: any ExportCatalog
     private let threadCount: Int
+    private let adopted: [AdoptedConnection]
 
-    public init(device: Device, listener: FileDescriptor, catalog: any ExportCatalog, threads: Int, logger: Logger) {
+    /// `adopted` connections are spread over the threads, round robin.
+    public init(device: Device, listener: FileDescriptor, catalog: any ExportCatalog, threads: Int,
+                adopted: [AdoptedConnection] = [], logger: Logger) {
         self.device = device
         self.listener = listener
         self.catalog = catalog
         self.logger = logger
+        self.adopted = adopted
         threadCount = max(1, threads)
     }
 
     /// One export of the whole device under `exportName` (and the default name "").
-    public convenience init(device: Device, listener: FileDescriptor, exportName: String, threads: Int, logger: Logger) {
-        let export = ExportDescription(name: exportName, size: device.size, readOnly: device.readOnly)
-        self.init(device: device, listener: listener, catalog: StaticExports([export]), threads: threads, logger: logger)
+    public convenience init(device: Device, listener: FileDescriptor, exportName: String, threads: Int,
+                            adopted: [AdoptedConnection] = [], logger: Logger) {
+        self.init(device: device, listener: listener, catalog: StaticExports([Self.export(device, exportName)]),
+                  threads: threads, adopted: adopted, logger: logger)
+    }
+
+    public static func export(_ device: Device, _ name: String) -> ExportDescription {
+        ExportDescription(name: name, size: device.size, readOnly: device.readOnly)
     }
 
     /// Starts the I/O threads; returns once each has set up its ring, or throws the first failure.
     public func start() throws {
         for id in 0..<threadCount {
-            let thread = try IOThread(id: id, device: device, catalog: catalog, listener: listener,
+            let mine = adopted.indices.filter { $0 % threadCount == id }.map { adopted[$0] }
+            let thread = try IOThread(id: id, device: device, catalog: catalog, listener: listener, adopted: mine,
                                       configuration: .init(), logger: logger)
             let ready = Handoff<Result<Void, Error>>()
             let os = try PosixThread(name: "keel-io-\(id)") { [logger] in
@@ -65,5 +75,17 @@ public final class Server<Device: BlockDevice>: @unchecked Sendable {
     public func wait() {
         for thread in osThreads { thread.join() }
         osThreads.removeAll()
+    }
+}
+
+/// A socket whose handshake happened elsewhere (the kernel takes sockets in
+/// the transmission phase): served as if it had negotiated `negotiated`.
+public struct AdoptedConnection: Sendable {
+    public let fd: FileDescriptor
+    public let negotiated: Negotiated
+
+    public init(fd: FileDescriptor, negotiated: Negotiated) {
+        self.fd = fd
+        self.negotiated = negotiated
     }
 }

@@ -8,6 +8,10 @@ import Syscalls
 import Glibc
 #endif
 
+enum Frontend: String, ExpressibleByArgument, CaseIterable {
+    case kernel, none
+}
+
 struct EngineCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "engine",
@@ -45,6 +49,12 @@ struct EngineCommand: ParsableCommand {
         @Option(help: "Seconds a replica may leave a request unanswered before it is failed (ERR).")
         var replicaTimeout: Double = 8
 
+        @Option(help: "kernel: also attach the volume as /dev/nbdX (netlink); none: only the --listen address.")
+        var frontend: Frontend = .none
+
+        @Option(help: "Connections of the kernel device (fixed for its life).")
+        var connections: Int = 2
+
         @Flag(help: "Start even if replicas that may hold the newest data cannot be reached (a majority must be).")
         var allowDegraded = false
 
@@ -54,6 +64,9 @@ struct EngineCommand: ParsableCommand {
             guard !replicas.isEmpty else { throw ValidationError("give at least one --replica HOST:PORT") }
             guard replicaTimeout >= 0.1 && replicaTimeout <= 3600 else {
                 throw ValidationError("--replica-timeout must be between 0.1 and 3600 seconds")
+            }
+            guard (1...16).contains(connections) else {
+                throw ValidationError("--connections must be between 1 and 16")
             }
             guard !volume.isEmpty, !volume.contains("@") else {
                 throw ValidationError("--volume must be a non-empty name without '@'")
@@ -66,6 +79,14 @@ struct EngineCommand: ParsableCommand {
             let addresses = try replicas.map { try parseListenAddress($0, option: "--replica") }
             let controlAddress = try control.map { try parseListenAddress($0, option: "--control") }
             TerminationSignals.block()
+            // Before anything is claimed: a kernel without the NBD driver is a one-line refusal.
+            let kernel: KernelFrontend?
+            do {
+                kernel = try frontend == .kernel
+                    ? KernelFrontend(volume: volume, size: size.bytes, connections: connections, logger: logger) : nil
+            } catch {
+                throw CLIError("\(error)")
+            }
 
             let engineID = String(UInt64.random(in: 1...UInt64.max), radix: 16)
             let startup = VolumeStartup(volume: volume, size: size.bytes, engineID: engineID,
@@ -85,9 +106,18 @@ struct EngineCommand: ParsableCommand {
                 try ControlServer(address: $0, services: [EngineControlService(device: device)])
             }
             defer { controlServer?.stop() }
-            try serveUntilSignalled(device, on: address, logger: logger, what: what) { listener in
-                Server(device: device, listener: listener, exportName: volume, threads: serving.threads, logger: logger)
+            try serveUntilSignalled(device, on: address, logger: logger, what: what,
+                                    afterStart: { if let kernel { try announce(kernel.attach()) } },
+                                    beforeStop: { kernel?.detach() }) { listener in
+                Server(device: device, listener: listener, exportName: volume, threads: serving.threads,
+                       adopted: kernel?.adopted ?? [], logger: logger)
             }
         }
     }
+}
+
+/// A device path on stdout, for scripts (the log says it too).
+private func announce(_ path: String) {
+    print(path)
+    fflush(stdout)
 }

@@ -10,6 +10,7 @@ import Glibc
 /// start the I/O threads, wait for SIGINT/SIGTERM, drain, flush, clean up.
 func serveUntilSignalled<Device: BlockDevice>(
     _ device: Device, on address: SocketAddress, logger: Logger, what: String,
+    afterStart: () throws -> Void = {}, beforeStop: () -> Void = {},
     makeServer: (FileDescriptor) -> Server<Device>
 ) throws {
     let listener: FileDescriptor
@@ -22,9 +23,16 @@ func serveUntilSignalled<Device: BlockDevice>(
         throw CLIError("cannot start the I/O threads: \(error)")
     }
     logger.notice("serving \(what) on \(address)")
+    do { try afterStart() } catch {
+        server.stop()
+        server.wait()
+        listener.close()
+        throw CLIError("\(error)")
+    }
 
     let signal = TerminationSignals.wait()
     logger.notice("signal \(signal): finishing in-flight requests")
+    beforeStop()
     server.stop()
     server.wait()
     listener.close()

@@ -225,6 +225,9 @@ import Testing
         let notReplica = try KeelServer(image: try cluster.scratch.image(size: 16 << 20), scratch: cluster.scratch)
         try expectFailure(["--size", "16M", "--replica", notReplica.address], mentioning: "not a Keel replica")
         try expectFailure(["--size", "16M"], mentioning: "--replica")
+        if !FileManager.default.fileExists(atPath: "/sys/module/nbd") {
+            try expectFailure(["--size", "16M", "--replica", replica, "--frontend", "kernel"], mentioning: "modprobe nbd")
+        }
         // Claimed by a newer epoch already.
         let engine = try cluster.startEngine(extra: ["--epoch", "10"])
         #expect(engine.stop() == 0)

@@ -47,6 +47,12 @@ import Testing
         #expect(result.output.contains("checksums match"))
     }
 
+    @Test func keelAttachesOverNetlinkDetachesAndAttachesAgain() throws {
+        let result = try Self.scenario("keel-frontend")
+        #expect(result.status == 0)
+        #expect(result.output.contains("keel frontend: checksums match"))
+    }
+
     @Test func fioVerifyOnTheDeviceWhileAReplicaIsKilled() throws {
         let result = try Self.scenario("fio-verify-replica-killed")
         #expect(result.status == 0)
