@@ -16,13 +16,16 @@ public final class KernelFrontend {
     /// The engine's ends, for the server to adopt.
     public let adopted: [AdoptedConnection]
     private var kernelEnds: [Int32]
+    /// Duplicates of the engine's ends: after RECONFIGURE they tell whether the kernel kept the sockets.
+    private var probes: [Int32]
     private let configuration: KernelNBD.Configuration
     private let kernel: KernelNBD
     private let logger: Logger
     public private(set) var index: UInt32?
 
     /// Checks that the kernel has the NBD driver before anything else happens.
-    public init(volume: String, size: UInt64, connections: Int, logger: Logger) throws {
+    public init(volume: String, size: UInt64, connections: Int, ioTimeout: UInt64 = 30,
+                deadConnectionTimeout: UInt64 = 120, logger: Logger) throws {
         kernel = try KernelNBD()
         self.connections = connections
         self.logger = logger
@@ -41,21 +44,62 @@ public final class KernelFrontend {
             kernelEnds.append(pair[1])
         }
         adopted = engineEnds
-        configuration = KernelNBD.Configuration(size: size, serverFlags: UInt64(negotiated.transmissionFlags.rawValue),
-                                                backendIdentifier: backendIdentifier)
+        probes = engineEnds.map { dup($0.fd.rawValue) }
+        var configuration = KernelNBD.Configuration(size: size, serverFlags: UInt64(negotiated.transmissionFlags.rawValue),
+                                                    backendIdentifier: backendIdentifier)
+        configuration.timeout = ioTimeout
+        configuration.deadConnectionTimeout = deadConnectionTimeout
+        self.configuration = configuration
     }
 
-    deinit { for fd in kernelEnds { close(fd) } }
+    deinit { for fd in kernelEnds + probes { close(fd) } }
 
-    /// CONNECT; returns the device path. The kernel holds its own references
-    /// to the sockets, so this process's copies of its ends are closed.
+    /// Attaches the volume and returns the device path. A device that already
+    /// carries this volume's backend identifier (its engine died; the kernel
+    /// holds its I/O for the dead-connection timeout) gets the new sockets
+    /// with RECONFIGURE; otherwise CONNECT makes a new one. The kernel holds
+    /// its own references to the sockets, so this process's copies are closed.
     public func attach() throws -> String {
-        let index = try kernel.connect(sockets: kernelEnds, configuration: configuration)
+        let index: UInt32
+        if let existing = try kernel.status().first(where: {
+            $0.connected && KernelNBD.backendIdentifier(of: $0.index) == backendIdentifier
+        }) {
+            index = existing.index
+            try kernel.reconfigure(index: index, sockets: kernelEnds, configuration: configuration)
+            closeKernelEnds()
+            try checkSocketsWereTaken(index)
+            logger.notice("took over /dev/nbd\(index) with \(connections) new connection(s), backend \(backendIdentifier)")
+        } else {
+            index = try kernel.connect(sockets: kernelEnds, configuration: configuration)
+            closeKernelEnds()
+            logger.notice("attached as /dev/nbd\(index) with \(connections) connection(s), backend \(backendIdentifier)")
+        }
         self.index = index
+        return "/dev/nbd\(index)"
+    }
+
+    private func closeKernelEnds() {
         for fd in kernelEnds { close(fd) }
         kernelEnds = []
-        logger.notice("attached as /dev/nbd\(index) with \(connections) connection(s), backend \(backendIdentifier)")
-        return "/dev/nbd\(index)"
+    }
+
+    /// RECONFIGURE fills dead connection slots only and silently drops a
+    /// socket that finds none: then the socket is closed at once, which its
+    /// other end shows as a hang-up.
+    private func checkSocketsWereTaken(_ index: UInt32) throws {
+        defer {
+            for fd in probes { close(fd) }
+            probes = []
+        }
+        var polls = probes.map { pollfd(fd: $0, events: 0, revents: 0) }
+        _ = poll(&polls, nfds_t(polls.count), 100)
+        let dropped = polls.filter { $0.revents & Int16(POLLHUP) != 0 }.count
+        guard dropped == 0 else {
+            throw EngineError("""
+                /dev/nbd\(index) kept only \(polls.count - dropped) of \(polls.count) new connections: \
+                another engine is still serving \(backendIdentifier)
+                """)
+        }
     }
 
     /// DISCONNECT: the kernel ends its connections; the device stays, empty.

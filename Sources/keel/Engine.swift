@@ -55,6 +55,12 @@ struct EngineCommand: ParsableCommand {
         @Option(help: "Connections of the kernel device (fixed for its life).")
         var connections: Int = 2
 
+        @Option(help: "Seconds the kernel lets a request run before it retries it on another connection; also the longest I/O pause when an engine dies and a new one takes over.")
+        var ioTimeout: UInt64 = 30
+
+        @Option(help: "Seconds the kernel device holds I/O while no engine serves it (then it fails I/O).")
+        var deadConnectionTimeout: UInt64 = 120
+
         @Flag(help: "Start even if replicas that may hold the newest data cannot be reached (a majority must be).")
         var allowDegraded = false
 
@@ -67,6 +73,9 @@ struct EngineCommand: ParsableCommand {
             }
             guard (1...16).contains(connections) else {
                 throw ValidationError("--connections must be between 1 and 16")
+            }
+            guard ioTimeout >= 1, deadConnectionTimeout >= 1 else {
+                throw ValidationError("--io-timeout and --dead-connection-timeout must be at least 1 second")
             }
             guard !volume.isEmpty, !volume.contains("@") else {
                 throw ValidationError("--volume must be a non-empty name without '@'")
@@ -83,7 +92,8 @@ struct EngineCommand: ParsableCommand {
             let kernel: KernelFrontend?
             do {
                 kernel = try frontend == .kernel
-                    ? KernelFrontend(volume: volume, size: size.bytes, connections: connections, logger: logger) : nil
+                    ? KernelFrontend(volume: volume, size: size.bytes, connections: connections, ioTimeout: ioTimeout,
+                                     deadConnectionTimeout: deadConnectionTimeout, logger: logger) : nil
             } catch {
                 throw CLIError("\(error)")
             }

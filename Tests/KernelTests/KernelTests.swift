@@ -53,6 +53,12 @@ import Testing
         #expect(result.output.contains("keel frontend: checksums match"))
     }
 
+    @Test func engineKilledAndRestartedUnderFioWithoutIOErrors() throws {
+        let result = try Self.scenario("engine-restart")
+        #expect(result.status == 0)
+        #expect(result.output.contains("engine restarted under fio without I/O errors"))
+    }
+
     @Test func fioVerifyOnTheDeviceWhileAReplicaIsKilled() throws {
         let result = try Self.scenario("fio-verify-replica-killed")
         #expect(result.status == 0)

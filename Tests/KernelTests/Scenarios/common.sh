@@ -46,3 +46,20 @@ on_exit() {
     exit $status
 }
 trap on_exit EXIT
+
+# engine serve --frontend kernel; sets $device and $nbd once the kernel device has its size.
+start_kernel_engine() {
+    : > "$work/engine.out"
+    "$KEEL" engine serve --volume vol --size "$1" --listen "unix:$work/engine.sock" \
+        --control "unix:$work/engine.control" --replica-timeout 5 \
+        --replica "unix:$work/r0.sock" --replica "unix:$work/r1.sock" --replica "unix:$work/r2.sock" \
+        --frontend kernel --connections 2 --io-timeout 5 >"$work/engine.out" 2>>"$work/engine.log" &
+    engine=$!
+    for _ in $(seq 300); do grep -q /dev/nbd "$work/engine.out" && break; sleep 0.1; done
+    device=$(cat "$work/engine.out")
+    [ -b "$device" ] || { echo "no device from the engine: '$device'"; exit 1; }
+    nbd=$(basename "$device")
+    for _ in $(seq 100); do [ "$(cat /sys/block/$nbd/size)" != 0 ] && break; sleep 0.1; done
+    echo "attached $device, backend $(cat /sys/block/$nbd/backend), $(ls /sys/block/$nbd/mq | wc -l) hardware queue(s)"
+    [ "$(cat /sys/block/$nbd/backend)" = keel:vol ]
+}
