@@ -7,8 +7,12 @@ import Syscalls
 /// The engine's side of the control API.
 public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceProtocol {
     let device: EngineDevice
+    let frontend: FrontendController?
 
-    public init(device: EngineDevice) { self.device = device }
+    public init(device: EngineDevice, frontend: FrontendController? = nil) {
+        self.device = device
+        self.frontend = frontend
+    }
 
     public func status(request: Keel_Control_V1_EngineStatusRequest,
                        context: ServerContext) async throws -> Keel_Control_V1_EngineStatus {
@@ -16,6 +20,7 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
         status.volume = device.volume
         status.size = device.size
         status.epoch = device.epoch
+        status.device = frontend?.device ?? ""
         switch device.replicas.health {
         case .healthy: status.health = .ok
         case .degraded: status.health = .degraded
@@ -56,6 +61,20 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
                               context: ServerContext) async throws -> Keel_Control_V1_EngineStatus {
         let address = try parse(request.address)
         try refusing { try device.removeReplica(address: address) }
+        return try await status(request: .init(), context: context)
+    }
+
+    public func setFrontend(request: Keel_Control_V1_SetFrontendRequest,
+                            context: ServerContext) async throws -> Keel_Control_V1_EngineStatus {
+        guard let frontend else {
+            throw RPCError(code: .failedPrecondition, message: "this engine has no kernel frontend")
+        }
+        // Netlink calls and the drain block: off the cooperative pool.
+        try await offloaded {
+            try refusing {
+                if request.enabled { try frontend.enable() } else { frontend.disable() }
+            }
+        }
         return try await status(request: .init(), context: context)
     }
 

@@ -23,6 +23,9 @@ public final class KernelFrontend {
     private let logger: Logger
     public private(set) var index: UInt32?
 
+    /// Throws `KernelNBD.Failure.moduleMissing` (with how to load it) when the kernel has no NBD driver.
+    public static func checkDriver() throws { _ = try KernelNBD() }
+
     /// Checks that the kernel has the NBD driver before anything else happens.
     public init(volume: String, size: UInt64, connections: Int, ioTimeout: UInt64 = 30,
                 deadConnectionTimeout: UInt64 = 120, logger: Logger) throws {

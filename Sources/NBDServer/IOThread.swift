@@ -1,6 +1,7 @@
 import IOUring
 import Logging
 import NBDProtocol
+import Synchronization
 import Syscalls
 #if canImport(Glibc)
 import Glibc
@@ -8,7 +9,7 @@ import Glibc
 
 /// One I/O thread: a ring, its buffers, the connections it accepted, and the
 /// device worker. Everything here runs on that one thread; other threads
-/// reach it only through the wake eventfd.
+/// reach it only through its eventfds (wake: stop; adoption: new connections).
 final class IOThread<Device: BlockDevice> {
     struct Configuration {
         var ringEntries: UInt32 = 512
@@ -28,6 +29,12 @@ final class IOThread<Device: BlockDevice> {
     let configuration: Configuration
     var logger: Logger
     let wake: EventFD
+    /// Signalled when `adopt` queued connections for this thread.
+    private let adoptionSignal: EventFD
+    private let adoptionCounter = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
+    private let pendingAdoptions = Mutex<[AdoptedConnection]>([])
+    /// Requests in flight on adopted connections: what draining the kernel frontend waits for.
+    let adoptedRequestsInFlight = Atomic<Int>(0)
 
     private var ring: Ring!
     private var arena: BufferArena!
@@ -54,11 +61,20 @@ final class IOThread<Device: BlockDevice> {
         self.logger = logger
         self.logger[metadataKey: "thread"] = "\(id)"
         wake = try EventFD()
+        adoptionSignal = try EventFD()
     }
 
     deinit {
         wakeCounter.deallocate()
+        adoptionCounter.deallocate()
         wake.descriptor.close()
+        adoptionSignal.descriptor.close()
+    }
+
+    /// From any thread: serve these connections too.
+    func adopt(_ connections: [AdoptedConnection]) {
+        pendingAdoptions.withLock { $0 += connections }
+        adoptionSignal.signal()
     }
 
     /// Creates the ring and everything registered with it. Must run on the
@@ -77,6 +93,7 @@ final class IOThread<Device: BlockDevice> {
     func run() throws {
         ring.acceptMultishot(listener, userData: IOToken(.accept).rawValue)
         ring.readEvent(wake.descriptor, into: wakeCounter, userData: IOToken(.wake).rawValue)
+        ring.readEvent(adoptionSignal.descriptor, into: adoptionCounter, userData: IOToken(.adopt).rawValue)
         for connection in adopted { open(connection.fd, negotiated: connection.negotiated) }
         while !(stopping && liveConnections == 0) {
             try ring.submitAndWait(1)
@@ -111,6 +128,11 @@ final class IOThread<Device: BlockDevice> {
             worker.workerEvent(token: token, result: completion.result, flags: completion.flags)
         case .wake:
             beginStopping()
+        case .adopt:
+            ring.readEvent(adoptionSignal.descriptor, into: adoptionCounter, userData: IOToken(.adopt).rawValue)
+            for connection in pendingAdoptions.withLock({ pending in defer { pending.removeAll() }; return pending }) {
+                if stopping { connection.fd.close() } else { open(connection.fd, negotiated: connection.negotiated) }
+            }
         case .graceTimer:
             for case let connection? in connections { abort(connection); settle(connection) }
         case .cancel, nil:
@@ -156,7 +178,7 @@ final class IOThread<Device: BlockDevice> {
         }
         let phase: Connection.Phase = negotiated.map { .transmission(RequestPolicy($0)) }
             ?? .handshake(Handshake(catalog: catalog))
-        let connection = Connection(index: index, fd: fd, phase: phase)
+        let connection = Connection(index: index, fd: fd, phase: phase, adopted: negotiated != nil)
         connections[index] = connection
         liveConnections += 1
         Socket.setNoDelay(fd)
@@ -353,6 +375,7 @@ final class IOThread<Device: BlockDevice> {
             return
         }
         let slot = connection.allocateSlot()!
+        if connection.adopted { adoptedRequestsInFlight.add(1, ordering: .relaxed) }
         let s = connection.slots.advanced(by: slot)
         s.pointee.handle = header.handle
         s.pointee.request.command = header.command ?? .read
@@ -452,6 +475,7 @@ final class IOThread<Device: BlockDevice> {
         s.pointee.request.buffer = nil
         s.pointee.request.scratch = nil
         connection.releaseSlot(slot)
+        if connection.adopted { adoptedRequestsInFlight.subtract(1, ordering: .relaxed) }
         // A freed slot may unblock input that was waiting for one.
         if connection.inputHead < connection.input.count && !connection.closing {
             processInput(connection)

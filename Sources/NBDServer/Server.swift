@@ -66,6 +66,18 @@ public final class Server<Device: BlockDevice>: @unchecked Sendable {
         }
     }
 
+    /// Serves connections negotiated elsewhere, spread over the threads; the server must be running.
+    public func adopt(_ connections: [AdoptedConnection]) {
+        for (id, thread) in ioThreads.enumerated() {
+            thread.adopt(connections.indices.filter { $0 % ioThreads.count == id }.map { connections[$0] })
+        }
+    }
+
+    /// Requests in flight on adopted connections, across all threads.
+    public var adoptedRequestsInFlight: Int {
+        ioThreads.reduce(0) { $0 + $1.adoptedRequestsInFlight.load(ordering: .relaxed) }
+    }
+
     /// Asks every thread to finish in-flight requests and close its connections.
     public func stop() {
         for thread in ioThreads { thread.wake.signal() }

@@ -8,7 +8,7 @@ import Syscalls
 import Glibc
 #endif
 
-enum Frontend: String, ExpressibleByArgument, CaseIterable {
+enum FrontendMode: String, ExpressibleByArgument, CaseIterable {
     case kernel, none
 }
 
@@ -50,7 +50,7 @@ struct EngineCommand: ParsableCommand {
         var replicaTimeout: Double = 8
 
         @Option(help: "kernel: also attach the volume as /dev/nbdX (netlink); none: only the --listen address.")
-        var frontend: Frontend = .none
+        var frontend: FrontendMode = .none
 
         @Option(help: "Connections of the kernel device (fixed for its life).")
         var connections: Int = 2
@@ -89,13 +89,8 @@ struct EngineCommand: ParsableCommand {
             let controlAddress = try control.map { try parseListenAddress($0, option: "--control") }
             TerminationSignals.block()
             // Before anything is claimed: a kernel without the NBD driver is a one-line refusal.
-            let kernel: KernelFrontend?
-            do {
-                kernel = try frontend == .kernel
-                    ? KernelFrontend(volume: volume, size: size.bytes, connections: connections, ioTimeout: ioTimeout,
-                                     deadConnectionTimeout: deadConnectionTimeout, logger: logger) : nil
-            } catch {
-                throw CLIError("\(error)")
+            if frontend == .kernel {
+                do { try KernelFrontend.checkDriver() } catch { throw CLIError("\(error)") }
             }
 
             let engineID = String(UInt64.random(in: 1...UInt64.max), radix: 16)
@@ -112,15 +107,21 @@ struct EngineCommand: ParsableCommand {
             try device.startKeeper()
             defer { device.stopKeeper() }
             let what = "volume \(volume) (\(size.bytes) bytes) with \(addresses.count) replica(s), epoch \(outcome.epoch)"
+            let kernel = FrontendController(settings: .init(volume: volume, size: size.bytes, connections: connections,
+                                                            ioTimeout: ioTimeout,
+                                                            deadConnectionTimeout: deadConnectionTimeout),
+                                            logger: logger)
             let controlServer = try controlAddress.map {
-                try ControlServer(address: $0, services: [EngineControlService(device: device)])
+                try ControlServer(address: $0, services: [EngineControlService(device: device, frontend: kernel)])
             }
             defer { controlServer?.stop() }
             try serveUntilSignalled(device, on: address, logger: logger, what: what,
-                                    afterStart: { if let kernel { try announce(kernel.attach()) } },
-                                    beforeStop: { kernel?.detach() }) { listener in
-                Server(device: device, listener: listener, exportName: volume, threads: serving.threads,
-                       adopted: kernel?.adopted ?? [], logger: logger)
+                                    afterStart: { if frontend == .kernel { try announce(kernel.enable()) } },
+                                    beforeStop: { kernel.disable() }) { listener in
+                let server = Server(device: device, listener: listener, exportName: volume, threads: serving.threads,
+                                    logger: logger)
+                kernel.serve(with: server)
+                return server
             }
         }
     }

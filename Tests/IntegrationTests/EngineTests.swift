@@ -209,6 +209,19 @@ import Testing
         #expect(try cluster.headsAreIdentical([0, 1, 2]))
     }
 
+    /// On a kernel without the NBD driver, `keel frontend enable` says how to load it; the engine goes on.
+    @Test func frontendEnableWithoutTheDriverSaysHowToLoadIt() throws {
+        guard !FileManager.default.fileExists(atPath: "/sys/module/nbd") else { return }
+        let cluster = try Cluster(replicas: 1, size: "16M")
+        let control = "unix:" + cluster.scratch.file("engine.control")
+        try cluster.startEngine(extra: ["--control", control])
+        let enable = try run([Paths.keel, "frontend", "enable", "--engine", control])
+        #expect(enable.status != 0 && enable.stderr.contains("modprobe nbd"), "\(enable.stderr)")
+        #expect(enable.stderr.split(separator: "\n").count == 1)
+        #expect(try Self.status(control)["health"] as? String == "healthy")
+        #expect(try Self.status(control)["device"] as? String == "")
+    }
+
     @Test func badCallsGetOneLineAndWriteNothing() throws {
         let cluster = try Cluster(replicas: 1, size: "16M")
         let replica = cluster.replicas[0].address

@@ -1,7 +1,8 @@
 # Keel's own kernel frontend: `engine serve --frontend kernel` attaches the
 # volume over netlink with 2 connections and prints /dev/nbdX, whose sysfs
-# backend is keel:vol; mkfs, mount, write, checksum; SIGTERM detaches; a new
-# engine attaches again and the checksums match.
+# backend is keel:vol; mkfs, mount, write, checksum; `keel frontend disable`
+# (idle) detaches and `enable` attaches again, filesystem intact; SIGTERM
+# detaches; a new engine attaches again and the checksums match.
 . "$(dirname "$0")/common.sh"
 for i in 0 1 2; do start_replica $i 256M; done
 
@@ -13,6 +14,18 @@ mount "$device" /mnt/vol
 for i in 1 2; do head -c $((i * 4))M /dev/urandom > /mnt/vol/file$i; done
 sync
 (cd /mnt/vol && sha256sum file1 file2) > "$work/sums"
+umount /mnt/vol
+step "keel frontend disable, then enable"
+"$KEEL" frontend disable --engine "unix:$work/engine.control"
+[ "$(cat /sys/block/$nbd/size)" = 0 ] || { echo "$nbd still has a size after frontend disable"; exit 1; }
+"$KEEL" status --engine "unix:$work/engine.control" | head -1
+device=$("$KEEL" frontend enable --engine "unix:$work/engine.control")
+nbd=$(basename "$device")
+for _ in $(seq 100); do [ "$(cat /sys/block/$nbd/size)" != 0 ] && break; sleep 0.1; done
+"$KEEL" status --engine "unix:$work/engine.control" | head -1
+fsck.ext4 -n "$device" >/dev/null
+mount "$device" /mnt/vol
+(cd /mnt/vol && sha256sum -c "$work/sums")
 umount /mnt/vol
 step "SIGTERM: the engine detaches the device"
 kill -TERM "$engine"

@@ -1,0 +1,79 @@
+import KernelNBD
+import Logging
+import NBDServer
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Turns the kernel frontend on and off while the engine runs: enable makes
+/// new socketpairs, has the running server adopt the engine's ends and
+/// attaches the device; disable waits for the kernel's requests in flight to
+/// be answered, then detaches it. The replicas and the NBD listener are not
+/// touched either way.
+public final class FrontendController: @unchecked Sendable {
+    public struct Settings: Sendable {
+        public var volume: String
+        public var size: UInt64
+        public var connections: Int
+        public var ioTimeout: UInt64
+        public var deadConnectionTimeout: UInt64
+
+        public init(volume: String, size: UInt64, connections: Int, ioTimeout: UInt64, deadConnectionTimeout: UInt64) {
+            self.volume = volume
+            self.size = size
+            self.connections = connections
+            self.ioTimeout = ioTimeout
+            self.deadConnectionTimeout = deadConnectionTimeout
+        }
+    }
+
+    private let settings: Settings
+    private let logger: Logger
+    private let state = Mutex<(server: Server<EngineDevice>?, frontend: KernelFrontend?, device: String?)>((nil, nil, nil))
+
+    public init(settings: Settings, logger: Logger) {
+        self.settings = settings
+        self.logger = logger
+    }
+
+    /// The server whose threads serve the kernel's connections.
+    public func serve(with server: Server<EngineDevice>) {
+        state.withLock { $0.server = server }
+    }
+
+    /// The device path while attached.
+    public var device: String? { state.withLock { $0.device } }
+
+    @discardableResult
+    public func enable() throws -> String {
+        try state.withLock { state in
+            if let device = state.device { return device }
+            guard let server = state.server else { throw EngineError("the engine is not serving yet") }
+            let frontend = try KernelFrontend(volume: settings.volume, size: settings.size,
+                                              connections: settings.connections, ioTimeout: settings.ioTimeout,
+                                              deadConnectionTimeout: settings.deadConnectionTimeout, logger: logger)
+            server.adopt(frontend.adopted)
+            let device = try frontend.attach()
+            state.frontend = frontend
+            state.device = device
+            return device
+        }
+    }
+
+    /// Drains (bounded: the kernel's own I/O timeout) and detaches.
+    public func disable() {
+        state.withLock { state in
+            guard let frontend = state.frontend, let server = state.server else { return }
+            var quiet = 0
+            for _ in 0..<(Int(settings.ioTimeout) * 100) where quiet < 3 {
+                quiet = server.adoptedRequestsInFlight == 0 ? quiet + 1 : 0
+                usleep(10_000)
+            }
+            if quiet < 3 { logger.warning("detaching with requests still in flight after \(settings.ioTimeout) s") }
+            frontend.detach()
+            state.frontend = nil
+            state.device = nil
+        }
+    }
+}
