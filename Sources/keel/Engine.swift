@@ -77,8 +77,9 @@ struct EngineCommand: ParsableCommand {
             guard ioTimeout >= 1, deadConnectionTimeout >= 1 else {
                 throw ValidationError("--io-timeout and --dead-connection-timeout must be at least 1 second")
             }
-            guard !volume.isEmpty, !volume.contains("@") else {
-                throw ValidationError("--volume must be a non-empty name without '@'")
+            guard !volume.isEmpty, volume.count <= 64,
+                  volume.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "._-".contains($0)) }) else {
+                throw ValidationError("--volume takes up to 64 letters, digits, '.', '_' or '-' (it names /dev/keel/<volume>)")
             }
         }
 

@@ -63,3 +63,14 @@ start_kernel_engine() {
     echo "attached $device, backend $(cat /sys/block/$nbd/backend), $(ls /sys/block/$nbd/mq | wc -l) hardware queue(s)"
     [ "$(cat /sys/block/$nbd/backend)" = keel:vol ]
 }
+
+# A real udevd in the guest with Keel's rule installed. The guest runs in a
+# chroot, where udevadm would ignore trigger and settle without this:
+export SYSTEMD_IGNORE_CHROOT=1
+start_udev() {
+    mkdir -p /etc/udev/rules.d /run/udev
+    cp "$(dirname "$0")/../../../Udev/60-keel.rules" /etc/udev/rules.d/
+    /lib/systemd/systemd-udevd --daemon
+    udevadm trigger --subsystem-match=block --action=add
+    udevadm settle --timeout=30
+}
