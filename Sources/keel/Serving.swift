@@ -30,7 +30,10 @@ func serveUntilSignalled<Device: BlockDevice>(
         throw CLIError("\(error)")
     }
 
+    ServiceManager.notify("READY=1\nSTATUS=serving \(what) on \(address)")
+
     let signal = TerminationSignals.wait()
+    ServiceManager.notify("STOPPING=1")
     logger.notice("signal \(signal): finishing in-flight requests")
     beforeStop()
     server.stop()

@@ -97,7 +97,8 @@ final class KeelServer {
 
     /// Runs `keel ARGUMENTS --listen ADDRESS` (a fresh unix socket unless given);
     /// with `executable`, runs that with ARGUMENTS instead (e.g. `ip netns exec … keel …`).
-    init(_ arguments: [String], scratch: Scratch, address: String? = nil, executable: String? = nil) throws {
+    init(_ arguments: [String], scratch: Scratch, address: String? = nil, executable: String? = nil,
+         environment: [String: String] = [:]) throws {
         self.address = address ?? "unix:\(scratch.file("nbd-\(UUID().uuidString.prefix(6)).sock"))"
         logPath = scratch.file("keel-\(UUID().uuidString.prefix(6)).log")
         FileManager.default.createFile(atPath: logPath, contents: nil)
@@ -108,13 +109,17 @@ final class KeelServer {
         process.standardOutput = log
         process.standardError = log
         process.standardInput = FileHandle.nullDevice
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         try process.run()
         try waitUntilListening()
     }
 
     /// `keel export IMAGE EXTRA…`
-    convenience init(image: String, scratch: Scratch, extra: [String] = [], address: String? = nil) throws {
-        try self.init(["export", image] + extra, scratch: scratch, address: address)
+    convenience init(image: String, scratch: Scratch, extra: [String] = [], address: String? = nil,
+                     environment: [String: String] = [:]) throws {
+        try self.init(["export", image] + extra, scratch: scratch, address: address, environment: environment)
     }
 
     private func waitUntilListening() throws {
