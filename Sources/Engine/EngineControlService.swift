@@ -60,7 +60,8 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
     public func removeReplica(request: Keel_Control_V1_RemoveReplicaRequest,
                               context: ServerContext) async throws -> Keel_Control_V1_EngineStatus {
         let address = try parse(request.address)
-        try refusing { try device.removeReplica(address: address) }
+        // Removing a replica being rebuilt waits for the copy thread.
+        try await offloaded { try refusing { try device.removeReplica(address: address) } }
         return try await status(request: .init(), context: context)
     }
 

@@ -180,7 +180,9 @@ public final class EngineWorker: BlockWorker {
             return
         }
         let i = token.workerIndex
-        guard i < links.count, let client = links[i].client else { return }
+        // A dead link's handle is never driven again: its late replies would
+        // complete operations already retired and reused for other requests.
+        guard i < links.count, let client = links[i].client, !links[i].dead else { return }
         if token.sub == Self.pollIn {
             links[i].pollingIn = false
             client.notifyReadable()
@@ -320,8 +322,11 @@ public final class EngineWorker: BlockWorker {
     }
 
     /// The connection is gone: the replica is failed and its outstanding commands with it.
+    /// The link's commands are retired here, once; its handle stays open but
+    /// is never notified again, so libnbd never calls back for them.
     private func linkDied(_ i: Int) {
         links[i].dead = true
+        if let client = links[i].client { shutdown(client.descriptor, Int32(SHUT_RDWR)) }
         device.replicas.fail(i, reason: "connection lost")
         for block in blocks {
             for k in 0..<Self.blockSize where block[k].active && block[k].replica == i {

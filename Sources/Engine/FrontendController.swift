@@ -30,7 +30,9 @@ public final class FrontendController: @unchecked Sendable {
 
     private let settings: Settings
     private let logger: Logger
-    private let state = Mutex<(server: Server<EngineDevice>?, frontend: KernelFrontend?, device: String?)>((nil, nil, nil))
+    private let state = Mutex<(server: Server<EngineDevice>?, frontend: KernelFrontend?)>((nil, nil))
+    /// Apart from `state`, which a drain holds for seconds: status calls read this.
+    private let attachedDevice = Mutex<String?>(nil)
 
     public init(settings: Settings, logger: Logger) {
         self.settings = settings
@@ -43,12 +45,12 @@ public final class FrontendController: @unchecked Sendable {
     }
 
     /// The device path while attached.
-    public var device: String? { state.withLock { $0.device } }
+    public var device: String? { attachedDevice.withLock { $0 } }
 
     @discardableResult
     public func enable() throws -> String {
         try state.withLock { state in
-            if let device = state.device { return device }
+            if let device = attachedDevice.withLock({ $0 }) { return device }
             guard let server = state.server else { throw EngineError("the engine is not serving yet") }
             let frontend = try KernelFrontend(volume: settings.volume, size: settings.size,
                                               connections: settings.connections, ioTimeout: settings.ioTimeout,
@@ -56,7 +58,7 @@ public final class FrontendController: @unchecked Sendable {
             server.adopt(frontend.adopted)
             let device = try frontend.attach()
             state.frontend = frontend
-            state.device = device
+            attachedDevice.withLock { $0 = device }
             return device
         }
     }
@@ -73,7 +75,7 @@ public final class FrontendController: @unchecked Sendable {
             if quiet < 3 { logger.warning("detaching with requests still in flight after \(settings.ioTimeout) s") }
             frontend.detach()
             state.frontend = nil
-            state.device = nil
+            attachedDevice.withLock { $0 = nil }
         }
     }
 }

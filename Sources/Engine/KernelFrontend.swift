@@ -75,6 +75,7 @@ public final class KernelFrontend {
         } else {
             index = try kernel.connect(sockets: kernelEnds, configuration: configuration)
             closeKernelEnds()
+            closeProbes()
             logger.notice("attached as /dev/nbd\(index) with \(connections) connection(s), backend \(backendIdentifier)")
         }
         self.index = index
@@ -89,11 +90,13 @@ public final class KernelFrontend {
     /// RECONFIGURE fills dead connection slots only and silently drops a
     /// socket that finds none: then the socket is closed at once, which its
     /// other end shows as a hang-up.
+    private func closeProbes() {
+        for fd in probes { close(fd) }
+        probes = []
+    }
+
     private func checkSocketsWereTaken(_ index: UInt32) throws {
-        defer {
-            for fd in probes { close(fd) }
-            probes = []
-        }
+        defer { closeProbes() }
         var polls = probes.map { pollfd(fd: $0, events: 0, revents: 0) }
         _ = poll(&polls, nfds_t(polls.count), 100)
         let dropped = polls.filter { $0.revents & Int16(POLLHUP) != 0 }.count

@@ -22,6 +22,7 @@ final class Rebuild: @unchecked Sendable {
     private let logger: Logger
     private let stopRequested = Atomic<Bool>(false)
     private let done = Atomic<Bool>(false)
+    private let joined = Atomic<Bool>(false)
     private var thread: PosixThread?
 
     var finished: Bool { done.load(ordering: .acquiring) }
@@ -64,9 +65,10 @@ final class Rebuild: @unchecked Sendable {
         return rebuild
     }
 
+    /// Stops the copy and waits for the thread; safe to call more than once, from any thread.
     func cancel() {
         stopRequested.store(true, ordering: .releasing)
-        thread?.join()
+        if joined.exchange(true, ordering: .acquiringAndReleasing) == false { thread?.join() }
     }
 
     private var shouldStop: Bool {
@@ -77,13 +79,19 @@ final class Rebuild: @unchecked Sendable {
         defer { done.store(true, ordering: .releasing) }
         do {
             try waitForWorkers()
-            let copier = try openCopier()
+            try markDirtyRegions()
+            var copier = try openCopier()
             let gate = device.gate
             for region in 0..<gate.regionCount {
                 if shouldStop { return }
                 let range = gate.range(of: region)
                 let length = min(range.length, device.size - range.offset)
-                try closed(region) { try copier.copy(offset: range.offset, length: length) }
+                try closed(region) {
+                    // The source must still hold every write: one that failed a write went ERR
+                    // before the region was quiet, so checking here, under the lock, suffices.
+                    if device.replicas.mode(copier.sourceIndex) != .rw { copier = try openCopier() }
+                    try copier.copy(offset: range.offset, length: length)
+                }
                 device.replicas.rebuilt(index, bytes: range.offset + length)
             }
             try copier.targets[0].flush()
@@ -106,13 +114,29 @@ final class Rebuild: @unchecked Sendable {
         throw EngineError("the I/O threads did not connect to the replica within 30 s")
     }
 
+    /// Regions that are dirty (or being marked) when the replica joins are
+    /// marked on it too: once it is RW, its own log must cover them.
+    private func markDirtyRegions() throws {
+        let regions = device.gate.nonCleanRegions()
+        guard !regions.isEmpty else { return }
+        let request = Keel_Control_V1_DirtyRanges.with { request in
+            request.owner = device.ownerMessage
+            request.ranges = regions.map { region in
+                let range = device.gate.range(of: region)
+                return .with { $0.offset = range.offset; $0.length = range.length }
+            }
+        }
+        _ = try ReplicaControlClient(address: device.replicas.replicas[index].controlAddress)
+            .call(timeout: device.replicaTimeoutSeconds) { try await $0.markDirty(request, options: $1) }
+    }
+
     private func openCopier() throws -> RegionCopier {
         guard let source = device.replicas.replicas.firstIndex(where: { $0.mode == .rw }) else {
             throw EngineError("no healthy replica to copy from")
         }
         let open = { (i: Int) in try RegionCopier.connect { try self.device.open($0, address: self.device.replicas.replicas[i].address) } }
         return RegionCopier(source: try open(source), targets: [try open(index)],
-                            timeoutSeconds: device.replicaTimeoutSeconds)
+                            timeoutSeconds: device.replicaTimeoutSeconds, sourceIndex: source)
     }
 
     /// Runs `body` with the region closed to new writes and none in flight.

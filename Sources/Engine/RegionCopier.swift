@@ -8,6 +8,8 @@ struct RegionCopier {
     let targets: [NBDClient]
     /// How long one range may take before the connections are cut.
     let timeoutSeconds: Double
+    /// The source's index in the replica set, when it is one of the engine's replicas.
+    var sourceIndex = 0
     private static let chunk: UInt64 = 1 << 20
     private static let holeOrZero: UInt32 = 1 | 2
 

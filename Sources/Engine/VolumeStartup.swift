@@ -44,31 +44,27 @@ public struct VolumeStartup {
 
     public func run(addresses: [SocketAddress], epoch requested: UInt64?) throws -> Outcome {
         var unreachable: [String] = []
-        let reports = try addresses.map { address -> Report? in
+        let inspected = try addresses.map { address -> Report? in
             do { return try inspect(address) } catch let error as Unreachable {
                 unreachable.append("\(address): \(error.reason)")
                 return nil
             }
         }
-        guard reports.contains(where: { $0 != nil }) else {
+        guard inspected.contains(where: { $0 != nil }) else {
             throw EngineError("cannot reach any replica (\(unreachable.joined(separator: "; "))); nothing was changed")
         }
-        let records = reports.map { $0.map { ($0.status.id, $0.status.hasMembership ? $0.status.membership : nil) } }
-        let members = try Self.members(records)
-        // An unreachable replica the newest membership already left out is just
-        // stale; one that may hold the newest data is only skipped when asked.
-        let expected = Self.newest(records.compactMap { $0?.1 })?.members.count ?? addresses.count
-        if let first = unreachable.first, members.count < expected, !allowDegraded {
-            throw EngineError("cannot reach replica \(first); nothing was changed (--allow-degraded starts without it)")
-        }
-        let newest = reports.compactMap { $0?.status.owner.epoch }.max()!
+        // A first look decides nothing yet: it only refuses what cannot work
+        // (and so fences nobody); the decision below uses what the replicas
+        // say after the claim, when the old engine can change nothing more.
+        _ = try decide(inspected, addressCount: addresses.count, unreachable: unreachable)
+        let newest = inspected.compactMap { $0?.status.owner.epoch }.max()!
         let epoch = requested ?? newest + 1
         guard epoch > newest else {
             throw EngineError("--epoch \(epoch) is not newer than epoch \(newest), which a replica has seen; nothing was changed")
         }
 
         var clients: [Int: NBDClient] = [:]
-        for (i, report) in reports.enumerated() {
+        for (i, report) in inspected.enumerated() {
             guard let report else { continue }
             do {
                 clients[i] = try RegionCopier.connect {
@@ -80,6 +76,13 @@ public struct VolumeStartup {
             }
         }
         defer { for client in clients.values { try? client.shutdown() } }
+        let claimed = try inspected.map { report -> Report? in
+            guard var report else { return nil }
+            report.status = try controlCall(report) { try await $0.status(.init(), options: $1) }
+            return report
+        }
+        let members = try decide(claimed, addressCount: addresses.count, unreachable: unreachable)
+        let reports = claimed
 
         let ordered = members.sorted()
         let dirty = Self.union(ordered.flatMap { reports[$0]!.status.dirty }, size: size)
@@ -89,9 +92,15 @@ public struct VolumeStartup {
             if ordered.count > 1 {
                 let copier = RegionCopier(source: clients[ordered[0]]!, targets: ordered.dropFirst().map { clients[$0]! },
                                           timeoutSeconds: replicaTimeoutSeconds)
+                // Piece by piece, each with its own deadline: a merged range may be large.
                 for range in dirty {
-                    do { try copier.copy(offset: range.offset, length: range.length) } catch {
-                        throw EngineError("cannot make the replicas identical at \(range.offset)+\(range.length): \(error)")
+                    var offset = range.offset
+                    while offset < range.offset + range.length {
+                        let length = min(Self.resyncPiece, range.offset + range.length - offset)
+                        do { try copier.copy(offset: offset, length: length) } catch {
+                            throw EngineError("cannot make the replicas identical at \(offset)+\(length): \(error)")
+                        }
+                        offset += length
                     }
                     copied += range.length
                 }
@@ -134,19 +143,38 @@ public struct VolumeStartup {
         return Outcome(epoch: epoch, replicas: replicas, resyncedBytes: copied, resyncedRanges: dirty.count)
     }
 
+    static let resyncPiece: UInt64 = 8 << 20
+
     // MARK: - Deciding
+
+    /// The up-to-date replicas; refuses when replicas that may hold the newest
+    /// data are missing (unreachable or not given) unless `allowDegraded`.
+    private func decide(_ reports: [Report?], addressCount: Int, unreachable: [String]) throws -> Set<Int> {
+        let records = reports.map { $0.map { ($0.status.id, $0.status.hasMembership ? $0.status.membership : nil) } }
+        let newest = Self.newest(records.compactMap { $0?.1 })
+        let members = try Self.members(records, allowDegraded: allowDegraded)
+        let expected = newest?.members.count ?? addressCount
+        guard members.count >= expected || allowDegraded else {
+            let why = unreachable.first.map { "cannot reach replica \($0)" }
+                ?? "only \(members.count) of the \(expected) replicas that hold the volume's newest data are given"
+            throw EngineError("\(why); nothing was changed (--allow-degraded starts without the others, losing writes only they have)")
+        }
+        return members
+    }
 
     /// Which replicas hold every acknowledged write: those named by the newest
     /// membership record any of them has; with no record anywhere (a new
-    /// volume), all of them. A majority of that record's members must be
-    /// reachable: a lone replica with an old record cannot tell it is stale.
-    static func members(_ replicas: [(id: String, membership: Keel_Control_V1_Membership?)?]) throws -> Set<Int> {
+    /// volume), all of them. Unless `allowDegraded`, a majority of that
+    /// record's members must be reachable: a lone replica with an old record
+    /// cannot tell it is stale.
+    static func members(_ replicas: [(id: String, membership: Keel_Control_V1_Membership?)?],
+                        allowDegraded: Bool = false) throws -> Set<Int> {
         let reachable = replicas.indices.filter { replicas[$0] != nil }
         guard let newest = newest(reachable.compactMap { replicas[$0]!.membership }) else {
             return Set(reachable)
         }
         let members = Set(reachable.filter { newest.members.contains(replicas[$0]!.id) })
-        guard !members.isEmpty, members.count * 2 > newest.members.count else {
+        guard !members.isEmpty, members.count * 2 > newest.members.count || allowDegraded else {
             throw EngineError("""
                 only \(members.count) of the \(newest.members.count) replica(s) that hold the volume's newest data \
                 (membership \(newest.epoch).\(newest.generation)) are given and reachable; start the engine with more of them

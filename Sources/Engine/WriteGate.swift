@@ -149,6 +149,11 @@ public final class WriteGate: @unchecked Sendable {
         }
     }
 
+    /// Regions that may differ between replicas if the engine crashed now.
+    func nonCleanRegions() -> [Int] {
+        state.withLock { s in (0..<regionCount).filter { s.intent[$0] != .clean } }
+    }
+
     public var dirtyRegionCount: Int {
         state.withLock { s in s.intent.filter { $0 != .clean }.count }
     }

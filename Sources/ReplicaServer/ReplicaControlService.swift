@@ -4,7 +4,8 @@ import Logging
 import ReplicaStore
 
 /// The replica's side of the control API: identity, dirty regions and
-/// membership, each change allowed only to the engine that owns the replica.
+/// membership, each change allowed only to the engine that owns the replica
+/// (checked by the store under the lock its claims take).
 public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServiceProtocol {
     let store: ReplicaStore
     let logger: Logger
@@ -35,23 +36,20 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
     }
 
     public func markDirty(request: Keel_Control_V1_DirtyRanges, context: ServerContext) async throws -> Keel_Control_V1_Done {
-        try checkOwner(request.owner)
-        try storeCall { try store.markDirty(request.ranges.map(Self.range)) }
+        try storeCall { try store.markDirty(request.ranges.map(Self.range), owner: Self.owner(request.owner)) }
         return .init()
     }
 
     public func clearDirty(request: Keel_Control_V1_DirtyRanges, context: ServerContext) async throws -> Keel_Control_V1_Done {
-        try checkOwner(request.owner)
-        try storeCall { try store.clearDirty(request.ranges.map(Self.range)) }
+        try storeCall { try store.clearDirty(request.ranges.map(Self.range), owner: Self.owner(request.owner)) }
         return .init()
     }
 
     public func setMembership(request: Keel_Control_V1_MembershipUpdate,
                               context: ServerContext) async throws -> Keel_Control_V1_Done {
-        try checkOwner(request.owner)
         let membership = Membership(epoch: request.membership.epoch, generation: request.membership.generation,
                                     members: request.membership.members)
-        try storeCall { try store.setMembership(membership) }
+        try storeCall { try store.setMembership(membership, owner: Self.owner(request.owner)) }
         logger.info("membership \(membership.epoch).\(membership.generation): \(membership.members.joined(separator: ", "))")
         return .init()
     }
@@ -60,18 +58,14 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
         ByteRange(offset: range.offset, length: range.length)
     }
 
-    private func checkOwner(_ owner: Keel_Control_V1_Owner) throws {
-        guard store.isOwned(by: owner.epoch, engine: owner.engine) else {
-            let current = store.owner
-            throw RPCError(code: .failedPrecondition, message: """
-                epoch \(owner.epoch) of engine \(owner.engine) does not own this replica \
-                (epoch \(current.epoch), engine \(current.engine))
-                """)
-        }
+    private static func owner(_ owner: Keel_Control_V1_Owner) -> (epoch: UInt64, engine: String) {
+        (owner.epoch, owner.engine)
     }
 
     private func storeCall<T>(_ body: () throws -> T) throws -> T {
-        do { return try body() } catch {
+        do { return try body() } catch let error as ReplicaStore.Failure {
+            throw RPCError(code: .failedPrecondition, message: "\(error)")
+        } catch {
             logger.error("replica metadata: \(error)")
             throw RPCError(code: .internalError, message: "replica metadata: \(error)")
         }

@@ -34,6 +34,10 @@ public final class ReplicaStore: @unchecked Sendable {
         case sizeMismatch(directory: String, stored: UInt64, requested: UInt64)
         case notAReplica(String)
         case badSize(UInt64)
+        /// A change asked for by an engine that does not own the replica (any more).
+        case notOwner(epoch: UInt64, engine: String, current: UInt64, currentEngine: String)
+        /// A membership record older than the one the replica holds.
+        case staleMembership
 
         public var description: String {
             switch self {
@@ -45,6 +49,10 @@ public final class ReplicaStore: @unchecked Sendable {
                 return "\(dir) is not empty and holds no Keel replica (no \(ReplicaStore.metadataName)); use an empty directory"
             case .badSize(let size):
                 return "a replica's size must be a positive multiple of 4096, not \(size)"
+            case .notOwner(let epoch, let engine, let current, let currentEngine):
+                return "epoch \(epoch) of engine \(engine) does not own this replica (epoch \(current), engine \(currentEngine))"
+            case .staleMembership:
+                return "the replica holds a newer membership record"
             }
         }
     }
@@ -145,8 +153,11 @@ public final class ReplicaStore: @unchecked Sendable {
     }
 
     /// Records ranges as dirty, durably, before the engine writes into them.
-    public func markDirty(_ ranges: [ByteRange]) throws {
+    /// With `owner`, only if that epoch and engine own the replica, checked
+    /// under the same lock as claims: a fenced engine can change nothing.
+    public func markDirty(_ ranges: [ByteRange], owner: (epoch: UInt64, engine: String)? = nil) throws {
         try locked {
+            try check(owner)
             try database.transaction {
                 for range in ranges {
                     try database.query("INSERT OR REPLACE INTO dirty (offset, length) VALUES (?, ?)",
@@ -157,8 +168,9 @@ public final class ReplicaStore: @unchecked Sendable {
     }
 
     /// Forgets every dirty range that starts inside one of `ranges`.
-    public func clearDirty(_ ranges: [ByteRange]) throws {
+    public func clearDirty(_ ranges: [ByteRange], owner: (epoch: UInt64, engine: String)? = nil) throws {
         try locked {
+            try check(owner)
             try database.transaction {
                 for range in ranges {
                     try database.query("DELETE FROM dirty WHERE offset >= ? AND offset < ?",
@@ -172,23 +184,33 @@ public final class ReplicaStore: @unchecked Sendable {
 
     /// The replicas known to hold every acknowledged write, as the engine last recorded it.
     public func membership() throws -> Membership? {
-        try locked {
+        try locked { try readMembership() }
+    }
+
+    private func readMembership() throws -> Membership? {
             guard let row = try database.query("SELECT epoch, generation, members FROM membership WHERE id = 1").first,
                   let epoch = row[0].integer, let generation = row[1].integer, let members = row[2].text else {
                 return nil
             }
             return Membership(epoch: UInt64(epoch), generation: UInt64(generation),
                               members: members.split(separator: ",").map(String.init))
-        }
     }
 
-    public func setMembership(_ membership: Membership) throws {
+    /// Replaces the record unless the replica holds a newer one.
+    public func setMembership(_ membership: Membership, owner: (epoch: UInt64, engine: String)? = nil) throws {
         try locked {
+            try check(owner)
+            if let current = try readMembership(), current.isNewer(than: membership) { throw Failure.staleMembership }
             try database.query("""
                 INSERT OR REPLACE INTO membership (id, epoch, generation, members) VALUES (1, ?, ?, ?)
                 """, [.integer(Int64(membership.epoch)), .integer(Int64(membership.generation)),
                       .text(membership.members.joined(separator: ","))])
         }
+    }
+
+    private func check(_ owner: (epoch: UInt64, engine: String)?) throws {
+        guard let owner, owner.epoch != currentEpoch || owner.engine != currentEngine else { return }
+        throw Failure.notOwner(epoch: owner.epoch, engine: owner.engine, current: currentEpoch, currentEngine: currentEngine)
     }
 
     private func locked<T>(_ body: () throws -> T) throws -> T {

@@ -42,3 +42,11 @@ import Testing
         #expect(union.map { [$0.offset >> 20, $0.length >> 20] } == [[0, 6], [10, 2]])
     }
 }
+
+@Suite struct DegradedStartTests {
+    @Test func allowDegradedAcceptsAMinorityOfTheNewestMembers() throws {
+        let pair = Keel_Control_V1_Membership.with { $0.epoch = 1; $0.generation = 2; $0.members = ["a", "b"] }
+        #expect(throws: EngineError.self) { try VolumeStartup.members([("a", pair), nil]) }
+        #expect(try VolumeStartup.members([("a", pair), nil], allowDegraded: true) == [0])
+    }
+}

@@ -117,3 +117,28 @@ import Testing
         #expect(!record!.isNewer(than: Membership(epoch: 2, generation: 3, members: [])))
     }
 }
+
+@Suite struct ReplicaOwnershipTests {
+    /// Changes name their owner and are checked under the claim's lock: a fenced engine changes nothing.
+    @Test func onlyTheOwnerChangesRecords() throws {
+        let dir = "/var/tmp/keel-store-\(UUID().uuidString.prefix(8))"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = try ReplicaStore.open(directory: dir, size: 16 << 20)
+        #expect(try store.claim(epoch: 2, engine: "old") == .claimed)
+        try store.markDirty([ByteRange(offset: 0, length: 4096)], owner: (2, "old"))
+        #expect(try store.claim(epoch: 3, engine: "new") == .claimed)
+        #expect(throws: ReplicaStore.Failure.self) {
+            try store.clearDirty([ByteRange(offset: 0, length: 4096)], owner: (2, "old"))
+        }
+        #expect(throws: ReplicaStore.Failure.self) {
+            try store.setMembership(Membership(epoch: 2, generation: 9, members: ["x"]), owner: (2, "old"))
+        }
+        #expect(try store.dirtyRanges().count == 1 && store.membership() == nil)
+        try store.setMembership(Membership(epoch: 3, generation: 2, members: ["a"]), owner: (3, "new"))
+        // An older record never replaces a newer one, even from the owner.
+        #expect(throws: ReplicaStore.Failure.staleMembership) {
+            try store.setMembership(Membership(epoch: 3, generation: 1, members: ["a", "b"]), owner: (3, "new"))
+        }
+        try store.setMembership(Membership(epoch: 3, generation: 2, members: ["a"]), owner: (3, "new"))
+    }
+}
