@@ -14,6 +14,7 @@ network device: every process of a test runs inside it, on its loopback.
 """
 import argparse
 import glob
+import hashlib
 import lzma
 import os
 import re
@@ -45,7 +46,6 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results /newroot$run
 for d in proc sys dev; do mount --rbind /$d /newroot/$d; done
 mount -t devpts devpts /newroot/dev/pts 2>/dev/null
 mount -t tmpfs tmpfs /newroot/run
-mount -t tmpfs tmpfs /newroot/tmp
 chroot /newroot /bin/sh -c "cd $run && exec /bin/sh $run/command.sh" > /dev/ttyS1 2>&1
 echo $? > /newroot$run/exit-status
 sync
@@ -119,7 +119,9 @@ def ensure_tools():
 def prepare():
     ensure_tools()
     package = kernel_package()
-    stamp = os.path.join(CACHE, package + ".ready")
+    # The initramfs is rebuilt whenever the guest's init or module list changes.
+    recipe = hashlib.sha256((GUEST_INIT + " ".join(MODULES)).encode()).hexdigest()[:12]
+    stamp = os.path.join(CACHE, "%s-%s.ready" % (package, recipe))
     if os.path.exists(stamp):
         return
     busybox = shutil.which("busybox")
