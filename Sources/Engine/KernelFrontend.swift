@@ -37,15 +37,18 @@ public final class KernelFrontend {
         // The kernel speaks simple replies only and never asks for block status.
         let negotiated = Negotiated(export: export, structuredReplies: false, baseAllocation: false)
         var engineEnds: [AdoptedConnection] = []
-        kernelEnds = []
+        var kernelEnds: [Int32] = []
         for _ in 0..<connections {
             var pair: [Int32] = [-1, -1]
             guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
-                throw SystemError.current("socketpair")
+                let error = SystemError.current("socketpair")
+                for fd in kernelEnds + engineEnds.map(\.fd.rawValue) { close(fd) }
+                throw error
             }
             engineEnds.append(AdoptedConnection(fd: FileDescriptor(rawValue: pair[0]), negotiated: negotiated))
             kernelEnds.append(pair[1])
         }
+        self.kernelEnds = kernelEnds
         adopted = engineEnds
         probes = engineEnds.map { dup($0.fd.rawValue) }
         var configuration = KernelNBD.Configuration(size: size, serverFlags: UInt64(negotiated.transmissionFlags.rawValue),

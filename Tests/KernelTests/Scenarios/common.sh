@@ -18,8 +18,9 @@ wait_for_socket() {
     echo "no socket $1"; cat "$work"/*.log; exit 1
 }
 
+# start_replica INDEX SIZE [DATA_ROOT]: DATA_ROOT defaults to the ext4 loop mount.
 start_replica() {
-    "$KEEL" replica serve --dir "$work/data/r$1" --listen "unix:$work/r$1.sock" --size "$2" 2>>"$work/r$1.log" &
+    "$KEEL" replica serve --dir "${3:-$work/data}/r$1" --listen "unix:$work/r$1.sock" --size "$2" 2>>"$work/r$1.log" &
     eval "replica$1=$!"
     wait_for_socket "$work/r$1.sock"
 }

@@ -1,8 +1,14 @@
 # fio with crc32c verification on the volume's kernel device (libaio,
 # direct=1); one replica is killed with -9 half-way: no I/O error, the data
-# verifies, the volume is degraded.
+# verifies, the volume is degraded. Replica 1 lives on the guest's tmpfs
+# (Linux 6.1's tmpfs refuses O_DIRECT): it falls back to buffered I/O with
+# fdatasync and says so once.
 . "$(dirname "$0")/common.sh"
-for i in 0 1 2; do start_replica $i 128M; done
+mkdir -p "$work/tmpfs"
+mount -t tmpfs -o size=512M tmpfs "$work/tmpfs"
+start_replica 0 128M
+start_replica 1 128M "$work/tmpfs"
+start_replica 2 128M
 start_kernel_engine 128M
 step "fio randwrite + verify on $device, replica 2 killed after 3 s"
 fio --name=kernel --filename="$device" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 \
@@ -18,4 +24,7 @@ grep -q "err= 0" "$work/fio.out"
 grep -q "degraded" "$work/status"
 kill -TERM "$engine"
 wait "$engine"
+grep "O_DIRECT" "$work/r1.log"
+[ "$(grep -c "refuses O_DIRECT" "$work/r1.log")" = 1 ]
+! grep -q "O_DIRECT" "$work/r0.log"
 echo "fio verified with a replica killed"
