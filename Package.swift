@@ -89,9 +89,8 @@ let package = Package(
         .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite"]),
         .testTarget(name: "EngineUnitTests", dependencies: ["Engine", "ControlAPI"]),
         .testTarget(name: "KernelNBDTests", dependencies: ["KernelNBD"]),
+        // Also runs Tests/KernelScenarios/*.sh in a QEMU guest with Debian's kernel (KernelTests).
         .testTarget(name: "IntegrationTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls"]),
-        // Runs Scenarios/*.sh in a QEMU guest with Debian's kernel (scripts/kernel-vm): /dev/nbdX for real.
-        .testTarget(name: "KernelTests", exclude: ["Scenarios"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -49,6 +49,11 @@ public final class EngineWorker: BlockWorker {
     private var knownVersion = UInt64.max
     private var parked: [(UnsafeMutablePointer<IORequest>, IOToken)] = []
     private var held: [(UnsafeMutablePointer<IORequest>, IOToken)] = []
+    /// Reads that failed on one replica, to try on the next once out of libnbd's callbacks.
+    private var readRetries: [(UnsafeMutablePointer<IORequest>, IOToken)] = []
+    /// Links found dead while a request was being issued: reaped after it, so a
+    /// request never sees its own commands retired before `start` has returned.
+    private var dyingLinks: [Int] = []
     private let wake: EventFD
     private let wakeCounter = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
     private var blocks: [UnsafeMutablePointer<Operation>] = []
@@ -100,6 +105,7 @@ public final class EngineWorker: BlockWorker {
     // MARK: - BlockWorker
 
     public func start(_ r: UnsafeMutablePointer<IORequest>, token: IOToken) -> IOStatus {
+        defer { settle() }
         r.pointee.pendingOperations = 0
         r.pointee.progress = 0
         r.pointee.firstError = nil
@@ -167,6 +173,7 @@ public final class EngineWorker: BlockWorker {
     }
 
     public func workerEvent(token: IOToken, result: Int32, flags: UInt32) {
+        defer { settle() }
         if token.sub == Self.deadlineCheck {
             failLateReplicas()
             ring.timeout(checkInterval, userData: token.rawValue)
@@ -191,6 +198,28 @@ public final class EngineWorker: BlockWorker {
             client.notifyWritable()
         }
         service(i)
+    }
+
+    /// Outside requests and callbacks: retires dead links' commands and retries failed reads
+    /// (which may find more dead links; each link dies once, so this ends).
+    private func settle() {
+        for _ in 0...links.count where !dyingLinks.isEmpty || !readRetries.isEmpty {
+            let dying = dyingLinks
+            dyingLinks.removeAll(keepingCapacity: true)
+            for i in dying where !links[i].dead { linkDied(i) }
+            retryReads()
+        }
+    }
+
+    private func retryReads() {
+        guard !readRetries.isEmpty else { return }
+        refreshReplicas()
+        let waiting = readRetries
+        readRetries.removeAll(keepingCapacity: true)
+        for (r, token) in waiting {
+            r.pointee.pendingOperations -= 1
+            if !issueRead(r, token) && r.pointee.pendingOperations == 0 { answered(r, token) }
+        }
     }
 
     private func retryParked() {
@@ -277,15 +306,20 @@ public final class EngineWorker: BlockWorker {
             r.pointee.firstError = .notSupported
         } else {
             device.replicas.fail(replica, reason: "\(r.pointee.command) failed: \(String(cString: strerror(error)))")
-            // At once, not at the next refresh: this may run inside the replica's own
-            // libnbd callback, where issuing on its handle again would deadlock.
-            if replica < modes.count { modes[replica] = .err }
         }
         r.pointee.pendingOperations -= 1
         if error != 0 && r.pointee.command == .read && r.pointee.progress == 0 {
-            _ = issueRead(r, token)
+            // Retried later, outside libnbd's callback: issuing from inside it could
+            // reach the very handle whose lock the callback holds. Counted as pending.
+            r.pointee.pendingOperations += 1
+            readRetries.append((r, token))
         }
         guard r.pointee.pendingOperations == 0 else { return }
+        answered(r, token)
+    }
+
+    /// Every replica involved has answered: hand the request back (or hold a write's answer).
+    private func answered(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken) {
         if r.pointee.progress == 0 && r.pointee.firstError == nil { r.pointee.firstError = .io }
         switch r.pointee.command {
         case .write, .trim, .writeZeroes:
@@ -306,7 +340,7 @@ public final class EngineWorker: BlockWorker {
     private func service(_ i: Int) {
         guard let client = links[i].client, !links[i].dead else { return }
         if client.isDead {
-            linkDied(i)
+            if !dyingLinks.contains(i) { dyingLinks.append(i) }
             return
         }
         if !links[i].pollingIn {

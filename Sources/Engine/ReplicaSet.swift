@@ -63,8 +63,6 @@ public final class ReplicaSet: @unchecked Sendable {
 
     public var replicas: [Replica] { state.withLock { $0 } }
 
-    public var count: Int { state.withLock { $0.count } }
-
     public func mode(_ index: Int) -> Mode { state.withLock { $0[index].mode } }
 
     public var health: Health {

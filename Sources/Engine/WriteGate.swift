@@ -142,13 +142,6 @@ public final class WriteGate: @unchecked Sendable {
         }
     }
 
-    /// Dirty regions known at start (from the replicas' logs) stay dirty until cleared.
-    func markedAtStart(_ regions: [Int]) {
-        state.withLock { s in
-            for r in regions { s.intent[r] = .dirty }
-        }
-    }
-
     /// Regions that may differ between replicas if the engine crashed now.
     func nonCleanRegions() -> [Int] {
         state.withLock { s in (0..<regionCount).filter { s.intent[$0] != .clean } }

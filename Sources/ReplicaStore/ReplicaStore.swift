@@ -134,12 +134,6 @@ public final class ReplicaStore: @unchecked Sendable {
         }
     }
 
-    /// Whether `epoch` and `engine` are the replica's owner: control calls of anyone else are refused.
-    public func isOwned(by epoch: UInt64, engine: String) -> Bool {
-        let owner = self.owner
-        return owner.epoch == epoch && owner.engine == engine
-    }
-
     // MARK: - Write-intent log
 
     /// Byte ranges the engine may have written without every replica having

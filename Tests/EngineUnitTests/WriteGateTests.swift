@@ -60,7 +60,8 @@ import Testing
 
     @Test func aRegionBeingCopiedTakesNoWrites() {
         let gate = WriteGate(size: 4 << 20)
-        gate.markedAtStart([0, 1, 2, 3])
+        for region in 0..<4 { _ = gate.admit(offset: UInt64(region) << 20, length: 4096) }
+        gate.marked(gate.takeRegionsToMark())
         #expect(gate.admit(offset: 1 << 20, length: 4096))
         #expect(!gate.lockForCopy(1), "a write is still in flight")
         #expect(!gate.admit(offset: 1 << 20, length: 4096))

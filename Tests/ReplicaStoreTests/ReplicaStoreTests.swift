@@ -88,7 +88,7 @@ import Testing
         #expect(try store.claim(epoch: 3, engine: "a") == .claimed)
         #expect(try store.claim(epoch: 3, engine: "a") == .current)
         #expect(try store.claim(epoch: 3, engine: "b") == .taken(engine: "a"))
-        #expect(store.isOwned(by: 3, engine: "a") && !store.isOwned(by: 3, engine: "b"))
+        #expect(store.owner == (3, "a") && store.owner != (3, "b"))
         #expect(try store.claim(epoch: 4, engine: "b") == .claimed)
         let reopened = try ReplicaStore.open(directory: dir, size: nil)
         #expect(reopened.owner == (4, "b") as (UInt64, String))

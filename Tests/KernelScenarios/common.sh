@@ -70,8 +70,23 @@ start_kernel_engine() {
 export SYSTEMD_IGNORE_CHROOT=1
 start_udev() {
     mkdir -p /etc/udev/rules.d /run/udev
-    cp "$(dirname "$0")/../../../Udev/60-keel.rules" /etc/udev/rules.d/
+    cp "$(dirname "$0")/../../Udev/60-keel.rules" /etc/udev/rules.d/
     /lib/systemd/systemd-udevd --daemon
     udevadm trigger --subsystem-match=block --action=add
     udevadm settle --timeout=30
+}
+
+# start_fio_verify SECONDS: 4k random writes with crc32c verification on $device
+# (libaio, direct) in the background; sets $fio. Check with check_fio.
+start_fio_verify() {
+    fio --name=kernel --filename="$device" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 \
+        --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --eta=never \
+        --time_based --runtime="$1" --output="$work/fio.out" &
+    fio=$!
+}
+
+check_fio() {
+    wait "$fio"
+    grep -E "IOPS|err=|clat \(|lat \(" "$work/fio.out"
+    grep -q "err= 0" "$work/fio.out"
 }

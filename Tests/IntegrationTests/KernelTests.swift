@@ -1,0 +1,47 @@
+import Foundation
+import Testing
+
+/// The real-kernel suite: each test boots Debian's kernel in QEMU
+/// (`scripts/kernel-vm/vm.py`, TCG, about 5 s) with the host's root shared
+/// read-only, and runs one script of `Tests/KernelScenarios/` inside it, where
+/// the replicas, the engine and the kernel device all live. A guest that
+/// cannot start fails the test: this suite never skips.
+@Suite(.serialized) struct KernelTests {
+    static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+        .appendingPathComponent("../..").standardized.path
+
+    /// Runs a scenario in a fresh guest (which sees the test build's `keel` at
+    /// the same path); its output is printed for the CI log.
+    static func scenario(_ name: String, timeout: Int = 600) throws -> (status: Int32, output: String) {
+        let result = try run(["/usr/bin/python3", repository + "/scripts/kernel-vm/vm.py", "run", "--timeout", "\(timeout)",
+                              "--", "sh", repository + "/Tests/KernelScenarios/\(name).sh", Paths.keel],
+                             timeout: TimeInterval(timeout + 120))
+        let output = result.stdout + result.stderr
+        print("--- kernel scenario \(name) (exit \(result.status))\n\(output)")
+        return (result.status, output)
+    }
+
+    @Test func attachMkfsMountDetachAttachVerify() throws {
+        let result = try Self.scenario("attach-mkfs-mount")
+        #expect(result.status == 0)
+        #expect(result.output.contains("checksums match"))
+    }
+
+    @Test func keelAttachesOverNetlinkDetachesAndAttachesAgain() throws {
+        let result = try Self.scenario("keel-frontend")
+        #expect(result.status == 0)
+        #expect(result.output.contains("keel frontend: checksums match"))
+    }
+
+    @Test func engineKilledAndRestartedUnderFioWithoutIOErrors() throws {
+        let result = try Self.scenario("engine-restart")
+        #expect(result.status == 0)
+        #expect(result.output.contains("engine restarted under fio without I/O errors"))
+    }
+
+    @Test func fioVerifyOnTheDeviceWhileAReplicaIsKilled() throws {
+        let result = try Self.scenario("fio-verify-replica-killed")
+        #expect(result.status == 0)
+        #expect(result.output.contains("fio verified with a replica killed"))
+    }
+}
