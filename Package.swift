@@ -73,11 +73,16 @@ let package = Package(
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
+        // The node registry: the volumes this node created (SQLite in the state directory).
+        .target(name: "NodeRegistry", dependencies: ["SQLite", "Syscalls"]),
+        // The node's daemons (replicas, engines) as systemd units or processes of keel's own.
+        .target(name: "Daemons", dependencies: ["Syscalls", "CSyscalls"]),
         // Client side: a Swift wrapper over libnbd.
         .target(name: "LibNBD", dependencies: ["CLibNBD"]),
 
         .executableTarget(name: "keel", dependencies: [
             "NBDServer", "FileExport", "ReplicaServer", "ReplicaStore", "Engine", "LibNBD", "Syscalls", "ControlAPI",
+            "NodeRegistry", "Daemons", "KernelNBD",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -89,6 +94,7 @@ let package = Package(
         .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite"]),
         .testTarget(name: "EngineUnitTests", dependencies: ["Engine", "ControlAPI"]),
         .testTarget(name: "KernelNBDTests", dependencies: ["KernelNBD"]),
+        .testTarget(name: "NodeTests", dependencies: ["NodeRegistry", "Daemons"]),
         // Also runs Tests/KernelScenarios/*.sh in a QEMU guest with Debian's kernel (KernelTests).
         .testTarget(name: "IntegrationTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls"]),
     ],

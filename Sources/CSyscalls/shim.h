@@ -5,6 +5,7 @@
 #include <unistd.h>
 #include <sys/eventfd.h>
 #include <linux/falloc.h>
+#include <spawn.h>
 
 #ifdef O_DIRECT
 static const int keel_o_direct = O_DIRECT;
@@ -15,3 +16,8 @@ static const int keel_o_direct = 0200000;
 #endif
 static const int keel_seek_data = 3;  // SEEK_DATA
 static const int keel_seek_hole = 4;  // SEEK_HOLE
+
+// Daemons must not inherit the descriptors of whoever ran `keel volume` (glibc 2.34).
+static inline int keel_spawn_close_from(posix_spawn_file_actions_t *actions, int from) {
+    return posix_spawn_file_actions_addclosefrom_np(actions, from);
+}

@@ -18,8 +18,12 @@ public final class FrontendController: @unchecked Sendable {
         public var connections: Int
         public var ioTimeout: UInt64
         public var deadConnectionTimeout: UInt64
+        /// The device to attach (`/dev/nbd<index>`); nil lets the kernel pick.
+        public var device: UInt32?
 
-        public init(volume: String, size: UInt64, connections: Int, ioTimeout: UInt64, deadConnectionTimeout: UInt64) {
+        public init(volume: String, size: UInt64, connections: Int, ioTimeout: UInt64, deadConnectionTimeout: UInt64,
+                    device: UInt32? = nil) {
+            self.device = device
             self.volume = volume
             self.size = size
             self.connections = connections
@@ -54,7 +58,8 @@ public final class FrontendController: @unchecked Sendable {
             guard let server = state.server else { throw EngineError("the engine is not serving yet") }
             let frontend = try KernelFrontend(volume: settings.volume, size: settings.size,
                                               connections: settings.connections, ioTimeout: settings.ioTimeout,
-                                              deadConnectionTimeout: settings.deadConnectionTimeout, logger: logger)
+                                              deadConnectionTimeout: settings.deadConnectionTimeout, device: settings.device,
+                                              logger: logger)
             server.adopt(frontend.adopted)
             let device = try frontend.attach()
             state.frontend = frontend

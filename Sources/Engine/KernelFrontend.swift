@@ -28,7 +28,7 @@ public final class KernelFrontend {
 
     /// Checks that the kernel has the NBD driver before anything else happens.
     public init(volume: String, size: UInt64, connections: Int, ioTimeout: UInt64 = 30,
-                deadConnectionTimeout: UInt64 = 120, logger: Logger) throws {
+                deadConnectionTimeout: UInt64 = 120, device: UInt32? = nil, logger: Logger) throws {
         kernel = try KernelNBD()
         self.connections = connections
         self.logger = logger
@@ -55,6 +55,7 @@ public final class KernelFrontend {
                                                     backendIdentifier: backendIdentifier)
         configuration.timeout = ioTimeout
         configuration.deadConnectionTimeout = deadConnectionTimeout
+        configuration.index = device
         self.configuration = configuration
     }
 

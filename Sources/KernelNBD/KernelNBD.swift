@@ -20,6 +20,8 @@ public final class KernelNBD {
         public var serverFlags: UInt64
         /// `keel:<volume>`: how a new engine finds its device again.
         public var backendIdentifier: String
+        /// The device to attach (`/dev/nbd<index>`); nil lets the kernel pick a free one or make one.
+        public var index: UInt32?
 
         public init(size: UInt64, serverFlags: UInt64, backendIdentifier: String) {
             self.size = size
@@ -37,11 +39,14 @@ public final class KernelNBD {
     public enum Failure: Error, CustomStringConvertible {
         case moduleMissing
         case refused(String, NetlinkError)
+        case deviceBusy(UInt32)
 
         public var description: String {
             switch self {
             case .moduleMissing:
                 return "the kernel has no NBD driver loaded; load it with 'modprobe nbd' (package linux-modules-extra on some distributions)"
+            case .deviceBusy(let index):
+                return "/dev/nbd\(index) is in use by another NBD connection; name a free device, or none and the kernel picks one"
             case .refused(let what, let error):
                 return "the kernel refused to \(what): \(error)"
             }
@@ -63,7 +68,12 @@ public final class KernelNBD {
 
     /// CONNECT: the kernel picks a free device (or makes one) and returns its index.
     public func connect(sockets: [Int32], configuration c: Configuration) throws -> UInt32 {
-        let replies = try command(NBD_CMD_CONNECT, "attach a device", Self.connectAttributes(sockets: sockets, c))
+        let replies: [NetlinkReply]
+        do {
+            replies = try command(NBD_CMD_CONNECT, "attach a device", Self.connectAttributes(sockets: sockets, c))
+        } catch Failure.refused(_, .kernel(let errno, _)) where errno == EBUSY && c.index != nil {
+            throw Failure.deviceBusy(c.index!)
+        }
         for case .message(_, _, _, let attributes) in replies {
             if let index = attributes.first(UInt16(NBD_ATTR_INDEX))?.u32 { return index }
         }
@@ -71,7 +81,7 @@ public final class KernelNBD {
     }
 
     static func connectAttributes(sockets: [Int32], _ c: Configuration) -> [NetlinkAttribute] {
-        [
+        (c.index.map { [.u32(UInt16(NBD_ATTR_INDEX), $0)] } ?? []) + [
             .u64(UInt16(NBD_ATTR_SIZE_BYTES), c.size),
             .u64(UInt16(NBD_ATTR_BLOCK_SIZE_BYTES), c.blockSize),
             .u64(UInt16(NBD_ATTR_TIMEOUT), c.timeout),
@@ -124,6 +134,19 @@ public final class KernelNBD {
         var line = [CChar](repeating: 0, count: 512)
         guard fgets(&line, Int32(line.count), file) != nil else { return "" }
         return String(cString: line).trimmingCharacters(in: "\n")
+    }
+
+    /// Devices whose backend identifier is `identifier` (sysfs shows it only while the device is configured).
+    public static func devices(withBackend identifier: String) -> [UInt32] {
+        guard let directory = opendir("/sys/block") else { return [] }
+        defer { closedir(directory) }
+        var found: [UInt32] = []
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            guard name.hasPrefix("nbd"), let index = UInt32(name.dropFirst(3)) else { continue }
+            if backendIdentifier(of: index) == identifier { found.append(index) }
+        }
+        return found.sorted()
     }
 
     private static func socketList(_ sockets: [Int32]) -> NetlinkAttribute {

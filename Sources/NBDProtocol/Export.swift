@@ -75,6 +75,15 @@ public protocol ExportCatalog: Sendable {
     /// true for GO and EXPORT_NAME, which start transmission; INFO and meta
     /// context queries only look.
     func resolve(_ name: String, opening: Bool) -> ExportResolution
+    /// A connection entered the transmission phase on `export` (after the handshake).
+    func transmissionStarted(_ export: ExportDescription)
+    /// That connection closed.
+    func transmissionEnded(_ export: ExportDescription)
+}
+
+extension ExportCatalog {
+    public func transmissionStarted(_ export: ExportDescription) {}
+    public func transmissionEnded(_ export: ExportDescription) {}
 }
 
 public enum ExportResolution: Equatable, Sendable {

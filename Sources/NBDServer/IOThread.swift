@@ -203,6 +203,9 @@ final class IOThread<Device: BlockDevice> {
             return
         }
         dropInput(connection)
+        if !connection.adopted, case .transmission(let policy) = connection.phase {
+            catalog.transmissionEnded(policy.negotiated.export)
+        }
         connection.fd.close()
         connections[connection.index] = nil
         freeConnectionIndexes.append(connection.index)
@@ -322,6 +325,7 @@ final class IOThread<Device: BlockDevice> {
                 return
             case .finished(let negotiated, let consumed):
                 connection.phase = .transmission(RequestPolicy(negotiated))
+                catalog.transmissionStarted(negotiated.export)
                 rest = UnsafeRawBufferPointer(rebasing: rest[(rest.startIndex + consumed)...])
                 logger.debug("connection \(connection.index): transmission, structured replies: \(negotiated.structuredReplies)")
             }

@@ -8,6 +8,7 @@ import ReplicaStore
 /// is the current one from another engine.
 struct ReplicaCatalog: ExportCatalog {
     let store: ReplicaStore
+    let sessions: EngineSessions
     let logger: Logger
 
     /// `@<epoch>`: how an engine learns the epoch it has to outbid.
@@ -46,6 +47,9 @@ struct ReplicaCatalog: ExportCatalog {
         }
         return .found(ExportDescription(name: name, size: store.size, readOnly: false, session: epoch))
     }
+
+    func transmissionStarted(_ export: ExportDescription) { sessions.started(export) }
+    func transmissionEnded(_ export: ExportDescription) { sessions.ended(export) }
 
     private func refusal(_ epoch: UInt64, _ current: UInt64) -> ExportResolution {
         .refused(.errPolicy, "epoch \(epoch) is older than this replica's epoch \(current): a newer engine owns it")

@@ -8,10 +8,12 @@ import ReplicaStore
 /// (checked by the store under the lock its claims take).
 public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServiceProtocol {
     let store: ReplicaStore
+    let sessions: EngineSessions
     let logger: Logger
 
-    public init(store: ReplicaStore, logger: Logger) {
+    public init(store: ReplicaStore, sessions: EngineSessions, logger: Logger) {
         self.store = store
+        self.sessions = sessions
         self.logger = logger
     }
 
@@ -22,6 +24,7 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
         status.id = store.id
         status.size = store.size
         status.owner = .with { $0.epoch = owner.epoch; $0.engine = owner.engine }
+        status.engineConnections = UInt32(sessions.connections(epoch: owner.epoch))
         status.dirty = try storeCall { try store.dirtyRanges() }.map { range in
             .with { $0.offset = range.offset; $0.length = range.length }
         }

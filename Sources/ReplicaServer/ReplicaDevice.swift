@@ -10,6 +10,7 @@ public final class ReplicaDevice: BlockDevice {
     public let store: ReplicaStore
     let head: FileDevice
     let fence = EpochFence()
+    public let sessions = EngineSessions()
 
     public init(store: ReplicaStore, head: FileDevice) {
         self.store = store
@@ -28,7 +29,7 @@ public final class ReplicaDevice: BlockDevice {
 
     /// The export catalog that claims this replica for engines.
     public func catalog(logger: Logger) -> any ExportCatalog {
-        ReplicaCatalog(store: store, logger: logger)
+        ReplicaCatalog(store: store, sessions: sessions, logger: logger)
     }
 }
 

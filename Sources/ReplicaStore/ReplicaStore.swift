@@ -215,10 +215,10 @@ public final class ReplicaStore: @unchecked Sendable {
 
     private static func create(directory: String, size: UInt64) throws {
         guard size > 0, size % 4096 == 0, size <= UInt64(Int64.max) else { throw Failure.badSize(size) }
-        try makeDirectory(directory)
+        try makeDirectories(directory, mode: 0o700)
         let entries = try listDirectory(directory).filter { $0 != "layers" && !$0.hasPrefix(metadataName) }
         guard entries.isEmpty else { throw Failure.notAReplica(directory) }
-        try makeDirectory(directory + "/layers")
+        try makeDirectories(directory + "/layers", mode: 0o700)
 
         let head = directory + "/layers/head.img"
         let fd = Glibc.open(head, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
@@ -279,10 +279,6 @@ public final class ReplicaStore: @unchecked Sendable {
             let hex = String(byte, radix: 16)
             return hex.count == 1 ? "0" + hex : hex
         }.joined()
-    }
-
-    private static func makeDirectory(_ path: String) throws {
-        if mkdir(path, 0o700) != 0 && errno != EEXIST { throw SystemError.current("mkdir \(path)") }
     }
 
     private static func listDirectory(_ path: String) throws -> [String] {

@@ -2,6 +2,7 @@ import ArgumentParser
 import Engine
 import LibNBD
 import Logging
+import NodeRegistry
 import NBDServer
 import Syscalls
 #if canImport(Glibc)
@@ -52,6 +53,9 @@ struct EngineCommand: ParsableCommand {
         @Option(help: "kernel: also attach the volume as /dev/nbdX (netlink); none: only the --listen address.")
         var frontend: FrontendMode = .none
 
+        @Option(help: "With --frontend kernel: the device to attach, /dev/nbdN (default: a free one the kernel picks).")
+        var device: String?
+
         @Option(help: "Connections of the kernel device (fixed for its life).")
         var connections: Int = 2
 
@@ -77,9 +81,11 @@ struct EngineCommand: ParsableCommand {
             guard ioTimeout >= 1, deadConnectionTimeout >= 1 else {
                 throw ValidationError("--io-timeout and --dead-connection-timeout must be at least 1 second")
             }
-            guard !volume.isEmpty, volume.count <= 64,
-                  volume.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "._-".contains($0)) }) else {
-                throw ValidationError("--volume takes up to 64 letters, digits, '.', '_' or '-' (it names /dev/keel/<volume>)")
+            if let problem = VolumeRecord.validate(name: volume) {
+                throw ValidationError("--volume: \(problem) (it names /dev/keel/<volume>)")
+            }
+            if let device, deviceIndex(device) == nil {
+                throw ValidationError("--device takes a kernel NBD device such as /dev/nbd0, not '\(device)'")
             }
         }
 
@@ -110,7 +116,8 @@ struct EngineCommand: ParsableCommand {
             let what = "volume \(volume) (\(size.bytes) bytes) with \(addresses.count) replica(s), epoch \(outcome.epoch)"
             let kernel = FrontendController(settings: .init(volume: volume, size: size.bytes, connections: connections,
                                                             ioTimeout: ioTimeout,
-                                                            deadConnectionTimeout: deadConnectionTimeout),
+                                                            deadConnectionTimeout: deadConnectionTimeout,
+                                                            device: self.device.flatMap(deviceIndex)),
                                             logger: logger)
             let controlServer = try controlAddress.map {
                 try ControlServer(address: $0, services: [EngineControlService(device: device, frontend: kernel)])
@@ -126,6 +133,11 @@ struct EngineCommand: ParsableCommand {
             }
         }
     }
+}
+
+/// 3 for /dev/nbd3.
+func deviceIndex(_ path: String) -> UInt32? {
+    path.hasPrefix("/dev/nbd") ? UInt32(path.dropFirst("/dev/nbd".count)) : nil
 }
 
 /// A device path on stdout, for scripts (the log says it too).

@@ -282,6 +282,10 @@ public nonisolated struct Keel_Control_V1_ReplicaStatus: Sendable {
   /// Clears the value of `membership`. Subsequent reads from it will return its default value.
   public mutating func clearMembership() {self._membership = nil}
 
+  /// Connections in transmission from the engine that owns the replica (its
+  /// epoch): more than zero means a live engine is attached to it.
+  public var engineConnections: UInt32 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -781,7 +785,7 @@ nonisolated extension Keel_Control_V1_Membership: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Keel_Control_V1_ReplicaStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ReplicaStatus"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}size\0\u{1}owner\0\u{1}dirty\0\u{1}membership\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}size\0\u{1}owner\0\u{1}dirty\0\u{1}membership\0\u{3}engine_connections\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -794,6 +798,7 @@ nonisolated extension Keel_Control_V1_ReplicaStatus: SwiftProtobuf.Message, Swif
       case 3: try { try decoder.decodeSingularMessageField(value: &self._owner) }()
       case 4: try { try decoder.decodeRepeatedMessageField(value: &self.dirty) }()
       case 5: try { try decoder.decodeSingularMessageField(value: &self._membership) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.engineConnections) }()
       default: break
       }
     }
@@ -819,6 +824,9 @@ nonisolated extension Keel_Control_V1_ReplicaStatus: SwiftProtobuf.Message, Swif
     try { if let v = self._membership {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
     } }()
+    if self.engineConnections != 0 {
+      try visitor.visitSingularUInt32Field(value: self.engineConnections, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -828,6 +836,7 @@ nonisolated extension Keel_Control_V1_ReplicaStatus: SwiftProtobuf.Message, Swif
     if lhs._owner != rhs._owner {return false}
     if lhs.dirty != rhs.dirty {return false}
     if lhs._membership != rhs._membership {return false}
+    if lhs.engineConnections != rhs.engineConnections {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

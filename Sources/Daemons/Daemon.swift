@@ -1,0 +1,59 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A long-running `keel` process of this node: a replica or a volume's engine.
+/// The same daemon is a systemd unit instance (`keel-replica@NAME`,
+/// `keel-engine@VOLUME`) or a process `keel` started itself; either way it runs
+/// `keel <kind> serve` with the same arguments.
+public struct Daemon: Equatable, Sendable {
+    public enum Kind: String, Sendable {
+        case replica, engine
+    }
+
+    public var kind: Kind
+    /// The unit instance: a replica's name, or the engine's volume.
+    public var instance: String
+    /// What follows `keel <kind> serve` (the engine's `--volume` comes from the instance).
+    public var arguments: [String]
+
+    public init(kind: Kind, instance: String, arguments: [String]) {
+        self.kind = kind
+        self.instance = instance
+        self.arguments = arguments
+    }
+
+    public var unit: String { "keel-\(kind.rawValue)@\(instance).service" }
+
+    /// The command line after the executable.
+    public var commandLine: [String] {
+        [kind.rawValue, "serve"] + (kind == .engine ? ["--volume", instance] : []) + arguments
+    }
+
+    /// How long a stop may take: an engine drains the kernel's I/O first.
+    public var stopTimeout: Double { kind == .engine ? 90 : 30 }
+}
+
+/// Starts, stops and watches daemons.
+public protocol DaemonRunner {
+    /// Starts the daemon (and, under systemd, enables it for boot); returns once it is started, not ready.
+    func start(_ daemon: Daemon) throws
+    /// Stops the daemon and waits until it is gone; it stays stopped (disabled) afterwards.
+    func stop(_ daemon: Daemon) throws
+    func isRunning(_ daemon: Daemon) -> Bool
+    /// The daemon's last one-line failure ("keel: …"), if it logged one.
+    func lastFailure(_ daemon: Daemon) -> String?
+    /// Removes what `start` left behind (configuration, pid and log files).
+    func forget(_ daemon: Daemon)
+}
+
+public struct DaemonError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// True when PID 1 is systemd (the test `sd_booted()` makes).
+public func systemdIsRunning() -> Bool {
+    var info = stat()
+    return lstat("/run/systemd/system", &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR
+}

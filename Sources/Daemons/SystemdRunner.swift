@@ -1,0 +1,88 @@
+import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Daemons as instances of the units in `Systemd/`: the arguments go into the
+/// unit's environment file (`/etc/keel/<kind>-<instance>.env`), and a state
+/// directory other than /var/lib/keel is made writable by a drop-in.
+/// `start` enables the instance (it comes back at boot and after a crash);
+/// `stop` disables it.
+public struct SystemdRunner: DaemonRunner {
+    public let configurationDirectory: String
+    public let unitDirectory: String
+    public let stateDirectory: String
+
+    public init(stateDirectory: String, configurationDirectory: String = "/etc/keel",
+                unitDirectory: String = "/etc/systemd/system") {
+        self.stateDirectory = stateDirectory
+        self.configurationDirectory = configurationDirectory
+        self.unitDirectory = unitDirectory
+    }
+
+    /// The unit templates must be installed (scripts/install) before systemd can run anything.
+    public func checkUnitsInstalled() throws {
+        for template in ["keel-replica@.service", "keel-engine@.service"] {
+            guard try runToCompletion(["systemctl", "cat", template]).status == 0 else {
+                throw DaemonError("systemd has no \(template): install Keel's units first (bash scripts/install)")
+            }
+        }
+    }
+
+    public func environmentFile(_ daemon: Daemon) -> String {
+        "\(configurationDirectory)/\(daemon.kind == .engine ? "volume" : "replica")-\(daemon.instance).env"
+    }
+
+    func dropInDirectory(_ daemon: Daemon) -> String { "\(unitDirectory)/\(daemon.unit).d" }
+
+    /// The environment file's contents: systemd splits `$KEEL_…_ARGS` on whitespace.
+    public func environment(_ daemon: Daemon) throws -> String {
+        if let spaced = daemon.arguments.first(where: { $0.contains(where: \.isWhitespace) || $0.isEmpty }) {
+            throw DaemonError("'\(spaced)' cannot be passed through a systemd environment file (whitespace)")
+        }
+        let variable = daemon.kind == .engine ? "KEEL_ENGINE_ARGS" : "KEEL_REPLICA_ARGS"
+        return "# Written by keel volume; edits are lost when the volume is attached again.\n"
+            + "\(variable)=\(daemon.arguments.joined(separator: " "))\n"
+    }
+
+    public func start(_ daemon: Daemon) throws {
+        try makeDirectories(configurationDirectory)
+        try writeFileAtomically(environmentFile(daemon), environment(daemon))
+        if stateDirectory != "/var/lib/keel" {
+            try makeDirectories(dropInDirectory(daemon))
+            try writeFileAtomically(dropInDirectory(daemon) + "/state-directory.conf",
+                          "[Service]\nReadWritePaths=\(stateDirectory)\n")
+            try systemctl("daemon-reload")
+        }
+        try systemctl("enable", "--now", daemon.unit)
+    }
+
+    public func stop(_ daemon: Daemon) throws {
+        try systemctl("disable", "--now", daemon.unit)
+    }
+
+    public func isRunning(_ daemon: Daemon) -> Bool {
+        (try? runToCompletion(["systemctl", "is-active", "--quiet", daemon.unit]).status) == 0
+    }
+
+    public func lastFailure(_ daemon: Daemon) -> String? {
+        guard let log = try? runToCompletion(["journalctl", "--no-pager", "-o", "cat", "-n", "50", "-u", daemon.unit])
+        else { return nil }
+        return lastFailureLine(in: log.output)
+    }
+
+    public func forget(_ daemon: Daemon) {
+        unlink(environmentFile(daemon))
+        unlink(dropInDirectory(daemon) + "/state-directory.conf")
+        if rmdir(dropInDirectory(daemon)) == 0 { _ = try? systemctl("daemon-reload") }
+        _ = try? runToCompletion(["systemctl", "reset-failed", daemon.unit])
+    }
+
+    private func systemctl(_ arguments: String...) throws {
+        let result = try runToCompletion(["systemctl"] + arguments)
+        guard result.status == 0 else {
+            let detail = result.output.split(separator: "\n").first.map(String.init) ?? "exit status \(result.status)"
+            throw DaemonError("systemctl \(arguments.joined(separator: " ")) failed: \(detail)")
+        }
+    }
+}

@@ -1,0 +1,44 @@
+/// Where a node keeps what `keel volume` manages, under its state directory:
+///
+/// ```
+/// STATE/registry.sqlite           the node registry
+/// STATE/replicas/VOLUME/rN/       data of the volume's local replicas
+/// STATE/run/                      sockets and pid files
+/// STATE/log/                      logs of the daemons keel runs itself
+/// ```
+public struct NodeLayout: Sendable {
+    public static let defaultStateDirectory = "/var/lib/keel"
+
+    public let stateDirectory: String
+
+    public init(stateDirectory: String) {
+        self.stateDirectory = stateDirectory.count > 1 && stateDirectory.hasSuffix("/")
+            ? String(stateDirectory.dropLast()) : stateDirectory
+    }
+
+    public var registryPath: String { stateDirectory + "/registry.sqlite" }
+    public var runDirectory: String { stateDirectory + "/run" }
+    public var logDirectory: String { stateDirectory + "/log" }
+
+    public func replicaDirectory(volume: String, index: Int) -> String {
+        "\(stateDirectory)/replicas/\(volume)/r\(index)"
+    }
+
+    public func volumeDataDirectory(_ volume: String) -> String { "\(stateDirectory)/replicas/\(volume)" }
+
+    /// The daemon name of a local replica: also its systemd instance (`keel-replica@NAME`).
+    public func replicaName(volume: String, index: Int) -> String { "\(volume)-r\(index)" }
+
+    public func replicaSocket(volume: String, index: Int) -> String {
+        "\(runDirectory)/\(replicaName(volume: volume, index: index)).sock"
+    }
+
+    /// The engine's NBD listener, for user-space clients beside the kernel device.
+    public func engineSocket(_ volume: String) -> String { "\(runDirectory)/\(volume).nbd" }
+    public func engineControl(_ volume: String) -> String { "\(runDirectory)/\(volume).control" }
+
+    /// The longest socket path this layout makes for a volume name (unix socket paths hold 107 bytes).
+    public func longestSocketPath(volume: String) -> Int {
+        (replicaSocket(volume: volume, index: 15) + ".control").utf8.count
+    }
+}

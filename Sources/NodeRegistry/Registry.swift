@@ -1,0 +1,108 @@
+import SQLite
+import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The node registry: the volumes this node created, in SQLite, each change
+/// durable before it returns. Every `keel` invocation opens its own.
+public final class Registry {
+    public static let schemaVersion: Int64 = 1
+
+    public let layout: NodeLayout
+    private let database: Database
+
+    public enum Failure: Error, CustomStringConvertible, Equatable {
+        case cannotCreate(path: String, reason: String)
+        case exists(String)
+        case newerSchema(Int64)
+
+        public var description: String {
+            switch self {
+            case .cannotCreate(let path, let reason):
+                return "cannot create \(path): \(reason); run as root or pass --state-dir (or set KEEL_STATE_DIR)"
+            case .exists(let name):
+                return "a volume named \(name) already exists; pick another name or remove it with 'keel volume rm \(name)'"
+            case .newerSchema(let version):
+                return "the registry has schema \(version), newer than this keel knows (\(Registry.schemaVersion)); upgrade keel"
+            }
+        }
+    }
+
+    /// Opens the registry in `layout`'s state directory, creating the directories and the schema when absent.
+    public init(layout: NodeLayout) throws {
+        self.layout = layout
+        for directory in [layout.stateDirectory, layout.runDirectory, layout.logDirectory] {
+            do { try makeDirectories(directory) } catch let error as SystemError {
+                throw Failure.cannotCreate(path: directory, reason: String(cString: strerror(error.errno)))
+            }
+        }
+        database = try Database(path: layout.registryPath, create: true)
+        try database.transaction {
+            let version = try database.query("PRAGMA user_version").first?.first?.integer ?? 0
+            if version > Self.schemaVersion { throw Failure.newerSchema(version) }
+            guard version == 0 else { return }
+            try database.execute("""
+                CREATE TABLE volumes (
+                    name TEXT PRIMARY KEY,
+                    size INTEGER NOT NULL,
+                    connections INTEGER NOT NULL,
+                    runner TEXT NOT NULL,
+                    created_at INTEGER NOT NULL
+                );
+                CREATE TABLE replicas (
+                    volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+                    position INTEGER NOT NULL,
+                    address TEXT NOT NULL,
+                    directory TEXT,
+                    PRIMARY KEY (volume, position)
+                );
+                PRAGMA user_version = \(Self.schemaVersion);
+                """)
+        }
+    }
+
+    public func volumes() throws -> [VolumeRecord] {
+        try database.query("SELECT name FROM volumes ORDER BY name").compactMap { row in
+            try row.first?.text.flatMap { try volume(named: $0) }
+        }
+    }
+
+    public func volume(named name: String) throws -> VolumeRecord? {
+        guard let row = try database.query(
+            "SELECT size, connections, runner, created_at FROM volumes WHERE name = ?", [.text(name)]).first,
+              let size = row[0].integer, let connections = row[1].integer, let runner = row[2].text,
+              let createdAt = row[3].integer else { return nil }
+        let replicas = try database.query(
+            "SELECT address, directory FROM replicas WHERE volume = ? ORDER BY position", [.text(name)]
+        ).map { ReplicaRecord(address: $0[0].text ?? "", directory: $0[1].text) }
+        return VolumeRecord(name: name, size: UInt64(size), replicas: replicas, connections: Int(connections),
+                            runner: VolumeRecord.Runner(rawValue: runner) ?? .keel, createdAt: createdAt)
+    }
+
+    public func add(_ volume: VolumeRecord) throws {
+        try database.transaction {
+            guard try database.query("SELECT 1 FROM volumes WHERE name = ?", [.text(volume.name)]).isEmpty else {
+                throw Failure.exists(volume.name)
+            }
+            try database.query("INSERT INTO volumes (name, size, connections, runner, created_at) VALUES (?, ?, ?, ?, ?)",
+                               [.text(volume.name), .integer(Int64(volume.size)), .integer(Int64(volume.connections)),
+                                .text(volume.runner.rawValue), .integer(volume.createdAt)])
+            for (position, replica) in volume.replicas.enumerated() {
+                try database.query("INSERT INTO replicas (volume, position, address, directory) VALUES (?, ?, ?, ?)",
+                                   [.text(volume.name), .integer(Int64(position)), .text(replica.address),
+                                    replica.directory.map { .text($0) } ?? .null])
+            }
+        }
+    }
+
+    /// Forgets a volume; true if it was there.
+    @discardableResult
+    public func remove(named name: String) throws -> Bool {
+        try database.transaction {
+            let known = try !database.query("SELECT 1 FROM volumes WHERE name = ?", [.text(name)]).isEmpty
+            try database.query("DELETE FROM volumes WHERE name = ?", [.text(name)])
+            return known
+        }
+    }
+}

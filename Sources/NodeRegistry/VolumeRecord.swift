@@ -1,0 +1,52 @@
+/// A volume this node knows: what it takes to start its replicas and its engine.
+public struct VolumeRecord: Equatable, Sendable {
+    public var name: String
+    public var size: UInt64
+    public var replicas: [ReplicaRecord]
+    /// Connections of the kernel device (fixed for the device's life).
+    public var connections: Int
+    /// Who runs the volume's daemons on this node.
+    public var runner: Runner
+    /// Seconds since the epoch.
+    public var createdAt: Int64
+
+    public enum Runner: String, Sendable {
+        /// systemd units (`keel-replica@`, `keel-engine@`), when PID 1 is systemd.
+        case systemd
+        /// Processes `keel` started itself, tracked by pid files.
+        case keel
+    }
+
+    public init(name: String, size: UInt64, replicas: [ReplicaRecord], connections: Int, runner: Runner,
+                createdAt: Int64) {
+        self.name = name
+        self.size = size
+        self.replicas = replicas
+        self.connections = connections
+        self.runner = runner
+        self.createdAt = createdAt
+    }
+
+    /// Volume names become file names, unit instances and `/dev/keel/<name>`.
+    public static func validate(name: String) -> String? {
+        guard !name.isEmpty, name.count <= 64,
+              name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "._-".contains($0)) }),
+              !name.hasPrefix("."), !name.hasPrefix("-") else {
+            return "a volume name takes 1 to 64 letters, digits, '.', '_' or '-', and does not start with '.' or '-'"
+        }
+        return nil
+    }
+}
+
+/// One of a volume's replicas: its data address, and for one this node runs, its data directory.
+public struct ReplicaRecord: Equatable, Sendable {
+    public var address: String
+    public var directory: String?
+
+    public var isLocal: Bool { directory != nil }
+
+    public init(address: String, directory: String? = nil) {
+        self.address = address
+        self.directory = directory
+    }
+}

@@ -1,0 +1,46 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `mkdir -p`: creates `path` and any missing parents.
+public func makeDirectories(_ path: String, mode: mode_t = 0o755) throws {
+    var partial = path.hasPrefix("/") ? "" : "."
+    for component in path.split(separator: "/") {
+        partial += "/" + component
+        if mkdir(partial, mode) != 0 && errno != EEXIST { throw SystemError.current("mkdir \(partial)") }
+    }
+}
+
+/// A small text file's contents (pid files, /proc, sysfs), nil if it cannot be read.
+public func readSmallFile(_ path: String, limit: Int = 1 << 20) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while bytes.count < limit {
+        let n = read(fd, &chunk, chunk.count)
+        if n > 0 { bytes += chunk[0..<n] } else if n < 0 && errno == EINTR { continue } else { break }
+    }
+    return String(decoding: bytes, as: UTF8.self)
+}
+
+/// Replaces `path` with `contents`: written to a temporary file, synced, renamed over it.
+public func writeFileAtomically(_ path: String, _ contents: String) throws {
+    let temporary = path + ".tmp"
+    let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    guard fd >= 0 else { throw SystemError.current("open \(temporary)") }
+    let written = write(fd, contents, contents.utf8.count)
+    let synced = fsync(fd)
+    close(fd)
+    guard written == contents.utf8.count, synced == 0 else {
+        let error = SystemError.current("write \(temporary)")
+        unlink(temporary)
+        throw error
+    }
+    guard rename(temporary, path) == 0 else {
+        let error = SystemError.current("rename \(temporary)")
+        unlink(temporary)
+        throw error
+    }
+}

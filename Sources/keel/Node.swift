@@ -1,0 +1,141 @@
+import ArgumentParser
+import ControlAPI
+import Daemons
+import Foundation
+import KernelNBD
+import NodeRegistry
+import Syscalls
+
+/// `--state-dir`, shared by every `keel volume` command.
+struct NodeOptions: ParsableArguments {
+    @Option(help: "The node's state directory: registry, local replicas, sockets, logs (default: $KEEL_STATE_DIR, else /var/lib/keel).")
+    var stateDir: String?
+
+    var layout: NodeLayout {
+        NodeLayout(stateDirectory: stateDir ?? ProcessInfo.processInfo.environment["KEEL_STATE_DIR"]
+            ?? NodeLayout.defaultStateDirectory)
+    }
+}
+
+/// This node as `keel volume` sees it: its registry, and the daemons of its
+/// volumes (replicas it holds, engines of attached volumes).
+struct Node {
+    let layout: NodeLayout
+    let registry: Registry
+
+    init(_ options: NodeOptions) throws {
+        layout = options.layout
+        do { registry = try Registry(layout: layout) } catch { throw CLIError("\(error)") }
+    }
+
+    func volume(_ name: String) throws -> VolumeRecord {
+        guard let volume = try registry.volume(named: name) else {
+            throw CLIError("no volume named '\(name)' on this node (state directory \(layout.stateDirectory)); "
+                + "see 'keel volume ls', or create it with 'keel volume create \(name) --size SIZE'")
+        }
+        return volume
+    }
+
+    func runner(_ kind: VolumeRecord.Runner) -> DaemonRunner {
+        switch kind {
+        case .systemd: return SystemdRunner(stateDirectory: layout.stateDirectory)
+        case .keel: return ProcessRunner(runDirectory: layout.runDirectory, logDirectory: layout.logDirectory)
+        }
+    }
+
+    /// The volume's replicas this node runs.
+    func replicaDaemons(_ volume: VolumeRecord) -> [Daemon] {
+        volume.replicas.enumerated().compactMap { index, replica in
+            replica.directory.map { replicaDaemon(volume: volume.name, index: index, directory: $0, size: volume.size) }
+        }
+    }
+
+    func replicaDaemon(volume: String, index: Int, directory: String, size: UInt64) -> Daemon {
+        Daemon(kind: .replica, instance: layout.replicaName(volume: volume, index: index),
+               arguments: ["--dir", directory, "--listen", "unix:" + layout.replicaSocket(volume: volume, index: index),
+                           "--size", "\(size)"])
+    }
+
+    func engineDaemon(_ volume: VolumeRecord, device: String? = nil) -> Daemon {
+        Daemon(kind: .engine, instance: volume.name, arguments: ["--size", "\(volume.size)"]
+            + volume.replicas.flatMap { ["--replica", $0.address] }
+            + ["--listen", "unix:" + layout.engineSocket(volume.name),
+               "--control", engineControl(volume.name),
+               "--frontend", "kernel", "--connections", "\(volume.connections)"]
+            + (device.map { ["--device", $0] } ?? []))
+    }
+
+    func engineControl(_ volume: String) -> String { "unix:" + layout.engineControl(volume) }
+
+    /// Where the volume is attached on this node.
+    func attachment(_ volume: VolumeRecord) -> Attachment {
+        let devices = KernelNBD.devices(withBackend: "keel:\(volume.name)")
+        let link = "/dev/keel/\(volume.name)"
+        return Attachment(device: devices.first.map { "/dev/nbd\($0)" },
+                          link: access(link, F_OK) == 0 ? link : nil,
+                          engineRunning: runner(volume.runner).isRunning(engineDaemon(volume)))
+    }
+
+    struct Attachment {
+        /// The kernel device carrying the volume's backend identifier.
+        var device: String?
+        /// `/dev/keel/<volume>`, when udev made it.
+        var link: String?
+        var engineRunning: Bool
+
+        var summary: String {
+            switch (device, engineRunning) {
+            case (let device?, true): return "attached \(device)"
+            case (let device?, false): return "attached \(device), engine not running (I/O waits)"
+            case (nil, true): return "engine running, frontend disabled"
+            case (nil, false): return "detached"
+            }
+        }
+    }
+
+    /// Starts the volume's local replicas that are not running and waits until each accepts connections.
+    func startReplicas(_ volume: VolumeRecord) throws {
+        let runner = self.runner(volume.runner)
+        for (index, replica) in volume.replicas.enumerated() {
+            guard let directory = replica.directory else { continue }
+            let daemon = replicaDaemon(volume: volume.name, index: index, directory: directory, size: volume.size)
+            guard !runner.isRunning(daemon) else { continue }
+            do { try runner.start(daemon) } catch { throw CLIError("cannot start replica \(daemon.instance): \(error)") }
+            try waitUntilServing(daemon, socket: layout.replicaSocket(volume: volume.name, index: index), runner: runner)
+        }
+    }
+
+    private func waitUntilServing(_ daemon: Daemon, socket: String, runner: DaemonRunner) throws {
+        for _ in 0..<600 {
+            if unixSocketAccepts(socket) { return }
+            if !runner.isRunning(daemon) {
+                let reason = runner.lastFailure(daemon) ?? "it stopped without saying why"
+                throw CLIError("replica \(daemon.instance) did not start: \(reason)")
+            }
+            usleep(50_000)
+        }
+        throw CLIError("replica \(daemon.instance) did not accept connections on \(socket) within 30 s")
+    }
+}
+
+/// True when something listens on the unix socket (a stale socket file refuses).
+func unixSocketAccepts(_ path: String) -> Bool {
+    guard let fd = try? Socket.connect(to: .unix(path: path)) else { return false }
+    fd.close()
+    return true
+}
+
+/// 10 GiB, 512 MiB, 4096 B.
+func humanSize(_ bytes: UInt64) -> String {
+    let units: [(UInt64, String)] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")]
+    for (unit, name) in units where bytes >= unit {
+        let value = Double(bytes) / Double(unit)
+        return value == value.rounded() ? "\(bytes / unit) \(name)" : String(format: "%.1f %@", value, name)
+    }
+    return "\(bytes) B"
+}
+
+func printJSON(_ object: Any) throws {
+    let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
+    print(String(decoding: data, as: UTF8.self))
+}

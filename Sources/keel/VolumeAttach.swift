@@ -1,0 +1,181 @@
+import ArgumentParser
+import ControlAPI
+import Daemons
+import Engine
+import Foundation
+import KernelNBD
+import NodeRegistry
+import Syscalls
+
+extension Volume {
+    struct Attach: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Attach a volume to this host: prints /dev/nbdX and /dev/keel/NAME.",
+            discussion: """
+                Starts the volume's local replicas if they are not running, then its engine with the
+                kernel frontend. A device the volume is still attached to while no engine serves it
+                (the engine died) is taken over without I/O errors. Refused while a live engine
+                elsewhere is connected to the volume's replicas, unless --force.
+                Example: keel volume attach db && mkfs.ext4 /dev/keel/db
+                """)
+
+        @Argument(help: "The volume's name.")
+        var name: String
+
+        @Option(help: "The device to attach, /dev/nbdN (default: a free one the kernel picks).")
+        var device: String?
+
+        @Flag(help: "Take the volume over from an engine elsewhere that is still connected to its replicas.")
+        var force = false
+
+        @Option(help: "Seconds to wait for the engine to attach the device.")
+        var timeout: Double = 120
+
+        @Flag(help: "Print JSON.")
+        var json = false
+
+        @OptionGroup var node: NodeOptions
+
+        func validate() throws {
+            if let device, deviceIndex(device) == nil {
+                throw ValidationError("--device takes a kernel NBD device such as /dev/nbd0, not '\(device)'")
+            }
+        }
+
+        func run() throws {
+            let node = try Node(self.node)
+            let volume = try node.volume(name)
+            let runner = node.runner(volume.runner)
+            let engine = node.engineDaemon(volume, device: device)
+            let attachment = node.attachment(volume)
+            if attachment.engineRunning {
+                if let device = attachment.device { throw CLIError("volume \(name) is already attached as \(device)") }
+                throw CLIError("volume \(name)'s engine is running with its frontend disabled; attach it with "
+                    + "'keel frontend enable --engine \(node.engineControl(name))'")
+            }
+            try node.startReplicas(volume)
+            if !force { try checkNoLiveEngine(volume) }
+            do { try KernelFrontend.checkDriver() } catch { throw CLIError("\(error)") }
+
+            do { try runner.start(engine) } catch { throw CLIError("cannot start the engine of \(name): \(error)") }
+            let device: String
+            do { device = try waitForDevice(engine, runner: runner, node: node) } catch {
+                // Nothing half-attached: the engine goes (its device with it) and is not restarted.
+                try? runner.stop(engine)
+                throw error
+            }
+            let link = waitForLink()
+            if json { return try printJSON(["volume": name, "device": device, "link": link ?? NSNull()] as [String: Any]) }
+            print(device)
+            if let link { print(link) } else {
+                fputs("keel: no /dev/keel/\(name): udev is not running or Keel's rule is not installed (Udev/60-keel.rules)\n", stderr)
+            }
+        }
+
+        /// A replica with open connections of its owner's epoch is in use by a live engine.
+        private func checkNoLiveEngine(_ volume: VolumeRecord) throws {
+            for replica in volume.replicas {
+                guard let address = try? Syscalls.SocketAddress(parsing: replica.address),
+                      let status = try? replicaStatus(defaultControlAddress(forData: address)),
+                      status.engineConnections > 0 else { continue }
+                throw CLIError("volume \(name) is attached elsewhere: engine \(status.owner.engine) (epoch \(status.owner.epoch)) "
+                    + "is connected to replica \(replica.address); detach it there first, or pass --force to take it over")
+            }
+        }
+
+        private func waitForDevice(_ engine: Daemon, runner: DaemonRunner, node: Node) throws -> String {
+            let deadline = Date().addingTimeInterval(timeout)
+            while Date() < deadline {
+                if !runner.isRunning(engine) {
+                    throw CLIError(runner.lastFailure(engine).map { "cannot attach \(name): \($0)" }
+                        ?? "the engine of \(name) stopped before attaching; see its log")
+                }
+                if let status = try? callEngine(node.engineControl(name), doing: "report its status", {
+                    try await $0.status(.init())
+                }), !status.device.isEmpty {
+                    return status.device
+                }
+                usleep(100_000)
+            }
+            throw CLIError("the engine of \(name) did not attach a device within \(Int(timeout)) s; see its log")
+        }
+
+        /// udev makes the link a moment after the device appears.
+        private func waitForLink() -> String? {
+            let link = "/dev/keel/\(name)"
+            let udevRunning = access("/run/udev/control", F_OK) == 0
+            for _ in 0..<(udevRunning ? 100 : 1) {
+                if access(link, F_OK) == 0 { return link }
+                usleep(50_000)
+            }
+            return nil
+        }
+    }
+
+    struct Detach: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Detach a volume: its engine drains the device's I/O, detaches it and stops.",
+            discussion: "The replicas keep running. Unmount the filesystem first.\nExample: keel volume detach db")
+
+        @Argument(help: "The volume's name.")
+        var name: String
+
+        @Flag(help: "Print JSON.")
+        var json = false
+
+        @OptionGroup var node: NodeOptions
+
+        func run() throws {
+            let node = try Node(self.node)
+            let volume = try node.volume(name)
+            let runner = node.runner(volume.runner)
+            let before = node.attachment(volume)
+            do { try runner.stop(node.engineDaemon(volume)) } catch {
+                throw CLIError("cannot stop the engine of \(name): \(error)")
+            }
+            // An engine that died left its device holding I/O: nobody will serve it now.
+            for index in KernelNBD.devices(withBackend: "keel:\(name)") {
+                do { try KernelNBD().disconnect(index: index) } catch {
+                    throw CLIError("cannot detach /dev/nbd\(index): \(error)")
+                }
+            }
+            let was = before.device.map { "detached \($0)" } ?? (before.engineRunning ? "engine stopped" : "was not attached")
+            if json { return try printJSON(["volume": name, "device": before.device ?? NSNull(), "result": was] as [String: Any]) }
+            print("volume \(name): \(was)")
+        }
+    }
+
+    struct Remove: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "rm",
+            abstract: "Remove a detached volume: stop its local replicas and delete their data.",
+            discussion: "Replicas elsewhere (--replica at create) keep their data.\nExample: keel volume rm db")
+
+        @Argument(help: "The volume's name.")
+        var name: String
+
+        @Flag(help: "Print JSON.")
+        var json = false
+
+        @OptionGroup var node: NodeOptions
+
+        func run() throws {
+            let node = try Node(self.node)
+            let volume = try node.volume(name)
+            let attachment = node.attachment(volume)
+            if let device = attachment.device {
+                throw CLIError("volume \(name) is attached as \(device); unmount it and run 'keel volume detach \(name)' first")
+            }
+            if attachment.engineRunning {
+                throw CLIError("volume \(name)'s engine is running; stop it with 'keel volume detach \(name)' first")
+            }
+            removeLocalReplicas(volume, node: node)
+            node.runner(volume.runner).forget(node.engineDaemon(volume))
+            do { try node.registry.remove(named: name) } catch { throw CLIError("\(error)") }
+            let remote = volume.replicas.filter { !$0.isLocal }.count
+            let note = remote > 0 ? "; \(remote) replica(s) elsewhere keep their data" : ""
+            if json { return try printJSON(["volume": name, "removed": true, "remote_replicas_kept": remote] as [String: Any]) }
+            print("volume \(name) removed\(note)")
+        }
+    }
+}

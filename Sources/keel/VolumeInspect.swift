@@ -1,0 +1,101 @@
+import ArgumentParser
+import ControlAPI
+import Foundation
+import NodeRegistry
+
+/// What `ls`, `show` and `create --json` say about a volume.
+struct VolumeReport {
+    let record: VolumeRecord
+    let attachment: Node.Attachment
+    let replicasRunning: [Bool?]
+
+    init(_ record: VolumeRecord, node: Node) {
+        self.record = record
+        attachment = node.attachment(record)
+        let runner = node.runner(record.runner)
+        var daemons = node.replicaDaemons(record).makeIterator()
+        replicasRunning = record.replicas.map { $0.isLocal ? daemons.next().map(runner.isRunning) : nil }
+    }
+
+    var json: [String: Any] {
+        [
+            "name": record.name, "size": record.size, "connections": record.connections,
+            "runner": record.runner.rawValue, "created_at": record.createdAt,
+            "state": attachment.summary, "device": attachment.device ?? NSNull(), "link": attachment.link ?? NSNull(),
+            "engine_running": attachment.engineRunning,
+            "replicas": zip(record.replicas, replicasRunning).map { replica, running in
+                ["address": replica.address, "local": replica.isLocal, "directory": replica.directory ?? NSNull(),
+                 "running": running ?? NSNull()] as [String: Any]
+            },
+        ]
+    }
+}
+
+extension Volume {
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "ls", abstract: "List this node's volumes.")
+
+        @Flag(help: "Print JSON.")
+        var json = false
+
+        @OptionGroup var node: NodeOptions
+
+        func run() throws {
+            let node = try Node(self.node)
+            let reports = try node.registry.volumes().map { VolumeReport($0, node: node) }
+            if json { return try printJSON(reports.map(\.json)) }
+            guard !reports.isEmpty else {
+                return print("no volumes on this node; create one with 'keel volume create NAME --size SIZE'")
+            }
+            let width = max(6, reports.map(\.record.name.count).max() ?? 0)
+            print("NAME".padding(toLength: width, withPad: " ", startingAt: 0) + "  SIZE       REPLICAS  STATE")
+            for report in reports {
+                print(report.record.name.padding(toLength: width, withPad: " ", startingAt: 0)
+                    + "  " + humanSize(report.record.size).padding(toLength: 9, withPad: " ", startingAt: 0)
+                    + "  " + "\(report.record.replicas.count)".padding(toLength: 8, withPad: " ", startingAt: 0)
+                    + "  " + report.attachment.summary)
+            }
+        }
+    }
+
+    struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show a volume: size, replicas, where it is attached, and its engine's view when running.")
+
+        @Argument(help: "The volume's name.")
+        var name: String
+
+        @Flag(help: "Print JSON.")
+        var json = false
+
+        @OptionGroup var node: NodeOptions
+
+        func run() throws {
+            let node = try Node(self.node)
+            let report = VolumeReport(try node.volume(name), node: node)
+            let engine = report.attachment.engineRunning
+                ? try? callEngine(node.engineControl(name), doing: "report its status") { try await $0.status(.init()) }
+                : nil
+            if json {
+                var object = report.json
+                if let engine {
+                    object["engine"] = ["health": Status.health(engine), "epoch": engine.epoch,
+                                        "replicas": engine.replicas.map { ["address": $0.address, "mode": $0.mode] }]
+                }
+                return try printJSON(object)
+            }
+            let record = report.record
+            print("volume \(record.name): \(humanSize(record.size)) (\(record.size) bytes), \(report.attachment.summary)")
+            if let link = report.attachment.link { print("  stable path: \(link)") }
+            print("  run by \(record.runner.rawValue), \(record.connections) kernel connection(s), "
+                + "engine control \(node.engineControl(name))")
+            for (replica, running) in zip(record.replicas, report.replicasRunning) {
+                let mode = engine?.replicas.first(where: { $0.address == replica.address })?.mode
+                let where_ = replica.directory.map { "local, \($0)" } ?? "remote"
+                let state = running.map { $0 ? "running" : "stopped" }
+                print("  replica \(replica.address)  (\([where_, state, mode].compactMap { $0 }.joined(separator: ", ")))")
+            }
+            if let engine { print("  engine: \(Status.health(engine)), epoch \(engine.epoch)") }
+        }
+    }
+}

@@ -1,0 +1,24 @@
+import Daemons
+import Testing
+
+@Suite struct DaemonTests {
+    let engine = Daemon(kind: .engine, instance: "db", arguments: ["--size", "4096", "--replica", "10.0.0.2:7001"])
+    let replica = Daemon(kind: .replica, instance: "db-r0", arguments: ["--dir", "/var/lib/keel/replicas/db/r0"])
+
+    @Test func unitsAndCommandLinesMatchTheTemplates() {
+        #expect(engine.unit == "keel-engine@db.service")
+        #expect(engine.commandLine == ["engine", "serve", "--volume", "db", "--size", "4096", "--replica", "10.0.0.2:7001"])
+        #expect(replica.unit == "keel-replica@db-r0.service")
+        #expect(replica.commandLine == ["replica", "serve", "--dir", "/var/lib/keel/replicas/db/r0"])
+    }
+
+    @Test func environmentFilesCarryTheArguments() throws {
+        let systemd = SystemdRunner(stateDirectory: "/var/lib/keel", configurationDirectory: "/etc/keel")
+        #expect(systemd.environmentFile(engine) == "/etc/keel/volume-db.env")
+        #expect(systemd.environmentFile(replica) == "/etc/keel/replica-db-r0.env")
+        #expect(try systemd.environment(engine).hasSuffix("\nKEEL_ENGINE_ARGS=--size 4096 --replica 10.0.0.2:7001\n"))
+        #expect(try systemd.environment(replica).hasSuffix("\nKEEL_REPLICA_ARGS=--dir /var/lib/keel/replicas/db/r0\n"))
+        let spaced = Daemon(kind: .replica, instance: "x", arguments: ["--dir", "/srv/my data"])
+        #expect(throws: DaemonError.self) { try systemd.environment(spaced) }
+    }
+}

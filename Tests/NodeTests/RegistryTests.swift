@@ -1,0 +1,64 @@
+import Testing
+import NodeRegistry
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite struct RegistryTests {
+    let directory: String = {
+        var template = Array("/tmp/keel-registry.XXXXXX".utf8CString)
+        return String(cString: mkdtemp(&template))
+    }()
+
+    func volume(_ name: String, replicas: [ReplicaRecord] = [ReplicaRecord(address: "unix:/r0.sock", directory: "/d/r0"),
+                                                            ReplicaRecord(address: "10.0.0.2:7001")]) -> VolumeRecord {
+        VolumeRecord(name: name, size: 1 << 30, replicas: replicas, connections: 2, runner: .keel, createdAt: 1_700_000_000)
+    }
+
+    @Test func volumesSurviveReopeningInNameOrder() throws {
+        let layout = NodeLayout(stateDirectory: directory + "/state/")
+        do {
+            let registry = try Registry(layout: layout)
+            try registry.add(volume("b"))
+            try registry.add(volume("a", replicas: [ReplicaRecord(address: "h:1")]))
+        }
+        let registry = try Registry(layout: layout)
+        #expect(try registry.volumes().map(\.name) == ["a", "b"])
+        #expect(try registry.volume(named: "b") == volume("b"))
+        #expect(try registry.volume(named: "b")?.replicas.map(\.isLocal) == [true, false])
+        #expect(try registry.volume(named: "c") == nil)
+    }
+
+    @Test func aNameIsTakenOnce() throws {
+        let registry = try Registry(layout: NodeLayout(stateDirectory: directory))
+        try registry.add(volume("v"))
+        #expect(throws: Registry.Failure.exists("v")) { try registry.add(self.volume("v")) }
+    }
+
+    @Test func removingForgetsTheReplicasToo() throws {
+        let registry = try Registry(layout: NodeLayout(stateDirectory: directory))
+        try registry.add(volume("v"))
+        #expect(try registry.remove(named: "v"))
+        #expect(try !registry.remove(named: "v"))
+        try registry.add(volume("v", replicas: [ReplicaRecord(address: "h:2")]))
+        #expect(try registry.volume(named: "v")?.replicas == [ReplicaRecord(address: "h:2")])
+    }
+
+    @Test func anUnwritableStateDirectoryNamesTheWayOut() throws {
+        let layout = NodeLayout(stateDirectory: "/proc/keel-cannot-exist/state")
+        #expect {
+            _ = try Registry(layout: layout)
+        } throws: { error in
+            "\(error)".contains("cannot create /proc/keel-cannot-exist") && "\(error)".contains("--state-dir")
+        }
+    }
+
+    @Test func volumeNamesAreSafeAsFileAndUnitNames() {
+        for good in ["vol1", "db.data", "a_b-c", String(repeating: "x", count: 64)] {
+            #expect(VolumeRecord.validate(name: good) == nil, "\(good)")
+        }
+        for bad in ["", "a/b", "-x", ".hidden", "a b", "é", String(repeating: "x", count: 65)] {
+            #expect(VolumeRecord.validate(name: bad) != nil, "\(bad)")
+        }
+    }
+}
