@@ -44,4 +44,10 @@ import Testing
         #expect(result.status == 0)
         #expect(result.output.contains("fio verified with a replica killed"))
     }
+
+    @Test func volumesByNameCreateAttachDetachTakeOverAndRemove() throws {
+        let result = try Self.scenario("volume-lifecycle")
+        #expect(result.status == 0)
+        #expect(result.output.contains("keel volume: lifecycle complete"))
+    }
 }

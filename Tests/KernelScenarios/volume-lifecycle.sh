@@ -1,0 +1,80 @@
+# `keel volume` on a host without systemd, where keel runs the daemons itself:
+# create with 2 local replicas; attach prints /dev/nbdX and /dev/keel/vol (a
+# real udevd); mkfs, mount, write, checksum; while attached, rm and a second
+# attach are refused, and a volume asked onto the busy device is refused with
+# nothing left half-attached; detach, attach again, checksums match; the
+# engine killed -9 under a mounted filesystem and `keel volume attach` hands
+# the same device to a new engine; detach; rm leaves no daemon behind.
+. "$(dirname "$0")/common.sh"
+start_udev
+export KEEL_STATE_DIR="$work/data/state"
+
+# expect_refusal PATTERN ARGS…: keel fails with one line matching PATTERN.
+expect_refusal() {
+    pattern=$1; shift
+    if "$KEEL" "$@" >"$work/out" 2>"$work/err"; then echo "'keel $*' should have failed"; exit 1; fi
+    cat "$work/err"
+    [ "$(wc -l < "$work/err")" = 1 ] || { echo "more than one line"; exit 1; }
+    grep -q "$pattern" "$work/err" || { echo "no '$pattern' in the refusal"; exit 1; }
+}
+
+engine_running() { pgrep -f "keel engine serve --volume $1 " >/dev/null; }
+
+step "keel volume create, attach"
+"$KEEL" volume create vol --size 256M --replicas 2
+"$KEEL" volume attach vol > "$work/attach.out"
+cat "$work/attach.out"
+device=$(sed -n 1p "$work/attach.out")
+[ -b "$device" ] || { echo "no device: '$device'"; exit 1; }
+[ "$(sed -n 2p "$work/attach.out")" = /dev/keel/vol ] || { echo "attach printed no /dev/keel/vol"; exit 1; }
+[ "$(readlink -f /dev/keel/vol)" = "$device" ] || { echo "/dev/keel/vol does not point at $device"; exit 1; }
+nbd=$(basename "$device")
+echo "backend $(cat /sys/block/$nbd/backend)"
+mkfs.ext4 -q /dev/keel/vol
+mkdir -p /mnt/vol
+mount /dev/keel/vol /mnt/vol
+for i in 1 2; do head -c $((i * 4))M /dev/urandom > /mnt/vol/file$i; done
+sync
+(cd /mnt/vol && sha256sum file1 file2) > "$work/sums"
+"$KEEL" volume ls
+
+step "refusals while attached"
+expect_refusal "is attached as $device" volume rm vol
+expect_refusal "already attached as $device" volume attach vol
+"$KEEL" volume create other --size 64M --replicas 1
+expect_refusal "in use by another NBD connection" volume attach other --device "$device"
+if engine_running other; then echo "the refused attach left an engine running"; exit 1; fi
+if grep -qx keel:other /sys/block/nbd*/backend 2>/dev/null; then echo "a device carries keel:other"; exit 1; fi
+"$KEEL" volume show other --json | grep -q '"state" : "detached"'
+
+step "detach, attach again"
+umount /mnt/vol
+"$KEEL" volume detach vol
+[ "$(cat /sys/block/$nbd/size)" = 0 ] || { echo "$nbd still has a size after detach"; exit 1; }
+udevadm settle --timeout=30
+[ ! -e /dev/keel/vol ] || { echo "/dev/keel/vol outlived the detach"; exit 1; }
+"$KEEL" volume ls | grep -q "^vol .*detached" || { echo "ls does not show vol detached"; exit 1; }
+device=$("$KEEL" volume attach vol | head -1)
+udevadm settle --timeout=30
+mount /dev/keel/vol /mnt/vol
+(cd /mnt/vol && sha256sum -c "$work/sums")
+
+step "engine killed -9: keel volume attach hands the device to a new engine"
+pkill -9 -f "keel engine serve --volume vol "
+for _ in $(seq 100); do engine_running vol || break; sleep 0.1; done
+"$KEEL" volume ls
+again=$("$KEEL" volume attach vol | head -1)
+[ "$again" = "$device" ] || { echo "re-attached as $again, not $device"; exit 1; }
+(cd /mnt/vol && sha256sum -c "$work/sums")
+head -c 4M /dev/urandom > /mnt/vol/file3
+sync
+umount /mnt/vol
+"$KEEL" volume show vol
+
+step "detach, rm"
+"$KEEL" volume detach vol
+"$KEEL" volume rm vol
+"$KEEL" volume rm other
+"$KEEL" volume ls --json
+if pgrep -f "keel (replica|engine) serve" >/dev/null; then echo "daemons outlived rm"; pgrep -af keel; exit 1; fi
+echo "keel volume: lifecycle complete"
