@@ -2,6 +2,7 @@ import KernelNBD
 import Logging
 import NBDServer
 import Synchronization
+import Syscalls
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -37,6 +38,8 @@ public final class FrontendController: @unchecked Sendable {
     private let state = Mutex<(server: Server<EngineDevice>?, frontend: KernelFrontend?)>((nil, nil))
     /// Apart from `state`, which a drain holds for seconds: status calls read this.
     private let attachedDevice = Mutex<String?>(nil)
+    private var watcher: PosixThread?
+    private let watching = Atomic<Bool>(false)
 
     public init(settings: Settings, logger: Logger) {
         self.settings = settings
@@ -64,7 +67,52 @@ public final class FrontendController: @unchecked Sendable {
             let device = try frontend.attach()
             state.frontend = frontend
             attachedDevice.withLock { $0 = device }
+            try watchDeadLinks()
             return device
+        }
+    }
+
+    /// Drains, detaches and stops watching for dead links: the engine is stopping.
+    public func shutdown() {
+        disable()
+        watching.store(false, ordering: .releasing)
+        watcher?.join()
+        watcher = nil
+    }
+
+    /// A request that outlives the I/O timeout (a replica stalls longer than
+    /// that) makes the kernel mark its connection dead and say LINK_DEAD; with
+    /// every connection dead the device would fail I/O after the dead-connection
+    /// timeout although the engine is alive. So each dead link gets a new one.
+    private func watchDeadLinks() throws {
+        guard watcher == nil else { return }
+        let events = try KernelNBD.DeadLinks()
+        watching.store(true, ordering: .releasing)
+        watcher = try PosixThread(name: "keel-links") { [self] in
+            while watching.load(ordering: .acquiring) {
+                do {
+                    let indexes = try events.next(waitingUpTo: 250)
+                    if !indexes.isEmpty { replaceDeadLinks(of: Set(indexes)) }
+                } catch {
+                    logger.error("cannot read the kernel's dead-link notifications: \(error)")
+                    usleep(250_000)
+                }
+            }
+        }
+    }
+
+    private func replaceDeadLinks(of indexes: Set<UInt32>) {
+        state.withLock { state in
+            guard let frontend = state.frontend, let index = frontend.index, indexes.contains(index),
+                  let server = state.server else { return }
+            do {
+                let replaced = try frontend.replaceDeadLinks(adopt: server.adopt)
+                if replaced > 0 {
+                    logger.warning("/dev/nbd\(index): the kernel gave up on \(replaced) connection(s) (a request outlived --io-timeout); gave it new ones")
+                }
+            } catch {
+                logger.error("/dev/nbd\(index): cannot replace dead connections: \(error)")
+            }
         }
     }
 

@@ -26,6 +26,25 @@ final class GenericNetlinkSocket {
 
     deinit { close(fd) }
 
+    /// Also receive the multicast group's notifications.
+    func join(group: UInt32) throws {
+        var id = group
+        guard setsockopt(fd, 270 /* SOL_NETLINK */, 1 /* NETLINK_ADD_MEMBERSHIP */, &id,
+                         socklen_t(MemoryLayout<UInt32>.size)) == 0 else {
+            throw SystemError.current("join netlink group \(group)")
+        }
+    }
+
+    /// Notifications that arrive within `milliseconds` (empty when none did).
+    func notifications(waitingUpTo milliseconds: Int32) throws -> [NetlinkReply] {
+        var ready = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        guard poll(&ready, 1, milliseconds) > 0 else { return [] }
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        let received = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+        guard received > 0 else { return [] }
+        return try NetlinkReply.parse(Array(buffer.prefix(received)))
+    }
+
     /// The family id and multicast groups of a generic netlink family.
     func family(named name: String) throws -> (id: UInt16, groups: [String: UInt32]) {
         let replies: [NetlinkReply]

@@ -127,6 +127,35 @@ public final class KernelNBD {
         }
     }
 
+    /// The kernel's LINK_DEAD notifications: which devices lost a connection
+    /// (a request timed out on it, or its socket failed).
+    public final class DeadLinks {
+        private let socket: GenericNetlinkSocket
+        private let family: UInt16
+
+        public init() throws {
+            socket = try GenericNetlinkSocket()
+            let found: (id: UInt16, groups: [String: UInt32])
+            do { found = try socket.family(named: NBD_GENL_FAMILY_NAME) } catch NetlinkError.noFamily {
+                throw Failure.moduleMissing
+            }
+            family = found.id
+            guard let group = found.groups[NBD_GENL_MCAST_GROUP_NAME] else {
+                throw Failure.refused("watch dead links", .malformed("no \(NBD_GENL_MCAST_GROUP_NAME) group"))
+            }
+            try socket.join(group: group)
+        }
+
+        /// Indexes of devices that reported a dead link within `milliseconds`.
+        public func next(waitingUpTo milliseconds: Int32) throws -> [UInt32] {
+            try socket.notifications(waitingUpTo: milliseconds).compactMap { reply in
+                guard case .message(let type, _, let command, let attributes) = reply, type == family,
+                      command == UInt8(NBD_CMD_LINK_DEAD) else { return nil }
+                return attributes.first(UInt16(NBD_ATTR_INDEX))?.u32
+            }
+        }
+    }
+
     /// The backend identifier the kernel shows for a device (empty when none).
     public static func backendIdentifier(of index: UInt32) -> String {
         guard let file = fopen("/sys/block/nbd\(index)/backend", "r") else { return "" }

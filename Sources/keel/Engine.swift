@@ -125,7 +125,7 @@ struct EngineCommand: ParsableCommand {
             defer { controlServer?.stop() }
             try serveUntilSignalled(device, on: address, logger: logger, what: what,
                                     afterStart: { if frontend == .kernel { try announce(kernel.enable()) } },
-                                    beforeStop: { kernel.disable() }) { listener in
+                                    beforeStop: { kernel.shutdown() }) { listener in
                 let server = Server(device: device, listener: listener, exportName: volume, threads: serving.threads,
                                     logger: logger)
                 kernel.serve(with: server)

@@ -50,4 +50,10 @@ import Testing
         #expect(result.status == 0)
         #expect(result.output.contains("keel volume: lifecycle complete"))
     }
+
+    @Test func deadLinksAreReplacedWhileAReplicaStallsPastTheIOTimeout() throws {
+        let result = try Self.scenario("link-dead")
+        #expect(result.status == 0)
+        #expect(result.output.contains("dead links replaced: fio verified"))
+    }
 }

@@ -49,12 +49,14 @@ on_exit() {
 trap on_exit EXIT
 
 # engine serve --frontend kernel; sets $device and $nbd once the kernel device has its size.
+# IO_TIMEOUT, REPLICA_TIMEOUT and DEAD_CONNECTION_TIMEOUT override the engine's timeouts.
 start_kernel_engine() {
     : > "$work/engine.out"
     "$KEEL" engine serve --volume vol --size "$1" --listen "unix:$work/engine.sock" \
-        --control "unix:$work/engine.control" --replica-timeout 5 \
+        --control "unix:$work/engine.control" --replica-timeout "${REPLICA_TIMEOUT:-5}" \
         --replica "unix:$work/r0.sock" --replica "unix:$work/r1.sock" --replica "unix:$work/r2.sock" \
-        --frontend kernel --connections 2 --io-timeout 5 >"$work/engine.out" 2>>"$work/engine.log" &
+        --frontend kernel --connections 2 --io-timeout "${IO_TIMEOUT:-5}" \
+        --dead-connection-timeout "${DEAD_CONNECTION_TIMEOUT:-120}" >"$work/engine.out" 2>>"$work/engine.log" &
     engine=$!
     for _ in $(seq 300); do grep -q /dev/nbd "$work/engine.out" && break; sleep 0.1; done
     device=$(cat "$work/engine.out")
