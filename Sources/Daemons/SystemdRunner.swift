@@ -41,7 +41,7 @@ public struct SystemdRunner: DaemonRunner {
             throw DaemonError("'\(spaced)' cannot be passed through a systemd environment file (whitespace)")
         }
         let variable = daemon.kind == .engine ? "KEEL_ENGINE_ARGS" : "KEEL_REPLICA_ARGS"
-        return "# Written by keel volume; edits are lost when the volume is attached again.\n"
+        return "# Written by keel volume from its registry; keel volume rewrites it when it starts the unit.\n"
             + "\(variable)=\(daemon.arguments.joined(separator: " "))\n"
     }
 

@@ -12,9 +12,11 @@ import Testing
 
     /// Runs a scenario in a fresh guest (which sees the test build's `keel` at
     /// the same path); its output is printed for the CI log.
-    static func scenario(_ name: String, timeout: Int = 600) throws -> (status: Int32, output: String) {
-        let result = try run(["/usr/bin/python3", repository + "/scripts/kernel-vm/vm.py", "run", "--timeout", "\(timeout)",
-                              "--", "sh", repository + "/Tests/KernelScenarios/\(name).sh", Paths.keel],
+    /// With `systemd`, the guest boots systemd as PID 1 and runs the scenario as a unit.
+    static func scenario(_ name: String, systemd: Bool = false, timeout: Int = 600) throws -> (status: Int32, output: String) {
+        let result = try run(["/usr/bin/python3", repository + "/scripts/kernel-vm/vm.py", "run", "--timeout", "\(timeout)"]
+                             + (systemd ? ["--systemd"] : [])
+                             + ["--", "sh", repository + "/Tests/KernelScenarios/\(name).sh", Paths.keel],
                              timeout: TimeInterval(timeout + 120))
         let output = result.stdout + result.stderr
         print("--- kernel scenario \(name) (exit \(result.status))\n\(output)")
@@ -55,5 +57,11 @@ import Testing
         let result = try Self.scenario("link-dead")
         #expect(result.status == 0)
         #expect(result.output.contains("dead links replaced: fio verified"))
+    }
+
+    @Test func volumesUnderSystemdAsPID1() throws {
+        let result = try Self.scenario("volume-systemd", systemd: true)
+        #expect(result.status == 0)
+        #expect(result.output.contains("keel volume under systemd: complete"))
     }
 }

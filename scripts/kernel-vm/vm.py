@@ -4,10 +4,12 @@ QEMU with the host's root shared read-only over virtio-9p, and runs one
 command inside it. See ../../../shared/KERNEL-VM.md for why it looks like this.
 
   vm.py prepare            download and unpack the kernel, build the initramfs (cached)
-  vm.py run [--timeout S] -- COMMAND...
+  vm.py run [--timeout S] [--systemd] -- COMMAND...
                            boot, run COMMAND as root in the guest (the host's
                            filesystem, read-only, under a tmpfs overlay), print
-                           its output, exit with its status
+                           its output, exit with its status; with --systemd the
+                           guest boots the host's systemd as PID 1 and COMMAND
+                           runs as a unit once basic.target is reached
 
 Everything is cached in .build-vm/ at the repository's root. The guest has no
 network device: every process of a test runs inside it, on its loopback.
@@ -46,6 +48,12 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results /newroot$run
 for d in proc sys dev; do mount --rbind /$d /newroot/$d; done
 mount -t devpts devpts /newroot/dev/pts 2>/dev/null
 mount -t tmpfs tmpfs /newroot/run
+if [ -e /newroot$run/keel-vm-test.target ]; then
+    cp /newroot$run/keel-vm-test.target /newroot$run/keel-vm-test.service /newroot/etc/systemd/system/
+    # Debian's tmpfiles empty /tmp at boot: it may hold the repository under test.
+    mkdir -p /newroot/etc/tmpfiles.d && echo "d /tmp 1777 root root -" > /newroot/etc/tmpfiles.d/tmp.conf
+    exec switch_root /newroot /lib/systemd/systemd --unit=keel-vm-test.target
+fi
 chroot /newroot /bin/sh -c "cd $run && exec /bin/sh $run/command.sh" > /dev/ttyS1 2>&1
 echo $? > /newroot$run/exit-status
 sync
@@ -154,12 +162,40 @@ def prepare():
     log("kernel %s ready in %s" % (package, CACHE))
 
 
-def run(command, timeout):
+# With --systemd, the guest's init hands over to systemd, which reaches this
+# target: the command as a oneshot unit, and a forced reboot (QEMU exits) after it.
+SYSTEMD_TARGET = """[Unit]
+Description=Keel VM test
+Requires=basic.target keel-vm-test.service
+After=basic.target keel-vm-test.service
+AllowIsolate=yes
+"""
+SYSTEMD_SERVICE = """[Unit]
+Description=Keel VM test command
+After=basic.target
+SuccessAction=reboot-force
+FailureAction=reboot-force
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh {run}/under-systemd.sh
+"""
+
+
+def run(command, timeout, systemd=False):
     prepare()
     run_dir = tempfile.mkdtemp(prefix="keel-vm-", dir="/var/tmp")
     os.chmod(run_dir, 0o755)
     with open(os.path.join(run_dir, "command.sh"), "w") as f:
         f.write("set -e\n" + " ".join(shlex.quote(c) for c in command) + "\n")
+    if systemd:
+        with open(os.path.join(run_dir, "keel-vm-test.target"), "w") as f:
+            f.write(SYSTEMD_TARGET)
+        with open(os.path.join(run_dir, "keel-vm-test.service"), "w") as f:
+            f.write(SYSTEMD_SERVICE.format(run=run_dir))
+        with open(os.path.join(run_dir, "under-systemd.sh"), "w") as f:
+            f.write("cd {0}\n/bin/sh {0}/command.sh > /dev/ttyS1 2>&1\necho $? > {0}/exit-status\nsync\n"
+                    .format(run_dir))
     # The guest learns where its results go from a one-line file appended to the initramfs.
     initramfs = os.path.join(run_dir, "initramfs.cpio")
     extra = os.path.join(run_dir, "extra")
@@ -199,12 +235,13 @@ def main():
     sub.add_parser("prepare")
     runner = sub.add_parser("run")
     runner.add_argument("--timeout", type=int, default=600)
+    runner.add_argument("--systemd", action="store_true", help="boot systemd as PID 1 and run COMMAND as a unit")
     runner.add_argument("command", nargs="+")
     args = parser.parse_args()
     if args.action == "prepare":
         prepare()
     else:
-        sys.exit(run(args.command, args.timeout))
+        sys.exit(run(args.command, args.timeout, args.systemd))
 
 
 if __name__ == "__main__":

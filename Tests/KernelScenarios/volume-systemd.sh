@@ -1,0 +1,77 @@
+# `keel volume` on a host whose PID 1 is systemd (the guest boots the host's
+# systemd): the units of Systemd/ installed as scripts/install does; create
+# enables keel-replica@ instances, attach a keel-engine@ instance (Type=notify)
+# that attaches /dev/nbdX with its udev link; kill -9 of the engine: systemd
+# restarts it and the new engine takes the device over under a mounted
+# filesystem; detach disables the engine; rm removes the replicas' units, files
+# and data. State in /var/lib/keel (ext4 on a loop device, for O_DIRECT).
+. "$(dirname "$0")/common.sh"
+[ "$(cat /proc/1/comm)" = systemd ] || { echo "PID 1 is not systemd"; exit 1; }
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+
+step "install: binary, units, udev rule"
+install -m 0755 "$KEEL" /usr/local/bin/keel
+cp "$repo"/Systemd/keel-replica@.service "$repo"/Systemd/keel-engine@.service "$repo"/Systemd/keel-replicas.target \
+    /etc/systemd/system/
+systemctl daemon-reload
+mkdir -p /etc/udev/rules.d /var/lib/keel
+cp "$repo/Udev/60-keel.rules" /etc/udev/rules.d/
+udevadm control --reload
+truncate -s 2G "$work/keel.img"
+mkfs.ext4 -q "$work/keel.img"
+mount -o loop "$work/keel.img" /var/lib/keel
+KEEL=/usr/local/bin/keel
+unit_state() { echo "$(systemctl is-enabled "$1" 2>/dev/null || true)/$(systemctl is-active "$1" 2>/dev/null || true)"; }
+
+step "keel volume create: replica units"
+"$KEEL" volume create vol --size 256M --replicas 2
+for r in vol-r0 vol-r1; do
+    echo "keel-replica@$r: $(unit_state keel-replica@$r)"
+    [ "$(unit_state keel-replica@$r)" = enabled/active ] || { journalctl -u keel-replica@$r --no-pager | tail; exit 1; }
+done
+cat /etc/keel/replica-vol-r0.env
+"$KEEL" volume show vol --json | grep -q '"runner" : "systemd"'
+
+step "keel volume attach: the engine unit"
+"$KEEL" volume attach vol > "$work/attach.out" || { journalctl -u keel-engine@vol --no-pager | tail -20; exit 1; }
+cat "$work/attach.out"
+device=$(sed -n 1p "$work/attach.out")
+echo "keel-engine@vol: $(unit_state keel-engine@vol)"
+[ "$(unit_state keel-engine@vol)" = enabled/active ]
+[ "$(readlink -f /dev/keel/vol)" = "$device" ] || { echo "no /dev/keel/vol for $device"; exit 1; }
+mkfs.ext4 -q /dev/keel/vol
+mkdir -p /mnt/vol
+mount /dev/keel/vol /mnt/vol
+for i in 1 2; do head -c $((i * 4))M /dev/urandom > /mnt/vol/file$i; done
+sync
+(cd /mnt/vol && sha256sum file1 file2) > "$work/sums"
+
+step "kill -9 of the engine: systemd restarts it, the device is taken over"
+first=$(systemctl show -p MainPID --value keel-engine@vol)
+kill -9 "$first"
+for _ in $(seq 300); do
+    pid=$(systemctl show -p MainPID --value keel-engine@vol)
+    [ "$pid" != 0 ] && [ "$pid" != "$first" ] && [ "$(systemctl is-active keel-engine@vol)" = active ] && break
+    sleep 0.1
+done
+echo "engine pid $first -> $pid, restarts: $(systemctl show -p NRestarts --value keel-engine@vol)"
+[ "$pid" != "$first" ] && [ "$(systemctl is-active keel-engine@vol)" = active ] || { journalctl -u keel-engine@vol --no-pager | tail -20; exit 1; }
+journalctl -u keel-engine@vol --no-pager -o cat | grep "took over $device"
+(cd /mnt/vol && sha256sum -c "$work/sums")
+head -c 4M /dev/urandom > /mnt/vol/file3
+sync
+umount /mnt/vol
+
+step "keel volume detach: the engine unit is stopped and disabled"
+"$KEEL" volume detach vol
+echo "keel-engine@vol: $(unit_state keel-engine@vol)"
+[ "$(unit_state keel-engine@vol)" = disabled/inactive ]
+[ "$(cat /sys/block/$(basename "$device")/size)" = 0 ]
+"$KEEL" volume ls
+
+step "keel volume rm: the replica units and their data go"
+"$KEEL" volume rm vol
+for r in vol-r0 vol-r1; do [ "$(unit_state keel-replica@$r)" = disabled/inactive ] || { echo "keel-replica@$r: $(unit_state keel-replica@$r)"; exit 1; }; done
+[ ! -e /etc/keel/replica-vol-r0.env ] && [ ! -e /var/lib/keel/replicas/vol ]
+umount /var/lib/keel
+echo "keel volume under systemd: complete"
