@@ -30,6 +30,14 @@ public struct Daemon: Equatable, Sendable {
         [kind.rawValue, "serve"] + (kind == .engine ? ["--volume", instance] : []) + arguments
     }
 
+    /// The start of the command line that names this daemon whatever its other
+    /// arguments: `engine serve --volume NAME`, or `replica serve --dir DIR`
+    /// (a replica's arguments start with its directory).
+    public var identity: [String] { Array(commandLine.prefix(4)) }
+
+    /// For messages: "engine of volume db", "replica db-r0".
+    public var description: String { kind == .engine ? "engine of volume \(instance)" : "replica \(instance)" }
+
     /// How long a stop may take: an engine drains the kernel's I/O first.
     public var stopTimeout: Double { kind == .engine ? 90 : 30 }
 }

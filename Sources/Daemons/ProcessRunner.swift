@@ -20,38 +20,50 @@ public struct ProcessRunner: DaemonRunner {
     func pidPath(_ daemon: Daemon) -> String { "\(runDirectory)/\(daemon.unit).pid" }
     public func logPath(_ daemon: Daemon) -> String { "\(logDirectory)/\(daemon.unit).log" }
 
+    /// Each start begins with this line in the log: failures are looked for after the last one.
+    static let startMarker = "-- keel: started "
+
     public func start(_ daemon: Daemon) throws {
-        let pid = try spawnDetached([executable] + daemon.commandLine, stdout: nil, stderr: logPath(daemon))
-        // Until the new program's arguments show in /proc, the pid looks like nobody's.
-        for _ in 0..<200 where readSmallFile("/proc/\(pid)/cmdline")?.isEmpty ?? false { usleep(10_000) }
-        let text = "\(pid)\n"
-        let fd = open(pidPath(daemon), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0, write(fd, text, text.utf8.count) == text.utf8.count else {
-            let reason = String(cString: strerror(errno))
+        try appendToLog(daemon, Self.startMarker + daemon.commandLine.joined(separator: " ") + "\n")
+        let pid = try spawnDetached([executable] + daemon.commandLine, log: logPath(daemon))
+        do { try writeFileAtomically(pidPath(daemon), "\(pid)\n") } catch {
             kill(pid, SIGKILL)
-            if fd >= 0 { close(fd) }
-            throw DaemonError("cannot write \(pidPath(daemon)): \(reason)")
+            throw DaemonError("cannot record the pid of the \(daemon.description): \(error)")
         }
-        close(fd)
+        // Until the new program's arguments show in /proc (empty, or the
+        // parent's, for a moment), the pid looks like nobody's.
+        var waited = 0
+        while waited < 300 && runningPid(daemon) == nil && processExists(pid) {
+            usleep(10_000)
+            waited += 1
+        }
     }
 
     public func stop(_ daemon: Daemon) throws {
-        defer { unlink(pidPath(daemon)) }
-        guard let pid = runningPid(daemon) else { return }
+        guard let pid = runningPid(daemon) else {
+            unlink(pidPath(daemon))
+            return
+        }
         kill(pid, SIGTERM)
-        if waitUntilGone(daemon, seconds: daemon.stopTimeout) { return }
+        if waitUntilGone(daemon, seconds: daemon.stopTimeout) {
+            unlink(pidPath(daemon))
+            return
+        }
         kill(pid, SIGKILL)
         guard waitUntilGone(daemon, seconds: 5) else {
-            throw DaemonError("\(daemon.unit) (pid \(pid)) did not stop, not even on SIGKILL")
+            throw DaemonError("the \(daemon.description) (pid \(pid)) did not stop, not even on SIGKILL")
         }
-        throw DaemonError("\(daemon.unit) (pid \(pid)) did not stop within \(Int(daemon.stopTimeout)) s and was killed")
+        unlink(pidPath(daemon))
+        throw DaemonError("the \(daemon.description) (pid \(pid)) did not stop within \(Int(daemon.stopTimeout)) s and was killed")
     }
 
     public func isRunning(_ daemon: Daemon) -> Bool { runningPid(daemon) != nil }
 
     public func lastFailure(_ daemon: Daemon) -> String? {
-        guard let log = readSmallFile(logPath(daemon)) else { return nil }
-        return lastFailureLine(in: log)
+        guard let log = readFileTail(logPath(daemon), bytes: 64 << 10) else { return nil }
+        let lines = log.split(separator: "\n")
+        let thisRun = lines.lastIndex(where: { $0.hasPrefix(Self.startMarker) }).map { lines[$0...] } ?? lines[...]
+        return lastFailureLine(in: thisRun.joined(separator: "\n"))
     }
 
     public func forget(_ daemon: Daemon) {
@@ -60,17 +72,24 @@ public struct ProcessRunner: DaemonRunner {
     }
 
     /// The pid in the pid file, if that process is alive and is this daemon
-    /// (pids are reused: its command line must match).
+    /// (pids are reused: its command line must name the daemon).
     func runningPid(_ daemon: Daemon) -> pid_t? {
         guard let text = readSmallFile(pidPath(daemon)),
-              let pid = pid_t(text.trimmingWhitespace()), pid > 0 else { return nil }
+              let pid = text.split(whereSeparator: \.isWhitespace).first.flatMap({ pid_t($0) }), pid > 0 else {
+            return nil
+        }
         var status: Int32 = 0
         _ = waitpid(pid, &status, WNOHANG)  // reaps it if this process started it and it ended
         guard let stat = readSmallFile("/proc/\(pid)/stat"),
               let state = stat.split(separator: ")").last?.split(separator: " ").first, state != "Z",
               let cmdline = readSmallFile("/proc/\(pid)/cmdline") else { return nil }
-        let arguments = cmdline.split(separator: "\0", omittingEmptySubsequences: false).dropFirst().dropLast()
-        return Array(arguments.map(String.init)) == daemon.commandLine ? pid : nil
+        let arguments = cmdline.split(separator: "\0", omittingEmptySubsequences: false).dropFirst().map(String.init)
+        return arguments.starts(with: daemon.identity) ? pid : nil
+    }
+
+    private func processExists(_ pid: pid_t) -> Bool {
+        var status: Int32 = 0
+        return waitpid(pid, &status, WNOHANG) == 0 || kill(pid, 0) == 0
     }
 
     private func waitUntilGone(_ daemon: Daemon, seconds: Double) -> Bool {
@@ -79,6 +98,13 @@ public struct ProcessRunner: DaemonRunner {
             usleep(50_000)
         }
         return runningPid(daemon) == nil
+    }
+
+    private func appendToLog(_ daemon: Daemon, _ line: String) throws {
+        let fd = open(logPath(daemon), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw DaemonError("cannot open \(logPath(daemon)): \(String(cString: strerror(errno)))") }
+        _ = write(fd, line, line.utf8.count)
+        close(fd)
     }
 }
 
@@ -91,10 +117,4 @@ public func currentExecutable() -> String {
 /// A daemon that refuses to start says why in one line starting with "keel: ".
 func lastFailureLine(in log: String) -> String? {
     log.split(separator: "\n").last(where: { $0.hasPrefix("keel: ") }).map { String($0.dropFirst(6)) }
-}
-
-extension String {
-    func trimmingWhitespace() -> String {
-        String(drop(while: { $0.isWhitespace }).reversed().drop(while: { $0.isWhitespace }).reversed())
-    }
 }

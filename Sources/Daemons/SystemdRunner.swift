@@ -61,14 +61,31 @@ public struct SystemdRunner: DaemonRunner {
         try systemctl("disable", "--now", daemon.unit)
     }
 
+    /// Starting (an engine reports ready only once its device is attached) and
+    /// stopping count as running; waiting to be restarted after a failure does not.
     public func isRunning(_ daemon: Daemon) -> Bool {
-        (try? runToCompletion(["systemctl", "is-active", "--quiet", daemon.unit]).status) == 0
+        let state = properties(daemon, "ActiveState", "SubState")
+        return ["active", "activating", "deactivating", "reloading"].contains(state["ActiveState"])
+            && state["SubState"] != "auto-restart"
     }
 
+    /// Looks at the current (or last) run of the unit only.
     public func lastFailure(_ daemon: Daemon) -> String? {
-        guard let log = try? runToCompletion(["journalctl", "--no-pager", "-o", "cat", "-n", "50", "-u", daemon.unit])
-        else { return nil }
+        guard let invocation = properties(daemon, "InvocationID")["InvocationID"], !invocation.isEmpty,
+              let log = try? runToCompletion(["journalctl", "--no-pager", "-o", "cat", "-n", "50",
+                                              "_SYSTEMD_INVOCATION_ID=\(invocation)"]) else { return nil }
         return lastFailureLine(in: log.output)
+    }
+
+    private func properties(_ daemon: Daemon, _ names: String...) -> [String: String] {
+        guard let result = try? runToCompletion(["systemctl", "show", daemon.unit, "-p", names.joined(separator: ",")]),
+              result.status == 0 else { return [:] }
+        var values: [String: String] = [:]
+        for line in result.output.split(separator: "\n") {
+            guard let equals = line.firstIndex(of: "=") else { continue }
+            values[String(line[..<equals])] = String(line[line.index(after: equals)...])
+        }
+        return values
     }
 
     public func forget(_ daemon: Daemon) {

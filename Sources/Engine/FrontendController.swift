@@ -35,10 +35,18 @@ public final class FrontendController: @unchecked Sendable {
 
     private let settings: Settings
     private let logger: Logger
-    private let state = Mutex<(server: Server<EngineDevice>?, frontend: KernelFrontend?)>((nil, nil))
+    private struct State {
+        var server: Server<EngineDevice>?
+        var frontend: KernelFrontend?
+        /// Replaces dead links; started with the first attach, for the engine's life.
+        var watcher: PosixThread?
+        /// The engine is shutting down: no more attaching.
+        var stopping = false
+    }
+
+    private let state = Mutex(State())
     /// Apart from `state`, which a drain holds for seconds: status calls read this.
     private let attachedDevice = Mutex<String?>(nil)
-    private var watcher: PosixThread?
     private let watching = Atomic<Bool>(false)
 
     public init(settings: Settings, logger: Logger) {
@@ -58,7 +66,10 @@ public final class FrontendController: @unchecked Sendable {
     public func enable() throws -> String {
         try state.withLock { state in
             if let device = attachedDevice.withLock({ $0 }) { return device }
+            guard !state.stopping else { throw EngineError("the engine is stopping") }
             guard let server = state.server else { throw EngineError("the engine is not serving yet") }
+            // Before the device exists: an engine that cannot keep its links must not attach.
+            if state.watcher == nil { state.watcher = try watchDeadLinks() }
             let frontend = try KernelFrontend(volume: settings.volume, size: settings.size,
                                               connections: settings.connections, ioTimeout: settings.ioTimeout,
                                               deadConnectionTimeout: settings.deadConnectionTimeout, device: settings.device,
@@ -67,32 +78,36 @@ public final class FrontendController: @unchecked Sendable {
             let device = try frontend.attach()
             state.frontend = frontend
             attachedDevice.withLock { $0 = device }
-            try watchDeadLinks()
             return device
         }
     }
 
     /// Drains, detaches and stops watching for dead links: the engine is stopping.
     public func shutdown() {
-        disable()
+        let watcher = state.withLock { state in
+            state.stopping = true
+            drainAndDetach(&state)
+            return state.watcher.take()
+        }
         watching.store(false, ordering: .releasing)
-        watcher?.join()
-        watcher = nil
+        watcher?.join()  // outside the lock, which the watcher may be waiting for
     }
 
     /// A request that outlives the I/O timeout (a replica stalls longer than
     /// that) makes the kernel mark its connection dead and say LINK_DEAD; with
     /// every connection dead the device would fail I/O after the dead-connection
     /// timeout although the engine is alive. So each dead link gets a new one.
-    private func watchDeadLinks() throws {
-        guard watcher == nil else { return }
+    private func watchDeadLinks() throws -> PosixThread {
         let events = try KernelNBD.DeadLinks()
         watching.store(true, ordering: .releasing)
-        watcher = try PosixThread(name: "keel-links") { [self] in
+        return try PosixThread(name: "keel-links") { [self] in
             while watching.load(ordering: .acquiring) {
                 do {
                     let indexes = try events.next(waitingUpTo: 250)
                     if !indexes.isEmpty { replaceDeadLinks(of: Set(indexes)) }
+                } catch NetlinkError.kernel(let errno, _) where errno == ENOBUFS {
+                    logger.warning("the kernel's dead-link notifications overflowed; checking the connections")
+                    replaceDeadLinks(of: nil)
                 } catch {
                     logger.error("cannot read the kernel's dead-link notifications: \(error)")
                     usleep(250_000)
@@ -101,10 +116,11 @@ public final class FrontendController: @unchecked Sendable {
         }
     }
 
-    private func replaceDeadLinks(of indexes: Set<UInt32>) {
+    /// `indexes`: the devices the kernel named (nil: it may have been any).
+    private func replaceDeadLinks(of indexes: Set<UInt32>?) {
         state.withLock { state in
-            guard let frontend = state.frontend, let index = frontend.index, indexes.contains(index),
-                  let server = state.server else { return }
+            guard !state.stopping, let frontend = state.frontend, let index = frontend.index,
+                  indexes?.contains(index) ?? true, let server = state.server else { return }
             do {
                 let replaced = try frontend.replaceDeadLinks(adopt: server.adopt)
                 if replaced > 0 {
@@ -118,17 +134,19 @@ public final class FrontendController: @unchecked Sendable {
 
     /// Drains (bounded: the kernel's own I/O timeout) and detaches.
     public func disable() {
-        state.withLock { state in
-            guard let frontend = state.frontend, let server = state.server else { return }
-            var quiet = 0
-            for _ in 0..<(Int(settings.ioTimeout) * 100) where quiet < 3 {
-                quiet = server.adoptedRequestsInFlight == 0 ? quiet + 1 : 0
-                usleep(10_000)
-            }
-            if quiet < 3 { logger.warning("detaching with requests still in flight after \(settings.ioTimeout) s") }
-            frontend.detach()
-            state.frontend = nil
-            attachedDevice.withLock { $0 = nil }
+        state.withLock { drainAndDetach(&$0) }
+    }
+
+    private func drainAndDetach(_ state: inout State) {
+        guard let frontend = state.frontend, let server = state.server else { return }
+        var quiet = 0
+        for _ in 0..<(Int(settings.ioTimeout) * 100) where quiet < 3 {
+            quiet = server.adoptedRequestsInFlight == 0 ? quiet + 1 : 0
+            usleep(10_000)
         }
+        if quiet < 3 { logger.warning("detaching with requests still in flight after \(settings.ioTimeout) s") }
+        frontend.detach()
+        state.frontend = nil
+        attachedDevice.withLock { $0 = nil }
     }
 }

@@ -41,6 +41,7 @@ final class GenericNetlinkSocket {
         guard poll(&ready, 1, milliseconds) > 0 else { return [] }
         var buffer = [UInt8](repeating: 0, count: 65536)
         let received = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+        if received < 0 && errno == ENOBUFS { throw NetlinkError.kernel(errno: ENOBUFS, "notifications were lost") }
         guard received > 0 else { return [] }
         return try NetlinkReply.parse(Array(buffer.prefix(received)))
     }

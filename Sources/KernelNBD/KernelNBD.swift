@@ -146,7 +146,8 @@ public final class KernelNBD {
             try socket.join(group: group)
         }
 
-        /// Indexes of devices that reported a dead link within `milliseconds`.
+        /// Indexes of devices that reported a dead link within `milliseconds`;
+        /// throws `NetlinkError.kernel(ENOBUFS)` when notifications were lost.
         public func next(waitingUpTo milliseconds: Int32) throws -> [UInt32] {
             try socket.notifications(waitingUpTo: milliseconds).compactMap { reply in
                 guard case .message(let type, _, let command, let attributes) = reply, type == family,

@@ -206,6 +206,9 @@ final class IOThread<Device: BlockDevice> {
         if !connection.adopted, case .transmission(let policy) = connection.phase {
             catalog.transmissionEnded(policy.negotiated.export)
         }
+        // An adopted socket may have other references (the kernel frontend's
+        // probes): the peer must see the end now, not when the last one goes.
+        if connection.adopted { shutdown(connection.fd.rawValue, Int32(SHUT_RDWR)) }
         connection.fd.close()
         connections[connection.index] = nil
         freeConnectionIndexes.append(connection.index)

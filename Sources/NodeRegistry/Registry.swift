@@ -13,14 +13,15 @@ public final class Registry {
     private let database: Database
 
     public enum Failure: Error, CustomStringConvertible, Equatable {
-        case cannotCreate(path: String, reason: String)
+        case cannotCreate(path: String, reason: String, denied: Bool)
         case exists(String)
         case newerSchema(Int64)
 
         public var description: String {
             switch self {
-            case .cannotCreate(let path, let reason):
-                return "cannot create \(path): \(reason); run as root or pass --state-dir (or set KEEL_STATE_DIR)"
+            case .cannotCreate(let path, let reason, let denied):
+                return "cannot create \(path): \(reason); " + (denied ? "run as root or " : "")
+                    + "pass another --state-dir (or set KEEL_STATE_DIR)"
             case .exists(let name):
                 return "a volume named \(name) already exists; pick another name or remove it with 'keel volume rm \(name)'"
             case .newerSchema(let version):
@@ -34,7 +35,8 @@ public final class Registry {
         self.layout = layout
         for directory in [layout.stateDirectory, layout.runDirectory, layout.logDirectory] {
             do { try makeDirectories(directory) } catch let error as SystemError {
-                throw Failure.cannotCreate(path: directory, reason: String(cString: strerror(error.errno)))
+                throw Failure.cannotCreate(path: directory, reason: String(cString: strerror(error.errno)),
+                                           denied: error.errno == EACCES || error.errno == EPERM)
             }
         }
         database = try Database(path: layout.registryPath, create: true)

@@ -25,6 +25,22 @@ public func readSmallFile(_ path: String, limit: Int = 1 << 20) -> String? {
     return String(decoding: bytes, as: UTF8.self)
 }
 
+/// The last `bytes` of a file (a log), nil if it cannot be read.
+public func readFileTail(_ path: String, bytes: Int) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    let end = lseek(fd, 0, SEEK_END)
+    guard end >= 0, lseek(fd, max(0, end - off_t(bytes)), SEEK_SET) >= 0 else { return nil }
+    var buffer = [UInt8](repeating: 0, count: bytes)
+    var filled = 0
+    while filled < bytes {
+        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress! + filled, bytes - filled) }
+        if n > 0 { filled += n } else if n < 0 && errno == EINTR { continue } else { break }
+    }
+    return String(decoding: buffer.prefix(filled), as: UTF8.self)
+}
+
 /// Replaces `path` with `contents`: written to a temporary file, synced, renamed over it.
 public func writeFileAtomically(_ path: String, _ contents: String) throws {
     let temporary = path + ".tmp"

@@ -84,9 +84,7 @@ struct EngineCommand: ParsableCommand {
             if let problem = VolumeRecord.validate(name: volume) {
                 throw ValidationError("--volume: \(problem) (it names /dev/keel/<volume>)")
             }
-            if let device, deviceIndex(device) == nil {
-                throw ValidationError("--device takes a kernel NBD device such as /dev/nbd0, not '\(device)'")
-            }
+            try validateDevice(device)
         }
 
         func run() throws {
@@ -138,6 +136,12 @@ struct EngineCommand: ParsableCommand {
 /// 3 for /dev/nbd3.
 func deviceIndex(_ path: String) -> UInt32? {
     path.hasPrefix("/dev/nbd") ? UInt32(path.dropFirst("/dev/nbd".count)) : nil
+}
+
+func validateDevice(_ device: String?) throws {
+    if let device, deviceIndex(device) == nil {
+        throw ValidationError("--device takes a kernel NBD device such as /dev/nbd0, not '\(device)'")
+    }
 }
 
 /// A device path on stdout, for scripts (the log says it too).

@@ -43,17 +43,15 @@ struct Node {
         }
     }
 
-    /// The volume's replicas this node runs.
-    func replicaDaemons(_ volume: VolumeRecord) -> [Daemon] {
+    /// The volume's replicas this node runs, with their data sockets.
+    func localReplicas(_ volume: VolumeRecord) -> [(daemon: Daemon, socket: String)] {
         volume.replicas.enumerated().compactMap { index, replica in
-            replica.directory.map { replicaDaemon(volume: volume.name, index: index, directory: $0, size: volume.size) }
+            guard let directory = replica.directory else { return nil }
+            let socket = layout.replicaSocket(volume: volume.name, index: index)
+            return (Daemon(kind: .replica, instance: layout.replicaName(volume: volume.name, index: index),
+                           arguments: ["--dir", directory, "--listen", "unix:" + socket, "--size", "\(volume.size)"]),
+                    socket)
         }
-    }
-
-    func replicaDaemon(volume: String, index: Int, directory: String, size: UInt64) -> Daemon {
-        Daemon(kind: .replica, instance: layout.replicaName(volume: volume, index: index),
-               arguments: ["--dir", directory, "--listen", "unix:" + layout.replicaSocket(volume: volume, index: index),
-                           "--size", "\(size)"])
     }
 
     func engineDaemon(_ volume: VolumeRecord, device: String? = nil) -> Daemon {
@@ -96,13 +94,23 @@ struct Node {
     /// Starts the volume's local replicas that are not running and waits until each accepts connections.
     func startReplicas(_ volume: VolumeRecord) throws {
         let runner = self.runner(volume.runner)
-        for (index, replica) in volume.replicas.enumerated() {
-            guard let directory = replica.directory else { continue }
-            let daemon = replicaDaemon(volume: volume.name, index: index, directory: directory, size: volume.size)
-            guard !runner.isRunning(daemon) else { continue }
-            do { try runner.start(daemon) } catch { throw CLIError("cannot start replica \(daemon.instance): \(error)") }
-            try waitUntilServing(daemon, socket: layout.replicaSocket(volume: volume.name, index: index), runner: runner)
+        for (daemon, socket) in localReplicas(volume) where !runner.isRunning(daemon) {
+            do { try runner.start(daemon) } catch { throw CLIError("cannot start \(daemon.description): \(error)") }
+            try waitUntilServing(daemon, socket: socket, runner: runner)
         }
+    }
+
+    /// Serialises the commands that change a volume (two creates or two
+    /// attaches of one name); held until this command exits.
+    func lock(_ volume: String) throws {
+        let path = "\(layout.runDirectory)/\(volume).lock"
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw CLIError("\(SystemError.current("open \(path)"))") }
+        for _ in 0..<1200 {
+            if flock(fd, LOCK_EX | LOCK_NB) == 0 { return }
+            usleep(100_000)
+        }
+        throw CLIError("another keel volume command has been working on \(volume) for 2 minutes; try again when it is done")
     }
 
     private func waitUntilServing(_ daemon: Daemon, socket: String, runner: DaemonRunner) throws {
@@ -110,11 +118,11 @@ struct Node {
             if unixSocketAccepts(socket) { return }
             if !runner.isRunning(daemon) {
                 let reason = runner.lastFailure(daemon) ?? "it stopped without saying why"
-                throw CLIError("replica \(daemon.instance) did not start: \(reason)")
+                throw CLIError("\(daemon.description) did not start: \(reason)")
             }
             usleep(50_000)
         }
-        throw CLIError("replica \(daemon.instance) did not accept connections on \(socket) within 30 s")
+        throw CLIError("\(daemon.description) did not accept connections on \(socket) within 30 s")
     }
 }
 
@@ -123,19 +131,4 @@ func unixSocketAccepts(_ path: String) -> Bool {
     guard let fd = try? Socket.connect(to: .unix(path: path)) else { return false }
     fd.close()
     return true
-}
-
-/// 10 GiB, 512 MiB, 4096 B.
-func humanSize(_ bytes: UInt64) -> String {
-    let units: [(UInt64, String)] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")]
-    for (unit, name) in units where bytes >= unit {
-        let value = Double(bytes) / Double(unit)
-        return value == value.rounded() ? "\(bytes / unit) \(name)" : String(format: "%.1f %@", value, name)
-    }
-    return "\(bytes) B"
-}
-
-func printJSON(_ object: Any) throws {
-    let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
-    print(String(decoding: data, as: UTF8.self))
 }

@@ -64,7 +64,12 @@ struct Volume: ParsableCommand {
 
         func run() throws {
             let node = try Node(self.node)
+            try node.lock(name)
             if try node.registry.volume(named: name) != nil { throw CLIError("\(Registry.Failure.exists(name))") }
+            let dataDirectory = node.layout.volumeDataDirectory(name)
+            if replicaAddresses.isEmpty && access(dataDirectory, F_OK) == 0 {
+                throw CLIError("\(dataDirectory) already exists (left by an earlier volume?); remove it or pick another name")
+            }
             let runnerKind: VolumeRecord.Runner = systemdIsRunning() ? .systemd : .keel
             if runnerKind == .systemd {
                 do { try SystemdRunner(stateDirectory: node.layout.stateDirectory).checkUnitsInstalled() } catch {
@@ -89,7 +94,7 @@ struct Volume: ParsableCommand {
                 try node.startReplicas(record)
                 try node.registry.add(record)
             } catch {
-                removeLocalReplicas(record, node: node)
+                try? removeLocalReplicas(record, node: node)
                 throw error as? CLIError ?? CLIError("\(error)")
             }
             if json {
@@ -113,16 +118,6 @@ struct Volume: ParsableCommand {
             }
         }
     }
-}
-
-/// Stops the volume's local replicas and deletes their data.
-func removeLocalReplicas(_ volume: VolumeRecord, node: Node) {
-    let runner = node.runner(volume.runner)
-    for daemon in node.replicaDaemons(volume) {
-        try? runner.stop(daemon)
-        runner.forget(daemon)
-    }
-    try? FileManager.default.removeItem(atPath: node.layout.volumeDataDirectory(volume.name))
 }
 
 typealias ReplicaStub = Keel_Control_V1_ReplicaControl.Client<ControlTransport>

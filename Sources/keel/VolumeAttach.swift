@@ -36,14 +36,11 @@ extension Volume {
 
         @OptionGroup var node: NodeOptions
 
-        func validate() throws {
-            if let device, deviceIndex(device) == nil {
-                throw ValidationError("--device takes a kernel NBD device such as /dev/nbd0, not '\(device)'")
-            }
-        }
+        func validate() throws { try validateDevice(device) }
 
         func run() throws {
             let node = try Node(self.node)
+            try node.lock(name)
             let volume = try node.volume(name)
             let runner = node.runner(volume.runner)
             let engine = node.engineDaemon(volume, device: device)
@@ -57,7 +54,12 @@ extension Volume {
             if !force { try checkNoLiveEngine(volume) }
             do { try KernelFrontend.checkDriver() } catch { throw CLIError("\(error)") }
 
-            do { try runner.start(engine) } catch { throw CLIError("cannot start the engine of \(name): \(error)") }
+            do { try runner.start(engine) } catch {
+                // Under systemd the unit may be enabled already: it must not retry (or come back at boot).
+                let reason = runner.lastFailure(engine) ?? "\(error)"
+                try? runner.stop(engine)
+                throw CLIError("cannot attach \(name): \(reason)")
+            }
             let device: String
             do { device = try waitForDevice(engine, runner: runner, node: node) } catch {
                 // Nothing half-attached: the engine goes (its device with it) and is not restarted.
@@ -127,6 +129,7 @@ extension Volume {
 
         func run() throws {
             let node = try Node(self.node)
+            try node.lock(name)
             let volume = try node.volume(name)
             let runner = node.runner(volume.runner)
             let before = node.attachment(volume)
@@ -142,40 +145,6 @@ extension Volume {
             let was = before.device.map { "detached \($0)" } ?? (before.engineRunning ? "engine stopped" : "was not attached")
             if json { return try printJSON(["volume": name, "device": before.device ?? NSNull(), "result": was] as [String: Any]) }
             print("volume \(name): \(was)")
-        }
-    }
-
-    struct Remove: ParsableCommand {
-        static let configuration = CommandConfiguration(
-            commandName: "rm",
-            abstract: "Remove a detached volume: stop its local replicas and delete their data.",
-            discussion: "Replicas elsewhere (--replica at create) keep their data.\nExample: keel volume rm db")
-
-        @Argument(help: "The volume's name.")
-        var name: String
-
-        @Flag(help: "Print JSON.")
-        var json = false
-
-        @OptionGroup var node: NodeOptions
-
-        func run() throws {
-            let node = try Node(self.node)
-            let volume = try node.volume(name)
-            let attachment = node.attachment(volume)
-            if let device = attachment.device {
-                throw CLIError("volume \(name) is attached as \(device); unmount it and run 'keel volume detach \(name)' first")
-            }
-            if attachment.engineRunning {
-                throw CLIError("volume \(name)'s engine is running; stop it with 'keel volume detach \(name)' first")
-            }
-            removeLocalReplicas(volume, node: node)
-            node.runner(volume.runner).forget(node.engineDaemon(volume))
-            do { try node.registry.remove(named: name) } catch { throw CLIError("\(error)") }
-            let remote = volume.replicas.filter { !$0.isLocal }.count
-            let note = remote > 0 ? "; \(remote) replica(s) elsewhere keep their data" : ""
-            if json { return try printJSON(["volume": name, "removed": true, "remote_replicas_kept": remote] as [String: Any]) }
-            print("volume \(name) removed\(note)")
         }
     }
 }

@@ -13,7 +13,7 @@ struct VolumeReport {
         self.record = record
         attachment = node.attachment(record)
         let runner = node.runner(record.runner)
-        var daemons = node.replicaDaemons(record).makeIterator()
+        var daemons = node.localReplicas(record).map(\.daemon).makeIterator()
         replicasRunning = record.replicas.map { $0.isLocal ? daemons.next().map(runner.isRunning) : nil }
     }
 

@@ -2,7 +2,8 @@
 # create with 2 local replicas; attach prints /dev/nbdX and /dev/keel/vol (a
 # real udevd); mkfs, mount, write, checksum; while attached, rm and a second
 # attach are refused, and a volume asked onto the busy device is refused with
-# nothing left half-attached; detach, attach again, checksums match; the
+# nothing left half-attached; detach, attach again onto a chosen device
+# (--device), checksums match; the
 # engine killed -9 under a mounted filesystem and `keel volume attach` hands
 # the same device to a new engine; detach; rm leaves no daemon behind.
 . "$(dirname "$0")/common.sh"
@@ -54,7 +55,9 @@ umount /mnt/vol
 udevadm settle --timeout=30
 [ ! -e /dev/keel/vol ] || { echo "/dev/keel/vol outlived the detach"; exit 1; }
 "$KEEL" volume ls | grep -q "^vol .*detached" || { echo "ls does not show vol detached"; exit 1; }
-device=$("$KEEL" volume attach vol | head -1)
+device=$("$KEEL" volume attach vol --device /dev/nbd2 | head -1)
+[ "$device" = /dev/nbd2 ] || { echo "attach --device /dev/nbd2 gave $device"; exit 1; }
+"$KEEL" volume ls | grep -q "^vol .*attached /dev/nbd2$" || { echo "ls does not see the engine of vol"; exit 1; }
 udevadm settle --timeout=30
 mount /dev/keel/vol /mnt/vol
 (cd /mnt/vol && sha256sum -c "$work/sums")

@@ -12,6 +12,13 @@ import Testing
         #expect(replica.commandLine == ["replica", "serve", "--dir", "/var/lib/keel/replicas/db/r0"])
     }
 
+    @Test func aDaemonIsKnownByItsVolumeOrDirectoryWhateverElseItWasGiven() {
+        #expect(engine.identity == ["engine", "serve", "--volume", "db"])
+        #expect(Daemon(kind: .engine, instance: "db", arguments: ["--device", "/dev/nbd3"]).identity == engine.identity)
+        #expect(replica.identity == ["replica", "serve", "--dir", "/var/lib/keel/replicas/db/r0"])
+        #expect(engine.description == "engine of volume db" && replica.description == "replica db-r0")
+    }
+
     @Test func environmentFilesCarryTheArguments() throws {
         let systemd = SystemdRunner(stateDirectory: "/var/lib/keel", configurationDirectory: "/etc/keel")
         #expect(systemd.environmentFile(engine) == "/etc/keel/volume-db.env")
