@@ -17,6 +17,17 @@ struct NodeOptions: ParsableArguments {
     }
 }
 
+/// What every `keel volume` command on one volume takes.
+struct VolumeTarget: ParsableArguments {
+    @Argument(help: "The volume's name.")
+    var name: String
+
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    @OptionGroup var node: NodeOptions
+}
+
 /// This node as `keel volume` sees it: its registry, and the daemons of its
 /// volumes (replicas it holds, engines of attached volumes).
 struct Node {

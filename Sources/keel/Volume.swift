@@ -10,8 +10,8 @@ struct Volume: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Volumes of this node by name: create, attach as /dev/nbdX and /dev/keel/NAME, detach, remove.",
         discussion: """
-            The node registry (SQLite) lives in the state directory. When PID 1 is systemd the daemons
-            are units (keel-replica@, keel-engine@; install them with scripts/install), otherwise keel
+            The node registry (SQLite) lives in the state directory. When PID 1 is systemd the daemons \
+            are units (keel-replica@, keel-engine@; install them with scripts/install), otherwise keel \
             runs them itself as processes tracked by pid files.
             """,
         subcommands: [Create.self, List.self, Show.self, Attach.self, Detach.self, Remove.self])
@@ -20,8 +20,8 @@ struct Volume: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Create a volume: its replicas on this node, or existing replicas elsewhere.",
             discussion: """
-                Without --replica, starts N replicas on this node under the state directory.
-                With --replica, uses replicas already served (keel replica serve --size SIZE) at those
+                Without --replica, starts N replicas on this node under the state directory. \
+                With --replica, uses replicas already served (keel replica serve --size SIZE) at those \
                 addresses; each must be reachable and of the volume's size.
                 Examples: keel volume create db --size 10G
                           keel volume create db --size 10G --replica 10.0.0.2:7001 --replica 10.0.0.3:7001

@@ -12,15 +12,14 @@ extension Volume {
         static let configuration = CommandConfiguration(
             abstract: "Attach a volume to this host: prints /dev/nbdX and /dev/keel/NAME.",
             discussion: """
-                Starts the volume's local replicas if they are not running, then its engine with the
-                kernel frontend. A device the volume is still attached to while no engine serves it
-                (the engine died) is taken over without I/O errors. Refused while a live engine
+                Starts the volume's local replicas if they are not running, then its engine with the \
+                kernel frontend. A device the volume is still attached to while no engine serves it \
+                (the engine died) is taken over without I/O errors. Refused while a live engine \
                 elsewhere is connected to the volume's replicas, unless --force.
                 Example: keel volume attach db && mkfs.ext4 /dev/keel/db
                 """)
 
-        @Argument(help: "The volume's name.")
-        var name: String
+        @OptionGroup var target: VolumeTarget
 
         @Option(help: "The device to attach, /dev/nbdN (default: a free one the kernel picks).")
         var device: String?
@@ -31,24 +30,19 @@ extension Volume {
         @Option(help: "Seconds to wait for the engine to attach the device.")
         var timeout: Double = 120
 
-        @Flag(help: "Print JSON.")
-        var json = false
-
-        @OptionGroup var node: NodeOptions
-
         func validate() throws { try validateDevice(device) }
 
         func run() throws {
-            let node = try Node(self.node)
-            try node.lock(name)
-            let volume = try node.volume(name)
+            let node = try Node(target.node)
+            try node.lock(target.name)
+            let volume = try node.volume(target.name)
             let runner = node.runner(volume.runner)
             let engine = node.engineDaemon(volume, device: device)
             let attachment = node.attachment(volume)
             if attachment.engineRunning {
-                if let device = attachment.device { throw CLIError("volume \(name) is already attached as \(device)") }
-                throw CLIError("volume \(name)'s engine is running with its frontend disabled; attach it with "
-                    + "'keel frontend enable --engine \(node.engineControl(name))'")
+                if let device = attachment.device { throw CLIError("volume \(target.name) is already attached as \(device)") }
+                throw CLIError("volume \(target.name)'s engine is running with its frontend disabled; attach it with "
+                    + "'keel frontend enable --engine \(node.engineControl(target.name))'")
             }
             try node.startReplicas(volume)
             if !force { try checkNoLiveEngine(volume) }
@@ -58,7 +52,7 @@ extension Volume {
                 // Under systemd the unit may be enabled already: it must not retry (or come back at boot).
                 let reason = runner.lastFailure(engine) ?? "\(error)"
                 try? runner.stop(engine)
-                throw CLIError("cannot attach \(name): \(reason)")
+                throw CLIError("cannot attach \(target.name): \(reason)")
             }
             let device: String
             do { device = try waitForDevice(engine, runner: runner, node: node) } catch {
@@ -67,10 +61,10 @@ extension Volume {
                 throw error
             }
             let link = waitForLink()
-            if json { return try printJSON(["volume": name, "device": device, "link": link ?? NSNull()] as [String: Any]) }
+            if target.json { return try printJSON(["volume": target.name, "device": device, "link": link ?? NSNull()] as [String: Any]) }
             print(device)
             if let link { print(link) } else {
-                fputs("keel: no /dev/keel/\(name): udev is not running or Keel's rule is not installed (Udev/60-keel.rules)\n", stderr)
+                fputs("keel: no /dev/keel/\(target.name): udev is not running or Keel's rule is not installed (Udev/60-keel.rules)\n", stderr)
             }
         }
 
@@ -80,7 +74,7 @@ extension Volume {
                 guard let address = try? Syscalls.SocketAddress(parsing: replica.address),
                       let status = try? replicaStatus(defaultControlAddress(forData: address)),
                       status.engineConnections > 0 else { continue }
-                throw CLIError("volume \(name) is attached elsewhere: engine \(status.owner.engine) (epoch \(status.owner.epoch)) "
+                throw CLIError("volume \(target.name) is attached elsewhere: engine \(status.owner.engine) (epoch \(status.owner.epoch)) "
                     + "is connected to replica \(replica.address); detach it there first, or pass --force to take it over")
             }
         }
@@ -89,22 +83,22 @@ extension Volume {
             let deadline = Date().addingTimeInterval(timeout)
             while Date() < deadline {
                 if !runner.isRunning(engine) {
-                    throw CLIError(runner.lastFailure(engine).map { "cannot attach \(name): \($0)" }
-                        ?? "the engine of \(name) stopped before attaching; see its log")
+                    throw CLIError(runner.lastFailure(engine).map { "cannot attach \(target.name): \($0)" }
+                        ?? "the engine of \(target.name) stopped before attaching; see its log")
                 }
-                if let status = try? callEngine(node.engineControl(name), doing: "report its status", {
+                if let status = try? callEngine(node.engineControl(target.name), doing: "report its status", {
                     try await $0.status(.init())
                 }), !status.device.isEmpty {
                     return status.device
                 }
                 usleep(100_000)
             }
-            throw CLIError("the engine of \(name) did not attach a device within \(Int(timeout)) s; see its log")
+            throw CLIError("the engine of \(target.name) did not attach a device within \(Int(timeout)) s; see its log")
         }
 
         /// udev makes the link a moment after the device appears.
         private func waitForLink() -> String? {
-            let link = "/dev/keel/\(name)"
+            let link = "/dev/keel/\(target.name)"
             let udevRunning = access("/run/udev/control", F_OK) == 0
             for _ in 0..<(udevRunning ? 100 : 1) {
                 if access(link, F_OK) == 0 { return link }
@@ -119,32 +113,26 @@ extension Volume {
             abstract: "Detach a volume: its engine drains the device's I/O, detaches it and stops.",
             discussion: "The replicas keep running. Unmount the filesystem first.\nExample: keel volume detach db")
 
-        @Argument(help: "The volume's name.")
-        var name: String
-
-        @Flag(help: "Print JSON.")
-        var json = false
-
-        @OptionGroup var node: NodeOptions
+        @OptionGroup var target: VolumeTarget
 
         func run() throws {
-            let node = try Node(self.node)
-            try node.lock(name)
-            let volume = try node.volume(name)
+            let node = try Node(target.node)
+            try node.lock(target.name)
+            let volume = try node.volume(target.name)
             let runner = node.runner(volume.runner)
             let before = node.attachment(volume)
             do { try runner.stop(node.engineDaemon(volume)) } catch {
-                throw CLIError("cannot stop the engine of \(name): \(error)")
+                throw CLIError("cannot stop the engine of \(target.name): \(error)")
             }
             // An engine that died left its device holding I/O: nobody will serve it now.
-            for index in KernelNBD.devices(withBackend: "keel:\(name)") {
+            for index in KernelNBD.devices(withBackend: "keel:\(target.name)") {
                 do { try KernelNBD().disconnect(index: index) } catch {
                     throw CLIError("cannot detach /dev/nbd\(index): \(error)")
                 }
             }
             let was = before.device.map { "detached \($0)" } ?? (before.engineRunning ? "engine stopped" : "was not attached")
-            if json { return try printJSON(["volume": name, "device": before.device ?? NSNull(), "result": was] as [String: Any]) }
-            print("volume \(name): \(was)")
+            if target.json { return try printJSON(["volume": target.name, "device": before.device ?? NSNull(), "result": was] as [String: Any]) }
+            print("volume \(target.name): \(was)")
         }
     }
 }

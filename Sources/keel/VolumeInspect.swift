@@ -62,21 +62,15 @@ extension Volume {
         static let configuration = CommandConfiguration(
             abstract: "Show a volume: size, replicas, where it is attached, and its engine's view when running.")
 
-        @Argument(help: "The volume's name.")
-        var name: String
-
-        @Flag(help: "Print JSON.")
-        var json = false
-
-        @OptionGroup var node: NodeOptions
+        @OptionGroup var target: VolumeTarget
 
         func run() throws {
-            let node = try Node(self.node)
-            let report = VolumeReport(try node.volume(name), node: node)
+            let node = try Node(target.node)
+            let report = VolumeReport(try node.volume(target.name), node: node)
             let engine = report.attachment.engineRunning
-                ? try? callEngine(node.engineControl(name), doing: "report its status") { try await $0.status(.init()) }
+                ? try? callEngine(node.engineControl(target.name), doing: "report its status") { try await $0.status(.init()) }
                 : nil
-            if json {
+            if target.json {
                 var object = report.json
                 if let engine {
                     object["engine"] = ["health": Status.health(engine), "epoch": engine.epoch,
@@ -88,7 +82,7 @@ extension Volume {
             print("volume \(record.name): \(humanSize(record.size)) (\(record.size) bytes), \(report.attachment.summary)")
             if let link = report.attachment.link { print("  stable path: \(link)") }
             print("  run by \(record.runner.rawValue), \(record.connections) kernel connection(s), "
-                + "engine control \(node.engineControl(name))")
+                + "engine control \(node.engineControl(target.name))")
             for (replica, running) in zip(record.replicas, report.replicasRunning) {
                 let mode = engine?.replicas.first(where: { $0.address == replica.address })?.mode
                 let where_ = replica.directory.map { "local, \($0)" } ?? "remote"

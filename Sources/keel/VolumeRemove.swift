@@ -9,34 +9,28 @@ extension Volume {
             abstract: "Remove a detached volume: stop its local replicas and delete their data.",
             discussion: "Replicas elsewhere (--replica at create) keep their data.\nExample: keel volume rm db")
 
-        @Argument(help: "The volume's name.")
-        var name: String
-
-        @Flag(help: "Print JSON.")
-        var json = false
-
-        @OptionGroup var node: NodeOptions
+        @OptionGroup var target: VolumeTarget
 
         func run() throws {
-            let node = try Node(self.node)
-            try node.lock(name)
-            let volume = try node.volume(name)
+            let node = try Node(target.node)
+            try node.lock(target.name)
+            let volume = try node.volume(target.name)
             let attachment = node.attachment(volume)
             if let device = attachment.device {
-                throw CLIError("volume \(name) is attached as \(device); unmount it and run 'keel volume detach \(name)' first")
+                throw CLIError("volume \(target.name) is attached as \(device); unmount it and run 'keel volume detach \(target.name)' first")
             }
             if attachment.engineRunning {
-                throw CLIError("volume \(name)'s engine is running; stop it with 'keel volume detach \(name)' first")
+                throw CLIError("volume \(target.name)'s engine is running; stop it with 'keel volume detach \(target.name)' first")
             }
             do { try removeLocalReplicas(volume, node: node) } catch {
-                throw CLIError("cannot remove the replicas of \(name): \(error); the volume stays registered, try again")
+                throw CLIError("cannot remove the replicas of \(target.name): \(error); the volume stays registered, try again")
             }
             node.runner(volume.runner).forget(node.engineDaemon(volume))
-            do { try node.registry.remove(named: name) } catch { throw CLIError("\(error)") }
+            do { try node.registry.remove(named: target.name) } catch { throw CLIError("\(error)") }
             let remote = volume.replicas.filter { !$0.isLocal }.count
             let note = remote > 0 ? "; \(remote) replica(s) elsewhere keep their data" : ""
-            if json { return try printJSON(["volume": name, "removed": true, "remote_replicas_kept": remote] as [String: Any]) }
-            print("volume \(name) removed\(note)")
+            if target.json { return try printJSON(["volume": target.name, "removed": true, "remote_replicas_kept": remote] as [String: Any]) }
+            print("volume \(target.name) removed\(note)")
         }
     }
 }

@@ -92,3 +92,14 @@ check_fio() {
     grep -E "IOPS|err=|clat \(|lat \(" "$work/fio.out"
     grep -q "err= 0" "$work/fio.out"
 }
+
+# fill_filesystem DEVICE: mkfs.ext4, mount on /mnt/vol, write two files, sync,
+# record their checksums in $work/sums (check with: cd /mnt/vol && sha256sum -c "$work/sums").
+fill_filesystem() {
+    mkfs.ext4 -q "$1"
+    mkdir -p /mnt/vol
+    mount "$1" /mnt/vol
+    for i in 1 2; do head -c $((i * 4))M /dev/urandom > /mnt/vol/file$i; done
+    sync
+    (cd /mnt/vol && sha256sum file1 file2) > "$work/sums"
+}

@@ -13,12 +13,7 @@ start_kernel_engine 256M
 udevadm settle --timeout=30
 echo "/dev/keel/vol -> $(readlink -f /dev/keel/vol)"
 [ "$(readlink -f /dev/keel/vol)" = "$device" ] || { echo "udev gave no /dev/keel/vol for $device"; exit 1; }
-mkfs.ext4 -q /dev/keel/vol
-mkdir -p /mnt/vol
-mount "$device" /mnt/vol
-for i in 1 2; do head -c $((i * 4))M /dev/urandom > /mnt/vol/file$i; done
-sync
-(cd /mnt/vol && sha256sum file1 file2) > "$work/sums"
+fill_filesystem /dev/keel/vol
 umount /mnt/vol
 step "keel frontend disable, then enable"
 "$KEEL" frontend disable --engine "unix:$work/engine.control"

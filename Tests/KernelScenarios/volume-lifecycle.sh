@@ -31,12 +31,7 @@ device=$(sed -n 1p "$work/attach.out")
 [ "$(readlink -f /dev/keel/vol)" = "$device" ] || { echo "/dev/keel/vol does not point at $device"; exit 1; }
 nbd=$(basename "$device")
 echo "backend $(cat /sys/block/$nbd/backend)"
-mkfs.ext4 -q /dev/keel/vol
-mkdir -p /mnt/vol
-mount /dev/keel/vol /mnt/vol
-for i in 1 2; do head -c $((i * 4))M /dev/urandom > /mnt/vol/file$i; done
-sync
-(cd /mnt/vol && sha256sum file1 file2) > "$work/sums"
+fill_filesystem /dev/keel/vol
 "$KEEL" volume ls
 
 step "refusals while attached"

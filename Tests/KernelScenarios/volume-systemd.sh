@@ -39,12 +39,7 @@ device=$(sed -n 1p "$work/attach.out")
 echo "keel-engine@vol: $(unit_state keel-engine@vol)"
 [ "$(unit_state keel-engine@vol)" = enabled/active ]
 [ "$(readlink -f /dev/keel/vol)" = "$device" ] || { echo "no /dev/keel/vol for $device"; exit 1; }
-mkfs.ext4 -q /dev/keel/vol
-mkdir -p /mnt/vol
-mount /dev/keel/vol /mnt/vol
-for i in 1 2; do head -c $((i * 4))M /dev/urandom > /mnt/vol/file$i; done
-sync
-(cd /mnt/vol && sha256sum file1 file2) > "$work/sums"
+fill_filesystem /dev/keel/vol
 
 step "kill -9 of the engine: systemd restarts it, the device is taken over"
 first=$(systemctl show -p MainPID --value keel-engine@vol)
