@@ -5,7 +5,6 @@
 #include <unistd.h>
 #include <sys/eventfd.h>
 #include <linux/falloc.h>
-#include <spawn.h>
 
 #ifdef O_DIRECT
 static const int keel_o_direct = O_DIRECT;
@@ -17,7 +16,11 @@ static const int keel_o_direct = 0200000;
 static const int keel_seek_data = 3;  // SEEK_DATA
 static const int keel_seek_hole = 4;  // SEEK_HOLE
 
-// Daemons must not inherit the descriptors of whoever ran `keel volume` (glibc 2.34).
-static inline int keel_spawn_close_from(posix_spawn_file_actions_t *actions, int from) {
+// Daemons must not inherit the descriptors of whoever ran `keel volume`.
+// Declared by <spawn.h> only under _GNU_SOURCE (glibc 2.34), and <spawn.h>
+// cannot be included here: with _GNU_SOURCE its <sys/select.h> clashes with
+// the Glibc module's. `actions` is a posix_spawn_file_actions_t.
+extern int posix_spawn_file_actions_addclosefrom_np(void *actions, int from);
+static inline int keel_spawn_close_from(void *actions, int from) {
     return posix_spawn_file_actions_addclosefrom_np(actions, from);
 }
