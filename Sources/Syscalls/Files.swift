@@ -41,6 +41,14 @@ public func readFileTail(_ path: String, bytes: Int) -> String? {
     return String(decoding: buffer.prefix(filled), as: UTF8.self)
 }
 
+/// Writes `contents` to an existing file as is (sysfs and /proc files take no rename).
+public func writeFileInPlace(_ path: String, _ contents: String) throws {
+    let fd = open(path, O_WRONLY | O_CLOEXEC)
+    guard fd >= 0 else { throw SystemError.current("open \(path)") }
+    defer { close(fd) }
+    guard write(fd, contents, contents.utf8.count) == contents.utf8.count else { throw SystemError.current("write \(path)") }
+}
+
 /// Replaces `path` with `contents`: written to a temporary file, synced, renamed over it.
 public func writeFileAtomically(_ path: String, _ contents: String) throws {
     let temporary = path + ".tmp"

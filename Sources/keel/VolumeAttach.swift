@@ -60,7 +60,7 @@ extension Volume {
                 try? runner.stop(engine)
                 throw error
             }
-            let link = waitForLink()
+            let link = waitForLink(device)
             if target.json { return try printJSON(["volume": target.name, "device": device, "link": link ?? NSNull()] as [String: Any]) }
             print(device)
             if let link { print(link) } else {
@@ -96,12 +96,18 @@ extension Volume {
             throw CLIError("the engine of \(target.name) did not attach a device within \(Int(timeout)) s; see its log")
         }
 
-        /// udev makes the link a moment after the device appears.
-        private func waitForLink() -> String? {
+        /// udev makes the link from the device's change event. The kernel sends
+        /// that event as the device gets its size, a moment before the backend
+        /// identifier is there, so udev may have found none: then ask again.
+        private func waitForLink(_ device: String) -> String? {
             let link = "/dev/keel/\(target.name)"
-            let udevRunning = access("/run/udev/control", F_OK) == 0
-            for _ in 0..<(udevRunning ? 100 : 1) {
+            guard access("/run/udev/control", F_OK) == 0 else { return access(link, F_OK) == 0 ? link : nil }
+            for attempt in 0..<400 {
                 if access(link, F_OK) == 0 { return link }
+                if attempt == 20 || attempt == 200 {
+                    let uevent = "/sys/block/\((device as NSString).lastPathComponent)/uevent"
+                    try? writeFileInPlace(uevent, "change")
+                }
                 usleep(50_000)
             }
             return nil
