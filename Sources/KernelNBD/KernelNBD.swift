@@ -159,11 +159,7 @@ public final class KernelNBD {
 
     /// The backend identifier the kernel shows for a device (empty when none).
     public static func backendIdentifier(of index: UInt32) -> String {
-        guard let file = fopen("/sys/block/nbd\(index)/backend", "r") else { return "" }
-        defer { fclose(file) }
-        var line = [CChar](repeating: 0, count: 512)
-        guard fgets(&line, Int32(line.count), file) != nil else { return "" }
-        return String(cString: line).trimmingCharacters(in: "\n")
+        String(readSmallFile("/sys/block/nbd\(index)/backend", limit: 512)?.split(separator: "\n").first ?? "")
     }
 
     /// Devices whose backend identifier is `identifier` (sysfs shows it only while the device is configured).
@@ -191,13 +187,5 @@ public final class KernelNBD {
         } catch let error as NetlinkError {
             throw Failure.refused(what, error)
         }
-    }
-}
-
-private extension String {
-    func trimmingCharacters(in set: Character) -> String {
-        var text = self
-        while text.last == set { text.removeLast() }
-        return text
     }
 }

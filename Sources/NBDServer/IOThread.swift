@@ -24,8 +24,6 @@ final class IOThread<Device: BlockDevice> {
     let device: Device
     let catalog: any ExportCatalog
     let listener: FileDescriptor
-    /// Sockets already past the handshake (the kernel's ends of socketpairs), served from the start.
-    let adopted: [AdoptedConnection]
     let configuration: Configuration
     var logger: Logger
     let wake: EventFD
@@ -51,12 +49,11 @@ final class IOThread<Device: BlockDevice> {
     private lazy var graceTimeout = TimeoutDuration(nanoseconds: Int64(configuration.shutdownGraceSeconds) * 1_000_000_000)
 
     init(id: Int, device: Device, catalog: any ExportCatalog, listener: FileDescriptor,
-         adopted: [AdoptedConnection] = [], configuration: Configuration, logger: Logger) throws {
+         configuration: Configuration, logger: Logger) throws {
         self.id = id
         self.device = device
         self.catalog = catalog
         self.listener = listener
-        self.adopted = adopted
         self.configuration = configuration
         self.logger = logger
         self.logger[metadataKey: "thread"] = "\(id)"
@@ -94,7 +91,6 @@ final class IOThread<Device: BlockDevice> {
         ring.acceptMultishot(listener, userData: IOToken(.accept).rawValue)
         ring.readEvent(wake.descriptor, into: wakeCounter, userData: IOToken(.wake).rawValue)
         ring.readEvent(adoptionSignal.descriptor, into: adoptionCounter, userData: IOToken(.adopt).rawValue)
-        for connection in adopted { open(connection.fd, negotiated: connection.negotiated) }
         while !(stopping && liveConnections == 0) {
             try ring.submitAndWait(1)
             ring.drainCompletions { handle($0) }

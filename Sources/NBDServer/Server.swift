@@ -15,35 +15,26 @@ public final class Server<Device: BlockDevice>: @unchecked Sendable {
 
     private let catalog: any ExportCatalog
     private let threadCount: Int
-    private let adopted: [AdoptedConnection]
 
-    /// `adopted` connections are spread over the threads, round robin.
-    public init(device: Device, listener: FileDescriptor, catalog: any ExportCatalog, threads: Int,
-                adopted: [AdoptedConnection] = [], logger: Logger) {
+    public init(device: Device, listener: FileDescriptor, catalog: any ExportCatalog, threads: Int, logger: Logger) {
         self.device = device
         self.listener = listener
         self.catalog = catalog
         self.logger = logger
-        self.adopted = adopted
         threadCount = max(1, threads)
     }
 
     /// One export of the whole device under `exportName` (and the default name "").
     public convenience init(device: Device, listener: FileDescriptor, exportName: String, threads: Int,
-                            adopted: [AdoptedConnection] = [], logger: Logger) {
-        self.init(device: device, listener: listener, catalog: StaticExports([Self.export(device, exportName)]),
-                  threads: threads, adopted: adopted, logger: logger)
-    }
-
-    public static func export(_ device: Device, _ name: String) -> ExportDescription {
-        ExportDescription(name: name, size: device.size, readOnly: device.readOnly)
+                            logger: Logger) {
+        let export = ExportDescription(name: exportName, size: device.size, readOnly: device.readOnly)
+        self.init(device: device, listener: listener, catalog: StaticExports([export]), threads: threads, logger: logger)
     }
 
     /// Starts the I/O threads; returns once each has set up its ring, or throws the first failure.
     public func start() throws {
         for id in 0..<threadCount {
-            let mine = adopted.indices.filter { $0 % threadCount == id }.map { adopted[$0] }
-            let thread = try IOThread(id: id, device: device, catalog: catalog, listener: listener, adopted: mine,
+            let thread = try IOThread(id: id, device: device, catalog: catalog, listener: listener,
                                       configuration: .init(), logger: logger)
             let ready = Handoff<Result<Void, Error>>()
             let os = try PosixThread(name: "keel-io-\(id)") { [logger] in
@@ -69,7 +60,8 @@ public final class Server<Device: BlockDevice>: @unchecked Sendable {
     /// Serves connections negotiated elsewhere, spread over the threads; the server must be running.
     public func adopt(_ connections: [AdoptedConnection]) {
         for (id, thread) in ioThreads.enumerated() {
-            thread.adopt(connections.indices.filter { $0 % ioThreads.count == id }.map { connections[$0] })
+            let share = connections.indices.filter { $0 % ioThreads.count == id }.map { connections[$0] }
+            if !share.isEmpty { thread.adopt(share) }
         }
     }
 

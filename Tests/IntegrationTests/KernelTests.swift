@@ -23,45 +23,38 @@ import Testing
         return (result.status, output)
     }
 
-    @Test func attachMkfsMountDetachAttachVerify() throws {
-        let result = try Self.scenario("attach-mkfs-mount")
+    /// The scenario exits 0 and its output says `line` (its last words on success).
+    static func expectScenario(_ name: String, systemd: Bool = false, toSay line: String) throws {
+        let result = try scenario(name, systemd: systemd)
         #expect(result.status == 0)
-        #expect(result.output.contains("checksums match"))
+        #expect(result.output.contains(line))
+    }
+
+    @Test func attachMkfsMountDetachAttachVerify() throws {
+        try Self.expectScenario("attach-mkfs-mount", toSay: "checksums match")
     }
 
     @Test func keelAttachesOverNetlinkDetachesAndAttachesAgain() throws {
-        let result = try Self.scenario("keel-frontend")
-        #expect(result.status == 0)
-        #expect(result.output.contains("keel frontend: checksums match"))
+        try Self.expectScenario("keel-frontend", toSay: "keel frontend: checksums match")
     }
 
     @Test func engineKilledAndRestartedUnderFioWithoutIOErrors() throws {
-        let result = try Self.scenario("engine-restart")
-        #expect(result.status == 0)
-        #expect(result.output.contains("engine restarted under fio without I/O errors"))
+        try Self.expectScenario("engine-restart", toSay: "engine restarted under fio without I/O errors")
     }
 
     @Test func fioVerifyOnTheDeviceWhileAReplicaIsKilled() throws {
-        let result = try Self.scenario("fio-verify-replica-killed")
-        #expect(result.status == 0)
-        #expect(result.output.contains("fio verified with a replica killed"))
+        try Self.expectScenario("fio-verify-replica-killed", toSay: "fio verified with a replica killed")
     }
 
     @Test func volumesByNameCreateAttachDetachTakeOverAndRemove() throws {
-        let result = try Self.scenario("volume-lifecycle")
-        #expect(result.status == 0)
-        #expect(result.output.contains("keel volume: lifecycle complete"))
+        try Self.expectScenario("volume-lifecycle", toSay: "keel volume: lifecycle complete")
     }
 
     @Test func deadLinksAreReplacedWhileAReplicaStallsPastTheIOTimeout() throws {
-        let result = try Self.scenario("link-dead")
-        #expect(result.status == 0)
-        #expect(result.output.contains("dead links replaced: fio verified"))
+        try Self.expectScenario("link-dead", toSay: "dead links replaced: fio verified")
     }
 
     @Test func volumesUnderSystemdAsPID1() throws {
-        let result = try Self.scenario("volume-systemd", systemd: true)
-        #expect(result.status == 0)
-        #expect(result.output.contains("keel volume under systemd: complete"))
+        try Self.expectScenario("volume-systemd", systemd: true, toSay: "keel volume under systemd: complete")
     }
 }
