@@ -16,6 +16,13 @@ public final class Ring {
     public let setupFlags: UInt32
     private var cqeBatch: UnsafeMutablePointer<UnsafeMutablePointer<io_uring_cqe>?>
     private static let cqeBatchSize = 256
+    /// Entries prepared while the submission queue was full and the kernel
+    /// would take none (-EBUSY: completions must be reaped first). They go to
+    /// the ring, in order, at the next submit, once the caller has reaped:
+    /// waiting for room inside `nextSubmission` would spin for ever.
+    @usableFromInline var backlog: UnsafeMutablePointer<io_uring_sqe>
+    @usableFromInline var backlogCapacity = 64
+    @usableFromInline var backlogCount = 0
 
     public init(entries: UInt32 = 512) throws {
         self.entries = entries
@@ -34,28 +41,68 @@ public final class Ring {
         guard rc == 0 else { throw SystemError(errno: -rc, "io_uring_queue_init") }
         setupFlags = accepted
         cqeBatch = .allocate(capacity: Self.cqeBatchSize)
+        backlog = .allocate(capacity: backlogCapacity)
     }
 
     deinit {
         io_uring_queue_exit(&ring)
         cqeBatch.deallocate()
+        backlog.deallocate()
     }
 
     public var acceptedPreferredFlags: Bool {
         setupFlags & UInt32(IORING_SETUP_DEFER_TASKRUN) != 0
     }
 
-    /// A free submission entry; submits what is queued when the queue is full.
+    /// A free submission entry; submits what is queued when the queue is full,
+    /// and keeps the entry in the backlog when the kernel takes nothing now.
     @inlinable
     public func nextSubmission() -> UnsafeMutablePointer<io_uring_sqe> {
-        while true {
+        if backlogCount == 0 {
             if let sqe = io_uring_get_sqe(&ring) { return sqe }
-            _ = io_uring_submit(&ring)
+            if io_uring_submit(&ring) > 0, let sqe = io_uring_get_sqe(&ring) { return sqe }
         }
+        return backlogEntry()
+    }
+
+    @usableFromInline
+    func backlogEntry() -> UnsafeMutablePointer<io_uring_sqe> {
+        if backlogCount == backlogCapacity {
+            let larger = UnsafeMutablePointer<io_uring_sqe>.allocate(capacity: backlogCapacity * 2)
+            larger.moveInitialize(from: backlog, count: backlogCount)
+            backlog.deallocate()
+            backlog = larger
+            backlogCapacity *= 2
+        }
+        let entry = backlog + backlogCount
+        entry.initialize(to: io_uring_sqe())
+        backlogCount += 1
+        return entry
+    }
+
+    /// Entries kept in the backlog, waiting for room in the submission queue.
+    public var backloggedSubmissions: Int { backlogCount }
+
+    /// Moves backlogged entries into the submission queue, as many as fit, in order.
+    private func drainBacklog() {
+        var moved = 0
+        while moved < backlogCount {
+            var sqe = io_uring_get_sqe(&ring)
+            if sqe == nil, io_uring_submit(&ring) > 0 { sqe = io_uring_get_sqe(&ring) }
+            guard let sqe else { break }
+            sqe.pointee = backlog[moved]
+            moved += 1
+        }
+        guard moved > 0 else { return }
+        for i in moved..<backlogCount { backlog[i - moved] = backlog[i] }
+        backlogCount -= moved
     }
 
     /// Submits queued entries and waits until at least `minimum` completions are ready.
     public func submitAndWait(_ minimum: UInt32 = 1) throws {
+        drainBacklog()
+        // With entries still backlogged, completions must be reaped before any wait.
+        let minimum = backlogCount > 0 ? 0 : minimum
         while true {
             let rc = io_uring_submit_and_wait(&ring, minimum)
             if rc >= 0 || rc == -EINTR || rc == -ETIME { return }
@@ -65,6 +112,7 @@ public final class Ring {
     }
 
     public func submit() throws {
+        drainBacklog()
         let rc = io_uring_submit(&ring)
         if rc < 0 && rc != -EINTR && rc != -EBUSY && rc != -EAGAIN {
             throw SystemError(errno: -rc, "io_uring_submit")

@@ -15,6 +15,22 @@ import Testing
         return seen
     }
 
+    /// Defect: with the submission queue full and the completion queue
+    /// overflowing, the kernel takes no entries (-EBUSY) until completions are
+    /// reaped, and `nextSubmission` spun for ever. Entries now wait in a
+    /// backlog and reach the ring once the caller reaps.
+    @Test func moreSubmissionsThanBothQueuesHoldNeverSpin() throws {
+        let ring = try Ring(entries: 4)
+        for i in 0..<200 { ring.nop(userData: UInt64(i)) }
+        var seen = Set<UInt64>()
+        for _ in 0..<1000 where seen.count < 200 {
+            try ring.submitAndWait(1)
+            ring.drainCompletions { seen.insert($0.userData) }
+        }
+        #expect(seen == Set(0..<200))
+        #expect(ring.backloggedSubmissions == 0)
+    }
+
     @Test func setupPrefersSingleIssuerDeferTaskrun() throws {
         let ring = try Ring(entries: 8)
         // This machine's kernel (6.x) accepts them; older ones fall back to a plain ring.
