@@ -98,17 +98,24 @@ extension Volume {
 
         /// udev makes the link from the device's change event. The kernel sends
         /// that event as the device gets its size, a moment before the backend
-        /// identifier is there, so udev may have found none: then ask again.
+        /// identifier is there, so udev may have found none. Once the identifier
+        /// is there, a change event of our own that udev has processed (its
+        /// answer on the netlink, not a timer) leaves the link made, however
+        /// busy the host.
         private func waitForLink(_ device: String) -> String? {
             let link = "/dev/keel/\(target.name)"
             guard access("/run/udev/control", F_OK) == 0 else { return access(link, F_OK) == 0 ? link : nil }
-            for attempt in 0..<400 {
+            if access(link, F_OK) == 0 { return link }
+            let name = (device as NSString).lastPathComponent
+            // The kernel sets the identifier right after the size: no udev involved, a short wait.
+            for _ in 0..<1000 where access("/sys/block/\(name)/backend", F_OK) != 0 { usleep(10_000) }
+            guard let events = try? UdevEvents() else { return nil }
+            // A processed event that began before ours may come first: then ask once more.
+            for _ in 0..<3 {
+                try? writeFileInPlace("/sys/block/\(name)/uevent", "change")
+                let processed = events.waitForProcessedEvent(of: name, seconds: timeout)
                 if access(link, F_OK) == 0 { return link }
-                if attempt == 20 || attempt == 200 {
-                    let uevent = "/sys/block/\((device as NSString).lastPathComponent)/uevent"
-                    try? writeFileInPlace(uevent, "change")
-                }
-                usleep(50_000)
+                if !processed { return nil }
             }
             return nil
         }

@@ -88,3 +88,19 @@ import Testing
         return out
     }
 }
+
+@Suite struct UdevMessageTests {
+    /// udevd's message: "libudev\0", magic, header size, then the properties' offset (host order).
+    @Test func propertiesAreReadAtTheHeadersOffset() {
+        var message = Array("libudev".utf8) + [0]
+        message += [0xfe, 0xed, 0xca, 0xfe, 40, 0, 0, 0, 40, 0, 0, 0, 0, 0, 0, 0]
+        message += [UInt8](repeating: 0, count: 40 - message.count)
+        for property in ["ACTION=change", "DEVNAME=/dev/nbd3", "DEVLINKS=/dev/keel/db"] {
+            message += Array(property.utf8) + [0]
+        }
+        let properties = UdevEvents.properties(message)
+        #expect(properties["ACTION"] == "change" && properties["DEVNAME"] == "/dev/nbd3")
+        #expect(UdevEvents.properties(Array("add@/devices/virtual/block/nbd3".utf8) + [0]).isEmpty,
+                "the kernel's own events are not udev's")
+    }
+}

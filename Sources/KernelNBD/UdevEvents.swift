@@ -1,0 +1,73 @@
+import CNetlink
+import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The events udev sends after it has run its rules for a device (the
+/// netlink uevent socket's group 2, where udevd rebroadcasts what it
+/// processed, with its links made). Waiting on them, not on a timer, is how
+/// a caller knows udev is done with a device, however busy the host.
+public final class UdevEvents {
+    private let fd: Int32
+    /// udevd's group on NETLINK_KOBJECT_UEVENT (the kernel's own events are group 1).
+    private static let udevGroup: UInt32 = 2
+
+    public init() throws {
+        fd = socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 15 /* NETLINK_KOBJECT_UEVENT */)
+        guard fd >= 0 else { throw SystemError.current("socket(NETLINK_KOBJECT_UEVENT)") }
+        var address = sockaddr_nl()
+        address.nl_family = sa_family_t(AF_NETLINK)
+        address.nl_groups = Self.udevGroup
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_nl>.size)) }
+        }
+        guard bound == 0 else {
+            close(fd)
+            throw SystemError.current("bind(NETLINK_KOBJECT_UEVENT, udev group)")
+        }
+    }
+
+    deinit { close(fd) }
+
+    /// Waits until udev has processed an event of `device` (such as `nbd0`)
+    /// that it received after this call began, or until `seconds` pass.
+    /// Returns whether one came.
+    public func waitForProcessedEvent(of device: String, seconds: Double) -> Bool {
+        let deadline = monotonicSeconds() + seconds
+        var buffer = [UInt8](repeating: 0, count: 16384)
+        while true {
+            let left = deadline - monotonicSeconds()
+            guard left > 0 else { return false }
+            var ready = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&ready, 1, Int32(min(left, 60) * 1000) + 1) > 0 else { continue }
+            let received = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            guard received > 0 else { continue }
+            if Self.properties(Array(buffer.prefix(received)))["DEVNAME"].map({ $0 == device || $0 == "/dev/" + device }) == true {
+                return true
+            }
+        }
+    }
+
+    /// The KEY=value properties of one udev message ("libudev" header, then
+    /// NUL-separated properties at the offset the header gives).
+    static func properties(_ message: [UInt8]) -> [String: String] {
+        guard message.count >= 40, message.starts(with: Array("libudev".utf8) + [0]) else { return [:] }
+        let offset = Int(message[16]) | Int(message[17]) << 8 | Int(message[18]) << 16 | Int(message[19]) << 24
+        guard offset > 0, offset < message.count else { return [:] }
+        var result: [String: String] = [:]
+        for field in message[offset...].split(separator: 0) {
+            let text = String(decoding: field, as: UTF8.self)
+            if let equals = text.firstIndex(of: "=") {
+                result[String(text[..<equals])] = String(text[text.index(after: equals)...])
+            }
+        }
+        return result
+    }
+
+    private func monotonicSeconds() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+}
