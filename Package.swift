@@ -49,15 +49,18 @@ let package = Package(
         // Metadata: a thin wrapper over the SQLite C API.
         .target(name: "SQLite", dependencies: ["CSQLite"]),
         // A replica's data directory: head layer file and metadata, epoch fencing state.
-        .target(name: "ReplicaStore", dependencies: ["SQLite", "Syscalls"]),
+        .target(name: "ReplicaStore", dependencies: ["SQLite", "Syscalls", "ReplicaIdentity"]),
+        // Who owns a replica and the export name that carries the claim: shared by engine, replica and store.
+        .target(name: "ReplicaIdentity"),
         // `keel replica serve`: a replica's head served over NBD, fenced by epoch.
         .target(name: "ReplicaServer", dependencies: [
-            "ReplicaStore", "FileExport", "NBDServer", "NBDProtocol", "IOUring", "ControlAPI",
+            "ReplicaStore", "FileExport", "NBDServer", "NBDProtocol", "IOUring", "ControlAPI", "ReplicaIdentity",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
         // The control API: .proto in Proto/, generated code committed (scripts/generate-proto).
         .target(name: "ControlAPI", dependencies: [
+            "ReplicaIdentity",
             "Syscalls",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
@@ -69,7 +72,7 @@ let package = Package(
         .target(name: "KernelNBD", dependencies: ["CNetlink", "Syscalls"]),
         // `keel engine serve`: a volume's frontend, replicated synchronously to its replicas.
         .target(name: "Engine", dependencies: [
-            "NBDServer", "NBDProtocol", "IOUring", "LibNBD", "Syscalls", "ControlAPI", "KernelNBD",
+            "NBDServer", "NBDProtocol", "IOUring", "LibNBD", "Syscalls", "ControlAPI", "KernelNBD", "ReplicaIdentity",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
@@ -82,7 +85,7 @@ let package = Package(
 
         .executableTarget(name: "keel", dependencies: [
             "NBDServer", "FileExport", "ReplicaServer", "ReplicaStore", "Engine", "LibNBD", "Syscalls", "ControlAPI",
-            "NodeRegistry", "Daemons", "KernelNBD",
+            "NodeRegistry", "Daemons", "KernelNBD", "ReplicaIdentity",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -91,8 +94,12 @@ let package = Package(
 
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "IOUringTests", dependencies: ["IOUring", "Syscalls"]),
-        .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite"]),
+        .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite", "ReplicaIdentity"]),
         .testTarget(name: "EngineUnitTests", dependencies: ["Engine", "ControlAPI"]),
+        .testTarget(name: "ReplicaServerTests", dependencies: [
+            "ReplicaServer", "ReplicaStore", "ReplicaIdentity",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .testTarget(name: "KernelNBDTests", dependencies: ["KernelNBD"]),
         .testTarget(name: "NodeTests", dependencies: ["NodeRegistry", "Daemons"]),
         // Also runs Tests/KernelScenarios/*.sh in a QEMU guest with Debian's kernel (KernelTests).

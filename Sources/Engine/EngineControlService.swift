@@ -4,18 +4,44 @@ import GRPCCore
 import Synchronization
 import Syscalls
 
+/// The engine a control API speaks for: none yet while the engine starts, so
+/// that the API's address is bound (and a clash refused) before any replica
+/// is claimed.
+public final class EngineReference: Sendable {
+    private let current = Mutex<EngineDevice?>(nil)
+
+    public init(_ device: EngineDevice? = nil) {
+        current.withLock { $0 = device }
+    }
+
+    public func started(_ device: EngineDevice) {
+        current.withLock { $0 = device }
+    }
+
+    /// The engine, once it has started: a call made while it claims and
+    /// resyncs its replicas waits for that (the engine exits if it fails).
+    func device() async throws -> EngineDevice {
+        for _ in 0..<6000 {
+            if let device = current.withLock({ $0 }) { return device }
+            try await Task.sleep(nanoseconds: 20_000_000)
+        }
+        throw RPCError(code: .unavailable, message: "the engine is still starting (claiming and resyncing its replicas); try again")
+    }
+}
+
 /// The engine's side of the control API.
 public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceProtocol {
-    let device: EngineDevice
+    let engine: EngineReference
     let frontend: FrontendController?
 
-    public init(device: EngineDevice, frontend: FrontendController? = nil) {
-        self.device = device
+    public init(engine: EngineReference, frontend: FrontendController? = nil) {
+        self.engine = engine
         self.frontend = frontend
     }
 
     public func status(request: Keel_Control_V1_EngineStatusRequest,
                        context: ServerContext) async throws -> Keel_Control_V1_EngineStatus {
+        let device = try await engine.device()
         var status = Keel_Control_V1_EngineStatus()
         status.volume = device.volume
         status.size = device.size
@@ -52,6 +78,7 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
     public func addReplica(request: Keel_Control_V1_AddReplicaRequest,
                            context: ServerContext) async throws -> Keel_Control_V1_EngineStatus {
         let address = try parse(request.address)
+        let device = try await engine.device()
         // Adding talks to the replica with blocking calls: off the cooperative pool.
         try await offloaded { try refusing { try device.addReplica(address: address) } }
         return try await status(request: .init(), context: context)
@@ -60,6 +87,7 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
     public func removeReplica(request: Keel_Control_V1_RemoveReplicaRequest,
                               context: ServerContext) async throws -> Keel_Control_V1_EngineStatus {
         let address = try parse(request.address)
+        let device = try await engine.device()
         // Removing a replica being rebuilt waits for the copy thread.
         try await offloaded { try refusing { try device.removeReplica(address: address) } }
         return try await status(request: .init(), context: context)
@@ -70,6 +98,7 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
         guard let frontend else {
             throw RPCError(code: .failedPrecondition, message: "this engine has no kernel frontend")
         }
+        _ = try await engine.device()
         // Netlink calls and the drain block: off the cooperative pool.
         try await offloaded {
             try refusing {

@@ -2,6 +2,7 @@ import ControlAPI
 import IOUring
 import LibNBD
 import Logging
+import ReplicaIdentity
 import NBDProtocol
 import NBDServer
 import Synchronization
@@ -16,26 +17,42 @@ public final class EngineDevice: BlockDevice, @unchecked Sendable {
     public let epoch: UInt64
     /// This engine process's identity: its claims are `(epoch, engine)`.
     public let engineID: String
+    /// The volume's identity (`keel volume create` mints it); replicas of another volume refuse this engine.
+    public let volumeID: String
     public let replicas: ReplicaSet
     public let gate: WriteGate
     /// How long a replica may leave a command unanswered before it is failed (ns).
     public let replicaTimeout: UInt64
     public let replicaTimeoutSeconds: Double
     public let counters = IOCounters()
+    /// Test-only fault points (`KEEL_FAULTS`), off in normal use.
+    public let faults: FaultPoints
     let logger: Logger
     private(set) var keeper: MetadataKeeper!
     private let wakers = Mutex<[EventFD]>([])
     /// I/O threads connected to each replica: a rebuild starts copying only once all are.
     private let joined = Mutex<[Int: Int]>([:])
     private let currentRebuild = Mutex<Rebuild?>(nil)
+    /// Connections opened for the I/O threads to a replica being added, so
+    /// that no I/O thread blocks in a connect (a remote replica can take long).
+    private let preparedLinks = Mutex<[PreparedLink]>([])
+
+    /// A libnbd handle connected on another thread, waiting for an I/O thread
+    /// to take it: handles are not thread-safe, but may move between threads.
+    private struct PreparedLink: @unchecked Sendable {
+        var address: SocketAddress
+        var client: NBDClient
+    }
 
     public var readOnly: Bool { false }
     /// Replicas take any offset and length; buffers need no alignment here.
     public var alignment: Int { 1 }
 
-    public init(volume: String, size: UInt64, epoch: UInt64, engineID: String, replicas: ReplicaSet,
-                gate: WriteGate, replicaTimeoutSeconds: Double = 8, logger: Logger) {
+    public init(volume: String, volumeID: String = "", size: UInt64, epoch: UInt64, engineID: String, replicas: ReplicaSet,
+                gate: WriteGate, replicaTimeoutSeconds: Double = 8, faults: FaultPoints = .fromEnvironment,
+                logger: Logger) {
         self.volume = volume
+        self.volumeID = volumeID
         self.size = size
         self.epoch = epoch
         self.engineID = engineID
@@ -43,6 +60,7 @@ public final class EngineDevice: BlockDevice, @unchecked Sendable {
         self.gate = gate
         self.replicaTimeoutSeconds = replicaTimeoutSeconds
         replicaTimeout = UInt64(replicaTimeoutSeconds * 1e9)
+        self.faults = faults
         self.logger = logger
         keeper = MetadataKeeper(device: self, logger: logger)
         replicas.onChange = { [weak self] in
@@ -50,18 +68,17 @@ public final class EngineDevice: BlockDevice, @unchecked Sendable {
             self?.wakeWorkers()
         }
         gate.onMarkNeeded = { [weak self] in self?.keeper.poke() }
+        gate.onOverlapCleared = { [weak self] in self?.wakeWorkers() }
     }
+
+    public var owner: Owner { Owner(epoch: epoch, engine: engineID) }
 
     /// The export name that carries this engine's claim to a replica.
-    public var replicaExportName: String { Self.exportName(volume: volume, epoch: epoch, engine: engineID) }
-
-    public static func exportName(volume: String, epoch: UInt64, engine: String) -> String {
-        "\(volume)@\(epoch)+\(engine)"
+    public var replicaExportName: String {
+        ReplicaExportName(volume: VolumeIdentity(name: volume, id: volumeID), owner: owner).description
     }
 
-    var ownerMessage: Keel_Control_V1_Owner {
-        .with { $0.epoch = epoch; $0.engine = engineID }
-    }
+    var ownerMessage: Keel_Control_V1_Owner { owner.message }
 
     public func makeWorker(ring: Ring, arena: BufferArena) throws -> EngineWorker {
         try EngineWorker(device: self, ring: ring)
@@ -79,9 +96,30 @@ public final class EngineDevice: BlockDevice, @unchecked Sendable {
     /// Replicas make writes durable on FLUSH and FUA, which the engine forwards.
     public func flush() throws {}
 
-    /// Opens one connection to a replica with this engine's claim.
+    /// One connection to a replica with this engine's claim: one prepared by
+    /// `prepareLinks`, or (at start, before serving) a new one.
     func connect(_ index: Int) throws -> NBDClient {
-        try connect(address: replicas.replicas[index].address)
+        let address = replicas.replicas[index].address
+        let prepared: NBDClient? = preparedLinks.withLock { links in
+            guard let i = links.firstIndex(where: { $0.address == address }) else { return nil }
+            return links.remove(at: i).client
+        }
+        return try prepared ?? connect(address: address)
+    }
+
+    /// Opens a connection to `address` for every I/O thread, on this thread.
+    func prepareLinks(to address: SocketAddress) throws {
+        let clients = try (0..<workerCount).map { _ in try connect(address: address) }
+        preparedLinks.withLock { $0 += clients.map { PreparedLink(address: address, client: $0) } }
+    }
+
+    /// Closes prepared connections no I/O thread took (the replica never joined).
+    func dropPreparedLinks(to address: SocketAddress) {
+        let dropped: [PreparedLink] = preparedLinks.withLock { links in
+            defer { links.removeAll { $0.address == address } }
+            return links.filter { $0.address == address }
+        }
+        for link in dropped { try? link.client.shutdown() }
     }
 
     func connect(address: SocketAddress) throws -> NBDClient {

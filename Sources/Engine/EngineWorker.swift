@@ -61,12 +61,21 @@ public final class EngineWorker: BlockWorker {
     private var nextReader = 0
     /// How often outstanding commands are checked against their deadline.
     private let checkInterval: TimeoutDuration
+    private let faults: FaultPoints
+    /// Commands submitted to each replica by this thread (counted only for fault points).
+    private var submitted: [Int]
+
+    /// `IORequest.phase` while the engine owns a request: answered exactly once.
+    private static let issuing: UInt8 = 1
+    private static let answeredPhase: UInt8 = 2
 
     init(device: EngineDevice, ring: Ring) throws {
         self.device = device
         self.ring = ring
         checkInterval = TimeoutDuration(nanoseconds: Int64(device.replicaTimeout / 4))
         links = Array(repeating: Link(), count: ReplicaSet.capacity)
+        faults = device.faults
+        submitted = Array(repeating: 0, count: ReplicaSet.capacity)
         wake = try EventFD()
         refreshReplicas()
         device.register(waker: wake)
@@ -109,61 +118,62 @@ public final class EngineWorker: BlockWorker {
         r.pointee.pendingOperations = 0
         r.pointee.progress = 0
         r.pointee.firstError = nil
+        r.pointee.phase = Self.issuing
         refreshReplicas()
-        let request = r.pointee
-        switch request.command {
+        switch r.pointee.command {
         case .read:
-            guard issueRead(r, token) else {
-                device.counters.count(.read, length: request.length, error: .io)
-                return .done(.io)
-            }
+            issuing(r, token) { _ = issueRead(r, token) }
         case .write, .trim, .writeZeroes:
-            let status = admitWrite(r, token)
-            if case .done(let error) = status { device.counters.count(request.command, length: request.length, error: error) }
-            return status
+            admitWrite(r, token)
         case .flush:
-            fanOut(r, token, .flush, flags: [])
+            issuing(r, token) { fanOut(r, token, .flush, flags: []) }
         case .cache, .disconnect:
             return .done(nil)
         case .blockStatus:
             // One extent, "allocated": always a correct answer; replicas keep the detail.
-            let descriptor = request.buffer!.base
-            descriptor.storeBigEndian(request.length, at: 0)
+            let descriptor = r.pointee.buffer!.base
+            descriptor.storeBigEndian(r.pointee.length, at: 0)
             descriptor.storeBigEndian(UInt32(0), at: 4)
             r.pointee.descriptorCount = 1
             return .done(nil)
         }
-        guard r.pointee.pendingOperations > 0 else {
-            device.counters.count(request.command, length: request.length, error: .io)
-            return .done(.io)
-        }
         return .inFlight
     }
 
+    /// Runs `body`, which submits the request's commands, holding one extra
+    /// pending count: libnbd may complete commands inside a submit call (a
+    /// link found dead), and the request must not be answered before every
+    /// command it will have is counted. Answers it here if nothing is left.
+    private func issuing(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken, _ body: () -> Void) {
+        r.pointee.pendingOperations += 1
+        body()
+        precondition(r.pointee.pendingOperations > 0, "request's pending count went below its issuing hold")
+        r.pointee.pendingOperations -= 1
+        if r.pointee.pendingOperations == 0 { answered(r, token) }
+    }
+
     /// Sends a write to every writable replica once the gate lets it; parks it otherwise.
-    private func admitWrite(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken) -> IOStatus {
+    private func admitWrite(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken) {
         let request = r.pointee
         guard device.gate.admit(offset: request.offset, length: UInt64(request.length)) else {
             parked.append((r, token))
-            return .inFlight
+            return
         }
         var flags: NBDClient.CommandFlags = request.flags.contains(.fua) ? .fua : []
-        switch request.command {
-        case .write:
-            let data = UnsafeRawPointer(request.buffer!.base + request.dataOffset)
-            fanOut(r, token, .write(data, count: Int(request.length), offset: request.offset), flags: flags)
-        case .trim:
-            fanOut(r, token, .trim(count: UInt64(request.length), offset: request.offset), flags: flags)
-        default:
-            if request.flags.contains(.noHole) { flags.insert(.noHole) }
-            if request.flags.contains(.fastZero) { flags.insert(.fastZero) }
-            fanOut(r, token, .zero(count: UInt64(request.length), offset: request.offset), flags: flags)
+        issuing(r, token) {
+            switch request.command {
+            case .write:
+                let data = UnsafeRawPointer(request.buffer!.base + request.dataOffset)
+                fanOut(r, token, .write(data, count: Int(request.length), offset: request.offset), flags: flags)
+            case .trim:
+                fanOut(r, token, .trim(count: UInt64(request.length), offset: request.offset), flags: flags)
+            default:
+                // FAST_ZERO is not forwarded: a replica that cannot zero fast
+                // would refuse while the others zeroed, and they would differ.
+                if request.flags.contains(.noHole) { flags.insert(.noHole) }
+                fanOut(r, token, .zero(count: UInt64(request.length), offset: request.offset), flags: flags)
+            }
         }
-        guard r.pointee.pendingOperations > 0 else {
-            device.gate.finish(offset: request.offset, length: UInt64(request.length))
-            return .done(.io)
-        }
-        return .inFlight
     }
 
     /// The NOP that says all replicas answered.
@@ -217,8 +227,9 @@ public final class EngineWorker: BlockWorker {
         let waiting = readRetries
         readRetries.removeAll(keepingCapacity: true)
         for (r, token) in waiting {
+            // The retry's own pending count is the issuing hold.
             r.pointee.pendingOperations -= 1
-            if !issueRead(r, token) && r.pointee.pendingOperations == 0 { answered(r, token) }
+            issuing(r, token) { _ = issueRead(r, token) }
         }
     }
 
@@ -226,12 +237,7 @@ public final class EngineWorker: BlockWorker {
         guard !parked.isEmpty else { return }
         let waiting = parked
         parked.removeAll(keepingCapacity: true)
-        for (r, token) in waiting {
-            if case .done(let error) = admitWrite(r, token) {
-                r.pointee.firstError = error
-                ring.nop(userData: token.rawValue)
-            }
-        }
+        for (r, token) in waiting { admitWrite(r, token) }
     }
 
     /// Answers held back for a membership change, once it is persisted;
@@ -268,6 +274,9 @@ public final class EngineWorker: BlockWorker {
         return false
     }
 
+    /// Submits one command of the request to replica `i`. True when the
+    /// command is accounted for: in flight, or already completed inside the
+    /// submit call; false when it never reached libnbd.
     private func issue(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken, _ command: NBDClient.Command,
                        flags: NBDClient.CommandFlags, on i: Int) -> Bool {
         guard let client = links[i].client, !links[i].dead else { return false }
@@ -277,17 +286,29 @@ public final class EngineWorker: BlockWorker {
         operation.pointee.replica = i
         operation.pointee.active = true
         operation.pointee.sent = Self.now()
+        // Counted before the submit: libnbd may complete the command inside it.
+        r.pointee.pendingOperations += 1
+        if faults.enabled { injectFaults(before: client, replica: i) }
         do {
             try client.submit(command, flags: flags, function: operationFinished, context: operation)
         } catch {
+            guard operation.pointee.active else { return true }
             operation.pointee.active = false
             freeOperations.append(operation)
+            r.pointee.pendingOperations -= 1
             device.replicas.fail(i, reason: "\(error)")
             return false
         }
-        r.pointee.pendingOperations += 1
         service(i)
         return true
+    }
+
+    private func injectFaults(before client: NBDClient, replica i: Int) {
+        submitted[i] += 1
+        if let fault = faults.breakLinkInSubmit, fault.replica == i, fault.command == submitted[i] {
+            device.logger.warning("fault point: breaking the link to replica \(i) inside submit")
+            shutdown(client.descriptor, Int32(SHUT_RDWR))
+        }
     }
 
     // MARK: - Completion
@@ -301,12 +322,12 @@ public final class EngineWorker: BlockWorker {
 
         if error == 0 {
             r.pointee.progress += 1
-        } else if error == ENOTSUP && r.pointee.command == .writeZeroes {
-            // FAST_ZERO that cannot be fast: the request's answer, not a broken replica.
-            r.pointee.firstError = .notSupported
+        } else if error == ESHUTDOWN {
+            device.replicas.fence(by: replica)
         } else {
             device.replicas.fail(replica, reason: "\(r.pointee.command) failed: \(String(cString: strerror(error)))")
         }
+        precondition(r.pointee.pendingOperations > 0, "a replica answered a request with no command pending")
         r.pointee.pendingOperations -= 1
         if error != 0 && r.pointee.command == .read && r.pointee.progress == 0 {
             // Retried later, outside libnbd's callback: issuing from inside it could
@@ -319,11 +340,19 @@ public final class EngineWorker: BlockWorker {
     }
 
     /// Every replica involved has answered: hand the request back (or hold a write's answer).
+    /// FLUSH answers wait like write answers: a FLUSH that a failed replica did
+    /// not do must not be acknowledged while that replica is still a member on disk.
     private func answered(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken) {
-        if r.pointee.progress == 0 && r.pointee.firstError == nil { r.pointee.firstError = .io }
+        precondition(r.pointee.phase == Self.issuing, "a request answered twice")
+        r.pointee.phase = Self.answeredPhase
+        if (r.pointee.progress == 0 || device.replicas.isFenced) && r.pointee.firstError == nil {
+            r.pointee.firstError = .io
+        }
         switch r.pointee.command {
-        case .write, .trim, .writeZeroes:
-            device.gate.finish(offset: r.pointee.offset, length: UInt64(r.pointee.length))
+        case .write, .trim, .writeZeroes, .flush:
+            if r.pointee.command != .flush {
+                device.gate.finish(offset: r.pointee.offset, length: UInt64(r.pointee.length))
+            }
             if device.replicas.holdsAcknowledgements {
                 held.append((r, token))
                 return

@@ -99,6 +99,9 @@ final class MetadataKeeper: @unchecked Sendable {
     private func persistMembership() {
         for _ in 0...ReplicaSet.capacity {
             guard device.replicas.holdsAcknowledgements else { return }
+            if device.faults.slowMembershipSeconds > 0 {
+                usleep(UInt32(device.faults.slowMembershipSeconds * 1e6))
+            }
             let (generation, members) = device.replicas.membership
             let update = Keel_Control_V1_MembershipUpdate.with {
                 $0.owner = device.ownerMessage
@@ -125,6 +128,8 @@ final class MetadataKeeper: @unchecked Sendable {
     @discardableResult
     private func onWritableReplicas(_ what: String,
                                     _ body: @escaping @Sendable (ReplicaControlClient.Stub, CallOptions) async throws -> Void) -> Bool {
+        // A fenced engine asks nothing of replicas that belong to another engine now.
+        guard !device.replicas.isFenced else { return true }
         let targets = device.replicas.replicas.enumerated().filter { $0.element.mode.isWritable }
         var calls: [(Int, Handoff<Result<Void, Error>>)] = []
         for (index, replica) in targets {

@@ -1,6 +1,7 @@
 import ControlAPI
 import LibNBD
 import Logging
+import ReplicaIdentity
 import Synchronization
 import Syscalls
 #if canImport(Glibc)
@@ -49,6 +50,18 @@ final class Rebuild: @unchecked Sendable {
         guard status.size == device.size else {
             throw EngineError("replica \(address) holds \(status.size) bytes but the volume is \(device.size); nothing was changed")
         }
+        do {
+            let probe = try NBDClient()
+            try probe.setOptionMode(true)
+            try probe.connect(to: address)
+            _ = try VolumeStartup.checkListing(try probe.listExports(), of: address,
+                                               for: VolumeIdentity(name: device.volume, id: device.volumeID))
+            try? probe.abortOptions()
+        } catch let error as EngineError {
+            throw error
+        } catch {
+            throw EngineError("cannot list the exports of replica \(address): \(error)")
+        }
         guard status.owner.epoch <= device.epoch else {
             throw EngineError("replica \(address) belongs to a newer engine (epoch \(status.owner.epoch) > \(device.epoch))")
         }
@@ -58,7 +71,15 @@ final class Rebuild: @unchecked Sendable {
         } catch {
             throw EngineError("replica \(address) refused this engine's epoch \(device.epoch): \(error)")
         }
-        let index = try device.replicas.add(address: address, controlAddress: controlAddress, id: status.id)
+        // The I/O threads take these connections when the replica joins: none of them blocks in a connect.
+        let index: Int
+        do {
+            try device.prepareLinks(to: address)
+            index = try device.replicas.add(address: address, controlAddress: controlAddress, id: status.id)
+        } catch {
+            device.dropPreparedLinks(to: address)
+            throw error
+        }
         let rebuild = Rebuild(device: device, address: address, index: index, logger: logger)
         rebuild.thread = try PosixThread(name: "keel-rebuild") { rebuild.run() }
         logger.notice("replica \(address) (\(status.id)) added in WO mode; rebuilding")
@@ -76,7 +97,10 @@ final class Rebuild: @unchecked Sendable {
     }
 
     private func run() {
-        defer { done.store(true, ordering: .releasing) }
+        defer {
+            device.dropPreparedLinks(to: address)
+            done.store(true, ordering: .releasing)
+        }
         do {
             try waitForWorkers()
             try markDirtyRegions()
@@ -87,12 +111,14 @@ final class Rebuild: @unchecked Sendable {
                 let range = gate.range(of: region)
                 let length = min(range.length, device.size - range.offset)
                 try closed(region) {
-                    // The source must still hold every write: one that failed a write went ERR
-                    // before the region was quiet, so checking here, under the lock, suffices.
-                    if device.replicas.mode(copier.sourceIndex) != .rw { copier = try openCopier() }
-                    try copier.copy(offset: range.offset, length: length)
+                    if device.faults.breakRebuildSourceAtRegion == region {
+                        logger.warning("fault point: breaking the rebuild's link to its source before region \(region)")
+                        shutdown(copier.source.descriptor, Int32(SHUT_RDWR))
+                    }
+                    try copy(offset: range.offset, length: length, with: &copier)
                 }
                 device.replicas.rebuilt(index, bytes: range.offset + length)
+                if device.faults.slowRebuildSeconds > 0 { usleep(UInt32(device.faults.slowRebuildSeconds * 1e6)) }
             }
             try copier.targets[0].flush()
             if device.replicas.promote(index) {
@@ -130,8 +156,32 @@ final class Rebuild: @unchecked Sendable {
             .call(timeout: device.replicaTimeoutSeconds) { try await $0.markDirty(request, options: $1) }
     }
 
-    private func openCopier() throws -> RegionCopier {
-        guard let source = device.replicas.replicas.firstIndex(where: { $0.mode == .rw }) else {
+    /// Copies one region (closed to writes). When the copy fails, the source
+    /// may have died: the region is copied again from another healthy replica,
+    /// each tried once; if the new replica itself is gone, every try fails
+    /// and so does the rebuild.
+    private func copy(offset: UInt64, length: UInt64, with copier: inout RegionCopier) throws {
+        var failedSources = Set<Int>()
+        for _ in 0...ReplicaSet.capacity {
+            // The source must still hold every write: one that failed a write went ERR
+            // before the region was quiet, so checking here, under the lock, suffices.
+            if device.replicas.mode(copier.sourceIndex) != .rw { copier = try openCopier(excluding: failedSources) }
+            do {
+                try copier.copy(offset: offset, length: length)
+                return
+            } catch {
+                if shouldStop { throw error }
+                failedSources.insert(copier.sourceIndex)
+                logger.warning("rebuild of \(address): copying \(length) bytes at \(offset) from replica \(copier.sourceIndex) failed (\(error)); trying another source")
+                copier = try openCopier(excluding: failedSources)
+            }
+        }
+        throw EngineError("no source could copy \(length) bytes at \(offset)")
+    }
+
+    private func openCopier(excluding failed: Set<Int> = []) throws -> RegionCopier {
+        let replicas = device.replicas.replicas
+        guard let source = replicas.indices.first(where: { replicas[$0].mode == .rw && !failed.contains($0) }) else {
             throw EngineError("no healthy replica to copy from")
         }
         let open = { (i: Int) in try RegionCopier.connect { try self.device.open($0, address: self.device.replicas.replicas[i].address) } }

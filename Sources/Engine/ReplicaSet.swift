@@ -66,6 +66,7 @@ public final class ReplicaSet: @unchecked Sendable {
     public func mode(_ index: Int) -> Mode { state.withLock { $0[index].mode } }
 
     public var health: Health {
+        if isFenced { return .faulted }
         let modes = replicas.map(\.mode).filter { $0 != .removed }
         let healthy = modes.filter { $0 == .rw }.count
         return healthy == modes.count ? .healthy : healthy == 0 ? .faulted : .degraded
@@ -84,7 +85,25 @@ public final class ReplicaSet: @unchecked Sendable {
 
     /// Whether acknowledgements must wait for the newest membership to be persisted.
     var holdsAcknowledgements: Bool {
-        generationCounter.load(ordering: .acquiring) != persistedGeneration.load(ordering: .acquiring)
+        !isFenced && generationCounter.load(ordering: .acquiring) != persistedGeneration.load(ordering: .acquiring)
+    }
+
+    // MARK: - Fencing
+
+    private let fenced = Atomic<Bool>(false)
+
+    /// A newer engine has claimed the replicas: this one may change nothing
+    /// any more, not even the membership, and answers every request EIO.
+    public var isFenced: Bool { fenced.load(ordering: .acquiring) }
+
+    /// A replica refused a request for an older epoch (ESHUTDOWN). The replica
+    /// is not failed: it is healthy, only no longer ours, and recording a
+    /// membership without it would cost the new engine a full rebuild of it.
+    func fence(by index: Int) {
+        guard !fenced.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        let address = state.withLock { $0[index].address }
+        logger.error("fenced: replica \(address) belongs to a newer engine; every request now fails with EIO (stop this engine)")
+        changed()
     }
 
     func persisted(generation: UInt64) {

@@ -2,6 +2,7 @@ import ControlAPI
 import GRPCCore
 import LibNBD
 import Logging
+import ReplicaIdentity
 import Syscalls
 
 /// What an engine does before it serves: look at every replica (without
@@ -11,6 +12,8 @@ import Syscalls
 /// regions), and record the membership.
 public struct VolumeStartup {
     public let volume: String
+    /// The volume's identity, if it has one: a replica of another volume refuses the start.
+    public let volumeID: String
     public let size: UInt64
     public let engineID: String
     public let replicaTimeoutSeconds: Double
@@ -18,9 +21,10 @@ public struct VolumeStartup {
     public let allowDegraded: Bool
     public let logger: Logger
 
-    public init(volume: String, size: UInt64, engineID: String, replicaTimeoutSeconds: Double,
+    public init(volume: String, volumeID: String = "", size: UInt64, engineID: String, replicaTimeoutSeconds: Double,
                 allowDegraded: Bool = false, logger: Logger) {
         self.volume = volume
+        self.volumeID = volumeID
         self.size = size
         self.engineID = engineID
         self.replicaTimeoutSeconds = replicaTimeoutSeconds
@@ -58,7 +62,13 @@ public struct VolumeStartup {
         // say after the claim, when the old engine can change nothing more.
         _ = try decide(inspected, addressCount: addresses.count, unreachable: unreachable)
         let newest = inspected.compactMap { $0?.status.owner.epoch }.max()!
+        guard newest < Owner.maximumEpoch else {
+            throw EngineError("the replicas have seen the largest epoch there is (\(newest)); nothing was changed")
+        }
         let epoch = requested ?? newest + 1
+        guard epoch <= Owner.maximumEpoch else {
+            throw EngineError("--epoch \(epoch) is larger than a replica can store (\(Owner.maximumEpoch)); nothing was changed")
+        }
         guard epoch > newest else {
             throw EngineError("--epoch \(epoch) is not newer than epoch \(newest), which a replica has seen; nothing was changed")
         }
@@ -68,7 +78,7 @@ public struct VolumeStartup {
             guard let report else { continue }
             do {
                 clients[i] = try RegionCopier.connect {
-                    try $0.setExportName(EngineDevice.exportName(volume: volume, epoch: epoch, engine: engineID))
+                    try $0.setExportName(exportName(Owner(epoch: epoch, engine: engineID)))
                     try $0.connect(to: report.address)
                 }
             } catch {
@@ -86,7 +96,7 @@ public struct VolumeStartup {
 
         let ordered = members.sorted()
         let dirty = Self.union(ordered.flatMap { reports[$0]!.status.dirty }, size: size)
-        let owner = Keel_Control_V1_Owner.with { $0.epoch = epoch; $0.engine = engineID }
+        let owner = Owner(epoch: epoch, engine: engineID).message
         var copied: UInt64 = 0
         if !dirty.isEmpty {
             if ordered.count > 1 {
@@ -221,12 +231,12 @@ public struct VolumeStartup {
         do { exports = try probe.listExports() } catch {
             throw EngineError("cannot list the exports of replica \(address): \(error)")
         }
-        guard exports.count == 1, exports[0].hasPrefix("@"), let epoch = UInt64(exports[0].dropFirst()) else {
-            throw EngineError("\(address) is not a Keel replica (it lists exports \(exports))")
-        }
+        let epoch = try Self.checkListing(exports, of: address, for: identity).owner.epoch
         let replicaSize: UInt64
         do {
-            try probe.setExportName("\(volume)@\(epoch)")
+            // Asks about the export without opening it: claims nothing, but a
+            // replica of another volume refuses here, before anything is claimed.
+            try probe.setExportName(exportName(Owner(epoch: epoch, engine: "")))
             try probe.info()
             replicaSize = try probe.size
             try? probe.abortOptions()
@@ -245,6 +255,24 @@ public struct VolumeStartup {
             throw EngineError("replica \(address) answers NBD but not its control API at \(controlAddress): \(error)")
         }
     }
+
+    /// The claim a replica lists, once it is known to be a replica this volume may have.
+    static func checkListing(_ exports: [String], of address: SocketAddress,
+                             for volume: VolumeIdentity) throws -> ReplicaExportName {
+        guard exports.count == 1, let listed = ReplicaExportName(parsing: exports[0]) else {
+            throw EngineError("\(address) is not a Keel replica (it lists exports \(exports))")
+        }
+        if let refusal = listed.volume.refusal(of: volume) {
+            throw EngineError("replica \(address): \(refusal)")
+        }
+        return listed
+    }
+
+    private func exportName(_ owner: Owner) -> String {
+        ReplicaExportName(volume: identity, owner: owner).description
+    }
+
+    private var identity: VolumeIdentity { VolumeIdentity(name: volume, id: volumeID) }
 
     private func controlCall<T: Sendable>(_ report: Report,
                                           _ body: @escaping @Sendable (ReplicaControlClient.Stub, CallOptions) async throws -> T) throws -> T {

@@ -15,6 +15,12 @@ import Synchronization
 ///   clearing waits and is retried when the keeper wakes the I/O threads.
 /// - a **rebuild copy**: the region being copied to a new replica takes no
 ///   writes until the copy is done, so the copy never overwrites a newer write.
+/// - an **overlapping write in flight**: two writes (or TRIM, WRITE_ZEROES)
+///   that touch the same bytes never run at once, so every replica applies
+///   them in the same order. Replicas run requests concurrently and two
+///   client connections land on different I/O threads, so without this two
+///   overlapping writes in flight could land in different orders on
+///   different replicas, leaving them holding different data.
 public final class WriteGate: @unchecked Sendable {
     enum Intent: UInt8 {
         case clean, marking, dirty, clearing
@@ -31,11 +37,17 @@ public final class WriteGate: @unchecked Sendable {
         var tick: UInt32 = 0
         var toMark: [Int] = []
         var copying: Int?
+        /// The byte ranges of the writes in flight (only searched where a region has some).
+        var writes: [Range<UInt64>] = []
+        /// A write waits for an overlapping one: its finish wakes the I/O threads.
+        var overlapWaiting = false
     }
 
     private let state: Mutex<State>
     /// Called when a region needs marking: wakes the keeper.
     var onMarkNeeded: @Sendable () -> Void = {}
+    /// Called when a write that another one waited for has finished: wakes the I/O threads.
+    var onOverlapCleared: @Sendable () -> Void = {}
 
     /// Regions of at least 1 MiB, and no more than 65536 of them.
     public init(size: UInt64, regionSize: UInt64? = nil) {
@@ -63,10 +75,12 @@ public final class WriteGate: @unchecked Sendable {
     /// Admits a write (counting it in flight) or says it must wait.
     public func admit(offset: UInt64, length: UInt64) -> Bool {
         let span = regions(offset: offset, length: length)
+        let bytes = offset..<offset + max(length, 1)
         let (admitted, needsMark): (Bool, Bool) = state.withLock { s in
-            var ready = true, needsMark = false
+            var ready = true, needsMark = false, busy = false
             for r in span {
                 if s.copying == r { ready = false }
+                if s.inFlight[r] > 0 { busy = true }
                 switch s.intent[r] {
                 case .dirty: continue
                 case .clean:
@@ -78,11 +92,16 @@ public final class WriteGate: @unchecked Sendable {
                     ready = false
                 }
             }
+            if ready && busy && s.writes.contains(where: { $0.overlaps(bytes) }) {
+                s.overlapWaiting = true
+                ready = false
+            }
             guard ready else { return (false, needsMark) }
             for r in span {
                 s.inFlight[r] += 1
                 s.lastWrite[r] = s.tick
             }
+            s.writes.append(bytes)
             return (true, false)
         }
         if needsMark { onMarkNeeded() }
@@ -92,13 +111,26 @@ public final class WriteGate: @unchecked Sendable {
     /// The write has been answered by every replica.
     public func finish(offset: UInt64, length: UInt64) {
         let span = regions(offset: offset, length: length)
-        state.withLock { s in
+        let bytes = offset..<offset + max(length, 1)
+        let wake: Bool = state.withLock { s in
             for r in span {
-                assert(s.inFlight[r] > 0)
+                precondition(s.inFlight[r] > 0, "a write finished in region \(r) with none in flight there")
                 s.inFlight[r] -= 1
+                // The idle clock starts when the region's last write is answered, not when it began.
+                s.lastWrite[r] = s.tick
             }
+            let index = s.writes.firstIndex(of: bytes)
+            precondition(index != nil, "a write finished that was never admitted")
+            s.writes.swapAt(index!, s.writes.count - 1)
+            s.writes.removeLast()
+            defer { s.overlapWaiting = false }
+            return s.overlapWaiting
         }
+        if wake { onOverlapCleared() }
     }
+
+    /// Writes in flight (for tests and invariants).
+    var writesInFlight: Int { state.withLock { $0.writes.count } }
 
     // MARK: - Keeper
 

@@ -115,8 +115,9 @@ final class IOThread<Device: BlockDevice> {
             settle(connection)
         case .device:
             guard let connection = connections[token.connection] else { return }
-            let request = connection.slots.advanced(by: token.slot).request
-            if case .done(let error) = worker.complete(request, token: token, result: completion.result) {
+            let slot = connection.slots.advanced(by: token.slot)
+            precondition(slot.pointee.state == .inFlight, "a device completion for a request that is not in flight")
+            if case .done(let error) = worker.complete(slot.request, token: token, result: completion.result) {
                 finish(connection, slot: token.slot, error: error)
             }
             settle(connection)

@@ -1,39 +1,59 @@
-#if canImport(Glibc)
-import Glibc
-#endif
+import Synchronization
 
-/// Requests in flight on a replica, by the epoch of the engine that sent them.
+/// The replica's epoch as its data path sees it, and the requests in flight
+/// by the epoch of the engine that sent them.
 ///
-/// A request of an epoch older than the replica's is refused before it
-/// touches the disk. A request of a newer epoch waits until every request
-/// of older epochs already on its way to the disk has finished, so that no
-/// write of a fenced engine can land after the new engine's I/O.
-final class EpochFence: @unchecked Sendable {
+/// The epoch lives here, under the fence's own lock, so that deciding on a
+/// request and a claim moving the epoch on can never interleave, and so that
+/// no request waits for the store's lock (held across SQLite's fsyncs). A
+/// claim is persisted by the store first, then `advance`d here, before the
+/// claiming engine's handshake is answered.
+///
+/// A request of an epoch older than the fence's is refused before it touches
+/// the disk. A request of the current epoch waits until every request of older
+/// epochs already on its way to the disk has finished, so that no write of a
+/// fenced engine can land after the new engine's I/O.
+final class EpochFence: Sendable {
     enum Admission: Equatable {
         case admit
         case reject
         case wait
     }
 
-    private var mutex = pthread_mutex_t()
-    private var inFlight: [UInt64: Int] = [:]
+    private struct State {
+        var epoch: UInt64
+        var inFlight: [UInt64: Int] = [:]
+    }
 
-    init() { pthread_mutex_init(&mutex, nil) }
-    deinit { pthread_mutex_destroy(&mutex) }
+    private let state: Mutex<State>
 
-    func enter(session: UInt64, current: UInt64) -> Admission {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        if session < current { return .reject }
-        if inFlight.keys.contains(where: { $0 < session }) { return .wait }
-        inFlight[session, default: 0] += 1
-        return .admit
+    init(epoch: UInt64) {
+        state = Mutex(State(epoch: epoch))
+    }
+
+    var epoch: UInt64 { state.withLock { $0.epoch } }
+
+    /// A claim of `epoch` is durable: from now on older epochs are refused.
+    func advance(to epoch: UInt64) {
+        state.withLock { $0.epoch = max($0.epoch, epoch) }
+    }
+
+    func enter(session: UInt64) -> Admission {
+        state.withLock { s in
+            if session < s.epoch { return .reject }
+            // Newer than the fence: its claim is still being persisted.
+            if session > s.epoch { return .wait }
+            if s.inFlight.keys.contains(where: { $0 < session }) { return .wait }
+            s.inFlight[session, default: 0] += 1
+            return .admit
+        }
     }
 
     func leave(session: UInt64) {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        let left = inFlight[session, default: 1] - 1
-        inFlight[session] = left > 0 ? left : nil
+        state.withLock { s in
+            let left = s.inFlight[session, default: 0] - 1
+            precondition(left >= 0, "a request left the fence without having entered it")
+            s.inFlight[session] = left > 0 ? left : nil
+        }
     }
 }

@@ -1,42 +1,44 @@
 import Logging
 import NBDProtocol
+import ReplicaIdentity
 import ReplicaStore
 
-/// A replica exports its head only to engines that name their epoch and
-/// themselves: `<volume>@<epoch>+<engine>`. Opening with a newer epoch claims
-/// the replica (durably, before the answer); an older epoch is refused, and so
-/// is the current one from another engine.
+/// A replica exports its head only to engines that name their volume, epoch
+/// and themselves (`ReplicaExportName`). Opening with a newer epoch claims
+/// the replica (durably, before the answer); an older epoch is refused, and
+/// so is the current one from another engine, and any engine of another volume.
 struct ReplicaCatalog: ExportCatalog {
     let store: ReplicaStore
+    let fence: EpochFence
     let sessions: EngineSessions
     let logger: Logger
 
-    /// `@<epoch>`: how an engine learns the epoch it has to outbid.
+    /// The current claim: how an engine learns the epoch it has to outbid, and the volume.
     var listed: [ExportDescription] {
-        [ExportDescription(name: "@\(store.epoch)", description: "Keel replica", size: store.size, readOnly: false)]
-    }
-
-    /// The epoch and engine in `<volume>@<epoch>[+<engine>]`.
-    static func owner(in name: String) -> (epoch: UInt64, engine: String)? {
-        guard let at = name.lastIndex(of: "@") else { return nil }
-        let parts = name[name.index(after: at)...].split(separator: "+", maxSplits: 1, omittingEmptySubsequences: false)
-        guard let epoch = UInt64(parts[0]) else { return nil }
-        return (epoch, parts.count > 1 ? String(parts[1]) : "")
+        [ExportDescription(name: "\(store.listedName)", description: "Keel replica", size: store.size, readOnly: false)]
     }
 
     func resolve(_ name: String, opening: Bool) -> ExportResolution {
-        guard let (epoch, engine) = Self.owner(in: name) else {
+        guard let export = ReplicaExportName(parsing: name) else {
             return .refused(.errPolicy, "a Keel replica serves only '<volume>@<epoch>+<engine>' exports to its engine, not '\(name)'")
         }
+        if let refusal = store.volume.refusal(of: export.volume) {
+            return .refused(.errPolicy, refusal)
+        }
         let current = store.epoch
+        let epoch = export.owner.epoch
         if opening {
             do {
-                switch try store.claim(epoch: epoch, engine: engine) {
-                case .claimed: logger.notice("epoch \(epoch) claimed by engine \(engine) (was \(current))")
+                switch try store.claim(export.owner, volume: export.volume) {
+                case .claimed:
+                    fence.advance(to: epoch)
+                    logger.notice("epoch \(epoch) claimed by engine \(export.owner.engine) (was \(current))")
                 case .current: break
                 case .stale(let newer): return refusal(epoch, newer)
                 case .taken(let other):
                     return .refused(.errPolicy, "epoch \(epoch) already belongs to engine \(other); pick a newer epoch")
+                case .otherVolume(let reason):
+                    return .refused(.errPolicy, reason)
                 }
             } catch {
                 logger.error("cannot persist epoch \(epoch): \(error)")

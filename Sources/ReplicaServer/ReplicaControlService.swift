@@ -1,6 +1,7 @@
 import ControlAPI
 import GRPCCore
 import Logging
+import ReplicaIdentity
 import ReplicaStore
 
 /// The replica's side of the control API: identity, dirty regions and
@@ -9,11 +10,19 @@ import ReplicaStore
 public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServiceProtocol {
     let store: ReplicaStore
     let sessions: EngineSessions
+    /// Makes every write this replica has answered durable (its head's fdatasync).
+    let flushData: @Sendable () throws -> Void
     let logger: Logger
 
-    public init(store: ReplicaStore, sessions: EngineSessions, logger: Logger) {
+    public init(device: ReplicaDevice, logger: Logger) {
+        self.init(store: device.store, sessions: device.sessions, flushData: { try device.flush() }, logger: logger)
+    }
+
+    init(store: ReplicaStore, sessions: EngineSessions, flushData: @escaping @Sendable () throws -> Void,
+         logger: Logger) {
         self.store = store
         self.sessions = sessions
+        self.flushData = flushData
         self.logger = logger
     }
 
@@ -23,7 +32,7 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
         var status = Keel_Control_V1_ReplicaStatus()
         status.id = store.id
         status.size = store.size
-        status.owner = .with { $0.epoch = owner.epoch; $0.engine = owner.engine }
+        status.owner = owner.message
         status.engineConnections = UInt32(sessions.connections(epoch: owner.epoch))
         status.dirty = try storeCall { try store.dirtyRanges() }.map { range in
             .with { $0.offset = range.offset; $0.length = range.length }
@@ -39,30 +48,44 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
     }
 
     public func markDirty(request: Keel_Control_V1_DirtyRanges, context: ServerContext) async throws -> Keel_Control_V1_Done {
-        try storeCall { try store.markDirty(request.ranges.map(Self.range), owner: Self.owner(request.owner)) }
+        let ranges = try request.ranges.map(range)
+        try storeCall { try store.markDirty(ranges, owner: Owner(request.owner)) }
         return .init()
     }
 
     public func clearDirty(request: Keel_Control_V1_DirtyRanges, context: ServerContext) async throws -> Keel_Control_V1_Done {
-        try storeCall { try store.clearDirty(request.ranges.map(Self.range), owner: Self.owner(request.owner)) }
+        try clearDirtyDurably(request.ranges.map(range), owner: Owner(request.owner))
         return .init()
+    }
+
+    /// A mark goes only once the data under it is durable here: after a power
+    /// cut, replicas could otherwise differ inside a region marked clean, and
+    /// no engine would ever make them identical again.
+    func clearDirtyDurably(_ ranges: [ByteRange], owner: Owner) throws {
+        do { try flushData() } catch {
+            logger.error("cannot make the data durable before clearing dirty regions: \(error)")
+            throw RPCError(code: .unavailable, message: "cannot make the data durable: \(error)")
+        }
+        try storeCall { try store.clearDirty(ranges, owner: owner) }
     }
 
     public func setMembership(request: Keel_Control_V1_MembershipUpdate,
                               context: ServerContext) async throws -> Keel_Control_V1_Done {
         let membership = Membership(epoch: request.membership.epoch, generation: request.membership.generation,
                                     members: request.membership.members)
-        try storeCall { try store.setMembership(membership, owner: Self.owner(request.owner)) }
+        try storeCall { try store.setMembership(membership, owner: Owner(request.owner)) }
         logger.info("membership \(membership.epoch).\(membership.generation): \(membership.members.joined(separator: ", "))")
         return .init()
     }
 
-    private static func range(_ range: Keel_Control_V1_ByteRange) -> ByteRange {
-        ByteRange(offset: range.offset, length: range.length)
-    }
-
-    private static func owner(_ owner: Keel_Control_V1_Owner) -> (epoch: UInt64, engine: String) {
-        (owner.epoch, owner.engine)
+    /// A range off the network: inside the volume, or an invalid-argument answer (never an overflow trap).
+    private func range(_ range: Keel_Control_V1_ByteRange) throws -> ByteRange {
+        let (end, overflow) = range.offset.addingReportingOverflow(range.length)
+        guard !overflow, end <= store.size else {
+            throw RPCError(code: .invalidArgument,
+                           message: "range \(range.offset)+\(range.length) is outside the replica's \(store.size) bytes")
+        }
+        return ByteRange(offset: range.offset, length: range.length)
     }
 
     private func storeCall<T>(_ body: () throws -> T) throws -> T {

@@ -9,12 +9,13 @@ import ReplicaStore
 public final class ReplicaDevice: BlockDevice {
     public let store: ReplicaStore
     let head: FileDevice
-    let fence = EpochFence()
+    let fence: EpochFence
     public let sessions = EngineSessions()
 
     public init(store: ReplicaStore, head: FileDevice) {
         self.store = store
         self.head = head
+        fence = EpochFence(epoch: store.epoch)
     }
 
     public var size: UInt64 { store.size }
@@ -29,7 +30,7 @@ public final class ReplicaDevice: BlockDevice {
 
     /// The export catalog that claims this replica for engines.
     public func catalog(logger: Logger) -> any ExportCatalog {
-        ReplicaCatalog(store: store, sessions: sessions, logger: logger)
+        ReplicaCatalog(store: store, fence: fence, sessions: sessions, logger: logger)
     }
 }
 
@@ -50,7 +51,7 @@ public final class ReplicaWorker: BlockWorker {
     }
 
     public func start(_ r: UnsafeMutablePointer<IORequest>, token: IOToken) -> IOStatus {
-        switch device.fence.enter(session: r.pointee.session, current: device.store.epoch) {
+        switch device.fence.enter(session: r.pointee.session) {
         case .reject:
             return .done(.shutdown)
         case .wait:

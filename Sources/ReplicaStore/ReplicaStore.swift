@@ -1,3 +1,4 @@
+import ReplicaIdentity
 import SQLite
 import Syscalls
 #if canImport(Glibc)
@@ -16,7 +17,7 @@ import Glibc
 /// so are dirty marks and memberships before their setters return.
 public final class ReplicaStore: @unchecked Sendable {
     public static let metadataName = "replica.sqlite"
-    public static let schemaVersion: Int64 = 2
+    public static let schemaVersion: Int64 = 3
 
     public let directory: String
     public let size: UInt64
@@ -28,6 +29,7 @@ public final class ReplicaStore: @unchecked Sendable {
     private var mutex = pthread_mutex_t()
     private var currentEpoch: UInt64
     private var currentEngine: String
+    private var currentVolume: VolumeIdentity
 
     public enum Failure: Error, CustomStringConvertible, Equatable {
         case sizeRequired(String)
@@ -38,6 +40,8 @@ public final class ReplicaStore: @unchecked Sendable {
         case notOwner(epoch: UInt64, engine: String, current: UInt64, currentEngine: String)
         /// A membership record older than the one the replica holds.
         case staleMembership
+        /// An engine of another volume asked for this replica.
+        case otherVolume(String)
 
         public var description: String {
             switch self {
@@ -53,6 +57,8 @@ public final class ReplicaStore: @unchecked Sendable {
                 return "epoch \(epoch) of engine \(engine) does not own this replica (epoch \(current), engine \(currentEngine))"
             case .staleMembership:
                 return "the replica holds a newer membership record"
+            case .otherVolume(let reason):
+                return reason
             }
         }
     }
@@ -67,6 +73,8 @@ public final class ReplicaStore: @unchecked Sendable {
         case stale(current: UInt64)
         /// Another engine claimed this very epoch first.
         case taken(engine: String)
+        /// The replica belongs to another volume (the reason says which).
+        case otherVolume(String)
     }
 
     /// Opens the replica in `directory`, creating it when absent and `size` is given.
@@ -87,15 +95,18 @@ public final class ReplicaStore: @unchecked Sendable {
         self.directory = directory
         do {
             database = try Database(path: directory + "/" + Self.metadataName, create: false)
-            let rows = try database.query("SELECT size, epoch, engine, replica_id FROM replica WHERE id = 1")
+            try Self.upgrade(database)
+            let rows = try database.query("SELECT size, epoch, engine, replica_id, volume, volume_id FROM replica WHERE id = 1")
             guard let row = rows.first, let size = row[0].integer, let epoch = row[1].integer,
-                  let engine = row[2].text, let id = row[3].text else {
+                  let engine = row[2].text, let id = row[3].text, let volume = row[4].text,
+                  let volumeID = row[5].text else {
                 throw Failure.notAReplica(directory)
             }
             self.size = UInt64(size)
             self.id = id
             currentEpoch = UInt64(epoch)
             currentEngine = engine
+            currentVolume = VolumeIdentity(name: volume, id: volumeID)
         } catch is SQLiteError {
             throw Failure.notAReplica(directory)
         }
@@ -111,25 +122,45 @@ public final class ReplicaStore: @unchecked Sendable {
     }
 
     /// The epoch and the engine that holds it.
-    public var owner: (epoch: UInt64, engine: String) {
+    public var owner: Owner {
         pthread_mutex_lock(&mutex)
         defer { pthread_mutex_unlock(&mutex) }
-        return (currentEpoch, currentEngine)
+        return Owner(epoch: currentEpoch, engine: currentEngine)
     }
 
-    /// Takes the replica for `engine` at `epoch` if the epoch is newer than any
-    /// seen, durably. The same epoch stays its first claimer's: two engines that
-    /// picked the same number cannot both own the replica.
-    public func claim(epoch: UInt64, engine: String = "") throws -> Claim {
-        try locked {
-            if epoch < currentEpoch { return .stale(current: currentEpoch) }
-            if epoch == currentEpoch {
-                return engine == currentEngine ? .current : .taken(engine: currentEngine)
+    /// The volume this replica belongs to, recorded at its first claim (empty before).
+    public var volume: VolumeIdentity {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        return currentVolume
+    }
+
+    /// The current claim, as the one export the replica lists.
+    public var listedName: ReplicaExportName {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        return ReplicaExportName(volume: currentVolume, owner: Owner(epoch: currentEpoch, engine: currentEngine))
+    }
+
+    /// Takes the replica for `owner` if its epoch is newer than any seen,
+    /// durably. The same epoch stays its first claimer's: two engines that
+    /// picked the same number cannot both own the replica. The first claim
+    /// records the volume; a claim for another volume is refused, so an
+    /// engine given the wrong address never fences another volume.
+    public func claim(_ owner: Owner, volume: VolumeIdentity = VolumeIdentity(name: "")) throws -> Claim {
+        precondition(owner.epoch <= Owner.maximumEpoch, "epochs are stored as signed 64-bit integers")
+        return try locked {
+            if let refusal = currentVolume.refusal(of: volume) { return .otherVolume(refusal) }
+            if owner.epoch < currentEpoch { return .stale(current: currentEpoch) }
+            if owner.epoch == currentEpoch {
+                return owner.engine == currentEngine ? .current : .taken(engine: currentEngine)
             }
-            try database.query("UPDATE replica SET epoch = ?, engine = ? WHERE id = 1",
-                               [.integer(Int64(epoch)), .text(engine)])
-            currentEpoch = epoch
-            currentEngine = engine
+            let recorded = currentVolume.recording(volume)
+            try database.query("UPDATE replica SET epoch = ?, engine = ?, volume = ?, volume_id = ? WHERE id = 1",
+                               [.integer(Int64(owner.epoch)), .text(owner.engine), .text(recorded.name), .text(recorded.id)])
+            currentEpoch = owner.epoch
+            currentEngine = owner.engine
+            currentVolume = recorded
             return .claimed
         }
     }
@@ -149,7 +180,7 @@ public final class ReplicaStore: @unchecked Sendable {
     /// Records ranges as dirty, durably, before the engine writes into them.
     /// With `owner`, only if that epoch and engine own the replica, checked
     /// under the same lock as claims: a fenced engine can change nothing.
-    public func markDirty(_ ranges: [ByteRange], owner: (epoch: UInt64, engine: String)? = nil) throws {
+    public func markDirty(_ ranges: [ByteRange], owner: Owner? = nil) throws {
         try locked {
             try check(owner)
             try database.transaction {
@@ -162,7 +193,7 @@ public final class ReplicaStore: @unchecked Sendable {
     }
 
     /// Forgets every dirty range that starts inside one of `ranges`.
-    public func clearDirty(_ ranges: [ByteRange], owner: (epoch: UInt64, engine: String)? = nil) throws {
+    public func clearDirty(_ ranges: [ByteRange], owner: Owner? = nil) throws {
         try locked {
             try check(owner)
             try database.transaction {
@@ -191,7 +222,7 @@ public final class ReplicaStore: @unchecked Sendable {
     }
 
     /// Replaces the record unless the replica holds a newer one.
-    public func setMembership(_ membership: Membership, owner: (epoch: UInt64, engine: String)? = nil) throws {
+    public func setMembership(_ membership: Membership, owner: Owner? = nil) throws {
         try locked {
             try check(owner)
             if let current = try readMembership(), current.isNewer(than: membership) { throw Failure.staleMembership }
@@ -202,7 +233,7 @@ public final class ReplicaStore: @unchecked Sendable {
         }
     }
 
-    private func check(_ owner: (epoch: UInt64, engine: String)?) throws {
+    private func check(_ owner: Owner?) throws {
         guard let owner, owner.epoch != currentEpoch || owner.engine != currentEngine else { return }
         throw Failure.notOwner(epoch: owner.epoch, engine: owner.engine, current: currentEpoch, currentEngine: currentEngine)
     }
@@ -211,6 +242,19 @@ public final class ReplicaStore: @unchecked Sendable {
         pthread_mutex_lock(&mutex)
         defer { pthread_mutex_unlock(&mutex) }
         return try body()
+    }
+
+    /// Brings an older replica's metadata to this schema (version 2 had no volume identity).
+    private static func upgrade(_ database: Database) throws {
+        let columns = try database.query("PRAGMA table_info(replica)").compactMap { $0[1].text }
+        guard !columns.contains("volume") else { return }
+        try database.transaction {
+            try database.execute("""
+                ALTER TABLE replica ADD COLUMN volume TEXT NOT NULL DEFAULT '';
+                ALTER TABLE replica ADD COLUMN volume_id TEXT NOT NULL DEFAULT '';
+                """)
+            try database.query("UPDATE replica SET schema = ? WHERE id = 1", [.integer(schemaVersion)])
+        }
     }
 
     private static func create(directory: String, size: UInt64) throws {
@@ -240,6 +284,8 @@ public final class ReplicaStore: @unchecked Sendable {
                         replica_id TEXT NOT NULL,
                         epoch INTEGER NOT NULL,
                         engine TEXT NOT NULL DEFAULT '',
+                        volume TEXT NOT NULL DEFAULT '',
+                        volume_id TEXT NOT NULL DEFAULT '',
                         state TEXT NOT NULL,
                         created TEXT NOT NULL DEFAULT (datetime('now')));
                     CREATE TABLE layers (

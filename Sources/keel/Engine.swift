@@ -32,6 +32,9 @@ struct EngineCommand: ParsableCommand {
         @Option(help: "The volume's name: its export name on the frontend.")
         var volume: String
 
+        @Option(help: "The volume's identity (keel volume create mints one): a replica that belongs to another volume refuses this engine.")
+        var volumeID: String = ""
+
         @Option(help: "The volume's size, e.g. 10G; every replica must have it.")
         var size: ByteCount
 
@@ -85,6 +88,9 @@ struct EngineCommand: ParsableCommand {
                 throw ValidationError("--volume: \(problem) (it names /dev/keel/<volume>)")
             }
             try validateDevice(device)
+            guard volumeID.count <= 64, volumeID.allSatisfy({ $0.isASCII && ($0.isHexDigit || $0 == "-") }) else {
+                throw ValidationError("--volume-id takes a UUID (hex digits and '-'), not '\(volumeID)'")
+            }
         }
 
         func run() throws {
@@ -98,31 +104,47 @@ struct EngineCommand: ParsableCommand {
                 do { try KernelFrontend.checkDriver() } catch { throw CLIError("\(error)") }
             }
 
-            let engineID = String(UInt64.random(in: 1...UInt64.max), radix: 16)
-            let startup = VolumeStartup(volume: volume, size: size.bytes, engineID: engineID,
-                                        replicaTimeoutSeconds: replicaTimeout, allowDegraded: allowDegraded,
-                                        logger: logger)
-            let outcome: VolumeStartup.Outcome
-            do { outcome = try startup.run(addresses: addresses, epoch: epoch) } catch {
-                throw CLIError("\(error)")
-            }
-            let device = EngineDevice(volume: volume, size: size.bytes, epoch: outcome.epoch, engineID: engineID,
-                                      replicas: outcome.replicas, gate: WriteGate(size: size.bytes),
-                                      replicaTimeoutSeconds: replicaTimeout, logger: logger)
-            try device.startKeeper()
-            defer { device.stopKeeper() }
-            let what = "volume \(volume) (\(size.bytes) bytes) with \(addresses.count) replica(s), epoch \(outcome.epoch)"
+            // Everything that can refuse the start comes before the first claim:
+            // a refused start must not fence the engine that runs now.
+            let listener = try bindListener(address)
             let kernel = FrontendController(settings: .init(volume: volume, size: size.bytes, connections: connections,
                                                             ioTimeout: ioTimeout,
                                                             deadConnectionTimeout: deadConnectionTimeout,
                                                             device: self.device.flatMap(deviceIndex)),
                                             logger: logger)
-            let controlServer = try controlAddress.map {
-                try ControlServer(address: $0, services: [EngineControlService(device: device, frontend: kernel)])
+            let engine = EngineReference()
+            let controlServer: ControlServer?
+            do {
+                controlServer = try controlAddress.map {
+                    try ControlServer(address: $0, services: [EngineControlService(engine: engine, frontend: kernel)])
+                }
+            } catch {
+                listener.close()
+                throw error
             }
             defer { controlServer?.stop() }
-            try serveUntilSignalled(device, on: address, logger: logger, what: what,
-                                    afterStart: { if frontend == .kernel { try announce(kernel.enable()) } },
+
+            let engineID = String(UInt64.random(in: 1...UInt64.max), radix: 16)
+            let startup = VolumeStartup(volume: volume, volumeID: volumeID, size: size.bytes, engineID: engineID,
+                                        replicaTimeoutSeconds: replicaTimeout, allowDegraded: allowDegraded,
+                                        logger: logger)
+            let outcome: VolumeStartup.Outcome
+            do { outcome = try startup.run(addresses: addresses, epoch: epoch) } catch {
+                listener.close()
+                throw CLIError("\(error)")
+            }
+            let device = EngineDevice(volume: volume, volumeID: volumeID, size: size.bytes, epoch: outcome.epoch, engineID: engineID,
+                                      replicas: outcome.replicas, gate: WriteGate(size: size.bytes),
+                                      replicaTimeoutSeconds: replicaTimeout, logger: logger)
+            try device.startKeeper()
+            defer { device.stopKeeper() }
+            let what = "volume \(volume) (\(size.bytes) bytes) with \(addresses.count) replica(s), epoch \(outcome.epoch)"
+            try serveUntilSignalled(device, on: address, listener: listener, logger: logger, what: what,
+                                    afterStart: {
+                                        // Control calls made during the start waited for this.
+                                        engine.started(device)
+                                        if frontend == .kernel { try announce(kernel.enable()) }
+                                    },
                                     beforeStop: { kernel.shutdown() }) { listener in
                 let server = Server(device: device, listener: listener, exportName: volume, threads: serving.threads,
                                     logger: logger)

@@ -55,7 +55,7 @@ struct Replica: ParsableCommand {
             }
             let device = ReplicaDevice(store: store, head: head)
             let controlServer = try ControlServer(address: controlAddress,
-                                                  services: [ReplicaControlService(store: store, sessions: device.sessions, logger: logger)])
+                                                  services: [ReplicaControlService(device: device, logger: logger)])
             defer { controlServer.stop() }
             let what = "replica \(store.id) in \(dir) (\(store.size) bytes, epoch \(store.epoch)), control on \(controlAddress)"
             try serveUntilSignalled(device, on: address, logger: logger, what: what) { listener in

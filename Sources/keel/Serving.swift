@@ -9,14 +9,11 @@ import Glibc
 /// What every serving command does after setting up its device: listen,
 /// start the I/O threads, wait for SIGINT/SIGTERM, drain, flush, clean up.
 func serveUntilSignalled<Device: BlockDevice>(
-    _ device: Device, on address: SocketAddress, logger: Logger, what: String,
+    _ device: Device, on address: SocketAddress, listener bound: FileDescriptor? = nil, logger: Logger, what: String,
     afterStart: () throws -> Void = {}, beforeStop: () -> Void = {},
     makeServer: (FileDescriptor) -> Server<Device>
 ) throws {
-    let listener: FileDescriptor
-    do { listener = try Socket.listen(on: address) } catch {
-        throw CLIError("\(error)")
-    }
+    let listener = try bound ?? bindListener(address)
     let server = makeServer(listener)
     do { try server.start() } catch {
         listener.close()
@@ -44,6 +41,13 @@ func serveUntilSignalled<Device: BlockDevice>(
         throw CLIError("final flush failed: \(error)")
     }
     logger.notice("stopped")
+}
+
+/// The listening socket, or a one-line refusal (the address is taken, say).
+func bindListener(_ address: SocketAddress) throws -> FileDescriptor {
+    do { return try Socket.listen(on: address) } catch {
+        throw CLIError("\(error)")
+    }
 }
 
 func parseListenAddress(_ text: String, option: String = "--listen") throws -> SocketAddress {

@@ -71,6 +71,42 @@ import Testing
         gate.unlockCopy()
         #expect(gate.admit(offset: 1 << 20, length: 4096))
     }
+
+    /// Defect: a write slower than the idle delay left its region clearable the
+    /// moment it finished (the clock ran from the write's start).
+    @Test func theIdleClockStartsWhenTheRegionsLastWriteFinishes() {
+        let gate = WriteGate(size: 4 << 20)
+        _ = gate.admit(offset: 0, length: 4096)
+        gate.marked(gate.takeRegionsToMark())
+        #expect(gate.admit(offset: 0, length: 4096))
+        for _ in 0..<5 { gate.tick() }
+        gate.finish(offset: 0, length: 4096)
+        #expect(gate.beginClearing(idleTicks: 3).isEmpty, "the region was written just now")
+        for _ in 0..<3 { gate.tick() }
+        #expect(gate.beginClearing(idleTicks: 3) == [0])
+    }
+
+    /// Defect: overlapping writes in flight at once reached the replicas in
+    /// different orders and left them holding different data.
+    @Test func overlappingWritesNeverRunAtOnce() {
+        let gate = WriteGate(size: 4 << 20)
+        let wakes = Counter()
+        gate.onOverlapCleared = { wakes.add() }
+        for region in 0..<4 { _ = gate.admit(offset: UInt64(region) << 20, length: 4096) }
+        gate.marked(gate.takeRegionsToMark())
+        #expect(gate.admit(offset: 0, length: 8192))
+        #expect(!gate.admit(offset: 4096, length: 8192), "overlaps the write in flight")
+        #expect(!gate.admit(offset: 0, length: 4 << 20), "a TRIM over the whole volume overlaps too")
+        #expect(gate.admit(offset: 8192, length: 4096), "adjacent bytes do not overlap")
+        #expect(gate.admit(offset: 3 << 20, length: 4096), "other regions go on")
+        #expect(wakes.value == 0)
+        gate.finish(offset: 0, length: 8192)
+        #expect(wakes.value == 1, "the waiting writes are retried")
+        #expect(gate.admit(offset: 4096, length: 4096))
+        gate.finish(offset: 8192, length: 4096)
+        #expect(wakes.value == 1, "nobody waited for that one")
+        #expect(gate.writesInFlight == 2)
+    }
 }
 
 private final class Counter: @unchecked Sendable {

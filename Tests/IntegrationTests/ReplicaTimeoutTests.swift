@@ -34,7 +34,8 @@ import Testing
         usleep(1_500_000)
         try net.cutLink()
         fio.expectSucceeded()
-        #expect(engine.log.contains("no answer within 2 s"), "\(engine.log)")
+        // The data path or the keeper's next call, whichever waits out the timeout first, fails it.
+        #expect(engine.log.contains("no answer within 2 s") || engine.log.contains("RPC timed out"), "\(engine.log)")
         #expect(engine.log.contains("volume degraded: 2 of 3 replicas healthy"))
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import ReplicaIdentity
 import ReplicaStore
 import Testing
 
@@ -33,13 +34,13 @@ import Testing
         let dir = try emptyDirectory()
         defer { remove(dir) }
         let store = try ReplicaStore.open(directory: dir, size: 1 << 20)
-        #expect(try store.claim(epoch: 5) == .claimed)
-        #expect(try store.claim(epoch: 5) == .current)
-        #expect(try store.claim(epoch: 3) == .stale(current: 5))
-        #expect(try store.claim(epoch: 9) == .claimed)
+        #expect(try store.claim(Owner(epoch: 5, engine: "")) == .claimed)
+        #expect(try store.claim(Owner(epoch: 5, engine: "")) == .current)
+        #expect(try store.claim(Owner(epoch: 3, engine: "")) == .stale(current: 5))
+        #expect(try store.claim(Owner(epoch: 9, engine: "")) == .claimed)
         let reopened = try ReplicaStore.open(directory: dir, size: nil)
         #expect(reopened.epoch == 9)
-        #expect(try reopened.claim(epoch: 8) == .stale(current: 9))
+        #expect(try reopened.claim(Owner(epoch: 8, engine: "")) == .stale(current: 9))
     }
 
     @Test func refusesWhatIsNotAReplica() throws {
@@ -85,13 +86,13 @@ import Testing
     @Test func anEpochBelongsToTheEngineThatClaimedItFirst() throws {
         let (store, dir) = try store()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        #expect(try store.claim(epoch: 3, engine: "a") == .claimed)
-        #expect(try store.claim(epoch: 3, engine: "a") == .current)
-        #expect(try store.claim(epoch: 3, engine: "b") == .taken(engine: "a"))
-        #expect(store.owner == (3, "a") && store.owner != (3, "b"))
-        #expect(try store.claim(epoch: 4, engine: "b") == .claimed)
+        #expect(try store.claim(Owner(epoch: 3, engine: "a")) == .claimed)
+        #expect(try store.claim(Owner(epoch: 3, engine: "a")) == .current)
+        #expect(try store.claim(Owner(epoch: 3, engine: "b")) == .taken(engine: "a"))
+        #expect(store.owner == Owner(epoch: 3, engine: "a") && store.owner != Owner(epoch: 3, engine: "b"))
+        #expect(try store.claim(Owner(epoch: 4, engine: "b")) == .claimed)
         let reopened = try ReplicaStore.open(directory: dir, size: nil)
-        #expect(reopened.owner == (4, "b") as (UInt64, String))
+        #expect(reopened.owner == Owner(epoch: 4, engine: "b"))
     }
 
     @Test func dirtyRangesPersistAndClearByRange() throws {
@@ -124,21 +125,21 @@ import Testing
         let dir = "/var/tmp/keel-store-\(UUID().uuidString.prefix(8))"
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let store = try ReplicaStore.open(directory: dir, size: 16 << 20)
-        #expect(try store.claim(epoch: 2, engine: "old") == .claimed)
-        try store.markDirty([ByteRange(offset: 0, length: 4096)], owner: (2, "old"))
-        #expect(try store.claim(epoch: 3, engine: "new") == .claimed)
+        #expect(try store.claim(Owner(epoch: 2, engine: "old")) == .claimed)
+        try store.markDirty([ByteRange(offset: 0, length: 4096)], owner: Owner(epoch: 2, engine: "old"))
+        #expect(try store.claim(Owner(epoch: 3, engine: "new")) == .claimed)
         #expect(throws: ReplicaStore.Failure.self) {
-            try store.clearDirty([ByteRange(offset: 0, length: 4096)], owner: (2, "old"))
+            try store.clearDirty([ByteRange(offset: 0, length: 4096)], owner: Owner(epoch: 2, engine: "old"))
         }
         #expect(throws: ReplicaStore.Failure.self) {
-            try store.setMembership(Membership(epoch: 2, generation: 9, members: ["x"]), owner: (2, "old"))
+            try store.setMembership(Membership(epoch: 2, generation: 9, members: ["x"]), owner: Owner(epoch: 2, engine: "old"))
         }
         #expect(try store.dirtyRanges().count == 1 && store.membership() == nil)
-        try store.setMembership(Membership(epoch: 3, generation: 2, members: ["a"]), owner: (3, "new"))
+        try store.setMembership(Membership(epoch: 3, generation: 2, members: ["a"]), owner: Owner(epoch: 3, engine: "new"))
         // An older record never replaces a newer one, even from the owner.
         #expect(throws: ReplicaStore.Failure.staleMembership) {
-            try store.setMembership(Membership(epoch: 3, generation: 1, members: ["a", "b"]), owner: (3, "new"))
+            try store.setMembership(Membership(epoch: 3, generation: 1, members: ["a", "b"]), owner: Owner(epoch: 3, engine: "new"))
         }
-        try store.setMembership(Membership(epoch: 3, generation: 2, members: ["a"]), owner: (3, "new"))
+        try store.setMembership(Membership(epoch: 3, generation: 2, members: ["a"]), owner: Owner(epoch: 3, engine: "new"))
     }
 }

@@ -1,0 +1,77 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Test-only fault points: races that otherwise need luck, made to happen on
+/// cue. Off unless the `KEEL_FAULTS` environment variable names them
+/// (comma-separated); the hot path pays one Bool test when off.
+///
+/// - `break-link-in-submit=R@N`: on each I/O thread, the link to replica R is
+///   shut down just before the Nth command submitted to it, so that libnbd
+///   finds the connection dead *inside* the submit call and completes the
+///   queued commands there.
+/// - `slow-membership=S`: the keeper waits S seconds before it records a new
+///   membership generation on the replicas.
+/// - `slow-rebuild=S`: a rebuild pauses S seconds after each region, so a test
+///   can break things while it runs.
+/// - `break-rebuild-source=N`: a rebuild's connection to its source is shut
+///   down just before region N is copied, as if the source had died mid-copy.
+public struct FaultPoints: Sendable {
+    public var breakLinkInSubmit: (replica: Int, command: Int)?
+    public var slowMembershipSeconds: Double = 0
+    public var slowRebuildSeconds: Double = 0
+    public var breakRebuildSourceAtRegion: Int?
+
+    /// Whether the I/O path has anything to inject.
+    public var enabled: Bool { breakLinkInSubmit != nil }
+
+    public static let none = FaultPoints()
+
+    /// The fault points named by `KEEL_FAULTS`, or none.
+    public static let fromEnvironment: FaultPoints = {
+        guard let raw = getenv("KEEL_FAULTS") else { return .none }
+        do { return try parse(String(cString: raw)) } catch {
+            // A mistyped fault point would let a test pass without its fault.
+            fputs("keel: KEEL_FAULTS: \(error)\n", stderr)
+            exit(2)
+        }
+    }()
+
+    public struct Malformed: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    public static func parse(_ text: String) throws -> FaultPoints {
+        var faults = FaultPoints()
+        for item in text.split(separator: ",") {
+            let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+            switch (parts.first, parts.count == 2 ? parts[1] : nil) {
+            case ("break-link-in-submit", let value?):
+                let numbers = value.split(separator: "@").compactMap { Int($0) }
+                guard numbers.count == 2, numbers[0] >= 0, numbers[1] > 0 else {
+                    throw Malformed(description: "break-link-in-submit takes REPLICA@N, not \(value)")
+                }
+                faults.breakLinkInSubmit = (numbers[0], numbers[1])
+            case ("slow-membership", let value?):
+                faults.slowMembershipSeconds = try seconds(value, for: "slow-membership")
+            case ("break-rebuild-source", let value?):
+                guard let region = Int(value), region >= 0 else {
+                    throw Malformed(description: "break-rebuild-source takes a region number, not \(value)")
+                }
+                faults.breakRebuildSourceAtRegion = region
+            case ("slow-rebuild", let value?):
+                faults.slowRebuildSeconds = try seconds(value, for: "slow-rebuild")
+            default:
+                throw Malformed(description: "unknown fault point '\(item)'")
+            }
+        }
+        return faults
+    }
+
+    private static func seconds(_ value: String, for name: String) throws -> Double {
+        guard let seconds = Double(value), seconds >= 0, seconds <= 60 else {
+            throw Malformed(description: "\(name) takes seconds (0 to 60), not \(value)")
+        }
+        return seconds
+    }
+}

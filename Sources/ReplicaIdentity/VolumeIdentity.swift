@@ -1,0 +1,28 @@
+/// The volume a replica belongs to: its name, and its identity where it has
+/// one (`keel volume create` mints it; names are reused, identities never).
+/// A replica records it at its first claim.
+public struct VolumeIdentity: Equatable, Sendable, CustomStringConvertible {
+    public var name: String
+    public var id: String
+
+    public init(name: String, id: String = "") {
+        self.name = name
+        self.id = id
+    }
+
+    public var description: String { id.isEmpty ? "volume \(name)" : "volume \(name) (\(id))" }
+
+    /// Why a replica of this volume must refuse an engine of `other`, or nil.
+    /// Where both have an identity it decides; otherwise the names must match
+    /// (an unrecorded name or identity matches anything).
+    public func refusal(of other: VolumeIdentity) -> String? {
+        let differs = !id.isEmpty && !other.id.isEmpty ? id != other.id
+                                                       : !name.isEmpty && !other.name.isEmpty && name != other.name
+        return differs ? "this replica belongs to \(self), not to \(other); nothing was changed" : nil
+    }
+
+    /// What a claim by `other` leaves recorded: the first name and identity stay.
+    public func recording(_ other: VolumeIdentity) -> VolumeIdentity {
+        VolumeIdentity(name: name.isEmpty ? other.name : name, id: id.isEmpty ? other.id : id)
+    }
+}
