@@ -2,9 +2,13 @@
 """Keel's export benchmark: one run, one backing file, the same fio jobs
 against raw io_uring (the limit), nbdkit file, qemu-nbd and `keel export`.
 
-Usage: Bench/run [--size 1G] [--runtime 8] [--rounds 1] [--dir DIR] [--only keel,raw] [--json FILE]
-Prints one table per job with IOPS, MiB/s, mean latency and each server's
-ratio to raw and to the better of nbdkit and qemu-nbd.
+Usage: Bench/run [--size 1G] [--runtime 8] [--rounds 1] [--dir DIR] [--only keel,raw] [--jobs LABELS]
+                 [--base REV] [--json FILE]
+Prints one table per job with IOPS, MiB/s, mean latency, the servers' CPU
+time per request, and each server's ratio to raw and to the better of nbdkit
+and qemu-nbd. With --base REV, REV is built into .build-base and its engines
+(base-engine-1, base-engine-3) run in the same rounds as this build's, so a
+change is compared with what came before on the same machine, interleaved.
 """
 import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
 
@@ -38,9 +42,22 @@ def wait_for_socket(path, proc, timeout=20):
     raise RuntimeError(f"server did not listen on {path}")
 
 
+def cpu_seconds(pid):
+    """utime + stime of a process, in seconds (fields 14 and 15 of /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
 class Server:
     def __init__(self, name, argv, sock):
         self.name, self.argv, self.sock = name, argv, sock
+
+    def pids(self):
+        return [self.proc.pid]
 
     def __enter__(self):
         if os.path.exists(self.sock):
@@ -63,10 +80,10 @@ class Cluster:
     Each replica's head starts as a copy of the benchmark image, so that reads
     and writes meet allocated blocks, as on the other targets."""
 
-    def __init__(self, keel, workdir, replicas, size, sock, image):
+    def __init__(self, keel, workdir, name, replicas, size, sock, image):
         self.keel, self.count, self.size, self.sock = keel, replicas, size, sock
-        self.dirs = [os.path.join(workdir, f"replica{i}") for i in range(replicas)]
-        self.socks = [os.path.join(os.path.dirname(sock), f"replica{i}.sock") for i in range(replicas)]
+        self.dirs = [os.path.join(workdir, f"{name}-replica{i}") for i in range(replicas)]
+        self.socks = [os.path.join(os.path.dirname(sock), f"{name}-replica{i}.sock") for i in range(replicas)]
         for d, rsock in zip(self.dirs, self.socks):
             shutil.rmtree(d, ignore_errors=True)
             with self._replica(d, rsock):
@@ -93,6 +110,9 @@ class Cluster:
         for server in reversed(self.servers):
             server.__exit__(None, None, None)
 
+    def pids(self):
+        return [server.proc.pid for server in self.servers]
+
     def remove(self):
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
@@ -107,14 +127,40 @@ def drop_caches():
         pass
 
 
-def fio(target_args, rw, bs, depth, runtime, size):
+def fio(target_args, rw, bs, depth, runtime, size, pids=()):
+    """One fio job; with the servers' pids, also their CPU time per request."""
     argv = ["fio", "--output-format=json", "--name=job", f"--rw={rw}", f"--bs={bs}",
             f"--iodepth={depth}", f"--runtime={runtime}", "--time_based", "--ramp_time=2",
             "--randrepeat=0", "--norandommap", f"--size={size}"] + target_args
+    before = sum(cpu_seconds(p) for p in pids)
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    cpu = sum(cpu_seconds(p) for p in pids) - before
     job = json.loads(out[out.index("{"):])["jobs"][0]
     side = job["read"] if rw.endswith("read") else job["write"]
-    return {"iops": side["iops"], "mibs": side["bw_bytes"] / 2**20, "lat_us": side["lat_ns"]["mean"] / 1000}
+    # The ramp is not counted in total_ios, but its CPU is: scale by the whole run's requests.
+    requests = side["total_ios"] * (runtime + 2) / runtime
+    return {"iops": side["iops"], "mibs": side["bw_bytes"] / 2**20, "lat_us": side["lat_ns"]["mean"] / 1000,
+            "cpu_us": cpu * 1e6 / requests if pids and requests else float("nan")}
+
+
+def build_base(rev):
+    """REV's keel, built in .build-base (sources from git, build folder beside them)."""
+    base = os.path.join(REPO, ".build-base")
+    src = os.path.join(base, "src")
+    commit = subprocess.run(["git", "rev-parse", rev], cwd=REPO, check=True, capture_output=True,
+                            text=True).stdout.strip()
+    stamp = os.path.join(base, "commit")
+    if not (os.path.exists(stamp) and open(stamp).read() == commit):
+        shutil.rmtree(src, ignore_errors=True)
+        os.makedirs(src)
+        archive = subprocess.run(["git", "archive", commit], cwd=REPO, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
+        with open(stamp, "w") as f:
+            f.write(commit)
+    print(f"bench: building the base {rev} ({commit[:10]}) in {base}", flush=True)
+    subprocess.run(["swift", "build", "-c", "release", "--product", "keel", "--package-path", src,
+                    "--scratch-path", os.path.join(base, "build")], check=True)
+    return os.path.join(base, "build", "release", "keel")
 
 
 def main():
@@ -126,8 +172,11 @@ def main():
     ap.add_argument("--only", default="raw,nbdkit,qemu-nbd,keel",
                     help="targets, comma-separated: raw, nbdkit, qemu-nbd, keel, engine-1, engine-3")
     ap.add_argument("--rounds", type=int, default=1, help="repeat every job; report the median")
+    ap.add_argument("--jobs", help="only these jobs, comma-separated labels, e.g. '4k randwrite QD32'")
+    ap.add_argument("--base", help="also run engine-1 and engine-3 of this git revision (built into .build-base)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    jobs = [j for j in JOBS if not args.jobs or j[0] in args.jobs.split(",")]
 
     subprocess.run(["swift", "build", "-c", "release", "--product", "keel"], cwd=REPO, check=True)
     keel = os.path.join(REPO, ".build", "release", "keel")
@@ -154,52 +203,67 @@ def main():
         "keel": ([keel, "export", image, "--listen", f"unix:{sock}"], ["--ioengine=nbd", f"--uri={uri}"]),
         # The engine with 1 and 3 replicas, all on this disk (3 replicas write 3x).
     }
-    chosen = [t for t in ["raw", "nbdkit", "qemu-nbd", "keel", "engine-1", "engine-3"] if t in args.only.split(",")]
-    for replicas in (1, 3):
-        if f"engine-{replicas}" in chosen:
-            print(f"bench: preparing {replicas} replica(s)", flush=True)
-            targets[f"engine-{replicas}"] = (Cluster(keel, args.dir, replicas, args.size, sock, image),
-                                             ["--ioengine=nbd", f"--uri={uri}"])
+    only = args.only.split(",")
+    base_keel = build_base(args.base) if args.base else None
+    if base_keel:
+        only += [f"base-{t}" for t in only if t.startswith("engine-")]
+    order = ["raw", "nbdkit", "qemu-nbd", "keel", "base-engine-1", "engine-1", "base-engine-3", "engine-3"]
+    chosen = [t for t in order if t in only]
+    for name in chosen:
+        if "engine-" in name:
+            replicas = int(name[-1])
+            print(f"bench: preparing {name}", flush=True)
+            targets[name] = (Cluster(base_keel if name.startswith("base-") else keel, args.dir, name, replicas,
+                                     args.size, sock, image), ["--ioengine=nbd", f"--uri={uri}"])
     # Job-major order, every target in turn, so that drift of the disk over
     # the run affects all targets of a job alike; --rounds repeats and keeps the median.
-    samples = {job[0]: {name: [] for name in chosen} for job in JOBS}
+    samples = {job[0]: {name: [] for name in chosen} for job in jobs}
     for round_ in range(args.rounds):
-        for label, rw, bs, depth in JOBS:
+        for label, rw, bs, depth in jobs:
             for name in chosen:
                 server_argv, fio_args = targets[name]
                 print(f"bench: round {round_ + 1}: {label}: {name}", flush=True)
                 drop_caches()
                 if isinstance(server_argv, Cluster):
-                    with server_argv:
-                        samples[label][name].append(fio(fio_args, rw, bs, depth, args.runtime, args.size))
+                    with server_argv as cluster:
+                        samples[label][name].append(fio(fio_args, rw, bs, depth, args.runtime, args.size,
+                                                        cluster.pids()))
                 elif server_argv:
-                    with Server(name, server_argv, sock):
-                        samples[label][name].append(fio(fio_args, rw, bs, depth, args.runtime, args.size))
+                    with Server(name, server_argv, sock) as server:
+                        samples[label][name].append(fio(fio_args, rw, bs, depth, args.runtime, args.size,
+                                                        server.pids()))
                 else:
                     samples[label][name].append(fio(fio_args, rw, bs, depth, args.runtime, args.size))
     for name in chosen:
         if isinstance(targets[name][0], Cluster):
             targets[name][0].remove()
-    results = {label: {name: sorted(runs, key=lambda r: r["iops"])[len(runs) // 2]
-                       for name, runs in by_target.items()} for label, by_target in samples.items()}
+    def median(runs, key):
+        return sorted(r[key] for r in runs)[len(runs) // 2]
+
+    results = {label: {name: {key: median(runs, key) for key in runs[0]} for name, runs in by_target.items()}
+               for label, by_target in samples.items()}
 
     print()
-    for label, *_ in JOBS:
+    for label, *_ in jobs:
         row = results[label]
         peers = [row[p]["iops"] for p in ("nbdkit", "qemu-nbd") if p in row]
         best_peer = max(peers) if peers else None
         print(f"{label}")
-        print(f"  {'target':<10} {'IOPS':>10} {'MiB/s':>9} {'lat us':>9} {'x raw':>7} {'x best peer':>12}")
+        print(f"  {'target':<14} {'IOPS':>10} {'MiB/s':>9} {'lat us':>9} {'CPU us/req':>11} {'x raw':>7} {'x best peer':>12}")
         for name in chosen:
             r = row[name]
             to_raw = r["iops"] / row["raw"]["iops"] if "raw" in row else float("nan")
             to_peer = r["iops"] / best_peer if best_peer else float("nan")
             extra = ""
-            if name.startswith("engine") and "keel" in row:
+            if "engine-" in name and "keel" in row:
                 extra += f" {r['iops'] / row['keel']['iops']:>7.2f} x keel"
             if name == "engine-3" and "engine-1" in row:
                 extra += f" {r['iops'] / row['engine-1']['iops']:>7.2f} x engine-1"
-            print(f"  {name:<10} {r['iops']:>10.0f} {r['mibs']:>9.1f} {r['lat_us']:>9.1f} {to_raw:>7.2f} {to_peer:>12.2f}{extra}")
+            if f"base-{name}" in row:
+                b = row[f"base-{name}"]
+                extra += (f"   vs base: IOPS {r['iops'] / b['iops']:.3f}x, CPU/req {r['cpu_us'] / b['cpu_us']:.3f}x")
+            print(f"  {name:<14} {r['iops']:>10.0f} {r['mibs']:>9.1f} {r['lat_us']:>9.1f} {r['cpu_us']:>11.1f} "
+                  f"{to_raw:>7.2f} {to_peer:>12.2f}{extra}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
