@@ -8,22 +8,36 @@ import Syscalls
 /// that the API's address is bound (and a clash refused) before any replica
 /// is claimed.
 public final class EngineReference: Sendable {
-    private let current = Mutex<EngineDevice?>(nil)
+    private enum State {
+        case starting
+        case started(EngineDevice)
+        case failed(String)
+    }
+
+    private let state = Mutex<State>(.starting)
 
     public init(_ device: EngineDevice? = nil) {
-        current.withLock { $0 = device }
+        if let device { state.withLock { $0 = .started(device) } }
     }
 
     public func started(_ device: EngineDevice) {
-        current.withLock { $0 = device }
+        state.withLock { $0 = .started(device) }
+    }
+
+    /// The start was refused: calls waiting for it get the reason at once.
+    public func failed(_ reason: String) {
+        state.withLock { $0 = .failed(reason) }
     }
 
     /// The engine, once it has started: a call made while it claims and
-    /// resyncs its replicas waits for that (the engine exits if it fails).
+    /// resyncs its replicas waits for that.
     func device() async throws -> EngineDevice {
         for _ in 0..<6000 {
-            if let device = current.withLock({ $0 }) { return device }
-            try await Task.sleep(nanoseconds: 20_000_000)
+            switch state.withLock({ $0 }) {
+            case .started(let device): return device
+            case .failed(let reason): throw RPCError(code: .unavailable, message: "the engine did not start: \(reason)")
+            case .starting: try await Task.sleep(nanoseconds: 20_000_000)
+            }
         }
         throw RPCError(code: .unavailable, message: "the engine is still starting (claiming and resyncing its replicas); try again")
     }

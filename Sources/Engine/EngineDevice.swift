@@ -159,6 +159,7 @@ public final class EngineDevice: BlockDevice, @unchecked Sendable {
 
     /// Adds a replica in WO mode and starts copying the volume to it.
     public func addReplica(address: SocketAddress) throws {
+        guard !replicas.isFenced else { throw EngineError("this engine is fenced: a newer engine owns the volume") }
         try currentRebuild.withLock { current in
             if let current, !current.finished {
                 throw EngineError("a rebuild of \(current.address) is running; wait for it to finish")

@@ -65,9 +65,11 @@ public final class EngineWorker: BlockWorker {
     /// Commands submitted to each replica by this thread (counted only for fault points).
     private var submitted: [Int]
 
-    /// `IORequest.phase` while the engine owns a request: answered exactly once.
+    /// `IORequest.phase` while the engine owns a request: answered exactly once,
+    /// and a write leaves the gate only if the gate admitted it.
     private static let issuing: UInt8 = 1
-    private static let answeredPhase: UInt8 = 2
+    private static let admitted: UInt8 = 2
+    private static let answeredPhase: UInt8 = 3
 
     init(device: EngineDevice, ring: Ring) throws {
         self.device = device
@@ -155,10 +157,16 @@ public final class EngineWorker: BlockWorker {
     /// Sends a write to every writable replica once the gate lets it; parks it otherwise.
     private func admitWrite(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken) {
         let request = r.pointee
+        // A fenced engine sends nothing (not even marks): the answer is EIO.
+        guard !device.replicas.isFenced else {
+            issuing(r, token) {}
+            return
+        }
         guard device.gate.admit(offset: request.offset, length: UInt64(request.length)) else {
             parked.append((r, token))
             return
         }
+        r.pointee.phase = Self.admitted
         var flags: NBDClient.CommandFlags = request.flags.contains(.fua) ? .fua : []
         issuing(r, token) {
             switch request.command {
@@ -256,11 +264,13 @@ public final class EngineWorker: BlockWorker {
 
     private func fanOut(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken, _ command: NBDClient.Command,
                         flags: NBDClient.CommandFlags) {
+        guard !device.replicas.isFenced else { return }
         for i in modes.indices where modes[i].isWritable { _ = issue(r, token, command, flags: flags, on: i) }
     }
 
     /// Reads go round robin over healthy replicas; a failed read moves on to the next one.
     private func issueRead(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken) -> Bool {
+        guard !device.replicas.isFenced else { return false }
         let request = r.pointee
         let command = NBDClient.Command.read(request.buffer!.base + request.dataOffset,
                                              count: Int(request.length), offset: request.offset)
@@ -343,17 +353,21 @@ public final class EngineWorker: BlockWorker {
     /// FLUSH answers wait like write answers: a FLUSH that a failed replica did
     /// not do must not be acknowledged while that replica is still a member on disk.
     private func answered(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken) {
-        precondition(r.pointee.phase == Self.issuing, "a request answered twice")
+        let phase = r.pointee.phase
+        precondition(phase == Self.issuing || phase == Self.admitted, "a request answered twice")
         r.pointee.phase = Self.answeredPhase
+        if phase == Self.admitted {
+            device.gate.finish(offset: r.pointee.offset, length: UInt64(r.pointee.length))
+        }
+        // The hold is decided before the fence is looked at: `holdsAcknowledgements`
+        // is false once fenced, and such an answer must then be EIO (fencing never ends).
+        let holds = device.replicas.holdsAcknowledgements
         if (r.pointee.progress == 0 || device.replicas.isFenced) && r.pointee.firstError == nil {
             r.pointee.firstError = .io
         }
         switch r.pointee.command {
         case .write, .trim, .writeZeroes, .flush:
-            if r.pointee.command != .flush {
-                device.gate.finish(offset: r.pointee.offset, length: UInt64(r.pointee.length))
-            }
-            if device.replicas.holdsAcknowledgements {
+            if holds {
                 held.append((r, token))
                 return
             }

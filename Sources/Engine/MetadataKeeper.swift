@@ -74,13 +74,16 @@ final class MetadataKeeper: @unchecked Sendable {
 
     // MARK: - Calls to the replicas
 
+    /// Marks regions on every writable replica; a replica that fails the call
+    /// is failed (so every writable one left has the marks). Fenced, nothing is
+    /// marked: the parked writes are woken and answered EIO.
     private func mark(_ regions: [Int]) {
         guard !regions.isEmpty else { return }
         let request = dirtyRanges(regions)
         onWritableReplicas("cannot mark dirty regions") { stub, options in
             _ = try await stub.markDirty(request, options: options)
         }
-        device.gate.marked(regions)
+        if !device.replicas.isFenced { device.gate.marked(regions) }
         device.wakeWorkers()
     }
 
@@ -142,9 +145,12 @@ final class MetadataKeeper: @unchecked Sendable {
         }
         var failed = calls.count < targets.count
         for (index, call) in calls {
-            if case .failure(let error) = call.take() {
+            guard case .failure(let error) = call.take() else { continue }
+            failed = true
+            if let rpc = error as? RPCError, rpc.code == .permissionDenied {
+                device.replicas.fence(by: index)
+            } else {
                 device.replicas.fail(index, reason: "\(what): \(error)")
-                failed = true
             }
         }
         return failed

@@ -25,6 +25,8 @@ final class Rebuild: @unchecked Sendable {
     private let done = Atomic<Bool>(false)
     private let joined = Atomic<Bool>(false)
     private var thread: PosixThread?
+    /// The `break-rebuild-source` fault point fires once.
+    private var brokeSource = false
 
     var finished: Bool { done.load(ordering: .acquiring) }
 
@@ -110,13 +112,7 @@ final class Rebuild: @unchecked Sendable {
                 if shouldStop { return }
                 let range = gate.range(of: region)
                 let length = min(range.length, device.size - range.offset)
-                try closed(region) {
-                    if device.faults.breakRebuildSourceAtRegion == region {
-                        logger.warning("fault point: breaking the rebuild's link to its source before region \(region)")
-                        shutdown(copier.source.descriptor, Int32(SHUT_RDWR))
-                    }
-                    try copy(offset: range.offset, length: length, with: &copier)
-                }
+                try copy(region, offset: range.offset, length: length, with: &copier)
                 device.replicas.rebuilt(index, bytes: range.offset + length)
                 if device.faults.slowRebuildSeconds > 0 { usleep(UInt32(device.faults.slowRebuildSeconds * 1e6)) }
             }
@@ -156,18 +152,22 @@ final class Rebuild: @unchecked Sendable {
             .call(timeout: device.replicaTimeoutSeconds) { try await $0.markDirty(request, options: $1) }
     }
 
-    /// Copies one region (closed to writes). When the copy fails, the source
-    /// may have died: the region is copied again from another healthy replica,
-    /// each tried once; if the new replica itself is gone, every try fails
-    /// and so does the rebuild.
-    private func copy(offset: UInt64, length: UInt64, with copier: inout RegionCopier) throws {
+    /// Copies one region, closed to new writes while each try runs. When a
+    /// try fails, the source may have died: the region is opened again (writes
+    /// there wait no longer than one try) and copied from another healthy
+    /// replica, each tried once; if the new replica itself is gone, every try
+    /// fails, and so does the rebuild.
+    private func copy(_ region: Int, offset: UInt64, length: UInt64, with copier: inout RegionCopier) throws {
         var failedSources = Set<Int>()
         for _ in 0...ReplicaSet.capacity {
-            // The source must still hold every write: one that failed a write went ERR
-            // before the region was quiet, so checking here, under the lock, suffices.
-            if device.replicas.mode(copier.sourceIndex) != .rw { copier = try openCopier(excluding: failedSources) }
             do {
-                try copier.copy(offset: offset, length: length)
+                try closed(region) {
+                    // The source must still hold every write: one that failed a write went ERR
+                    // before the region was quiet, so checking here, under the lock, suffices.
+                    if device.replicas.mode(copier.sourceIndex) != .rw { copier = try openCopier(excluding: failedSources) }
+                    injectSourceFault(region, copier)
+                    try copier.copy(offset: offset, length: length)
+                }
                 return
             } catch {
                 if shouldStop { throw error }
@@ -177,6 +177,13 @@ final class Rebuild: @unchecked Sendable {
             }
         }
         throw EngineError("no source could copy \(length) bytes at \(offset)")
+    }
+
+    private func injectSourceFault(_ region: Int, _ copier: RegionCopier) {
+        guard device.faults.breakRebuildSourceAtRegion == region, !brokeSource else { return }
+        brokeSource = true
+        logger.warning("fault point: breaking the rebuild's link to its source before region \(region)")
+        shutdown(copier.source.descriptor, Int32(SHUT_RDWR))
     }
 
     private func openCopier(excluding failed: Set<Int> = []) throws -> RegionCopier {

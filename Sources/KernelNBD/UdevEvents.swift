@@ -31,16 +31,19 @@ public final class UdevEvents {
     deinit { close(fd) }
 
     /// Waits until udev has processed an event of `device` (such as `nbd0`)
-    /// that it received after this call began, or until `seconds` pass.
-    /// Returns whether one came.
-    public func waitForProcessedEvent(of device: String, seconds: Double) -> Bool {
+    /// that it received after this call began, until `done` holds (checked
+    /// every second: where udev's messages cannot reach this socket, as in
+    /// another network namespace, the result still shows), or until `seconds`
+    /// pass. Returns whether an event came or `done` held.
+    public func waitForProcessedEvent(of device: String, seconds: Double, or done: () -> Bool = { false }) -> Bool {
         let deadline = monotonicSeconds() + seconds
         var buffer = [UInt8](repeating: 0, count: 16384)
         while true {
+            if done() { return true }
             let left = deadline - monotonicSeconds()
             guard left > 0 else { return false }
             var ready = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            guard poll(&ready, 1, Int32(min(left, 60) * 1000) + 1) > 0 else { continue }
+            guard poll(&ready, 1, Int32(min(left, 1) * 1000) + 1) > 0 else { continue }
             let received = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
             guard received > 0 else { continue }
             if Self.properties(Array(buffer.prefix(received)))["DEVNAME"].map({ $0 == device || $0 == "/dev/" + device }) == true {

@@ -7,7 +7,7 @@ import Glibc
 /// The node registry: the volumes this node created, in SQLite, each change
 /// durable before it returns. Every `keel` invocation opens its own.
 public final class Registry {
-    public static let schemaVersion: Int64 = 1
+    public static let schemaVersion: Int64 = 2
 
     public let layout: NodeLayout
     private let database: Database
@@ -43,10 +43,18 @@ public final class Registry {
         try database.transaction {
             let version = try database.query("PRAGMA user_version").first?.first?.integer ?? 0
             if version > Self.schemaVersion { throw Failure.newerSchema(version) }
+            if version == 1 {
+                // Version 1 had no volume identities: those volumes keep an empty one.
+                try database.execute("""
+                    ALTER TABLE volumes ADD COLUMN id TEXT NOT NULL DEFAULT '';
+                    PRAGMA user_version = \(Self.schemaVersion);
+                    """)
+            }
             guard version == 0 else { return }
             try database.execute("""
                 CREATE TABLE volumes (
                     name TEXT PRIMARY KEY,
+                    id TEXT NOT NULL DEFAULT '',
                     size INTEGER NOT NULL,
                     connections INTEGER NOT NULL,
                     runner TEXT NOT NULL,
@@ -72,13 +80,13 @@ public final class Registry {
 
     public func volume(named name: String) throws -> VolumeRecord? {
         guard let row = try database.query(
-            "SELECT size, connections, runner, created_at FROM volumes WHERE name = ?", [.text(name)]).first,
+            "SELECT size, connections, runner, created_at, id FROM volumes WHERE name = ?", [.text(name)]).first,
               let size = row[0].integer, let connections = row[1].integer, let runner = row[2].text,
-              let createdAt = row[3].integer else { return nil }
+              let createdAt = row[3].integer, let id = row[4].text else { return nil }
         let replicas = try database.query(
             "SELECT address, directory FROM replicas WHERE volume = ? ORDER BY position", [.text(name)]
         ).map { ReplicaRecord(address: $0[0].text ?? "", directory: $0[1].text) }
-        return VolumeRecord(name: name, size: UInt64(size), replicas: replicas, connections: Int(connections),
+        return VolumeRecord(name: name, id: id, size: UInt64(size), replicas: replicas, connections: Int(connections),
                             runner: VolumeRecord.Runner(rawValue: runner) ?? .keel, createdAt: createdAt)
     }
 
@@ -87,9 +95,10 @@ public final class Registry {
             guard try database.query("SELECT 1 FROM volumes WHERE name = ?", [.text(volume.name)]).isEmpty else {
                 throw Failure.exists(volume.name)
             }
-            try database.query("INSERT INTO volumes (name, size, connections, runner, created_at) VALUES (?, ?, ?, ?, ?)",
-                               [.text(volume.name), .integer(Int64(volume.size)), .integer(Int64(volume.connections)),
-                                .text(volume.runner.rawValue), .integer(volume.createdAt)])
+            try database.query("""
+                INSERT INTO volumes (name, id, size, connections, runner, created_at) VALUES (?, ?, ?, ?, ?, ?)
+                """, [.text(volume.name), .text(volume.id), .integer(Int64(volume.size)),
+                      .integer(Int64(volume.connections)), .text(volume.runner.rawValue), .integer(volume.createdAt)])
             for (position, replica) in volume.replicas.enumerated() {
                 try database.query("INSERT INTO replicas (volume, position, address, directory) VALUES (?, ?, ?, ?)",
                                    [.text(volume.name), .integer(Int64(position)), .text(replica.address),

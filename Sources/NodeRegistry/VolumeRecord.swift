@@ -1,6 +1,9 @@
 /// A volume this node knows: what it takes to start its replicas and its engine.
 public struct VolumeRecord: Equatable, Sendable {
     public var name: String
+    /// Minted at creation (a UUID): replicas record it at their first claim and
+    /// refuse engines of any other volume, also one that reuses the name.
+    public var id: String
     public var size: UInt64
     public var replicas: [ReplicaRecord]
     /// Connections of the kernel device (fixed for the device's life).
@@ -17,9 +20,10 @@ public struct VolumeRecord: Equatable, Sendable {
         case keel
     }
 
-    public init(name: String, size: UInt64, replicas: [ReplicaRecord], connections: Int, runner: Runner,
-                createdAt: Int64) {
+    public init(name: String, id: String = "", size: UInt64, replicas: [ReplicaRecord], connections: Int,
+                runner: Runner, createdAt: Int64) {
         self.name = name
+        self.id = id
         self.size = size
         self.replicas = replicas
         self.connections = connections

@@ -13,12 +13,18 @@ public struct VolumeIdentity: Equatable, Sendable, CustomStringConvertible {
     public var description: String { id.isEmpty ? "volume \(name)" : "volume \(name) (\(id))" }
 
     /// Why a replica of this volume must refuse an engine of `other`, or nil.
-    /// Where both have an identity it decides; otherwise the names must match
-    /// (an unrecorded name or identity matches anything).
+    /// A recorded identity decides, and an engine without one is refused (a
+    /// reused name must not pass for the volume); otherwise the names must
+    /// match (an unrecorded name matches anything).
     public func refusal(of other: VolumeIdentity) -> String? {
-        let differs = !id.isEmpty && !other.id.isEmpty ? id != other.id
-                                                       : !name.isEmpty && !other.name.isEmpty && name != other.name
-        return differs ? "this replica belongs to \(self), not to \(other); nothing was changed" : nil
+        if !id.isEmpty {
+            if other.id.isEmpty {
+                return "this replica belongs to \(self); give the engine --volume-id \(id); nothing was changed"
+            }
+            return id == other.id ? nil : "this replica belongs to \(self), not to \(other); nothing was changed"
+        }
+        guard !name.isEmpty, !other.name.isEmpty, name != other.name else { return nil }
+        return "this replica belongs to \(self), not to \(other); nothing was changed"
     }
 
     /// What a claim by `other` leaves recorded: the first name and identity stay.

@@ -22,6 +22,9 @@ struct ReplicaCatalog: ExportCatalog {
         guard let export = ReplicaExportName(parsing: name) else {
             return .refused(.errPolicy, "a Keel replica serves only '<volume>@<epoch>+<engine>' exports to its engine, not '\(name)'")
         }
+        if opening && export.volume.name.isEmpty {
+            return .refused(.errPolicy, "an engine names its volume: '<volume>@<epoch>+<engine>', not '\(name)'")
+        }
         if let refusal = store.volume.refusal(of: export.volume) {
             return .refused(.errPolicy, refusal)
         }

@@ -1,4 +1,5 @@
 import ControlAPI
+import Dispatch
 import GRPCCore
 import Logging
 import ReplicaIdentity
@@ -54,7 +55,15 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
     }
 
     public func clearDirty(request: Keel_Control_V1_DirtyRanges, context: ServerContext) async throws -> Keel_Control_V1_Done {
-        try clearDirtyDurably(request.ranges.map(range), owner: Owner(request.owner))
+        let ranges = try request.ranges.map(range)
+        // The flush blocks: off the cooperative pool, where other calls (marks) must go on.
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, Error>) in
+            DispatchQueue.global().async {
+                do { try clearDirtyDurably(ranges, owner: Owner(request.owner)); continuation.resume() } catch {
+                    continuation.resume(throwing: error)
+                }
+            }
+        }
         return .init()
     }
 
@@ -90,6 +99,8 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
 
     private func storeCall<T>(_ body: () throws -> T) throws -> T {
         do { return try body() } catch let error as ReplicaStore.Failure {
+            // An engine told "not yours" knows it is fenced: it must not take the replica for failed.
+            if case .notOwner = error { throw RPCError(code: .permissionDenied, message: "\(error)") }
             throw RPCError(code: .failedPrecondition, message: "\(error)")
         } catch {
             logger.error("replica metadata: \(error)")

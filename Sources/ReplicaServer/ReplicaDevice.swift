@@ -26,7 +26,12 @@ public final class ReplicaDevice: BlockDevice {
         ReplicaWorker(device: self, ring: ring, file: try head.makeWorker(ring: ring, arena: arena))
     }
 
-    public func flush() throws { try head.flush() }
+    let faults = ReplicaFaults.fromEnvironment
+
+    public func flush() throws {
+        if faults.skipDataSync { return }
+        try head.flush()
+    }
 
     /// The export catalog that claims this replica for engines.
     public func catalog(logger: Logger) -> any ExportCatalog {
@@ -51,6 +56,10 @@ public final class ReplicaWorker: BlockWorker {
     }
 
     public func start(_ r: UnsafeMutablePointer<IORequest>, token: IOToken) -> IOStatus {
+        if device.faults.skipDataSync {
+            if r.pointee.command == .flush { return .done(nil) }
+            r.pointee.flags.remove(.fua)
+        }
         switch device.fence.enter(session: r.pointee.session) {
         case .reject:
             return .done(.shutdown)

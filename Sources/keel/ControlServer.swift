@@ -2,6 +2,7 @@ import ControlAPI
 import Dispatch
 import GRPCCore
 import GRPCNIOTransportHTTP2
+import Synchronization
 import Syscalls
 #if canImport(Glibc)
 import Glibc
@@ -36,7 +37,11 @@ final class ControlServer: @unchecked Sendable {
         }
     }
 
+    private let stopped = Mutex(false)
+
+    /// Stops serving (once; later calls return at once).
     func stop() {
+        guard !stopped.withLock({ was in defer { was = true }; return was }) else { return }
         server.beginGracefulShutdown()
         finished.wait()
         if case .unix(let path) = address { unlink(path) }

@@ -130,6 +130,7 @@ struct EngineCommand: ParsableCommand {
                                         logger: logger)
             let outcome: VolumeStartup.Outcome
             do { outcome = try startup.run(addresses: addresses, epoch: epoch) } catch {
+                engine.failed("\(error)")
                 listener.close()
                 throw CLIError("\(error)")
             }
@@ -137,7 +138,11 @@ struct EngineCommand: ParsableCommand {
                                       replicas: outcome.replicas, gate: WriteGate(size: size.bytes),
                                       replicaTimeoutSeconds: replicaTimeout, logger: logger)
             try device.startKeeper()
-            defer { device.stopKeeper() }
+            defer {
+                // No control call (replica add or rm) may race the keeper's final clear.
+                controlServer?.stop()
+                device.stopKeeper()
+            }
             let what = "volume \(volume) (\(size.bytes) bytes) with \(addresses.count) replica(s), epoch \(outcome.epoch)"
             try serveUntilSignalled(device, on: address, listener: listener, logger: logger, what: what,
                                     afterStart: {

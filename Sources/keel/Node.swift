@@ -66,12 +66,13 @@ struct Node {
     }
 
     func engineDaemon(_ volume: VolumeRecord, device: String? = nil) -> Daemon {
-        Daemon(kind: .engine, instance: volume.name, arguments: ["--size", "\(volume.size)"]
-            + volume.replicas.flatMap { ["--replica", $0.address] }
-            + ["--listen", "unix:" + layout.engineSocket(volume.name),
-               "--control", engineControl(volume.name),
-               "--frontend", "kernel", "--connections", "\(volume.connections)"]
-            + (device.map { ["--device", $0] } ?? []))
+        var arguments = ["--size", "\(volume.size)"]
+        for replica in volume.replicas { arguments += ["--replica", replica.address] }
+        arguments += ["--listen", "unix:" + layout.engineSocket(volume.name), "--control", engineControl(volume.name),
+                      "--frontend", "kernel", "--connections", "\(volume.connections)"]
+        if !volume.id.isEmpty { arguments += ["--volume-id", volume.id] }
+        if let device { arguments += ["--device", device] }
+        return Daemon(kind: .engine, instance: volume.name, arguments: arguments)
     }
 
     func engineControl(_ volume: String) -> String { "unix:" + layout.engineControl(volume) }

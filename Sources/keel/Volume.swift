@@ -76,7 +76,8 @@ struct Volume: ParsableCommand {
                     throw CLIError("\(error)")
                 }
             }
-            var record = VolumeRecord(name: name, size: size.bytes, replicas: [], connections: connections,
+            var record = VolumeRecord(name: name, id: UUID().uuidString.lowercased(), size: size.bytes, replicas: [],
+                                      connections: connections,
                                       runner: runnerKind, createdAt: Int64(Date().timeIntervalSince1970))
             if replicaAddresses.isEmpty {
                 record.replicas = (0..<replicas).map { index in

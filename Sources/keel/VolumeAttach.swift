@@ -104,8 +104,11 @@ extension Volume {
         /// busy the host.
         private func waitForLink(_ device: String) -> String? {
             let link = "/dev/keel/\(target.name)"
-            guard access("/run/udev/control", F_OK) == 0 else { return access(link, F_OK) == 0 ? link : nil }
-            if access(link, F_OK) == 0 { return link }
+            // A link left by an earlier attachment may point elsewhere: only one to this device counts.
+            let made = { (try? FileManager.default.destinationOfSymbolicLink(atPath: link))
+                .map { URL(fileURLWithPath: $0, relativeTo: URL(fileURLWithPath: "/dev/keel/")).standardized.path == device } ?? false }
+            guard access("/run/udev/control", F_OK) == 0 else { return made() ? link : nil }
+            if made() { return link }
             let name = (device as NSString).lastPathComponent
             // The kernel sets the identifier right after the size: no udev involved, a short wait.
             for _ in 0..<1000 where access("/sys/block/\(name)/backend", F_OK) != 0 { usleep(10_000) }
@@ -113,8 +116,8 @@ extension Volume {
             // A processed event that began before ours may come first: then ask once more.
             for _ in 0..<3 {
                 try? writeFileInPlace("/sys/block/\(name)/uevent", "change")
-                let processed = events.waitForProcessedEvent(of: name, seconds: timeout)
-                if access(link, F_OK) == 0 { return link }
+                let processed = events.waitForProcessedEvent(of: name, seconds: timeout, or: made)
+                if made() { return link }
                 if !processed { return nil }
             }
             return nil

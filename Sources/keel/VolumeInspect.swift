@@ -19,7 +19,7 @@ struct VolumeReport {
 
     var json: [String: Any] {
         [
-            "name": record.name, "size": record.size, "connections": record.connections,
+            "name": record.name, "id": record.id, "size": record.size, "connections": record.connections,
             "runner": record.runner.rawValue, "created_at": record.createdAt,
             "state": attachment.summary, "device": attachment.device ?? NSNull(), "link": attachment.link ?? NSNull(),
             "engine_running": attachment.engineRunning,

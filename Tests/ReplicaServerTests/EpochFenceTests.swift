@@ -1,3 +1,4 @@
+import ReplicaIdentity
 @testable import ReplicaServer
 import Testing
 
@@ -22,5 +23,32 @@ import Testing
         #expect(fence.enter(session: 4) == .admit)
         fence.advance(to: 2)
         #expect(fence.epoch == 4, "the epoch never goes back")
+    }
+}
+
+@Suite struct VolumeIdentityTests {
+    @Test func aRecordedIdentityDecides() {
+        let recorded = VolumeIdentity(name: "db", id: "aa")
+        #expect(recorded.refusal(of: VolumeIdentity(name: "db", id: "aa")) == nil)
+        #expect(recorded.refusal(of: VolumeIdentity(name: "other", id: "aa")) == nil, "renamed, same volume")
+        #expect(recorded.refusal(of: VolumeIdentity(name: "db", id: "bb")) != nil, "a reused name")
+        #expect(recorded.refusal(of: VolumeIdentity(name: "db"))?.contains("--volume-id aa") == true)
+    }
+
+    @Test func withoutAnIdentityTheNameDecides() {
+        let recorded = VolumeIdentity(name: "db")
+        #expect(recorded.refusal(of: VolumeIdentity(name: "db", id: "aa")) == nil, "the identity is recorded then")
+        #expect(recorded.refusal(of: VolumeIdentity(name: "other")) != nil)
+        #expect(VolumeIdentity(name: "").refusal(of: VolumeIdentity(name: "anything")) == nil, "never claimed")
+        #expect(recorded.recording(VolumeIdentity(name: "db", id: "aa")) == VolumeIdentity(name: "db", id: "aa"))
+    }
+
+    @Test func exportNamesRoundTrip() {
+        let name = ReplicaExportName(volume: VolumeIdentity(name: "db", id: "0a-1b"), owner: Owner(epoch: 7, engine: "e1"))
+        #expect(name.description == "db@7+e1/0a-1b")
+        #expect(ReplicaExportName(parsing: name.description) == name)
+        #expect(ReplicaExportName(parsing: "db@7")?.owner == Owner(epoch: 7, engine: ""))
+        #expect(ReplicaExportName(parsing: "db@9223372036854775808+e") == nil, "an epoch SQLite cannot store")
+        #expect(ReplicaExportName(parsing: "db@7+e/not hex") == nil)
     }
 }
