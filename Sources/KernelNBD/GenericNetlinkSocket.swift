@@ -11,17 +11,7 @@ final class GenericNetlinkSocket {
     private var sequence: UInt32 = 1
 
     init() throws {
-        fd = socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), NETLINK_GENERIC)
-        guard fd >= 0 else { throw SystemError.current("socket(AF_NETLINK)") }
-        var address = sockaddr_nl()
-        address.nl_family = sa_family_t(AF_NETLINK)
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_nl>.size)) }
-        }
-        guard bound == 0 else {
-            close(fd)
-            throw SystemError.current("bind(AF_NETLINK)")
-        }
+        fd = try openNetlinkSocket(NETLINK_GENERIC)
     }
 
     deinit { close(fd) }
@@ -102,4 +92,23 @@ final class GenericNetlinkSocket {
         }
         throw NetlinkError.malformed("no acknowledgement")
     }
+}
+
+/// A bound netlink socket of `family` (NETLINK_GENERIC, NETLINK_KOBJECT_UEVENT…),
+/// joined to the multicast `groups` (a bit mask) from the start.
+func openNetlinkSocket(_ family: Int32, groups: UInt32 = 0) throws -> Int32 {
+    let fd = socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), family)
+    guard fd >= 0 else { throw SystemError.current("socket(AF_NETLINK, \(family))") }
+    var address = sockaddr_nl()
+    address.nl_family = sa_family_t(AF_NETLINK)
+    address.nl_groups = groups
+    let bound = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_nl>.size)) }
+    }
+    guard bound == 0 else {
+        let error = SystemError.current("bind(AF_NETLINK, \(family))")
+        close(fd)
+        throw error
+    }
+    return fd
 }

@@ -1,4 +1,3 @@
-import CNetlink
 import Syscalls
 #if canImport(Glibc)
 import Glibc
@@ -14,18 +13,7 @@ public final class UdevEvents {
     private static let udevGroup: UInt32 = 2
 
     public init() throws {
-        fd = socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 15 /* NETLINK_KOBJECT_UEVENT */)
-        guard fd >= 0 else { throw SystemError.current("socket(NETLINK_KOBJECT_UEVENT)") }
-        var address = sockaddr_nl()
-        address.nl_family = sa_family_t(AF_NETLINK)
-        address.nl_groups = Self.udevGroup
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_nl>.size)) }
-        }
-        guard bound == 0 else {
-            close(fd)
-            throw SystemError.current("bind(NETLINK_KOBJECT_UEVENT, udev group)")
-        }
+        fd = try openNetlinkSocket(15 /* NETLINK_KOBJECT_UEVENT */, groups: Self.udevGroup)
     }
 
     deinit { close(fd) }
