@@ -1,3 +1,4 @@
+import CNetlink
 import Syscalls
 #if canImport(Glibc)
 import Glibc
