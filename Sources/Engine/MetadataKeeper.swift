@@ -52,11 +52,19 @@ final class MetadataKeeper: @unchecked Sendable {
         clear(device.gate.beginClearing(idleTicks: 0))
     }
 
+    /// The idle clock ticks on a monotonic clock: a wall clock set back would
+    /// stop clears, one set forward would clear regions early.
     private func run() {
-        var nextTick = Date().addingTimeInterval(1)
+        let clock = ContinuousClock()
+        let second = Duration.seconds(1)
+        var nextTick = clock.now.advanced(by: second)
         while true {
             condition.lock()
-            while !poked && !stopping && Date() < nextTick { _ = condition.wait(until: nextTick) }
+            while !poked && !stopping && clock.now < nextTick {
+                let left = clock.now.duration(to: nextTick)
+                _ = condition.wait(until: Date(timeIntervalSinceNow: Double(left.components.seconds)
+                                                 + Double(left.components.attoseconds) / 1e18))
+            }
             poked = false
             let done = stopping
             condition.unlock()
@@ -64,8 +72,8 @@ final class MetadataKeeper: @unchecked Sendable {
 
             persistMembership()
             mark(device.gate.takeRegionsToMark())
-            if Date() >= nextTick {
-                nextTick = Date().addingTimeInterval(1)
+            if clock.now >= nextTick {
+                nextTick = clock.now.advanced(by: second)
                 device.gate.tick()
                 clear(device.gate.beginClearing(idleTicks: idleTicks))
             }
