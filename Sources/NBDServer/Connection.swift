@@ -27,6 +27,8 @@ final class Connection {
     }
 
     static let slotCount = 128
+    /// Handshake replies a client may leave unread before it is closed.
+    static let unreadHandshakeLimit = 1 << 20
     static let maximumBatch = 64
 
     let index: Int

@@ -312,6 +312,13 @@ final class IOThread<Device: BlockDevice> {
             let step = handshake.receive(rest, reply: &reply)
             if !reply.isEmpty {
                 connection.rawOutput.append(contentsOf: reply)
+                // A client that keeps asking and never reads would have the server
+                // hold its answers without end: past the limit it is closed.
+                guard connection.rawOutput.count <= Connection.unreadHandshakeLimit else {
+                    logger.debug("connection \(connection.index): \(connection.rawOutput.count) bytes of handshake replies unread; closing")
+                    abort(connection)
+                    return
+                }
                 markForFlush(connection)
             }
             switch step {

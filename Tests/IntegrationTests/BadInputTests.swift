@@ -151,6 +151,24 @@ import Testing
         try expectServerHealthy()
     }
 
+    /// Defect (resources): a client that pipelined options and never read the
+    /// replies made the server keep them all; past 1 MiB unread it is closed.
+    @Test func aClientThatNeverReadsItsHandshakeRepliesIsClosed() throws {
+        let client = try RawClient(server.address)
+        try client.greet()
+        var sent = 0
+        do {
+            for _ in 0..<400_000 {
+                try client.sendOption(3 /* NBD_OPT_LIST */)
+                sent += 1
+            }
+        } catch {}
+        #expect(sent < 400_000, "the server kept reading and answering without end")
+        #expect(client.isClosedByServer())
+        let info = try run(["nbdinfo", "--size", server.uri])
+        #expect(info.status == 0, "the server still serves others: \(info.stderr)")
+    }
+
     @Test func clientsVanishingMidRequestDoNotHurtTheServer() throws {
         for cut in [5, 18, 30] {
             let raw = try RawClient(server.address)
