@@ -6,8 +6,8 @@ Run with Debian's /usr/bin/python3 (it has the `nbd` module of python3-libnbd).
 
   stamp.py write --uri URI [--uri URI ...] --blocks N [--block-size 4096] [--offset BYTES]
                  (--seconds S | --writes W) --depth D [--seed SEED] --log LOG [--overlap]
-                 [--retry-connect] [--drain SECONDS] [--json]
-  stamp.py check --log LOG (--uri URI | --file PATH [--file PATH ...]) [--json] [--show N]
+                 [--retry-connect] [--drain SECONDS] [--flush-every N] [--json]
+  stamp.py check --log LOG (--uri URI | --file PATH [--file PATH ...]) [--durable] [--json] [--show N]
   stamp.py compare [--log LOG] PATH PATH ... [--json]
 
 Every block written holds a 32-byte header (magic, block index, generation,
@@ -26,6 +26,17 @@ when every replica has answered it), so it is superseded like an acknowledged
 one, from its error reply on. A valid stamp of the block that is superseded is
 "lost"; anything else is "corrupt".
 
+`check --durable` checks what survives a power cut: only *durable* writes
+supersede, i.e. writes acknowledged before a FLUSH of their session was issued
+whose answer was success (a FLUSH covers every write the server answered
+before it, on any connection: Keel advertises CAN_MULTI_CONN), and FUA writes
+once acknowledged; any other write may or may not have survived. Zeroes are
+allowed only where no durable write exists. Each new session (S line) is taken
+to start after a power cut and recovery of the whole stack: a write of an
+earlier session that was never answered is superseded from the next S on,
+like a write answered with an error. `write --flush-every N` issues a FLUSH
+after every N writes.
+
 Log lines (text, one event per line, appended, torn last line tolerated):
   KEELSTAMP 1 bs=B offset=O blocks=N      first line
   S seq seed pid conns overlap            a writer session starts
@@ -33,7 +44,7 @@ Log lines (text, one event per line, appended, torn last line tolerated):
   A seq iseq                              write iseq answered with success
   E seq iseq errno                        write iseq answered with an error (may have landed, but before this)
   U seq iseq                              write iseq never answered (connection died / abandoned)
-  F seq conn / G seq fseq errno           flush issued / answered (information only)
+  F seq conn / G seq fseq errno           flush issued / answered (used by check --durable)
   D seq conn reason                       a connection is dead or retired
   X seq issued acked errors unacked       a writer session ends
 """
@@ -100,6 +111,9 @@ class Log:
         self.by_gen = {}     # (block, gen) -> iseq
         self.max_seq = 0
         self.sessions = 0
+        self.session_starts = []  # seq of every S line
+        self.flushes = {}         # F seq -> [session, errno of its answer or None]
+        self.durable = False      # set by use_durable()
         self.bad_lines = 0
         self.ends_with_newline = True
         self.exists = os.path.exists(path)
@@ -110,7 +124,11 @@ class Log:
         with open(self.path, "rb") as f:
             raw = f.readline() if self.header_only else f.read()
         self.ends_with_newline = raw.endswith(b"\n") or not raw
-        for line in raw.decode("ascii", "replace").split("\n"):
+        lines = raw.decode("ascii", "replace").split("\n")
+        if not self.ends_with_newline and not self.header_only:
+            lines.pop()  # torn by a kill mid-write: "A 1234 1" may be what is left of "A 1234 17"
+            self.bad_lines += 1
+        for line in lines:
             if not line:
                 continue
             try:
@@ -132,7 +150,8 @@ class Log:
             if len(f) != 7:
                 raise ValueError
             block, gen, seed = int(f[2]), int(f[3]), int(f[4])
-            self.writes[seq] = [block, gen, seed, None, "issued", None]  # ..., ack, status, error reply
+            # block, gen, seed, ack, status, error reply, fua, session
+            self.writes[seq] = [block, gen, seed, None, "issued", None, int(f[6]), self.sessions]
             self.by_block.setdefault(block, []).append(seq)
             self.by_gen[(block, gen)] = seq
         elif tag == "A":
@@ -147,7 +166,12 @@ class Log:
                 w[4] = "unanswered"
         elif tag == "S":
             self.sessions += 1
-        elif tag not in ("F", "G", "D", "X"):
+            self.session_starts.append(seq)
+        elif tag == "F":
+            self.flushes[seq] = [self.sessions, None]
+        elif tag == "G":
+            self.flushes[int(f[2])][1] = int(f[3])
+        elif tag not in ("D", "X"):
             raise ValueError
         self.max_seq = max(self.max_seq, seq)
 
@@ -165,15 +189,49 @@ class Log:
                 last[w[0]] = w[1]
         return last
 
+    def use_durable(self):
+        """Power-cut rules (check --durable): only durable writes supersede."""
+        self.durable = True
+        # per session, the issue number of its newest FLUSH answered with success
+        self.flushed_before = {}
+        for fseq, (session, err) in self.flushes.items():
+            if err == 0 and fseq > self.flushed_before.get(session, -1):
+                self.flushed_before[session] = fseq
+
+    def is_durable(self, w):
+        """Acknowledged, and either FUA or answered before a successful FLUSH of its session was issued."""
+        return w[3] is not None and (w[6] == 1 or w[3] < self.flushed_before.get(w[7], -1))
+
+    def durable_count(self, session=None):
+        return sum(1 for w in self.writes.values() if self.is_durable(w) and (session is None or w[7] == session))
+
+    def flushes_acked(self, session):
+        return sum(1 for s, err in self.flushes.values() if s == session and err == 0)
+
+    def required(self, iseq):
+        w = self.writes[iseq]
+        return self.is_durable(w) if self.durable else w[3] is not None
+
+    def answered(self, iseq):
+        """When write iseq was answered (its ack or error reply); with --durable, a write of an
+        earlier session never answered counts as answered when the next session starts.
+        None: it may still land."""
+        w = self.writes[iseq]
+        done = w[3] if w[3] is not None else w[5]
+        if done is None and self.durable and w[7] < len(self.session_starts):
+            done = self.session_starts[w[7]]  # the S of the next session (sessions count from 1)
+        return done
+
     def expectation(self, block):
-        """(allowed: {gen: iseq}, zero_allowed, newest acked gen, acked count) for one block."""
+        """(allowed: {gen: iseq}, zero_allowed, newest acked gen, acked count) for one block;
+        after use_durable(), 'acked' means durable."""
         seqs = self.by_block.get(block, [])
-        acked = [s for s in seqs if self.writes[s][3] is not None]
+        acked = [s for s in seqs if self.required(s)]
         m = max(acked) if acked else -1  # the newest issue number among acknowledged writes
         allowed = {}
         for s in seqs:
             w = self.writes[s]
-            done = w[3] if w[3] is not None else w[5]  # its answer: the ack, or an error reply
+            done = self.answered(s)  # its answer: the ack, or an error reply
             if done is None or done > m:  # not superseded: no acked write was issued after its answer
                 allowed[w[1]] = s
         newest = self.writes[m][1] if acked else None
@@ -198,7 +256,8 @@ def verdict(log, block, found):
         if gen in allowed:
             return None
         w = log.writes[iseq]
-        answer = f"acked at {w[3]}" if w[3] is not None else f"failed at {w[5]}"
+        answer = f"acked at {w[3]}" if w[3] is not None else f"failed at {w[5]}" if w[5] is not None else \
+            f"never answered, its session cut before {log.answered(iseq)}"
         return ("lost", f"found gen {gen} (issued at {iseq}, {answer}), superseded")
     return ("corrupt", "found " + describe(found))
 
@@ -214,7 +273,8 @@ def expected_text(log, block):
         parts.append("zeroes")
     text = " or ".join(parts) or "nothing?"
     if newest is not None:
-        text += f", newest acked gen {newest} of {nacked} acked"
+        word = "durable" if log.durable else "acked"
+        text += f", newest {word} gen {newest} of {nacked} {word}"
     return text
 
 
@@ -296,6 +356,8 @@ def cmd_check(args):
     if not log.exists:
         die(f"{args.log}: no such log")
     log.need_geometry()
+    if args.durable:
+        log.use_durable()
     written = len(log.by_block)
     acked = log.acked_count()
     sources = [("uri", args.uri)] if args.uri else [("file", f) for f in args.file]
@@ -304,6 +366,15 @@ def cmd_check(args):
         src = NBDSource(name) if kind == "uri" else FileSource(name)
         lost, corrupt, bad = check_source(log, src)
         line = f"stamp: blocks {written}, acknowledged writes {acked}, lost {lost}, corrupt {corrupt}"
+        durable = {}
+        if args.durable:
+            last = log.sessions
+            durable = {"durable": log.durable_count(), "durable_last_session": log.durable_count(last),
+                       "acked_last_session": sum(1 for w in log.writes.values() if w[7] == last and w[3] is not None),
+                       "flushes_acked_last_session": log.flushes_acked(last), "sessions": last}
+            line = (f"stamp: blocks {written}, acknowledged writes {acked}, durable writes {durable['durable']} "
+                    f"(last session: {durable['durable_last_session']} of {durable['acked_last_session']} acked, "
+                    f"{durable['flushes_acked_last_session']} flushes), lost {lost}, corrupt {corrupt}")
         if len(sources) > 1:
             line += f" ({name})"
         if lost or corrupt:
@@ -311,7 +382,8 @@ def cmd_check(args):
         if args.json:  # one JSON object per source, one per line
             print(json.dumps({"source": name, "blocks": written, "range_blocks": log.blocks,
                               "writes": len(log.writes), "acknowledged": acked, "lost": lost,
-                              "corrupt": corrupt, "bad": bad, "log_bad_lines": log.bad_lines, "line": line}))
+                              "corrupt": corrupt, "bad": bad, "log_bad_lines": log.bad_lines, "line": line,
+                              **durable}))
             continue
         print(line)
         for b in bad[:args.show]:
@@ -407,7 +479,7 @@ class Writer:
         self.fd = os.open(args.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.pending = []
         if not self.log.ends_with_newline:
-            self.pending.append("\n")
+            self.pending.append("~torn\n")  # glued to the torn line, so that it never parses
         if self.log.bs is None:
             self.pending.append(f"KEELSTAMP {LOG_VERSION} bs={self.bs} offset={self.offset} blocks={self.blocks}\n")
         self.seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(6), "little")
@@ -417,6 +489,7 @@ class Writer:
         self.stats = dict(issued=0, acked=0, errors=0, unanswered=0, unsent=0, flushes=0, fua=0, overlapped=0,
                           dead=0, retired=0, connected=0)
         self.first_error = None
+        self.since_flush = 0  # writes issued since the last FLUSH (--flush-every)
 
     # -- log
     def next_seq(self):
@@ -552,7 +625,9 @@ class Writer:
             if self.args.writes is not None and self.stats["issued"] + len(batch) >= self.args.writes:
                 break
             c = self.rng.choice(ready)
-            if self.rng.random() < 1 / 64:
+            every = self.args.flush_every
+            if (self.since_flush >= every) if every else (self.rng.random() < 1 / 64):
+                self.since_flush = 0
                 iseq = self.next_seq()
                 batch.append(Op(iseq, -1, 0, None, c, flush=True))
                 self.emit(f"F {iseq} {c.index}")
@@ -573,6 +648,7 @@ class Writer:
                 self.gen[block] = gen
                 fua = 1 if self.rng.random() < 1 / 16 else 0
                 iseq = self.next_seq()
+                self.since_flush += 1
                 op = Op(iseq, block, gen, bytearray(block_content(self.seed, block, gen, self.bs)), t)
                 batch.append((op, fua))
                 t.blocks[block] = t.blocks.get(block, 0) + 1
@@ -758,12 +834,17 @@ def main():
     w.add_argument("--retry-connect", action="store_true",
                    help="retry a connection that cannot be made yet (a server still starting) until the end")
     w.add_argument("--drain", type=float, default=10.0, help="seconds to wait for answers at the end")
+    w.add_argument("--flush-every", type=int, metavar="N",
+                   help="a FLUSH after every N writes issued (default: one write in 64, at random)")
     w.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     c = sub.add_parser("check", help="check a volume or file against the log")
     c.add_argument("--log", required=True)
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--uri")
     g.add_argument("--file", action="append", help="a file (e.g. a replica's DIR/layers/head.img); repeat for more")
+    c.add_argument("--durable", action="store_true",
+                   help="after a power cut: only writes acknowledged before an acknowledged FLUSH, and FUA "
+                        "writes, must have survived")
     c.add_argument("--json", action="store_true")
     c.add_argument("--show", type=int, default=5, help="bad blocks listed")
     m = sub.add_parser("compare", help="are these files identical over the written range?")

@@ -4,12 +4,20 @@ QEMU with the host's root shared read-only over virtio-9p, and runs one
 command inside it. See ../../../shared/KERNEL-VM.md for why it looks like this.
 
   vm.py prepare            download and unpack the kernel, build the initramfs (cached)
-  vm.py run [--timeout S] [--systemd] -- COMMAND...
+  vm.py run [--timeout S] [--systemd] [--disk URI]... [--run-dir DIR] -- COMMAND...
                            boot, run COMMAND as root in the guest (the host's
                            filesystem, read-only, under a tmpfs overlay), print
                            its output, exit with its status; with --systemd the
                            guest boots the host's systemd as PID 1 and COMMAND
                            runs as a unit once basic.target is reached
+
+COMMAND runs in the run directory, a read-write share at the same path on both
+sides (with --run-dir, that directory, kept afterwards; else a fresh one under
+/var/tmp, removed on success). Each --disk attaches a virtio disk (/dev/vda,
+/dev/vdb, ...) served over NBD by the host (e.g. nbd+unix:///?socket=PATH):
+QEMU's own NBD client, cache=none, so the guest's FLUSH and FUA reach the
+server. start() and wait() do the same from Python, for a caller that kills
+the guest itself (Tests/KernelScenarios/power-cut.py).
 
 Everything is cached in .build-vm/ at the repository's root. The guest has no
 network device: every process of a test runs inside it, on its loopback.
@@ -29,7 +37,7 @@ import tempfile
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CACHE = os.path.join(REPO, ".build-vm")
 # Loaded in this order (dependencies first, resolved from each module's .modinfo).
-MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "ext4", "crc32c_generic", "loop"]
+MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "ext4", "crc32c_generic", "loop", "virtio_blk"]
 GUEST_INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -140,7 +148,8 @@ def prepare():
     deb = glob.glob(os.path.join(work, package + "_*.deb"))[0]
     subprocess.run(["dpkg-deb", "-x", deb, os.path.join(work, "root")], check=True)
     vmlinuz = glob.glob(os.path.join(work, "root", "boot", "vmlinuz-*"))[0]
-    extract_vmlinux(vmlinuz, os.path.join(CACHE, "vmlinux"))
+    # Written aside and renamed, so that a guest booting meanwhile reads either version whole.
+    extract_vmlinux(vmlinuz, os.path.join(work, "vmlinux"))
 
     initramfs = os.path.join(work, "initramfs")
     for d in ["bin", "proc", "sys", "dev", "modules"]:
@@ -154,9 +163,11 @@ def prepare():
     with open(os.path.join(initramfs, "init"), "w") as f:
         f.write(GUEST_INIT)
     os.chmod(os.path.join(initramfs, "init"), 0o755)
-    with open(os.path.join(CACHE, "initramfs.cpio"), "wb") as out:
+    with open(os.path.join(work, "initramfs.cpio"), "wb") as out:
         files = subprocess.run("find . | sort", shell=True, cwd=initramfs, capture_output=True, check=True).stdout
         subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input=files, cwd=initramfs, stdout=out, check=True)
+    os.replace(os.path.join(work, "vmlinux"), os.path.join(CACHE, "vmlinux"))
+    os.replace(os.path.join(work, "initramfs.cpio"), os.path.join(CACHE, "initramfs.cpio"))
     shutil.rmtree(work)
     open(stamp, "w").close()
     log("kernel %s ready in %s" % (package, CACHE))
@@ -182,9 +193,23 @@ ExecStart=/bin/sh {run}/under-systemd.sh
 """
 
 
-def run(command, timeout, systemd=False):
+class Guest:
+    """A booted guest: its QEMU process and run directory."""
+
+    def __init__(self, process, run_dir, keep):
+        self.process, self.run_dir, self.keep = process, run_dir, keep
+
+
+def start(command, systemd=False, disks=(), run_dir=None, stdout=None):
+    """Boots the guest in the background and returns a Guest; its output (the
+    command's stdout and stderr) goes to `stdout` (a file; default: ours)."""
     prepare()
-    run_dir = tempfile.mkdtemp(prefix="keel-vm-", dir="/var/tmp")
+    keep = run_dir is not None
+    if keep:
+        run_dir = os.path.abspath(run_dir)
+        os.makedirs(run_dir, exist_ok=True)
+    else:
+        run_dir = tempfile.mkdtemp(prefix="keel-vm-", dir="/var/tmp")
     os.chmod(run_dir, 0o755)
     with open(os.path.join(run_dir, "command.sh"), "w") as f:
         f.write("set -e\n" + " ".join(shlex.quote(c) for c in command) + "\n")
@@ -205,6 +230,10 @@ def run(command, timeout, systemd=False):
     with open(initramfs, "wb") as out:
         out.write(open(os.path.join(CACHE, "initramfs.cpio"), "rb").read())
         subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input=b"run-dir\n", cwd=extra, stdout=out, check=True)
+    shutil.rmtree(extra)
+    for name in ("exit-status", "console.log"):  # a kept run directory may hold an earlier boot's
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.unlink(os.path.join(run_dir, name))
     accel = "kvm" if re.search(r"\b(vmx|svm)\b", open("/proc/cpuinfo").read()) else "tcg,thread=multi"
     qemu = ["qemu-system-x86_64", "-accel", accel, "-cpu", "max", "-smp", "2", "-m", "3G",
             "-kernel", os.path.join(CACHE, "vmlinux"), "-initrd", initramfs,
@@ -214,19 +243,39 @@ def run(command, timeout, systemd=False):
             "-chardev", "stdio,id=out,signal=off", "-serial", "chardev:out",
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
             "-virtfs", "local,path=%s,mount_tag=results,security_model=none" % run_dir]
+    for disk in disks:
+        if "," in disk:
+            sys.exit("vm: a disk URI cannot hold a comma: %s" % disk)
+        qemu += ["-drive", "file=%s,format=raw,if=virtio,cache=none" % disk]
+    process = subprocess.Popen(qemu, stdin=subprocess.DEVNULL, stdout=stdout)
+    return Guest(process, run_dir, keep)
+
+
+def wait(guest, timeout):
+    """Waits for the guest to end; its command's exit status (124: timed out, 125: no status)."""
+    run_dir = guest.run_dir
     try:
-        subprocess.run(qemu, stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+        guest.process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        guest.process.kill()
+        guest.process.wait()
         log("the guest did not finish within %d s; console log: %s" % (timeout, run_dir + "/console.log"))
         return 124
     status_file = os.path.join(run_dir, "exit-status")
     if not os.path.exists(status_file):
         log("the guest ended without an exit status; console log:")
-        sys.stderr.write(open(os.path.join(run_dir, "console.log"), errors="replace").read()[-4000:])
+        console = os.path.join(run_dir, "console.log")
+        if os.path.exists(console):  # QEMU may have failed before it made one
+            sys.stderr.write(open(console, errors="replace").read()[-4000:])
         return 125
     status = int(open(status_file).read().strip() or "125")
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not guest.keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return status
+
+
+def run(command, timeout, systemd=False, disks=(), run_dir=None):
+    return wait(start(command, systemd, disks, run_dir), timeout)
 
 
 def main():
@@ -236,12 +285,15 @@ def main():
     runner = sub.add_parser("run")
     runner.add_argument("--timeout", type=int, default=600)
     runner.add_argument("--systemd", action="store_true", help="boot systemd as PID 1 and run COMMAND as a unit")
+    runner.add_argument("--disk", action="append", default=[], metavar="URI",
+                        help="a virtio disk served over NBD (nbd+unix:///?socket=PATH); repeat for more")
+    runner.add_argument("--run-dir", help="the run directory (default: a fresh one, removed on success)")
     runner.add_argument("command", nargs="+")
     args = parser.parse_args()
     if args.action == "prepare":
         prepare()
     else:
-        sys.exit(run(args.command, args.timeout, args.systemd))
+        sys.exit(run(args.command, args.timeout, args.systemd, args.disk, args.run_dir))
 
 
 if __name__ == "__main__":
