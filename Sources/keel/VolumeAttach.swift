@@ -104,21 +104,27 @@ extension Volume {
         /// busy the host.
         private func waitForLink(_ device: String) -> String? {
             let link = "/dev/keel/\(target.name)"
-            // A link left by an earlier attachment may point elsewhere: only one to this device counts.
-            let made = { (try? FileManager.default.destinationOfSymbolicLink(atPath: link))
-                .map { URL(fileURLWithPath: $0, relativeTo: URL(fileURLWithPath: "/dev/keel/")).standardized.path == device } ?? false }
+            let made = { access(link, F_OK) == 0 }
             guard access("/run/udev/control", F_OK) == 0 else { return made() ? link : nil }
             if made() { return link }
             let name = (device as NSString).lastPathComponent
             // The kernel sets the identifier right after the size: no udev involved, a short wait.
             for _ in 0..<1000 where access("/sys/block/\(name)/backend", F_OK) != 0 { usleep(10_000) }
-            guard let events = try? UdevEvents() else { return nil }
-            // A processed event that began before ours may come first: then ask once more.
-            for _ in 0..<3 {
-                try? writeFileInPlace("/sys/block/\(name)/uevent", "change")
-                let processed = events.waitForProcessedEvent(of: name, seconds: timeout, or: made)
+            let uevent = "/sys/block/\(name)/uevent"
+            if let events = try? UdevEvents() {
+                // A processed event that began before ours may come first: then ask once more.
+                for _ in 0..<3 {
+                    try? writeFileInPlace(uevent, "change")
+                    let processed = events.waitForProcessedEvent(of: name, seconds: min(timeout, 30), or: made)
+                    if made() { return link }
+                    if !processed { break }
+                }
+            }
+            // Where udev's answers cannot be had (udevd in a chroot, say): ask again and watch the link.
+            for attempt in 0..<400 {
                 if made() { return link }
-                if !processed { return nil }
+                if attempt == 0 || attempt == 20 || attempt == 200 { try? writeFileInPlace(uevent, "change") }
+                usleep(50_000)
             }
             return nil
         }
