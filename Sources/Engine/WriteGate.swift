@@ -55,9 +55,12 @@ public final class WriteGate: @unchecked Sendable {
         while regionSize == nil && (size + region - 1) / region > 65536 { region <<= 1 }
         self.regionSize = region
         regionCount = Int((size + region - 1) / region)
-        state = Mutex(State(intent: Array(repeating: .clean, count: regionCount),
+        var initial = State(intent: Array(repeating: .clean, count: regionCount),
                             inFlight: Array(repeating: 0, count: regionCount),
-                            lastWrite: Array(repeating: 0, count: regionCount)))
+                            lastWrite: Array(repeating: 0, count: regionCount))
+        // Room for every request slot of a busy engine: no allocation under the lock on the hot path.
+        initial.writes.reserveCapacity(1024)
+        state = Mutex(initial)
     }
 
     public func regions(offset: UInt64, length: UInt64) -> ClosedRange<Int> {
@@ -97,10 +100,8 @@ public final class WriteGate: @unchecked Sendable {
                 ready = false
             }
             guard ready else { return (false, needsMark) }
-            for r in span {
-                s.inFlight[r] += 1
-                s.lastWrite[r] = s.tick
-            }
+            // The idle clock is set when the write finishes: a region with writes in flight is never idle.
+            for r in span { s.inFlight[r] += 1 }
             s.writes.append(bytes)
             return (true, false)
         }
@@ -144,7 +145,11 @@ public final class WriteGate: @unchecked Sendable {
 
     func marked(_ regions: [Int]) {
         state.withLock { s in
-            for r in regions where s.intent[r] == .marking { s.intent[r] = .dirty }
+            // Freshly marked: not idle before the writes that asked for the mark arrive.
+            for r in regions where s.intent[r] == .marking {
+                s.intent[r] = .dirty
+                s.lastWrite[r] = s.tick
+            }
         }
     }
 
