@@ -13,17 +13,20 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
     let sessions: EngineSessions
     /// Makes every write this replica has answered durable (its head's fdatasync).
     let flushData: @Sendable () throws -> Void
+    let faults: ReplicaFaults
     let logger: Logger
 
     public init(device: ReplicaDevice, logger: Logger) {
-        self.init(store: device.store, sessions: device.sessions, flushData: { try device.flush() }, logger: logger)
+        self.init(store: device.store, sessions: device.sessions, flushData: { try device.flush() },
+                  faults: device.faults, logger: logger)
     }
 
     init(store: ReplicaStore, sessions: EngineSessions, flushData: @escaping @Sendable () throws -> Void,
-         logger: Logger) {
+         faults: ReplicaFaults = ReplicaFaults(), logger: Logger) {
         self.store = store
         self.sessions = sessions
         self.flushData = flushData
+        self.faults = faults
         self.logger = logger
     }
 
@@ -50,6 +53,9 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
 
     public func markDirty(request: Keel_Control_V1_DirtyRanges, context: ServerContext) async throws -> Keel_Control_V1_Done {
         let ranges = try request.ranges.map(range)
+        if faults.holdStoreOnMark != nil {
+            try await offThePool { faults.holdStore(store, logger: logger) }
+        }
         try storeCall { try store.markDirty(ranges, owner: Owner(request.owner)) }
         return .init()
     }
@@ -57,13 +63,7 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
     public func clearDirty(request: Keel_Control_V1_DirtyRanges, context: ServerContext) async throws -> Keel_Control_V1_Done {
         let ranges = try request.ranges.map(range)
         // The flush blocks: off the cooperative pool, where other calls (marks) must go on.
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, Error>) in
-            DispatchQueue.global().async {
-                do { try clearDirtyDurably(ranges, owner: Owner(request.owner)); continuation.resume() } catch {
-                    continuation.resume(throwing: error)
-                }
-            }
-        }
+        try await offThePool { try clearDirtyDurably(ranges, owner: Owner(request.owner)) }
         return .init()
     }
 
@@ -95,6 +95,14 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
                            message: "range \(range.offset)+\(range.length) is outside the replica's \(store.size) bytes")
         }
         return ByteRange(offset: range.offset, length: range.length)
+    }
+
+    private func offThePool(_ body: @escaping @Sendable () throws -> Void) async throws {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, Error>) in
+            DispatchQueue.global().async {
+                do { try body(); continuation.resume() } catch { continuation.resume(throwing: error) }
+            }
+        }
     }
 
     private func storeCall<T>(_ body: () throws -> T) throws -> T {

@@ -1,5 +1,6 @@
 import ReplicaIdentity
 import SQLite
+import Synchronization
 import Syscalls
 #if canImport(Glibc)
 import Glibc
@@ -26,7 +27,9 @@ public final class ReplicaStore: @unchecked Sendable {
     public var headPath: String { directory + "/layers/head.img" }
 
     private let database: Database
-    private var mutex = pthread_mutex_t()
+    /// Guards the fields below and the database; held across SQLite's fsyncs,
+    /// so the data path never takes it (the epoch it needs is `EpochFence`'s).
+    private let mutex = Mutex(())
     private var currentEpoch: UInt64
     private var currentEngine: String
     private var currentVolume: VolumeIdentity
@@ -110,36 +113,27 @@ public final class ReplicaStore: @unchecked Sendable {
         } catch is SQLiteError {
             throw Failure.notAReplica(directory)
         }
-        pthread_mutex_init(&mutex, nil)
     }
 
-    deinit { pthread_mutex_destroy(&mutex) }
-
     public var epoch: UInt64 {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return currentEpoch
+        mutex.withLock { _ in currentEpoch }
     }
 
     /// The epoch and the engine that holds it.
     public var owner: Owner {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return Owner(epoch: currentEpoch, engine: currentEngine)
+        mutex.withLock { _ in Owner(epoch: currentEpoch, engine: currentEngine) }
     }
 
     /// The volume this replica belongs to, recorded at its first claim (empty before).
     public var volume: VolumeIdentity {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return currentVolume
+        mutex.withLock { _ in currentVolume }
     }
 
     /// The current claim, as the one export the replica lists.
     public var listedName: ReplicaExportName {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return ReplicaExportName(volume: currentVolume, owner: Owner(epoch: currentEpoch, engine: currentEngine))
+        mutex.withLock { _ in
+            ReplicaExportName(volume: currentVolume, owner: Owner(epoch: currentEpoch, engine: currentEngine))
+        }
     }
 
     /// Takes the replica for `owner` if its epoch is newer than any seen,
@@ -239,9 +233,13 @@ public final class ReplicaStore: @unchecked Sendable {
     }
 
     private func locked<T>(_ body: () throws -> T) throws -> T {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return try body()
+        try mutex.withLock { _ in try body() }
+    }
+
+    /// Runs `body` holding the metadata lock: for test fault points that stand
+    /// for a slow SQLite commit (what waits on it, and what must not).
+    public func whileLocked(_ body: () -> Void) {
+        mutex.withLock { _ in body() }
     }
 
     /// Brings an older replica's metadata to this schema (version 2 had no volume identity).

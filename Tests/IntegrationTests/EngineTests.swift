@@ -11,10 +11,12 @@ import Testing
         var replicas: [KeelServer] = []
         var engine: KeelServer?
         let size: String
+        let replicaEnvironment: [String: String]
 
-        init(replicas count: Int, size: String = "256M") throws {
+        init(replicas count: Int, size: String = "256M", replicaEnvironment: [String: String] = [:]) throws {
             scratch = try Scratch()
             self.size = size
+            self.replicaEnvironment = replicaEnvironment
             for i in 0..<count { replicas.append(try startReplica(i)) }
         }
 
@@ -22,7 +24,7 @@ import Testing
 
         func startReplica(_ i: Int) throws -> KeelServer {
             try KeelServer(["replica", "serve", "--dir", replicaDirectory(i), "--size", size], scratch: scratch,
-                           address: "unix:\(scratch.file("r\(i).sock"))")
+                           address: "unix:\(scratch.file("r\(i).sock"))", environment: replicaEnvironment)
         }
 
         var replicaArguments: [String] { replicas.flatMap { ["--replica", $0.address] } }

@@ -1,5 +1,6 @@
 import Foundation
 import LibNBD
+import Synchronization
 import Testing
 
 /// The replication defects of the "nothing lost" review, each reproduced on
@@ -129,6 +130,47 @@ import Testing
         #expect(try (0..<2).map { try ReplicaRecords(directory: cluster.replicaDirectory($0)).epoch } == epochs)
         let again = try cluster.startEngine(extra: ["--volume-id", "0a1b2c3d-0000-4000-8000-000000000001"])
         #expect(again.stop() == 0)
+    }
+
+    /// Defect 4, its latency half: every replica request read the epoch under
+    /// the store's lock, which a dirty mark holds across SQLite's fsyncs, so
+    /// reads and writes of regions already marked waited behind a slow mark.
+    /// The fault point holds that lock until the test lets go: I/O to a marked
+    /// region must finish while a write to a new region still waits for its mark.
+    @Test func theDataPathNeverWaitsForTheReplicaStore() throws {
+        let scratch = try Scratch()
+        let release = scratch.file("release-store")
+        FileManager.default.createFile(atPath: release, contents: nil)
+        let cluster = try Cluster(replicas: 1, size: "16M",
+                                  replicaEnvironment: ["KEEL_REPLICA_FAULTS": "hold-store-on-mark=" + release])
+        let engine = try cluster.startEngine()
+        let client = try NBDClient()
+        try client.connect(uri: cluster.uri)
+        try client.write([UInt8](repeating: 1, count: 4096), at: 0, flags: .fua)
+
+        try FileManager.default.removeItem(atPath: release)
+        let newRegion = Mutex<Result<Void, Error>?>(nil)
+        let uri = cluster.uri
+        Thread.detachNewThread {
+            let outcome = Result { () throws -> Void in
+                let other = try NBDClient()
+                try other.connect(uri: uri)
+                try other.write([UInt8](repeating: 2, count: 4096), at: 8 << 20, flags: .fua)
+            }
+            newRegion.withLock { $0 = outcome }
+        }
+        try poll("the replica to hold its store's lock", seconds: 30) {
+            cluster.replicas[0].log.contains("fault point: holding the store's lock")
+        }
+        try client.write([UInt8](repeating: 3, count: 4096), at: 4096, flags: .fua)
+        #expect(try client.read(count: 4096, at: 0) == [UInt8](repeating: 1, count: 4096))
+        #expect(newRegion.withLock { $0 == nil }, "the write to a new region did not wait for its mark")
+
+        FileManager.default.createFile(atPath: release, contents: nil)
+        try poll("the write to the new region", seconds: 60) { newRegion.withLock { $0 != nil } }
+        try newRegion.withLock { try $0!.get() }
+        #expect(try client.read(count: 4096, at: 8 << 20) == [UInt8](repeating: 2, count: 4096))
+        #expect(engine.stop() == 0, "\(engine.log)")
     }
 
     /// Defect 10: an epoch off the network that SQLite cannot store crashed
