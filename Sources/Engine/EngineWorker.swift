@@ -415,7 +415,7 @@ public final class EngineWorker: BlockWorker {
     /// NBD has no timeout of its own: a replica that leaves a command
     /// unanswered past the deadline is failed, and the request goes on without it.
     private func failLateReplicas() {
-        let deadline = Self.now() &- device.replicaTimeout
+        let deadline = Self.lateBefore(now: Self.now(), timeout: device.replicaTimeout)
         var late = Set<Int>()
         for block in blocks {
             for k in 0..<Self.blockSize where block[k].active && block[k].sent < deadline {
@@ -426,6 +426,13 @@ public final class EngineWorker: BlockWorker {
             device.replicas.fail(i, reason: "no answer within \(device.replicaTimeout / 1_000_000_000) s")
             linkDied(i)
         }
+    }
+
+    /// Commands sent before this are late. The monotonic clock starts near 0
+    /// at boot: an engine started within `timeout` of it has no late command
+    /// yet (a wrapped subtraction failed every replica at once).
+    static func lateBefore(now: UInt64, timeout: UInt64) -> UInt64 {
+        now > timeout ? now - timeout : 0
     }
 
     private static func now() -> UInt64 {
