@@ -31,6 +31,24 @@ import Testing
         #expect(ring.backloggedSubmissions == 0)
     }
 
+    /// Kernels before 5.19 refuse submissions (-EBUSY) while completions wait
+    /// to be reaped; `nextSubmission` then looped on the submit for ever, since
+    /// only its caller reaps. Now the entries wait in the backlog.
+    @Test func aKernelThatRefusesSubmissionsUntilReapedNeverMakesNextSubmissionSpin() throws {
+        let ring = try Ring(entries: 4)
+        ring.refusesSubmitsForRoom = true
+        for i in 0..<20 { ring.nop(userData: UInt64(i)) }
+        #expect(ring.backloggedSubmissions == 16)
+        ring.refusesSubmitsForRoom = false
+        var seen = Set<UInt64>()
+        for _ in 0..<100 where seen.count < 20 {
+            try ring.submitAndWait(1)
+            ring.drainCompletions { seen.insert($0.userData) }
+        }
+        #expect(seen == Set(0..<20))
+        #expect(ring.backloggedSubmissions == 0)
+    }
+
     @Test func setupPrefersSingleIssuerDeferTaskrun() throws {
         let ring = try Ring(entries: 8)
         // This machine's kernel (6.x) accepts them; older ones fall back to a plain ring.
