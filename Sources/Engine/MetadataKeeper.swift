@@ -4,28 +4,21 @@ import GRPCCore
 import Logging
 import Syscalls
 
-/// The engine's control-plane thread: keeps what the replicas record about the
-/// volume in step with the engine. It
-/// - marks regions dirty on every writable replica before writes go there,
-/// - clears regions that have been idle for a few seconds,
-/// - persists each new membership generation on the writable replicas
-///   (acknowledgements wait for it, see `ReplicaSet`),
-/// and wakes the I/O threads whenever one of those lets writes go on.
-/// A replica whose control API fails a call is failed like one that fails I/O.
+/// The engine's control-plane thread: runs the `KeeperCycle` whenever the
+/// I/O threads or the replica set poke it, and ticks its idle clock once a
+/// second, over the replicas' gRPC control API.
 final class MetadataKeeper: @unchecked Sendable {
-    private unowned let device: EngineDevice
-    private let logger: Logger
+    private let cycle: KeeperCycle
     private let condition = NSCondition()
     private var poked = false
     private var stopping = false
     private var thread: PosixThread?
-    private var clients: [Int: ReplicaControlClient] = [:]
-    /// Clearing waits this many idle seconds, so that busy regions are not marked and cleared in turn.
-    private let idleTicks: UInt32 = 3
 
     init(device: EngineDevice, logger: Logger) {
-        self.device = device
-        self.logger = logger
+        cycle = KeeperCycle(gate: device.gate, replicas: device.replicas, metadata: ControlAPIMetadata(device: device),
+                            epoch: device.epoch, logger: logger) { [unowned device] in device.wakeWorkers() }
+        let slow = device.faults.slowMembershipSeconds
+        if slow > 0 { cycle.beforeMembership = { usleep(UInt32(slow * 1e6)) } }
     }
 
     func start() throws {
@@ -48,8 +41,8 @@ final class MetadataKeeper: @unchecked Sendable {
         condition.signal()
         condition.unlock()
         thread?.join()
-        persistMembership()
-        clear(device.gate.beginClearing(idleTicks: 0))
+        cycle.persistMembership()
+        cycle.clearEverything()
     }
 
     /// The idle clock ticks on a monotonic clock: a wall clock set back would
@@ -70,98 +63,79 @@ final class MetadataKeeper: @unchecked Sendable {
             condition.unlock()
             if done { return }
 
-            persistMembership()
-            mark(device.gate.takeRegionsToMark())
+            cycle.persistMembership()
+            cycle.markRequested()
             if clock.now >= nextTick {
                 nextTick = clock.now.advanced(by: second)
-                device.gate.tick()
-                clear(device.gate.beginClearing(idleTicks: idleTicks))
+                cycle.tick()
             }
         }
     }
+}
 
-    // MARK: - Calls to the replicas
+/// `ReplicaMetadata` over each replica's gRPC control API, calls to several
+/// replicas in flight at once, each bounded by the replica timeout.
+final class ControlAPIMetadata: ReplicaMetadata {
+    private unowned let device: EngineDevice
+    private var clients: [Int: ReplicaControlClient] = [:]
 
-    /// Marks regions on every writable replica; a replica that fails the call
-    /// is failed (so every writable one left has the marks). Fenced, nothing is
-    /// marked: the parked writes are woken and answered EIO.
-    private func mark(_ regions: [Int]) {
-        guard !regions.isEmpty else { return }
-        let request = dirtyRanges(regions)
-        onWritableReplicas("cannot mark dirty regions") { stub, options in
-            _ = try await stub.markDirty(request, options: options)
-        }
-        if !device.replicas.isFenced { device.gate.marked(regions) }
-        device.wakeWorkers()
+    init(device: EngineDevice) {
+        self.device = device
     }
 
-    private func clear(_ regions: [Int]) {
-        guard !regions.isEmpty else { return }
-        let request = dirtyRanges(regions)
-        onWritableReplicas("cannot clear dirty regions") { stub, options in
-            _ = try await stub.clearDirty(request, options: options)
-        }
-        device.gate.cleared(regions, succeeded: true)
-        device.wakeWorkers()
-    }
-
-    /// Persists generations until the newest is on every writable replica
-    /// (a replica that fails this is failed, which makes a newer generation).
-    private func persistMembership() {
-        for _ in 0...ReplicaSet.capacity {
-            guard device.replicas.holdsAcknowledgements else { return }
-            if device.faults.slowMembershipSeconds > 0 {
-                usleep(UInt32(device.faults.slowMembershipSeconds * 1e6))
+    func run(_ call: MetadataCall, on indexes: [Int]) -> [Int: MetadataAnswer] {
+        let body = request(call)
+        let replicas = device.replicas.replicas
+        var answers: [Int: MetadataAnswer] = [:]
+        var calls: [(Int, Handoff<Result<Void, Error>>)] = []
+        for index in indexes {
+            do {
+                calls.append((index, try client(index, replicas[index].controlAddress)
+                    .start(timeout: device.replicaTimeoutSeconds, body)))
+            } catch {
+                answers[index] = .failed("\(error)")
             }
-            let (generation, members) = device.replicas.membership
+        }
+        for (index, call) in calls {
+            switch call.take() {
+            case .success:
+                answers[index] = .done
+            case .failure(let error as RPCError) where error.code == .permissionDenied:
+                answers[index] = .notOwner
+            case .failure(let error):
+                answers[index] = .failed("\(error)")
+            }
+        }
+        return answers
+    }
+
+    private func request(_ call: MetadataCall) -> @Sendable (ReplicaControlClient.Stub, CallOptions) async throws -> Void {
+        let owner = device.ownerMessage
+        switch call {
+        case .markDirty(let spans):
+            let request = dirtyRanges(spans, owner: owner)
+            return { stub, options in _ = try await stub.markDirty(request, options: options) }
+        case .clearDirty(let spans):
+            let request = dirtyRanges(spans, owner: owner)
+            return { stub, options in _ = try await stub.clearDirty(request, options: options) }
+        case .setMembership(let generation, let members):
             let update = Keel_Control_V1_MembershipUpdate.with {
-                $0.owner = device.ownerMessage
+                $0.owner = owner
                 $0.membership = .with {
                     $0.epoch = device.epoch
                     $0.generation = generation
                     $0.members = members
                 }
             }
-            let failed = onWritableReplicas("cannot record the membership") { stub, options in
-                _ = try await stub.setMembership(update, options: options)
-            }
-            if !failed {
-                logger.info("membership \(device.epoch).\(generation): \(members.count) replica(s) in sync")
-                device.replicas.persisted(generation: generation)
-                device.wakeWorkers()
-                return
-            }
+            return { stub, options in _ = try await stub.setMembership(update, options: options) }
         }
     }
 
-    /// Runs a call on every writable replica at once; fails those that fail it.
-    /// Returns whether any failed.
-    @discardableResult
-    private func onWritableReplicas(_ what: String,
-                                    _ body: @escaping @Sendable (ReplicaControlClient.Stub, CallOptions) async throws -> Void) -> Bool {
-        // A fenced engine asks nothing of replicas that belong to another engine now.
-        guard !device.replicas.isFenced else { return true }
-        let targets = device.replicas.replicas.enumerated().filter { $0.element.mode.isWritable }
-        var calls: [(Int, Handoff<Result<Void, Error>>)] = []
-        for (index, replica) in targets {
-            do {
-                let client = try client(index, replica.controlAddress)
-                calls.append((index, client.start(timeout: device.replicaTimeoutSeconds, body)))
-            } catch {
-                device.replicas.fail(index, reason: "\(what): \(error)")
-            }
+    private func dirtyRanges(_ spans: [ByteSpan], owner: Keel_Control_V1_Owner) -> Keel_Control_V1_DirtyRanges {
+        .with { request in
+            request.owner = owner
+            request.ranges = spans.map { span in .with { $0.offset = span.offset; $0.length = span.length } }
         }
-        var failed = calls.count < targets.count
-        for (index, call) in calls {
-            guard case .failure(let error) = call.take() else { continue }
-            failed = true
-            if let rpc = error as? RPCError, rpc.code == .permissionDenied {
-                device.replicas.fence(by: index)
-            } else {
-                device.replicas.fail(index, reason: "\(what): \(error)")
-            }
-        }
-        return failed
     }
 
     private func client(_ index: Int, _ address: SocketAddress) throws -> ReplicaControlClient {
@@ -169,15 +143,5 @@ final class MetadataKeeper: @unchecked Sendable {
         let client = try ReplicaControlClient(address: address)
         clients[index] = client
         return client
-    }
-
-    private func dirtyRanges(_ regions: [Int]) -> Keel_Control_V1_DirtyRanges {
-        var request = Keel_Control_V1_DirtyRanges()
-        request.owner = device.ownerMessage
-        request.ranges = regions.map { region in
-            let range = device.gate.range(of: region)
-            return .with { $0.offset = range.offset; $0.length = range.length }
-        }
-        return request
     }
 }
