@@ -65,12 +65,6 @@ public final class EngineWorker: BlockWorker {
     /// Commands submitted to each replica by this thread (counted only for fault points).
     private var submitted: [Int]
 
-    /// `IORequest.phase` while the engine owns a request: answered exactly once,
-    /// and a write leaves the gate only if the gate admitted it.
-    private static let issuing: UInt8 = 1
-    private static let admitted: UInt8 = 2
-    private static let answeredPhase: UInt8 = 3
-
     init(device: EngineDevice, ring: Ring) throws {
         self.device = device
         self.ring = ring
@@ -117,10 +111,7 @@ public final class EngineWorker: BlockWorker {
 
     public func start(_ r: UnsafeMutablePointer<IORequest>, token: IOToken) -> IOStatus {
         defer { settle() }
-        r.pointee.pendingOperations = 0
-        r.pointee.progress = 0
-        r.pointee.firstError = nil
-        r.pointee.phase = Self.issuing
+        RequestLedger.begin(r)
         refreshReplicas()
         switch r.pointee.command {
         case .read:
@@ -142,16 +133,12 @@ public final class EngineWorker: BlockWorker {
         return .inFlight
     }
 
-    /// Runs `body`, which submits the request's commands, holding one extra
-    /// pending count: libnbd may complete commands inside a submit call (a
-    /// link found dead), and the request must not be answered before every
-    /// command it will have is counted. Answers it here if nothing is left.
+    /// Runs `body`, which submits the request's commands, under the ledger's
+    /// issuing hold; answers the request here if nothing is left pending.
     private func issuing(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken, _ body: () -> Void) {
-        r.pointee.pendingOperations += 1
+        RequestLedger.holdWhileIssuing(r)
         body()
-        precondition(r.pointee.pendingOperations > 0, "request's pending count went below its issuing hold")
-        r.pointee.pendingOperations -= 1
-        if r.pointee.pendingOperations == 0 { answered(r, token) }
+        if RequestLedger.releaseIssuingHold(r) { answered(r, token) }
     }
 
     /// Sends a write to every writable replica once the gate lets it; parks it otherwise.
@@ -166,7 +153,7 @@ public final class EngineWorker: BlockWorker {
             parked.append((r, token))
             return
         }
-        r.pointee.phase = Self.admitted
+        RequestLedger.admit(r)
         var flags: NBDClient.CommandFlags = request.flags.contains(.fua) ? .fua : []
         issuing(r, token) {
             switch request.command {
@@ -252,9 +239,8 @@ public final class EngineWorker: BlockWorker {
     /// with no healthy replica left they fail: no replica is known to hold them.
     private func releaseHeld() {
         guard !held.isEmpty, !device.replicas.holdsAcknowledgements else { return }
-        let faulted = device.replicas.health == .faulted
         for (r, token) in held {
-            if faulted { r.pointee.firstError = .io }
+            RequestLedger.release(r, replicas: device.replicas)
             ring.nop(userData: token.rawValue)
         }
         held.removeAll(keepingCapacity: true)
@@ -297,7 +283,7 @@ public final class EngineWorker: BlockWorker {
         operation.pointee.active = true
         operation.pointee.sent = Self.now()
         // Counted before the submit: libnbd may complete the command inside it.
-        r.pointee.pendingOperations += 1
+        RequestLedger.commandSent(r)
         if faults.enabled { injectFaults(before: client, replica: i) }
         do {
             try client.submit(command, flags: flags, function: operationFinished, context: operation)
@@ -305,7 +291,7 @@ public final class EngineWorker: BlockWorker {
             guard operation.pointee.active else { return true }
             operation.pointee.active = false
             freeOperations.append(operation)
-            r.pointee.pendingOperations -= 1
+            RequestLedger.commandNotSent(r)
             device.replicas.fail(i, reason: "\(error)")
             return false
         }
@@ -330,51 +316,24 @@ public final class EngineWorker: BlockWorker {
         let replica = operation.pointee.replica
         freeOperations.append(operation)
 
-        if error == 0 {
-            r.pointee.progress += 1
-        } else if error == ESHUTDOWN {
-            device.replicas.fence(by: replica)
-        } else {
-            device.replicas.fail(replica, reason: "\(r.pointee.command) failed: \(String(cString: strerror(error)))")
-        }
-        precondition(r.pointee.pendingOperations > 0, "a replica answered a request with no command pending")
-        r.pointee.pendingOperations -= 1
-        if error != 0 && r.pointee.command == .read && r.pointee.progress == 0 {
+        switch RequestLedger.commandFinished(r, replica: replica, error: error, replicas: device.replicas) {
+        case .pending:
+            break
+        case .retryRead:
             // Retried later, outside libnbd's callback: issuing from inside it could
-            // reach the very handle whose lock the callback holds. Counted as pending.
-            r.pointee.pendingOperations += 1
+            // reach the very handle whose lock the callback holds.
             readRetries.append((r, token))
+        case .last:
+            answered(r, token)
         }
-        guard r.pointee.pendingOperations == 0 else { return }
-        answered(r, token)
     }
 
-    /// Every replica involved has answered: hand the request back (or hold a write's answer).
-    /// FLUSH answers wait like write answers: a FLUSH that a failed replica did
-    /// not do must not be acknowledged while that replica is still a member on disk.
+    /// Every replica involved has answered: hand the request back, or hold the answer.
     private func answered(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken) {
-        let phase = r.pointee.phase
-        precondition(phase == Self.issuing || phase == Self.admitted, "a request answered twice")
-        r.pointee.phase = Self.answeredPhase
-        if phase == Self.admitted {
-            device.gate.finish(offset: r.pointee.offset, length: UInt64(r.pointee.length))
+        switch RequestLedger.settle(r, replicas: device.replicas, gate: device.gate) {
+        case .answer: ring.nop(userData: token.rawValue)
+        case .hold: held.append((r, token))
         }
-        // The hold is decided before the fence is looked at: `holdsAcknowledgements`
-        // is false once fenced, and such an answer must then be EIO (fencing never ends).
-        let holds = device.replicas.holdsAcknowledgements
-        if (r.pointee.progress == 0 || device.replicas.isFenced) && r.pointee.firstError == nil {
-            r.pointee.firstError = .io
-        }
-        switch r.pointee.command {
-        case .write, .trim, .writeZeroes, .flush:
-            if holds {
-                held.append((r, token))
-                return
-            }
-        default:
-            break
-        }
-        ring.nop(userData: token.rawValue)
     }
 
     // MARK: - Sockets

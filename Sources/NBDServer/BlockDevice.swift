@@ -65,7 +65,7 @@ public struct IORequest {
     public var firstError: NBDError?
     public var scratch: BufferArena.Buffer?
 
-    init() {
+    public init() {
         command = .read
         flags = []
         offset = 0
