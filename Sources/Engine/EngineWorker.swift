@@ -282,21 +282,21 @@ public final class EngineWorker: BlockWorker {
         operation.pointee.replica = i
         operation.pointee.active = true
         operation.pointee.sent = Self.now()
-        // Counted before the submit: libnbd may complete the command inside it.
-        RequestLedger.commandSent(r)
         if faults.enabled { injectFaults(before: client, replica: i) }
-        do {
-            try client.submit(command, flags: flags, function: operationFinished, context: operation)
-        } catch {
-            guard operation.pointee.active else { return true }
-            operation.pointee.active = false
-            freeOperations.append(operation)
-            RequestLedger.commandNotSent(r)
-            device.replicas.fail(i, reason: "\(error)")
-            return false
+        let sent = RequestLedger.send(r) {
+            do {
+                try client.submit(command, flags: flags, function: operationFinished, context: operation)
+                return .sent
+            } catch {
+                guard operation.pointee.active else { return .completedInside }
+                operation.pointee.active = false
+                freeOperations.append(operation)
+                device.replicas.fail(i, reason: "\(error)")
+                return .notSent
+            }
         }
-        service(i)
-        return true
+        if sent { service(i) }
+        return sent
     }
 
     private func injectFaults(before client: NBDClient, replica i: Int) {

@@ -41,6 +41,13 @@ public final class ReplicaSet: @unchecked Sendable {
         public var reason = ""
         /// While WO: how much of the volume has been copied to it.
         public var rebuiltBytes: UInt64 = 0
+
+        public init(address: SocketAddress, controlAddress: SocketAddress, id: String, mode: Mode) {
+            self.address = address
+            self.controlAddress = controlAddress
+            self.id = id
+            self.mode = mode
+        }
     }
 
     /// The most replicas a volume can have over an engine's life (indexes are never reused).
@@ -51,6 +58,8 @@ public final class ReplicaSet: @unchecked Sendable {
     let version = Atomic<UInt64>(0)
     private let generationCounter = Atomic<UInt64>(1)
     private let persistedGeneration = Atomic<UInt64>(0)
+    /// RW replicas, kept with every change of the membership (read on every write's answer).
+    private let healthyCount: Atomic<Int>
     private let logger: Logger
     /// Called after every change (outside the lock): wakes the keeper and the I/O threads.
     var onChange: @Sendable () -> Void = {}
@@ -58,6 +67,7 @@ public final class ReplicaSet: @unchecked Sendable {
     public init(_ replicas: [Replica], logger: Logger) {
         precondition(replicas.count <= Self.capacity)
         state = Mutex(replicas)
+        healthyCount = Atomic(replicas.filter { $0.mode == .rw }.count)
         self.logger = logger
     }
 
@@ -84,7 +94,7 @@ public final class ReplicaSet: @unchecked Sendable {
     }
 
     /// Whether acknowledgements must wait for the newest membership to be persisted.
-    var holdsAcknowledgements: Bool {
+    public var holdsAcknowledgements: Bool {
         !isFenced && generationCounter.load(ordering: .acquiring) != persistedGeneration.load(ordering: .acquiring)
     }
 
@@ -118,7 +128,7 @@ public final class ReplicaSet: @unchecked Sendable {
         let outcome: (changed: Bool, healthy: Int, total: Int, address: SocketAddress) = state.withLock { replicas in
             let address = replicas[index].address
             guard replicas[index].mode.isWritable else { return (false, 0, 0, address) }
-            if replicas[index].mode == .rw { generationCounter.add(1, ordering: .sequentiallyConsistent) }
+            if replicas[index].mode == .rw { leftMembership() }
             replicas[index].mode = .err
             replicas[index].reason = reason
             let live = replicas.filter { $0.mode != .removed }
@@ -161,6 +171,7 @@ public final class ReplicaSet: @unchecked Sendable {
         let done: Bool = state.withLock { replicas in
             guard replicas[index].mode == .wo else { return false }
             replicas[index].mode = .rw
+            healthyCount.add(1, ordering: .sequentiallyConsistent)
             generationCounter.add(1, ordering: .sequentiallyConsistent)
             return true
         }
@@ -177,7 +188,7 @@ public final class ReplicaSet: @unchecked Sendable {
             if replicas[index].mode == .rw && replicas.filter({ $0.mode == .rw }).count == 1 {
                 throw EngineError("\(address) is the volume's last healthy replica; add another one first")
             }
-            if replicas[index].mode == .rw { generationCounter.add(1, ordering: .sequentiallyConsistent) }
+            if replicas[index].mode == .rw { leftMembership() }
             replicas[index].mode = .removed
             replicas[index].reason = "removed"
             return index
@@ -186,6 +197,15 @@ public final class ReplicaSet: @unchecked Sendable {
         logger.notice("replica \(address) removed")
         return index
     }
+
+    /// Under the state lock: an RW replica leaves the membership.
+    private func leftMembership() {
+        healthyCount.subtract(1, ordering: .sequentiallyConsistent)
+        generationCounter.add(1, ordering: .sequentiallyConsistent)
+    }
+
+    /// Some replica is RW: an answer can rest on it.
+    public var hasHealthyReplica: Bool { healthyCount.load(ordering: .acquiring) > 0 }
 
     private func changed() {
         version.add(1, ordering: .releasing)

@@ -53,15 +53,29 @@ public enum RequestLedger {
         return r.pointee.pendingOperations == 0
     }
 
-    /// Counted before the submit: the transport may complete it inside.
-    public static func commandSent(_ r: UnsafeMutablePointer<IORequest>) {
-        r.pointee.pendingOperations += 1
+    public enum Submission {
+        /// On its way: its answer comes through `commandFinished`.
+        case sent
+        /// The link died inside the submit, which answered the command (and
+        /// every other one queued on that link) before it returned.
+        case completedInside
+        /// It never reached the link and was never answered.
+        case notSent
     }
 
-    /// The command never reached the replica's link (and was never completed).
-    public static func commandNotSent(_ r: UnsafeMutablePointer<IORequest>) {
-        precondition(r.pointee.pendingOperations > 0)
-        r.pointee.pendingOperations -= 1
+    /// Sends one command of the request: counted *before* `submit`, because
+    /// the transport may complete it inside the call. True when it is
+    /// accounted for (on its way or already answered).
+    public static func send(_ r: UnsafeMutablePointer<IORequest>, _ submit: () -> Submission) -> Bool {
+        r.pointee.pendingOperations += 1
+        switch submit() {
+        case .sent, .completedInside:
+            return true
+        case .notSent:
+            precondition(r.pointee.pendingOperations > 0)
+            r.pointee.pendingOperations -= 1
+            return false
+        }
     }
 
     public enum Finished: Equatable {
@@ -108,20 +122,23 @@ public enum RequestLedger {
         // The hold is decided before the fence is looked at: `holdsAcknowledgements`
         // is false once fenced, and such an answer must then be EIO (fencing never ends).
         let holds = replicas.holdsAcknowledgements
-        if (r.pointee.progress == 0 || replicas.isFenced) && r.pointee.firstError == nil {
+        let durable: Bool
+        switch r.pointee.command {
+        case .write, .trim, .writeZeroes, .flush: durable = true
+        default: durable = false
+        }
+        // A replica that answered may have failed since (another request's
+        // error): with no RW replica left, none is known to hold this one.
+        if (r.pointee.progress == 0 || replicas.isFenced || (durable && !replicas.hasHealthyReplica))
+            && r.pointee.firstError == nil {
             r.pointee.firstError = .io
         }
-        switch r.pointee.command {
-        case .write, .trim, .writeZeroes, .flush:
-            return holds ? .hold : .answer
-        default:
-            return .answer
-        }
+        return durable && holds ? .hold : .answer
     }
 
     /// A held answer is released: with no healthy replica left it fails, since
     /// no replica is known to hold it.
     public static func release(_ r: UnsafeMutablePointer<IORequest>, replicas: ReplicaSet) {
-        if replicas.health == .faulted { r.pointee.firstError = .io }
+        if !replicas.hasHealthyReplica || replicas.isFenced { r.pointee.firstError = .io }
     }
 }
