@@ -92,6 +92,15 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
 
+        // The replication core under a seeded storm of faults, single-threaded (docs/replication.md).
+        .target(name: "Simulator", dependencies: [
+            "Engine", "NBDServer", "NBDProtocol", "ReplicaServer", "ControlAPI",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "keel-sim", dependencies: [
+            "Simulator", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "IOUringTests", dependencies: ["IOUring", "Syscalls"]),
         .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite", "ReplicaIdentity"]),
@@ -102,6 +111,7 @@ let package = Package(
         ]),
         .testTarget(name: "KernelNBDTests", dependencies: ["KernelNBD"]),
         .testTarget(name: "NodeTests", dependencies: ["NodeRegistry", "Daemons"]),
+        .testTarget(name: "SimulatorTests", dependencies: ["Simulator"]),
         // Also runs Tests/KernelScenarios/*.sh in a QEMU guest with Debian's kernel (KernelTests).
         .testTarget(name: "IntegrationTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls"]),
     ],

@@ -179,7 +179,7 @@ public struct VolumeStartup {
     /// volume), all of them. Unless `allowDegraded`, a majority of that
     /// record's members must be reachable: a lone replica with an old record
     /// cannot tell it is stale.
-    static func members(_ replicas: [(id: String, membership: Keel_Control_V1_Membership?)?],
+    public static func members(_ replicas: [(id: String, membership: Keel_Control_V1_Membership?)?],
                         allowDegraded: Bool = false) throws -> Set<Int> {
         let reachable = replicas.indices.filter { replicas[$0] != nil }
         guard let newest = newest(reachable.compactMap { replicas[$0]!.membership }) else {
@@ -195,12 +195,12 @@ public struct VolumeStartup {
         return members
     }
 
-    static func newest(_ records: [Keel_Control_V1_Membership]) -> Keel_Control_V1_Membership? {
+    public static func newest(_ records: [Keel_Control_V1_Membership]) -> Keel_Control_V1_Membership? {
         records.max(by: { ($0.epoch, $0.generation) < ($1.epoch, $1.generation) })
     }
 
     /// Sorted, merged, clipped to the volume.
-    static func union(_ ranges: [Keel_Control_V1_ByteRange], size: UInt64) -> [Keel_Control_V1_ByteRange] {
+    public static func union(_ ranges: [Keel_Control_V1_ByteRange], size: UInt64) -> [Keel_Control_V1_ByteRange] {
         var merged: [Keel_Control_V1_ByteRange] = []
         for range in ranges.sorted(by: { $0.offset < $1.offset }) where range.offset < size {
             let end = min(range.offset + range.length, size)

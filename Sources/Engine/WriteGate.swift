@@ -180,7 +180,7 @@ public final class WriteGate: @unchecked Sendable {
     }
 
     /// Regions that may differ between replicas if the engine crashed now.
-    func nonCleanRegions() -> [Int] {
+    public func nonCleanRegions() -> [Int] {
         state.withLock { s in (0..<regionCount).filter { s.intent[$0] != .clean } }
     }
 

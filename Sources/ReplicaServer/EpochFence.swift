@@ -13,8 +13,8 @@ import Synchronization
 /// the disk. A request of the current epoch waits until every request of older
 /// epochs already on its way to the disk has finished, so that no write of a
 /// fenced engine can land after the new engine's I/O.
-final class EpochFence: Sendable {
-    enum Admission: Equatable {
+public final class EpochFence: Sendable {
+    public enum Admission: Equatable {
         case admit
         case reject
         case wait
@@ -27,18 +27,18 @@ final class EpochFence: Sendable {
 
     private let state: Mutex<State>
 
-    init(epoch: UInt64) {
+    public init(epoch: UInt64) {
         state = Mutex(State(epoch: epoch))
     }
 
-    var epoch: UInt64 { state.withLock { $0.epoch } }
+    public var epoch: UInt64 { state.withLock { $0.epoch } }
 
     /// A claim of `epoch` is durable: from now on older epochs are refused.
-    func advance(to epoch: UInt64) {
+    public func advance(to epoch: UInt64) {
         state.withLock { $0.epoch = max($0.epoch, epoch) }
     }
 
-    func enter(session: UInt64) -> Admission {
+    public func enter(session: UInt64) -> Admission {
         state.withLock { s in
             if session < s.epoch { return .reject }
             // Newer than the fence: its claim is still being persisted.
@@ -49,7 +49,7 @@ final class EpochFence: Sendable {
         }
     }
 
-    func leave(session: UInt64) {
+    public func leave(session: UInt64) {
         state.withLock { s in
             let left = s.inFlight[session, default: 0] - 1
             precondition(left >= 0, "a request left the fence without having entered it")

@@ -1,0 +1,23 @@
+/// SplitMix64: every choice of a run comes from its seed, so a seed replays.
+struct SimRandom {
+    private var state: UInt64
+
+    init(seed: UInt64) { state = seed }
+
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+
+    /// 0 ..< n.
+    mutating func below(_ n: Int) -> Int {
+        precondition(n > 0)
+        return Int(next() % UInt64(n))
+    }
+
+    /// True with probability `perMille` / 1000.
+    mutating func chance(_ perMille: Int) -> Bool { below(1000) < perMille }
+}
