@@ -94,7 +94,7 @@ let package = Package(
 
         // The replication core under a seeded storm of faults, single-threaded (docs/replication.md).
         .target(name: "Simulator", dependencies: [
-            "Engine", "NBDServer", "NBDProtocol", "ReplicaServer", "ControlAPI",
+            "Engine", "NBDServer", "NBDProtocol", "ReplicaServer", "ReplicaIdentity", "ControlAPI",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "keel-sim", dependencies: [

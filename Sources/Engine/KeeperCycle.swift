@@ -1,4 +1,5 @@
 import Logging
+import ReplicaIdentity
 
 /// The metadata keeper's decisions, one step at a time and on one thread:
 /// mark regions before writes go there, persist each membership generation
@@ -77,10 +78,10 @@ public final class KeeperCycle {
         wakeWorkers()
     }
 
-    private func spans(_ regions: [Int]) -> [ByteSpan] {
+    private func spans(_ regions: [Int]) -> [ByteRange] {
         regions.map { region in
             let range = gate.range(of: region)
-            return ByteSpan(offset: range.offset, length: range.length)
+            return ByteRange(offset: range.offset, length: range.length)
         }
     }
 

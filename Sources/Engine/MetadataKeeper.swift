@@ -2,6 +2,7 @@ import ControlAPI
 import Foundation
 import GRPCCore
 import Logging
+import ReplicaIdentity
 import Syscalls
 
 /// The engine's control-plane thread: runs the `KeeperCycle` whenever the
@@ -131,7 +132,7 @@ final class ControlAPIMetadata: ReplicaMetadata {
         }
     }
 
-    private func dirtyRanges(_ spans: [ByteSpan], owner: Keel_Control_V1_Owner) -> Keel_Control_V1_DirtyRanges {
+    private func dirtyRanges(_ spans: [ByteRange], owner: Keel_Control_V1_Owner) -> Keel_Control_V1_DirtyRanges {
         .with { request in
             request.owner = owner
             request.ranges = spans.map { span in .with { $0.offset = span.offset; $0.length = span.length } }

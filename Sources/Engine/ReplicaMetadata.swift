@@ -1,7 +1,9 @@
+import ReplicaIdentity
+
 /// What the keeper asks of one replica's control API.
 public enum MetadataCall: Sendable {
-    case markDirty([ByteSpan])
-    case clearDirty([ByteSpan])
+    case markDirty([ByteRange])
+    case clearDirty([ByteRange])
     case setMembership(generation: UInt64, members: [String])
 }
 
@@ -11,17 +13,6 @@ public enum MetadataAnswer: Sendable, Equatable {
     /// The replica belongs to a newer engine: this one is fenced.
     case notOwner
     case failed(String)
-}
-
-/// Bytes of the volume, as the keeper names them to replicas.
-public struct ByteSpan: Sendable, Hashable {
-    public var offset: UInt64
-    public var length: UInt64
-
-    public init(offset: UInt64, length: UInt64) {
-        self.offset = offset
-        self.length = length
-    }
 }
 
 /// The replicas' control API as the keeper sees it: in production gRPC

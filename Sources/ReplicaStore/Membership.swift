@@ -1,16 +1,3 @@
-/// A byte range of the volume.
-public struct ByteRange: Hashable, Sendable, CustomStringConvertible {
-    public var offset: UInt64
-    public var length: UInt64
-
-    public init(offset: UInt64, length: UInt64) {
-        self.offset = offset
-        self.length = length
-    }
-
-    public var description: String { "\(offset)+\(length)" }
-}
-
 /// Which replicas hold every acknowledged write of the volume, as of an
 /// engine's epoch and the generation of its replica set within that epoch.
 /// The newest record (by epoch, then generation) is the one to trust.

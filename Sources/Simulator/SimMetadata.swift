@@ -1,3 +1,4 @@
+import ReplicaIdentity
 import ControlAPI
 import Engine
 

@@ -1,6 +1,7 @@
 import ControlAPI
 import Engine
 import Logging
+import ReplicaIdentity
 import NBDProtocol
 import NBDServer
 #if canImport(Glibc)
@@ -127,7 +128,7 @@ public final class Simulation {
 
     var volumeSize: UInt64 { UInt64(options.blocks) * blockSize }
 
-    func region(of span: ByteSpan) -> Int { Int(span.offset / (UInt64(options.regionBlocks) * blockSize)) }
+    func region(of span: ByteRange) -> Int { Int(span.offset / (UInt64(options.regionBlocks) * blockSize)) }
 
     func violation(_ text: String) {
         if violations.count < 20 { violations.append("step \(counts.steps): \(text)") }
