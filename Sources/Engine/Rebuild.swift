@@ -94,89 +94,58 @@ final class Rebuild: @unchecked Sendable {
         if joined.exchange(true, ordering: .acquiringAndReleasing) == false { thread?.join() }
     }
 
-    private var shouldStop: Bool {
-        stopRequested.load(ordering: .acquiring) || device.replicas.mode(index) != .wo
-    }
-
     private func run() {
         defer {
             device.dropPreparedLinks(to: address)
             done.store(true, ordering: .releasing)
         }
-        do {
-            try waitForWorkers()
-            try markDirtyRegions()
-            var copier = try openCopier()
-            let gate = device.gate
-            for region in 0..<gate.regionCount {
-                if shouldStop { return }
-                let range = gate.range(of: region)
-                let length = min(range.length, device.size - range.offset)
-                try copy(region, offset: range.offset, length: length, with: &copier)
-                device.replicas.rebuilt(index, bytes: range.offset + length)
-                if device.faults.slowRebuildSeconds > 0 { usleep(UInt32(device.faults.slowRebuildSeconds * 1e6)) }
+        do { try waitForWorkers() } catch {
+            if !isCancelled { device.replicas.fail(index, reason: "rebuild failed: \(error)") }
+            return
+        }
+        // Writes in flight finish, or their replica is failed, within the replica timeout.
+        let cycle = RebuildCycle(index: index, gate: device.gate, replicas: device.replicas,
+                                 metadata: ControlAPIMetadata(device: device),
+                                 maxWaits: Int(device.replicaTimeoutSeconds * 10_000) + 10_000, logger: logger,
+                                 isCancelled: { [self] in isCancelled }) { [device] in device.wakeWorkers() }
+        var copier: RegionCopier?
+        while true {
+            switch cycle.next() {
+            case .wait:
+                usleep(100)
+            case .copy(let region, let range, let source):
+                cycle.copied(Result {
+                    do {
+                        if copier?.sourceIndex != source { copier = try openCopier(from: source) }
+                        injectSourceFault(region, copier!)
+                        try copier!.copy(offset: range.offset, length: range.length)
+                    } catch {
+                        copier = nil
+                        throw error
+                    }
+                    if device.faults.slowRebuildSeconds > 0 { usleep(UInt32(device.faults.slowRebuildSeconds * 1e6)) }
+                })
+            case .flush:
+                cycle.flushed(Result {
+                    try (copier?.targets[0] ?? openTarget()).flush()
+                })
+            case .finished:
+                return
             }
-            try copier.targets[0].flush()
-            if device.replicas.promote(index) {
-                logger.notice("replica \(address) rebuilt: now RW")
-            }
-        } catch {
-            if !shouldStop { device.replicas.fail(index, reason: "rebuild failed: \(error)") }
         }
     }
+
+    private var isCancelled: Bool { stopRequested.load(ordering: .acquiring) }
 
     /// Every I/O thread must send new writes to the replica before any region is copied.
     private func waitForWorkers() throws {
         device.wakeWorkers()
         for _ in 0..<3000 {
-            if shouldStop { throw EngineError("stopped") }
+            if isCancelled || device.replicas.mode(index) != .wo { throw EngineError("stopped") }
             if device.workersJoined(index) >= device.workerCount { return }
             usleep(10_000)
         }
         throw EngineError("the I/O threads did not connect to the replica within 30 s")
-    }
-
-    /// Regions that are dirty (or being marked) when the replica joins are
-    /// marked on it too: once it is RW, its own log must cover them.
-    private func markDirtyRegions() throws {
-        let regions = device.gate.nonCleanRegions()
-        guard !regions.isEmpty else { return }
-        let request = Keel_Control_V1_DirtyRanges.with { request in
-            request.owner = device.ownerMessage
-            request.ranges = regions.map { region in
-                let range = device.gate.range(of: region)
-                return .with { $0.offset = range.offset; $0.length = range.length }
-            }
-        }
-        _ = try ReplicaControlClient(address: device.replicas.replicas[index].controlAddress)
-            .call(timeout: device.replicaTimeoutSeconds) { try await $0.markDirty(request, options: $1) }
-    }
-
-    /// Copies one region, closed to new writes while each try runs. When a
-    /// try fails, the source may have died: the region is opened again (writes
-    /// there wait no longer than one try) and copied from another healthy
-    /// replica, each tried once; if the new replica itself is gone, every try
-    /// fails, and so does the rebuild.
-    private func copy(_ region: Int, offset: UInt64, length: UInt64, with copier: inout RegionCopier) throws {
-        var failedSources = Set<Int>()
-        for _ in 0...ReplicaSet.capacity {
-            do {
-                try closed(region) {
-                    // The source must still hold every write: one that failed a write went ERR
-                    // before the region was quiet, so checking here, under the lock, suffices.
-                    if device.replicas.mode(copier.sourceIndex) != .rw { copier = try openCopier(excluding: failedSources) }
-                    injectSourceFault(region, copier)
-                    try copier.copy(offset: offset, length: length)
-                }
-                return
-            } catch {
-                if shouldStop { throw error }
-                failedSources.insert(copier.sourceIndex)
-                logger.warning("rebuild of \(address): copying \(length) bytes at \(offset) from replica \(copier.sourceIndex) failed (\(error)); trying another source")
-                copier = try openCopier(excluding: failedSources)
-            }
-        }
-        throw EngineError("no source could copy \(length) bytes at \(offset)")
     }
 
     private func injectSourceFault(_ region: Int, _ copier: RegionCopier) {
@@ -186,30 +155,14 @@ final class Rebuild: @unchecked Sendable {
         shutdown(copier.source.descriptor, Int32(SHUT_RDWR))
     }
 
-    private func openCopier(excluding failed: Set<Int> = []) throws -> RegionCopier {
-        let replicas = device.replicas.replicas
-        guard let source = replicas.indices.first(where: { replicas[$0].mode == .rw && !failed.contains($0) }) else {
-            throw EngineError("no healthy replica to copy from")
-        }
-        let open = { (i: Int) in try RegionCopier.connect { try self.device.open($0, address: self.device.replicas.replicas[i].address) } }
-        return RegionCopier(source: try open(source), targets: [try open(index)],
-                            timeoutSeconds: device.replicaTimeoutSeconds, sourceIndex: source)
+    private func openCopier(from source: Int) throws -> RegionCopier {
+        RegionCopier(source: try open(source), targets: [try openTarget()],
+                     timeoutSeconds: device.replicaTimeoutSeconds, sourceIndex: source)
     }
 
-    /// Runs `body` with the region closed to new writes and none in flight.
-    private func closed(_ region: Int, _ body: () throws -> Void) throws {
-        defer {
-            device.gate.unlockCopy()
-            device.wakeWorkers()
-        }
-        var quiet = device.gate.lockForCopy(region)
-        // Writes in flight finish, or their replica is failed, within the replica timeout.
-        let limit = Int(device.replicaTimeoutSeconds * 10_000) + 10_000
-        for _ in 0..<limit where !quiet {
-            usleep(100)
-            quiet = device.gate.isQuiet(region)
-        }
-        guard quiet else { throw EngineError("writes to region \(region) did not finish") }
-        try body()
+    private func openTarget() throws -> NBDClient { try open(index) }
+
+    private func open(_ replica: Int) throws -> NBDClient {
+        try RegionCopier.connect { try device.open($0, address: device.replicas.replicas[replica].address) }
     }
 }

@@ -143,7 +143,7 @@ public final class ReplicaSet: @unchecked Sendable {
 
     /// A new replica in WO mode; returns its index. A failed replica at the
     /// same address is replaced: it leaves the set.
-    func add(address: SocketAddress, controlAddress: SocketAddress, id: String) throws -> Int {
+    public func add(address: SocketAddress, controlAddress: SocketAddress, id: String) throws -> Int {
         let index: Int = try state.withLock { replicas in
             if let same = replicas.firstIndex(where: { $0.id == id && $0.mode.isWritable }) {
                 throw EngineError("replica \(replicas[same].address) with this identity is already in the volume")

@@ -26,6 +26,7 @@ public final class WriteGate: @unchecked Sendable {
         case clean, marking, dirty, clearing
     }
 
+    public let size: UInt64
     public let regionSize: UInt64
     public let regionCount: Int
 
@@ -53,6 +54,7 @@ public final class WriteGate: @unchecked Sendable {
     public init(size: UInt64, regionSize: UInt64? = nil) {
         var region: UInt64 = regionSize ?? 1 << 20
         while regionSize == nil && (size + region - 1) / region > 65536 { region <<= 1 }
+        self.size = size
         self.regionSize = region
         regionCount = Int((size + region - 1) / region)
         var initial = State(intent: Array(repeating: .clean, count: regionCount),

@@ -8,5 +8,8 @@ public struct ByteRange: Hashable, Sendable, CustomStringConvertible {
         self.length = length
     }
 
+    /// The first byte after the range.
+    public var end: UInt64 { offset + length }
+
     public var description: String { "\(offset)+\(length)" }
 }

@@ -1,0 +1,123 @@
+@testable import Engine
+import Logging
+import ReplicaIdentity
+import Testing
+
+/// The rebuild's decisions without sockets: regions closed and quiet before
+/// each copy, another source after a failed copy, marks on the joining
+/// replica, the region open again however the rebuild ends.
+@Suite struct RebuildCycleTests {
+    private final class Metadata: ReplicaMetadata {
+        var calls: [(MetadataCall, [Int])] = []
+        var answer = MetadataAnswer.done
+        func run(_ call: MetadataCall, on indexes: [Int]) -> [Int: MetadataAnswer] {
+            calls.append((call, indexes))
+            return Dictionary(uniqueKeysWithValues: indexes.map { ($0, answer) })
+        }
+    }
+
+    private let logger = Logger(label: "test") { _ in SwiftLogNoOpLogHandler() }
+    private let region: UInt64 = 1 << 20
+
+    /// Two RW replicas (0, 1) and a joining one (2), over `regions` regions.
+    private func setUp(regions: UInt64 = 2, maxWaits: Int = 10) throws -> (WriteGate, ReplicaSet, Metadata, RebuildCycle) {
+        let gate = WriteGate(size: regions * region - 4096, regionSize: region)
+        let replicas = ReplicaSet((0..<2).map {
+            ReplicaSet.Replica(address: .unix(path: "r\($0)"), controlAddress: .unix(path: "c\($0)"), id: "r\($0)", mode: .rw)
+        }, logger: logger)
+        let index = try replicas.add(address: .unix(path: "r2"), controlAddress: .unix(path: "c2"), id: "r2")
+        let metadata = Metadata()
+        let cycle = RebuildCycle(index: index, gate: gate, replicas: replicas, metadata: metadata, maxWaits: maxWaits,
+                                 logger: logger) {}
+        return (gate, replicas, metadata, cycle)
+    }
+
+    /// A write admitted (its region marked first) and not yet finished.
+    private func writeInFlight(_ gate: WriteGate, at offset: UInt64) {
+        _ = gate.admit(offset: offset, length: 4096)
+        gate.marked(gate.takeRegionsToMark())
+        #expect(gate.admit(offset: offset, length: 4096))
+    }
+
+    @Test func everyRegionIsCopiedThenTheReplicaIsFlushedAndPromoted() throws {
+        let (_, replicas, metadata, cycle) = try setUp()
+        #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: 0))
+        cycle.copied(.success(()))
+        #expect(replicas.replicas[2].rebuiltBytes == region)
+        // The last region is clipped to the volume.
+        #expect(cycle.next() == .copy(region: 1, range: ByteRange(offset: region, length: region - 4096), source: 0))
+        cycle.copied(.success(()))
+        #expect(cycle.next() == .flush)
+        cycle.flushed(.success(()))
+        #expect(cycle.next() == .finished)
+        #expect(replicas.mode(2) == .rw)
+        #expect(metadata.calls.isEmpty, "no region was dirty: nothing to mark")
+    }
+
+    @Test func aRegionIsCopiedOnlyOnceTheWritesInItHaveFinished() throws {
+        let (gate, _, _, cycle) = try setUp()
+        writeInFlight(gate, at: 0)
+        #expect(cycle.next() == .wait)
+        #expect(!gate.admit(offset: 8192, length: 4096), "the region is closed to new writes")
+        #expect(cycle.next() == .wait)
+        gate.finish(offset: 0, length: 4096)
+        guard case .copy(region: 0, _, _) = cycle.next() else { Issue.record("no copy once quiet"); return }
+        cycle.copied(.success(()))
+        #expect(gate.admit(offset: 8192, length: 4096), "open again after the copy")
+    }
+
+    @Test func regionsDirtyWhenTheReplicaJoinsAreMarkedOnIt() throws {
+        let (gate, _, metadata, cycle) = try setUp()
+        writeInFlight(gate, at: region)
+        gate.finish(offset: region, length: 4096)
+        _ = cycle.next()
+        #expect(metadata.calls.count == 1)
+        guard case (.markDirty(let spans), let on) = metadata.calls[0] else { Issue.record("not a mark"); return }
+        #expect(spans == [ByteRange(offset: region, length: region)] && on == [2])
+    }
+
+    @Test func aFailedCopyMovesToAnotherSourceThenFailsTheReplicaWhenNoneIsLeft() throws {
+        let (gate, replicas, _, cycle) = try setUp()
+        #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: 0))
+        cycle.copied(.failure(EngineError("source gone")))
+        _ = gate.admit(offset: 0, length: 4096)
+        gate.marked(gate.takeRegionsToMark())
+        #expect(gate.admit(offset: 0, length: 4096), "the region opens between tries")
+        gate.finish(offset: 0, length: 4096)
+        #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: 1))
+        cycle.copied(.failure(EngineError("gone too")))
+        #expect(cycle.next() == .finished)
+        #expect(replicas.mode(2) == .err)
+        #expect(replicas.replicas[2].reason.contains("every source failed"))
+    }
+
+    @Test func writesThatNeverFinishFailTheRebuildAndOpenTheRegion() throws {
+        let (gate, replicas, _, cycle) = try setUp(maxWaits: 3)
+        writeInFlight(gate, at: 0)
+        for _ in 0..<3 { #expect(cycle.next() == .wait) }
+        #expect(cycle.next() == .finished)
+        #expect(replicas.mode(2) == .err)
+        gate.finish(offset: 0, length: 4096)
+        #expect(gate.admit(offset: 4096, length: 4096))
+    }
+
+    @Test func aReplicaFailedOrRemovedMeanwhileStopsTheRebuildWithTheRegionOpen() throws {
+        let (gate, replicas, _, cycle) = try setUp()
+        writeInFlight(gate, at: 0)
+        #expect(cycle.next() == .wait)
+        replicas.fail(2, reason: "connection lost")
+        #expect(cycle.next() == .finished)
+        gate.finish(offset: 0, length: 4096)
+        #expect(gate.admit(offset: 4096, length: 4096))
+        #expect(!replicas.promote(2))
+    }
+
+    @Test func aReplicaThatRefusesTheMarksAsNotItsOwnersFencesTheEngine() throws {
+        let (gate, replicas, metadata, cycle) = try setUp()
+        writeInFlight(gate, at: 0)
+        gate.finish(offset: 0, length: 4096)
+        metadata.answer = .notOwner
+        #expect(cycle.next() == .finished)
+        #expect(replicas.isFenced)
+    }
+}
