@@ -32,13 +32,6 @@ public struct VolumeStartup {
         self.logger = logger
     }
 
-    /// What one replica said before anything was claimed.
-    struct Report {
-        var address: SocketAddress
-        var control: ReplicaControlClient
-        var status: Keel_Control_V1_ReplicaStatus
-    }
-
     public struct Outcome {
         public var epoch: UInt64
         public var replicas: ReplicaSet
@@ -47,10 +40,17 @@ public struct VolumeStartup {
     }
 
     public func run(addresses: [SocketAddress], epoch requested: UInt64?) throws -> Outcome {
+        let links = NetworkStartupLinks(addresses: addresses, startup: self)
+        defer { links.close() }
+        return try run(links, addresses: addresses, epoch: requested)
+    }
+
+    /// The start over any links; `addresses` name the replicas, in the links' order.
+    public func run(_ links: some StartupLinks, addresses: [SocketAddress], epoch requested: UInt64?) throws -> Outcome {
         var unreachable: [String] = []
-        let inspected = try addresses.map { address -> Report? in
-            do { return try inspect(address) } catch let error as Unreachable {
-                unreachable.append("\(address): \(error.reason)")
+        let inspected = try addresses.indices.map { i -> Keel_Control_V1_ReplicaStatus? in
+            do { return try links.inspect(i) } catch let error as StartupUnreachable {
+                unreachable.append("\(addresses[i]): \(error.reason)")
                 return nil
             }
         }
@@ -61,7 +61,7 @@ public struct VolumeStartup {
         // (and so fences nobody); the decision below uses what the replicas
         // say after the claim, when the old engine can change nothing more.
         _ = try decide(inspected, addressCount: addresses.count, unreachable: unreachable)
-        let newest = inspected.compactMap { $0?.status.owner.epoch }.max()!
+        let newest = inspected.compactMap { $0?.owner.epoch }.max()!
         guard newest < Owner.maximumEpoch else {
             throw EngineError("the replicas have seen the largest epoch there is (\(newest)); nothing was changed")
         }
@@ -73,81 +73,54 @@ public struct VolumeStartup {
             throw EngineError("--epoch \(epoch) is not newer than epoch \(newest), which a replica has seen; nothing was changed")
         }
 
-        var clients: [Int: NBDClient] = [:]
-        for (i, report) in inspected.enumerated() {
-            guard let report else { continue }
-            do {
-                clients[i] = try RegionCopier.connect {
-                    try $0.setExportName(exportName(Owner(epoch: epoch, engine: engineID)))
-                    try $0.connect(to: report.address)
-                }
-            } catch {
-                throw EngineError("replica \(report.address) refused epoch \(epoch): \(error)")
-            }
-        }
-        defer { for client in clients.values { try? client.shutdown() } }
-        let claimed = try inspected.map { report -> Report? in
-            guard var report else { return nil }
-            report.status = try controlCall(report) { try await $0.status(.init(), options: $1) }
-            return report
-        }
+        let owner = Owner(epoch: epoch, engine: engineID)
+        for i in inspected.indices where inspected[i] != nil { try links.claim(i, for: owner) }
+        let claimed = try inspected.indices.map { i in try inspected[i].map { _ in try links.status(i) } }
         let members = try decide(claimed, addressCount: addresses.count, unreachable: unreachable)
-        let reports = claimed
 
         let ordered = members.sorted()
-        let dirty = Self.union(ordered.flatMap { reports[$0]!.status.dirty }, size: size)
-        let owner = Owner(epoch: epoch, engine: engineID).message
+        let dirty = Self.union(ordered.flatMap { claimed[$0]!.dirty }, size: size)
         var copied: UInt64 = 0
         if !dirty.isEmpty {
             if ordered.count > 1 {
-                let copier = RegionCopier(source: clients[ordered[0]]!, targets: ordered.dropFirst().map { clients[$0]! },
-                                          timeoutSeconds: replicaTimeoutSeconds)
                 // Piece by piece, each with its own deadline: a merged range may be large.
                 for range in dirty {
                     var offset = range.offset
                     while offset < range.offset + range.length {
-                        let length = min(Self.resyncPiece, range.offset + range.length - offset)
-                        do { try copier.copy(offset: offset, length: length) } catch {
-                            throw EngineError("cannot make the replicas identical at \(offset)+\(length): \(error)")
+                        let piece = ByteRange(offset: offset, length: min(Self.resyncPiece, range.offset + range.length - offset))
+                        do { try links.copy(piece, from: ordered[0], to: Array(ordered.dropFirst())) } catch {
+                            throw EngineError("cannot make the replicas identical at \(piece): \(error)")
                         }
-                        offset += length
+                        offset = piece.end
                     }
                     copied += range.length
                 }
-                for i in ordered.dropFirst() { try clients[i]!.flush() }
+                for i in ordered.dropFirst() { try links.flush(i) }
             }
-            let request = Keel_Control_V1_DirtyRanges.with { $0.owner = owner; $0.ranges = dirty }
-            for i in ordered {
-                _ = try controlCall(reports[i]!) { try await $0.clearDirty(request, options: $1) }
-            }
+            for i in ordered { try links.clearDirty(dirty, on: i, for: owner) }
             logger.notice("made the replicas identical: copied \(copied) of \(size) bytes, in \(dirty.count) dirty range(s)")
         }
 
-        let replicas = ReplicaSet(reports.enumerated().map { i, report in
+        let replicas = ReplicaSet(claimed.enumerated().map { i, status in
             let address = addresses[i]
             var replica = ReplicaSet.Replica(address: address, controlAddress: defaultControlAddress(forData: address),
-                                             id: report?.status.id ?? "", mode: members.contains(i) ? .rw : .err)
-            if report == nil {
+                                             id: status?.id ?? "", mode: members.contains(i) ? .rw : .err)
+            if status == nil {
                 replica.reason = "unreachable at start"
             } else if !members.contains(i) {
                 replica.reason = "stale: it missed writes; rebuild it with keel replica add"
             }
             return replica
         }, logger: logger)
-        let membership = Keel_Control_V1_MembershipUpdate.with {
-            $0.owner = owner
-            $0.membership = .with {
-                $0.epoch = epoch
-                $0.generation = replicas.generation
-                $0.members = ordered.map { reports[$0]!.status.id }
-            }
+        let membership = Keel_Control_V1_Membership.with {
+            $0.epoch = epoch
+            $0.generation = replicas.generation
+            $0.members = ordered.map { claimed[$0]!.id }
         }
-        for i in reports.indices where reports[i] != nil {
-            _ = try controlCall(reports[i]!) { try await $0.setMembership(membership, options: $1) }
-        }
+        for i in claimed.indices where claimed[i] != nil { try links.setMembership(membership, on: i, for: owner) }
         replicas.persisted(generation: replicas.generation)
         for line in unreachable { logger.warning("replica unreachable at start, left out: \(line)") }
-        for i in reports.indices where reports[i] != nil && !members.contains(i) {
+        for i in claimed.indices where claimed[i] != nil && !members.contains(i) {
             logger.warning("replica \(addresses[i]) is stale: it missed writes; rebuild it with keel replica add")
         }
         return Outcome(epoch: epoch, replicas: replicas, resyncedBytes: copied, resyncedRanges: dirty.count)
@@ -161,8 +134,9 @@ public struct VolumeStartup {
 
     /// The up-to-date replicas; refuses when replicas that may hold the newest
     /// data are missing (unreachable or not given) unless `allowDegraded`.
-    private func decide(_ reports: [Report?], addressCount: Int, unreachable: [String]) throws -> Set<Int> {
-        let records = reports.map { $0.map { ($0.status.id, $0.status.hasMembership ? $0.status.membership : nil) } }
+    private func decide(_ reports: [Keel_Control_V1_ReplicaStatus?], addressCount: Int,
+                        unreachable: [String]) throws -> Set<Int> {
+        let records = reports.map { $0.map { ($0.id, $0.hasMembership ? $0.membership : nil) } }
         let newest = Self.newest(records.compactMap { $0?.1 })
         let members = try Self.members(records, allowDegraded: allowDegraded)
         let expected = newest?.members.count ?? addressCount
@@ -213,51 +187,6 @@ public struct VolumeStartup {
         return merged
     }
 
-    // MARK: - Looking
-
-    private struct Unreachable: Error {
-        let reason: String
-    }
-
-    /// A replica's identity and records, after checking it is a Keel replica
-    /// of the volume's size; `Unreachable` when nothing answers at its address.
-    private func inspect(_ address: SocketAddress) throws -> Report {
-        let probe = try NBDClient()
-        let exports: [String]
-        do {
-            try probe.setOptionMode(true)
-            try probe.connect(to: address)
-        } catch {
-            throw Unreachable(reason: "\(error)")
-        }
-        do { exports = try probe.listExports() } catch {
-            throw EngineError("cannot list the exports of replica \(address): \(error)")
-        }
-        let epoch = try Self.checkListing(exports, of: address, for: identity).owner.epoch
-        let replicaSize: UInt64
-        do {
-            // Asks about the export without opening it: claims nothing, but a
-            // replica of another volume refuses here, before anything is claimed.
-            try probe.setExportName(exportName(Owner(epoch: epoch, engine: "")))
-            try probe.info()
-            replicaSize = try probe.size
-            try? probe.abortOptions()
-        } catch {
-            throw EngineError("cannot inspect replica \(address): \(error)")
-        }
-        guard replicaSize == size else {
-            throw EngineError("replica \(address) holds \(replicaSize) bytes but the volume is \(size); nothing was changed")
-        }
-        let controlAddress = defaultControlAddress(forData: address)
-        let control = try ReplicaControlClient(address: controlAddress)
-        do {
-            let status = try control.call(timeout: replicaTimeoutSeconds) { try await $0.status(.init(), options: $1) }
-            return Report(address: address, control: control, status: status)
-        } catch {
-            throw EngineError("replica \(address) answers NBD but not its control API at \(controlAddress): \(error)")
-        }
-    }
-
     /// The claim a replica lists, once it is known to be a replica this volume may have.
     static func checkListing(_ exports: [String], of address: SocketAddress,
                              for volume: VolumeIdentity) throws -> ReplicaExportName {
@@ -270,16 +199,5 @@ public struct VolumeStartup {
         return listed
     }
 
-    private func exportName(_ owner: Owner) -> String {
-        ReplicaExportName(volume: identity, owner: owner).description
-    }
-
-    private var identity: VolumeIdentity { VolumeIdentity(name: volume, id: volumeID) }
-
-    private func controlCall<T: Sendable>(_ report: Report,
-                                          _ body: @escaping @Sendable (ReplicaControlClient.Stub, CallOptions) async throws -> T) throws -> T {
-        do { return try report.control.call(timeout: replicaTimeoutSeconds, body) } catch {
-            throw EngineError("replica \(report.address) failed a control call: \(error)")
-        }
-    }
+    var identity: VolumeIdentity { VolumeIdentity(name: volume, id: volumeID) }
 }

@@ -1,0 +1,110 @@
+import ControlAPI
+import GRPCCore
+import LibNBD
+import ReplicaIdentity
+import Syscalls
+
+/// `StartupLinks` over the network: NBD to look at, claim and copy between
+/// replicas, each replica's gRPC control API for its records. Every call is
+/// bounded by the replica timeout.
+final class NetworkStartupLinks: StartupLinks {
+    private let addresses: [SocketAddress]
+    private let startup: VolumeStartup
+    private var controls: [Int: ReplicaControlClient] = [:]
+    /// The claims: a connection with the new epoch to each replica, which the resync copies over.
+    private var clients: [Int: NBDClient] = [:]
+
+    init(addresses: [SocketAddress], startup: VolumeStartup) {
+        self.addresses = addresses
+        self.startup = startup
+    }
+
+    func close() {
+        for client in clients.values { try? client.shutdown() }
+        clients = [:]
+    }
+
+    func inspect(_ replica: Int) throws -> Keel_Control_V1_ReplicaStatus {
+        let address = addresses[replica]
+        let probe = try NBDClient()
+        do {
+            try probe.setOptionMode(true)
+            try probe.connect(to: address)
+        } catch {
+            throw StartupUnreachable(reason: "\(error)")
+        }
+        let exports: [String]
+        do { exports = try probe.listExports() } catch {
+            throw EngineError("cannot list the exports of replica \(address): \(error)")
+        }
+        let epoch = try VolumeStartup.checkListing(exports, of: address, for: startup.identity).owner.epoch
+        let replicaSize: UInt64
+        do {
+            // Asks about the export without opening it: claims nothing, but a
+            // replica of another volume refuses here, before anything is claimed.
+            try probe.setExportName(exportName(Owner(epoch: epoch, engine: "")))
+            try probe.info()
+            replicaSize = try probe.size
+            try? probe.abortOptions()
+        } catch {
+            throw EngineError("cannot inspect replica \(address): \(error)")
+        }
+        guard replicaSize == startup.size else {
+            throw EngineError("replica \(address) holds \(replicaSize) bytes but the volume is \(startup.size); nothing was changed")
+        }
+        let controlAddress = defaultControlAddress(forData: address)
+        let control = try ReplicaControlClient(address: controlAddress)
+        controls[replica] = control
+        do {
+            return try control.call(timeout: startup.replicaTimeoutSeconds) { try await $0.status(.init(), options: $1) }
+        } catch {
+            throw EngineError("replica \(address) answers NBD but not its control API at \(controlAddress): \(error)")
+        }
+    }
+
+    func claim(_ replica: Int, for owner: Owner) throws {
+        do {
+            clients[replica] = try RegionCopier.connect {
+                try $0.setExportName(exportName(owner))
+                try $0.connect(to: addresses[replica])
+            }
+        } catch {
+            throw EngineError("replica \(addresses[replica]) refused epoch \(owner.epoch): \(error)")
+        }
+    }
+
+    func status(_ replica: Int) throws -> Keel_Control_V1_ReplicaStatus {
+        try controlCall(replica) { try await $0.status(.init(), options: $1) }
+    }
+
+    func copy(_ range: ByteRange, from source: Int, to targets: [Int]) throws {
+        let copier = RegionCopier(source: clients[source]!, targets: targets.map { clients[$0]! },
+                                  timeoutSeconds: startup.replicaTimeoutSeconds)
+        try copier.copy(offset: range.offset, length: range.length)
+    }
+
+    func flush(_ replica: Int) throws {
+        try clients[replica]!.flush()
+    }
+
+    func clearDirty(_ ranges: [Keel_Control_V1_ByteRange], on replica: Int, for owner: Owner) throws {
+        let request = Keel_Control_V1_DirtyRanges.with { $0.owner = owner.message; $0.ranges = ranges }
+        _ = try controlCall(replica) { try await $0.clearDirty(request, options: $1) }
+    }
+
+    func setMembership(_ membership: Keel_Control_V1_Membership, on replica: Int, for owner: Owner) throws {
+        let update = Keel_Control_V1_MembershipUpdate.with { $0.owner = owner.message; $0.membership = membership }
+        _ = try controlCall(replica) { try await $0.setMembership(update, options: $1) }
+    }
+
+    private func exportName(_ owner: Owner) -> String {
+        ReplicaExportName(volume: startup.identity, owner: owner).description
+    }
+
+    private func controlCall<T: Sendable>(_ replica: Int,
+                                          _ body: @escaping @Sendable (ReplicaControlClient.Stub, CallOptions) async throws -> T) throws -> T {
+        do { return try controls[replica]!.call(timeout: startup.replicaTimeoutSeconds, body) } catch {
+            throw EngineError("replica \(addresses[replica]) failed a control call: \(error)")
+        }
+    }
+}

@@ -1,0 +1,26 @@
+import ControlAPI
+import ReplicaIdentity
+
+/// The replicas as `VolumeStartup` sees them, by index: in production NBD
+/// and gRPC (`NetworkStartupLinks`), in the simulator replicas in memory.
+/// A failed call throws, with the reason.
+public protocol StartupLinks: AnyObject {
+    /// Looks at a replica without changing anything: checks it is a replica
+    /// this volume may have, of its size. Throws `StartupUnreachable` when
+    /// nothing answers.
+    func inspect(_ replica: Int) throws -> Keel_Control_V1_ReplicaStatus
+    /// Opens the replica with `owner`'s claim: older engines are fenced from here on.
+    func claim(_ replica: Int, for owner: Owner) throws
+    func status(_ replica: Int) throws -> Keel_Control_V1_ReplicaStatus
+    /// Copies `range` from one claimed replica to others.
+    func copy(_ range: ByteRange, from source: Int, to targets: [Int]) throws
+    func flush(_ replica: Int) throws
+    func clearDirty(_ ranges: [Keel_Control_V1_ByteRange], on replica: Int, for owner: Owner) throws
+    func setMembership(_ membership: Keel_Control_V1_Membership, on replica: Int, for owner: Owner) throws
+}
+
+/// Nothing answers at the replica's address: the start may go on without it.
+public struct StartupUnreachable: Error {
+    public let reason: String
+    public init(reason: String) { self.reason = reason }
+}
