@@ -38,6 +38,15 @@ public final class KeeperCycle {
             guard replicas.holdsAcknowledgements else { return }
             beforeMembership()
             let (generation, members) = replicas.membership
+            guard !members.isEmpty else {
+                // No replica holds every acknowledged write any more: the last
+                // record, which names the failed ones, stays the truth (an empty
+                // one, left on a replica being rebuilt, would leave the volume
+                // unable to start). No write is acknowledged from here on.
+                replicas.persisted(generation: generation)
+                wakeWorkers()
+                return
+            }
             let failed = onWritableReplicas("cannot record the membership",
                                             .setMembership(generation: generation, members: members))
             if !failed {

@@ -45,8 +45,9 @@ final class SimRequest {
 }
 
 /// A simulated engine process: the production `ReplicaSet`, `WriteGate`,
-/// `KeeperCycle` and `RequestLedger`, composed the way `EngineWorker`
-/// composes them, with links to the simulated replicas in place of libnbd.
+/// `KeeperCycle`, `RequestLedger` and `RebuildCycle`, composed the way
+/// `EngineWorker` composes them, with links to the simulated replicas in
+/// place of libnbd.
 final class SimEngine {
     let epoch: UInt64
     let id: String
@@ -55,8 +56,12 @@ final class SimEngine {
     /// The simulation wakes every engine after each step: no need for the keeper to.
     private(set) var keeper: KeeperCycle!
     var crashed = false
-    /// A link that died stays dead for this engine (its replica is failed).
+    /// Per index of the replica set: which simulated replica it is (a rebuilt
+    /// replica joins under a new index), and whether the link to it lives
+    /// (a link that died stays dead: its replica is failed).
+    var replicaOf: [Int]
     var linkAlive: [Bool]
+    var rebuild: RebuildCycle?
     var parked: [SimRequest] = []
     var held: [SimRequest] = []
     var nextReader = 0
@@ -66,18 +71,19 @@ final class SimEngine {
     var tick: UInt32 = 0
     var lastActivity: [UInt32]
 
-    init(epoch: UInt64, id: String, replicaIDs: [String], gate: WriteGate, metadata: (SimEngine) -> ReplicaMetadata,
-         logger: Logger) {
+    init(epoch: UInt64, id: String, replicas: ReplicaSet, gate: WriteGate,
+         metadata: (SimEngine) -> ReplicaMetadata, logger: Logger) {
         self.epoch = epoch
         self.id = id
         self.gate = gate
-        replicas = ReplicaSet(replicaIDs.enumerated().map { i, replicaID in
-            ReplicaSet.Replica(address: .unix(path: "sim-r\(i)"), controlAddress: .unix(path: "sim-r\(i).control"),
-                               id: replicaID, mode: .rw)
-        }, logger: logger)
-        linkAlive = Array(repeating: true, count: replicaIDs.count)
+        self.replicas = replicas
+        replicaOf = Array(replicas.replicas.indices)
+        linkAlive = replicas.replicas.map { $0.mode == .rw }
         lastActivity = Array(repeating: 0, count: gate.regionCount)
         keeper = KeeperCycle(gate: gate, replicas: replicas, metadata: metadata(self), epoch: epoch,
                              logger: logger) {}
     }
+
+    /// The indexes under which simulated replica `r` is in the set.
+    func indexes(of r: Int) -> [Int] { replicaOf.indices.filter { replicaOf[$0] == r } }
 }

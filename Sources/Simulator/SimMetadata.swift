@@ -8,16 +8,20 @@ import Engine
 final class SimMetadata: ReplicaMetadata {
     private unowned let simulation: Simulation
     private unowned let engine: SimEngine
+    /// The keeper's marks restart a region's idle clock; the rebuild's marks
+    /// of regions already dirty (on the replica joining) do not.
+    private let marksAreActivity: Bool
 
-    init(simulation: Simulation, engine: SimEngine) {
+    init(simulation: Simulation, engine: SimEngine, marksAreActivity: Bool = true) {
         self.simulation = simulation
         self.engine = engine
+        self.marksAreActivity = marksAreActivity
     }
 
     func run(_ call: MetadataCall, on indexes: [Int]) -> [Int: MetadataAnswer] {
         var answers: [Int: MetadataAnswer] = [:]
         for i in indexes {
-            let replica = simulation.replicas[i]
+            let replica = simulation.replicas[engine.replicaOf[i]]
             guard replica.running else {
                 answers[i] = .failed("the replica is down")
                 continue
@@ -28,14 +32,12 @@ final class SimMetadata: ReplicaMetadata {
             }
             switch call {
             case .markDirty(let spans):
-                for span in spans {
-                    let region = simulation.region(of: span)
+                for region in spans.flatMap(simulation.regions(of:)) {
                     replica.dirty.insert(region)
-                    engine.lastActivity[region] = engine.tick
+                    if marksAreActivity { engine.lastActivity[region] = engine.tick }
                 }
             case .clearDirty(let spans):
-                for span in spans {
-                    let region = simulation.region(of: span)
+                for region in spans.flatMap(simulation.regions(of:)) {
                     let idle = engine.tick &- engine.lastActivity[region]
                     if idle < KeeperCycle.idleTicks {
                         simulation.violation("region \(region) cleared \(idle) tick(s) after its last write finished "
@@ -44,7 +46,7 @@ final class SimMetadata: ReplicaMetadata {
                 }
                 // As the replica does (ReplicaControlService.clearDirtyDurably): data durable first.
                 replica.flush()
-                for span in spans { replica.dirty.remove(simulation.region(of: span)) }
+                for region in spans.flatMap(simulation.regions(of:)) { replica.dirty.remove(region) }
             case .setMembership(let generation, let members):
                 if let current = replica.membership,
                    (current.epoch, current.generation) > (engine.epoch, generation) {

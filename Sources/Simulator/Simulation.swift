@@ -4,20 +4,23 @@ import Logging
 import ReplicaIdentity
 import NBDProtocol
 import NBDServer
+import Syscalls
 #if canImport(Glibc)
 import Glibc
 #endif
 
 /// The replication core under a seeded storm of faults, single-threaded: the
 /// production `WriteGate`, `ReplicaSet`, `KeeperCycle`, `RequestLedger`,
-/// `EpochFence` and `VolumeStartup`'s decisions, with replicas, links and the
-/// clock simulated. Every choice comes from the seed, so a seed replays.
+/// `RebuildCycle`, `VolumeStartup` and `EpochFence`, with replicas, links and
+/// the clock simulated. Every choice comes from the seed, so a seed replays.
 ///
 /// Faults: engine crash, replica crash, power cut (every replica's volatile
 /// half lost), link reset, a link that dies inside a submit (libnbd then
 /// completes every queued command inside the call), replies delayed and
 /// reordered, a replica that fails a FLUSH, overlapping writes, a second
-/// engine claiming the replicas while the first still runs.
+/// engine claiming the replicas while the first still runs, a start that
+/// fails half way, a rebuild copy that fails. Replicas the engine does not
+/// write to are rebuilt online (`keel replica add`) while the client writes.
 ///
 /// Invariants, checked as the run goes: a block reads as a linearizable
 /// register (a write that no write acknowledged before the read was issued
@@ -53,6 +56,9 @@ public final class Simulation {
         public var completedInsideSubmit = 0
         public var failedFlushes = 0
         public var takeovers = 0
+        public var failedStarts = 0
+        public var rebuildsStarted = 0
+        public var rebuildsFinished = 0
 
         public mutating func add(_ other: Counts) {
             steps += other.steps
@@ -67,6 +73,9 @@ public final class Simulation {
             completedInsideSubmit += other.completedInsideSubmit
             failedFlushes += other.failedFlushes
             takeovers += other.takeovers
+            failedStarts += other.failedStarts
+            rebuildsStarted += other.rebuildsStarted
+            rebuildsFinished += other.rebuildsFinished
         }
 
         public var description: String {
@@ -74,7 +83,8 @@ public final class Simulation {
                 + "reads checked \(readsChecked), blocks checked after recovery \(blocksCheckedAfterRecovery); "
                 + "engine crashes \(engineCrashes), power cuts \(powerCuts), replica crashes \(replicaCrashes), "
                 + "link resets \(linkResets), completed inside submit \(completedInsideSubmit), "
-                + "failed flushes \(failedFlushes), takeovers \(takeovers)"
+                + "failed flushes \(failedFlushes), takeovers \(takeovers), starts failed half way \(failedStarts); "
+                + "rebuilds started \(rebuildsStarted), promoted \(rebuildsFinished)"
         }
     }
 
@@ -82,7 +92,8 @@ public final class Simulation {
     struct Message {
         let engine: SimEngine
         let request: SimRequest
-        let replica: Int
+        /// The replica's index in the engine's replica set.
+        let slot: Int
         var answer: Int32?
         var data: [UInt64] = []
     }
@@ -114,6 +125,7 @@ public final class Simulation {
     private var baseline: [(generation: UInt64, at: UInt64)]
     private var nextGeneration: UInt64 = 1
     private var nextRequest = 0
+    private var enginesStarted = 0
     private var outstanding: [SimRequest] = []
 
     public init(seed: UInt64, options: Options = Options()) {
@@ -128,7 +140,15 @@ public final class Simulation {
 
     var volumeSize: UInt64 { UInt64(options.blocks) * blockSize }
 
-    func region(of span: ByteRange) -> Int { Int(span.offset / (UInt64(options.regionBlocks) * blockSize)) }
+    func regions(of span: ByteRange) -> Range<Int> {
+        let regionBytes = UInt64(options.regionBlocks) * blockSize
+        return Int(span.offset / regionBytes)..<Int((span.end + regionBytes - 1) / regionBytes)
+    }
+
+    func blocks(of span: ByteRange) -> Range<Int> { Int(span.offset / blockSize)..<Int(span.end / blockSize) }
+
+    /// The simulated replica behind a message.
+    private func target(_ message: Message) -> Int { message.engine.replicaOf[message.slot] }
 
     func violation(_ text: String) {
         if violations.count < 20 { violations.append("step \(counts.steps): \(text)") }
@@ -148,16 +168,18 @@ public final class Simulation {
         switch roll {
         case ..<300 where outstanding.count < options.maxOutstanding:
             issue()
-        case ..<880 where !network.isEmpty:
+        case ..<850 where !network.isEmpty:
             deliver(random.below(network.count))
-        case ..<940:
+        case ..<910:
             for e in engines where !e.crashed {
                 e.keeper.persistMembership()
                 e.keeper.markRequested()
             }
-        case ..<975:
+        case ..<945:
             engine.tick &+= 1
             engine.keeper.tick()
+        case ..<990:
+            rebuildStep()
         case 990...:
             fault()
         default:
@@ -315,7 +337,7 @@ public final class Simulation {
                 linkDied(e, i)
                 return .completedInside
             }
-            network.append(Message(engine: e, request: request, replica: i))
+            network.append(Message(engine: e, request: request, slot: i))
             return .sent
         }
     }
@@ -350,7 +372,7 @@ public final class Simulation {
         e.replicas.fail(i, reason: "connection lost")
         var lost: [SimRequest] = []
         network.removeAll { message in
-            guard message.engine === e && message.replica == i else { return false }
+            guard message.engine === e && message.slot == i else { return false }
             lost.append(message.request)
             return true
         }
@@ -387,12 +409,12 @@ public final class Simulation {
 
     private func deliver(_ index: Int) {
         var message = network[index]
-        let replica = replicas[message.replica]
+        let replica = replicas[target(message)]
         if let error = message.answer {
             network.remove(at: index)
             guard !message.engine.crashed else { return }
             if message.request.kind == .read && error == 0 { message.request.readBack = message.data }
-            finished(message.request, by: message.engine, replica: message.replica, error: error)
+            finished(message.request, by: message.engine, replica: message.slot, error: error)
             return
         }
         precondition(replica.running, "a command reached a replica that is down")
@@ -405,7 +427,7 @@ public final class Simulation {
         case .admit:
             let request = message.request
             if epoch < replica.epoch {
-                violation("a command of epoch \(epoch) reached replica \(message.replica), claimed for epoch \(replica.epoch)")
+                violation("a command of epoch \(epoch) reached replica \(target(message)), claimed for epoch \(replica.epoch)")
             }
             switch request.kind {
             case .write:
@@ -425,9 +447,74 @@ public final class Simulation {
             }
             replica.fence.leave(session: epoch)
         }
-        trace?("replica \(message.replica) \(message.request.kind) \(message.request.number) of \(message.engine.id): "
+        trace?("replica \(target(message)) \(message.request.kind) \(message.request.number) of \(message.engine.id): "
                + "answer \(message.answer!)")
         network[index] = message
+    }
+
+    // MARK: - Online rebuild
+
+    /// The production `RebuildCycle`: one step of every engine's rebuild, or
+    /// (`keel replica add`) a rebuild of a replica the newest engine does not write to.
+    private func rebuildStep() {
+        for e in engines where !e.crashed {
+            guard let cycle = e.rebuild else { continue }
+            switch cycle.next() {
+            case .wait:
+                break
+            case .copy(let region, let range, let source):
+                cycle.copied(Result {
+                    trace?("\(e.id) rebuild: region \(region) from replica \(e.replicaOf[source]) to \(e.replicaOf[cycle.index])")
+                    let from = try rebuildLink(e, e.replicaOf[source]), to = try rebuildLink(e, e.replicaOf[cycle.index])
+                    to.volatile.replaceSubrange(blocks(of: range), with: from.volatile[blocks(of: range)])
+                })
+            case .flush:
+                cycle.flushed(Result { try rebuildLink(e, e.replicaOf[cycle.index]).flush() })
+            case .finished:
+                break
+            }
+            if cycle.isFinished {
+                e.rebuild = nil
+                if e.replicas.mode(cycle.index) == .rw { counts.rebuildsFinished += 1 }
+                trace?("\(e.id) rebuild of replica \(e.replicaOf[cycle.index]) ends: \(e.replicas.mode(cycle.index)) \(e.replicas.replicas[cycle.index].reason)")
+            }
+            return
+        }
+        startRebuild(on: engine)
+    }
+
+    /// A connection the rebuild copies over, with the engine's claim: refused
+    /// by a replica that is down or belongs to a newer engine; sometimes it breaks.
+    private func rebuildLink(_ e: SimEngine, _ r: Int) throws -> SimReplica {
+        let replica = replicas[r]
+        guard replica.running, replica.epoch == e.epoch, !random.chance(10) else {
+            throw EngineError("the rebuild's connection to replica \(r) failed")
+        }
+        return replica
+    }
+
+    /// As `Rebuild.start`: the replica must not belong to a newer engine; it
+    /// is claimed and joins in WO mode, receiving every write from now on.
+    private func startRebuild(on e: SimEngine) {
+        guard !e.crashed, !e.replicas.isFenced, e.replicas.hasHealthyReplica else { return }
+        let candidates = replicas.indices.filter { r in
+            replicas[r].running && replicas[r].epoch <= e.epoch
+                && !e.indexes(of: r).contains { e.replicas.mode($0).isWritable }
+        }
+        guard !candidates.isEmpty else { return }
+        let r = candidates[random.below(candidates.count)]
+        let replica = replicas[r]
+        replica.epoch = e.epoch
+        replica.engine = e.id
+        replica.fence.advance(to: e.epoch)
+        guard let index = try? e.replicas.add(address: .unix(path: "sim-r\(r)"), controlAddress: .unix(path: "sim-r\(r).control"),
+                                              id: replica.id) else { return }
+        e.replicaOf.append(r)
+        e.linkAlive.append(true)
+        counts.rebuildsStarted += 1
+        trace?("\(e.id) rebuilds replica \(r) as index \(index)")
+        e.rebuild = RebuildCycle(index: index, gate: e.gate, replicas: e.replicas,
+                                 metadata: SimMetadata(simulation: self, engine: e, marksAreActivity: false), maxWaits: 100, logger: logger) {}
     }
 
     // MARK: - Faults
@@ -444,14 +531,18 @@ public final class Simulation {
         case 2:
             // A replica's process dies, if the volume keeps a healthy replica running.
             let i = random.below(replicas.count)
-            let others = replicas.indices.filter { $0 != i && replicas[$0].running && engine.replicas.mode($0) == .rw }
+            let others = replicas.indices.filter { r in
+                r != i && replicas[r].running && engine.indexes(of: r).contains { engine.replicas.mode($0) == .rw }
+            }
             guard replicas[i].running, !others.isEmpty else { return }
             counts.replicaCrashes += 1
             replicas[i].crash()
-            for e in engines { linkDied(e, i) }
-            network.removeAll { $0.replica == i }
+            for e in engines {
+                for slot in e.indexes(of: i) { linkDied(e, slot) }
+            }
+            network.removeAll { target($0) == i }
         case 3:
-            let i = random.below(replicas.count)
+            let i = random.below(engine.linkAlive.count)
             guard engine.linkAlive[i] else { return }
             counts.linkResets += 1
             linkDied(engine, i)
@@ -489,60 +580,50 @@ public final class Simulation {
 
     private func restartReplicas() {
         for replica in replicas where !replica.running {
-            network.removeAll { replicas[$0.replica] === replica }
+            network.removeAll { replicas[target($0)] === replica }
             replica.restart()
         }
     }
 
-    /// `VolumeStartup`, as the engine runs it: claim every replica with a new
-    /// epoch, take the newest membership's members, make them identical where
-    /// any holds a dirty mark, clear the marks (each replica flushing first).
-    /// Replicas outside the membership are rebuilt in full, as `keel replica
-    /// add` would. With `floor`, every block must then read at least that.
+    /// The production `VolumeStartup` over links to the simulated replicas:
+    /// claim every replica with a new epoch, take the newest membership's
+    /// members, make them identical where any holds a dirty mark, clear the
+    /// marks, record the membership. The first tries may fail half way (a
+    /// replica call fails), as a start does when a replica dies under it; the
+    /// next one must still find every acknowledged write. Replicas outside the
+    /// membership start ERR, to be rebuilt online. With `floor`, every block
+    /// must then read at least that.
     private func startEngine(after floor: [UInt64]?) {
-        let epoch = (replicas.map(\.epoch).max() ?? 0) + 1
-        let id = "engine-\(epoch)"
-        for replica in replicas {
-            replica.epoch = epoch
-            replica.engine = id
-            replica.fence.advance(to: epoch)
-        }
-        let members: Set<Int>
-        do {
-            members = try VolumeStartup.members(replicas.map { (id: $0.id, membership: $0.membership) })
-        } catch {
-            violation("the volume cannot start: \(error)")
-            return
-        }
-        let ordered = members.sorted()
-        let source = replicas[ordered[0]]
-        trace?("\(id) starts: members \(ordered), memberships \(replicas.map { $0.membership.map { "\($0.generation):\($0.members)" } ?? "-" })")
-        let regionBytes = UInt64(options.regionBlocks) * blockSize
-        let dirty = VolumeStartup.union(ordered.flatMap { i in
-            replicas[i].dirty.map { region in
-                Keel_Control_V1_ByteRange.with { $0.offset = UInt64(region) * regionBytes; $0.length = regionBytes }
+        let addresses = replicas.indices.map { SocketAddress.unix(path: "sim-r\($0)") }
+        var started: (VolumeStartup.Outcome, String)?
+        for attempt in 0..<Self.startAttempts where started == nil {
+            enginesStarted += 1
+            let id = "engine-\(enginesStarted)"
+            let startup = VolumeStartup(volume: "sim", size: volumeSize, engineID: id, replicaTimeoutSeconds: 1,
+                                        logger: logger)
+            let links = SimStartupLinks(simulation: self, failures: attempt < Self.startAttempts - 1)
+            do {
+                started = (try startup.run(links, addresses: addresses, epoch: nil), id)
+            } catch let error where links.failed {
+                counts.failedStarts += 1
+                trace?("\(id) fails to start: \(error)")
+            } catch {
+                violation("the volume cannot start: \(error)")
+                return
             }
-        }, size: volumeSize)
-        for range in dirty {
-            let blocks = Int(range.offset / blockSize)..<Int((range.offset + range.length) / blockSize)
-            for i in ordered.dropFirst() { replicas[i].volatile.replaceSubrange(blocks, with: source.volatile[blocks]) }
         }
-        for i in ordered {
-            replicas[i].flush()
-            replicas[i].dirty.removeAll()
-        }
-        for i in ordered.dropFirst() where replicas[i].volatile != source.volatile {
-            violation("replicas \(ordered[0]) and \(i) differ after the resync at epoch \(epoch)")
+        guard let (outcome, id) = started else { return }
+        let members = outcome.replicas.replicas.indices.filter { outcome.replicas.mode($0) == .rw }
+        let source = replicas[members[0]]
+        trace?("\(id) starts at epoch \(outcome.epoch): members \(members), memberships "
+               + "\(replicas.map { $0.membership.map { "\($0.epoch).\($0.generation):\($0.members)" } ?? "-" })")
+        for i in members.dropFirst() where replicas[i].volatile != source.volatile {
+            violation("replicas \(members[0]) and \(i) differ after the resync at epoch \(outcome.epoch)")
             return
-        }
-        for i in replicas.indices where !members.contains(i) {
-            replicas[i].volatile = source.volatile
-            replicas[i].flush()
-            replicas[i].dirty.removeAll()
         }
         if let floor {
             for b in 0..<options.blocks {
-                check(block: b, holds: source.volatile[b], supersededBefore: floor[b], "after recovery at epoch \(epoch)")
+                check(block: b, holds: source.volatile[b], supersededBefore: floor[b], "after recovery at epoch \(outcome.epoch)")
                 baseline[b] = (source.volatile[b], clock)
             }
             counts.blocksCheckedAfterRecovery += options.blocks
@@ -550,13 +631,16 @@ public final class Simulation {
             durablySupersededBefore = supersededBefore
             clock += 1
         }
-        let gate = WriteGate(size: volumeSize, regionSize: regionBytes)
-        let e = SimEngine(epoch: epoch, id: id, replicaIDs: replicas.map(\.id), gate: gate,
+        let gate = WriteGate(size: volumeSize, regionSize: UInt64(options.regionBlocks) * blockSize)
+        let e = SimEngine(epoch: outcome.epoch, id: id, replicas: outcome.replicas, gate: gate,
                           metadata: { SimMetadata(simulation: self, engine: $0) }, logger: logger)
         engines.removeAll { $0.crashed }
         engines.append(e)
         engine = e
     }
+
+    /// Tries of a start; the last one has no injected failures.
+    static let startAttempts = 4
 
     /// A region the gate holds clean must hold the same data on every healthy
     /// replica, in memory and on disk: no engine will ever copy it again.
@@ -564,8 +648,8 @@ public final class Simulation {
         guard !engine.crashed, !engine.replicas.isFenced else { return }
         let dirty = Set(engine.gate.nonCleanRegions())
         let healthy = engine.replicas.replicas.indices.filter {
-            engine.replicas.mode($0) == .rw && replicas[$0].running
-        }
+            engine.replicas.mode($0) == .rw && replicas[engine.replicaOf[$0]].running
+        }.map { engine.replicaOf[$0] }
         guard let first = healthy.first else { return }
         for region in 0..<engine.gate.regionCount where !dirty.contains(region) {
             let blocks = region * options.regionBlocks..<(region + 1) * options.regionBlocks
