@@ -50,6 +50,8 @@ let package = Package(
         .target(name: "SQLite", dependencies: ["CSQLite"]),
         // A replica's data directory: head layer file and metadata, epoch fencing state.
         .target(name: "ReplicaStore", dependencies: ["SQLite", "Syscalls", "ReplicaIdentity"]),
+        // A replica's chain of layers (head and snapshots): extent maps, the resolved index, the map log format.
+        .target(name: "LayerStack", swiftSettings: hotPath),
         // Who owns a replica and the export name that carries the claim: shared by engine, replica and store.
         .target(name: "ReplicaIdentity"),
         // `keel replica serve`: a replica's head served over NBD, fenced by epoch.
@@ -104,6 +106,7 @@ let package = Package(
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "IOUringTests", dependencies: ["IOUring", "Syscalls"]),
         .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite", "ReplicaIdentity"]),
+        .testTarget(name: "LayerStackTests", dependencies: ["LayerStack"]),
         .testTarget(name: "EngineUnitTests", dependencies: ["Engine", "ControlAPI"]),
         .testTarget(name: "ReplicaServerTests", dependencies: [
             "ReplicaServer", "ReplicaStore", "ReplicaIdentity",
