@@ -51,7 +51,7 @@ let package = Package(
         // A replica's data directory: head layer file and metadata, epoch fencing state.
         .target(name: "ReplicaStore", dependencies: ["SQLite", "Syscalls", "ReplicaIdentity"]),
         // A replica's chain of layers (head and snapshots): extent maps, the resolved index, the map log format.
-        .target(name: "LayerStack", swiftSettings: hotPath),
+        .target(name: "LayerStack", dependencies: ["Syscalls", "CSyscalls"], swiftSettings: hotPath),
         // Who owns a replica and the export name that carries the claim: shared by engine, replica and store.
         .target(name: "ReplicaIdentity"),
         // `keel replica serve`: a replica's head served over NBD, fenced by epoch.

@@ -1,0 +1,69 @@
+import Glibc
+import LayerStack
+import Testing
+
+@Suite struct LayerFilesTests {
+    private func temporaryDirectory() -> String {
+        var template = Array("/tmp/keel-layers-XXXXXX".utf8CString)
+        return template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)!) }
+    }
+
+    /// The directory and the files in it.
+    private func removeDirectory(_ path: String) {
+        guard let dir = opendir(path) else { return }
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if name != "." && name != ".." { unlink(path + "/" + name) }
+        }
+        closedir(dir)
+        rmdir(path)
+    }
+
+    @Test func aLayerIsCreatedEmptyAndItsLogReplays() throws {
+        let directory = temporaryDirectory()
+        defer { removeDirectory(directory) }
+        let layer = try LayerFiles.create(in: directory, id: 7, size: 1 << 20)
+        var st = stat()
+        #expect(stat(layer.dataPath, &st) == 0 && st.st_size == 1 << 20 && st.st_blocks == 0, "sparse, of the volume's size")
+        #expect(try layer.loadMap().isEmpty)
+        let log = try MapLog(path: layer.mapPath)
+        try log.append([MapRecord(start: 0, count: 4, content: .data), MapRecord(start: 2, count: 4, content: .zero)])
+        try log.append(MapRecord.records(100..<101, .data))
+        try log.sync()
+        #expect(try layer.loadMap().extents.map { "\($0.range):\($0.value)" } == ["0..<2:data", "2..<6:zero", "100..<101:data"])
+        #expect(throws: (any Error).self) { try LayerFiles.create(in: directory, id: 7, size: 1 << 20) }
+        try layer.remove()
+        #expect(access(layer.dataPath, F_OK) != 0 && access(layer.mapPath, F_OK) != 0)
+    }
+
+    @Test func aTornTailIsCutSoThatAppendsGoOnAfterTheLastGoodRecord() throws {
+        let directory = temporaryDirectory()
+        defer { removeDirectory(directory) }
+        let layer = try LayerFiles.create(in: directory, id: 1, size: 1 << 20)
+        try MapLog(path: layer.mapPath).append([MapRecord(start: 0, count: 1, content: .data)])
+        let fd = open(layer.mapPath, O_WRONLY | O_APPEND)
+        #expect(write(fd, [UInt8](repeating: 0xAB, count: 9), 9) == 9)
+        close(fd)
+        #expect(try layer.loadMap().extents.map(\.range) == [0..<1])
+        try MapLog(path: layer.mapPath).append([MapRecord(start: 5, count: 1, content: .data)])
+        #expect(try layer.loadMap().extents.map(\.range) == [0..<1, 5..<6])
+    }
+
+    @Test func theAllocatedBlocksOfAnOldHeadAreFoundOnce() throws {
+        let directory = temporaryDirectory()
+        defer { removeDirectory(directory) }
+        let path = directory + "/head.img"
+        let fd = open(path, O_RDWR | O_CREAT, 0o600)
+        defer { close(fd) }
+        #expect(ftruncate(fd, 64 << 20) == 0)
+        let block = [UInt8](repeating: 1, count: 4096)
+        #expect(pwrite(fd, block, 4096, 0) == 4096)
+        #expect(pwrite(fd, block, 100, 8 << 20) == 100)
+        #expect(pwrite(fd, block, 4096, 40 << 20) == 4096)
+        let runs = try allocatedBlocks(path: path)
+        // Filesystems allocate in their own units: every written block is inside a run, and runs are few.
+        for written in [0, 2048, 10240] as [UInt64] { #expect(runs.contains { $0.contains(written) }) }
+        #expect(!runs.contains { $0.contains(4096) }, "32 MiB between two writes is a hole")
+        #expect(runs.count <= 3)
+    }
+}
