@@ -49,14 +49,14 @@ let package = Package(
         // Metadata: a thin wrapper over the SQLite C API.
         .target(name: "SQLite", dependencies: ["CSQLite"]),
         // A replica's data directory: head layer file and metadata, epoch fencing state.
-        .target(name: "ReplicaStore", dependencies: ["SQLite", "Syscalls", "ReplicaIdentity"]),
-        // A replica's chain of layers (head and snapshots): extent maps, the resolved index, the map log format.
-        .target(name: "LayerStack", dependencies: ["Syscalls", "CSyscalls"], swiftSettings: hotPath),
+        .target(name: "ReplicaStore", dependencies: ["SQLite", "Syscalls", "ReplicaIdentity", "LayerStack"]),
+        // A replica's chain of layers (head and snapshots): extent maps, the resolved index, the layer files and map log.
+        .target(name: "LayerStack", dependencies: ["Syscalls"], swiftSettings: hotPath),
         // Who owns a replica and the export name that carries the claim: shared by engine, replica and store.
         .target(name: "ReplicaIdentity"),
         // `keel replica serve`: a replica's head served over NBD, fenced by epoch.
         .target(name: "ReplicaServer", dependencies: [
-            "ReplicaStore", "FileExport", "NBDServer", "NBDProtocol", "IOUring", "ControlAPI", "ReplicaIdentity",
+            "ReplicaStore", "LayerStack", "FileExport", "CSyscalls", "NBDServer", "NBDProtocol", "IOUring", "ControlAPI", "ReplicaIdentity",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
@@ -105,7 +105,7 @@ let package = Package(
 
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "IOUringTests", dependencies: ["IOUring", "Syscalls"]),
-        .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite", "ReplicaIdentity"]),
+        .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite", "ReplicaIdentity", "LayerStack"]),
         .testTarget(name: "LayerStackTests", dependencies: ["LayerStack"]),
         .testTarget(name: "EngineUnitTests", dependencies: ["Engine", "ControlAPI"]),
         .testTarget(name: "ReplicaServerTests", dependencies: [

@@ -5,15 +5,15 @@ import Glibc
 /// Blocks being read-modify-written, across all I/O threads. Two unaligned
 /// writes that touch the same block must not both read it before either
 /// writes it back, or one of them is lost.
-final class EdgeLocks: @unchecked Sendable {
+public final class EdgeLocks: @unchecked Sendable {
     private var mutex = pthread_mutex_t()
     private var held = Set<UInt64>()
 
-    init() { pthread_mutex_init(&mutex, nil) }
+    public init() { pthread_mutex_init(&mutex, nil) }
     deinit { pthread_mutex_destroy(&mutex) }
 
     /// Takes every given block or none of them.
-    func tryLock(_ first: UInt64?, _ second: UInt64?) -> Bool {
+    public func tryLock(_ first: UInt64?, _ second: UInt64?) -> Bool {
         pthread_mutex_lock(&mutex)
         defer { pthread_mutex_unlock(&mutex) }
         if let first, held.contains(first) { return false }
@@ -23,7 +23,7 @@ final class EdgeLocks: @unchecked Sendable {
         return true
     }
 
-    func unlock(_ first: UInt64?, _ second: UInt64?) {
+    public func unlock(_ first: UInt64?, _ second: UInt64?) {
         pthread_mutex_lock(&mutex)
         if let first { held.remove(first) }
         if let second { held.remove(second) }

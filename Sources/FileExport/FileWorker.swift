@@ -312,19 +312,8 @@ public final class FileWorker: BlockWorker {
         var position = r.pointee.offset
         var count = 0
         while position < end && count < capacity {
-            var extentEnd = end
-            var state: AllocationState = []
-            let data = lseek(fd.rawValue, off_t(position), keel_seek_data)
-            if data < 0 {
-                if errno == ENXIO { state = [.hole, .zero] }
-                // Other errors: one "allocated" extent, which is always a safe answer.
-            } else if UInt64(data) > position {
-                state = [.hole, .zero]
-                extentEnd = min(end, UInt64(data))
-            } else {
-                let hole = lseek(fd.rawValue, off_t(position), keel_seek_hole)
-                if hole > 0 { extentEnd = min(end, UInt64(hole)) }
-            }
+            let (extentEnd, isData) = FileAllocation.run(of: fd, at: position, before: end)
+            let state: AllocationState = isData ? [] : [.hole, .zero]
             let descriptor = buffer.base + count * 8
             descriptor.storeBigEndian(UInt32(extentEnd - position), at: 0)
             descriptor.storeBigEndian(state.rawValue, at: 4)

@@ -1,4 +1,3 @@
-import CSyscalls
 import Syscalls
 #if canImport(Glibc)
 import Glibc
@@ -11,37 +10,44 @@ import Glibc
 ///
 /// A block the map does not record is read from the parent layer, whatever
 /// the data file holds there.
-public struct LayerFiles: Sendable {
+public struct LayerFiles: Equatable, Sendable {
     public static let blockSize: UInt64 = 4096
 
-    public let directory: String
-    public let id: LayerID
+    public let dataPath: String
+    public let mapPath: String
 
-    public init(directory: String, id: LayerID) {
-        self.directory = directory
-        self.id = id
+    public init(dataPath: String, mapPath: String) {
+        self.dataPath = dataPath
+        self.mapPath = mapPath
     }
 
-    public var dataPath: String { "\(directory)/\(id).img" }
-    public var mapPath: String { "\(directory)/\(id).map" }
+    /// A new layer's files in `directory`: `<id>.img` and `<id>.map`.
+    public init(directory: String, id: LayerID) {
+        self.init(dataPath: "\(directory)/\(id).img", mapPath: "\(directory)/\(id).map")
+    }
 
-    /// Creates both files, empty, and syncs them and the directory: the layer
-    /// exists on disk before anything refers to it. Refuses files that exist.
-    public static func create(in directory: String, id: LayerID, size: UInt64) throws -> LayerFiles {
-        let layer = LayerFiles(directory: directory, id: id)
-        for (path, length) in [(layer.dataPath, size), (layer.mapPath, 0 as UInt64)] {
+    /// Creates both files, empty, and syncs them and their directory: the
+    /// layer exists on disk before anything refers to it. Refuses files that exist.
+    public static func create(dataPath: String, mapPath: String, size: UInt64) throws -> LayerFiles {
+        let layer = LayerFiles(dataPath: dataPath, mapPath: mapPath)
+        for (path, length) in [(dataPath, size), (mapPath, 0 as UInt64)] {
             let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
             guard fd >= 0 else { throw SystemError.current("create \(path)") }
             defer { close(fd) }
             try retryingOnInterrupt("truncate \(path)") { ftruncate(fd, off_t(length)) }
             try retryingOnInterrupt("fsync \(path)") { fsync(fd) }
         }
-        try syncDirectory(directory)
+        try syncDirectory(directoryOf(dataPath))
         return layer
     }
 
-    /// The layer's map from its log. A torn tail (a crash during an append
-    /// never acknowledged) is cut off, so that appends go on after the last good record.
+    public static func create(in directory: String, id: LayerID, size: UInt64) throws -> LayerFiles {
+        let layer = LayerFiles(directory: directory, id: id)
+        return try create(dataPath: layer.dataPath, mapPath: layer.mapPath, size: size)
+    }
+
+    /// The layer's map from its log. A torn tail (appends a crash cut, never
+    /// acknowledged) is cut off, so that appends go on after the last good record.
     public func loadMap() throws -> ExtentMap<BlockContent> {
         let fd = open(mapPath, O_RDWR | O_CLOEXEC)
         guard fd >= 0 else { throw SystemError.current("open \(mapPath)") }
@@ -55,8 +61,8 @@ public struct LayerFiles: Sendable {
             if n == 0 { break }
             log += chunk[0..<n]
         }
-        let (map, records) = log.withUnsafeBytes { MapRecord.replay($0) }
-        let valid = records * MapRecord.size
+        let (map, slots) = log.withUnsafeBytes { MapRecord.replay($0) }
+        let valid = slots * MapRecord.size
         if valid < log.count {
             try retryingOnInterrupt("truncate \(mapPath)") { ftruncate(fd, off_t(valid)) }
             try retryingOnInterrupt("fsync \(mapPath)") { fsync(fd) }
@@ -69,8 +75,13 @@ public struct LayerFiles: Sendable {
         for path in [dataPath, mapPath] where unlink(path) != 0 && errno != ENOENT {
             throw SystemError.current("unlink \(path)")
         }
-        try syncDirectory(directory)
+        try syncDirectory(directoryOf(dataPath))
     }
+}
+
+private func directoryOf(_ path: String) -> String {
+    guard let slash = path.lastIndex(of: "/") else { return "." }
+    return slash == path.startIndex ? "/" : String(path[..<slash])
 }
 
 /// Appends records to a layer's map log, blocking (the control plane's
@@ -112,36 +123,6 @@ public final class MapLog {
     public func sync() throws {
         try retryingOnInterrupt("fdatasync \(path)") { fdatasync(fd) }
     }
-}
-
-/// The allocated runs of a file in blocks (SEEK_DATA and SEEK_HOLE): the map
-/// of a head layer written before layers had maps, found once, at the upgrade.
-public func allocatedBlocks(path: String, blockSize: UInt64 = LayerFiles.blockSize) throws -> [Range<UInt64>] {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { throw SystemError.current("open \(path)") }
-    defer { close(fd) }
-    let size = lseek(fd, 0, SEEK_END)
-    guard size >= 0 else { throw SystemError.current("seek \(path)") }
-    var runs: [Range<UInt64>] = []
-    var position: off_t = 0
-    while position < size {
-        let data = lseek(fd, position, keel_seek_data)
-        if data < 0 {
-            if errno == ENXIO { break }
-            throw SystemError.current("seek data in \(path)")
-        }
-        var hole = lseek(fd, data, keel_seek_hole)
-        if hole < 0 { hole = size }
-        // Partly written blocks count whole.
-        let run = UInt64(data) / blockSize..<(UInt64(hole) + blockSize - 1) / blockSize
-        if let last = runs.last, last.upperBound >= run.lowerBound {
-            runs[runs.count - 1] = last.lowerBound..<max(last.upperBound, run.upperBound)
-        } else {
-            runs.append(run)
-        }
-        position = hole
-    }
-    return runs
 }
 
 private func syncDirectory(_ path: String) throws {

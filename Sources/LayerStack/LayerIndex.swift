@@ -54,14 +54,17 @@ public struct LayerIndex: Equatable {
 
     public var resolvedExtentCount: Int { resolved.count }
 
-    /// A write (data) or a trim or zeroing (zero) reached the head.
-    public mutating func record(_ content: BlockContent, _ blocks: Range<UInt64>) {
+    /// A write (data) or a trim or zeroing (zero) reached the head; nil: the
+    /// head no longer records the blocks (the bottom layer, whose file holds
+    /// what no record says, after a write over zeroes it recorded).
+    public mutating func record(_ content: BlockContent?, _ blocks: Range<UInt64>) {
+        precondition(content != nil || layers.count == 1, "only the bottom layer forgets blocks")
         layers[layers.count - 1].map.set(blocks, to: content)
-        resolved.set(blocks, to: Placement(layer: head.id, content: content))
+        resolved.set(blocks, to: content.map { Placement(layer: head.id, content: $0) })
     }
 
     /// Calls `body` for each run of `blocks` with the layer to read it from;
-    /// nil where no layer records it (zeroes).
+    /// nil where no layer records it (the bottom layer's file says).
     public func forEachPlacement(in blocks: Range<UInt64>, _ body: (Range<UInt64>, Placement?) -> Void) {
         resolved.forEach(in: blocks, body)
     }

@@ -6,9 +6,10 @@
 ///    13  format        MapRecord.format
 ///    14  check         UInt16 little-endian: FNV-1a of bytes 0..<14, folded
 ///
-/// A log is replayed in order until the first record that does not check
-/// (the torn or unwritten tail after a crash: never acknowledged, since a
-/// write is answered only after its record is written).
+/// Each append has its own place (I/O threads append without a lock), so a
+/// crash can leave a slot unwritten or torn before good ones: replay applies
+/// every record that checks, in order, and skips the others (none was
+/// acknowledged: a write is answered only after its record is written).
 public struct MapRecord: Equatable, Sendable {
     public static let size = 16
     public static let format: UInt8 = 1
@@ -61,15 +62,19 @@ public struct MapRecord: Equatable, Sendable {
         return UInt16(truncatingIfNeeded: hash ^ (hash >> 16))
     }
 
-    /// A layer's map from its log: the records in order, up to the first that does not check.
-    public static func replay(_ log: UnsafeRawBufferPointer) -> (map: ExtentMap<BlockContent>, records: Int) {
+    /// A layer's map from its log, and the slots up to the last good record
+    /// (what follows is a torn or unwritten tail).
+    public static func replay(_ log: UnsafeRawBufferPointer) -> (map: ExtentMap<BlockContent>, slots: Int) {
         var map = ExtentMap<BlockContent>()
-        var offset = 0
-        while offset + size <= log.count,
-              let record = MapRecord(decoding: UnsafeRawBufferPointer(rebasing: log[offset..<offset + size])) {
-            map.set(record.blocks, to: record.content)
-            offset += size
+        var slots = 0
+        var slot = 0
+        while (slot + 1) * size <= log.count {
+            if let record = MapRecord(decoding: UnsafeRawBufferPointer(rebasing: log[slot * size..<(slot + 1) * size])) {
+                map.set(record.blocks, to: record.content)
+                slots = slot + 1
+            }
+            slot += 1
         }
-        return (map, offset / size)
+        return (map, slots)
     }
 }

@@ -5,32 +5,35 @@ import NBDProtocol
 import NBDServer
 import ReplicaStore
 
-/// A replica's head layer as a block device, fenced by epoch.
+/// A replica's chain of layers as a block device (writes to the head),
+/// fenced by epoch.
 public final class ReplicaDevice: BlockDevice {
     public let store: ReplicaStore
-    let head: FileDevice
+    public let chain: LayerChain
     let fence: EpochFence
     public let sessions = EngineSessions()
+    private let edgeLocks = EdgeLocks()
 
-    public init(store: ReplicaStore, head: FileDevice) {
+    public init(store: ReplicaStore, chain: LayerChain) {
         self.store = store
-        self.head = head
+        self.chain = chain
         fence = EpochFence(epoch: store.epoch)
     }
 
     public var size: UInt64 { store.size }
     public var readOnly: Bool { false }
-    public var alignment: Int { head.alignment }
+    /// Layers hold whole 4 KiB blocks, whatever their files' I/O mode.
+    public var alignment: Int { ChainWorker.block }
 
     public func makeWorker(ring: Ring, arena: BufferArena) throws -> ReplicaWorker {
-        ReplicaWorker(device: self, ring: ring, file: try head.makeWorker(ring: ring, arena: arena))
+        ReplicaWorker(device: self, ring: ring, file: ChainWorker(chain: chain, ring: ring, arena: arena, edgeLocks: edgeLocks))
     }
 
     let faults = ReplicaFaults.fromEnvironment
 
     public func flush() throws {
         if faults.skipDataSync { return }
-        try head.flush()
+        try chain.flush()
     }
 
     /// The export catalog that claims this replica for engines.
@@ -46,10 +49,10 @@ public final class ReplicaWorker: BlockWorker {
 
     private let device: ReplicaDevice
     private let ring: Ring
-    private let file: FileWorker
+    private let file: ChainWorker
     private let retryDelay = TimeoutDuration(nanoseconds: 50_000)
 
-    init(device: ReplicaDevice, ring: Ring, file: FileWorker) {
+    init(device: ReplicaDevice, ring: Ring, file: ChainWorker) {
         self.device = device
         self.ring = ring
         self.file = file

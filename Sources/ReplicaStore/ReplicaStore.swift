@@ -1,3 +1,4 @@
+import LayerStack
 import ReplicaIdentity
 import SQLite
 import Synchronization
@@ -9,22 +10,53 @@ import Glibc
 /// A replica's data directory: the head layer file and its metadata.
 ///
 /// ```
-/// DIR/replica.sqlite     identity, size, epoch and its engine, layers, dirty
-///                        regions, the volume's membership (SQLite, WAL, synchronous=FULL)
-/// DIR/layers/head.img    the writable head layer, a sparse file of the volume's size
+/// DIR/replica.sqlite     identity, size, epoch and its engine, the chain of
+///                        layers, dirty regions, the volume's membership
+///                        (SQLite, WAL, synchronous=FULL)
+/// DIR/layers/*.img       each layer's data, a sparse file of the volume's size
+/// DIR/layers/*.map       each layer's map log (`LayerFiles`, `MapRecord`)
 /// ```
 /// The database appears last, by rename, so a directory that has it holds a
 /// complete replica. The epoch only grows and is on disk before `claim` returns;
 /// so are dirty marks and memberships before their setters return.
 public final class ReplicaStore: @unchecked Sendable {
     public static let metadataName = "replica.sqlite"
-    public static let schemaVersion: Int64 = 3
+    public static let schemaVersion: Int64 = 4
 
     public let directory: String
     public let size: UInt64
     /// Chosen at creation, never reused: how engines tell a replica from its replacement.
     public let id: String
     public var headPath: String { directory + "/layers/head.img" }
+
+    /// A layer of the chain, with its files.
+    public struct LayerRecord: Equatable, Sendable {
+        public let id: LayerID
+        public let files: LayerFiles
+    }
+
+    /// The chain, oldest layer first, the head last.
+    public func chain() throws -> [LayerRecord] {
+        try locked {
+            let rows = try database.query("SELECT id, file, map, parent, kind FROM layers")
+            var byID: [Int64: (file: String, map: String, parent: Int64?)] = [:]
+            var head: Int64?
+            for row in rows {
+                guard let id = row[0].integer, let file = row[1].text, let map = row[2].text else { continue }
+                byID[id] = (file, map, row[3].integer)
+                if row[4].text == "head" { head = id }
+            }
+            var chain: [LayerRecord] = []
+            var next = head
+            while let id = next, let layer = byID[id], chain.count <= byID.count {
+                chain.append(LayerRecord(id: LayerID(id), files: LayerFiles(dataPath: directory + "/" + layer.file,
+                                                                               mapPath: directory + "/" + layer.map)))
+                next = layer.parent
+            }
+            guard !chain.isEmpty else { throw Failure.notAReplica(directory) }
+            return chain.reversed()
+        }
+    }
 
     private let database: Database
     /// Guards the fields below and the database; held across SQLite's fsyncs,
@@ -98,7 +130,7 @@ public final class ReplicaStore: @unchecked Sendable {
         self.directory = directory
         do {
             database = try Database(path: directory + "/" + Self.metadataName, create: false)
-            try Self.upgrade(database)
+            try Self.upgrade(database, directory: directory)
             let rows = try database.query("SELECT size, epoch, engine, replica_id, volume, volume_id FROM replica WHERE id = 1")
             guard let row = rows.first, let size = row[0].integer, let epoch = row[1].integer,
                   let engine = row[2].text, let id = row[3].text, let volume = row[4].text,
@@ -242,15 +274,42 @@ public final class ReplicaStore: @unchecked Sendable {
         mutex.withLock { _ in body() }
     }
 
-    /// Brings an older replica's metadata to this schema (version 2 had no volume identity).
-    private static func upgrade(_ database: Database) throws {
+    /// Brings an older replica's metadata to this schema: version 2 had no
+    /// volume identity; before version 4 the head had no map log. The head is
+    /// the bottom layer, whose file is the truth where its map records
+    /// nothing: its log starts empty (created and synced before the schema
+    /// says it exists; a crash before the commit does it again). The replica
+    /// opens as a chain of one layer.
+    private static func upgrade(_ database: Database, directory: String) throws {
         let columns = try database.query("PRAGMA table_info(replica)").compactMap { $0[1].text }
-        guard !columns.contains("volume") else { return }
+        if !columns.contains("volume") {
+            try database.transaction {
+                try database.execute("""
+                    ALTER TABLE replica ADD COLUMN volume TEXT NOT NULL DEFAULT '';
+                    ALTER TABLE replica ADD COLUMN volume_id TEXT NOT NULL DEFAULT '';
+                    """)
+                try database.query("UPDATE replica SET schema = 3 WHERE id = 1")
+            }
+        }
+        let layerColumns = try database.query("PRAGMA table_info(layers)").compactMap { $0[1].text }
+        guard !layerColumns.contains("map") else { return }
+        let heads = try database.query("SELECT id, file FROM layers").compactMap { row in
+            row[1].text.map { (id: row[0].integer!, file: $0) }
+        }
+        var maps: [(id: Int64, map: String)] = []
+        for head in heads {
+            let map = head.file.hasSuffix(".img") ? String(head.file.dropLast(4)) + ".map" : head.file + ".map"
+            let path = directory + "/" + map
+            let fd = Glibc.open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw SystemError.current("create \(path)") }
+            defer { Glibc.close(fd) }
+            try retryingOnInterrupt("fsync \(path)") { fsync(fd) }
+            maps.append((head.id, map))
+        }
+        try syncDirectory(directory + "/layers")
         try database.transaction {
-            try database.execute("""
-                ALTER TABLE replica ADD COLUMN volume TEXT NOT NULL DEFAULT '';
-                ALTER TABLE replica ADD COLUMN volume_id TEXT NOT NULL DEFAULT '';
-                """)
+            try database.execute("ALTER TABLE layers ADD COLUMN map TEXT")
+            for (id, map) in maps { try database.query("UPDATE layers SET map = ? WHERE id = ?", [.text(map), .integer(id)]) }
             try database.query("UPDATE replica SET schema = ? WHERE id = 1", [.integer(schemaVersion)])
         }
     }
@@ -262,12 +321,8 @@ public final class ReplicaStore: @unchecked Sendable {
         guard entries.isEmpty else { throw Failure.notAReplica(directory) }
         try makeDirectories(directory + "/layers", mode: 0o700)
 
-        let head = directory + "/layers/head.img"
-        let fd = Glibc.open(head, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw SystemError.current("create \(head)") }
-        defer { Glibc.close(fd) }
-        try retryingOnInterrupt("truncate \(head)") { ftruncate(fd, off_t(size)) }
-        try retryingOnInterrupt("fsync \(head)") { fsync(fd) }
+        for name in ["head.img", "head.map"] { unlink(directory + "/layers/" + name) }
+        _ = try LayerFiles.create(dataPath: directory + "/layers/head.img", mapPath: directory + "/layers/head.map", size: size)
 
         let temporary = directory + "/" + metadataName + ".new"
         unlink(temporary)
@@ -289,6 +344,7 @@ public final class ReplicaStore: @unchecked Sendable {
                     CREATE TABLE layers (
                         id INTEGER PRIMARY KEY,
                         file TEXT NOT NULL UNIQUE,
+                        map TEXT,
                         parent INTEGER REFERENCES layers(id),
                         kind TEXT NOT NULL CHECK (kind IN ('head', 'snapshot')),
                         created TEXT NOT NULL DEFAULT (datetime('now')));
@@ -304,7 +360,7 @@ public final class ReplicaStore: @unchecked Sendable {
                 try database.query("""
                     INSERT INTO replica (id, schema, size, replica_id, epoch, state) VALUES (1, ?, ?, ?, 0, 'clean')
                     """, [.integer(schemaVersion), .integer(Int64(size)), .text(newIdentifier())])
-                try database.query("INSERT INTO layers (file, kind) VALUES ('layers/head.img', 'head')")
+                try database.query("INSERT INTO layers (file, map, kind) VALUES ('layers/head.img', 'layers/head.map', 'head')")
             }
             // Back to a single file, so that the rename below moves all of it.
             try database.execute("PRAGMA journal_mode=DELETE")

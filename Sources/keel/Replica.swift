@@ -46,14 +46,14 @@ struct Replica: ParsableCommand {
                 ?? defaultControlAddress(forData: address)
             TerminationSignals.block()
             let store: ReplicaStore
-            let head: FileDevice
+            let chain: LayerChain
             do {
                 store = try ReplicaStore.open(directory: dir, size: size?.bytes)
-                head = try FileDevice(path: store.headPath, readOnly: false, logger: logger)
+                chain = try LayerChain(size: store.size, layers: try store.chain().map { ($0.id, $0.files) }, logger: logger)
             } catch {
                 throw CLIError("\(error)")
             }
-            let device = ReplicaDevice(store: store, head: head)
+            let device = ReplicaDevice(store: store, chain: chain)
             let controlServer = try ControlServer(address: controlAddress,
                                                   services: [ReplicaControlService(device: device, logger: logger)])
             defer { controlServer.stop() }

@@ -49,21 +49,4 @@ import Testing
         #expect(try layer.loadMap().extents.map(\.range) == [0..<1, 5..<6])
     }
 
-    @Test func theAllocatedBlocksOfAnOldHeadAreFoundOnce() throws {
-        let directory = temporaryDirectory()
-        defer { removeDirectory(directory) }
-        let path = directory + "/head.img"
-        let fd = open(path, O_RDWR | O_CREAT, 0o600)
-        defer { close(fd) }
-        #expect(ftruncate(fd, 64 << 20) == 0)
-        let block = [UInt8](repeating: 1, count: 4096)
-        #expect(pwrite(fd, block, 4096, 0) == 4096)
-        #expect(pwrite(fd, block, 100, 8 << 20) == 100)
-        #expect(pwrite(fd, block, 4096, 40 << 20) == 4096)
-        let runs = try allocatedBlocks(path: path)
-        // Filesystems allocate in their own units: every written block is inside a run, and runs are few.
-        for written in [0, 2048, 10240] as [UInt64] { #expect(runs.contains { $0.contains(written) }) }
-        #expect(!runs.contains { $0.contains(4096) }, "32 MiB between two writes is a hole")
-        #expect(runs.count <= 3)
-    }
 }

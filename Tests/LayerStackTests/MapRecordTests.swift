@@ -21,14 +21,15 @@ import Testing
                 == ["0-10:data", "10-15:zero", "15-50:data", "60-100:data", "1099511627776-1099511627777:data"])
     }
 
-    @Test func replayStopsAtATornOrUnwrittenTail() {
+    @Test func replaySkipsTornOrUnwrittenSlotsAndReportsTheLastGoodOne() {
         var bytes = log([MapRecord(start: 0, count: 8, content: .data), MapRecord(start: 8, count: 8, content: .data),
                          MapRecord(start: 16, count: 8, content: .data)])
-        bytes[2 * MapRecord.size + 3] ^= 0x40
+        // The middle append was cut (another thread's, after it, was written); the tail was never written.
+        bytes[MapRecord.size + 3] ^= 0x40
         bytes += [UInt8](repeating: 0, count: 40)
-        let (map, count) = bytes.withUnsafeBytes { MapRecord.replay($0) }
-        #expect(count == 2)
-        #expect(map.extents.map(\.range) == [0..<16])
+        let (map, slots) = bytes.withUnsafeBytes { MapRecord.replay($0) }
+        #expect(slots == 3)
+        #expect(map.extents.map(\.range) == [0..<8, 16..<24])
     }
 
     @Test func aRunLongerThanOneRecordTakesSeveral() {
