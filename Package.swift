@@ -52,6 +52,8 @@ let package = Package(
         .target(name: "ReplicaStore", dependencies: ["SQLite", "Syscalls", "ReplicaIdentity", "LayerStack"]),
         // A replica's chain of layers (head and snapshots): extent maps, the resolved index, the layer files and map log.
         .target(name: "LayerStack", dependencies: ["Syscalls"], swiftSettings: hotPath),
+        // SplitMix64 for the simulator, the fuzzers and the model tests: a seed replays.
+        .target(name: "SeededRandom"),
         // Who owns a replica and the export name that carries the claim: shared by engine, replica and store.
         .target(name: "ReplicaIdentity"),
         // `keel replica serve`: a replica's head served over NBD, fenced by epoch.
@@ -96,6 +98,7 @@ let package = Package(
 
         // The replication core under a seeded storm of faults, single-threaded (docs/replication.md).
         .target(name: "Simulator", dependencies: [
+            "SeededRandom",
             "Engine", "NBDServer", "NBDProtocol", "ReplicaServer", "ReplicaIdentity", "ControlAPI",
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -103,10 +106,10 @@ let package = Package(
             "Simulator", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
-        .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
+        .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol", "SeededRandom"]),
         .testTarget(name: "IOUringTests", dependencies: ["IOUring", "Syscalls"]),
         .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite", "ReplicaIdentity", "LayerStack"]),
-        .testTarget(name: "LayerStackTests", dependencies: ["LayerStack"]),
+        .testTarget(name: "LayerStackTests", dependencies: ["LayerStack", "SeededRandom"]),
         .testTarget(name: "EngineUnitTests", dependencies: ["Engine", "ControlAPI"]),
         .testTarget(name: "ReplicaServerTests", dependencies: [
             "ReplicaServer", "ReplicaStore", "ReplicaIdentity",
@@ -116,7 +119,7 @@ let package = Package(
         .testTarget(name: "NodeTests", dependencies: ["NodeRegistry", "Daemons"]),
         .testTarget(name: "SimulatorTests", dependencies: ["Simulator"]),
         // Also runs Tests/KernelScenarios/*.sh in a QEMU guest with Debian's kernel (KernelTests).
-        .testTarget(name: "IntegrationTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls", "SeededRandom"]),
     ],
     swiftLanguageModes: [.v5]
 )

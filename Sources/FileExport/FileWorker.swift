@@ -90,7 +90,7 @@ public final class FileWorker: BlockWorker {
         let operation = Operation(rawValue: token.sub)!
         switch operation {
         case .read:
-            if result < 0 { fail(r, errno: -result) }
+            if result < 0 { r.fail(errno: -result) }
             else if result == 0 {
                 // Past the end of a file that shrank under us: the rest reads as zeroes.
                 let done = r.pointee.progress
@@ -101,31 +101,31 @@ public final class FileWorker: BlockWorker {
                 if r.pointee.progress < r.pointee.alignedLength { submitRead(r, token) }
             }
         case .write:
-            if result <= 0 { fail(r, errno: result < 0 ? -result : EIO) }
+            if result <= 0 { r.fail(errno: result < 0 ? -result : EIO) }
             else {
                 r.pointee.progress += Int(result)
                 if r.pointee.progress < r.pointee.alignedLength { submitWrite(r, token) }
             }
         case .headRead, .tailRead:
-            if result != Int32(alignment) { fail(r, errno: result < 0 ? -result : EIO) }
+            if result != Int32(alignment) { r.fail(errno: result < 0 ? -result : EIO) }
             r.pointee.phase &= ~(operation == .headRead ? Self.headReadPending : Self.tailReadPending)
             let bothArrived = r.pointee.phase & (Self.headReadPending | Self.tailReadPending) == 0
             if bothArrived && r.pointee.firstError == nil { edgesArrived(r, token) }
         case .headWrite, .tailWrite:
-            if result != Int32(alignment) { fail(r, errno: result < 0 ? -result : EIO) }
+            if result != Int32(alignment) { r.fail(errno: result < 0 ? -result : EIO) }
         case .lockRetry:
             let status = lockAndReadEdges(r, token)
             if status != .inFlight { return status }
         case .allocate:
             if result < 0 { allocationFailed(r, token, errno: -result) }
         case .zeroFill:
-            if result <= 0 { fail(r, errno: result < 0 ? -result : EIO) }
+            if result <= 0 { r.fail(errno: result < 0 ? -result : EIO) }
             else {
                 r.pointee.progress += Int(result)
                 submitZeroFill(r, token)
             }
         case .sync:
-            if result < 0 { fail(r, errno: -result) }
+            if result < 0 { r.fail(errno: -result) }
         }
         return finishIfIdle(r, token)
     }
@@ -284,7 +284,7 @@ public final class FileWorker: BlockWorker {
                 submitZeroFill(r, token)
             }
         default:
-            fail(r, errno: errno)
+            r.fail(errno: errno)
         }
     }
 
@@ -293,7 +293,7 @@ public final class FileWorker: BlockWorker {
         let (start, end) = interior(of: r.pointee)
         let done = UInt64(r.pointee.progress)
         guard start + done < end else { return }
-        guard let zeroes else { fail(r, errno: ENOMEM); return }
+        guard let zeroes else { r.fail(errno: ENOMEM); return }
         let count = Int(min(UInt64(zeroes.capacity), end - start - done))
         let fua = r.pointee.flags.contains(.fua)
         submit(r, token, .zeroFill) {
@@ -328,17 +328,7 @@ public final class FileWorker: BlockWorker {
 
     private func submit(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken, _ operation: Operation,
                         _ prepare: (UInt64) -> Void) {
-        r.pointee.pendingOperations += 1
-        prepare(token.with(sub: operation.rawValue).rawValue)
-    }
-
-    private func fail(_ r: UnsafeMutablePointer<IORequest>, errno: Int32) {
-        guard r.pointee.firstError == nil else { return }
-        switch errno {
-        case ENOSPC, EDQUOT, EFBIG: r.pointee.firstError = .noSpace
-        case EPERM, EROFS, EACCES: r.pointee.firstError = .permission
-        default: r.pointee.firstError = .io
-        }
+        r.submitting(token, sub: operation.rawValue, prepare)
     }
 
     /// When nothing is in flight: release edge locks, sync for FUA if needed, report.

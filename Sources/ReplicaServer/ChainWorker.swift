@@ -90,20 +90,20 @@ public final class ChainWorker: BlockWorker {
         let operation = Operation(rawValue: token.sub)!
         switch operation {
         case .read, .sync, .record:
-            if result < 0 { fail(r, errno: -result) }
+            if result < 0 { r.fail(errno: -result) }
         case .write:
-            if result <= 0 { fail(r, errno: result < 0 ? -result : EIO) } else {
+            if result <= 0 { r.fail(errno: result < 0 ? -result : EIO) } else {
                 r.pointee.progress += Int(result)
                 if r.pointee.progress < r.pointee.alignedLength { submitWrite(r, token) }
             }
         case .headRead, .tailRead:
-            if result < 0 { fail(r, errno: -result) }
+            if result < 0 { r.fail(errno: -result) }
             r.pointee.phase &= ~(operation == .headRead ? Self.headReadPending : Self.tailReadPending)
             if r.pointee.phase & (Self.headReadPending | Self.tailReadPending) == 0 && r.pointee.firstError == nil {
                 edgesArrived(r, token)
             }
         case .edgeWrite:
-            if result != Int32(Self.block) { fail(r, errno: result < 0 ? -result : EIO) }
+            if result != Int32(Self.block) { r.fail(errno: result < 0 ? -result : EIO) }
         case .punch:
             break  // Space only: the map says what the blocks hold.
         case .lockRetry:
@@ -210,7 +210,7 @@ public final class ChainWorker: BlockWorker {
         precondition(records.count <= Self.maxRecords, "a request takes at most \(Self.maxRecords) map records")
         if r.pointee.scratch == nil {
             guard let scratch = arena.allocate(Self.recordsOffset + Self.maxRecords * MapRecord.size) else {
-                fail(r, errno: ENOMEM)
+                r.fail(errno: ENOMEM)
                 return false
             }
             r.pointee.scratch = scratch
@@ -378,18 +378,7 @@ public final class ChainWorker: BlockWorker {
 
     private func submit(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken, _ operation: Operation,
                         _ prepare: (UInt64) -> Void) {
-        r.pointee.pendingOperations += 1
-        prepare(token.with(sub: operation.rawValue).rawValue)
-    }
-
-    private func fail(_ r: UnsafeMutablePointer<IORequest>, errno: Int32) {
-        guard r.pointee.firstError == nil else { return }
-        switch errno {
-        case ENOSPC, EDQUOT, EFBIG: r.pointee.firstError = .noSpace
-        case EPERM, EROFS, EACCES: r.pointee.firstError = .permission
-        case ENOMEM: r.pointee.firstError = .noMemory
-        default: r.pointee.firstError = .io
-        }
+        r.submitting(token, sub: operation.rawValue, prepare)
     }
 
     /// When nothing is in flight: the records once the data is in place, then

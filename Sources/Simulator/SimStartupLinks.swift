@@ -27,7 +27,7 @@ final class SimStartupLinks: StartupLinks {
     private func replica(_ i: Int, _ call: String) throws -> SimReplica {
         let replica = simulation.replicas[i]
         guard replica.running else { throw StartupUnreachable(reason: "replica \(i) is down") }
-        if failures && simulation.random.chance(40) {
+        if failures && simulation.random.chance(perMille: 40) {
             failed = true
             simulation.trace?("startup: \(call) on replica \(i) fails")
             throw Failure(description: "injected: \(call) on replica \(i) failed")

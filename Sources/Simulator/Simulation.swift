@@ -4,6 +4,7 @@ import Logging
 import ReplicaIdentity
 import NBDProtocol
 import NBDServer
+import SeededRandom
 import Syscalls
 #if canImport(Glibc)
 import Glibc
@@ -100,7 +101,7 @@ public final class Simulation {
 
     let options: Options
     let blockSize: UInt64 = 4096
-    var random: SimRandom
+    var random: SplitMix64
     private(set) var replicas: [SimReplica]
     private var engines: [SimEngine] = []
     private var engine: SimEngine!
@@ -130,7 +131,7 @@ public final class Simulation {
 
     public init(seed: UInt64, options: Options = Options()) {
         self.options = options
-        random = SimRandom(seed: seed)
+        random = SplitMix64(seed: seed)
         replicas = (0..<options.replicas).map { SimReplica(id: "replica-\($0)", blocks: options.blocks) }
         supersededBefore = Array(repeating: 0, count: options.blocks)
         durablySupersededBefore = supersededBefore
@@ -210,7 +211,7 @@ public final class Simulation {
         }
         clock += 1
         let request = SimRequest(number: nextRequest, kind: kind, blocks: blocks, generation: generation,
-                                 fua: kind == .write && random.chance(150), blockSize: blockSize)
+                                 fua: kind == .write && random.chance(perMille: 150), blockSize: blockSize)
         nextRequest += 1
         request.ackedAtIssue = Array(supersededBefore[blocks])
         outstanding.append(request)
@@ -329,7 +330,7 @@ public final class Simulation {
     private func send(_ request: SimRequest, on e: SimEngine, to i: Int) -> Bool {
         guard e.linkAlive[i] else { return false }
         return RequestLedger.send(request.request) {
-            if random.chance(3) {
+            if random.chance(perMille: 3) {
                 // libnbd finds the link dead inside the submit and completes every
                 // queued command, this one first, before the call returns.
                 counts.completedInsideSubmit += 1
@@ -487,7 +488,7 @@ public final class Simulation {
     /// by a replica that is down or belongs to a newer engine; sometimes it breaks.
     private func rebuildLink(_ e: SimEngine, _ r: Int) throws -> SimReplica {
         let replica = replicas[r]
-        guard replica.running, replica.epoch == e.epoch, !random.chance(10) else {
+        guard replica.running, replica.epoch == e.epoch, !random.chance(perMille: 10) else {
             throw EngineError("the rebuild's connection to replica \(r) failed")
         }
         return replica

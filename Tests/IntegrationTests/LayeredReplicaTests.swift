@@ -1,5 +1,6 @@
 import Foundation
 import LibNBD
+import SeededRandom
 import Testing
 
 /// `keel replica serve` on its chain of layers (one, the head, until
@@ -19,18 +20,6 @@ import Testing
         return client
     }
 
-    /// SplitMix64, seeded: a failing seed replays.
-    private struct Random {
-        var state: UInt64
-        mutating func below(_ n: Int) -> Int {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return Int((z ^ (z >> 31)) % UInt64(n))
-        }
-    }
-
     @Test(arguments: [1, 2] as [UInt64])
     func writesTrimsAndZeroesMatchAModelThroughRestartAndKill(seed: UInt64) throws {
         print("layered replica model test: seed \(seed)")
@@ -40,7 +29,7 @@ import Testing
         var server = try replica(dir, scratch)
         var client = try engine(server)
         var model = [UInt8](repeating: 0, count: size)
-        var random = Random(state: seed)
+        var random = SplitMix64(seed: seed)
         for i in 0..<400 {
             let length = 1 + random.below(random.below(4) == 0 ? 300_000 : 20_000)
             let offset = random.below(size - length)

@@ -1,19 +1,6 @@
 import LayerStack
+import SeededRandom
 import Testing
-
-/// SplitMix64: a seeded source for the model tests (the seed is in each test's name).
-struct TestRandom {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func below(_ n: UInt64) -> UInt64 { next() % n }
-}
 
 @Suite struct ExtentMapTests {
     private func runs(_ map: ExtentMap<Int>) -> [String] { map.extents.map { "\($0.start)-\($0.end):\($0.value)" } }
@@ -48,13 +35,13 @@ struct TestRandom {
     /// Random sets and holes over many chunks against one value per block.
     @Test(arguments: [1, 2, 3, 4] as [UInt64])
     func randomChangesMatchABlockModel(seed: UInt64) {
-        var random = TestRandom(seed: seed)
+        var random = SplitMix64(seed: seed)
         let blocks: UInt64 = 20_000
         var model = [Int?](repeating: nil, count: Int(blocks))
         var map = ExtentMap<Int>()
         for step in 0..<6_000 {
             let start = random.below(blocks)
-            let length = random.below(4) == 0 ? 1 + random.below(2_000) : 1 + random.below(8)
+            let length: UInt64 = random.below(4) == 0 ? 1 + random.below(2_000) : 1 + random.below(8)
             let end = min(blocks, start + length)
             let value: Int? = random.below(5) == 0 ? nil : Int(random.below(3))
             map.set(start..<end, to: value)

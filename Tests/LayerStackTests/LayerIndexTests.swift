@@ -1,4 +1,5 @@
 import LayerStack
+import SeededRandom
 import Testing
 
 /// The chain against a model that keeps, per layer, what each block holds,
@@ -65,7 +66,7 @@ import Testing
 
     @Test(arguments: [11, 12, 13] as [UInt64])
     func randomChainsMatchTheModel(seed: UInt64) {
-        var random = TestRandom(seed: seed)
+        var random = SplitMix64(seed: seed)
         let blocks = 512
         var nextID: LayerID = 2
         var index = LayerIndex(layers: [Layer(id: 1)])
@@ -116,7 +117,7 @@ import Testing
     /// A chain of 1000 snapshots, each with writes of its own: reads find every
     /// block's layer through the resolved map alone. Prints the index's memory per extent.
     @Test func aThousandSnapshots() {
-        var random = TestRandom(seed: 1000)
+        var random = SplitMix64(seed: 1000)
         let blocks: UInt64 = 1 << 18   // 1 GiB of 4 KiB blocks
         var index = LayerIndex(layers: [Layer(id: 1)])
         var expected = [LayerID](repeating: 0, count: Int(blocks))

@@ -1,18 +1,9 @@
 import NBDProtocol
+import SeededRandom
 import Testing
 
-/// A small, seeded generator so every fuzz run sees the same inputs.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-
+/// The fuzzer's choices, all from one seeded generator so every run sees the same inputs.
+extension SplitMix64 {
     mutating func bytes(_ count: Int) -> [UInt8] { (0 ..< count).map { _ in UInt8.random(in: .min ... .max, using: &self) } }
 
     mutating func pick<T>(_ choices: [T]) -> T { choices.randomElement(using: &self)! }
@@ -98,7 +89,7 @@ extension ParsedEvent {
     }
 
     @Test func handshake() {
-        var rng = SplitMix64(state: 0x4B45_454C_0001)
+        var rng = SplitMix64(seed: 0x4B45_454C_0001)
         var emittedAfterClose = 0
         for iteration in 0 ..< 6000 {
             let input = Self.handshakeInput(&rng)
@@ -179,7 +170,7 @@ extension ParsedEvent {
     }
 
     @Test func requests() {
-        var rng = SplitMix64(state: 0x4B45_454C_0002)
+        var rng = SplitMix64(seed: 0x4B45_454C_0002)
         for iteration in 0 ..< 5000 {
             let policy = rng.pick(Self.policies)
             var input: [UInt8] = []
