@@ -186,6 +186,12 @@ public final class WriteGate: @unchecked Sendable {
         state.withLock { s in (0..<regionCount).filter { s.intent[$0] != .clean } }
     }
 
+    /// Regions whose marking is done and whose clearing has not begun: every
+    /// RW replica must hold their marks (the simulator checks it).
+    public func markedRegions() -> [Int] {
+        state.withLock { s in (0..<regionCount).filter { s.intent[$0] == .dirty } }
+    }
+
     public var dirtyRegionCount: Int {
         state.withLock { s in s.intent.filter { $0 != .clean }.count }
     }

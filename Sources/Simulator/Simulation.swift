@@ -644,7 +644,8 @@ public final class Simulation {
     static let startAttempts = 4
 
     /// A region the gate holds clean must hold the same data on every healthy
-    /// replica, in memory and on disk: no engine will ever copy it again.
+    /// replica, in memory and on disk: no engine will ever copy it again. A
+    /// region it holds dirty must be marked on every healthy replica.
     private func checkCleanRegions() {
         guard !engine.crashed, !engine.replicas.isFenced else { return }
         let dirty = Set(engine.gate.nonCleanRegions())
@@ -652,6 +653,15 @@ public final class Simulation {
             engine.replicas.mode($0) == .rw && replicas[engine.replicaOf[$0]].running
         }.map { engine.replicaOf[$0] }
         guard let first = healthy.first else { return }
+        // The write-intent log holds only if every RW replica has every mark: the next
+        // start resyncs the union of its members' marks, and the members may be any of them.
+        let marked = Set(engine.gate.markedRegions())
+        for i in healthy {
+            if let region = marked.subtracting(replicas[i].dirty).min() {
+                violation("region \(region) is dirty but RW replica \(i) holds no mark for it")
+                return
+            }
+        }
         for region in 0..<engine.gate.regionCount where !dirty.contains(region) {
             let blocks = region * options.regionBlocks..<(region + 1) * options.regionBlocks
             for i in healthy.dropFirst() {
