@@ -135,11 +135,13 @@ public struct ExtentMap<Value: Equatable>: Equatable {
     /// (`chunks.count, 0` when there is none).
     private func position(firstEndingAtOrAfter block: UInt64) -> (Int, Int) {
         guard !chunks.isEmpty else { return (0, 0) }
-        // The last chunk starting at or before the block; an extent ending at or after it is there or later.
+        // The last chunk starting before the block: extents of earlier chunks end at or before its
+        // start, so before the block; an extent ending at or after it is there or in the next chunk.
+        // (Not "at or before": the previous chunk's last extent may end exactly where a chunk starts.)
         var low = 0, high = firstStarts.count
         while low < high {
             let middle = (low + high) / 2
-            if firstStarts[middle] <= block { low = middle + 1 } else { high = middle }
+            if firstStarts[middle] < block { low = middle + 1 } else { high = middle }
         }
         let c = max(low - 1, 0)
         let chunk = chunks[c]

@@ -70,4 +70,24 @@ import Testing
             }
         }
     }
+
+    /// Thousands of one-block extents (dozens of chunks): every block, and
+    /// every run that starts at a chunk's edge, reads back its value. A lookup
+    /// of the block just before a chunk's first extent once found a hole.
+    @Test func lookupsAtChunkEdgesFindTheirExtent() {
+        var map = ExtentMap<Int>()
+        let blocks = 20_000
+        for b in stride(from: 0, to: blocks, by: 2) { map.set(UInt64(b)..<UInt64(b + 1), to: b % 3) }
+        for b in stride(from: 1, to: blocks, by: 2) { map.set(UInt64(b)..<UInt64(b + 1), to: 7) }
+        #expect(map.count == blocks)
+        for b in 0..<blocks {
+            #expect(map.value(at: UInt64(b)) == (b % 2 == 1 ? 7 : b % 3), "block \(b)")
+        }
+        // Setting a block to its left neighbour's value merges across a chunk edge.
+        for b in stride(from: 1, to: blocks, by: 2) { map.set(UInt64(b)..<UInt64(b + 1), to: (b - 1) % 3) }
+        let extents = map.extents
+        for (previous, extent) in zip(extents, extents.dropFirst()) {
+            #expect(previous.end < extent.start || previous.value != extent.value, "unmerged neighbours at \(extent.start)")
+        }
+    }
 }
