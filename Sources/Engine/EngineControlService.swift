@@ -122,22 +122,37 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
         return try await status(request: .init(), context: context)
     }
 
+    public func createSnapshot(request: Keel_Control_V1_CreateSnapshotRequest,
+                               context: ServerContext) async throws -> Keel_Control_V1_Snapshots {
+        let device = try await engine.device()
+        // Holding writes and the replicas' syncs block: off the cooperative pool.
+        let snapshots = try await offloaded { try refusing { try device.createSnapshot(name: request.name) } }
+        return .with { $0.snapshots = snapshots }
+    }
+
+    public func listSnapshots(request: Keel_Control_V1_ListSnapshotsRequest,
+                              context: ServerContext) async throws -> Keel_Control_V1_Snapshots {
+        let device = try await engine.device()
+        let snapshots = try await offloaded { try refusing { try device.listSnapshots() } }
+        return .with { $0.snapshots = snapshots }
+    }
+
     private func parse(_ text: String) throws -> Syscalls.SocketAddress {
         do { return try Syscalls.SocketAddress(parsing: text) } catch {
             throw RPCError(code: .invalidArgument, message: "\(error)")
         }
     }
 
-    private func offloaded(_ body: @escaping @Sendable () throws -> Void) async throws {
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, Error>) in
+    private func offloaded<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, Error>) in
             DispatchQueue.global().async {
-                do { try body(); continuation.resume() } catch { continuation.resume(throwing: error) }
+                do { continuation.resume(returning: try body()) } catch { continuation.resume(throwing: error) }
             }
         }
     }
 
-    private func refusing(_ body: () throws -> Void) throws {
-        do { try body() } catch {
+    private func refusing<T>(_ body: () throws -> T) throws -> T {
+        do { return try body() } catch {
             throw RPCError(code: .failedPrecondition, message: "\(error)")
         }
     }

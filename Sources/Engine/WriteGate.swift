@@ -1,4 +1,7 @@
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Decides, per region of the volume, when a write may go to the replicas.
 ///
@@ -42,6 +45,8 @@ public final class WriteGate: @unchecked Sendable {
         var writes: [Range<UInt64>] = []
         /// A write waits for an overlapping one: its finish wakes the I/O threads.
         var overlapWaiting = false
+        /// No write is admitted (a snapshot is being taken).
+        var paused = false
     }
 
     private let state: Mutex<State>
@@ -82,6 +87,7 @@ public final class WriteGate: @unchecked Sendable {
         let span = regions(offset: offset, length: length)
         let bytes = offset..<offset + max(length, 1)
         let (admitted, needsMark): (Bool, Bool) = state.withLock { s in
+            if s.paused { return (false, false) }
             var ready = true, needsMark = false, busy = false
             for r in span {
                 if s.copying == r { ready = false }
@@ -194,6 +200,26 @@ public final class WriteGate: @unchecked Sendable {
 
     public var dirtyRegionCount: Int {
         state.withLock { s in s.intent.filter { $0 != .clean }.count }
+    }
+
+    // MARK: - Snapshots
+
+    /// Admits no more writes; true once none is in flight. After `seconds`
+    /// with some still in flight, false, and writes go on.
+    func pauseWrites(seconds: Double) -> Bool {
+        state.withLock { $0.paused = true }
+        for _ in 0..<max(1, Int(seconds * 2000)) {
+            if state.withLock({ $0.writes.isEmpty }) { return true }
+            usleep(500)
+        }
+        resumeWrites()
+        return false
+    }
+
+    /// Writes held by `pauseWrites` are retried.
+    func resumeWrites() {
+        state.withLock { $0.paused = false }
+        onOverlapCleared()
     }
 
     // MARK: - Rebuild

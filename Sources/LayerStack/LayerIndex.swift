@@ -69,6 +69,25 @@ public struct LayerIndex: Equatable {
         resolved.forEach(in: blocks, body)
     }
 
+    /// Like `forEachPlacement`, as of frozen layer `id`: what a snapshot's
+    /// reader sees, whatever newer layers record. Runs come in block order.
+    public func forEachPlacement(asOf id: LayerID, in blocks: Range<UInt64>, _ body: (Range<UInt64>, Placement?) -> Void) {
+        guard let k = index(of: id) else { preconditionFailure("layer \(id) is not in the chain") }
+        var found: [(Range<UInt64>, Placement?)] = []
+        var pending = [blocks]
+        for layer in layers[...k].reversed() where !pending.isEmpty {
+            var holes: [Range<UInt64>] = []
+            for run in pending {
+                layer.map.forEach(in: run) { part, content in
+                    if let content { found.append((part, Placement(layer: layer.id, content: content))) } else { holes.append(part) }
+                }
+            }
+            pending = holes
+        }
+        found += pending.map { ($0, nil) }
+        for (run, placement) in found.sorted(by: { $0.0.lowerBound < $1.0.lowerBound }) { body(run, placement) }
+    }
+
     /// The head is frozen as it is (a snapshot); an empty head starts on top.
     public mutating func freezeHead(newHead id: LayerID) {
         precondition(!layers.contains { $0.id == id }, "layer \(id) already exists")

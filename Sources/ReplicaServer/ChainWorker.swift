@@ -4,6 +4,7 @@ import IOUring
 import LayerStack
 import NBDProtocol
 import NBDServer
+import ReplicaIdentity
 import Syscalls
 #if canImport(Glibc)
 import Glibc
@@ -120,7 +121,7 @@ public final class ChainWorker: BlockWorker {
         let first = request.alignedOffset / UInt64(Self.block)
         let blocks = first..<first + UInt64(request.alignedLength / Self.block)
         chain.index.withLock { index in
-            index.forEachPlacement(in: blocks) { run, placement in
+            forEachPlacement(index, session: request.session, in: blocks) { run, placement in
                 let at = buffer.base + Int(run.lowerBound - first) * Self.block
                 let count = run.count * Self.block
                 if placement?.content == .zero {
@@ -345,7 +346,7 @@ public final class ChainWorker: BlockWorker {
         let start = r.pointee.offset, end = r.pointee.offset + UInt64(r.pointee.length)
         var extents: [(end: UInt64, state: AllocationState)] = []
         chain.index.withLock { index in
-            index.forEachPlacement(in: start / b..<(end + b - 1) / b) { run, placement in
+            forEachPlacement(index, session: r.pointee.session, in: start / b..<(end + b - 1) / b) { run, placement in
                 func add(_ runEnd: UInt64, _ state: AllocationState) {
                     if let last = extents.last, last.state == state {
                         extents[extents.count - 1].end = runEnd
@@ -375,6 +376,17 @@ public final class ChainWorker: BlockWorker {
     }
 
     // MARK: - Helpers
+
+    /// Where a session reads each run: the whole chain for the engine, the
+    /// chain up to its snapshot for a snapshot reader.
+    private func forEachPlacement(_ index: LayerIndex, session: UInt64, in blocks: Range<UInt64>,
+                                  _ body: (Range<UInt64>, Placement?) -> Void) {
+        if case .snapshot(let layer) = ReplicaSession(session) {
+            index.forEachPlacement(asOf: layer, in: blocks, body)
+        } else {
+            index.forEachPlacement(in: blocks, body)
+        }
+    }
 
     private func submit(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken, _ operation: Operation,
                         _ prepare: (UInt64) -> Void) {

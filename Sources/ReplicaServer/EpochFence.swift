@@ -1,7 +1,11 @@
+import ReplicaIdentity
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The replica's epoch as its data path sees it, and the requests in flight
-/// by the epoch of the engine that sent them.
+/// by the session that sent them.
 ///
 /// The epoch lives here, under the fence's own lock, so that deciding on a
 /// request and a claim moving the epoch on can never interleave, and so that
@@ -12,7 +16,11 @@ import Synchronization
 /// A request of an epoch older than the fence's is refused before it touches
 /// the disk. A request of the current epoch waits until every request of older
 /// epochs already on its way to the disk has finished, so that no write of a
-/// fenced engine can land after the new engine's I/O.
+/// fenced engine can land after the new engine's I/O. Snapshot readers
+/// (`ReplicaSession.snapshot`) are fenced by no epoch.
+///
+/// `hold` stops the data path for a change of the chain: new requests wait,
+/// and it returns once none is in flight.
 public final class EpochFence: Sendable {
     public enum Admission: Equatable {
         case admit
@@ -23,6 +31,9 @@ public final class EpochFence: Sendable {
     private struct State {
         var epoch: UInt64
         var inFlight: [UInt64: Int] = [:]
+        var held = false
+        /// The chain on disk may differ from the one in memory: nothing is served any more.
+        var broken = false
     }
 
     private let state: Mutex<State>
@@ -40,10 +51,14 @@ public final class EpochFence: Sendable {
 
     public func enter(session: UInt64) -> Admission {
         state.withLock { s in
-            if session < s.epoch { return .reject }
-            // Newer than the fence: its claim is still being persisted.
-            if session > s.epoch { return .wait }
-            if s.inFlight.keys.contains(where: { $0 < session }) { return .wait }
+            if s.broken { return .reject }
+            if s.held { return .wait }
+            if case .engine(let epoch) = ReplicaSession(session) {
+                if epoch < s.epoch { return .reject }
+                // Newer than the fence: its claim is still being persisted.
+                if epoch > s.epoch { return .wait }
+                if s.inFlight.keys.contains(where: { $0 < epoch }) { return .wait }
+            }
             s.inFlight[session, default: 0] += 1
             return .admit
         }
@@ -55,5 +70,26 @@ public final class EpochFence: Sendable {
             precondition(left >= 0, "a request left the fence without having entered it")
             s.inFlight[session] = left > 0 ? left : nil
         }
+    }
+
+    /// Holds new requests; true once none is in flight. False (and released)
+    /// if some are still in flight after `seconds`.
+    public func hold(seconds: Double) -> Bool {
+        state.withLock { $0.held = true }
+        for _ in 0..<max(1, Int(seconds * 2000)) {
+            if state.withLock({ $0.inFlight.isEmpty }) { return true }
+            usleep(500)
+        }
+        release()
+        return false
+    }
+
+    public func release() {
+        state.withLock { $0.held = false }
+    }
+
+    /// Refuses every request from now on: the replica must be restarted.
+    public func breakForGood() {
+        state.withLock { $0.broken = true }
     }
 }

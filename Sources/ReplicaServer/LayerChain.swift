@@ -10,6 +10,11 @@ import Glibc
 /// A replica's chain of layers, open: each layer's data file, the index of
 /// what each layer records and where each block is read from, and the head's
 /// map log, which the I/O threads append to.
+///
+/// `freezeHead` changes the layers and the head's log while no request is in
+/// the data path (the replica's fence holds them); the I/O threads read
+/// `layers` and `headLog` without a lock, after the fence's lock, which
+/// orders them after the change.
 public final class LayerChain: @unchecked Sendable {
     public struct Layer {
         public let id: LayerID
@@ -21,37 +26,48 @@ public final class LayerChain: @unchecked Sendable {
     }
 
     public let size: UInt64
-    public let layers: [Layer]
+    public private(set) var layers: [Layer]
     public let index: Mutex<LayerIndex>
     /// The head's map log, written by the I/O threads at `logEnd`.
-    let headLog: FileDescriptor
+    private(set) var headLog: FileDescriptor
     private let logEnd: Atomic<Int64>
+    /// Serialises the control plane's flushes with a change of head.
+    private let control = Mutex(())
+    private let logger: Logger
 
     /// Opens layers given oldest first, the head last, with their files;
     /// replays their map logs (cutting torn tails).
     public init(size: UInt64, layers: [(id: LayerID, files: LayerFiles)], logger: Logger) throws {
         precondition(!layers.isEmpty)
         self.size = size
+        self.logger = logger
         var opened: [Layer] = []
         var indexed: [LayerStack.Layer] = []
         for (id, files) in layers {
-            let data = try FileDevice(path: files.dataPath, readOnly: id != layers.last!.id, logger: logger)
-            guard data.size == size else {
-                throw OpenError(description: "layer file \(files.dataPath) holds \(data.size) bytes, not the volume's \(size)")
-            }
-            opened.append(Layer(id: id, data: data))
+            opened.append(try Self.open(id: id, files: files, size: size, writable: id == layers.last!.id, logger: logger))
             indexed.append(LayerStack.Layer(id: id, map: try files.loadMap()))
         }
         self.layers = opened
         index = Mutex(LayerIndex(layers: indexed))
-        let head = layers.last!.files.mapPath
-        let fd = open(head, O_WRONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw SystemError.current("open \(head)") }
-        headLog = FileDescriptor(rawValue: fd)
-        logEnd = Atomic(Int64(lseek(fd, 0, SEEK_END)))
+        headLog = try Self.openLog(layers.last!.files.mapPath)
+        logEnd = Atomic(Int64(lseek(headLog.rawValue, 0, SEEK_END)))
     }
 
     deinit { headLog.close() }
+
+    private static func open(id: LayerID, files: LayerFiles, size: UInt64, writable: Bool, logger: Logger) throws -> Layer {
+        let data = try FileDevice(path: files.dataPath, readOnly: !writable, logger: logger)
+        guard data.size == size else {
+            throw OpenError(description: "layer file \(files.dataPath) holds \(data.size) bytes, not the volume's \(size)")
+        }
+        return Layer(id: id, data: data)
+    }
+
+    private static func openLog(_ path: String) throws -> FileDescriptor {
+        let fd = Glibc.open(path, O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw SystemError.current("open \(path)") }
+        return FileDescriptor(rawValue: fd)
+    }
 
     public var head: Layer { layers[layers.count - 1] }
 
@@ -71,9 +87,38 @@ public final class LayerChain: @unchecked Sendable {
         UInt64(logEnd.add(Int64(records * MapRecord.size), ordering: .relaxed).oldValue)
     }
 
+    /// Each layer's data file, for the control plane (under the lock a change of head takes).
+    public func dataDescriptors() -> [LayerID: FileDescriptor] {
+        control.withLock { _ in Dictionary(uniqueKeysWithValues: layers.map { ($0.id, $0.data.descriptor) }) }
+    }
+
     /// Head data and map log on stable storage.
     public func flush() throws {
-        try head.data.flush()
-        try headLog.fdatasync()
+        try control.withLock { _ in
+            try head.data.flush()
+            try headLog.fdatasync()
+        }
+    }
+
+    /// Freezes the head and makes `files` (new, empty) the head on top of it,
+    /// in memory, after `commit` has recorded the change durably. Call only
+    /// while no request is in the data path. The old head's data and map are
+    /// made durable first: a snapshot never misses a write acknowledged before it.
+    public func freezeHead(newHead id: LayerID, files: LayerFiles, commit: () throws -> Void) throws {
+        try control.withLock { _ in
+            try head.data.flush()
+            try headLog.fdatasync()
+            let opened = try Self.open(id: id, files: files, size: size, writable: true, logger: logger)
+            let log = try Self.openLog(files.mapPath)
+            do { try commit() } catch {
+                log.close()
+                throw error
+            }
+            headLog.close()
+            headLog = log
+            logEnd.store(0, ordering: .relaxed)
+            layers.append(opened)
+            index.withLock { $0.freezeHead(newHead: id) }
+        }
     }
 }

@@ -7,6 +7,7 @@ import ReplicaStore
 /// and themselves (`ReplicaExportName`). Opening with a newer epoch claims
 /// the replica (durably, before the answer); an older epoch is refused, and
 /// so is the current one from another engine, and any engine of another volume.
+/// `<volume>@snapshot:<name>` opens a snapshot read-only and claims nothing.
 struct ReplicaCatalog: ExportCatalog {
     let store: ReplicaStore
     let fence: EpochFence
@@ -19,6 +20,7 @@ struct ReplicaCatalog: ExportCatalog {
     }
 
     func resolve(_ name: String, opening: Bool) -> ExportResolution {
+        if let snapshot = SnapshotExportName(parsing: name) { return resolve(snapshot, name: name) }
         guard let export = ReplicaExportName(parsing: name) else {
             return .refused(.errPolicy, "a Keel replica serves only '<volume>@<epoch>+<engine>' exports to its engine, not '\(name)'")
         }
@@ -51,6 +53,22 @@ struct ReplicaCatalog: ExportCatalog {
             return refusal(epoch, current)
         }
         return .found(ExportDescription(name: name, size: store.size, readOnly: false, session: epoch))
+    }
+
+    private func resolve(_ export: SnapshotExportName, name: String) -> ExportResolution {
+        if let refusal = store.volume.refusal(of: VolumeIdentity(name: export.volume)) {
+            return .refused(.errPolicy, refusal)
+        }
+        let snapshots: [SnapshotRecord]
+        do { snapshots = try store.snapshots() } catch {
+            return .refused(.errPlatform, "the replica cannot read its snapshots: \(error)")
+        }
+        guard let snapshot = snapshots.first(where: { $0.name == export.snapshot }) else {
+            let known = snapshots.map(\.name).joined(separator: ", ")
+            return .refused(.errUnknown, "volume \(export.volume) has no snapshot '\(export.snapshot)' (it has: \(known.isEmpty ? "none" : known))")
+        }
+        return .found(ExportDescription(name: name, description: "Keel snapshot", size: store.size, readOnly: true,
+                                        session: ReplicaSession.snapshot(layer: snapshot.layer).raw))
     }
 
     func transmissionStarted(_ export: ExportDescription) { sessions.started(export) }

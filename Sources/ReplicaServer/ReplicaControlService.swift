@@ -14,15 +14,18 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
     /// Makes every write this replica has answered durable (its head's fdatasync).
     let flushData: @Sendable () throws -> Void
     let faults: ReplicaFaults
+    /// Snapshots are taken and listed on the chain; nil in tests of the records alone.
+    let device: ReplicaDevice?
     let logger: Logger
 
     public init(device: ReplicaDevice, logger: Logger) {
         self.init(store: device.store, sessions: device.sessions, flushData: { try device.flush() },
-                  faults: device.faults, logger: logger)
+                  faults: device.faults, device: device, logger: logger)
     }
 
     init(store: ReplicaStore, sessions: EngineSessions, flushData: @escaping @Sendable () throws -> Void,
-         faults: ReplicaFaults = ReplicaFaults(), logger: Logger) {
+         faults: ReplicaFaults = ReplicaFaults(), device: ReplicaDevice? = nil, logger: Logger) {
+        self.device = device
         self.store = store
         self.sessions = sessions
         self.flushData = flushData
@@ -48,7 +51,21 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
                 $0.members = membership.members
             }
         }
+        if let device {
+            status.snapshots = try storeCall { try device.snapshots() }.map(\.message)
+        }
         return status
+    }
+
+    public func freezeHead(request: Keel_Control_V1_FreezeHeadRequest,
+                           context: ServerContext) async throws -> Keel_Control_V1_Snapshots {
+        guard let device else { throw RPCError(code: .unimplemented, message: "this replica takes no snapshots") }
+        // Holding the data path and syncing block: off the cooperative pool.
+        let snapshots = try await offThePool {
+            try storeCall { try device.freezeHead(snapshotName: request.name, owner: Owner(request.owner)) }
+        }
+        logger.notice("snapshot \(request.name) taken (\(snapshots.count) in the chain)")
+        return .with { $0.snapshots = snapshots.map(\.message) }
     }
 
     public func markDirty(request: Keel_Control_V1_DirtyRanges, context: ServerContext) async throws -> Keel_Control_V1_Done {
@@ -97,10 +114,10 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
         return ByteRange(offset: range.offset, length: range.length)
     }
 
-    private func offThePool(_ body: @escaping @Sendable () throws -> Void) async throws {
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, Error>) in
+    private func offThePool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, Error>) in
             DispatchQueue.global().async {
-                do { try body(); continuation.resume() } catch { continuation.resume(throwing: error) }
+                do { continuation.resume(returning: try body()) } catch { continuation.resume(throwing: error) }
             }
         }
     }
@@ -110,9 +127,25 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
             // An engine told "not yours" knows it is fenced: it must not take the replica for failed.
             if case .notOwner = error { throw RPCError(code: .permissionDenied, message: "\(error)") }
             throw RPCError(code: .failedPrecondition, message: "\(error)")
+        } catch let error as ReplicaStore.SnapshotFailure {
+            throw RPCError(code: .failedPrecondition, message: "\(error)")
+        } catch let error as ReplicaDevice.SnapshotError {
+            throw RPCError(code: .unavailable, message: "\(error)")
         } catch {
             logger.error("replica metadata: \(error)")
             throw RPCError(code: .internalError, message: "replica metadata: \(error)")
+        }
+    }
+}
+
+extension ReplicaDevice.Snapshot {
+    var message: Keel_Control_V1_Snapshot {
+        .with {
+            $0.name = record.name
+            $0.created = record.created
+            $0.ownBytes = ownBytes
+            $0.parent = record.parent ?? ""
+            $0.layer = record.layer
         }
     }
 }

@@ -3,7 +3,12 @@ import Logging
 import IOUring
 import NBDProtocol
 import NBDServer
+import ReplicaIdentity
 import ReplicaStore
+import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A replica's chain of layers as a block device (writes to the head),
 /// fenced by epoch.
@@ -34,6 +39,59 @@ public final class ReplicaDevice: BlockDevice {
     public func flush() throws {
         if faults.skipDataSync { return }
         try chain.flush()
+    }
+
+    public struct SnapshotError: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    /// The head becomes the snapshot `name`, a new empty head starts on it:
+    /// the data path is held meanwhile, and the chain on disk and in memory
+    /// stay one. If the two could differ (the change was committed, or may
+    /// have been, and memory failed to follow), the replica serves nothing
+    /// more until it is restarted and reads its chain from disk.
+    public func freezeHead(snapshotName name: String, owner: Owner?) throws -> [Snapshot] {
+        let newHead = try store.prepareHead(snapshotName: name, owner: owner)
+        // Most of the head's data reaches the disk before requests are held: the sync under the hold is short.
+        try? chain.flush()
+        guard fence.hold(seconds: 5) else {
+            try? newHead.files.remove()
+            throw SnapshotError(description: "requests in flight did not finish within 5 s; the snapshot was not taken")
+        }
+        defer { fence.release() }
+        var committed = false
+        do {
+            try chain.freezeHead(newHead: newHead.id, files: newHead.files) {
+                committed = true
+                try store.freezeHead(snapshotName: name, newHead: newHead, owner: owner, at: Int64(time(nil)))
+            }
+        } catch {
+            if committed {
+                fence.breakForGood()
+            } else {
+                try? newHead.files.remove()
+            }
+            throw error
+        }
+        return try snapshots()
+    }
+
+    /// A snapshot as a replica reports it: its record and the bytes its own layer takes on disk.
+    public struct Snapshot: Equatable, Sendable {
+        public var record: SnapshotRecord
+        public var ownBytes: UInt64
+    }
+
+    public func snapshots() throws -> [Snapshot] {
+        let files = chain.dataDescriptors()
+        return try store.snapshots().map { record in
+            Snapshot(record: record, ownBytes: files[record.layer].map(Self.allocatedBytes) ?? 0)
+        }
+    }
+
+    private static func allocatedBytes(_ file: FileDescriptor) -> UInt64 {
+        var st = stat()
+        return fstat(file.rawValue, &st) == 0 ? UInt64(st.st_blocks) * 512 : 0
     }
 
     /// The export catalog that claims this replica for engines.

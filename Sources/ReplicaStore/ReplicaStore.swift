@@ -21,7 +21,7 @@ import Glibc
 /// so are dirty marks and memberships before their setters return.
 public final class ReplicaStore: @unchecked Sendable {
     public static let metadataName = "replica.sqlite"
-    public static let schemaVersion: Int64 = 4
+    public static let schemaVersion: Int64 = 5
 
     public let directory: String
     public let size: UInt64
@@ -29,36 +29,7 @@ public final class ReplicaStore: @unchecked Sendable {
     public let id: String
     public var headPath: String { directory + "/layers/head.img" }
 
-    /// A layer of the chain, with its files.
-    public struct LayerRecord: Equatable, Sendable {
-        public let id: LayerID
-        public let files: LayerFiles
-    }
-
-    /// The chain, oldest layer first, the head last.
-    public func chain() throws -> [LayerRecord] {
-        try locked {
-            let rows = try database.query("SELECT id, file, map, parent, kind FROM layers")
-            var byID: [Int64: (file: String, map: String, parent: Int64?)] = [:]
-            var head: Int64?
-            for row in rows {
-                guard let id = row[0].integer, let file = row[1].text, let map = row[2].text else { continue }
-                byID[id] = (file, map, row[3].integer)
-                if row[4].text == "head" { head = id }
-            }
-            var chain: [LayerRecord] = []
-            var next = head
-            while let id = next, let layer = byID[id], chain.count <= byID.count {
-                chain.append(LayerRecord(id: LayerID(id), files: LayerFiles(dataPath: directory + "/" + layer.file,
-                                                                               mapPath: directory + "/" + layer.map)))
-                next = layer.parent
-            }
-            guard !chain.isEmpty else { throw Failure.notAReplica(directory) }
-            return chain.reversed()
-        }
-    }
-
-    private let database: Database
+    let database: Database
     /// Guards the fields below and the database; held across SQLite's fsyncs,
     /// so the data path never takes it (the epoch it needs is `EpochFence`'s).
     private let mutex = Mutex(())
@@ -120,6 +91,7 @@ public final class ReplicaStore: @unchecked Sendable {
             try create(directory: directory, size: size)
         }
         let store = try ReplicaStore(directory: directory)
+        try store.removeUnlistedLayerFiles()
         if let size, size != store.size {
             throw Failure.sizeMismatch(directory: directory, stored: store.size, requested: size)
         }
@@ -259,12 +231,12 @@ public final class ReplicaStore: @unchecked Sendable {
         }
     }
 
-    private func check(_ owner: Owner?) throws {
+    func check(_ owner: Owner?) throws {
         guard let owner, owner.epoch != currentEpoch || owner.engine != currentEngine else { return }
         throw Failure.notOwner(epoch: owner.epoch, engine: owner.engine, current: currentEpoch, currentEngine: currentEngine)
     }
 
-    private func locked<T>(_ body: () throws -> T) throws -> T {
+    func locked<T>(_ body: () throws -> T) throws -> T {
         try mutex.withLock { _ in try body() }
     }
 
@@ -275,7 +247,8 @@ public final class ReplicaStore: @unchecked Sendable {
     }
 
     /// Brings an older replica's metadata to this schema: version 2 had no
-    /// volume identity; before version 4 the head had no map log. The head is
+    /// volume identity; version 4 named no snapshot; before version 4 the
+    /// head had no map log. The head is
     /// the bottom layer, whose file is the truth where its map records
     /// nothing: its log starts empty (created and synced before the schema
     /// says it exists; a crash before the commit does it again). The replica
@@ -292,7 +265,20 @@ public final class ReplicaStore: @unchecked Sendable {
             }
         }
         let layerColumns = try database.query("PRAGMA table_info(layers)").compactMap { $0[1].text }
-        guard !layerColumns.contains("map") else { return }
+        if !layerColumns.contains("map") { try addMapLogs(database, directory: directory) }
+        if !layerColumns.contains("name") {
+            try database.transaction {
+                try database.execute("""
+                    ALTER TABLE layers ADD COLUMN name TEXT;
+                    ALTER TABLE layers ADD COLUMN frozen INTEGER;
+                    CREATE UNIQUE INDEX layer_names ON layers(name);
+                    """)
+            }
+        }
+        try database.query("UPDATE replica SET schema = ? WHERE id = 1 AND schema < ?", [.integer(schemaVersion), .integer(schemaVersion)])
+    }
+
+    private static func addMapLogs(_ database: Database, directory: String) throws {
         let heads = try database.query("SELECT id, file FROM layers").compactMap { row in
             row[1].text.map { (id: row[0].integer!, file: $0) }
         }
@@ -310,7 +296,7 @@ public final class ReplicaStore: @unchecked Sendable {
         try database.transaction {
             try database.execute("ALTER TABLE layers ADD COLUMN map TEXT")
             for (id, map) in maps { try database.query("UPDATE layers SET map = ? WHERE id = ?", [.text(map), .integer(id)]) }
-            try database.query("UPDATE replica SET schema = ? WHERE id = 1", [.integer(schemaVersion)])
+            try database.query("UPDATE replica SET schema = 4 WHERE id = 1")
         }
     }
 
@@ -347,7 +333,9 @@ public final class ReplicaStore: @unchecked Sendable {
                         map TEXT,
                         parent INTEGER REFERENCES layers(id),
                         kind TEXT NOT NULL CHECK (kind IN ('head', 'snapshot')),
-                        created TEXT NOT NULL DEFAULT (datetime('now')));
+                        created TEXT NOT NULL DEFAULT (datetime('now')),
+                        name TEXT UNIQUE,
+                        frozen INTEGER);
                     CREATE TABLE dirty (
                         offset INTEGER PRIMARY KEY,
                         length INTEGER NOT NULL);
@@ -381,7 +369,7 @@ public final class ReplicaStore: @unchecked Sendable {
         }.joined()
     }
 
-    private static func listDirectory(_ path: String) throws -> [String] {
+    static func listDirectory(_ path: String) throws -> [String] {
         guard let dir = opendir(path) else { throw SystemError.current("opendir \(path)") }
         defer { closedir(dir) }
         var names: [String] = []
@@ -392,7 +380,7 @@ public final class ReplicaStore: @unchecked Sendable {
         return names
     }
 
-    private static func syncDirectory(_ path: String) throws {
+    static func syncDirectory(_ path: String) throws {
         let fd = Glibc.open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard fd >= 0 else { throw SystemError.current("open \(path)") }
         defer { Glibc.close(fd) }

@@ -74,12 +74,40 @@ public enum Keel_Control_V1_EngineControl: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "CreateSnapshot" metadata.
+        public enum CreateSnapshot: Sendable {
+            /// Request type for "CreateSnapshot".
+            public typealias Input = Keel_Control_V1_CreateSnapshotRequest
+            /// Response type for "CreateSnapshot".
+            public typealias Output = Keel_Control_V1_Snapshots
+            /// Descriptor for "CreateSnapshot".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.EngineControl"),
+                method: "CreateSnapshot",
+                type: .unary
+            )
+        }
+        /// Namespace for "ListSnapshots" metadata.
+        public enum ListSnapshots: Sendable {
+            /// Request type for "ListSnapshots".
+            public typealias Input = Keel_Control_V1_ListSnapshotsRequest
+            /// Response type for "ListSnapshots".
+            public typealias Output = Keel_Control_V1_Snapshots
+            /// Descriptor for "ListSnapshots".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.EngineControl"),
+                method: "ListSnapshots",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "keel.control.v1.EngineControl" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Status.descriptor,
             AddReplica.descriptor,
             RemoveReplica.descriptor,
-            SetFrontend.descriptor
+            SetFrontend.descriptor,
+            CreateSnapshot.descriptor,
+            ListSnapshots.descriptor
         ]
     }
 }
@@ -181,6 +209,43 @@ extension Keel_Control_V1_EngineControl {
             request: GRPCCore.StreamingServerRequest<Keel_Control_V1_SetFrontendRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_EngineStatus>
+
+        /// Handle the "CreateSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Takes a snapshot of the volume on every writable replica at one point of
+        /// > the write stream (writes held meanwhile); refused while a replica is rebuilt.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_CreateSnapshotRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_Snapshots` messages.
+        func createSnapshot(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_CreateSnapshotRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots>
+
+        /// Handle the "ListSnapshots" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The volume's snapshots, oldest first, as a healthy replica holds them.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_ListSnapshotsRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_Snapshots` messages.
+        func listSnapshots(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_ListSnapshotsRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots>
     }
 
     /// Service protocol for the "keel.control.v1.EngineControl" service.
@@ -266,6 +331,43 @@ extension Keel_Control_V1_EngineControl {
             request: GRPCCore.ServerRequest<Keel_Control_V1_SetFrontendRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus>
+
+        /// Handle the "CreateSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Takes a snapshot of the volume on every writable replica at one point of
+        /// > the write stream (writes held meanwhile); refused while a replica is rebuilt.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_CreateSnapshotRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_Snapshots` message.
+        func createSnapshot(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_CreateSnapshotRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>
+
+        /// Handle the "ListSnapshots" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The volume's snapshots, oldest first, as a healthy replica holds them.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_ListSnapshotsRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_Snapshots` message.
+        func listSnapshots(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_ListSnapshotsRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>
     }
 
     /// Simple service protocol for the "keel.control.v1.EngineControl" service.
@@ -349,6 +451,43 @@ extension Keel_Control_V1_EngineControl {
             request: Keel_Control_V1_SetFrontendRequest,
             context: GRPCCore.ServerContext
         ) async throws -> Keel_Control_V1_EngineStatus
+
+        /// Handle the "CreateSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Takes a snapshot of the volume on every writable replica at one point of
+        /// > the write stream (writes held meanwhile); refused while a replica is rebuilt.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_CreateSnapshotRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_Snapshots` to respond with.
+        func createSnapshot(
+            request: Keel_Control_V1_CreateSnapshotRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_Snapshots
+
+        /// Handle the "ListSnapshots" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The volume's snapshots, oldest first, as a healthy replica holds them.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_ListSnapshotsRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_Snapshots` to respond with.
+        func listSnapshots(
+            request: Keel_Control_V1_ListSnapshotsRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_Snapshots
     }
 }
 
@@ -400,6 +539,28 @@ extension Keel_Control_V1_EngineControl.StreamingServiceProtocol {
                 )
             }
         )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_EngineControl.Method.CreateSnapshot.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_CreateSnapshotRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Snapshots>(),
+            handler: { request, context in
+                try await self.createSnapshot(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_EngineControl.Method.ListSnapshots.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_ListSnapshotsRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Snapshots>(),
+            handler: { request, context in
+                try await self.listSnapshots(
+                    request: request,
+                    context: context
+                )
+            }
+        )
     }
 }
 
@@ -444,6 +605,28 @@ extension Keel_Control_V1_EngineControl.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_EngineStatus> {
         let response = try await self.setFrontend(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func createSnapshot(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_CreateSnapshotRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots> {
+        let response = try await self.createSnapshot(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func listSnapshots(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_ListSnapshotsRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots> {
+        let response = try await self.listSnapshots(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -499,6 +682,32 @@ extension Keel_Control_V1_EngineControl.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus> {
         return GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus>(
             message: try await self.setFrontend(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func createSnapshot(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_CreateSnapshotRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>(
+            message: try await self.createSnapshot(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func listSnapshots(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_ListSnapshotsRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>(
+            message: try await self.listSnapshots(
                 request: request.message,
                 context: context
             ),
@@ -610,6 +819,53 @@ extension Keel_Control_V1_EngineControl {
             deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_EngineStatus>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineStatus>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "CreateSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Takes a snapshot of the volume on every writable replica at one point of
+        /// > the write stream (writes held meanwhile); refused while a replica is rebuilt.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_CreateSnapshotRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_CreateSnapshotRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Snapshots` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func createSnapshot<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_CreateSnapshotRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_CreateSnapshotRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "ListSnapshots" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The volume's snapshots, oldest first, as a healthy replica holds them.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_ListSnapshotsRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_ListSnapshotsRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Snapshots` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func listSnapshots<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_ListSnapshotsRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_ListSnapshotsRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result
         ) async throws -> Result where Result: Sendable
     }
 
@@ -768,6 +1024,75 @@ extension Keel_Control_V1_EngineControl {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "CreateSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Takes a snapshot of the volume on every writable replica at one point of
+        /// > the write stream (writes held meanwhile); refused while a replica is rebuilt.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_CreateSnapshotRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_CreateSnapshotRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Snapshots` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func createSnapshot<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_CreateSnapshotRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_CreateSnapshotRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_EngineControl.Method.CreateSnapshot.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "ListSnapshots" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The volume's snapshots, oldest first, as a healthy replica holds them.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_ListSnapshotsRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_ListSnapshotsRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Snapshots` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func listSnapshots<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_ListSnapshotsRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_ListSnapshotsRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_EngineControl.Method.ListSnapshots.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -885,6 +1210,65 @@ extension Keel_Control_V1_EngineControl.ClientProtocol {
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_SetFrontendRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_EngineStatus>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "CreateSnapshot" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Takes a snapshot of the volume on every writable replica at one point of
+    /// > the write stream (writes held meanwhile); refused while a replica is rebuilt.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_CreateSnapshotRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func createSnapshot<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_CreateSnapshotRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.createSnapshot(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_CreateSnapshotRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Snapshots>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "ListSnapshots" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > The volume's snapshots, oldest first, as a healthy replica holds them.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_ListSnapshotsRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func listSnapshots<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_ListSnapshotsRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.listSnapshots(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_ListSnapshotsRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Snapshots>(),
             options: options,
             onResponse: handleResponse
         )
@@ -1025,6 +1409,73 @@ extension Keel_Control_V1_EngineControl.ClientProtocol {
             onResponse: handleResponse
         )
     }
+
+    /// Call the "CreateSnapshot" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Takes a snapshot of the volume on every writable replica at one point of
+    /// > the write stream (writes held meanwhile); refused while a replica is rebuilt.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func createSnapshot<Result>(
+        _ message: Keel_Control_V1_CreateSnapshotRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_CreateSnapshotRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.createSnapshot(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "ListSnapshots" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > The volume's snapshots, oldest first, as a healthy replica holds them.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func listSnapshots<Result>(
+        _ message: Keel_Control_V1_ListSnapshotsRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_ListSnapshotsRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.listSnapshots(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
 }
 
 // MARK: - keel.control.v1.ReplicaControl
@@ -1088,12 +1539,26 @@ public enum Keel_Control_V1_ReplicaControl: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "FreezeHead" metadata.
+        public enum FreezeHead: Sendable {
+            /// Request type for "FreezeHead".
+            public typealias Input = Keel_Control_V1_FreezeHeadRequest
+            /// Response type for "FreezeHead".
+            public typealias Output = Keel_Control_V1_Snapshots
+            /// Descriptor for "FreezeHead".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.ReplicaControl"),
+                method: "FreezeHead",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "keel.control.v1.ReplicaControl" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Status.descriptor,
             MarkDirty.descriptor,
             ClearDirty.descriptor,
-            SetMembership.descriptor
+            SetMembership.descriptor,
+            FreezeHead.descriptor
         ]
     }
 }
@@ -1193,6 +1658,25 @@ extension Keel_Control_V1_ReplicaControl {
             request: GRPCCore.StreamingServerRequest<Keel_Control_V1_MembershipUpdate>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Done>
+
+        /// Handle the "FreezeHead" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Freezes the head as the snapshot NAME and starts a new head on it,
+        /// > durably, with the data path held meanwhile.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_FreezeHeadRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_Snapshots` messages.
+        func freezeHead(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_FreezeHeadRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots>
     }
 
     /// Service protocol for the "keel.control.v1.ReplicaControl" service.
@@ -1276,6 +1760,25 @@ extension Keel_Control_V1_ReplicaControl {
             request: GRPCCore.ServerRequest<Keel_Control_V1_MembershipUpdate>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Done>
+
+        /// Handle the "FreezeHead" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Freezes the head as the snapshot NAME and starts a new head on it,
+        /// > durably, with the data path held meanwhile.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_FreezeHeadRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_Snapshots` message.
+        func freezeHead(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_FreezeHeadRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>
     }
 
     /// Simple service protocol for the "keel.control.v1.ReplicaControl" service.
@@ -1357,6 +1860,25 @@ extension Keel_Control_V1_ReplicaControl {
             request: Keel_Control_V1_MembershipUpdate,
             context: GRPCCore.ServerContext
         ) async throws -> Keel_Control_V1_Done
+
+        /// Handle the "FreezeHead" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Freezes the head as the snapshot NAME and starts a new head on it,
+        /// > durably, with the data path held meanwhile.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_FreezeHeadRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_Snapshots` to respond with.
+        func freezeHead(
+            request: Keel_Control_V1_FreezeHeadRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_Snapshots
     }
 }
 
@@ -1408,6 +1930,17 @@ extension Keel_Control_V1_ReplicaControl.StreamingServiceProtocol {
                 )
             }
         )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_ReplicaControl.Method.FreezeHead.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_FreezeHeadRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Snapshots>(),
+            handler: { request, context in
+                try await self.freezeHead(
+                    request: request,
+                    context: context
+                )
+            }
+        )
     }
 }
 
@@ -1452,6 +1985,17 @@ extension Keel_Control_V1_ReplicaControl.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Done> {
         let response = try await self.setMembership(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func freezeHead(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_FreezeHeadRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots> {
+        let response = try await self.freezeHead(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -1507,6 +2051,19 @@ extension Keel_Control_V1_ReplicaControl.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Done> {
         return GRPCCore.ServerResponse<Keel_Control_V1_Done>(
             message: try await self.setMembership(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func freezeHead(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_FreezeHeadRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>(
+            message: try await self.freezeHead(
                 request: request.message,
                 context: context
             ),
@@ -1616,6 +2173,30 @@ extension Keel_Control_V1_ReplicaControl {
             deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Done>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "FreezeHead" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Freezes the head as the snapshot NAME and starts a new head on it,
+        /// > durably, with the data path held meanwhile.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_FreezeHeadRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_FreezeHeadRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Snapshots` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func freezeHead<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_FreezeHeadRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_FreezeHeadRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result
         ) async throws -> Result where Result: Sendable
     }
 
@@ -1772,6 +2353,41 @@ extension Keel_Control_V1_ReplicaControl {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "FreezeHead" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Freezes the head as the snapshot NAME and starts a new head on it,
+        /// > durably, with the data path held meanwhile.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_FreezeHeadRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_FreezeHeadRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Snapshots` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func freezeHead<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_FreezeHeadRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_FreezeHeadRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_ReplicaControl.Method.FreezeHead.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -1885,6 +2501,36 @@ extension Keel_Control_V1_ReplicaControl.ClientProtocol {
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_MembershipUpdate>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Done>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "FreezeHead" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Freezes the head as the snapshot NAME and starts a new head on it,
+    /// > durably, with the data path held meanwhile.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_FreezeHeadRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func freezeHead<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_FreezeHeadRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.freezeHead(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_FreezeHeadRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Snapshots>(),
             options: options,
             onResponse: handleResponse
         )
@@ -2016,6 +2662,40 @@ extension Keel_Control_V1_ReplicaControl.ClientProtocol {
             metadata: metadata
         )
         return try await self.setMembership(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "FreezeHead" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Freezes the head as the snapshot NAME and starts a new head on it,
+    /// > durably, with the data path held meanwhile.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func freezeHead<Result>(
+        _ message: Keel_Control_V1_FreezeHeadRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_FreezeHeadRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.freezeHead(
             request: request,
             options: options,
             onResponse: handleResponse

@@ -1,0 +1,157 @@
+import LayerStack
+import ReplicaIdentity
+import SQLite
+import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A layer of the chain, with its files.
+public struct LayerRecord: Equatable, Sendable {
+    public init(id: LayerID, files: LayerFiles) {
+        self.id = id
+        self.files = files
+    }
+
+    public let id: LayerID
+    public let files: LayerFiles
+}
+
+/// A frozen layer that carries a snapshot's name.
+public struct SnapshotRecord: Equatable, Sendable {
+    public let name: String
+    public let layer: LayerID
+    /// When it was frozen, seconds since 1970 (UTC).
+    public let created: Int64
+    /// The snapshot below it, nil for the oldest.
+    public let parent: String?
+
+    public init(name: String, layer: LayerID, created: Int64, parent: String?) {
+        self.name = name
+        self.layer = layer
+        self.created = created
+        self.parent = parent
+    }
+}
+
+extension ReplicaStore {
+    /// Where layers' files live.
+    public var layersDirectory: String { directory + "/layers" }
+
+    /// The chain, oldest layer first, the head last.
+    public func chain() throws -> [LayerRecord] {
+        try locked { try chainRows().map(\.record) }
+    }
+
+    /// The snapshots, oldest first.
+    public func snapshots() throws -> [SnapshotRecord] {
+        try locked {
+            var parent: String?
+            var snapshots: [SnapshotRecord] = []
+            for row in try chainRows() {
+                guard let name = row.name else { continue }
+                snapshots.append(SnapshotRecord(name: name, layer: row.record.id, created: row.frozen ?? 0, parent: parent))
+                parent = name
+            }
+            return snapshots
+        }
+    }
+
+    public enum SnapshotFailure: Error, CustomStringConvertible, Equatable {
+        case nameTaken(String)
+        case badName(String)
+
+        public var description: String {
+            switch self {
+            case .nameTaken(let name):
+                return "a snapshot named '\(name)' exists already; pick another name"
+            case .badName(let name):
+                return "'\(name)' is not a snapshot name: use \(SnapshotName.rule)"
+            }
+        }
+    }
+
+    /// The files of the head that `freezeHead` will start, created empty and
+    /// synced; refused (nothing created) for a bad or taken name or another owner.
+    public func prepareHead(snapshotName name: String, owner: Owner?) throws -> LayerRecord {
+        guard SnapshotName.isValid(name) else { throw SnapshotFailure.badName(name) }
+        return try locked {
+            try check(owner)
+            guard try database.query("SELECT 1 FROM layers WHERE name = ?", [.text(name)]).isEmpty else {
+                throw SnapshotFailure.nameTaken(name)
+            }
+            let highest = try database.query("SELECT max(id) FROM layers").first?[0].integer ?? 0
+            let id = LayerID(highest + 1)
+            let files = LayerFiles(directory: layersDirectory, id: id)
+            try? files.remove()  // a crash's leftovers under this id; nothing lists them
+            _ = try LayerFiles.create(dataPath: files.dataPath, mapPath: files.mapPath, size: size)
+            return LayerRecord(id: id, files: files)
+        }
+    }
+
+    /// The head becomes the snapshot `name` and `newHead` (from
+    /// `prepareHead`) the head on top of it, in one transaction. The old
+    /// head's data must be durable before.
+    public func freezeHead(snapshotName name: String, newHead: LayerRecord, owner: Owner?, at time: Int64) throws {
+        try locked {
+            try check(owner)
+            try database.transaction {
+                guard let head = try database.query("SELECT id FROM layers WHERE kind = 'head'").first?[0].integer else {
+                    throw Failure.notAReplica(directory)
+                }
+                try database.query("UPDATE layers SET kind = 'snapshot', name = ?, frozen = ? WHERE id = ?",
+                                   [.text(name), .integer(time), .integer(head)])
+                try database.query("INSERT INTO layers (id, file, map, parent, kind) VALUES (?, ?, ?, ?, 'head')",
+                                   [.integer(Int64(newHead.id)), .text(relative(newHead.files.dataPath)),
+                                    .text(relative(newHead.files.mapPath)), .integer(head)])
+            }
+        }
+    }
+
+    /// A crash between creating a layer's files and the transaction that
+    /// lists it leaves files no layer names: they go at open.
+    func removeUnlistedLayerFiles() throws {
+        let listed = try locked {
+            Set(try database.query("SELECT file, map FROM layers").flatMap { row in [row[0].text, row[1].text].compactMap { $0 } })
+        }
+        for name in try Self.listDirectory(layersDirectory) where !listed.contains("layers/" + name) {
+            guard name.hasSuffix(".img") || name.hasSuffix(".map") else { continue }
+            if unlink(layersDirectory + "/" + name) != 0 && errno != ENOENT {
+                throw SystemError.current("unlink \(layersDirectory)/\(name)")
+            }
+        }
+        try Self.syncDirectory(layersDirectory)
+    }
+
+    private func relative(_ path: String) -> String {
+        String(path.dropFirst(directory.count + 1))
+    }
+
+    private struct ChainRow {
+        var record: LayerRecord
+        var name: String?
+        var frozen: Int64?
+    }
+
+    /// From the head down its parents, returned oldest first.
+    private func chainRows() throws -> [ChainRow] {
+        let rows = try database.query("SELECT id, file, map, parent, kind, name, frozen FROM layers")
+        var byID: [Int64: (row: ChainRow, parent: Int64?)] = [:]
+        var head: Int64?
+        for row in rows {
+            guard let id = row[0].integer, let file = row[1].text, let map = row[2].text else { continue }
+            let files = LayerFiles(dataPath: directory + "/" + file, mapPath: directory + "/" + map)
+            byID[id] = (ChainRow(record: LayerRecord(id: LayerID(id), files: files), name: row[5].text, frozen: row[6].integer),
+                        row[3].integer)
+            if row[4].text == "head" { head = id }
+        }
+        var chain: [ChainRow] = []
+        var next = head
+        while let id = next, let layer = byID[id], chain.count <= byID.count {
+            chain.append(layer.row)
+            next = layer.parent
+        }
+        guard !chain.isEmpty else { throw Failure.notAReplica(directory) }
+        return chain.reversed()
+    }
+}

@@ -1,0 +1,147 @@
+import ArgumentParser
+import ControlAPI
+import Foundation
+import NodeRegistry
+import ReplicaIdentity
+
+struct Snapshot: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Snapshots of a volume: one point of its write stream, frozen on every replica.",
+        discussion: """
+            A volume of this node is named by VOL (its engine must be running: attached, or its \
+            frontend disabled); a volume whose engine was started by hand by --engine, its control address.
+            Examples: keel snapshot create db before-upgrade
+                      keel snapshot ls db --json
+            """,
+        subcommands: [Create.self, List.self])
+
+    /// Which engine a snapshot command talks to.
+    struct Target: ParsableArguments {
+        @Argument(help: "The volume's name.")
+        var volume: String
+
+        @Option(help: "The engine's control address, HOST:PORT or unix:/path (default: the engine of this node's volume VOL).")
+        var engine: String?
+
+        @Flag(help: "Print JSON.")
+        var json = false
+
+        @OptionGroup var node: NodeOptions
+
+        /// The engine's control address, once it is known to run.
+        func engineControl() throws -> String {
+            if let engine { return engine }
+            let node = try Node(self.node)
+            let record = try node.volume(volume)
+            guard node.attachment(record).engineRunning else {
+                throw CLIError("volume \(volume) has no engine running; attach it first (keel volume attach \(volume))")
+            }
+            return node.engineControl(record.name)
+        }
+    }
+
+    struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Take a snapshot: writes are held for the moment each replica freezes its head.",
+            discussion: "Refused while a replica is being rebuilt. Example: keel snapshot create db nightly-1")
+
+        @OptionGroup var target: Target
+
+        @Argument(help: "The snapshot's name (default: snap- and the UTC time).")
+        var name: String?
+
+        @Option(help: "Freeze this mounted file system (fsfreeze) around the snapshot, for application consistency; on the host that holds the device.")
+        var freeze: String?
+
+        func validate() throws {
+            if let name, !SnapshotName.isValid(name) {
+                throw ValidationError("'\(name)' is not a snapshot name: use \(SnapshotName.rule)")
+            }
+        }
+
+        func run() throws {
+            let name = self.name ?? Self.defaultName()
+            let control = try target.engineControl()
+            if let freeze { try FileSystemFreeze.freeze(freeze) }
+            let result = Result {
+                try callEngine(control, doing: "take snapshot \(name)") { try await $0.createSnapshot(.with { $0.name = name }) }
+            }
+            if let freeze { try FileSystemFreeze.thaw(freeze) }
+            let snapshots = try result.get().snapshots
+            guard let taken = snapshots.last(where: { $0.name == name }) else {
+                throw CLIError("the engine answered without snapshot \(name); see keel snapshot ls \(target.volume)")
+            }
+            if target.json { return try printJSON(List.json(taken)) }
+            print("snapshot \(name) of \(target.volume) taken")
+        }
+
+        static func defaultName(_ date: Date = Date()) -> String {
+            let format = DateFormatter()
+            format.locale = Locale(identifier: "en_US_POSIX")
+            format.timeZone = TimeZone(identifier: "UTC")
+            format.dateFormat = "yyyyMMdd'T'HHmmss'Z'"
+            return "snap-" + format.string(from: date)
+        }
+    }
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "ls", abstract: "List a volume's snapshots, oldest first.")
+
+        @OptionGroup var target: Target
+
+        func run() throws {
+            let control = try target.engineControl()
+            let snapshots = try callEngine(control, doing: "list its snapshots") { try await $0.listSnapshots(.init()) }.snapshots
+            if target.json { return try printJSON(snapshots.map(Self.json)) }
+            guard !snapshots.isEmpty else {
+                return print("volume \(target.volume) has no snapshot; take one with 'keel snapshot create \(target.volume)'")
+            }
+            let width = max(4, snapshots.map(\.name.count).max() ?? 0)
+            print("NAME".padding(toLength: width, withPad: " ", startingAt: 0) + "  CREATED (UTC)         OWN DATA    PARENT")
+            for snapshot in snapshots {
+                print(snapshot.name.padding(toLength: width, withPad: " ", startingAt: 0)
+                    + "  " + Self.time(snapshot.created).padding(toLength: 20, withPad: " ", startingAt: 0)
+                    + "  " + humanSize(snapshot.ownBytes).padding(toLength: 10, withPad: " ", startingAt: 0)
+                    + "  " + (snapshot.parent.isEmpty ? "-" : snapshot.parent))
+            }
+        }
+
+        static func json(_ snapshot: Keel_Control_V1_Snapshot) -> [String: Any] {
+            ["name": snapshot.name, "created": time(snapshot.created), "created_unix": snapshot.created,
+             "own_bytes": snapshot.ownBytes, "parent": snapshot.parent.isEmpty ? NSNull() : snapshot.parent]
+        }
+
+        static func time(_ seconds: Int64) -> String {
+            let format = ISO8601DateFormatter()
+            return format.string(from: Date(timeIntervalSince1970: TimeInterval(seconds)))
+        }
+    }
+}
+
+/// fsfreeze(8) around a snapshot: the file system's dirty data is written and
+/// new writes wait, so the snapshot needs no journal replay.
+enum FileSystemFreeze {
+    static func freeze(_ mountpoint: String) throws {
+        try fsfreeze(["--freeze", mountpoint], doing: "freeze")
+    }
+
+    static func thaw(_ mountpoint: String) throws {
+        try fsfreeze(["--unfreeze", mountpoint], doing: "thaw")
+    }
+
+    private static func fsfreeze(_ arguments: [String], doing what: String) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/sbin/fsfreeze")
+        process.arguments = arguments
+        let errors = Pipe()
+        process.standardError = errors
+        do { try process.run() } catch { throw CLIError("cannot run fsfreeze to \(what) \(arguments[1]): \(error)") }
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+                .split(separator: "\n").first.map(String.init) ?? "exit \(process.terminationStatus)"
+            throw CLIError("cannot \(what) \(arguments[1]): \(message)")
+        }
+    }
+}

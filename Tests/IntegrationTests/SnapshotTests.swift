@@ -1,0 +1,141 @@
+import Foundation
+import LibNBD
+import SeededRandom
+import Testing
+
+/// `keel snapshot` on a volume of real `keel replica serve` processes and a
+/// `keel engine serve`, driven with libnbd and checked against byte models:
+/// each snapshot, read from every replica through its read-only snapshot
+/// session, holds exactly the volume as it was when it was taken.
+@Suite(.serialized) struct SnapshotTests {
+    static let size = 16 << 20
+
+    final class Volume {
+        let cluster: EngineTests.Cluster
+        let control: String
+        let client: NBDClient
+
+        init(replicas: Int = 3, size: String = "16M") throws {
+            cluster = try EngineTests.Cluster(replicas: replicas, size: size)
+            control = "unix:" + cluster.scratch.file("engine.control")
+            try cluster.startEngine(extra: ["--control", control])
+            client = try NBDClient()
+            try client.connect(uri: cluster.uri)
+        }
+
+        func snapshot(_ arguments: [String]) throws -> Finished {
+            try run([Paths.keel, "snapshot"] + arguments + ["--engine", control], timeout: 60)
+        }
+
+        func create(_ name: String) throws {
+            let result = try snapshot(["create", "vol", name])
+            guard result.status == 0 else { throw TestFailure("snapshot create \(name): \(result.stderr)") }
+        }
+
+        /// The snapshot as one replica serves it, read-only.
+        func read(snapshot: String, replica: Int) throws -> [UInt8] {
+            let reader = try NBDClient()
+            try reader.addMetaContext("base:allocation")
+            try reader.setExportName("vol@snapshot:\(snapshot)")
+            try reader.connect(unixSocket: cluster.replicas[replica].socketPath!)
+            defer { try? reader.shutdown() }
+            #expect(reader.isReadOnly)
+            let bytes = try reader.read(count: SnapshotTests.size, at: 0)
+            // BLOCK_STATUS of the snapshot: no hole where it holds data.
+            var at = 0
+            for extent in try reader.blockStatus(count: UInt64(SnapshotTests.size), at: 0) {
+                if extent.flags & 1 != 0 {
+                    #expect(bytes[at..<at + Int(extent.length)].allSatisfy { $0 == 0 }, "snapshot \(snapshot): a hole holds data at \(at)")
+                }
+                at += Int(extent.length)
+            }
+            return bytes
+        }
+    }
+
+    /// Writes, trims and zeroes at any alignment, applied to `model` as the volume applies them.
+    static func scribble(_ client: NBDClient, _ model: inout [UInt8], _ random: inout SplitMix64, steps: Int, stamp: UInt8) throws {
+        for i in 0..<steps {
+            let length = 1 + random.below(random.below(4) == 0 ? 600_000 : 20_000)
+            let offset = random.below(size - length)
+            switch random.below(10) {
+            case 0..<6:
+                let data = (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ i) | stamp }
+                try client.write(data, at: UInt64(offset))
+                model.replaceSubrange(offset..<offset + length, with: data)
+            case 6..<8:
+                try client.zero(count: UInt64(length), at: UInt64(offset))
+                model.replaceSubrange(offset..<offset + length, with: repeatElement(0, count: length))
+            default:
+                // The engine forwards TRIM; a replica zeroes the whole blocks inside it and leaves the edges.
+                try client.trim(count: UInt64(length), at: UInt64(offset))
+                let start = (offset + 4095) / 4096 * 4096, end = (offset + length) / 4096 * 4096
+                if start < end { model.replaceSubrange(start..<end, with: repeatElement(0, count: end - start)) }
+            }
+        }
+    }
+
+    @Test(arguments: [7] as [UInt64])
+    func eachSnapshotReadsItsModelOnEveryReplica(seed: UInt64) throws {
+        print("snapshot model test: seed \(seed)")
+        let volume = try Volume()
+        var random = SplitMix64(seed: seed)
+        var model = [UInt8](repeating: 0, count: Self.size)
+        try Self.scribble(volume.client, &model, &random, steps: 120, stamp: 0x01)
+        try volume.create("s1")
+        let s1 = model
+        try Self.scribble(volume.client, &model, &random, steps: 120, stamp: 0x02)
+        try volume.create("s2")
+        let s2 = model
+        try Self.scribble(volume.client, &model, &random, steps: 120, stamp: 0x04)
+
+        #expect(try volume.client.read(count: Self.size, at: 0) == model, "seed \(seed): the head")
+        for replica in 0..<3 {
+            #expect(try volume.read(snapshot: "s1", replica: replica) == s1, "seed \(seed): s1 on replica \(replica)")
+            #expect(try volume.read(snapshot: "s2", replica: replica) == s2, "seed \(seed): s2 on replica \(replica)")
+        }
+
+        let listed = try volume.snapshot(["ls", "vol", "--json"])
+        let snapshots = try JSONSerialization.jsonObject(with: Data(listed.stdout.utf8)) as? [[String: Any]] ?? []
+        #expect(snapshots.map { $0["name"] as? String } == ["s1", "s2"])
+        #expect(snapshots.map { $0["parent"] as? String } == [nil, "s1"])
+
+        // A replica restarted reads its chain from disk.
+        #expect(volume.cluster.replicas[1].stop() == 0)
+        volume.cluster.replicas[1] = try volume.cluster.startReplica(1)
+        #expect(try volume.read(snapshot: "s1", replica: 1) == s1, "seed \(seed): s1 after a restart")
+        #expect(try volume.read(snapshot: "s2", replica: 1) == s2, "seed \(seed): s2 after a restart")
+    }
+
+    @Test func badSnapshotCallsAreRefusedInOneLineAndChangeNothing() throws {
+        let volume = try Volume(replicas: 2)
+        try volume.create("s1")
+        for (arguments, word) in [(["create", "vol", "s1"], "exists already"),
+                                  (["create", "vol", "bad/name"], "not a snapshot name")] {
+            let result = try volume.snapshot(arguments)
+            #expect(result.status != 0, "\(arguments)")
+            #expect(result.stderr.split(separator: "\n").count == 1, "\(result.stderr)")
+            #expect(result.stderr.contains(word), "\(result.stderr)")
+        }
+        let unknown = try run([Paths.keel, "snapshot", "create", "nosuchvolume", "--state-dir", volume.cluster.scratch.file("state")])
+        #expect(unknown.status != 0)
+        #expect(unknown.stderr.contains("no volume named 'nosuchvolume'"), "\(unknown.stderr)")
+        let listed = try volume.snapshot(["ls", "vol", "--json"])
+        let snapshots = try JSONSerialization.jsonObject(with: Data(listed.stdout.utf8)) as? [[String: Any]] ?? []
+        #expect(snapshots.map { $0["name"] as? String } == ["s1"])
+        // No replica was failed by the refusals.
+        let status = try EngineTests.status(volume.control)
+        #expect(status["health"] as? String == "healthy")
+    }
+
+    @Test func snapshotsUnderFioVerifyLoseNothing() throws {
+        let volume = try Volume(replicas: 2, size: "64M")
+        let fio = try volume.cluster.startFio(depth: 16, seconds: 6)
+        for i in 0..<5 {
+            try volume.create("under-load-\(i)")
+            usleep(300_000)
+        }
+        fio.expectSucceeded()
+        #expect(try EngineTests.status(volume.control)["health"] as? String == "healthy")
+    }
+}

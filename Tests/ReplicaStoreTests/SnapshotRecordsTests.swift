@@ -1,0 +1,89 @@
+import Foundation
+import LayerStack
+import ReplicaIdentity
+import ReplicaStore
+import SQLite
+import Testing
+
+/// The replica's records of its chain: freezing the head, names, and what a
+/// crash between creating a layer's files and recording it leaves.
+@Suite struct SnapshotRecordsTests {
+    private func emptyDirectory() throws -> String {
+        let path = "/var/tmp/keel-snaprec-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        return path
+    }
+
+    private let owner = Owner(epoch: 3, engine: "e")
+
+    @Test func aFrozenHeadBecomesANamedSnapshotUnderANewHead() throws {
+        let dir = try emptyDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = try ReplicaStore.open(directory: dir, size: 4 << 20)
+        #expect(try store.claim(owner) == .claimed)
+        let bottom = try store.chain()[0]
+        let head = try store.prepareHead(snapshotName: "s1", owner: owner)
+        try store.freezeHead(snapshotName: "s1", newHead: head, owner: owner, at: 1_700_000_000)
+        let second = try store.prepareHead(snapshotName: "s2", owner: owner)
+        try store.freezeHead(snapshotName: "s2", newHead: second, owner: owner, at: 1_700_000_100)
+
+        let reopened = try ReplicaStore.open(directory: dir, size: nil)
+        #expect(try reopened.chain() == [bottom, head, second])
+        #expect(try reopened.snapshots() == [
+            SnapshotRecord(name: "s1", layer: bottom.id, created: 1_700_000_000, parent: nil),
+            SnapshotRecord(name: "s2", layer: head.id, created: 1_700_000_100, parent: "s1"),
+        ])
+    }
+
+    @Test func takenAndBadNamesAndOtherOwnersAreRefusedBeforeAnyFileIsMade() throws {
+        let dir = try emptyDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = try ReplicaStore.open(directory: dir, size: 4 << 20)
+        _ = try store.claim(owner)
+        try store.freezeHead(snapshotName: "s1", newHead: try store.prepareHead(snapshotName: "s1", owner: owner),
+                             owner: owner, at: 0)
+        let files = try FileManager.default.contentsOfDirectory(atPath: dir + "/layers").sorted()
+        #expect(throws: ReplicaStore.SnapshotFailure.nameTaken("s1")) { try store.prepareHead(snapshotName: "s1", owner: owner) }
+        #expect(throws: ReplicaStore.SnapshotFailure.badName("a/b")) { try store.prepareHead(snapshotName: "a/b", owner: owner) }
+        #expect(throws: ReplicaStore.Failure.self) { try store.prepareHead(snapshotName: "s2", owner: Owner(epoch: 2, engine: "old")) }
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/layers").sorted() == files)
+    }
+
+    /// A crash after a layer's files were made and before the transaction
+    /// that records it: the files go at the next open, the chain is as before.
+    @Test func filesOfAnUnrecordedLayerGoAtOpen() throws {
+        let dir = try emptyDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = try ReplicaStore.open(directory: dir, size: 4 << 20)
+        let chain = try store.chain()
+        let orphan = try store.prepareHead(snapshotName: "s1", owner: nil)
+        #expect(FileManager.default.fileExists(atPath: orphan.files.dataPath))
+        let reopened = try ReplicaStore.open(directory: dir, size: nil)
+        #expect(try reopened.chain() == chain)
+        #expect(!FileManager.default.fileExists(atPath: orphan.files.dataPath))
+        #expect(!FileManager.default.fileExists(atPath: orphan.files.mapPath))
+        #expect(try reopened.snapshots().isEmpty)
+    }
+
+    /// Schema 4 (layers with map logs, no snapshot names) opens at schema 5 and takes snapshots.
+    @Test func aReplicaOfSchemaFourTakesSnapshots() throws {
+        let dir = try emptyDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        _ = try ReplicaStore.open(directory: dir, size: 4 << 20)
+        let database = try Database(path: dir + "/" + ReplicaStore.metadataName, create: false)
+        try database.execute("""
+            ALTER TABLE layers RENAME TO old_layers;
+            CREATE TABLE layers (id INTEGER PRIMARY KEY, file TEXT NOT NULL UNIQUE, map TEXT,
+                parent INTEGER REFERENCES layers(id), kind TEXT NOT NULL CHECK (kind IN ('head', 'snapshot')),
+                created TEXT NOT NULL DEFAULT (datetime('now')));
+            INSERT INTO layers SELECT id, file, map, parent, kind, created FROM old_layers;
+            DROP TABLE old_layers;
+            UPDATE replica SET schema = 4 WHERE id = 1;
+            """)
+        let store = try ReplicaStore.open(directory: dir, size: nil)
+        #expect(try database.query("SELECT schema FROM replica").first?[0].integer == ReplicaStore.schemaVersion)
+        try store.freezeHead(snapshotName: "s1", newHead: try store.prepareHead(snapshotName: "s1", owner: nil), owner: nil, at: 5)
+        #expect(try store.snapshots().map(\.name) == ["s1"])
+        #expect(try store.chain().count == 2)
+    }
+}
