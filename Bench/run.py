@@ -62,7 +62,9 @@ class Server:
     def __enter__(self):
         if os.path.exists(self.sock):
             os.unlink(self.sock)
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # A file, not a pipe: a server that logs more than a pipe holds would block on it.
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=self.log)
         wait_for_socket(self.sock, self.proc)
         return self
 
@@ -80,16 +82,18 @@ class Cluster:
     Each replica's head starts as a copy of the benchmark image, so that reads
     and writes meet allocated blocks, as on the other targets."""
 
-    def __init__(self, keel, workdir, name, replicas, size, sock, image):
+    def __init__(self, keel, workdir, name, replicas, size, sock, image, engine_extra=()):
         self.keel, self.count, self.size, self.sock = keel, replicas, size, sock
+        self.engine_extra = list(engine_extra)
         self.dirs = [os.path.join(workdir, f"{name}-replica{i}") for i in range(replicas)]
         self.socks = [os.path.join(os.path.dirname(sock), f"{name}-replica{i}.sock") for i in range(replicas)]
         for d, rsock in zip(self.dirs, self.socks):
             shutil.rmtree(d, ignore_errors=True)
             with self._replica(d, rsock):
                 pass
-            subprocess.run(["dd", f"if={image}", f"of={d}/layers/head.img", "bs=1M", "conv=notrunc",
-                            "oflag=direct", "status=none"], check=True)
+            if image:
+                subprocess.run(["dd", f"if={image}", f"of={d}/layers/head.img", "bs=1M", "conv=notrunc",
+                                "oflag=direct", "status=none"], check=True)
 
     def _replica(self, d, rsock):
         return Server("replica", [self.keel, "replica", "serve", "--dir", d, "--listen", f"unix:{rsock}",
@@ -102,7 +106,7 @@ class Cluster:
         self.servers = [self._replica(d, rsock).__enter__() for d, rsock in zip(self.dirs, self.socks)]
         addresses = [a for rsock in self.socks for a in ("--replica", f"unix:{rsock}")]
         engine = Server("engine", [self.keel, "engine", "serve", "--volume", "bench", "--size", self.size,
-                                   "--listen", f"unix:{self.sock}"] + addresses, self.sock)
+                                   "--listen", f"unix:{self.sock}"] + addresses + self.engine_extra, self.sock)
         self.servers.append(engine.__enter__())
         return self
 

@@ -16,11 +16,14 @@ import Glibc
 ///   can break things while it runs.
 /// - `break-rebuild-source=N`: a rebuild's connection to its source is shut
 ///   down just before region N is copied, as if the source had died mid-copy.
+/// - `die-mid-snapshot`: a snapshot is taken on the first writable replica
+///   only, then the engine kills itself (SIGKILL), writes still held.
 public struct FaultPoints: Sendable {
     public var breakLinkInSubmit: (replica: Int, command: Int)?
     public var slowMembershipSeconds: Double = 0
     public var slowRebuildSeconds: Double = 0
     public var breakRebuildSourceAtRegion: Int?
+    public var dieMidSnapshot = false
 
     /// Whether the I/O path has anything to inject.
     public var enabled: Bool { breakLinkInSubmit != nil }
@@ -59,6 +62,8 @@ public struct FaultPoints: Sendable {
                     throw Malformed(description: "break-rebuild-source takes a region number, not \(value)")
                 }
                 faults.breakRebuildSourceAtRegion = region
+            case ("die-mid-snapshot", nil):
+                faults.dieMidSnapshot = true
             case ("slow-rebuild", let value?):
                 faults.slowRebuildSeconds = try seconds(value, for: "slow-rebuild")
             default:

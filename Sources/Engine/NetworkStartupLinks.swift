@@ -97,6 +97,11 @@ final class NetworkStartupLinks: StartupLinks {
         _ = try controlCall(replica) { try await $0.setMembership(update, options: $1) }
     }
 
+    func freezeHead(_ replica: Int, name: String, for owner: Owner) throws {
+        let request = Keel_Control_V1_FreezeHeadRequest.with { $0.owner = owner.message; $0.name = name }
+        _ = try controlCall(replica) { try await $0.freezeHead(request, options: $1) }
+    }
+
     private func exportName(_ owner: Owner) -> String {
         ReplicaExportName(volume: startup.identity, owner: owner).description
     }

@@ -2,6 +2,9 @@ import ControlAPI
 import GRPCCore
 import ReplicaIdentity
 import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
 
 extension EngineDevice {
     /// Takes the snapshot `name` on every RW replica at one point of the write
@@ -30,10 +33,15 @@ extension EngineDevice {
         }
         defer { gate.resumeWrites() }
         let owner = ownerMessage, timeout = replicaTimeoutSeconds * 2
-        let calls = clients.map { index, client in
+        // The fault point: only the first replica is asked, then the engine dies.
+        let calls = clients.prefix(faults.dieMidSnapshot ? 1 : clients.count).map { index, client in
             (index, client?.start(timeout: timeout) { stub, options in
                 try await stub.freezeHead(.with { $0.owner = owner; $0.name = name }, options: options)
             })
+        }
+        if faults.dieMidSnapshot {
+            _ = calls.first?.1?.take()
+            kill(getpid(), SIGKILL)
         }
         let results = calls.map { index, call in
             (index, call?.take() ?? .failure(EngineError("its control API is unreachable")))

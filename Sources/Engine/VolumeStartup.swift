@@ -79,6 +79,7 @@ public struct VolumeStartup {
         let members = try decide(claimed, addressCount: addresses.count, unreachable: unreachable)
 
         let ordered = members.sorted()
+        try reconcileChains(links, members: ordered, claimed: claimed, owner: owner, addresses: addresses)
         let dirty = Self.union(ordered.flatMap { claimed[$0]!.dirty }, size: size)
         var copied: UInt64 = 0
         if !dirty.isEmpty {
@@ -124,6 +125,24 @@ public struct VolumeStartup {
             logger.warning("replica \(addresses[i]) is stale: it missed writes; rebuild it with keel replica add")
         }
         return Outcome(epoch: epoch, replicas: replicas, resyncedBytes: copied, resyncedRanges: dirty.count)
+    }
+
+    /// Gives every member the same snapshots (`ChainReconciliation`), before
+    /// the resync writes anything into their heads.
+    private func reconcileChains(_ links: some StartupLinks, members: [Int], claimed: [Keel_Control_V1_ReplicaStatus?],
+                                 owner: Owner, addresses: [SocketAddress]) throws {
+        let plan = ChainReconciliation.plan(Dictionary(uniqueKeysWithValues: members.map { ($0, claimed[$0]!.snapshots.map(\.name)) }))
+        for i in plan.diverged {
+            logger.error("replica \(addresses[i]) holds other snapshots than the rest of the volume: \(claimed[i]!.snapshots.map(\.name))")
+        }
+        for (i, names) in plan.freeze.sorted(by: { $0.key < $1.key }) {
+            for name in names {
+                do { try links.freezeHead(i, name: name, for: owner) } catch {
+                    throw EngineError("cannot give replica \(addresses[i]) snapshot \(name), which the others hold: \(error)")
+                }
+                logger.notice("replica \(addresses[i]) lacked snapshot \(name) (an engine stopped while taking it): taken now")
+            }
+        }
     }
 
     /// One region: the replica timeout bounds each piece, and on a slow host

@@ -78,6 +78,9 @@ public final class ChainWorker: BlockWorker {
             r.pointee.phase |= Self.syncIssued
             submit(r, token, .sync) { ring.fdatasync(chain.head.data.descriptor, userData: $0) }
             submit(r, token, .sync) { ring.fdatasync(chain.headLog, userData: $0) }
+            for file in chain.filesToSyncBesidesTheHead {
+                submit(r, token, .sync) { ring.fdatasync(file, userData: $0) }
+            }
         case .cache, .disconnect:
             return .done(nil)
         case .blockStatus:

@@ -1,5 +1,6 @@
 import FileExport
 import LayerStack
+import Dispatch
 import Logging
 import Synchronization
 import Syscalls
@@ -33,6 +34,10 @@ public final class LayerChain: @unchecked Sendable {
     private let logEnd: Atomic<Int64>
     /// Serialises the control plane's flushes with a change of head.
     private let control = Mutex(())
+    /// See `freezeHead`.
+    private let unsynced = Mutex<[FileDescriptor]>([])
+    /// Former heads' map logs: kept open (never reused by another file) while a FLUSH may sync them.
+    private var frozenLogs: [FileDescriptor] = []
     private let logger: Logger
 
     /// Opens layers given oldest first, the head last, with their files;
@@ -53,7 +58,10 @@ public final class LayerChain: @unchecked Sendable {
         logEnd = Atomic(Int64(lseek(headLog.rawValue, 0, SEEK_END)))
     }
 
-    deinit { headLog.close() }
+    deinit {
+        headLog.close()
+        for log in frozenLogs { log.close() }
+    }
 
     private static func open(id: LayerID, files: LayerFiles, size: UInt64, writable: Bool, logger: Logger) throws -> Layer {
         let data = try FileDevice(path: files.dataPath, readOnly: !writable, logger: logger)
@@ -92,33 +100,45 @@ public final class LayerChain: @unchecked Sendable {
         control.withLock { _ in Dictionary(uniqueKeysWithValues: layers.map { ($0.id, $0.data.descriptor) }) }
     }
 
-    /// Head data and map log on stable storage.
+    /// Head data and map log on stable storage, and what freezes left unsynced.
     public func flush() throws {
         try control.withLock { _ in
             try head.data.flush()
             try headLog.fdatasync()
+            for file in filesToSyncBesidesTheHead { try file.fdatasync() }
         }
     }
 
     /// Freezes the head and makes `files` (new, empty) the head on top of it,
     /// in memory, after `commit` has recorded the change durably. Call only
-    /// while no request is in the data path. The old head's data and map are
-    /// made durable first: a snapshot never misses a write acknowledged before it.
+    /// while no request is in the data path. Nothing is synced here, so the
+    /// pause stays short: the old head's data and map log join `unsynced`,
+    /// which every FLUSH syncs too until a background sync has done it, so a
+    /// FLUSH still covers every write answered before it.
     public func freezeHead(newHead id: LayerID, files: LayerFiles, commit: () throws -> Void) throws {
-        try control.withLock { _ in
-            try head.data.flush()
-            try headLog.fdatasync()
+        let frozen: [FileDescriptor] = try control.withLock { _ in
             let opened = try Self.open(id: id, files: files, size: size, writable: true, logger: logger)
             let log = try Self.openLog(files.mapPath)
             do { try commit() } catch {
                 log.close()
                 throw error
             }
-            headLog.close()
+            let old = [head.data.descriptor, headLog]
+            frozenLogs.append(headLog)
+            unsynced.withLock { $0 += old }
             headLog = log
             logEnd.store(0, ordering: .relaxed)
             layers.append(opened)
             index.withLock { $0.freezeHead(newHead: id) }
+            return old
+        }
+        DispatchQueue.global().async { [self] in
+            // A failed sync leaves them in `unsynced`: the next FLUSH syncs them and answers its error.
+            guard frozen.allSatisfy({ (try? $0.fdatasync()) != nil }) else { return }
+            unsynced.withLock { list in list.removeAll { fd in frozen.contains { $0.rawValue == fd.rawValue } } }
         }
     }
+
+    /// Frozen layers' files that may hold data not yet on stable storage.
+    public var filesToSyncBesidesTheHead: [FileDescriptor] { unsynced.withLock { $0 } }
 }

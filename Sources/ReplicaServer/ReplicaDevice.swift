@@ -1,3 +1,4 @@
+import Dispatch
 import FileExport
 import Logging
 import IOUring
@@ -18,11 +19,15 @@ public final class ReplicaDevice: BlockDevice {
     let fence: EpochFence
     public let sessions = EngineSessions()
     private let edgeLocks = EdgeLocks()
+    /// Makes and hands out the spare head (`prepareSpareHead`); `spare` is only touched on it.
+    private let spares = DispatchQueue(label: "keel.replica.spare-head")
+    private nonisolated(unsafe) var spare: LayerRecord?
 
     public init(store: ReplicaStore, chain: LayerChain) {
         self.store = store
         self.chain = chain
         fence = EpochFence(epoch: store.epoch)
+        prepareSpareHead()
     }
 
     public var size: UInt64 { store.size }
@@ -51,16 +56,18 @@ public final class ReplicaDevice: BlockDevice {
     /// have been, and memory failed to follow), the replica serves nothing
     /// more until it is restarted and reads its chain from disk.
     public func freezeHead(snapshotName name: String, owner: Owner?) throws -> [Snapshot] {
-        let newHead = try store.prepareHead(snapshotName: name, owner: owner)
-        // Most of the head's data reaches the disk before requests are held: the sync under the hold is short.
-        try? chain.flush()
+        try store.checkNewSnapshot(name, owner: owner)
+        let newHead = try spares.sync { () throws -> LayerRecord in
+            defer { spare = nil }
+            return try spare ?? store.makeHeadFiles()
+        }
         guard fence.hold(seconds: 5) else {
             try? newHead.files.remove()
             throw SnapshotError(description: "requests in flight did not finish within 5 s; the snapshot was not taken")
         }
-        defer { fence.release() }
         var committed = false
         do {
+            defer { fence.release() }
             try chain.freezeHead(newHead: newHead.id, files: newHead.files) {
                 committed = true
                 try store.freezeHead(snapshotName: name, newHead: newHead, owner: owner, at: Int64(time(nil)))
@@ -73,7 +80,18 @@ public final class ReplicaDevice: BlockDevice {
             }
             throw error
         }
+        prepareSpareHead()
         return try snapshots()
+    }
+
+    /// Makes the next snapshot's head files now, off its pause (creating and
+    /// syncing two files and their directory takes milliseconds under load).
+    /// Files of a spare never used go at the next open, as any unlisted layer file.
+    public func prepareSpareHead() {
+        spares.async { [self] in
+            guard spare == nil else { return }
+            spare = try? store.makeHeadFiles()
+        }
     }
 
     /// A snapshot as a replica reports it: its record and the bytes its own layer takes on disk.

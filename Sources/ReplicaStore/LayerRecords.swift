@@ -71,22 +71,33 @@ extension ReplicaStore {
         }
     }
 
-    /// The files of the head that `freezeHead` will start, created empty and
-    /// synced; refused (nothing created) for a bad or taken name or another owner.
-    public func prepareHead(snapshotName name: String, owner: Owner?) throws -> LayerRecord {
+    /// Refuses a bad or taken name, or another owner, before anything is made.
+    public func checkNewSnapshot(_ name: String, owner: Owner?) throws {
         guard SnapshotName.isValid(name) else { throw SnapshotFailure.badName(name) }
-        return try locked {
+        try locked {
             try check(owner)
             guard try database.query("SELECT 1 FROM layers WHERE name = ?", [.text(name)]).isEmpty else {
                 throw SnapshotFailure.nameTaken(name)
             }
+        }
+    }
+
+    /// A future head's files, created empty and synced, under the id after every layer's.
+    public func makeHeadFiles() throws -> LayerRecord {
+        try locked {
             let highest = try database.query("SELECT max(id) FROM layers").first?[0].integer ?? 0
-            let id = LayerID(highest + 1)
+            let id = LayerID(highest) + 1
             let files = LayerFiles(directory: layersDirectory, id: id)
             try? files.remove()  // a crash's leftovers under this id; nothing lists them
             _ = try LayerFiles.create(dataPath: files.dataPath, mapPath: files.mapPath, size: size)
             return LayerRecord(id: id, files: files)
         }
+    }
+
+    /// `checkNewSnapshot`, then `makeHeadFiles`.
+    public func prepareHead(snapshotName name: String, owner: Owner?) throws -> LayerRecord {
+        try checkNewSnapshot(name, owner: owner)
+        return try makeHeadFiles()
     }
 
     /// The head becomes the snapshot `name` and `newHead` (from

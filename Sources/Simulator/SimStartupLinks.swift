@@ -89,6 +89,11 @@ final class SimStartupLinks: StartupLinks {
         replica.membership = membership
     }
 
+    /// The simulated replicas take no snapshots: their lists are always empty, so no start asks.
+    func freezeHead(_ i: Int, name: String, for owner: Owner) throws {
+        preconditionFailure("the simulator takes no snapshots")
+    }
+
     private func status(of replica: SimReplica) -> Keel_Control_V1_ReplicaStatus {
         .with { status in
             status.id = replica.id

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Syscalls
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -12,6 +13,7 @@ struct Keel: ParsableCommand {
 
     /// Every failure ends in one line on stderr and a non-zero exit.
     static func main() {
+        raiseOpenFileLimitToHard()
         do {
             var command = try parseAsRoot()
             try command.run()

@@ -54,6 +54,10 @@ import Testing
         try Self.expectScenario("link-dead", toSay: "dead links replaced: fio verified")
     }
 
+    @Test func snapshotsOfAMountedExt4UnderFioAreConsistent() throws {
+        try Self.expectScenario("snapshot-ext4", toSay: "snapshots of a mounted ext4: consistent")
+    }
+
     @Test func volumesUnderSystemdAsPID1() throws {
         try Self.expectScenario("volume-systemd", systemd: true, toSay: "keel volume under systemd: complete")
     }

@@ -138,4 +138,41 @@ import Testing
         fio.expectSucceeded()
         #expect(try EngineTests.status(volume.control)["health"] as? String == "healthy")
     }
+
+    /// kill -9 of the engine while it takes a snapshot (after the first
+    /// replica froze its head, before the others): the next engine gives the
+    /// others the snapshot before anything is written, so every replica holds
+    /// the same chain and each snapshot reads its model.
+    @Test func anEngineKilledDuringCreateLeavesOneChainAfterRestart() throws {
+        let volume = try Volume()
+        var random = SplitMix64(seed: 11)
+        var model = [UInt8](repeating: 0, count: Self.size)
+        try Self.scribble(volume.client, &model, &random, steps: 60, stamp: 0x01)
+        try volume.create("s1")
+        let s1 = model
+        try volume.client.shutdown()
+        #expect(volume.cluster.engine!.stop() == 0)
+
+        try volume.cluster.startEngine(extra: ["--control", volume.control], environment: ["KEEL_FAULTS": "die-mid-snapshot"])
+        var client = try NBDClient()
+        try client.connect(uri: volume.cluster.uri)
+        try Self.scribble(client, &model, &random, steps: 60, stamp: 0x02)
+        let s2 = model
+        let dying = try volume.snapshot(["create", "vol", "s2"])
+        #expect(dying.status != 0, "the engine was to die while it took s2")
+        volume.cluster.engine!.process.waitUntilExit()
+        #expect(volume.cluster.engine!.process.terminationReason == .uncaughtSignal)
+
+        try volume.cluster.startEngine(extra: ["--control", volume.control])
+        client = try NBDClient()
+        try client.connect(uri: volume.cluster.uri)
+        #expect(try client.read(count: Self.size, at: 0) == model)
+        for replica in 0..<3 {
+            #expect(try volume.read(snapshot: "s1", replica: replica) == s1, "s1 on replica \(replica)")
+            #expect(try volume.read(snapshot: "s2", replica: replica) == s2, "s2 on replica \(replica)")
+        }
+        try Self.scribble(client, &model, &random, steps: 30, stamp: 0x04)
+        #expect(try client.read(count: Self.size, at: 0) == model)
+        #expect(try volume.read(snapshot: "s2", replica: 2) == s2, "s2 after writes on top")
+    }
 }

@@ -1,0 +1,22 @@
+import Engine
+import Testing
+
+@Suite struct ChainReconciliationTests {
+    @Test func equalChainsNeedNothing() {
+        #expect(ChainReconciliation.plan([0: ["a", "b"], 1: ["a", "b"]]) == .init())
+        #expect(ChainReconciliation.plan([0: [], 1: []]) == .init())
+    }
+
+    /// An engine killed while it took snapshot b: b is frozen where it is missing.
+    @Test func replicasMissingTheNewestSnapshotsFreezeThem() {
+        let plan = ChainReconciliation.plan([0: ["a", "b"], 1: ["a"], 2: []])
+        #expect(plan.freeze == [1: ["b"], 2: ["a", "b"]])
+        #expect(plan.diverged.isEmpty)
+    }
+
+    @Test func aListThatIsNoPrefixOfTheLongestIsDivergedAndLeftAlone() {
+        let plan = ChainReconciliation.plan([0: ["a", "b"], 1: ["a", "c"], 2: ["x"]])
+        #expect(plan.diverged == [1, 2])
+        #expect(plan.freeze.isEmpty)
+    }
+}
