@@ -24,3 +24,9 @@ extern int posix_spawn_file_actions_addclosefrom_np(void *actions, int from);
 static inline int keel_spawn_close_from(void *actions, int from) {
     return posix_spawn_file_actions_addclosefrom_np(actions, from);
 }
+
+// FIFREEZE and FITHAW (fsfreeze(8)): ioctl is variadic, which Swift cannot call.
+#include <sys/ioctl.h>
+#include <linux/fs.h>
+static inline int keel_freeze_filesystem(int fd) { return ioctl(fd, FIFREEZE, 0); }
+static inline int keel_thaw_filesystem(int fd) { return ioctl(fd, FITHAW, 0); }

@@ -98,8 +98,10 @@ final class NetworkStartupLinks: StartupLinks {
     }
 
     func freezeHead(_ replica: Int, name: String, for owner: Owner) throws {
-        let request = Keel_Control_V1_FreezeHeadRequest.with { $0.owner = owner.message; $0.name = name }
-        _ = try controlCall(replica) { try await $0.freezeHead(request, options: $1) }
+        for prepare in [true, false] {
+            let request = Keel_Control_V1_FreezeHeadRequest.with { $0.owner = owner.message; $0.name = name; $0.prepare = prepare }
+            _ = try controlCall(replica) { try await $0.freezeHead(request, options: $1) }
+        }
     }
 
     private func exportName(_ owner: Owner) -> String {

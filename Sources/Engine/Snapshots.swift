@@ -25,49 +25,58 @@ extension EngineDevice {
         let writable = current.indices.filter { current[$0].mode == .rw }
         guard !writable.isEmpty else { throw EngineError("no replica is healthy: the volume cannot take a snapshot") }
 
-        // Connected before writes are held: the pause is the replicas' freeze alone.
+        // Connected, and the new heads recorded, before writes are held: the pause is the switch alone.
         let clients = writable.map { index in (index, try? ReplicaControlClient(address: current[index].controlAddress)) }
+        defer { withExtendedLifetime(clients) {} }
+        let preparing = ContinuousClock.now
+        let prepared = freezeCalls(clients, name: name, prepare: true)
+        let preparation = ContinuousClock.now - preparing
+        if let (index, error) = prepared.first(where: { $0.1 != nil }) {
+            if let error = error as? RPCError, error.code == .permissionDenied { replicas.fence(by: index) }
+            // Nothing was switched: no replica is failed, the snapshot is not taken.
+            let reason = (error as? RPCError).map(\.message) ?? "\(error!)"
+            throw EngineError(reason.contains("snapshot") ? reason
+                              : "replica \(current[index].address) cannot prepare snapshot \(name): \(reason)")
+        }
+
         let started = ContinuousClock.now
         guard gate.pauseWrites(seconds: replicaTimeoutSeconds) else {
             throw EngineError("writes in flight did not finish within \(replicaTimeoutSeconds) s; no snapshot was taken")
         }
-        defer { gate.resumeWrites() }
-        let owner = ownerMessage, timeout = replicaTimeoutSeconds * 2
-        // The fault point: only the first replica is asked, then the engine dies.
-        let calls = clients.prefix(faults.dieMidSnapshot ? 1 : clients.count).map { index, client in
-            (index, client?.start(timeout: timeout) { stub, options in
-                try await stub.freezeHead(.with { $0.owner = owner; $0.name = name }, options: options)
-            })
-        }
-        if faults.dieMidSnapshot {
-            _ = calls.first?.1?.take()
-            kill(getpid(), SIGKILL)
-        }
-        let results = calls.map { index, call in
-            (index, call?.take() ?? .failure(EngineError("its control API is unreachable")))
-        }
+        // The fault point: only the first replica switches, then the engine dies, writes held.
+        let switched = freezeCalls(Array(clients.prefix(faults.dieMidSnapshot ? 1 : clients.count)), name: name, prepare: false)
+        if faults.dieMidSnapshot { kill(getpid(), SIGKILL) }
+        gate.resumeWrites()
         let paused = ContinuousClock.now - started
-        withExtendedLifetime(clients) {}
-        let taken = results.lazy.compactMap { try? $0.1.get().snapshots }.first
-        let refusals = results.compactMap { _, result -> String? in
-            guard case .failure(let error as RPCError) = result, error.code == .failedPrecondition else { return nil }
-            return error.message
-        }
-        // Every replica refused before changing anything (a name taken): nothing to fail.
-        if taken == nil && refusals.count == results.count { throw EngineError(refusals[0]) }
-        for (index, result) in results {
-            guard case .failure(let error) = result else { continue }
+
+        for (index, error) in switched {
+            guard let error else { continue }
             if let error = error as? RPCError, error.code == .permissionDenied {
                 replicas.fence(by: index)
             } else {
                 replicas.fail(index, reason: "snapshot \(name) failed: \(error)")
             }
         }
-        guard let taken else {
-            throw EngineError("no replica took snapshot \(name); see the replicas' errors in `keel volume status`")
+        guard switched.contains(where: { $0.1 == nil }) else {
+            throw EngineError("no replica took snapshot \(name); see the replicas' errors in `keel status`")
         }
-        logger.notice("snapshot \(name) taken on \(writable.count) replicas; writes held for \(paused)")
-        return taken
+        logger.notice("snapshot \(name) taken on \(switched.filter { $0.1 == nil }.count) replicas: prepared in \(preparation), writes held for \(paused)")
+        return try listSnapshots()
+    }
+
+    /// One step of the freeze on every replica at once; each one's error, or nil.
+    private func freezeCalls(_ clients: [(Int, ReplicaControlClient?)], name: String, prepare: Bool) -> [(Int, Error?)] {
+        let owner = ownerMessage, timeout = replicaTimeoutSeconds * 2
+        let calls = clients.map { index, client in
+            (index, client?.start(timeout: timeout) { stub, options in
+                try await stub.freezeHead(.with { $0.owner = owner; $0.name = name; $0.prepare = prepare }, options: options)
+            })
+        }
+        return calls.map { index, call in
+            guard let call else { return (index, EngineError("its control API is unreachable")) }
+            if case .failure(let error) = call.take() { return (index, error) }
+            return (index, nil)
+        }
     }
 
     /// The snapshots as the first healthy replica holds them.

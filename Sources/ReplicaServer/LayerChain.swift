@@ -38,6 +38,8 @@ public final class LayerChain: @unchecked Sendable {
     private let unsynced = Mutex<[FileDescriptor]>([])
     /// Former heads' map logs: kept open (never reused by another file) while a FLUSH may sync them.
     private var frozenLogs: [FileDescriptor] = []
+    /// The next head, opened by `prepare`.
+    private var prepared: (layer: Layer, log: FileDescriptor)?
     private let logger: Logger
 
     /// Opens layers given oldest first, the head last, with their files;
@@ -61,6 +63,7 @@ public final class LayerChain: @unchecked Sendable {
     deinit {
         headLog.close()
         for log in frozenLogs { log.close() }
+        prepared?.log.close()
     }
 
     private static func open(id: LayerID, files: LayerFiles, size: UInt64, writable: Bool, logger: Logger) throws -> Layer {
@@ -109,27 +112,41 @@ public final class LayerChain: @unchecked Sendable {
         }
     }
 
-    /// Freezes the head and makes `files` (new, empty) the head on top of it,
-    /// in memory, after `commit` has recorded the change durably. Call only
-    /// while no request is in the data path. Nothing is synced here, so the
-    /// pause stays short: the old head's data and map log join `unsynced`,
-    /// which every FLUSH syncs too until a background sync has done it, so a
-    /// FLUSH still covers every write answered before it.
-    public func freezeHead(newHead id: LayerID, files: LayerFiles, commit: () throws -> Void) throws {
+    /// Opens a future head's files (from `ReplicaStore.makeHeadFiles`), so
+    /// that `switchToPrepared` opens nothing; replaces one prepared before.
+    public func prepare(newHead id: LayerID, files: LayerFiles) throws {
+        let layer = try Self.open(id: id, files: files, size: size, writable: true, logger: logger)
+        let log = try Self.openLog(files.mapPath)
+        let replaced = control.withLock { _ in
+            defer { prepared = (layer, log) }
+            return prepared
+        }
+        replaced?.log.close()
+    }
+
+    /// Freezes the head; the prepared one becomes the head on it. Call only
+    /// while no request is in the data path. One synced 16-byte write (the
+    /// switch marker, in a block `prefillMapLog` wrote) is all that reaches
+    /// the disk here: it is what says, after a crash, that the switch happened
+    /// (`ReplicaStore.settlePendingFreeze`). The old head's data and map log
+    /// join `unsynced`, which every FLUSH syncs too until a background sync
+    /// has done it, so a FLUSH still covers every write answered before it.
+    public func switchToPrepared() throws {
         let frozen: [FileDescriptor] = try control.withLock { _ in
-            let opened = try Self.open(id: id, files: files, size: size, writable: true, logger: logger)
-            let log = try Self.openLog(files.mapPath)
-            do { try commit() } catch {
-                log.close()
-                throw error
-            }
+            guard let next = prepared else { preconditionFailure("no head was prepared") }
+            var marker = [UInt8](repeating: 0, count: MapRecord.size)
+            marker.withUnsafeMutableBytes { LayerFiles.switchMarker.encode(into: $0) }
+            let written = marker.withUnsafeBytes { pwrite(next.log.rawValue, $0.baseAddress, $0.count, 0) }
+            guard written == marker.count else { throw SystemError.current("write the switch marker") }
+            try next.log.fdatasync()
+            prepared = nil
             let old = [head.data.descriptor, headLog]
             frozenLogs.append(headLog)
             unsynced.withLock { $0 += old }
-            headLog = log
-            logEnd.store(0, ordering: .relaxed)
-            layers.append(opened)
-            index.withLock { $0.freezeHead(newHead: id) }
+            headLog = next.log
+            logEnd.store(Int64(MapRecord.size), ordering: .relaxed)
+            layers.append(next.layer)
+            index.withLock { $0.freezeHead(newHead: next.layer.id) }
             return old
         }
         DispatchQueue.global().async { [self] in

@@ -60,12 +60,18 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
     public func freezeHead(request: Keel_Control_V1_FreezeHeadRequest,
                            context: ServerContext) async throws -> Keel_Control_V1_Snapshots {
         guard let device else { throw RPCError(code: .unimplemented, message: "this replica takes no snapshots") }
-        // Holding the data path and syncing block: off the cooperative pool.
-        let snapshots = try await offThePool {
-            try storeCall { try device.freezeHead(snapshotName: request.name, owner: Owner(request.owner)) }
+        // Syncing and holding the data path block: off the cooperative pool.
+        try await offThePool {
+            try storeCall {
+                if request.prepare {
+                    try device.prepareFreeze(snapshotName: request.name, owner: Owner(request.owner))
+                } else {
+                    try device.switchHead(snapshotName: request.name, owner: Owner(request.owner))
+                }
+            }
         }
-        logger.notice("snapshot \(request.name) taken (\(snapshots.count) in the chain)")
-        return .with { $0.snapshots = snapshots.map(\.message) }
+        if !request.prepare { logger.notice("snapshot \(request.name) taken") }
+        return .init()
     }
 
     public func markDirty(request: Keel_Control_V1_DirtyRanges, context: ServerContext) async throws -> Keel_Control_V1_Done {

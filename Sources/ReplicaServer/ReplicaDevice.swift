@@ -19,15 +19,19 @@ public final class ReplicaDevice: BlockDevice {
     let fence: EpochFence
     public let sessions = EngineSessions()
     private let edgeLocks = EdgeLocks()
-    /// Makes and hands out the spare head (`prepareSpareHead`); `spare` is only touched on it.
-    private let spares = DispatchQueue(label: "keel.replica.spare-head")
+    /// Runs the changes of the chain one at a time: spare heads made ahead,
+    /// snapshots' two steps and their records; `spare` and `prepared` are only touched on it.
+    private let chainWork = DispatchQueue(label: "keel.replica.chain")
+    /// The next head's files, made ahead so that a snapshot does not wait for them.
     private nonisolated(unsafe) var spare: LayerRecord?
+    /// The snapshot whose first step is done.
+    private nonisolated(unsafe) var prepared: String?
 
     public init(store: ReplicaStore, chain: LayerChain) {
         self.store = store
         self.chain = chain
         fence = EpochFence(epoch: store.epoch)
-        prepareSpareHead()
+        chainWork.async { [self] in spare = try? store.makeHeadFiles() }
     }
 
     public var size: UInt64 { store.size }
@@ -50,48 +54,54 @@ public final class ReplicaDevice: BlockDevice {
         public let description: String
     }
 
-    /// The head becomes the snapshot `name`, a new empty head starts on it:
-    /// the data path is held meanwhile, and the chain on disk and in memory
-    /// stay one. If the two could differ (the change was committed, or may
-    /// have been, and memory failed to follow), the replica serves nothing
-    /// more until it is restarted and reads its chain from disk.
-    public func freezeHead(snapshotName name: String, owner: Owner?) throws -> [Snapshot] {
-        try store.checkNewSnapshot(name, owner: owner)
-        let newHead = try spares.sync { () throws -> LayerRecord in
-            defer { spare = nil }
-            return try spare ?? store.makeHeadFiles()
+    /// The first of a snapshot's two steps, while the data path goes on:
+    /// the new head's files (the spare, made ahead) are recorded durably as
+    /// a pending freeze under the snapshot's name, and opened.
+    public func prepareFreeze(snapshotName name: String, owner: Owner?) throws {
+        try chainWork.sync {
+            try store.checkNewSnapshot(name, owner: owner)
+            let newHead = try spare ?? store.makeHeadFiles()
+            spare = nil
+            try store.recordPendingFreeze(.init(name: name, newHead: newHead, time: Int64(time(nil))), owner: owner)
+            try chain.prepare(newHead: newHead.id, files: newHead.files)
+            prepared = name
         }
-        guard fence.hold(seconds: 5) else {
-            try? newHead.files.remove()
-            throw SnapshotError(description: "requests in flight did not finish within 5 s; the snapshot was not taken")
-        }
-        var committed = false
-        do {
-            defer { fence.release() }
-            try chain.freezeHead(newHead: newHead.id, files: newHead.files) {
-                committed = true
-                try store.freezeHead(snapshotName: name, newHead: newHead, owner: owner, at: Int64(time(nil)))
-            }
-        } catch {
-            if committed {
-                fence.breakForGood()
-            } else {
-                try? newHead.files.remove()
-            }
-            throw error
-        }
-        prepareSpareHead()
-        return try snapshots()
     }
 
-    /// Makes the next snapshot's head files now, off its pause (creating and
-    /// syncing two files and their directory takes milliseconds under load).
-    /// Files of a spare never used go at the next open, as any unlisted layer file.
-    public func prepareSpareHead() {
-        spares.async { [self] in
-            guard spare == nil else { return }
-            spare = try? store.makeHeadFiles()
+    /// The second step, while the engine holds its writes: the head becomes
+    /// the snapshot `name` and the prepared head the head on it. The data
+    /// path is held for the switch in memory and one synced 16-byte write;
+    /// the records follow in the background (`settlePendingFreeze` finishes
+    /// them after a crash). If the switch may have reached the disk without
+    /// memory following, the replica serves nothing more until it is
+    /// restarted and reads its chain from disk.
+    public func switchHead(snapshotName name: String, owner: Owner?) throws {
+        try chainWork.sync {
+            guard prepared == name else {
+                throw SnapshotError(description: "snapshot \(name) was not prepared on this replica; prepare it first")
+            }
+            try store.checkOwner(owner)
+            guard fence.hold(seconds: 5) else {
+                throw SnapshotError(description: "requests in flight did not finish within 5 s; the snapshot was not taken")
+            }
+            defer { fence.release() }
+            do { try chain.switchToPrepared() } catch {
+                fence.breakForGood()
+                throw error
+            }
+            prepared = nil
         }
+        chainWork.async { [self] in
+            // A failure here is mended at the next open, from the switch marker.
+            try? store.commitPendingFreeze()
+            if spare == nil { spare = try? store.makeHeadFiles() }
+        }
+    }
+
+    /// Both steps at once (a start giving a replica the snapshot its peers hold).
+    public func freezeHead(snapshotName name: String, owner: Owner?) throws {
+        try prepareFreeze(snapshotName: name, owner: owner)
+        try switchHead(snapshotName: name, owner: owner)
     }
 
     /// A snapshot as a replica reports it: its record and the bytes its own layer takes on disk.
@@ -100,7 +110,9 @@ public final class ReplicaDevice: BlockDevice {
         public var ownBytes: UInt64
     }
 
+    /// The snapshots, once the records of any switched to are written.
     public func snapshots() throws -> [Snapshot] {
+        chainWork.sync {}
         let files = chain.dataDescriptors()
         return try store.snapshots().map { record in
             Snapshot(record: record, ownBytes: files[record.layer].map(Self.allocatedBytes) ?? 0)

@@ -71,6 +71,11 @@ extension ReplicaStore {
         }
     }
 
+    /// Refuses anyone but `owner` (nil: no check).
+    public func checkOwner(_ owner: Owner?) throws {
+        try locked { try check(owner) }
+    }
+
     /// Refuses a bad or taken name, or another owner, before anything is made.
     public func checkNewSnapshot(_ name: String, owner: Owner?) throws {
         guard SnapshotName.isValid(name) else { throw SnapshotFailure.badName(name) }
@@ -86,10 +91,12 @@ extension ReplicaStore {
     public func makeHeadFiles() throws -> LayerRecord {
         try locked {
             let highest = try database.query("SELECT max(id) FROM layers").first?[0].integer ?? 0
-            let id = LayerID(highest) + 1
+            let pending = try database.query("SELECT layer FROM pending_freeze").first?[0].integer ?? 0
+            let id = LayerID(max(highest, pending)) + 1
             let files = LayerFiles(directory: layersDirectory, id: id)
             try? files.remove()  // a crash's leftovers under this id; nothing lists them
             _ = try LayerFiles.create(dataPath: files.dataPath, mapPath: files.mapPath, size: size)
+            try files.prefillMapLog()
             return LayerRecord(id: id, files: files)
         }
     }
@@ -101,29 +108,102 @@ extension ReplicaStore {
     }
 
     /// The head becomes the snapshot `name` and `newHead` (from
-    /// `prepareHead`) the head on top of it, in one transaction. The old
-    /// head's data must be durable before.
+    /// `prepareHead`) the head on top of it, in one transaction.
     public func freezeHead(snapshotName name: String, newHead: LayerRecord, owner: Owner?, at time: Int64) throws {
         try locked {
             try check(owner)
+            try database.transaction { try promote(name: name, newHead: newHead, at: time) }
+        }
+    }
+
+    // MARK: - A freeze in two steps
+
+    /// A freeze recorded before the data path is held: its new head and the
+    /// snapshot's name. Whether it happened is said by the new head's map log
+    /// (`LayerFiles.startsWithARecord`), written in the switch.
+    public struct PendingFreeze: Equatable, Sendable {
+        public let name: String
+        public let newHead: LayerRecord
+        public let time: Int64
+
+        public init(name: String, newHead: LayerRecord, time: Int64) {
+            self.name = name
+            self.newHead = newHead
+            self.time = time
+        }
+    }
+
+    /// Records `pending` durably, replacing an earlier one never switched to
+    /// (whose files go, unless they are these).
+    public func recordPendingFreeze(_ pending: PendingFreeze, owner: Owner?) throws {
+        let replaced: PendingFreeze? = try locked {
+            try check(owner)
+            let earlier = try readPendingFreeze()
             try database.transaction {
-                guard let head = try database.query("SELECT id FROM layers WHERE kind = 'head'").first?[0].integer else {
-                    throw Failure.notAReplica(directory)
-                }
-                try database.query("UPDATE layers SET kind = 'snapshot', name = ?, frozen = ? WHERE id = ?",
-                                   [.text(name), .integer(time), .integer(head)])
-                try database.query("INSERT INTO layers (id, file, map, parent, kind) VALUES (?, ?, ?, ?, 'head')",
-                                   [.integer(Int64(newHead.id)), .text(relative(newHead.files.dataPath)),
-                                    .text(relative(newHead.files.mapPath)), .integer(head)])
+                try database.query("""
+                    INSERT OR REPLACE INTO pending_freeze (id, layer, file, map, name, time) VALUES (1, ?, ?, ?, ?, ?)
+                    """, [.integer(Int64(pending.newHead.id)), .text(relative(pending.newHead.files.dataPath)),
+                          .text(relative(pending.newHead.files.mapPath)), .text(pending.name), .integer(pending.time)])
+            }
+            return earlier
+        }
+        if let replaced, replaced.newHead != pending.newHead { try replaced.newHead.files.remove() }
+    }
+
+    public func pendingFreeze() throws -> PendingFreeze? {
+        try locked { try readPendingFreeze() }
+    }
+
+    /// The switch happened: the record says so too (no owner check: the chain
+    /// in memory has switched whoever owns the replica now).
+    public func commitPendingFreeze() throws {
+        try locked {
+            guard let pending = try readPendingFreeze() else { return }
+            try database.transaction {
+                try promote(name: pending.name, newHead: pending.newHead, at: pending.time)
+                try database.query("DELETE FROM pending_freeze")
             }
         }
+    }
+
+    /// At open: a pending freeze whose switch happened is committed, one whose switch never came is dropped.
+    func settlePendingFreeze() throws {
+        guard let pending = try pendingFreeze() else { return }
+        if try pending.newHead.files.startsWithARecord() {
+            try commitPendingFreeze()
+        } else {
+            try locked { _ = try database.query("DELETE FROM pending_freeze") }
+            try pending.newHead.files.remove()
+        }
+    }
+
+    private func readPendingFreeze() throws -> PendingFreeze? {
+        guard let row = try database.query("SELECT layer, file, map, name, time FROM pending_freeze WHERE id = 1").first,
+              let layer = row[0].integer, let file = row[1].text, let map = row[2].text, let name = row[3].text,
+              let time = row[4].integer else { return nil }
+        let files = LayerFiles(dataPath: directory + "/" + file, mapPath: directory + "/" + map)
+        return PendingFreeze(name: name, newHead: LayerRecord(id: LayerID(layer), files: files), time: time)
+    }
+
+    /// Inside a transaction: the head is frozen as `name`, `newHead` becomes the head on it.
+    private func promote(name: String, newHead: LayerRecord, at time: Int64) throws {
+        guard let head = try database.query("SELECT id FROM layers WHERE kind = 'head'").first?[0].integer else {
+            throw Failure.notAReplica(directory)
+        }
+        try database.query("UPDATE layers SET kind = 'snapshot', name = ?, frozen = ? WHERE id = ?",
+                           [.text(name), .integer(time), .integer(head)])
+        try database.query("INSERT INTO layers (id, file, map, parent, kind) VALUES (?, ?, ?, ?, 'head')",
+                           [.integer(Int64(newHead.id)), .text(relative(newHead.files.dataPath)),
+                            .text(relative(newHead.files.mapPath)), .integer(head)])
     }
 
     /// A crash between creating a layer's files and the transaction that
     /// lists it leaves files no layer names: they go at open.
     func removeUnlistedLayerFiles() throws {
         let listed = try locked {
-            Set(try database.query("SELECT file, map FROM layers").flatMap { row in [row[0].text, row[1].text].compactMap { $0 } })
+            Set(try database.query("SELECT file, map FROM layers UNION ALL SELECT file, map FROM pending_freeze").flatMap { row in
+                [row[0].text, row[1].text].compactMap { $0 }
+            })
         }
         for name in try Self.listDirectory(layersDirectory) where !listed.contains("layers/" + name) {
             guard name.hasSuffix(".img") || name.hasSuffix(".map") else { continue }

@@ -91,6 +91,7 @@ public final class ReplicaStore: @unchecked Sendable {
             try create(directory: directory, size: size)
         }
         let store = try ReplicaStore(directory: directory)
+        try store.settlePendingFreeze()
         try store.removeUnlistedLayerFiles()
         if let size, size != store.size {
             throw Failure.sizeMismatch(directory: directory, stored: store.size, requested: size)
@@ -275,6 +276,7 @@ public final class ReplicaStore: @unchecked Sendable {
                     """)
             }
         }
+        try database.execute(pendingFreezeTable)
         try database.query("UPDATE replica SET schema = ? WHERE id = 1 AND schema < ?", [.integer(schemaVersion), .integer(schemaVersion)])
     }
 
@@ -299,6 +301,17 @@ public final class ReplicaStore: @unchecked Sendable {
             try database.query("UPDATE replica SET schema = 4 WHERE id = 1")
         }
     }
+
+    /// A freeze prepared and not yet committed (`PendingFreeze`): at most one.
+    private static let pendingFreezeTable = """
+        CREATE TABLE IF NOT EXISTS pending_freeze (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            layer INTEGER NOT NULL,
+            file TEXT NOT NULL,
+            map TEXT NOT NULL,
+            name TEXT NOT NULL,
+            time INTEGER NOT NULL);
+        """
 
     private static func create(directory: String, size: UInt64) throws {
         guard size > 0, size % 4096 == 0, size <= UInt64(Int64.max) else { throw Failure.badSize(size) }
@@ -339,6 +352,7 @@ public final class ReplicaStore: @unchecked Sendable {
                     CREATE TABLE dirty (
                         offset INTEGER PRIMARY KEY,
                         length INTEGER NOT NULL);
+                    \(pendingFreezeTable)
                     CREATE TABLE membership (
                         id INTEGER PRIMARY KEY CHECK (id = 1),
                         epoch INTEGER NOT NULL,

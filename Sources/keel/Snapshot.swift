@@ -3,6 +3,7 @@ import ControlAPI
 import Foundation
 import NodeRegistry
 import ReplicaIdentity
+import Syscalls
 
 struct Snapshot: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -62,11 +63,19 @@ struct Snapshot: ParsableCommand {
         func run() throws {
             let name = self.name ?? Self.defaultName()
             let control = try target.engineControl()
-            if let freeze { try FileSystemFreeze.freeze(freeze) }
+            if let freeze {
+                do { try FileSystemFreeze.freeze(freeze) } catch {
+                    throw CLIError("cannot freeze \(freeze): \(error); is it a mounted file system on this host?")
+                }
+            }
             let result = Result {
                 try callEngine(control, doing: "take snapshot \(name)") { try await $0.createSnapshot(.with { $0.name = name }) }
             }
-            if let freeze { try FileSystemFreeze.thaw(freeze) }
+            if let freeze {
+                do { try FileSystemFreeze.thaw(freeze) } catch {
+                    throw CLIError("cannot thaw \(freeze): \(error); run 'fsfreeze --unfreeze \(freeze)'")
+                }
+            }
             let snapshots = try result.get().snapshots
             guard let taken = snapshots.last(where: { $0.name == name }) else {
                 throw CLIError("the engine answered without snapshot \(name); see keel snapshot ls \(target.volume)")
@@ -115,33 +124,6 @@ struct Snapshot: ParsableCommand {
         static func time(_ seconds: Int64) -> String {
             let format = ISO8601DateFormatter()
             return format.string(from: Date(timeIntervalSince1970: TimeInterval(seconds)))
-        }
-    }
-}
-
-/// fsfreeze(8) around a snapshot: the file system's dirty data is written and
-/// new writes wait, so the snapshot needs no journal replay.
-enum FileSystemFreeze {
-    static func freeze(_ mountpoint: String) throws {
-        try fsfreeze(["--freeze", mountpoint], doing: "freeze")
-    }
-
-    static func thaw(_ mountpoint: String) throws {
-        try fsfreeze(["--unfreeze", mountpoint], doing: "thaw")
-    }
-
-    private static func fsfreeze(_ arguments: [String], doing what: String) throws {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/sbin/fsfreeze")
-        process.arguments = arguments
-        let errors = Pipe()
-        process.standardError = errors
-        do { try process.run() } catch { throw CLIError("cannot run fsfreeze to \(what) \(arguments[1]): \(error)") }
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-                .split(separator: "\n").first.map(String.init) ?? "exit \(process.terminationStatus)"
-            throw CLIError("cannot \(what) \(arguments[1]): \(message)")
         }
     }
 }

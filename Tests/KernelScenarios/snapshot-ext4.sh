@@ -16,10 +16,14 @@ fio --name=files --directory=/mnt/vol --size=24M --nrfiles=4 --rw=randwrite --bs
 fio=$!
 sleep 4
 step "snapshot as it is, under fio"
-"$KEEL" snapshot create vol as-is --engine "$control"
+timeout 120 "$KEEL" snapshot create vol as-is --engine "$control"
 sleep 2
 step "snapshot with --freeze, under fio"
-"$KEEL" snapshot create vol frozen --freeze /mnt/vol --engine "$control"
+if ! timeout 120 "$KEEL" snapshot create vol frozen --freeze /mnt/vol --engine "$control"; then
+    fsfreeze --unfreeze /mnt/vol || true
+    echo "snapshot --freeze did not finish"; ps -eo pid,stat,wchan:30,cmd | grep -E "keel|fsfreeze|fio" | grep -v grep
+    exit 1
+fi
 kill $fio 2>/dev/null || true
 wait $fio || true
 umount /mnt/vol

@@ -86,4 +86,33 @@ import Testing
         #expect(try store.snapshots().map(\.name) == ["s1"])
         #expect(try store.chain().count == 2)
     }
+
+    /// A freeze recorded as pending, then a crash: it happened if the new
+    /// head's map log starts with a record (the switch marker), and is then
+    /// committed at open; if not, it is dropped with its files.
+    @Test(arguments: [true, false])
+    func aPendingFreezeIsSettledAtOpenByItsSwitchMarker(switched: Bool) throws {
+        let dir = try emptyDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = try ReplicaStore.open(directory: dir, size: 4 << 20)
+        let bottom = try store.chain()[0]
+        let newHead = try store.makeHeadFiles()
+        try store.recordPendingFreeze(.init(name: "s1", newHead: newHead, time: 42), owner: nil)
+        if switched {
+            let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: newHead.files.mapPath))
+            var marker = [UInt8](repeating: 0, count: MapRecord.size)
+            marker.withUnsafeMutableBytes { LayerFiles.switchMarker.encode(into: $0) }
+            try handle.write(contentsOf: marker)
+            try handle.close()
+        }
+        let reopened = try ReplicaStore.open(directory: dir, size: nil)
+        #expect(try reopened.pendingFreeze() == nil)
+        if switched {
+            #expect(try reopened.chain() == [bottom, newHead])
+            #expect(try reopened.snapshots() == [SnapshotRecord(name: "s1", layer: bottom.id, created: 42, parent: nil)])
+        } else {
+            #expect(try reopened.chain() == [bottom])
+            #expect(!FileManager.default.fileExists(atPath: newHead.files.dataPath))
+        }
+    }
 }

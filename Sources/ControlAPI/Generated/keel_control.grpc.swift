@@ -1663,8 +1663,10 @@ extension Keel_Control_V1_ReplicaControl {
         ///
         /// > Source IDL Documentation:
         /// >
-        /// > Freezes the head as the snapshot NAME and starts a new head on it,
-        /// > durably, with the data path held meanwhile.
+        /// > Freezes the head as the snapshot NAME and starts a new head on it, in
+        /// > two calls: with `prepare`, durably records the new head (the data path
+        /// > goes on); then, without, switches to it (the data path held for
+        /// > microseconds; one small synced write marks the switch).
         ///
         /// - Parameters:
         ///   - request: A streaming request of `Keel_Control_V1_FreezeHeadRequest` messages.
@@ -1765,8 +1767,10 @@ extension Keel_Control_V1_ReplicaControl {
         ///
         /// > Source IDL Documentation:
         /// >
-        /// > Freezes the head as the snapshot NAME and starts a new head on it,
-        /// > durably, with the data path held meanwhile.
+        /// > Freezes the head as the snapshot NAME and starts a new head on it, in
+        /// > two calls: with `prepare`, durably records the new head (the data path
+        /// > goes on); then, without, switches to it (the data path held for
+        /// > microseconds; one small synced write marks the switch).
         ///
         /// - Parameters:
         ///   - request: A request containing a single `Keel_Control_V1_FreezeHeadRequest` message.
@@ -1865,8 +1869,10 @@ extension Keel_Control_V1_ReplicaControl {
         ///
         /// > Source IDL Documentation:
         /// >
-        /// > Freezes the head as the snapshot NAME and starts a new head on it,
-        /// > durably, with the data path held meanwhile.
+        /// > Freezes the head as the snapshot NAME and starts a new head on it, in
+        /// > two calls: with `prepare`, durably records the new head (the data path
+        /// > goes on); then, without, switches to it (the data path held for
+        /// > microseconds; one small synced write marks the switch).
         ///
         /// - Parameters:
         ///   - request: A `Keel_Control_V1_FreezeHeadRequest` message.
@@ -2179,8 +2185,10 @@ extension Keel_Control_V1_ReplicaControl {
         ///
         /// > Source IDL Documentation:
         /// >
-        /// > Freezes the head as the snapshot NAME and starts a new head on it,
-        /// > durably, with the data path held meanwhile.
+        /// > Freezes the head as the snapshot NAME and starts a new head on it, in
+        /// > two calls: with `prepare`, durably records the new head (the data path
+        /// > goes on); then, without, switches to it (the data path held for
+        /// > microseconds; one small synced write marks the switch).
         ///
         /// - Parameters:
         ///   - request: A request containing a single `Keel_Control_V1_FreezeHeadRequest` message.
@@ -2358,8 +2366,10 @@ extension Keel_Control_V1_ReplicaControl {
         ///
         /// > Source IDL Documentation:
         /// >
-        /// > Freezes the head as the snapshot NAME and starts a new head on it,
-        /// > durably, with the data path held meanwhile.
+        /// > Freezes the head as the snapshot NAME and starts a new head on it, in
+        /// > two calls: with `prepare`, durably records the new head (the data path
+        /// > goes on); then, without, switches to it (the data path held for
+        /// > microseconds; one small synced write marks the switch).
         ///
         /// - Parameters:
         ///   - request: A request containing a single `Keel_Control_V1_FreezeHeadRequest` message.
@@ -2510,8 +2520,10 @@ extension Keel_Control_V1_ReplicaControl.ClientProtocol {
     ///
     /// > Source IDL Documentation:
     /// >
-    /// > Freezes the head as the snapshot NAME and starts a new head on it,
-    /// > durably, with the data path held meanwhile.
+    /// > Freezes the head as the snapshot NAME and starts a new head on it, in
+    /// > two calls: with `prepare`, durably records the new head (the data path
+    /// > goes on); then, without, switches to it (the data path held for
+    /// > microseconds; one small synced write marks the switch).
     ///
     /// - Parameters:
     ///   - request: A request containing a single `Keel_Control_V1_FreezeHeadRequest` message.
@@ -2672,8 +2684,10 @@ extension Keel_Control_V1_ReplicaControl.ClientProtocol {
     ///
     /// > Source IDL Documentation:
     /// >
-    /// > Freezes the head as the snapshot NAME and starts a new head on it,
-    /// > durably, with the data path held meanwhile.
+    /// > Freezes the head as the snapshot NAME and starts a new head on it, in
+    /// > two calls: with `prepare`, durably records the new head (the data path
+    /// > goes on); then, without, switches to it (the data path held for
+    /// > microseconds; one small synced write marks the switch).
     ///
     /// - Parameters:
     ///   - message: request message to send.

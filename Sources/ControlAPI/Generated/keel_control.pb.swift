@@ -272,6 +272,8 @@ public nonisolated struct Keel_Control_V1_FreezeHeadRequest: Sendable {
 
   public var name: String = String()
 
+  public var prepare: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -869,7 +871,7 @@ nonisolated extension Keel_Control_V1_IOCounters: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Keel_Control_V1_FreezeHeadRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".FreezeHeadRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}owner\0\u{1}name\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}owner\0\u{1}name\0\u{1}prepare\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -879,6 +881,7 @@ nonisolated extension Keel_Control_V1_FreezeHeadRequest: SwiftProtobuf.Message, 
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularMessageField(value: &self._owner) }()
       case 2: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.prepare) }()
       default: break
       }
     }
@@ -895,12 +898,16 @@ nonisolated extension Keel_Control_V1_FreezeHeadRequest: SwiftProtobuf.Message, 
     if !self.name.isEmpty {
       try visitor.visitSingularStringField(value: self.name, fieldNumber: 2)
     }
+    if self.prepare != false {
+      try visitor.visitSingularBoolField(value: self.prepare, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Keel_Control_V1_FreezeHeadRequest, rhs: Keel_Control_V1_FreezeHeadRequest) -> Bool {
     if lhs._owner != rhs._owner {return false}
     if lhs.name != rhs.name {return false}
+    if lhs.prepare != rhs.prepare {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
