@@ -1,7 +1,5 @@
 import Synchronization
-#if canImport(Glibc)
-import Glibc
-#endif
+import Syscalls
 
 /// Decides, per region of the volume, when a write may go to the replicas.
 ///
@@ -208,10 +206,7 @@ public final class WriteGate: @unchecked Sendable {
     /// with some still in flight, false, and writes go on.
     func pauseWrites(seconds: Double) -> Bool {
         state.withLock { $0.paused = true }
-        for _ in 0..<max(1, Int(seconds * 2000)) {
-            if state.withLock({ $0.writes.isEmpty }) { return true }
-            usleep(500)
-        }
+        if pollUntil(seconds: seconds, { state.withLock { $0.writes.isEmpty } }) { return true }
         resumeWrites()
         return false
     }

@@ -1,8 +1,6 @@
 import ReplicaIdentity
 import Synchronization
-#if canImport(Glibc)
-import Glibc
-#endif
+import Syscalls
 
 /// The replica's epoch as its data path sees it, and the requests in flight
 /// by the session that sent them.
@@ -76,10 +74,7 @@ public final class EpochFence: Sendable {
     /// if some are still in flight after `seconds`.
     public func hold(seconds: Double) -> Bool {
         state.withLock { $0.held = true }
-        for _ in 0..<max(1, Int(seconds * 2000)) {
-            if state.withLock({ $0.inFlight.isEmpty }) { return true }
-            usleep(500)
-        }
+        if pollUntil(seconds: seconds, { state.withLock { $0.inFlight.isEmpty } }) { return true }
         release()
         return false
     }

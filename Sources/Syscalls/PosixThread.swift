@@ -59,3 +59,13 @@ public final class Handoff<Value>: @unchecked Sendable {
         return result
     }
 }
+
+/// Polls `condition` every half millisecond for up to `seconds`: for waits
+/// of a few milliseconds on state other threads change (requests draining).
+public func pollUntil(seconds: Double, _ condition: () -> Bool) -> Bool {
+    for _ in 0..<max(1, Int(seconds * 2000)) {
+        if condition() { return true }
+        usleep(500)
+    }
+    return condition()
+}
