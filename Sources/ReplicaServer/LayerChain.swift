@@ -54,6 +54,7 @@ public final class LayerChain: @unchecked Sendable {
             opened.append(try Self.open(id: id, files: files, size: size, writable: id == layers.last!.id, logger: logger))
             indexed.append(LayerStack.Layer(id: id, map: try files.loadMap()))
         }
+        precondition(zip(opened, opened.dropFirst()).allSatisfy { $0.id < $1.id }, "a chain's layer ids ascend")
         self.layers = opened
         index = Mutex(LayerIndex(layers: indexed))
         headLog = try Self.openLog(layers.last!.files.mapPath)
@@ -85,10 +86,17 @@ public final class LayerChain: @unchecked Sendable {
     /// Where blocks no layer records are read from: its map records only zeroes.
     public var bottom: Layer { layers[0] }
 
+    /// Layers are in ascending id order (each new head takes the next id):
+    /// a binary search, so a chain of 1000 costs a read ten comparisons.
     func layer(_ id: LayerID) -> Layer {
-        // Chains are short next to a request's cost; the head is the usual answer.
         if head.id == id { return head }
-        return layers.first { $0.id == id }!
+        var low = 0, high = layers.count
+        while low < high {
+            let middle = (low + high) / 2
+            if layers[middle].id < id { low = middle + 1 } else { high = middle }
+        }
+        precondition(low < layers.count && layers[low].id == id, "layer \(id) is not in the chain")
+        return layers[low]
     }
 
     /// Where the next record of the head's log goes: each record has its own

@@ -140,7 +140,7 @@ extension ReplicaStore {
             try check(owner)
             let earlier = try readPendingFreeze()
             try database.transaction {
-                try database.query("""
+                _ = try database.query("""
                     INSERT OR REPLACE INTO pending_freeze (id, layer, file, map, name, time) VALUES (1, ?, ?, ?, ?, ?)
                     """, [.integer(Int64(pending.newHead.id)), .text(relative(pending.newHead.files.dataPath)),
                           .text(relative(pending.newHead.files.mapPath)), .text(pending.name), .integer(pending.time)])
