@@ -1,5 +1,4 @@
 import ControlAPI
-import Dispatch
 import GRPCCore
 import Synchronization
 import Syscalls
@@ -94,7 +93,7 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
         let address = try parse(request.address)
         let device = try await engine.device()
         // Adding talks to the replica with blocking calls: off the cooperative pool.
-        try await offloaded { try refusing { try device.addReplica(address: address) } }
+        try await offThePool { try refusing { try device.addReplica(address: address) } }
         return try await status(request: .init(), context: context)
     }
 
@@ -103,7 +102,7 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
         let address = try parse(request.address)
         let device = try await engine.device()
         // Removing a replica being rebuilt waits for the copy thread.
-        try await offloaded { try refusing { try device.removeReplica(address: address) } }
+        try await offThePool { try refusing { try device.removeReplica(address: address) } }
         return try await status(request: .init(), context: context)
     }
 
@@ -114,7 +113,7 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
         }
         _ = try await engine.device()
         // Netlink calls and the drain block: off the cooperative pool.
-        try await offloaded {
+        try await offThePool {
             try refusing {
                 if request.enabled { try frontend.enable() } else { frontend.disable() }
             }
@@ -126,28 +125,20 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
                                context: ServerContext) async throws -> Keel_Control_V1_Snapshots {
         let device = try await engine.device()
         // Holding writes and the replicas' syncs block: off the cooperative pool.
-        let snapshots = try await offloaded { try refusing { try device.createSnapshot(name: request.name) } }
+        let snapshots = try await offThePool { try refusing { try device.createSnapshot(name: request.name) } }
         return .with { $0.snapshots = snapshots }
     }
 
     public func listSnapshots(request: Keel_Control_V1_ListSnapshotsRequest,
                               context: ServerContext) async throws -> Keel_Control_V1_Snapshots {
         let device = try await engine.device()
-        let snapshots = try await offloaded { try refusing { try device.listSnapshots() } }
+        let snapshots = try await offThePool { try refusing { try device.listSnapshots() } }
         return .with { $0.snapshots = snapshots }
     }
 
     private func parse(_ text: String) throws -> Syscalls.SocketAddress {
         do { return try Syscalls.SocketAddress(parsing: text) } catch {
             throw RPCError(code: .invalidArgument, message: "\(error)")
-        }
-    }
-
-    private func offloaded<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, Error>) in
-            DispatchQueue.global().async {
-                do { continuation.resume(returning: try body()) } catch { continuation.resume(throwing: error) }
-            }
         }
     }
 

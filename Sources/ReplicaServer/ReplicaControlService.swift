@@ -1,5 +1,4 @@
 import ControlAPI
-import Dispatch
 import GRPCCore
 import Logging
 import ReplicaIdentity
@@ -118,14 +117,6 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
                            message: "range \(range.offset)+\(range.length) is outside the replica's \(store.size) bytes")
         }
         return ByteRange(offset: range.offset, length: range.length)
-    }
-
-    private func offThePool<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, Error>) in
-            DispatchQueue.global().async {
-                do { continuation.resume(returning: try body()) } catch { continuation.resume(throwing: error) }
-            }
-        }
     }
 
     private func storeCall<T>(_ body: () throws -> T) throws -> T {

@@ -98,12 +98,6 @@ public final class ReplicaDevice: BlockDevice {
         }
     }
 
-    /// Both steps at once (a start giving a replica the snapshot its peers hold).
-    public func freezeHead(snapshotName name: String, owner: Owner?) throws {
-        try prepareFreeze(snapshotName: name, owner: owner)
-        try switchHead(snapshotName: name, owner: owner)
-    }
-
     /// A snapshot as a replica reports it: its record and the bytes its own layer takes on disk.
     public struct Snapshot: Equatable, Sendable {
         public var record: SnapshotRecord

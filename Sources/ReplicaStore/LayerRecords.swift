@@ -101,21 +101,6 @@ extension ReplicaStore {
         }
     }
 
-    /// `checkNewSnapshot`, then `makeHeadFiles`.
-    public func prepareHead(snapshotName name: String, owner: Owner?) throws -> LayerRecord {
-        try checkNewSnapshot(name, owner: owner)
-        return try makeHeadFiles()
-    }
-
-    /// The head becomes the snapshot `name` and `newHead` (from
-    /// `prepareHead`) the head on top of it, in one transaction.
-    public func freezeHead(snapshotName name: String, newHead: LayerRecord, owner: Owner?, at time: Int64) throws {
-        try locked {
-            try check(owner)
-            try database.transaction { try promote(name: name, newHead: newHead, at: time) }
-        }
-    }
-
     // MARK: - A freeze in two steps
 
     /// A freeze recorded before the data path is held: its new head and the

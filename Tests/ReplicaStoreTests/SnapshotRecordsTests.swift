@@ -16,16 +16,24 @@ import Testing
 
     private let owner = Owner(epoch: 3, engine: "e")
 
+    /// Both steps of a freeze as a replica takes them: the pending record, then its commit.
+    @discardableResult
+    private func freeze(_ store: ReplicaStore, _ name: String, owner: Owner?, at time: Int64) throws -> LayerRecord {
+        try store.checkNewSnapshot(name, owner: owner)
+        let head = try store.makeHeadFiles()
+        try store.recordPendingFreeze(.init(name: name, newHead: head, time: time), owner: owner)
+        try store.commitPendingFreeze()
+        return head
+    }
+
     @Test func aFrozenHeadBecomesANamedSnapshotUnderANewHead() throws {
         let dir = try emptyDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let store = try ReplicaStore.open(directory: dir, size: 4 << 20)
         #expect(try store.claim(owner) == .claimed)
         let bottom = try store.chain()[0]
-        let head = try store.prepareHead(snapshotName: "s1", owner: owner)
-        try store.freezeHead(snapshotName: "s1", newHead: head, owner: owner, at: 1_700_000_000)
-        let second = try store.prepareHead(snapshotName: "s2", owner: owner)
-        try store.freezeHead(snapshotName: "s2", newHead: second, owner: owner, at: 1_700_000_100)
+        let head = try freeze(store, "s1", owner: owner, at: 1_700_000_000)
+        let second = try freeze(store, "s2", owner: owner, at: 1_700_000_100)
 
         let reopened = try ReplicaStore.open(directory: dir, size: nil)
         #expect(try reopened.chain() == [bottom, head, second])
@@ -40,12 +48,11 @@ import Testing
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let store = try ReplicaStore.open(directory: dir, size: 4 << 20)
         _ = try store.claim(owner)
-        try store.freezeHead(snapshotName: "s1", newHead: try store.prepareHead(snapshotName: "s1", owner: owner),
-                             owner: owner, at: 0)
+        try freeze(store, "s1", owner: owner, at: 0)
         let files = try FileManager.default.contentsOfDirectory(atPath: dir + "/layers").sorted()
-        #expect(throws: ReplicaStore.SnapshotFailure.nameTaken("s1")) { try store.prepareHead(snapshotName: "s1", owner: owner) }
-        #expect(throws: ReplicaStore.SnapshotFailure.badName("a/b")) { try store.prepareHead(snapshotName: "a/b", owner: owner) }
-        #expect(throws: ReplicaStore.Failure.self) { try store.prepareHead(snapshotName: "s2", owner: Owner(epoch: 2, engine: "old")) }
+        #expect(throws: ReplicaStore.SnapshotFailure.nameTaken("s1")) { try store.checkNewSnapshot("s1", owner: owner) }
+        #expect(throws: ReplicaStore.SnapshotFailure.badName("a/b")) { try store.checkNewSnapshot("a/b", owner: owner) }
+        #expect(throws: ReplicaStore.Failure.self) { try store.checkNewSnapshot("s2", owner: Owner(epoch: 2, engine: "old")) }
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/layers").sorted() == files)
     }
 
@@ -56,7 +63,7 @@ import Testing
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let store = try ReplicaStore.open(directory: dir, size: 4 << 20)
         let chain = try store.chain()
-        let orphan = try store.prepareHead(snapshotName: "s1", owner: nil)
+        let orphan = try store.makeHeadFiles()
         #expect(FileManager.default.fileExists(atPath: orphan.files.dataPath))
         let reopened = try ReplicaStore.open(directory: dir, size: nil)
         #expect(try reopened.chain() == chain)
@@ -82,7 +89,7 @@ import Testing
             """)
         let store = try ReplicaStore.open(directory: dir, size: nil)
         #expect(try database.query("SELECT schema FROM replica").first?[0].integer == ReplicaStore.schemaVersion)
-        try store.freezeHead(snapshotName: "s1", newHead: try store.prepareHead(snapshotName: "s1", owner: nil), owner: nil, at: 5)
+        try freeze(store, "s1", owner: nil, at: 5)
         #expect(try store.snapshots().map(\.name) == ["s1"])
         #expect(try store.chain().count == 2)
     }
