@@ -85,11 +85,16 @@ let package = Package(
         // The node's daemons (replicas, engines) as systemd units or processes of keel's own.
         .target(name: "Daemons", dependencies: ["Syscalls", "CSyscalls"]),
         // Client side: a Swift wrapper over libnbd.
-        .target(name: "LibNBD", dependencies: ["CLibNBD"]),
+        .target(name: "LibNBD", dependencies: ["CLibNBD", "Syscalls"]),
+        // `keel snapshot export`: a volume as of a snapshot, read from its replicas without claiming them.
+        .target(name: "SnapshotExport", dependencies: [
+            "NBDServer", "NBDProtocol", "IOUring", "LibNBD", "Syscalls", "ReplicaIdentity",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
 
         .executableTarget(name: "keel", dependencies: [
             "NBDServer", "FileExport", "ReplicaServer", "ReplicaStore", "Engine", "LibNBD", "Syscalls", "ControlAPI",
-            "NodeRegistry", "Daemons", "KernelNBD", "ReplicaIdentity",
+            "NodeRegistry", "Daemons", "KernelNBD", "ReplicaIdentity", "SnapshotExport",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

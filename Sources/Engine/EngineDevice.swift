@@ -173,13 +173,3 @@ public final class EngineDevice: BlockDevice, @unchecked Sendable {
         if let rebuild, rebuild.index == index { rebuild.cancel() }
     }
 }
-
-extension NBDClient {
-    /// Connects to a unix or TCP address.
-    public func connect(to address: SocketAddress) throws {
-        switch address {
-        case .unix(let path): try connect(unixSocket: path)
-        case .tcp(let host, let port): try connect(host: host, port: port)
-        }
-    }
-}

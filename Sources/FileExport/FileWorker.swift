@@ -307,7 +307,7 @@ public final class FileWorker: BlockWorker {
     /// `base:allocation` from SEEK_DATA / SEEK_HOLE.
     private func describeAllocation(_ r: UnsafeMutablePointer<IORequest>) -> NBDError? {
         let buffer = r.pointee.buffer!
-        let capacity = r.pointee.flags.contains(.requestOne) ? 1 : buffer.capacity / 8
+        let capacity = r.pointee.allocationCapacity
         let end = r.pointee.offset + UInt64(r.pointee.length)
         var position = r.pointee.offset
         var count = 0

@@ -96,16 +96,37 @@ public struct LayerIndex: Equatable {
 
     public func index(of id: LayerID) -> Int? { layers.firstIndex { $0.id == id } }
 
-    /// The blocks written, trimmed or zeroed after layer `older` was frozen, up to
-    /// and including layer `newer`: what changed between two snapshots (or,
-    /// with the head as `newer`, since one).
-    public func changed(after older: LayerID, through newer: LayerID) -> ExtentMap<BlockContent>? {
-        guard let from = index(of: older), let to = index(of: newer), from < to else { return nil }
-        var changed = ExtentMap<BlockContent>()
-        for layer in layers[(from + 1)...to] {
-            for extent in layer.map.extents { changed.set(extent.range, to: extent.value) }
+    /// The runs of `blocks` that layers newer than `older`, up to and
+    /// including `newer`, record (written, trimmed or zeroed: changed) and
+    /// those they do not, in block order: the changed-blocks view between two
+    /// snapshots, from the maps kept as writes came, without asking any file.
+    public func forEachChange(after older: LayerID, through newer: LayerID, in blocks: Range<UInt64>,
+                              _ body: (Range<UInt64>, _ changed: Bool) -> Void) {
+        guard let from = index(of: older), let to = index(of: newer), from < to else {
+            preconditionFailure("layer \(older) is not older than layer \(newer) in the chain")
         }
-        return changed
+        var changed: [Range<UInt64>] = []
+        for layer in layers[(from + 1)...to] {
+            layer.map.forEach(in: blocks) { run, content in if content != nil { changed.append(run) } }
+        }
+        changed.sort { $0.lowerBound < $1.lowerBound }
+        var position = blocks.lowerBound
+        var current: Range<UInt64>?
+        func emit(_ run: Range<UInt64>) {
+            if position < run.lowerBound { body(position..<run.lowerBound, false) }
+            body(run, true)
+            position = run.upperBound
+        }
+        for run in changed {
+            if let open = current, run.lowerBound <= open.upperBound {
+                current = open.lowerBound..<max(open.upperBound, run.upperBound)
+            } else {
+                if let open = current { emit(open) }
+                current = run
+            }
+        }
+        if let open = current { emit(open) }
+        if position < blocks.upperBound { body(position..<blocks.upperBound, false) }
     }
 
     // MARK: - Removing a snapshot

@@ -92,6 +92,20 @@ public final class NBDClient {
         return names.list
     }
 
+    /// NBD_OPT_LIST_META_CONTEXT for the export name set and the queries
+    /// `addMetaContext` added: the contexts the server offers.
+    public func listMetaContexts() throws -> [String] {
+        final class Names { var list: [String] = [] }
+        let names = Names()
+        let context = Unmanaged.passUnretained(names).toOpaque()
+        let callback = nbd_context_callback(callback: { data, name in
+            Unmanaged<Names>.fromOpaque(data!).takeUnretainedValue().list.append(String(cString: name!))
+            return 0
+        }, user_data: context, free: nil)
+        try check(Int32(nbd_opt_list_meta_context(handle, callback)))
+        return names.list
+    }
+
     public func shutdown() throws { try check(nbd_shutdown(handle, 0)) }
 
     // MARK: - What the server offers
@@ -146,20 +160,27 @@ public final class NBDClient {
         try check(nbd_cache(handle, count, offset, 0))
     }
 
-    /// `base:allocation` extents (needs `addMetaContext("base:allocation")` before connecting).
-    public func blockStatus(count: UInt64, at offset: UInt64, flags: CommandFlags = []) throws -> [Extent] {
-        final class Extents { var list: [Extent] = [] }
-        let extents = Extents()
-        let context = Unmanaged.passUnretained(extents).toOpaque()
-        let callback = nbd_extent_callback(callback: { data, _, _, entries, count, _ in
+    /// The extents of one metadata context (`base:allocation` by default),
+    /// which `addMetaContext` selected before connecting.
+    public func blockStatus(count: UInt64, at offset: UInt64, flags: CommandFlags = [],
+                            context: String = "base:allocation") throws -> [Extent] {
+        final class Extents {
+            let context: String
+            var list: [Extent] = []
+            init(context: String) { self.context = context }
+        }
+        let extents = Extents(context: context)
+        let userData = Unmanaged.passUnretained(extents).toOpaque()
+        let callback = nbd_extent_callback(callback: { data, name, _, entries, count, _ in
             let box = Unmanaged<Extents>.fromOpaque(data!).takeUnretainedValue()
+            guard let name, String(cString: name) == box.context else { return 0 }
             var i = 0
             while i + 1 < count {
                 box.list.append(Extent(length: entries![i], flags: entries![i + 1]))
                 i += 2
             }
             return 0
-        }, user_data: context, free: nil)
+        }, user_data: userData, free: nil)
         try check(nbd_block_status(handle, count, offset, callback, flags.rawValue))
         return extents.list
     }
@@ -227,6 +248,21 @@ extension NBDClient {
 
     public func notifyReadable() { _ = nbd_aio_notify_read(handle) }
     public func notifyWritable() { _ = nbd_aio_notify_write(handle) }
+
+    /// Called by libnbd with a BLOCK_STATUS answer, once per context:
+    /// (context, context name, offset, (length, flags) pairs, entry count, pointer to errno).
+    public typealias ExtentFunction = @convention(c) (UnsafeMutableRawPointer?, UnsafePointer<CChar>?, UInt64,
+                                                      UnsafeMutablePointer<UInt32>?, Int, UnsafeMutablePointer<Int32>?) -> Int32
+
+    /// Queues a BLOCK_STATUS: `extents` runs for each selected context's answer, then `function`.
+    public func submitBlockStatus(count: UInt64, offset: UInt64, flags: CommandFlags = [], extents: ExtentFunction,
+                                  function: CompletionFunction, context: UnsafeMutableRawPointer) throws {
+        let extentCallback = nbd_extent_callback(callback: extents, user_data: context, free: nil)
+        let completion = nbd_completion_callback(callback: function, user_data: context, free: nil)
+        if nbd_aio_block_status(handle, count, offset, extentCallback, completion, flags.rawValue) < 0 {
+            throw NBDClientError.last()
+        }
+    }
 
     /// Queues a command; `function(context, &error)` runs when it finishes.
     public func submit(_ command: Command, flags: CommandFlags = [], function: CompletionFunction,

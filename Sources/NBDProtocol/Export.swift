@@ -8,15 +8,18 @@ public struct ExportDescription: Sendable, Equatable {
     /// Opaque to the protocol; handed to the device with every request of
     /// connections on this export (a replica puts the engine's epoch here).
     public var session: UInt64
+    /// Metadata contexts offered besides `base:allocation` (which every export has).
+    public var metaContexts: [MetaContextOffer]
 
     public init(name: String, description: String = "", size: UInt64, readOnly: Bool,
-                blockSizes: BlockSizes = BlockSizes(), session: UInt64 = 0) {
+                blockSizes: BlockSizes = BlockSizes(), session: UInt64 = 0, metaContexts: [MetaContextOffer] = []) {
         self.name = name
         self.description = description
         self.size = size
         self.readOnly = readOnly
         self.blockSizes = blockSizes
         self.session = session
+        self.metaContexts = metaContexts
     }
 
     /// Transmission flags for this export; DF only makes sense with structured replies.
@@ -49,18 +52,39 @@ public struct BlockSizes: Sendable, Equatable {
     }
 }
 
+/// A metadata context an export offers besides `base:allocation`: its name
+/// and the id its BLOCK_STATUS chunks carry (chosen by the device, never
+/// `MetaContext.baseAllocationID` or 0).
+public struct MetaContextOffer: Sendable, Equatable {
+    public var name: String
+    public var id: UInt32
+
+    public init(name: String, id: UInt32) {
+        precondition(id != 0 && id != MetaContext.baseAllocationID, "context id \(id) is reserved")
+        self.name = name
+        self.id = id
+    }
+}
+
 /// The outcome of a successful handshake: everything transmission needs.
 public struct Negotiated: Sendable, Equatable {
     public var export: ExportDescription
     public var structuredReplies: Bool
-    /// `base:allocation` was selected for this export, so BLOCK_STATUS is allowed.
+    /// `base:allocation` was selected for this export.
     public var baseAllocation: Bool
+    /// The one other context selected, if any (a server may select fewer than asked).
+    public var extraContext: MetaContextOffer?
 
-    public init(export: ExportDescription, structuredReplies: Bool, baseAllocation: Bool) {
+    public init(export: ExportDescription, structuredReplies: Bool, baseAllocation: Bool,
+                extraContext: MetaContextOffer? = nil) {
         self.export = export
         self.structuredReplies = structuredReplies
         self.baseAllocation = baseAllocation
+        self.extraContext = extraContext
     }
+
+    /// Some context was selected, so BLOCK_STATUS is allowed.
+    public var answersBlockStatus: Bool { baseAllocation || extraContext != nil }
 
     public var transmissionFlags: TransmissionFlags {
         export.transmissionFlags(structuredReplies: structuredReplies)

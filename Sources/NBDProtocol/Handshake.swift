@@ -27,8 +27,8 @@ public struct Handshake {
     private var pending: [UInt8] = []
     private var clientNoZeroes = false
     private var structuredReplies = false
-    /// The export named by the last SET_META_CONTEXT that selected base:allocation.
-    private var baseAllocationExport: String?
+    /// What the last SET_META_CONTEXT selected, and for which export.
+    private var selection: (export: String, baseAllocation: Bool, extra: MetaContextOffer?)?
 
     public init(catalog: any ExportCatalog) {
         self.catalog = catalog
@@ -243,7 +243,7 @@ public struct Handshake {
         let code = option.rawValue
         let isSet = option == .setMetaContext
         // A SET replaces earlier selections even when it fails.
-        if isSet { baseAllocationExport = nil }
+        if isSet { selection = nil }
         guard structuredReplies || !isSet else {
             appendOptionReply(&reply, option: code, type: .errInvalid,
                               message: "SET_META_CONTEXT needs STRUCTURED_REPLY first")
@@ -273,26 +273,38 @@ public struct Handshake {
             appendOptionReply(&reply, option: code, type: type, message: message)
             return
         }
-        let selects: Bool
+        var base = false
+        var extras: [MetaContextOffer] = []
         if isSet {
-            selects = queries.contains(MetaContext.baseAllocation)
+            // Exact names only; one context besides base:allocation (the first asked).
+            base = queries.contains(MetaContext.baseAllocation)
+            if let first = queries.lazy.compactMap({ query in export.metaContexts.first { $0.name == query } }).first {
+                extras = [first]
+            }
         } else {
-            selects = queries.isEmpty || queries.contains { $0 == "base:" || $0 == MetaContext.baseAllocation }
+            // An empty list, or a namespace ("base:", "keel:"), lists every context it covers.
+            func matches(_ name: String) -> Bool {
+                queries.isEmpty || queries.contains { $0 == name || ($0.hasSuffix(":") && name.hasPrefix($0)) }
+            }
+            base = matches(MetaContext.baseAllocation)
+            extras = export.metaContexts.filter { matches($0.name) }
         }
-        if selects {
+        let answered = (base ? [(MetaContext.baseAllocationID, MetaContext.baseAllocation)] : []) + extras.map { ($0.id, $0.name) }
+        for (id, contextName) in answered {
             var payload: [UInt8] = []
-            payload.appendBigEndian(isSet ? MetaContext.baseAllocationID : 0)
-            payload.append(contentsOf: MetaContext.baseAllocation.utf8)
+            payload.appendBigEndian(isSet ? id : 0)
+            payload.append(contentsOf: contextName.utf8)
             appendOptionReply(&reply, option: code, type: .metaContext, payload: payload)
-            if isSet { baseAllocationExport = export.name }
         }
+        if isSet && !answered.isEmpty { selection = (export.name, base, extras.first) }
         appendOptionReply(&reply, option: code, type: .ack)
     }
 
     private mutating func finish(with export: ExportDescription) -> Step {
         state = .finished
+        let selected = structuredReplies && selection?.export == export.name ? selection : nil
         let negotiated = Negotiated(export: export, structuredReplies: structuredReplies,
-                                    baseAllocation: structuredReplies && baseAllocationExport == export.name)
+                                    baseAllocation: selected?.baseAllocation ?? false, extraContext: selected?.extra)
         return .finished(negotiated, consumed: 0)
     }
 

@@ -55,12 +55,17 @@ public enum Reply {
         return writeSimple(to: p, handle: handle, error: nil)
     }
 
-    /// A BLOCK_STATUS chunk for `base:allocation`: header then the descriptors
-    /// the caller already placed after it (8 bytes each).
+    /// A BLOCK_STATUS chunk's header and context id, for the descriptors
+    /// the caller places after it (8 bytes each); the last chunk is `done`.
     @inlinable
-    public static func writeBlockStatusHeader(to p: UnsafeMutableRawPointer, handle: UInt64, descriptors: Int) -> Int {
-        _ = writeChunkHeader(to: p, handle: handle, type: .blockStatus, payloadLength: UInt32(4 + 8 * descriptors))
-        p.storeBigEndian(MetaContext.baseAllocationID, at: chunkHeaderSize)
-        return chunkHeaderSize + 4
+    public static func writeBlockStatusHeader(to p: UnsafeMutableRawPointer, handle: UInt64,
+                                              context: UInt32 = MetaContext.baseAllocationID,
+                                              descriptors: Int, done: Bool = true) -> Int {
+        _ = writeChunkHeader(to: p, handle: handle, type: .blockStatus, flags: done ? .done : [],
+                             payloadLength: UInt32(4 + 8 * descriptors))
+        p.storeBigEndian(context, at: chunkHeaderSize)
+        return blockStatusHeaderSize
     }
+
+    public static let blockStatusHeaderSize = chunkHeaderSize + 4
 }

@@ -44,7 +44,7 @@ public struct RequestPolicy: Sendable {
             if export.readOnly { return .reject(.permission) }
             return inRange(header) ? .accept(.trim) : .reject(.invalid)
         case .blockStatus:
-            guard negotiated.baseAllocation, header.length > 0 else { return .reject(.invalid) }
+            guard negotiated.answersBlockStatus, header.length > 0 else { return .reject(.invalid) }
             return inRange(header) ? .accept(.blockStatus) : .reject(.invalid)
         }
     }

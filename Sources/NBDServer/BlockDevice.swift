@@ -55,8 +55,15 @@ public struct IORequest {
     public var alignedLength: Int
     public var dataOffset: Int
 
-    /// BLOCK_STATUS: descriptors the device wrote into `buffer` (8 bytes each).
+    /// BLOCK_STATUS: `base:allocation` descriptors the device wrote at the
+    /// start of `buffer` (8 bytes each, at most `allocationCapacity`).
     public var descriptorCount: Int
+    /// BLOCK_STATUS: whether `base:allocation` is asked for (else only `extraContext`).
+    public var wantsAllocation: Bool
+    /// BLOCK_STATUS: the other context asked for (`MetaContextOffer.id`), 0 for none;
+    /// its descriptors go at `BlockStatusLayout.extraOffset` (at most `extraCapacity`).
+    public var extraContext: UInt32
+    public var extraDescriptorCount: Int
 
     // Device scratch state.
     public var phase: UInt8
@@ -76,10 +83,37 @@ public struct IORequest {
         alignedLength = 0
         dataOffset = 0
         descriptorCount = 0
+        wantsAllocation = true
+        extraContext = 0
+        extraDescriptorCount = 0
         phase = 0
         pendingOperations = 0
         progress = 0
         firstError = nil
         scratch = nil
     }
+}
+
+/// Where a BLOCK_STATUS buffer holds each context's descriptors: with a
+/// second context, two regions, the second leaving room before it for the
+/// chunk header the server writes there when it sends both.
+public enum BlockStatusLayout {
+    public static let regionBytes = 4096
+    public static let extraOffset = regionBytes + Reply.blockStatusHeaderSize
+    public static let bufferWithExtra = 2 * regionBytes
+}
+
+extension IORequest {
+    /// How many `base:allocation` descriptors fit (1 with REQ_ONE).
+    public var allocationCapacity: Int {
+        if flags.contains(.requestOne) { return 1 }
+        return extraContext == 0 ? buffer!.capacity / 8 : BlockStatusLayout.regionBytes / 8
+    }
+
+    /// How many descriptors of `extraContext` fit (1 with REQ_ONE).
+    public var extraCapacity: Int {
+        flags.contains(.requestOne) ? 1 : (BlockStatusLayout.bufferWithExtra - BlockStatusLayout.extraOffset) / 8
+    }
+
+    public var extraDescriptors: UnsafeMutableRawPointer { buffer!.base + BlockStatusLayout.extraOffset }
 }

@@ -395,6 +395,9 @@ final class IOThread<Device: BlockDevice> {
         s.pointee.request.length = header.length
         s.pointee.request.session = policy.negotiated.export.session
         s.pointee.request.descriptorCount = 0
+        s.pointee.request.wantsAllocation = policy.negotiated.baseAllocation
+        s.pointee.request.extraContext = policy.negotiated.extraContext?.id ?? 0
+        s.pointee.request.extraDescriptorCount = 0
         s.pointee.request.phase = 0
         s.pointee.request.pendingOperations = 0
         s.pointee.request.progress = 0
@@ -433,7 +436,7 @@ final class IOThread<Device: BlockDevice> {
             s.pointee.request.dataOffset = Int(s.pointee.request.offset - start)
             bytes = Int(end - start)
         case .blockStatus:
-            bytes = BufferArena.minimumChunk
+            bytes = s.pointee.request.extraContext == 0 ? BufferArena.minimumChunk : BlockStatusLayout.bufferWithExtra
         default:
             return true
         }
@@ -467,16 +470,47 @@ final class IOThread<Device: BlockDevice> {
             s.pointee.replyData = UnsafeRawPointer(request.buffer!.base + request.dataOffset)
             s.pointee.replyDataLength = Int(request.length)
         } else if error == nil && request.command == .blockStatus {
-            s.pointee.replyHeaderLength = Reply.writeBlockStatusHeader(to: header, handle: handle,
-                                                                       descriptors: request.descriptorCount)
-            s.pointee.replyData = UnsafeRawPointer(request.buffer!.base)
-            s.pointee.replyDataLength = request.descriptorCount * 8
+            writeBlockStatusReply(s, policy.negotiated)
         } else {
             s.pointee.replyHeaderLength = Reply.writeStatus(to: header, handle: handle, error: error,
                                                             structured: structured, isRead: request.command == .read)
         }
         connection.queueReply(slot)
         markForFlush(connection)
+    }
+
+    /// One chunk per selected context: `base:allocation` first, with its
+    /// descriptors where the device wrote them; the other context's chunk
+    /// header goes right after them and its descriptors move up behind it,
+    /// so the reply is one header and one run of bytes.
+    private func writeBlockStatusReply(_ s: UnsafeMutablePointer<Slot>, _ negotiated: Negotiated) {
+        let request = s.pointee.request
+        let base = request.buffer!.base
+        let header = s.replyHeaderBytes
+        let handle = s.pointee.handle
+        guard let extra = negotiated.extraContext else {
+            s.pointee.replyHeaderLength = Reply.writeBlockStatusHeader(to: header, handle: handle,
+                                                                       descriptors: request.descriptorCount)
+            s.pointee.replyData = UnsafeRawPointer(base)
+            s.pointee.replyDataLength = request.descriptorCount * 8
+            return
+        }
+        let extraBytes = request.extraDescriptorCount * 8
+        guard negotiated.baseAllocation else {
+            s.pointee.replyHeaderLength = Reply.writeBlockStatusHeader(to: header, handle: handle, context: extra.id,
+                                                                       descriptors: request.extraDescriptorCount)
+            s.pointee.replyData = UnsafeRawPointer(request.extraDescriptors)
+            s.pointee.replyDataLength = extraBytes
+            return
+        }
+        s.pointee.replyHeaderLength = Reply.writeBlockStatusHeader(to: header, handle: handle,
+                                                                   descriptors: request.descriptorCount, done: false)
+        let second = base + request.descriptorCount * 8
+        let secondHeader = Reply.writeBlockStatusHeader(to: second, handle: handle, context: extra.id,
+                                                        descriptors: request.extraDescriptorCount)
+        memmove(second + secondHeader, request.extraDescriptors, extraBytes)
+        s.pointee.replyData = UnsafeRawPointer(base)
+        s.pointee.replyDataLength = request.descriptorCount * 8 + secondHeader + extraBytes
     }
 
     private func release(_ connection: Connection, slot: Int) {

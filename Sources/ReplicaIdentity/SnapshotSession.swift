@@ -54,3 +54,23 @@ public enum ReplicaSession: Equatable, Sendable {
         }
     }
 }
+
+/// `keel:changed:<older>`, the metadata context of a snapshot's export that
+/// says which 4 KiB blocks were written, trimmed or zeroed after snapshot
+/// `<older>` up to the snapshot read (flag 1: changed), the way qemu's
+/// `qemu:dirty-bitmap:<name>` serves incremental backup tools.
+public enum ChangedBlocksContext {
+    public static let prefix = "keel:changed:"
+    public static let changed: UInt32 = 1
+
+    public static func name(since older: String) -> String { prefix + older }
+
+    /// The id a replica gives the context of older snapshot `layer`
+    /// (above 1, which is `base:allocation`'s).
+    public static func replicaID(layer: UInt32) -> UInt32 {
+        precondition(layer < UInt32.max - 2)
+        return layer + 2
+    }
+
+    public static func layer(replicaID id: UInt32) -> UInt32 { id - 2 }
+}

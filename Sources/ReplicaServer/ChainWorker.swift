@@ -84,7 +84,9 @@ public final class ChainWorker: BlockWorker {
         case .cache, .disconnect:
             return .done(nil)
         case .blockStatus:
-            return .done(describeAllocation(r))
+            if r.pointee.wantsAllocation { describeAllocation(r) }
+            if r.pointee.extraContext != 0 { describeChanges(r) }
+            return .done(nil)
         }
         return finishIfIdle(r, token)
     }
@@ -342,9 +344,9 @@ public final class ChainWorker: BlockWorker {
     /// `base:allocation` from the index: data where a layer holds data, a
     /// zero hole where one records zeroes, and the bottom layer's file
     /// allocation (SEEK_DATA) where none records anything.
-    private func describeAllocation(_ r: UnsafeMutablePointer<IORequest>) -> NBDError? {
+    private func describeAllocation(_ r: UnsafeMutablePointer<IORequest>) {
         let buffer = r.pointee.buffer!
-        let capacity = r.pointee.flags.contains(.requestOne) ? 1 : buffer.capacity / 8
+        let capacity = r.pointee.allocationCapacity
         let b = UInt64(Self.block)
         let start = r.pointee.offset, end = r.pointee.offset + UInt64(r.pointee.length)
         var extents: [(end: UInt64, state: AllocationState)] = []
@@ -375,7 +377,36 @@ public final class ChainWorker: BlockWorker {
             from = extent.end
         }
         r.pointee.descriptorCount = min(extents.count, capacity)
-        return nil
+    }
+
+    /// `keel:changed:<older>` on a snapshot session: the blocks the layers
+    /// after the older snapshot's, up to the session's, record.
+    private func describeChanges(_ r: UnsafeMutablePointer<IORequest>) {
+        guard case .snapshot(let layer) = ReplicaSession(r.pointee.session) else { return }
+        let older = ChangedBlocksContext.layer(replicaID: r.pointee.extraContext)
+        let b = UInt64(Self.block)
+        let start = r.pointee.offset, end = r.pointee.offset + UInt64(r.pointee.length)
+        let capacity = r.pointee.extraCapacity
+        let descriptors = r.pointee.extraDescriptors
+        var count = 0
+        var from = start
+        var pending: (end: UInt64, changed: Bool)?
+        func put(_ extent: (end: UInt64, changed: Bool)) {
+            guard count < capacity else { return }
+            descriptors.storeBigEndian(UInt32(extent.end - from), at: count * 8)
+            descriptors.storeBigEndian(extent.changed ? ChangedBlocksContext.changed : 0, at: count * 8 + 4)
+            count += 1
+            from = extent.end
+        }
+        chain.index.withLock { index in
+            index.forEachChange(after: older, through: layer, in: start / b..<(end + b - 1) / b) { run, changed in
+                let runEnd = min(end, run.upperBound * b)
+                if let open = pending, open.changed != changed { put(open) }
+                pending = (runEnd, changed)
+            }
+        }
+        if let last = pending { put(last) }
+        r.pointee.extraDescriptorCount = count
     }
 
     // MARK: - Helpers

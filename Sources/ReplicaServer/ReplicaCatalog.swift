@@ -67,8 +67,12 @@ struct ReplicaCatalog: ExportCatalog {
             let known = snapshots.map(\.name).joined(separator: ", ")
             return .refused(.errUnknown, "volume \(export.volume) has no snapshot '\(export.snapshot)' (it has: \(known.isEmpty ? "none" : known))")
         }
+        let changedSince = snapshots.filter { $0.layer < snapshot.layer }.map {
+            MetaContextOffer(name: ChangedBlocksContext.name(since: $0.name), id: ChangedBlocksContext.replicaID(layer: $0.layer))
+        }
         return .found(ExportDescription(name: name, description: "Keel snapshot", size: store.size, readOnly: true,
-                                        session: ReplicaSession.snapshot(layer: snapshot.layer).raw))
+                                        session: ReplicaSession.snapshot(layer: snapshot.layer).raw,
+                                        metaContexts: changedSince))
     }
 
     func transmissionStarted(_ export: ExportDescription) { sessions.started(export) }

@@ -14,7 +14,7 @@ struct Snapshot: ParsableCommand {
             Examples: keel snapshot create db before-upgrade
                       keel snapshot ls db --json
             """,
-        subcommands: [Create.self, List.self])
+        subcommands: [Create.self, List.self, Export.self])
 
     /// Which engine a snapshot command talks to.
     struct Target: ParsableArguments {

@@ -46,7 +46,9 @@ import Testing
         }
         #expect(runs == ["0-2:1", "2-4:2", "4-6:1", "6-10:2z", "10-12:-"])
         #expect(index.layers[0].map.extents.map(\.range) == [0..<8], "the trim did not reach the snapshot")
-        #expect(index.changed(after: 1, through: 2)?.extents.map(\.range) == [2..<4, 6..<10])
+        var changed: [Range<UInt64>] = []
+        index.forEachChange(after: 1, through: 2, in: 0..<12) { run, isChanged in if isChanged { changed.append(run) } }
+        #expect(changed == [2..<4, 6..<10])
     }
 
     @Test func removingASnapshotHandsItsChildOnlyWhatTheChildDoesNotRecord() {
@@ -102,10 +104,18 @@ import Testing
             if step % 100 == 0 || step == 2_999 { check(index, model, blocks, "seed \(seed), step \(step)") }
             if index.layers.count >= 3 && step % 20 == 0 {
                 let older = index.layers[0].id, newer = index.layers[index.layers.count - 1].id
-                let changed = index.changed(after: older, through: newer)!
-                for b in 0..<blocks {
-                    let expected = model.layers[1...].reversed().lazy.compactMap { $0.blocks[b] }.first
-                    if changed.value(at: UInt64(b)) != expected {
+                var changed = [Bool](repeating: false, count: blocks)
+                let from = UInt64(random.below(blocks)), to = from + 1 + UInt64(random.below(blocks - Int(from)))
+                var covered = from
+                index.forEachChange(after: older, through: newer, in: from..<to) { run, isChanged in
+                    #expect(run.lowerBound == covered, "runs cover the range in order")
+                    covered = run.upperBound
+                    for b in run { changed[Int(b)] = isChanged }
+                }
+                #expect(covered == to)
+                for b in Int(from)..<Int(to) {
+                    let expected = model.layers[1...].contains { $0.blocks[b] != nil }
+                    if changed[b] != expected {
                         Issue.record("seed \(seed), step \(step): changed view at block \(b)")
                         break
                     }

@@ -107,4 +107,47 @@ import Testing
         #expect(run.negotiated?.structuredReplies == true)
         #expect(run.negotiated?.baseAllocation == false)
     }
+
+    // MARK: - Contexts besides base:allocation
+
+    static let snapshot = ExportDescription(name: "snap", size: 1 << 20, readOnly: true, metaContexts: [
+        MetaContextOffer(name: "keel:changed:s1", id: 7), MetaContextOffer(name: "keel:changed:s2", id: 9),
+    ])
+
+    func offered(_ option: OptionType, _ name: String, id: UInt32) -> OptionReply {
+        OptionReply(option, .metaContext, u32(id) + Array(name.utf8))
+    }
+
+    @Test(arguments: [[], ["keel:"], ["keel:changed:"]] as [[String]])
+    func listShowsAnExportsOtherContextsByNamespace(_ queries: [String]) {
+        let run = runHandshake(structured + Client.option(.listMetaContext, Client.meta("snap", queries)),
+                               exports: [Self.snapshot])
+        let expected = (queries.isEmpty ? [metaContext(.listMetaContext, id: 0)] : [])
+            + [offered(.listMetaContext, "keel:changed:s1", id: 0), offered(.listMetaContext, "keel:changed:s2", id: 0)]
+        #expect(run.replies?.dropFirst().dropLast() == expected[...])
+    }
+
+    @Test func setSelectsBaseAllocationAndTheFirstOtherContextAsked() {
+        let set = Client.option(.setMetaContext, Client.meta("snap", ["keel:changed:s2", "base:allocation", "keel:changed:s1"]))
+        let run = runHandshake(structured + set + go("snap"), exports: [Self.snapshot])
+        #expect(run.replies?[1 ... 3] == [metaContext(.setMetaContext, id: MetaContext.baseAllocationID),
+                                          offered(.setMetaContext, "keel:changed:s2", id: 9),
+                                          OptionReply(.setMetaContext, .ack)])
+        #expect(run.negotiated?.baseAllocation == true)
+        #expect(run.negotiated?.extraContext == MetaContextOffer(name: "keel:changed:s2", id: 9))
+    }
+
+    @Test func setOfAnotherContextAloneAllowsBlockStatus() {
+        let set = Client.option(.setMetaContext, Client.meta("snap", ["keel:changed:s1"]))
+        let run = runHandshake(structured + set + go("snap"), exports: [Self.snapshot])
+        #expect(run.negotiated?.baseAllocation == false)
+        #expect(run.negotiated?.answersBlockStatus == true)
+    }
+
+    @Test func setOfANamespaceSelectsNothing() {
+        let set = Client.option(.setMetaContext, Client.meta("snap", ["keel:"]))
+        let run = runHandshake(structured + set + go("snap"), exports: [Self.snapshot])
+        #expect(run.replies?[1] == OptionReply(.setMetaContext, .ack))
+        #expect(run.negotiated?.answersBlockStatus == false)
+    }
 }

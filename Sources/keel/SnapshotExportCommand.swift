@@ -1,0 +1,80 @@
+import ArgumentParser
+import Logging
+import NBDProtocol
+import NBDServer
+import NodeRegistry
+import ReplicaIdentity
+import SnapshotExport
+import Syscalls
+
+extension Snapshot {
+    struct Export: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Serve a volume as of a snapshot over NBD, read-only, until SIGINT/SIGTERM.",
+            discussion: """
+                Reads come from the volume's replicas without claiming them, so the volume may be \
+                attached, detached or have its frontend disabled. The export offers base:allocation and, \
+                for each older snapshot OLDER, the context keel:changed:OLDER: the 4 KiB blocks written, \
+                trimmed or zeroed since OLDER (flag 1: changed).
+                Examples: keel snapshot export db nightly-2 --listen 127.0.0.1:10810
+                          nbdinfo --map=keel:changed:nightly-1 nbd://127.0.0.1:10810
+                """)
+
+        @Argument(help: "The volume's name.")
+        var volume: String
+
+        @Argument(help: "The snapshot to serve.")
+        var name: String
+
+        @Option(help: "Where to listen: unix:/path/to.sock or HOST:PORT.")
+        var listen: String
+
+        @Option(help: "The engine's control address, to learn the replicas from (default: this node's registry).")
+        var engine: String?
+
+        @Option(name: .customLong("replica"), help: "A replica's data address (repeat for each); instead of the registry or --engine.")
+        var replicas: [String] = []
+
+        @OptionGroup var serving: ServingOptions
+        @OptionGroup var node: NodeOptions
+
+        func validate() throws {
+            guard SnapshotName.isValid(name) else {
+                throw ValidationError("'\(name)' is not a snapshot name: use \(SnapshotName.rule)")
+            }
+        }
+
+        func run() throws {
+            let logger = makeLogger(label: "keel.snapshot-export", level: serving.logLevel)
+            let address = try parseListenAddress(listen)
+            let replicas = try replicaAddresses()
+            TerminationSignals.block()
+            let exportName = SnapshotExportName(volume: volume, snapshot: name)
+            let described: (size: UInt64, olderSnapshots: [String])
+            do { described = try SnapshotReader.describe(exportName, replicas: replicas) } catch {
+                throw CLIError("\(error); see keel snapshot ls \(volume)")
+            }
+            let reader = SnapshotReader(exportName: exportName, size: described.size, replicas: replicas,
+                                        olderSnapshots: described.olderSnapshots, logger: logger)
+            let export = ExportDescription(name: name, description: "Keel snapshot \(name) of \(volume)", size: reader.size,
+                                           readOnly: true, metaContexts: reader.changedContexts)
+            let what = "snapshot \(name) of \(volume) (\(reader.size) bytes, read-only, from \(replicas.count) replica(s))"
+            try serveUntilSignalled(reader, on: address, logger: logger, what: what) { listener in
+                Server(device: reader, listener: listener, catalog: StaticExports([export]), threads: serving.threads,
+                       logger: logger)
+            }
+        }
+
+        private func replicaAddresses() throws -> [SocketAddress] {
+            var texts = replicas
+            if texts.isEmpty, let engine {
+                let status = try callEngine(engine, doing: "report its replicas") { try await $0.status(.init()) }
+                texts = status.replicas.map(\.address)
+            } else if texts.isEmpty {
+                texts = try Node(node).volume(volume).replicas.map(\.address)
+            }
+            guard !texts.isEmpty else { throw CLIError("volume \(volume) has no replica to read snapshot \(name) from") }
+            return try texts.map { try parseListenAddress($0, option: "--replica") }
+        }
+    }
+}
