@@ -129,6 +129,14 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
         return .with { $0.snapshots = snapshots }
     }
 
+    public func removeSnapshot(request: Keel_Control_V1_RemoveSnapshotRequest,
+                               context: ServerContext) async throws -> Keel_Control_V1_Snapshots {
+        let device = try await engine.device()
+        // The replicas' merges copy data and block: off the cooperative pool.
+        let snapshots = try await offThePool { try refusing { try device.removeSnapshot(name: request.name) } }
+        return .with { $0.snapshots = snapshots }
+    }
+
     public func listSnapshots(request: Keel_Control_V1_ListSnapshotsRequest,
                               context: ServerContext) async throws -> Keel_Control_V1_Snapshots {
         let device = try await engine.device()

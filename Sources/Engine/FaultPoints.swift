@@ -18,12 +18,15 @@ import Glibc
 ///   down just before region N is copied, as if the source had died mid-copy.
 /// - `die-mid-snapshot`: a snapshot is taken on the first writable replica
 ///   only, then the engine kills itself (SIGKILL), writes still held.
+/// - `die-mid-removal`: a snapshot is removed from the first writable replica
+///   only, then the engine kills itself (SIGKILL).
 public struct FaultPoints: Sendable {
     public var breakLinkInSubmit: (replica: Int, command: Int)?
     public var slowMembershipSeconds: Double = 0
     public var slowRebuildSeconds: Double = 0
     public var breakRebuildSourceAtRegion: Int?
     public var dieMidSnapshot = false
+    public var dieMidRemoval = false
 
     /// Whether the I/O path has anything to inject.
     public var enabled: Bool { breakLinkInSubmit != nil }
@@ -64,6 +67,8 @@ public struct FaultPoints: Sendable {
                 faults.breakRebuildSourceAtRegion = region
             case ("die-mid-snapshot", nil):
                 faults.dieMidSnapshot = true
+            case ("die-mid-removal", nil):
+                faults.dieMidRemoval = true
             case ("slow-rebuild", let value?):
                 faults.slowRebuildSeconds = try seconds(value, for: "slow-rebuild")
             default:

@@ -104,6 +104,15 @@ final class NetworkStartupLinks: StartupLinks {
         }
     }
 
+    func mergeSnapshot(_ replica: Int, name: String, for owner: Owner) throws {
+        let request = Keel_Control_V1_MergeSnapshotRequest.with { $0.owner = owner.message; $0.name = name }
+        // A merge copies the layer's data: far longer than one control call may take.
+        let timeout = max(startup.replicaTimeoutSeconds * 4, Double(startup.size) / 20e6)
+        do { _ = try controls[replica]!.call(timeout: timeout) { try await $0.mergeSnapshot(request, options: $1) } } catch {
+            throw EngineError("replica \(addresses[replica]) failed to remove snapshot \(name): \(error)")
+        }
+    }
+
     private func exportName(_ owner: Owner) -> String {
         ReplicaExportName(volume: startup.identity, owner: owner).description
     }

@@ -66,16 +66,77 @@ extension EngineDevice {
 
     /// One step of the freeze on every replica at once; each one's error, or nil.
     private func freezeCalls(_ clients: [(Int, ReplicaControlClient?)], name: String, prepare: Bool) -> [(Int, Error?)] {
-        let owner = ownerMessage, timeout = replicaTimeoutSeconds * 2
-        let calls = clients.map { index, client in
-            (index, client?.start(timeout: timeout) { stub, options in
-                try await stub.freezeHead(.with { $0.owner = owner; $0.name = name; $0.prepare = prepare }, options: options)
-            })
+        let owner = ownerMessage
+        return controlCalls(clients, timeout: replicaTimeoutSeconds * 2) { stub, options in
+            _ = try await stub.freezeHead(.with { $0.owner = owner; $0.name = name; $0.prepare = prepare }, options: options)
         }
+    }
+
+    /// One call on every replica at once; each one's error, or nil.
+    private func controlCalls(_ clients: [(Int, ReplicaControlClient?)], timeout: Double,
+                              _ body: @escaping @Sendable (ReplicaControlClient.Stub, CallOptions) async throws -> Void)
+        -> [(Int, Error?)] {
+        let calls = clients.map { index, client in (index, client?.start(timeout: timeout, body)) }
         return calls.map { index, call in
             guard let call else { return (index, EngineError("its control API is unreachable")) }
             if case .failure(let error) = call.take() { return (index, error) }
             return (index, nil)
+        }
+    }
+
+    /// Removes the snapshot `name` online: every RW replica merges its layer
+    /// into the next newer one while writes go on (reads stay the same
+    /// throughout). First every replica is asked whether it can (the name is
+    /// known, no export reads it), so that a refusal changes nothing.
+    public func removeSnapshot(name: String) throws -> [Keel_Control_V1_Snapshot] {
+        guard SnapshotName.isValid(name) else {
+            throw EngineError("'\(name)' is not a snapshot name: use \(SnapshotName.rule)")
+        }
+        guard !replicas.isFenced else { throw EngineError("this engine is fenced: a newer engine owns the volume") }
+        let current = replicas.replicas
+        if let rebuilding = current.first(where: { $0.mode == .wo }) {
+            throw EngineError("replica \(rebuilding.address) is being rebuilt; remove the snapshot when it is RW")
+        }
+        let writable = current.indices.filter { current[$0].mode == .rw }
+        guard !writable.isEmpty else { throw EngineError("no replica is healthy: the snapshot cannot be removed") }
+        let clients = writable.map { index in (index, try? ReplicaControlClient(address: current[index].controlAddress)) }
+        defer { withExtendedLifetime(clients) {} }
+
+        let checked = mergeCalls(clients, name: name, check: true, timeout: replicaTimeoutSeconds * 2)
+        if let (index, error) = checked.first(where: { $0.1 != nil }) {
+            if let error = error as? RPCError, error.code == .permissionDenied { replicas.fence(by: index) }
+            if let error = error as? RPCError, error.code == .notFound {
+                throw EngineError("volume \(volume) has no snapshot '\(name)'; see keel snapshot ls \(volume)")
+            }
+            throw EngineError((error as? RPCError).map(\.message) ?? "replica \(current[index].address): \(error!)")
+        }
+
+        // Copying takes as long as the layer's data: a generous bound of 20 MB/s.
+        let timeout = max(replicaTimeoutSeconds * 4, Double(size) / 20e6)
+        let merged = mergeCalls(Array(clients.prefix(faults.dieMidRemoval ? 1 : clients.count)), name: name,
+                                check: false, timeout: timeout)
+        if faults.dieMidRemoval { kill(getpid(), SIGKILL) }
+        // A replica whose merge failed reads as before, the snapshot still in
+        // its chain: it stays RW, and removing again (or the next engine) finishes.
+        let failed = merged.compactMap { index, error in error.map { (index, $0) } }
+        for (index, error) in failed {
+            if let error = error as? RPCError, error.code == .permissionDenied { replicas.fence(by: index) }
+            logger.error("replica \(current[index].address) could not remove snapshot \(name): \(error)")
+        }
+        if let (index, error) = failed.first {
+            let reason = (error as? RPCError).map(\.message) ?? "\(error)"
+            throw EngineError("snapshot \(name) was removed on \(merged.count - failed.count) of \(merged.count) replicas "
+                              + "(\(current[index].address): \(reason)); reads are unchanged: run keel snapshot rm \(volume) \(name) again")
+        }
+        logger.notice("snapshot \(name) removed on \(merged.count) replicas")
+        return try listSnapshots()
+    }
+
+    private func mergeCalls(_ clients: [(Int, ReplicaControlClient?)], name: String, check: Bool,
+                            timeout: Double) -> [(Int, Error?)] {
+        let owner = ownerMessage
+        return controlCalls(clients, timeout: timeout) { stub, options in
+            _ = try await stub.mergeSnapshot(.with { $0.owner = owner; $0.name = name; $0.check = check }, options: options)
         }
     }
 

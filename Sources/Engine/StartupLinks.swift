@@ -19,6 +19,8 @@ public protocol StartupLinks: AnyObject {
     func setMembership(_ membership: Keel_Control_V1_Membership, on replica: Int, for owner: Owner) throws
     /// Freezes the replica's head as snapshot `name` (`ChainReconciliation`).
     func freezeHead(_ replica: Int, name: String, for owner: Owner) throws
+    /// Merges snapshot `name` away on the replica (`ChainReconciliation`).
+    func mergeSnapshot(_ replica: Int, name: String, for owner: Owner) throws
 }
 
 /// Nothing answers at the replica's address: the start may go on without it.

@@ -127,11 +127,22 @@ public struct VolumeStartup {
         return Outcome(epoch: epoch, replicas: replicas, resyncedBytes: copied, resyncedRanges: dirty.count)
     }
 
-    /// Gives every member the same snapshots (`ChainReconciliation`), before
+    /// Gives every member the same snapshots (`ChainReconciliation`): removals
+    /// finished, then missing freezes taken, before
     /// the resync writes anything into their heads.
     private func reconcileChains(_ links: some StartupLinks, members: [Int], claimed: [Keel_Control_V1_ReplicaStatus?],
                                  owner: Owner, addresses: [SocketAddress]) throws {
-        let plan = ChainReconciliation.plan(Dictionary(uniqueKeysWithValues: members.map { ($0, claimed[$0]!.snapshots.map(\.name)) }))
+        let plan = ChainReconciliation.plan(
+            Dictionary(uniqueKeysWithValues: members.map { ($0, claimed[$0]!.snapshots.map(\.name)) }),
+            removed: Dictionary(uniqueKeysWithValues: members.map { ($0, claimed[$0]!.removedSnapshots) }))
+        for (i, names) in plan.remove.sorted(by: { $0.key < $1.key }) {
+            for name in names {
+                do { try links.mergeSnapshot(i, name: name, for: owner) } catch {
+                    throw EngineError("cannot remove snapshot \(name) from replica \(addresses[i]), which others removed: \(error)")
+                }
+                logger.notice("replica \(addresses[i]) still held snapshot \(name) (an engine stopped while removing it): removed now")
+            }
+        }
         for i in plan.diverged {
             logger.error("replica \(addresses[i]) holds other snapshots than the rest of the volume: \(claimed[i]!.snapshots.map(\.name))")
         }

@@ -146,10 +146,36 @@ public struct LayerIndex: Equatable {
         return runs
     }
 
+    /// What removing the bottom layer must give its child, which becomes the
+    /// bottom: every block of `0..<blocks` the child does not record, with
+    /// the bottom's record, or where it has none what its file holds
+    /// (`fileContent`). The new bottom then records everything it is read
+    /// for: where it records nothing, its own file answers, and that may hold
+    /// a stray write whose record a crash cut.
+    public func takeoverOfBottom(blocks: UInt64, fileContent: (Range<UInt64>) -> [(Range<UInt64>, BlockContent)])
+        -> [ExtentMap<BlockContent>.Extent] {
+        precondition(layers.count > 1, "the bottom layer is the head")
+        var runs: [ExtentMap<BlockContent>.Extent] = []
+        func add(_ run: Range<UInt64>, _ content: BlockContent) {
+            if let last = runs.last, last.end == run.lowerBound, last.value == content {
+                runs[runs.count - 1].end = run.upperBound
+            } else {
+                runs.append(.init(start: run.lowerBound, end: run.upperBound, value: content))
+            }
+        }
+        layers[1].map.forEach(in: 0..<blocks) { run, childContent in
+            guard childContent == nil else { return }
+            layers[0].map.forEach(in: run) { part, content in
+                if let content { return add(part, content) }
+                for (piece, fileContent) in fileContent(part) { add(piece, fileContent) }
+            }
+        }
+        return runs
+    }
+
     /// Layer `id` goes; its child records `takeover` (whose data is in the
-    /// child's file by now), and blocks read from `id` are read from the child.
-    /// The oldest layer's zero runs need no record in its child: below the
-    /// oldest layer every block is zero anyway.
+    /// child's file by now), and blocks read from `id` are read from the
+    /// child (the bottom's unrecorded blocks too, when `id` is the bottom).
     public mutating func remove(_ id: LayerID, takeover runs: [ExtentMap<BlockContent>.Extent]) {
         guard let k = index(of: id), k < layers.count - 1 else { preconditionFailure("layer \(id) is not a frozen layer") }
         let childID = layers[k + 1].id
@@ -158,7 +184,7 @@ public struct LayerIndex: Equatable {
             // Where a layer newer than the child records the block, reads stay there.
             var readFromRemoved: [Range<UInt64>] = []
             resolved.forEach(in: run.range) { part, placement in
-                if placement?.layer == id { readFromRemoved.append(part) }
+                if placement?.layer == id || (k == 0 && placement == nil) { readFromRemoved.append(part) }
             }
             for part in readFromRemoved { resolved.set(part, to: Placement(layer: childID, content: run.value)) }
         }

@@ -164,6 +164,35 @@ public final class LayerChain: @unchecked Sendable {
         }
     }
 
+    /// Appends records to the head's map log (a merge's takeover), each in
+    /// its own place as the I/O threads' are; call while the data path is held.
+    func appendHeadRecords(_ records: [MapRecord]) throws {
+        guard !records.isEmpty else { return }
+        var bytes = [UInt8](repeating: 0, count: records.count * MapRecord.size)
+        bytes.withUnsafeMutableBytes { buffer in
+            for (i, record) in records.enumerated() {
+                record.encode(into: UnsafeMutableRawBufferPointer(rebasing: buffer[i * MapRecord.size..<(i + 1) * MapRecord.size]))
+            }
+        }
+        let offset = nextLogOffset(records: records.count)
+        let written = bytes.withUnsafeBytes { pwrite(headLog.rawValue, $0.baseAddress, $0.count, off_t(offset)) }
+        guard written == bytes.count else { throw SystemError.current("append to the head's map log") }
+    }
+
+    /// A merged snapshot's layer leaves the chain: its child records
+    /// `takeover` (already in the child's files). Call only while no request
+    /// is in the data path; the layer's file is closed after.
+    func removeLayer(_ id: LayerID, takeover: [ExtentMap<BlockContent>.Extent]) {
+        let removed: Layer? = control.withLock { _ in
+            guard let k = layers.firstIndex(where: { $0.id == id }), k < layers.count - 1 else {
+                preconditionFailure("layer \(id) is not a frozen layer of the chain")
+            }
+            index.withLock { $0.remove(id, takeover: takeover) }
+            return layers.remove(at: k)
+        }
+        withExtendedLifetime(removed) {}
+    }
+
     /// Frozen layers' files that may hold data not yet on stable storage.
     public var filesToSyncBesidesTheHead: [FileDescriptor] { unsynced.withLock { $0 } }
 }

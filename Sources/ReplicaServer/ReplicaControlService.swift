@@ -52,6 +52,7 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
         }
         if let device {
             status.snapshots = try storeCall { try device.snapshots() }.map(\.message)
+            status.removedSnapshots = try storeCall { try store.removedSnapshots() }
         }
         return status
     }
@@ -71,6 +72,17 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
         }
         if !request.prepare { logger.notice("snapshot \(request.name) taken") }
         return .init()
+    }
+
+    public func mergeSnapshot(request: Keel_Control_V1_MergeSnapshotRequest,
+                              context: ServerContext) async throws -> Keel_Control_V1_Snapshots {
+        guard let device else { throw RPCError(code: .unimplemented, message: "this replica takes no snapshots") }
+        // Copying, syncing and holding the data path block: off the cooperative pool.
+        try await offThePool {
+            try storeCall { try device.mergeSnapshot(named: request.name, owner: Owner(request.owner), checkOnly: request.check) }
+        }
+        if !request.check { logger.notice("snapshot \(request.name) removed (merged into its child)") }
+        return .with { $0.snapshots = (try? device.snapshots().map(\.message)) ?? [] }
     }
 
     public func markDirty(request: Keel_Control_V1_DirtyRanges, context: ServerContext) async throws -> Keel_Control_V1_Done {
@@ -125,6 +137,7 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
             if case .notOwner = error { throw RPCError(code: .permissionDenied, message: "\(error)") }
             throw RPCError(code: .failedPrecondition, message: "\(error)")
         } catch let error as ReplicaStore.SnapshotFailure {
+            if case .unknown = error { throw RPCError(code: .notFound, message: "\(error)") }
             throw RPCError(code: .failedPrecondition, message: "\(error)")
         } catch let error as ReplicaDevice.SnapshotError {
             throw RPCError(code: .unavailable, message: "\(error)")

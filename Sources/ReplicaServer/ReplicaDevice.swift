@@ -21,7 +21,7 @@ public final class ReplicaDevice: BlockDevice {
     private let edgeLocks = EdgeLocks()
     /// Runs the changes of the chain one at a time: spare heads made ahead,
     /// snapshots' two steps and their records; `spare` and `prepared` are only touched on it.
-    private let chainWork = DispatchQueue(label: "keel.replica.chain")
+    let chainWork = DispatchQueue(label: "keel.replica.chain")
     /// The next head's files, made ahead so that a snapshot does not wait for them.
     private nonisolated(unsafe) var spare: LayerRecord?
     /// The snapshot whose first step is done.

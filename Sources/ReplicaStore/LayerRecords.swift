@@ -60,6 +60,8 @@ extension ReplicaStore {
     public enum SnapshotFailure: Error, CustomStringConvertible, Equatable {
         case nameTaken(String)
         case badName(String)
+        case unknown(String)
+        case beingRead(String, connections: Int)
 
         public var description: String {
             switch self {
@@ -67,6 +69,10 @@ extension ReplicaStore {
                 return "a snapshot named '\(name)' exists already; pick another name"
             case .badName(let name):
                 return "'\(name)' is not a snapshot name: use \(SnapshotName.rule)"
+            case .unknown(let name):
+                return "there is no snapshot named '\(name)'; see keel snapshot ls"
+            case .beingRead(let name, let connections):
+                return "snapshot \(name) is being read by \(connections) connection(s) (an export or a backup); remove it once they are done"
             }
         }
     }
@@ -177,9 +183,40 @@ extension ReplicaStore {
         }
         try database.query("UPDATE layers SET kind = 'snapshot', name = ?, frozen = ? WHERE id = ?",
                            [.text(name), .integer(time), .integer(head)])
+        // A name used again is that new snapshot's, not a removed one's.
+        try database.query("DELETE FROM removed_snapshots WHERE name = ?", [.text(name)])
         try database.query("INSERT INTO layers (id, file, map, parent, kind) VALUES (?, ?, ?, ?, 'head')",
                            [.integer(Int64(newHead.id)), .text(relative(newHead.files.dataPath)),
                             .text(relative(newHead.files.mapPath)), .integer(head)])
+    }
+
+    // MARK: - Removing a snapshot
+
+    /// The snapshot's layer leaves the chain (its child's parent becomes its
+    /// parent) and its name is kept as removed, in one transaction. Its
+    /// files stay until the caller removes them (or the next open does).
+    public func dropSnapshotLayer(_ snapshot: SnapshotRecord, owner: Owner?) throws {
+        try locked {
+            try check(owner)
+            let id = Int64(snapshot.layer)
+            guard let row = try database.query("SELECT parent FROM layers WHERE id = ? AND kind = 'snapshot' AND name = ?",
+                                               [.integer(id), .text(snapshot.name)]).first else {
+                throw SnapshotFailure.unknown(snapshot.name)
+            }
+            try database.transaction {
+                try database.query("UPDATE layers SET parent = ? WHERE parent = ?", [row[0], .integer(id)])
+                try database.query("DELETE FROM layers WHERE id = ?", [.integer(id)])
+                try database.query("INSERT OR REPLACE INTO removed_snapshots (name, time) VALUES (?, ?)",
+                                   [.text(snapshot.name), .integer(Int64(time(nil)))])
+            }
+        }
+    }
+
+    /// The names of snapshots removed here, oldest removal first.
+    public func removedSnapshots() throws -> [String] {
+        try locked {
+            try database.query("SELECT name FROM removed_snapshots ORDER BY time, name").compactMap { $0[0].text }
+        }
     }
 
     /// A crash between creating a layer's files and the transaction that

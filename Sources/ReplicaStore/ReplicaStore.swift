@@ -21,7 +21,7 @@ import Glibc
 /// so are dirty marks and memberships before their setters return.
 public final class ReplicaStore: @unchecked Sendable {
     public static let metadataName = "replica.sqlite"
-    public static let schemaVersion: Int64 = 5
+    public static let schemaVersion: Int64 = 6
 
     public let directory: String
     public let size: UInt64
@@ -248,7 +248,8 @@ public final class ReplicaStore: @unchecked Sendable {
     }
 
     /// Brings an older replica's metadata to this schema: version 2 had no
-    /// volume identity; version 4 named no snapshot; before version 4 the
+    /// volume identity; version 4 named no snapshot; version 5 kept no
+    /// removed snapshot's name; before version 4 the
     /// head had no map log. The head is
     /// the bottom layer, whose file is the truth where its map records
     /// nothing: its log starts empty (created and synced before the schema
@@ -277,6 +278,7 @@ public final class ReplicaStore: @unchecked Sendable {
             }
         }
         try database.execute(pendingFreezeTable)
+        try database.execute(removedSnapshotsTable)
         try database.query("UPDATE replica SET schema = ? WHERE id = 1 AND schema < ?", [.integer(schemaVersion), .integer(schemaVersion)])
     }
 
@@ -310,6 +312,14 @@ public final class ReplicaStore: @unchecked Sendable {
             file TEXT NOT NULL,
             map TEXT NOT NULL,
             name TEXT NOT NULL,
+            time INTEGER NOT NULL);
+        """
+
+    /// Names of snapshots merged away, so that a removal stopped half way
+    /// is finished, not undone, by the next engine (`ChainReconciliation`).
+    private static let removedSnapshotsTable = """
+        CREATE TABLE IF NOT EXISTS removed_snapshots (
+            name TEXT PRIMARY KEY,
             time INTEGER NOT NULL);
         """
 
@@ -353,6 +363,7 @@ public final class ReplicaStore: @unchecked Sendable {
                         offset INTEGER PRIMARY KEY,
                         length INTEGER NOT NULL);
                     \(pendingFreezeTable)
+                    \(removedSnapshotsTable)
                     CREATE TABLE membership (
                         id INTEGER PRIMARY KEY CHECK (id = 1),
                         epoch INTEGER NOT NULL,

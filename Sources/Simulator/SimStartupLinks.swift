@@ -94,6 +94,10 @@ final class SimStartupLinks: StartupLinks {
         preconditionFailure("the simulator takes no snapshots")
     }
 
+    func mergeSnapshot(_ i: Int, name: String, for owner: Owner) throws {
+        preconditionFailure("the simulator takes no snapshots")
+    }
+
     private func status(of replica: SimReplica) -> Keel_Control_V1_ReplicaStatus {
         .with { status in
             status.id = replica.id

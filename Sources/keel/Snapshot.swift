@@ -13,8 +13,9 @@ struct Snapshot: ParsableCommand {
             frontend disabled); a volume whose engine was started by hand by --engine, its control address.
             Examples: keel snapshot create db before-upgrade
                       keel snapshot ls db --json
+                      keel snapshot rm db before-upgrade
             """,
-        subcommands: [Create.self, List.self, Export.self])
+        subcommands: [Create.self, List.self, Remove.self, Export.self])
 
     /// Which engine a snapshot command talks to.
     struct Target: ParsableArguments {
@@ -90,6 +91,33 @@ struct Snapshot: ParsableCommand {
             format.timeZone = TimeZone(identifier: "UTC")
             format.dateFormat = "yyyyMMdd'T'HHmmss'Z'"
             return "snap-" + format.string(from: date)
+        }
+    }
+
+    struct Remove: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "rm",
+            abstract: "Remove a snapshot online: its data is merged into the next newer layer while I/O goes on.",
+            discussion: "Refused while an export or a backup reads it, or a replica is being rebuilt. Example: keel snapshot rm db nightly-1")
+
+        @OptionGroup var target: Target
+
+        @Argument(help: "The snapshot to remove.")
+        var name: String
+
+        func validate() throws {
+            guard SnapshotName.isValid(name) else {
+                throw ValidationError("'\(name)' is not a snapshot name: use \(SnapshotName.rule)")
+            }
+        }
+
+        func run() throws {
+            let control = try target.engineControl()
+            let snapshots = try callEngine(control, doing: "remove snapshot \(name)") {
+                try await $0.removeSnapshot(.with { $0.name = name })
+            }.snapshots
+            if target.json { return try printJSON(snapshots.map(List.json)) }
+            print("snapshot \(name) of \(target.volume) removed")
         }
     }
 

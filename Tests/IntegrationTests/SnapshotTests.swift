@@ -289,4 +289,151 @@ import Testing
         volume.cluster.kill9Replica(0)
         for _ in 0..<3 { #expect(try reader.read(count: Self.size, at: 0) == s1, "after replica 0 died") }
     }
+
+    // MARK: - Removing snapshots
+
+    func names(_ volume: Volume) throws -> [String] {
+        let listed = try volume.snapshot(["ls", "vol", "--json"])
+        let snapshots = try JSONSerialization.jsonObject(with: Data(listed.stdout.utf8)) as? [[String: Any]] ?? []
+        return snapshots.compactMap { $0["name"] as? String }
+    }
+
+    /// A middle snapshot (its child frozen), the newest (its child the head)
+    /// and the oldest (the bottom layer, whose file answers for what it does
+    /// not record) are removed in turn: every other snapshot and the head read
+    /// their models on every replica, also after a restart, and the layers'
+    /// files are gone.
+    @Test(arguments: [41] as [UInt64])
+    func removingSnapshotsChangesNoOtherView(seed: UInt64) throws {
+        print("snapshot removal test: seed \(seed)")
+        let volume = try Volume()
+        var random = SplitMix64(seed: seed)
+        var model = [UInt8](repeating: 0, count: Self.size)
+        var taken: [String: [UInt8]] = [:]
+        for (i, name) in ["s1", "s2", "s3"].enumerated() {
+            try Self.scribble(volume.client, &model, &random, steps: 80, stamp: UInt8(1 << i))
+            try volume.create(name)
+            taken[name] = model
+        }
+        try Self.scribble(volume.client, &model, &random, steps: 80, stamp: 0x08)
+        func layerFiles(_ replica: Int) throws -> Int {
+            try FileManager.default.contentsOfDirectory(atPath: volume.cluster.replicaDirectory(replica) + "/layers").count
+        }
+        let filesBefore = try layerFiles(0)
+
+        for (removed, left) in [("s2", ["s1", "s3"]), ("s3", ["s1"]), ("s1", [])] {
+            let result = try volume.snapshot(["rm", "vol", removed])
+            #expect(result.status == 0, "rm \(removed): \(result.stderr)\n\(volume.cluster.engine!.log)")
+            taken[removed] = nil
+            #expect(try names(volume) == left)
+            #expect(try volume.client.read(count: Self.size, at: 0) == model, "seed \(seed): the head after rm \(removed)")
+            for replica in 0..<3 {
+                for name in left {
+                    #expect(try volume.read(snapshot: name, replica: replica) == taken[name], "seed \(seed): \(name) on replica \(replica) after rm \(removed)")
+                }
+            }
+        }
+        #expect(try layerFiles(0) == filesBefore - 6, "each removed layer's two files are gone")
+        try Self.scribble(volume.client, &model, &random, steps: 40, stamp: 0x10)
+        #expect(try volume.client.read(count: Self.size, at: 0) == model)
+
+        // Each replica's head, frozen as one more snapshot, read from disk after a restart.
+        try volume.create("final")
+        try volume.client.shutdown()
+        #expect(volume.cluster.engine!.stop() == 0)
+        for replica in 0..<3 {
+            volume.cluster.replicas[replica].stop()
+            volume.cluster.replicas[replica] = try volume.cluster.startReplica(replica)
+            #expect(try volume.read(snapshot: "final", replica: replica) == model, "seed \(seed): replica \(replica) after a restart")
+        }
+    }
+
+    /// fio writes and verifies while snapshots are taken and removed (the
+    /// oldest, its child frozen; then the newest, its child the head being
+    /// written): every block fio wrote reads back.
+    @Test func removalsUnderFioVerifyLoseNothing() throws {
+        let volume = try Volume(replicas: 2, size: "64M")
+        let fio = try volume.cluster.startFio(depth: 16, seconds: 8)
+        for name in ["a", "b", "c"] {
+            try volume.create(name)
+            usleep(400_000)
+        }
+        for name in ["a", "c", "b"] {
+            let result = try volume.snapshot(["rm", "vol", name])
+            #expect(result.status == 0, "rm \(name): \(result.stderr)")
+            usleep(300_000)
+        }
+        fio.expectSucceeded()
+        #expect(try names(volume) == [])
+        #expect(try EngineTests.status(volume.control)["health"] as? String == "healthy")
+    }
+
+    /// kill -9 of the engine after one replica removed the snapshot and
+    /// before the others: the next engine finishes the removal on them (it
+    /// does not take the snapshot again), and every view reads its model.
+    @Test func anEngineKilledDuringRemovalFinishesItAfterRestart() throws {
+        let volume = try Volume()
+        var random = SplitMix64(seed: 43)
+        var model = [UInt8](repeating: 0, count: Self.size)
+        try Self.scribble(volume.client, &model, &random, steps: 60, stamp: 0x01)
+        try volume.create("s1")
+        let s1 = model
+        try Self.scribble(volume.client, &model, &random, steps: 60, stamp: 0x02)
+        try volume.create("s2")
+        try Self.scribble(volume.client, &model, &random, steps: 60, stamp: 0x04)
+        try volume.client.shutdown()
+        #expect(volume.cluster.engine!.stop() == 0)
+
+        try volume.cluster.startEngine(extra: ["--control", volume.control], environment: ["KEEL_FAULTS": "die-mid-removal"])
+        let dying = try volume.snapshot(["rm", "vol", "s2"])
+        #expect(dying.status != 0, "the engine was to die while it removed s2")
+        volume.cluster.engine!.process.waitUntilExit()
+        #expect(volume.cluster.engine!.process.terminationReason == .uncaughtSignal)
+
+        try volume.cluster.startEngine(extra: ["--control", volume.control])
+        #expect(volume.cluster.engine!.log.contains("removed now"), "the start finished the removal")
+        #expect(try names(volume) == ["s1"])
+        let client = try NBDClient()
+        try client.connect(uri: volume.cluster.uri)
+        #expect(try client.read(count: Self.size, at: 0) == model)
+        for replica in 0..<3 {
+            #expect(try volume.read(snapshot: "s1", replica: replica) == s1, "s1 on replica \(replica)")
+            let reader = try NBDClient()
+            try reader.setExportName("vol@snapshot:s2")
+            #expect(throws: (any Error).self, "s2 is gone from replica \(replica)") {
+                try reader.connect(unixSocket: volume.cluster.replicas[replica].socketPath!)
+            }
+        }
+    }
+
+    /// An unknown snapshot, or one an export reads: one line, non-zero exit, nothing removed.
+    @Test func badRemovalsAreRefusedInOneLineAndChangeNothing() throws {
+        let volume = try Volume(replicas: 2)
+        try volume.create("s1")
+        try volume.create("s2")
+        let unknown = try volume.snapshot(["rm", "vol", "nope"])
+        #expect(unknown.status != 0)
+        #expect(unknown.stderr.split(separator: "\n").count == 1, "\(unknown.stderr)")
+        #expect(unknown.stderr.contains("no snapshot 'nope'"), "\(unknown.stderr)")
+
+        let export = try KeelServer(["snapshot", "export", "vol", "s1", "--engine", volume.control], scratch: volume.cluster.scratch)
+        let reader = try NBDClient()
+        try reader.connect(uri: export.uri)
+        let busy = try volume.snapshot(["rm", "vol", "s1"])
+        #expect(busy.status != 0)
+        #expect(busy.stderr.split(separator: "\n").count == 1, "\(busy.stderr)")
+        #expect(busy.stderr.contains("being read"), "\(busy.stderr)")
+        #expect(try names(volume) == ["s1", "s2"])
+        try reader.shutdown()
+        #expect(export.stop() == 0)
+        // Once the export is gone, the replicas see no reader (polled: the close reaches them asynchronously).
+        var removed = false
+        for _ in 0..<100 where !removed {
+            removed = try volume.snapshot(["rm", "vol", "s1"]).status == 0
+            if !removed { usleep(100_000) }
+        }
+        #expect(removed)
+        #expect(try names(volume) == ["s2"])
+        #expect(try EngineTests.status(volume.control)["health"] as? String == "healthy")
+    }
 }

@@ -51,6 +51,29 @@ import Testing
         #expect(changed == [2..<4, 6..<10])
     }
 
+    /// The bottom's file answers for what it does not record: its child,
+    /// becoming the bottom, records all it does not hold (data from the file,
+    /// zeroes where the file has holes), so that its own file never answers.
+    @Test func removingTheBottomHandsItsChildEverythingTheChildDoesNotRecord() {
+        var index = LayerIndex(layers: [Layer(id: 1)])
+        index.record(.zero, 8..<10)
+        index.freezeHead(newHead: 2)
+        index.record(.data, 2..<4)
+        let fileData: Range<UInt64> = 0..<6
+        let takeover = index.takeoverOfBottom(blocks: 12) { run in
+            let data = max(run.lowerBound, fileData.lowerBound)..<max(min(run.upperBound, fileData.upperBound), max(run.lowerBound, fileData.lowerBound))
+            var pieces: [(Range<UInt64>, BlockContent)] = []
+            if !data.isEmpty { pieces.append((data, .data)) }
+            if data.upperBound < run.upperBound { pieces.append((max(data.upperBound, run.lowerBound)..<run.upperBound, .zero)) }
+            return pieces
+        }
+        #expect(takeover.map { "\($0.start)-\($0.end):\($0.value)" } == ["0-2:data", "4-6:data", "6-12:zero"])
+        index.remove(1, takeover: takeover)
+        var placements: [String] = []
+        index.forEachPlacement(in: 0..<12) { run, placement in placements.append("\(run.lowerBound)-\(run.upperBound):\(placement.map { "\($0.layer)" } ?? "-")") }
+        #expect(placements == ["0-6:2", "6-12:2"], "data, then zeroes, all from the child")
+    }
+
     @Test func removingASnapshotHandsItsChildOnlyWhatTheChildDoesNotRecord() {
         var index = LayerIndex(layers: [Layer(id: 1)])
         index.record(.data, 0..<10)

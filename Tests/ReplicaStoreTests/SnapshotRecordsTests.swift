@@ -122,4 +122,27 @@ import Testing
             #expect(!FileManager.default.fileExists(atPath: newHead.files.dataPath))
         }
     }
+
+    /// Removing a snapshot relinks the chain and keeps the name as removed,
+    /// until a new snapshot takes the name again.
+    @Test func aDroppedLayerLeavesTheChainAndItsNameIsKept() throws {
+        let dir = try emptyDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = try ReplicaStore.open(directory: dir, size: 4 << 20)
+        #expect(try store.claim(owner) == .claimed)
+        try freeze(store, "s1", owner: owner, at: 1)
+        try freeze(store, "s2", owner: owner, at: 2)
+        let chain = try store.chain()
+        let s1 = try store.snapshots()[0]
+        #expect(throws: ReplicaStore.Failure.self) { try store.dropSnapshotLayer(s1, owner: Owner(epoch: 3, engine: "other")) }
+        try store.dropSnapshotLayer(s1, owner: owner)
+        let reopened = try ReplicaStore.open(directory: dir, size: nil)
+        #expect(try reopened.chain() == [chain[1], chain[2]])
+        #expect(try reopened.snapshots().map(\.name) == ["s2"])
+        #expect(try reopened.snapshots()[0].parent == nil)
+        #expect(try reopened.removedSnapshots() == ["s1"])
+        #expect(throws: ReplicaStore.SnapshotFailure.unknown("s1")) { try reopened.dropSnapshotLayer(s1, owner: owner) }
+        try freeze(reopened, "s1", owner: owner, at: 3)
+        #expect(try reopened.removedSnapshots() == [])
+    }
 }

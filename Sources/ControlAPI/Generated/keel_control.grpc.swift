@@ -100,6 +100,19 @@ public enum Keel_Control_V1_EngineControl: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "RemoveSnapshot" metadata.
+        public enum RemoveSnapshot: Sendable {
+            /// Request type for "RemoveSnapshot".
+            public typealias Input = Keel_Control_V1_RemoveSnapshotRequest
+            /// Response type for "RemoveSnapshot".
+            public typealias Output = Keel_Control_V1_Snapshots
+            /// Descriptor for "RemoveSnapshot".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.EngineControl"),
+                method: "RemoveSnapshot",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "keel.control.v1.EngineControl" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Status.descriptor,
@@ -107,7 +120,8 @@ public enum Keel_Control_V1_EngineControl: Sendable {
             RemoveReplica.descriptor,
             SetFrontend.descriptor,
             CreateSnapshot.descriptor,
-            ListSnapshots.descriptor
+            ListSnapshots.descriptor,
+            RemoveSnapshot.descriptor
         ]
     }
 }
@@ -246,6 +260,25 @@ extension Keel_Control_V1_EngineControl {
             request: GRPCCore.StreamingServerRequest<Keel_Control_V1_ListSnapshotsRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots>
+
+        /// Handle the "RemoveSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Removes a snapshot online: each writable replica merges its layer into
+        /// > the next newer one (reads unchanged throughout) and gives the space back.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_RemoveSnapshotRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_Snapshots` messages.
+        func removeSnapshot(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_RemoveSnapshotRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots>
     }
 
     /// Service protocol for the "keel.control.v1.EngineControl" service.
@@ -368,6 +401,25 @@ extension Keel_Control_V1_EngineControl {
             request: GRPCCore.ServerRequest<Keel_Control_V1_ListSnapshotsRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>
+
+        /// Handle the "RemoveSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Removes a snapshot online: each writable replica merges its layer into
+        /// > the next newer one (reads unchanged throughout) and gives the space back.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_RemoveSnapshotRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_Snapshots` message.
+        func removeSnapshot(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_RemoveSnapshotRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>
     }
 
     /// Simple service protocol for the "keel.control.v1.EngineControl" service.
@@ -488,6 +540,25 @@ extension Keel_Control_V1_EngineControl {
             request: Keel_Control_V1_ListSnapshotsRequest,
             context: GRPCCore.ServerContext
         ) async throws -> Keel_Control_V1_Snapshots
+
+        /// Handle the "RemoveSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Removes a snapshot online: each writable replica merges its layer into
+        /// > the next newer one (reads unchanged throughout) and gives the space back.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_RemoveSnapshotRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_Snapshots` to respond with.
+        func removeSnapshot(
+            request: Keel_Control_V1_RemoveSnapshotRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_Snapshots
     }
 }
 
@@ -561,6 +632,17 @@ extension Keel_Control_V1_EngineControl.StreamingServiceProtocol {
                 )
             }
         )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_EngineControl.Method.RemoveSnapshot.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_RemoveSnapshotRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Snapshots>(),
+            handler: { request, context in
+                try await self.removeSnapshot(
+                    request: request,
+                    context: context
+                )
+            }
+        )
     }
 }
 
@@ -627,6 +709,17 @@ extension Keel_Control_V1_EngineControl.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots> {
         let response = try await self.listSnapshots(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func removeSnapshot(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_RemoveSnapshotRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots> {
+        let response = try await self.removeSnapshot(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -708,6 +801,19 @@ extension Keel_Control_V1_EngineControl.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots> {
         return GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>(
             message: try await self.listSnapshots(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func removeSnapshot(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_RemoveSnapshotRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>(
+            message: try await self.removeSnapshot(
                 request: request.message,
                 context: context
             ),
@@ -863,6 +969,30 @@ extension Keel_Control_V1_EngineControl {
         func listSnapshots<Result>(
             request: GRPCCore.ClientRequest<Keel_Control_V1_ListSnapshotsRequest>,
             serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_ListSnapshotsRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "RemoveSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Removes a snapshot online: each writable replica merges its layer into
+        /// > the next newer one (reads unchanged throughout) and gives the space back.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_RemoveSnapshotRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_RemoveSnapshotRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Snapshots` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func removeSnapshot<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_RemoveSnapshotRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_RemoveSnapshotRequest>,
             deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result
@@ -1093,6 +1223,41 @@ extension Keel_Control_V1_EngineControl {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "RemoveSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Removes a snapshot online: each writable replica merges its layer into
+        /// > the next newer one (reads unchanged throughout) and gives the space back.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_RemoveSnapshotRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_RemoveSnapshotRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Snapshots` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func removeSnapshot<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_RemoveSnapshotRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_RemoveSnapshotRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_EngineControl.Method.RemoveSnapshot.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -1268,6 +1433,36 @@ extension Keel_Control_V1_EngineControl.ClientProtocol {
         try await self.listSnapshots(
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_ListSnapshotsRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Snapshots>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "RemoveSnapshot" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Removes a snapshot online: each writable replica merges its layer into
+    /// > the next newer one (reads unchanged throughout) and gives the space back.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_RemoveSnapshotRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func removeSnapshot<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_RemoveSnapshotRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.removeSnapshot(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_RemoveSnapshotRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Snapshots>(),
             options: options,
             onResponse: handleResponse
@@ -1476,6 +1671,40 @@ extension Keel_Control_V1_EngineControl.ClientProtocol {
             onResponse: handleResponse
         )
     }
+
+    /// Call the "RemoveSnapshot" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Removes a snapshot online: each writable replica merges its layer into
+    /// > the next newer one (reads unchanged throughout) and gives the space back.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func removeSnapshot<Result>(
+        _ message: Keel_Control_V1_RemoveSnapshotRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_RemoveSnapshotRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.removeSnapshot(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
 }
 
 // MARK: - keel.control.v1.ReplicaControl
@@ -1552,13 +1781,27 @@ public enum Keel_Control_V1_ReplicaControl: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "MergeSnapshot" metadata.
+        public enum MergeSnapshot: Sendable {
+            /// Request type for "MergeSnapshot".
+            public typealias Input = Keel_Control_V1_MergeSnapshotRequest
+            /// Response type for "MergeSnapshot".
+            public typealias Output = Keel_Control_V1_Snapshots
+            /// Descriptor for "MergeSnapshot".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.ReplicaControl"),
+                method: "MergeSnapshot",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "keel.control.v1.ReplicaControl" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Status.descriptor,
             MarkDirty.descriptor,
             ClearDirty.descriptor,
             SetMembership.descriptor,
-            FreezeHead.descriptor
+            FreezeHead.descriptor,
+            MergeSnapshot.descriptor
         ]
     }
 }
@@ -1679,6 +1922,27 @@ extension Keel_Control_V1_ReplicaControl {
             request: GRPCCore.StreamingServerRequest<Keel_Control_V1_FreezeHeadRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots>
+
+        /// Handle the "MergeSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Merges the snapshot NAME's layer into its child and drops it, while the
+        /// > data path goes on; done already (a name it removed before) is success.
+        /// > With `check`, only says whether it could: the snapshot exists (or was
+        /// > removed) and no snapshot session reads it.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_MergeSnapshotRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_Snapshots` messages.
+        func mergeSnapshot(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_MergeSnapshotRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots>
     }
 
     /// Service protocol for the "keel.control.v1.ReplicaControl" service.
@@ -1783,6 +2047,27 @@ extension Keel_Control_V1_ReplicaControl {
             request: GRPCCore.ServerRequest<Keel_Control_V1_FreezeHeadRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>
+
+        /// Handle the "MergeSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Merges the snapshot NAME's layer into its child and drops it, while the
+        /// > data path goes on; done already (a name it removed before) is success.
+        /// > With `check`, only says whether it could: the snapshot exists (or was
+        /// > removed) and no snapshot session reads it.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_MergeSnapshotRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_Snapshots` message.
+        func mergeSnapshot(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_MergeSnapshotRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>
     }
 
     /// Simple service protocol for the "keel.control.v1.ReplicaControl" service.
@@ -1885,6 +2170,27 @@ extension Keel_Control_V1_ReplicaControl {
             request: Keel_Control_V1_FreezeHeadRequest,
             context: GRPCCore.ServerContext
         ) async throws -> Keel_Control_V1_Snapshots
+
+        /// Handle the "MergeSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Merges the snapshot NAME's layer into its child and drops it, while the
+        /// > data path goes on; done already (a name it removed before) is success.
+        /// > With `check`, only says whether it could: the snapshot exists (or was
+        /// > removed) and no snapshot session reads it.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_MergeSnapshotRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_Snapshots` to respond with.
+        func mergeSnapshot(
+            request: Keel_Control_V1_MergeSnapshotRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_Snapshots
     }
 }
 
@@ -1947,6 +2253,17 @@ extension Keel_Control_V1_ReplicaControl.StreamingServiceProtocol {
                 )
             }
         )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_ReplicaControl.Method.MergeSnapshot.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_MergeSnapshotRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Snapshots>(),
+            handler: { request, context in
+                try await self.mergeSnapshot(
+                    request: request,
+                    context: context
+                )
+            }
+        )
     }
 }
 
@@ -2002,6 +2319,17 @@ extension Keel_Control_V1_ReplicaControl.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots> {
         let response = try await self.freezeHead(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func mergeSnapshot(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_MergeSnapshotRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots> {
+        let response = try await self.mergeSnapshot(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -2070,6 +2398,19 @@ extension Keel_Control_V1_ReplicaControl.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots> {
         return GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>(
             message: try await self.freezeHead(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func mergeSnapshot(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_MergeSnapshotRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>(
+            message: try await self.mergeSnapshot(
                 request: request.message,
                 context: context
             ),
@@ -2202,6 +2543,32 @@ extension Keel_Control_V1_ReplicaControl {
         func freezeHead<Result>(
             request: GRPCCore.ClientRequest<Keel_Control_V1_FreezeHeadRequest>,
             serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_FreezeHeadRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "MergeSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Merges the snapshot NAME's layer into its child and drops it, while the
+        /// > data path goes on; done already (a name it removed before) is success.
+        /// > With `check`, only says whether it could: the snapshot exists (or was
+        /// > removed) and no snapshot session reads it.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_MergeSnapshotRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_MergeSnapshotRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Snapshots` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func mergeSnapshot<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_MergeSnapshotRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_MergeSnapshotRequest>,
             deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result
@@ -2398,6 +2765,43 @@ extension Keel_Control_V1_ReplicaControl {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "MergeSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Merges the snapshot NAME's layer into its child and drops it, while the
+        /// > data path goes on; done already (a name it removed before) is success.
+        /// > With `check`, only says whether it could: the snapshot exists (or was
+        /// > removed) and no snapshot session reads it.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_MergeSnapshotRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_MergeSnapshotRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Snapshots` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func mergeSnapshot<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_MergeSnapshotRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_MergeSnapshotRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_ReplicaControl.Method.MergeSnapshot.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -2542,6 +2946,38 @@ extension Keel_Control_V1_ReplicaControl.ClientProtocol {
         try await self.freezeHead(
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_FreezeHeadRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Snapshots>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "MergeSnapshot" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Merges the snapshot NAME's layer into its child and drops it, while the
+    /// > data path goes on; done already (a name it removed before) is success.
+    /// > With `check`, only says whether it could: the snapshot exists (or was
+    /// > removed) and no snapshot session reads it.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_MergeSnapshotRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func mergeSnapshot<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_MergeSnapshotRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.mergeSnapshot(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_MergeSnapshotRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Snapshots>(),
             options: options,
             onResponse: handleResponse
@@ -2710,6 +3146,42 @@ extension Keel_Control_V1_ReplicaControl.ClientProtocol {
             metadata: metadata
         )
         return try await self.freezeHead(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "MergeSnapshot" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Merges the snapshot NAME's layer into its child and drops it, while the
+    /// > data path goes on; done already (a name it removed before) is success.
+    /// > With `check`, only says whether it could: the snapshot exists (or was
+    /// > removed) and no snapshot session reads it.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func mergeSnapshot<Result>(
+        _ message: Keel_Control_V1_MergeSnapshotRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_MergeSnapshotRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.mergeSnapshot(
             request: request,
             options: options,
             onResponse: handleResponse

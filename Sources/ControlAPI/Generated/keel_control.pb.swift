@@ -34,6 +34,18 @@ public nonisolated struct Keel_Control_V1_CreateSnapshotRequest: Sendable {
   public init() {}
 }
 
+public nonisolated struct Keel_Control_V1_RemoveSnapshotRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 public nonisolated struct Keel_Control_V1_ListSnapshotsRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -256,6 +268,31 @@ public nonisolated struct Keel_Control_V1_IOCounters: Sendable {
   public init() {}
 }
 
+public nonisolated struct Keel_Control_V1_MergeSnapshotRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var owner: Keel_Control_V1_Owner {
+    get {_owner ?? Keel_Control_V1_Owner()}
+    set {_owner = newValue}
+  }
+  /// Returns true if `owner` has been explicitly set.
+  public var hasOwner: Bool {self._owner != nil}
+  /// Clears the value of `owner`. Subsequent reads from it will return its default value.
+  public mutating func clearOwner() {self._owner = nil}
+
+  public var name: String = String()
+
+  public var check: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _owner: Keel_Control_V1_Owner? = nil
+}
+
 public nonisolated struct Keel_Control_V1_FreezeHeadRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -372,6 +409,10 @@ public nonisolated struct Keel_Control_V1_ReplicaStatus: Sendable {
   /// Its snapshots, oldest first.
   public var snapshots: [Keel_Control_V1_Snapshot] = []
 
+  /// Snapshots it removed (merged away): how a starting engine finishes a
+  /// removal that stopped half way.
+  public var removedSnapshots: [String] = []
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -472,6 +513,36 @@ nonisolated extension Keel_Control_V1_CreateSnapshotRequest: SwiftProtobuf.Messa
   }
 
   public static func ==(lhs: Keel_Control_V1_CreateSnapshotRequest, rhs: Keel_Control_V1_CreateSnapshotRequest) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Keel_Control_V1_RemoveSnapshotRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RemoveSnapshotRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Keel_Control_V1_RemoveSnapshotRequest, rhs: Keel_Control_V1_RemoveSnapshotRequest) -> Bool {
     if lhs.name != rhs.name {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
@@ -869,6 +940,50 @@ nonisolated extension Keel_Control_V1_IOCounters: SwiftProtobuf.Message, SwiftPr
   }
 }
 
+nonisolated extension Keel_Control_V1_MergeSnapshotRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".MergeSnapshotRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}owner\0\u{1}name\0\u{1}check\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._owner) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.check) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._owner {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 2)
+    }
+    if self.check != false {
+      try visitor.visitSingularBoolField(value: self.check, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Keel_Control_V1_MergeSnapshotRequest, rhs: Keel_Control_V1_MergeSnapshotRequest) -> Bool {
+    if lhs._owner != rhs._owner {return false}
+    if lhs.name != rhs.name {return false}
+    if lhs.check != rhs.check {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
 nonisolated extension Keel_Control_V1_FreezeHeadRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".FreezeHeadRequest"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}owner\0\u{1}name\0\u{1}prepare\0")
@@ -1044,7 +1159,7 @@ nonisolated extension Keel_Control_V1_Membership: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Keel_Control_V1_ReplicaStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ReplicaStatus"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}size\0\u{1}owner\0\u{1}dirty\0\u{1}membership\0\u{3}engine_connections\0\u{1}snapshots\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}size\0\u{1}owner\0\u{1}dirty\0\u{1}membership\0\u{3}engine_connections\0\u{1}snapshots\0\u{3}removed_snapshots\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1059,6 +1174,7 @@ nonisolated extension Keel_Control_V1_ReplicaStatus: SwiftProtobuf.Message, Swif
       case 5: try { try decoder.decodeSingularMessageField(value: &self._membership) }()
       case 6: try { try decoder.decodeSingularUInt32Field(value: &self.engineConnections) }()
       case 7: try { try decoder.decodeRepeatedMessageField(value: &self.snapshots) }()
+      case 8: try { try decoder.decodeRepeatedStringField(value: &self.removedSnapshots) }()
       default: break
       }
     }
@@ -1090,6 +1206,9 @@ nonisolated extension Keel_Control_V1_ReplicaStatus: SwiftProtobuf.Message, Swif
     if !self.snapshots.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.snapshots, fieldNumber: 7)
     }
+    if !self.removedSnapshots.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.removedSnapshots, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1101,6 +1220,7 @@ nonisolated extension Keel_Control_V1_ReplicaStatus: SwiftProtobuf.Message, Swif
     if lhs._membership != rhs._membership {return false}
     if lhs.engineConnections != rhs.engineConnections {return false}
     if lhs.snapshots != rhs.snapshots {return false}
+    if lhs.removedSnapshots != rhs.removedSnapshots {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
