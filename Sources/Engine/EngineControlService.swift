@@ -137,6 +137,16 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
         return .with { $0.snapshots = snapshots }
     }
 
+    public func revertSnapshot(request: Keel_Control_V1_RevertSnapshotRequest,
+                               context: ServerContext) async throws -> Keel_Control_V1_Snapshots {
+        let device = try await engine.device()
+        let attached = frontend?.device ?? (device.clientConnections > 0 ? "\(device.clientConnections) NBD client connection(s)" : nil)
+        let snapshots = try await offThePool {
+            try refusing { try device.revertSnapshot(name: request.name, discardNewer: request.discardNewer, attached: attached) }
+        }
+        return .with { $0.snapshots = snapshots }
+    }
+
     public func listSnapshots(request: Keel_Control_V1_ListSnapshotsRequest,
                               context: ServerContext) async throws -> Keel_Control_V1_Snapshots {
         let device = try await engine.device()

@@ -25,6 +25,9 @@ public final class EngineDevice: BlockDevice, @unchecked Sendable {
     public let replicaTimeout: UInt64
     public let replicaTimeoutSeconds: Double
     public let counters = IOCounters()
+    /// NBD clients in transmission (`EngineExports`).
+    let clients = Atomic<Int>(0)
+    public var clientConnections: Int { clients.load(ordering: .relaxed) }
     /// Test-only fault points (`KEEL_FAULTS`), off in normal use.
     public let faults: FaultPoints
     let logger: Logger

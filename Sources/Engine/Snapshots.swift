@@ -132,6 +132,81 @@ extension EngineDevice {
         return try listSnapshots()
     }
 
+    /// Reverts the volume to snapshot `name`: every RW replica discards its
+    /// head (and, with `discardNewer`, the snapshots newer than `name`) and
+    /// starts an empty head on it. Only while no client is attached
+    /// (`attached`: the kernel device or NBD clients): their caches would
+    /// hold what the revert discards. Every replica is asked first (nothing
+    /// changes on a refusal); the whole volume is marked dirty on each as it
+    /// reverts and cleared once all have, so an engine stopped half way
+    /// leaves replicas the next one resyncs. A replica that fails is failed.
+    public func revertSnapshot(name: String, discardNewer: Bool, attached: String?) throws -> [Keel_Control_V1_Snapshot] {
+        guard SnapshotName.isValid(name) else {
+            throw EngineError("'\(name)' is not a snapshot name: use \(SnapshotName.rule)")
+        }
+        if let attached {
+            throw EngineError("volume \(volume) is attached (\(attached)); detach it or disable its frontend before reverting")
+        }
+        guard !replicas.isFenced else { throw EngineError("this engine is fenced: a newer engine owns the volume") }
+        let current = replicas.replicas
+        if let rebuilding = current.first(where: { $0.mode == .wo }) {
+            throw EngineError("replica \(rebuilding.address) is being rebuilt; revert when it is RW")
+        }
+        let writable = current.indices.filter { current[$0].mode == .rw }
+        guard !writable.isEmpty else { throw EngineError("no replica is healthy: the volume cannot be reverted") }
+        let clients = writable.map { index in (index, try? ReplicaControlClient(address: current[index].controlAddress)) }
+        defer { withExtendedLifetime(clients) {} }
+        let owner = ownerMessage
+        func revertCalls(check: Bool, on chosen: [(Int, ReplicaControlClient?)]) -> [(Int, Error?)] {
+            controlCalls(chosen, timeout: replicaTimeoutSeconds * 2) { stub, options in
+                _ = try await stub.revertToSnapshot(.with {
+                    $0.owner = owner; $0.name = name; $0.discardNewer = discardNewer; $0.check = check
+                }, options: options)
+            }
+        }
+        if let (index, error) = revertCalls(check: true, on: clients).first(where: { $0.1 != nil }) {
+            if let error = error as? RPCError, error.code == .permissionDenied { replicas.fence(by: index) }
+            if let error = error as? RPCError, error.code == .notFound {
+                throw EngineError("volume \(volume) has no snapshot '\(name)'; see keel snapshot ls \(volume)")
+            }
+            throw EngineError((error as? RPCError).map(\.message) ?? "replica \(current[index].address): \(error!)")
+        }
+
+        guard gate.pauseWrites(seconds: replicaTimeoutSeconds) else {
+            throw EngineError("writes in flight did not finish within \(replicaTimeoutSeconds) s; nothing was reverted")
+        }
+        defer { gate.resumeWrites() }
+        // The keeper's own dirty regions go first: its clears must not remove the whole-volume mark.
+        guard pollUntil(seconds: Double(KeeperCycle.idleTicks) + replicaTimeoutSeconds, { gate.nonCleanRegions().isEmpty }) else {
+            throw EngineError("recent writes' dirty regions were not cleared in time; nothing was reverted, try again")
+        }
+        let reverted = revertCalls(check: false, on: clients)
+        let done = reverted.filter { $0.1 == nil }.map(\.0)
+        let unchanged = { (error: Error?) in (error as? RPCError)?.code == .aborted }
+        if done.isEmpty && reverted.allSatisfy({ unchanged($0.1) }) {
+            throw EngineError("no replica reverted to snapshot \(name), nothing changed: \(reverted.first!.1!)")
+        }
+        // Replicas that did not revert now differ from those that did.
+        for (index, error) in reverted {
+            guard let error else { continue }
+            if let error = error as? RPCError, error.code == .permissionDenied {
+                replicas.fence(by: index)
+            } else {
+                replicas.fail(index, reason: "reverting to snapshot \(name) failed: \(error)")
+            }
+        }
+        guard !done.isEmpty else { throw EngineError("no replica reverted to snapshot \(name); see keel status") }
+        let whole = Keel_Control_V1_ByteRange.with { $0.offset = 0; $0.length = size }
+        let cleared = controlCalls(clients.filter { done.contains($0.0) }, timeout: replicaTimeoutSeconds * 2) { stub, options in
+            _ = try await stub.clearDirty(.with { $0.owner = owner; $0.ranges = [whole] }, options: options)
+        }
+        for (index, error) in cleared where error != nil {
+            logger.warning("replica \(current[index].address) keeps the volume marked dirty after the revert: \(error!); the next start resyncs it")
+        }
+        logger.notice("volume \(volume) reverted to snapshot \(name) on \(done.count) replicas")
+        return try listSnapshots()
+    }
+
     private func mergeCalls(_ clients: [(Int, ReplicaControlClient?)], name: String, check: Bool,
                             timeout: Double) -> [(Int, Error?)] {
         let owner = ownerMessage

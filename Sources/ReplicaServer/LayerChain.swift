@@ -193,6 +193,28 @@ public final class LayerChain: @unchecked Sendable {
         withExtendedLifetime(removed) {}
     }
 
+    /// Every layer newer than `id` goes, the head too; the prepared head
+    /// (`prepare`) starts empty on `id`. Call only while no request is in the
+    /// data path; the discarded layers' files are closed after.
+    func revert(to id: LayerID) {
+        let discarded: [Layer] = control.withLock { _ in
+            guard let next = prepared else { preconditionFailure("no head was prepared") }
+            guard let k = layers.firstIndex(where: { $0.id == id }), k < layers.count - 1 else {
+                preconditionFailure("layer \(id) is not a frozen layer of the chain")
+            }
+            prepared = nil
+            let gone = Array(layers[(k + 1)...])
+            frozenLogs.append(headLog)
+            headLog = next.log
+            logEnd.store(0, ordering: .relaxed)
+            layers.removeSubrange((k + 1)...)
+            layers.append(next.layer)
+            index.withLock { $0.revert(to: id, newHead: next.layer.id) }
+            return gone
+        }
+        withExtendedLifetime(discarded) {}
+    }
+
     /// Frozen layers' files that may hold data not yet on stable storage.
     public var filesToSyncBesidesTheHead: [FileDescriptor] { unsynced.withLock { $0 } }
 }

@@ -85,6 +85,19 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
         return .with { $0.snapshots = (try? device.snapshots().map(\.message)) ?? [] }
     }
 
+    public func revertToSnapshot(request: Keel_Control_V1_RevertToSnapshotRequest,
+                                 context: ServerContext) async throws -> Keel_Control_V1_Snapshots {
+        guard let device else { throw RPCError(code: .unimplemented, message: "this replica takes no snapshots") }
+        try await offThePool {
+            try storeCall {
+                try device.revert(toSnapshot: request.name, discardNewer: request.discardNewer, owner: Owner(request.owner),
+                                  checkOnly: request.check)
+            }
+        }
+        if !request.check { logger.notice("reverted to snapshot \(request.name)") }
+        return .with { $0.snapshots = (try? device.snapshots().map(\.message)) ?? [] }
+    }
+
     public func markDirty(request: Keel_Control_V1_DirtyRanges, context: ServerContext) async throws -> Keel_Control_V1_Done {
         let ranges = try request.ranges.map(range)
         if faults.holdStoreOnMark != nil {
@@ -139,6 +152,8 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
         } catch let error as ReplicaStore.SnapshotFailure {
             if case .unknown = error { throw RPCError(code: .notFound, message: "\(error)") }
             throw RPCError(code: .failedPrecondition, message: "\(error)")
+        } catch let error as ReplicaDevice.Unchanged {
+            throw RPCError(code: .aborted, message: "\(error)")
         } catch let error as ReplicaDevice.SnapshotError {
             throw RPCError(code: .unavailable, message: "\(error)")
         } catch {

@@ -23,9 +23,9 @@ public final class ReplicaDevice: BlockDevice {
     /// snapshots' two steps and their records; `spare` and `prepared` are only touched on it.
     let chainWork = DispatchQueue(label: "keel.replica.chain")
     /// The next head's files, made ahead so that a snapshot does not wait for them.
-    private nonisolated(unsafe) var spare: LayerRecord?
+    nonisolated(unsafe) var spare: LayerRecord?
     /// The snapshot whose first step is done.
-    private nonisolated(unsafe) var prepared: String?
+    nonisolated(unsafe) var prepared: String?
 
     public init(store: ReplicaStore, chain: LayerChain) {
         self.store = store

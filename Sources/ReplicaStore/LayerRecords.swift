@@ -62,6 +62,7 @@ extension ReplicaStore {
         case badName(String)
         case unknown(String)
         case beingRead(String, connections: Int)
+        case newerSnapshots(String, [String])
 
         public var description: String {
             switch self {
@@ -71,6 +72,8 @@ extension ReplicaStore {
                 return "'\(name)' is not a snapshot name: use \(SnapshotName.rule)"
             case .unknown(let name):
                 return "there is no snapshot named '\(name)'; see keel snapshot ls"
+            case .newerSnapshots(let name, let newer):
+                return "snapshots newer than \(name) exist (\(newer.joined(separator: ", "))); remove them first, or revert with --discard-newer"
             case .beingRead(let name, let connections):
                 return "snapshot \(name) is being read by \(connections) connection(s) (an export or a backup); remove it once they are done"
             }
@@ -209,6 +212,40 @@ extension ReplicaStore {
                 try database.query("INSERT OR REPLACE INTO removed_snapshots (name, time) VALUES (?, ?)",
                                    [.text(snapshot.name), .integer(Int64(time(nil)))])
             }
+        }
+    }
+
+    // MARK: - Reverting
+
+    /// The head and every layer newer than `snapshot` leave the chain, the
+    /// snapshots among them kept as removed; `newHead` (from `makeHeadFiles`)
+    /// starts empty on `snapshot`; the whole volume is marked dirty. One
+    /// transaction: an engine that stops before every replica reverted finds
+    /// them dirty and resyncs them all. Returns the layers discarded, whose
+    /// files the caller removes.
+    public func revert(to snapshot: SnapshotRecord, newHead: LayerRecord, owner: Owner?) throws -> [LayerRecord] {
+        try locked {
+            try check(owner)
+            let rows = try chainRows()
+            guard let k = rows.firstIndex(where: { $0.record.id == snapshot.layer && $0.name == snapshot.name }) else {
+                throw SnapshotFailure.unknown(snapshot.name)
+            }
+            let discarded = rows[(k + 1)...]
+            try database.transaction {
+                // Newest first: each row is the parent of the one after it.
+                for row in discarded.reversed() {
+                    try database.query("DELETE FROM layers WHERE id = ?", [.integer(Int64(row.record.id))])
+                    if let name = row.name {
+                        try database.query("INSERT OR REPLACE INTO removed_snapshots (name, time) VALUES (?, ?)",
+                                           [.text(name), .integer(Int64(time(nil)))])
+                    }
+                }
+                try database.query("INSERT INTO layers (id, file, map, parent, kind) VALUES (?, ?, ?, ?, 'head')",
+                                   [.integer(Int64(newHead.id)), .text(relative(newHead.files.dataPath)),
+                                    .text(relative(newHead.files.mapPath)), .integer(Int64(snapshot.layer))])
+                try database.query("INSERT OR REPLACE INTO dirty (offset, length) VALUES (0, ?)", [.integer(Int64(size))])
+            }
+            return discarded.map(\.record)
         }
     }
 

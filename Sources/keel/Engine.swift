@@ -1,5 +1,6 @@
 import ArgumentParser
 import Engine
+import NBDProtocol
 import LibNBD
 import Logging
 import NodeRegistry
@@ -151,8 +152,9 @@ struct EngineCommand: ParsableCommand {
                                         if frontend == .kernel { try announce(kernel.enable()) }
                                     },
                                     beforeStop: { kernel.shutdown() }) { listener in
-                let server = Server(device: device, listener: listener, exportName: volume, threads: serving.threads,
-                                    logger: logger)
+                let export = ExportDescription(name: volume, size: device.size, readOnly: device.readOnly)
+                let server = Server(device: device, listener: listener, catalog: EngineExports(device: device, export: export),
+                                    threads: serving.threads, logger: logger)
                 kernel.serve(with: server)
                 return server
             }

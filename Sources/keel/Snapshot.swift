@@ -14,8 +14,9 @@ struct Snapshot: ParsableCommand {
             Examples: keel snapshot create db before-upgrade
                       keel snapshot ls db --json
                       keel snapshot rm db before-upgrade
+                      keel snapshot revert db before-upgrade --discard-newer
             """,
-        subcommands: [Create.self, List.self, Remove.self, Export.self])
+        subcommands: [Create.self, List.self, Remove.self, Revert.self, Export.self])
 
     /// Which engine a snapshot command talks to.
     struct Target: ParsableArguments {
@@ -118,6 +119,39 @@ struct Snapshot: ParsableCommand {
             }.snapshots
             if target.json { return try printJSON(snapshots.map(List.json)) }
             print("snapshot \(name) of \(target.volume) removed")
+        }
+    }
+
+    struct Revert: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Make the volume read as a snapshot again: its head (what was written since) is discarded.",
+            discussion: """
+                Only while the volume is detached (its engine running with the frontend disabled) and no \
+                client is connected. Snapshots newer than NAME must be removed first, or --discard-newer \
+                removes them. Example: keel snapshot revert db before-upgrade
+                """)
+
+        @OptionGroup var target: Target
+
+        @Argument(help: "The snapshot to revert to.")
+        var name: String
+
+        @Flag(help: "Also remove the snapshots newer than NAME.")
+        var discardNewer = false
+
+        func validate() throws {
+            guard SnapshotName.isValid(name) else {
+                throw ValidationError("'\(name)' is not a snapshot name: use \(SnapshotName.rule)")
+            }
+        }
+
+        func run() throws {
+            let control = try target.engineControl()
+            let snapshots = try callEngine(control, doing: "revert to snapshot \(name)") {
+                try await $0.revertSnapshot(.with { $0.name = name; $0.discardNewer = discardNewer })
+            }.snapshots
+            if target.json { return try printJSON(snapshots.map(List.json)) }
+            print("volume \(target.volume) reverted to snapshot \(name)")
         }
     }
 

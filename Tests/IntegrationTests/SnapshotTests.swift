@@ -436,4 +436,71 @@ import Testing
         #expect(try names(volume) == ["s2"])
         #expect(try EngineTests.status(volume.control)["health"] as? String == "healthy")
     }
+
+    // MARK: - Reverting
+
+    /// Revert is refused while a client is attached and while newer
+    /// snapshots exist (unless told to discard them); otherwise the head is
+    /// discarded on every replica: the volume, and each replica alone, reads
+    /// the snapshot; newer snapshots go only with --discard-newer.
+    @Test func revertDiscardsTheHeadAndOnlyTheSnapshotsItIsToldTo() throws {
+        let volume = try Volume()
+        var random = SplitMix64(seed: 47)
+        var model = [UInt8](repeating: 0, count: Self.size)
+        try Self.scribble(volume.client, &model, &random, steps: 60, stamp: 0x01)
+        try volume.create("s1")
+        let s1 = model
+        try Self.scribble(volume.client, &model, &random, steps: 60, stamp: 0x02)
+        try volume.create("s2")
+        let s2 = model
+        try Self.scribble(volume.client, &model, &random, steps: 60, stamp: 0x04)
+
+        func refused(_ arguments: [String], saying word: String) throws {
+            let result = try volume.snapshot(arguments)
+            #expect(result.status != 0, "\(arguments)")
+            #expect(result.stderr.split(separator: "\n").count == 1, "\(result.stderr)")
+            #expect(result.stderr.contains(word), "\(result.stderr)")
+        }
+        try refused(["revert", "vol", "s2"], saying: "is attached")
+        try volume.client.shutdown()
+        // The engine sees the client go when its connection closes: polled.
+        var detached = false
+        for _ in 0..<100 where !detached {
+            let result = try volume.snapshot(["revert", "vol", "nope"])
+            detached = !result.stderr.contains("is attached")
+            if !detached { usleep(50_000) }
+        }
+        #expect(detached)
+        try refused(["revert", "vol", "nope"], saying: "no snapshot 'nope'")
+        try refused(["revert", "vol", "s1"], saying: "--discard-newer")
+        #expect(try names(volume) == ["s1", "s2"])
+
+        func expectVolume(reads expected: [UInt8], _ what: String) throws {
+            let client = try NBDClient()
+            try client.connect(uri: volume.cluster.uri)
+            #expect(try client.read(count: Self.size, at: 0) == expected, "\(what): the volume")
+            try client.shutdown()
+        }
+        let reverted = try volume.snapshot(["revert", "vol", "s2"])
+        #expect(reverted.status == 0, "\(reverted.stderr)")
+        #expect(try names(volume) == ["s1", "s2"])
+        try expectVolume(reads: s2, "reverted to s2")
+        // Each replica's head, frozen as a snapshot, read from that replica alone.
+        try volume.create("check")
+        for replica in 0..<3 {
+            #expect(try volume.read(snapshot: "check", replica: replica) == s2, "replica \(replica)'s head after the revert")
+        }
+
+        let discarding = try volume.snapshot(["revert", "vol", "s1", "--discard-newer"])
+        #expect(discarding.status == 0, "\(discarding.stderr)\n\(volume.cluster.engine!.log)")
+        #expect(try names(volume) == ["s1"])
+        try expectVolume(reads: s1, "reverted to s1")
+        var after = s1
+        let client = try NBDClient()
+        try client.connect(uri: volume.cluster.uri)
+        try Self.scribble(client, &after, &random, steps: 30, stamp: 0x08)
+        #expect(try client.read(count: Self.size, at: 0) == after, "writes after the revert")
+        for replica in 0..<3 { #expect(try volume.read(snapshot: "s1", replica: replica) == s1) }
+        #expect(try EngineTests.status(volume.control)["health"] as? String == "healthy")
+    }
 }

@@ -113,6 +113,19 @@ public enum Keel_Control_V1_EngineControl: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "RevertSnapshot" metadata.
+        public enum RevertSnapshot: Sendable {
+            /// Request type for "RevertSnapshot".
+            public typealias Input = Keel_Control_V1_RevertSnapshotRequest
+            /// Response type for "RevertSnapshot".
+            public typealias Output = Keel_Control_V1_Snapshots
+            /// Descriptor for "RevertSnapshot".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.EngineControl"),
+                method: "RevertSnapshot",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "keel.control.v1.EngineControl" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Status.descriptor,
@@ -121,7 +134,8 @@ public enum Keel_Control_V1_EngineControl: Sendable {
             SetFrontend.descriptor,
             CreateSnapshot.descriptor,
             ListSnapshots.descriptor,
-            RemoveSnapshot.descriptor
+            RemoveSnapshot.descriptor,
+            RevertSnapshot.descriptor
         ]
     }
 }
@@ -279,6 +293,25 @@ extension Keel_Control_V1_EngineControl {
             request: GRPCCore.StreamingServerRequest<Keel_Control_V1_RemoveSnapshotRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots>
+
+        /// Handle the "RevertSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Discards the head (and with `discard_newer` the snapshots newer than
+        /// > NAME): the volume reads as NAME again. Only while no client is attached.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_RevertSnapshotRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_Snapshots` messages.
+        func revertSnapshot(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_RevertSnapshotRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots>
     }
 
     /// Service protocol for the "keel.control.v1.EngineControl" service.
@@ -420,6 +453,25 @@ extension Keel_Control_V1_EngineControl {
             request: GRPCCore.ServerRequest<Keel_Control_V1_RemoveSnapshotRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>
+
+        /// Handle the "RevertSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Discards the head (and with `discard_newer` the snapshots newer than
+        /// > NAME): the volume reads as NAME again. Only while no client is attached.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_RevertSnapshotRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_Snapshots` message.
+        func revertSnapshot(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_RevertSnapshotRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>
     }
 
     /// Simple service protocol for the "keel.control.v1.EngineControl" service.
@@ -559,6 +611,25 @@ extension Keel_Control_V1_EngineControl {
             request: Keel_Control_V1_RemoveSnapshotRequest,
             context: GRPCCore.ServerContext
         ) async throws -> Keel_Control_V1_Snapshots
+
+        /// Handle the "RevertSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Discards the head (and with `discard_newer` the snapshots newer than
+        /// > NAME): the volume reads as NAME again. Only while no client is attached.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_RevertSnapshotRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_Snapshots` to respond with.
+        func revertSnapshot(
+            request: Keel_Control_V1_RevertSnapshotRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_Snapshots
     }
 }
 
@@ -643,6 +714,17 @@ extension Keel_Control_V1_EngineControl.StreamingServiceProtocol {
                 )
             }
         )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_EngineControl.Method.RevertSnapshot.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_RevertSnapshotRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Snapshots>(),
+            handler: { request, context in
+                try await self.revertSnapshot(
+                    request: request,
+                    context: context
+                )
+            }
+        )
     }
 }
 
@@ -720,6 +802,17 @@ extension Keel_Control_V1_EngineControl.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots> {
         let response = try await self.removeSnapshot(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func revertSnapshot(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_RevertSnapshotRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots> {
+        let response = try await self.revertSnapshot(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -814,6 +907,19 @@ extension Keel_Control_V1_EngineControl.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots> {
         return GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>(
             message: try await self.removeSnapshot(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func revertSnapshot(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_RevertSnapshotRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>(
+            message: try await self.revertSnapshot(
                 request: request.message,
                 context: context
             ),
@@ -993,6 +1099,30 @@ extension Keel_Control_V1_EngineControl {
         func removeSnapshot<Result>(
             request: GRPCCore.ClientRequest<Keel_Control_V1_RemoveSnapshotRequest>,
             serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_RemoveSnapshotRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "RevertSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Discards the head (and with `discard_newer` the snapshots newer than
+        /// > NAME): the volume reads as NAME again. Only while no client is attached.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_RevertSnapshotRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_RevertSnapshotRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Snapshots` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func revertSnapshot<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_RevertSnapshotRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_RevertSnapshotRequest>,
             deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result
@@ -1258,6 +1388,41 @@ extension Keel_Control_V1_EngineControl {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "RevertSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Discards the head (and with `discard_newer` the snapshots newer than
+        /// > NAME): the volume reads as NAME again. Only while no client is attached.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_RevertSnapshotRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_RevertSnapshotRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Snapshots` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func revertSnapshot<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_RevertSnapshotRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_RevertSnapshotRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_EngineControl.Method.RevertSnapshot.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -1463,6 +1628,36 @@ extension Keel_Control_V1_EngineControl.ClientProtocol {
         try await self.removeSnapshot(
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_RemoveSnapshotRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Snapshots>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "RevertSnapshot" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Discards the head (and with `discard_newer` the snapshots newer than
+    /// > NAME): the volume reads as NAME again. Only while no client is attached.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_RevertSnapshotRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func revertSnapshot<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_RevertSnapshotRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.revertSnapshot(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_RevertSnapshotRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Snapshots>(),
             options: options,
             onResponse: handleResponse
@@ -1705,6 +1900,40 @@ extension Keel_Control_V1_EngineControl.ClientProtocol {
             onResponse: handleResponse
         )
     }
+
+    /// Call the "RevertSnapshot" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Discards the head (and with `discard_newer` the snapshots newer than
+    /// > NAME): the volume reads as NAME again. Only while no client is attached.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func revertSnapshot<Result>(
+        _ message: Keel_Control_V1_RevertSnapshotRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_RevertSnapshotRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.revertSnapshot(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
 }
 
 // MARK: - keel.control.v1.ReplicaControl
@@ -1794,6 +2023,19 @@ public enum Keel_Control_V1_ReplicaControl: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "RevertToSnapshot" metadata.
+        public enum RevertToSnapshot: Sendable {
+            /// Request type for "RevertToSnapshot".
+            public typealias Input = Keel_Control_V1_RevertToSnapshotRequest
+            /// Response type for "RevertToSnapshot".
+            public typealias Output = Keel_Control_V1_Snapshots
+            /// Descriptor for "RevertToSnapshot".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.ReplicaControl"),
+                method: "RevertToSnapshot",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "keel.control.v1.ReplicaControl" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Status.descriptor,
@@ -1801,7 +2043,8 @@ public enum Keel_Control_V1_ReplicaControl: Sendable {
             ClearDirty.descriptor,
             SetMembership.descriptor,
             FreezeHead.descriptor,
-            MergeSnapshot.descriptor
+            MergeSnapshot.descriptor,
+            RevertToSnapshot.descriptor
         ]
     }
 }
@@ -1943,6 +2186,28 @@ extension Keel_Control_V1_ReplicaControl {
             request: GRPCCore.StreamingServerRequest<Keel_Control_V1_MergeSnapshotRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots>
+
+        /// Handle the "RevertToSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Discards the head and every layer newer than snapshot NAME (refused if
+        /// > snapshots are newer, unless `discard_newer`), and starts an empty head on
+        /// > it; marks the whole volume dirty in the same transaction, so that an
+        /// > engine stopped before every replica reverted resyncs them all. With
+        /// > `check`, only says whether it could.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_RevertToSnapshotRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_Snapshots` messages.
+        func revertToSnapshot(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_RevertToSnapshotRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots>
     }
 
     /// Service protocol for the "keel.control.v1.ReplicaControl" service.
@@ -2068,6 +2333,28 @@ extension Keel_Control_V1_ReplicaControl {
             request: GRPCCore.ServerRequest<Keel_Control_V1_MergeSnapshotRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>
+
+        /// Handle the "RevertToSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Discards the head and every layer newer than snapshot NAME (refused if
+        /// > snapshots are newer, unless `discard_newer`), and starts an empty head on
+        /// > it; marks the whole volume dirty in the same transaction, so that an
+        /// > engine stopped before every replica reverted resyncs them all. With
+        /// > `check`, only says whether it could.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_RevertToSnapshotRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_Snapshots` message.
+        func revertToSnapshot(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_RevertToSnapshotRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>
     }
 
     /// Simple service protocol for the "keel.control.v1.ReplicaControl" service.
@@ -2191,6 +2478,28 @@ extension Keel_Control_V1_ReplicaControl {
             request: Keel_Control_V1_MergeSnapshotRequest,
             context: GRPCCore.ServerContext
         ) async throws -> Keel_Control_V1_Snapshots
+
+        /// Handle the "RevertToSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Discards the head and every layer newer than snapshot NAME (refused if
+        /// > snapshots are newer, unless `discard_newer`), and starts an empty head on
+        /// > it; marks the whole volume dirty in the same transaction, so that an
+        /// > engine stopped before every replica reverted resyncs them all. With
+        /// > `check`, only says whether it could.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_RevertToSnapshotRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_Snapshots` to respond with.
+        func revertToSnapshot(
+            request: Keel_Control_V1_RevertToSnapshotRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_Snapshots
     }
 }
 
@@ -2264,6 +2573,17 @@ extension Keel_Control_V1_ReplicaControl.StreamingServiceProtocol {
                 )
             }
         )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_ReplicaControl.Method.RevertToSnapshot.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_RevertToSnapshotRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Snapshots>(),
+            handler: { request, context in
+                try await self.revertToSnapshot(
+                    request: request,
+                    context: context
+                )
+            }
+        )
     }
 }
 
@@ -2330,6 +2650,17 @@ extension Keel_Control_V1_ReplicaControl.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots> {
         let response = try await self.mergeSnapshot(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func revertToSnapshot(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_RevertToSnapshotRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots> {
+        let response = try await self.revertToSnapshot(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -2411,6 +2742,19 @@ extension Keel_Control_V1_ReplicaControl.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots> {
         return GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>(
             message: try await self.mergeSnapshot(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func revertToSnapshot(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_RevertToSnapshotRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>(
+            message: try await self.revertToSnapshot(
                 request: request.message,
                 context: context
             ),
@@ -2569,6 +2913,33 @@ extension Keel_Control_V1_ReplicaControl {
         func mergeSnapshot<Result>(
             request: GRPCCore.ClientRequest<Keel_Control_V1_MergeSnapshotRequest>,
             serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_MergeSnapshotRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "RevertToSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Discards the head and every layer newer than snapshot NAME (refused if
+        /// > snapshots are newer, unless `discard_newer`), and starts an empty head on
+        /// > it; marks the whole volume dirty in the same transaction, so that an
+        /// > engine stopped before every replica reverted resyncs them all. With
+        /// > `check`, only says whether it could.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_RevertToSnapshotRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_RevertToSnapshotRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Snapshots` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func revertToSnapshot<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_RevertToSnapshotRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_RevertToSnapshotRequest>,
             deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result
@@ -2802,6 +3173,44 @@ extension Keel_Control_V1_ReplicaControl {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "RevertToSnapshot" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Discards the head and every layer newer than snapshot NAME (refused if
+        /// > snapshots are newer, unless `discard_newer`), and starts an empty head on
+        /// > it; marks the whole volume dirty in the same transaction, so that an
+        /// > engine stopped before every replica reverted resyncs them all. With
+        /// > `check`, only says whether it could.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_RevertToSnapshotRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_RevertToSnapshotRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Snapshots` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func revertToSnapshot<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_RevertToSnapshotRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_RevertToSnapshotRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_ReplicaControl.Method.RevertToSnapshot.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -2978,6 +3387,39 @@ extension Keel_Control_V1_ReplicaControl.ClientProtocol {
         try await self.mergeSnapshot(
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_MergeSnapshotRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Snapshots>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "RevertToSnapshot" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Discards the head and every layer newer than snapshot NAME (refused if
+    /// > snapshots are newer, unless `discard_newer`), and starts an empty head on
+    /// > it; marks the whole volume dirty in the same transaction, so that an
+    /// > engine stopped before every replica reverted resyncs them all. With
+    /// > `check`, only says whether it could.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_RevertToSnapshotRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func revertToSnapshot<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_RevertToSnapshotRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.revertToSnapshot(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_RevertToSnapshotRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Snapshots>(),
             options: options,
             onResponse: handleResponse
@@ -3182,6 +3624,43 @@ extension Keel_Control_V1_ReplicaControl.ClientProtocol {
             metadata: metadata
         )
         return try await self.mergeSnapshot(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "RevertToSnapshot" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Discards the head and every layer newer than snapshot NAME (refused if
+    /// > snapshots are newer, unless `discard_newer`), and starts an empty head on
+    /// > it; marks the whole volume dirty in the same transaction, so that an
+    /// > engine stopped before every replica reverted resyncs them all. With
+    /// > `check`, only says whether it could.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func revertToSnapshot<Result>(
+        _ message: Keel_Control_V1_RevertToSnapshotRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_RevertToSnapshotRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.revertToSnapshot(
             request: request,
             options: options,
             onResponse: handleResponse

@@ -46,6 +46,20 @@ public nonisolated struct Keel_Control_V1_RemoveSnapshotRequest: Sendable {
   public init() {}
 }
 
+public nonisolated struct Keel_Control_V1_RevertSnapshotRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  public var discardNewer: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 public nonisolated struct Keel_Control_V1_ListSnapshotsRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -266,6 +280,33 @@ public nonisolated struct Keel_Control_V1_IOCounters: Sendable {
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
+}
+
+public nonisolated struct Keel_Control_V1_RevertToSnapshotRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var owner: Keel_Control_V1_Owner {
+    get {_owner ?? Keel_Control_V1_Owner()}
+    set {_owner = newValue}
+  }
+  /// Returns true if `owner` has been explicitly set.
+  public var hasOwner: Bool {self._owner != nil}
+  /// Clears the value of `owner`. Subsequent reads from it will return its default value.
+  public mutating func clearOwner() {self._owner = nil}
+
+  public var name: String = String()
+
+  public var discardNewer: Bool = false
+
+  public var check: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _owner: Keel_Control_V1_Owner? = nil
 }
 
 public nonisolated struct Keel_Control_V1_MergeSnapshotRequest: Sendable {
@@ -544,6 +585,41 @@ nonisolated extension Keel_Control_V1_RemoveSnapshotRequest: SwiftProtobuf.Messa
 
   public static func ==(lhs: Keel_Control_V1_RemoveSnapshotRequest, rhs: Keel_Control_V1_RemoveSnapshotRequest) -> Bool {
     if lhs.name != rhs.name {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Keel_Control_V1_RevertSnapshotRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RevertSnapshotRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{3}discard_newer\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.discardNewer) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if self.discardNewer != false {
+      try visitor.visitSingularBoolField(value: self.discardNewer, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Keel_Control_V1_RevertSnapshotRequest, rhs: Keel_Control_V1_RevertSnapshotRequest) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.discardNewer != rhs.discardNewer {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -935,6 +1011,55 @@ nonisolated extension Keel_Control_V1_IOCounters: SwiftProtobuf.Message, SwiftPr
     if lhs.writtenBytes != rhs.writtenBytes {return false}
     if lhs.flushes != rhs.flushes {return false}
     if lhs.errors != rhs.errors {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Keel_Control_V1_RevertToSnapshotRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RevertToSnapshotRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}owner\0\u{1}name\0\u{3}discard_newer\0\u{1}check\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._owner) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.discardNewer) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.check) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._owner {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 2)
+    }
+    if self.discardNewer != false {
+      try visitor.visitSingularBoolField(value: self.discardNewer, fieldNumber: 3)
+    }
+    if self.check != false {
+      try visitor.visitSingularBoolField(value: self.check, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Keel_Control_V1_RevertToSnapshotRequest, rhs: Keel_Control_V1_RevertToSnapshotRequest) -> Bool {
+    if lhs._owner != rhs._owner {return false}
+    if lhs.name != rhs.name {return false}
+    if lhs.discardNewer != rhs.discardNewer {return false}
+    if lhs.check != rhs.check {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
