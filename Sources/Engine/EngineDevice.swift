@@ -25,6 +25,8 @@ public final class EngineDevice: BlockDevice, @unchecked Sendable {
     public let replicaTimeout: UInt64
     public let replicaTimeoutSeconds: Double
     public let counters = IOCounters()
+    /// A replica being given the snapshots (`ChainCopy`): the chain must not change meanwhile.
+    let copyingChain = Mutex<SocketAddress?>(nil)
     /// NBD clients in transmission (`EngineExports`).
     let clients = Atomic<Int>(0)
     public var clientConnections: Int { clients.load(ordering: .relaxed) }

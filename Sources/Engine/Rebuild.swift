@@ -10,7 +10,8 @@ import Glibc
 
 /// Brings a new replica up to date while the volume keeps serving.
 ///
-/// The replica joins in WO mode: from the moment every I/O thread is
+/// It gets the volume's snapshots first (`ChainCopy`). Then it joins in
+/// WO mode: from the moment every I/O thread is
 /// connected to it, it receives every new write. Then the volume is copied
 /// to it region by region from an RW replica (holes as WRITE_ZEROES). Each
 /// region is closed to new writes while it is copied (`WriteGate`), so a copy
@@ -25,13 +26,17 @@ final class Rebuild: @unchecked Sendable {
     private let done = Atomic<Bool>(false)
     private let joined = Atomic<Bool>(false)
     private var thread: PosixThread?
+    /// The replica holds the volume's snapshots (`ChainCopy`): only what
+    /// changed since the newest (this context of the source) is copied.
+    private let changedContext: String?
     /// The `break-rebuild-source` fault point fires once.
     private var brokeSource = false
 
     var finished: Bool { done.load(ordering: .acquiring) }
 
-    private init(device: EngineDevice, address: SocketAddress, index: Int, logger: Logger) {
+    private init(device: EngineDevice, address: SocketAddress, index: Int, newestSnapshot: String?, logger: Logger) {
         self.device = device
+        changedContext = newestSnapshot.map { ChangedBlocksContext.name(since: $0) }
         self.address = address
         self.index = index
         self.logger = logger
@@ -73,6 +78,17 @@ final class Rebuild: @unchecked Sendable {
         } catch {
             throw EngineError("replica \(address) refused this engine's epoch \(device.epoch): \(error)")
         }
+        // Its chain first, before it joins (joined, it would take writes into the head it freezes).
+        let newestSnapshot: String?
+        do {
+            device.copyingChain.withLock { $0 = address }
+            defer { device.copyingChain.withLock { $0 = nil } }
+            newestSnapshot = try ChainCopy(device: device, target: address,
+                                           targetControl: try ReplicaControlClient(address: controlAddress),
+                                           targetSnapshots: status.snapshots.map(\.name), logger: logger).run()
+        } catch let error as EngineError {
+            throw EngineError("\(error); the replica was not added")
+        }
         // The I/O threads take these connections when the replica joins: none of them blocks in a connect.
         let index: Int
         do {
@@ -82,7 +98,7 @@ final class Rebuild: @unchecked Sendable {
             device.dropPreparedLinks(to: address)
             throw error
         }
-        let rebuild = Rebuild(device: device, address: address, index: index, logger: logger)
+        let rebuild = Rebuild(device: device, address: address, index: index, newestSnapshot: newestSnapshot, logger: logger)
         rebuild.thread = try PosixThread(name: "keel-rebuild") { rebuild.run() }
         logger.notice("replica \(address) (\(status.id)) added in WO mode; rebuilding")
         return rebuild
@@ -156,13 +172,15 @@ final class Rebuild: @unchecked Sendable {
     }
 
     private func openCopier(from source: Int) throws -> RegionCopier {
-        RegionCopier(source: try open(source), targets: [try openTarget()],
-                     timeoutSeconds: device.replicaTimeoutSeconds, sourceIndex: source)
+        RegionCopier(source: try open(source, changedContext: changedContext), targets: [try openTarget()],
+                     timeoutSeconds: device.replicaTimeoutSeconds, sourceIndex: source, changedContext: changedContext)
     }
 
     private func openTarget() throws -> NBDClient { try open(index) }
 
-    private func open(_ replica: Int) throws -> NBDClient {
-        try RegionCopier.connect { try device.open($0, address: device.replicas.replicas[replica].address) }
+    private func open(_ replica: Int, changedContext: String? = nil) throws -> NBDClient {
+        try RegionCopier.connect(changedContext: changedContext) {
+            try device.open($0, address: device.replicas.replicas[replica].address)
+        }
     }
 }

@@ -10,13 +10,17 @@ struct RegionCopier {
     let timeoutSeconds: Double
     /// The source's index in the replica set, when it is one of the engine's replicas.
     var sourceIndex = 0
+    /// When set, only the blocks this context of the source marks changed
+    /// are copied (`keel:changed:<snapshot>`: the target holds that snapshot already).
+    var changedContext: String?
     private static let chunk: UInt64 = 1 << 20
     private static let holeOrZero: UInt32 = 1 | 2
 
-    /// Opens a connection to a replica able to answer BLOCK_STATUS.
-    static func connect(_ open: (NBDClient) throws -> Void) throws -> NBDClient {
+    /// Opens a connection to a replica able to answer BLOCK_STATUS (and `changedContext`'s, if given).
+    static func connect(changedContext: String? = nil, _ open: (NBDClient) throws -> Void) throws -> NBDClient {
         let client = try NBDClient()
         try client.addMetaContext("base:allocation")
+        if let changedContext { try client.addMetaContext(changedContext) }
         try open(client)
         return client
     }
@@ -28,7 +32,24 @@ struct RegionCopier {
                                 descriptors: ([source] + targets).map(\.descriptor))
         defer { deadline.cancel() }
         do {
-            return try copyExtents(offset: offset, length: length)
+            guard let changedContext else { return try copyExtents(offset: offset, length: length) }
+            guard source.canMetaContext(changedContext) else {
+                throw EngineError("the source replica does not offer \(changedContext)")
+            }
+            var data: UInt64 = 0
+            var position = offset
+            let end = offset + length
+            while position < end {
+                let extents = try source.blockStatus(count: min(end - position, 1 << 30), at: position, context: changedContext)
+                guard !extents.isEmpty else { throw EngineError("the source replica sent no \(changedContext) at \(position)") }
+                for extent in extents where position < end {
+                    let count = min(UInt64(extent.length), end - position)
+                    guard count > 0 else { throw EngineError("the source replica sent an empty extent at \(position)") }
+                    if extent.flags & 1 != 0 { data += try copyExtents(offset: position, length: count) }
+                    position += count
+                }
+            }
+            return data
         } catch where deadline.expired {
             throw EngineError("no answer within \(timeoutSeconds) s while copying \(length) bytes at \(offset)")
         }

@@ -7,6 +7,17 @@ import Glibc
 #endif
 
 extension EngineDevice {
+    /// Snapshots change only while no replica is being given them or rebuilt.
+    private func refuseWhileRebuilding(_ current: [ReplicaSet.Replica], _ what: String) throws {
+        if let target = copyingChain.withLock({ $0 }) {
+            throw EngineError("replica \(target) is being given the snapshots; \(what) once it is RW")
+        }
+        if let rebuilding = current.first(where: { $0.mode == .wo }) {
+            let percent = Int(Double(rebuilding.rebuiltBytes) * 100 / Double(max(size, 1)))
+            throw EngineError("replica \(rebuilding.address) is being rebuilt (\(percent) % copied, \(rebuilding.rebuiltBytes) of \(size) bytes); \(what) when it is RW")
+        }
+    }
+
     /// Takes the snapshot `name` on every RW replica at one point of the write
     /// stream: new writes are held, those in flight finish (every replica has
     /// them), each replica freezes its head durably, then writes go on. A
@@ -18,10 +29,7 @@ extension EngineDevice {
         }
         guard !replicas.isFenced else { throw EngineError("this engine is fenced: a newer engine owns the volume") }
         let current = replicas.replicas
-        if let rebuilding = current.first(where: { $0.mode == .wo }) {
-            let percent = Int(Double(rebuilding.rebuiltBytes) * 100 / Double(max(size, 1)))
-            throw EngineError("replica \(rebuilding.address) is being rebuilt (\(percent) % copied, \(rebuilding.rebuiltBytes) of \(size) bytes); take the snapshot when it is RW")
-        }
+        try refuseWhileRebuilding(current, "take the snapshot")
         let writable = current.indices.filter { current[$0].mode == .rw }
         guard !writable.isEmpty else { throw EngineError("no replica is healthy: the volume cannot take a snapshot") }
 
@@ -94,9 +102,7 @@ extension EngineDevice {
         }
         guard !replicas.isFenced else { throw EngineError("this engine is fenced: a newer engine owns the volume") }
         let current = replicas.replicas
-        if let rebuilding = current.first(where: { $0.mode == .wo }) {
-            throw EngineError("replica \(rebuilding.address) is being rebuilt; remove the snapshot when it is RW")
-        }
+        try refuseWhileRebuilding(current, "remove the snapshot")
         let writable = current.indices.filter { current[$0].mode == .rw }
         guard !writable.isEmpty else { throw EngineError("no replica is healthy: the snapshot cannot be removed") }
         let clients = writable.map { index in (index, try? ReplicaControlClient(address: current[index].controlAddress)) }
@@ -149,9 +155,7 @@ extension EngineDevice {
         }
         guard !replicas.isFenced else { throw EngineError("this engine is fenced: a newer engine owns the volume") }
         let current = replicas.replicas
-        if let rebuilding = current.first(where: { $0.mode == .wo }) {
-            throw EngineError("replica \(rebuilding.address) is being rebuilt; revert when it is RW")
-        }
+        try refuseWhileRebuilding(current, "revert")
         let writable = current.indices.filter { current[$0].mode == .rw }
         guard !writable.isEmpty else { throw EngineError("no replica is healthy: the volume cannot be reverted") }
         let clients = writable.map { index in (index, try? ReplicaControlClient(address: current[index].controlAddress)) }

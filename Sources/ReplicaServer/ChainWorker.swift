@@ -379,10 +379,10 @@ public final class ChainWorker: BlockWorker {
         r.pointee.descriptorCount = min(extents.count, capacity)
     }
 
-    /// `keel:changed:<older>` on a snapshot session: the blocks the layers
-    /// after the older snapshot's, up to the session's, record.
+    /// `keel:changed:<older>`: the blocks the layers after the older
+    /// snapshot's record, up to the session's snapshot, or the head.
     private func describeChanges(_ r: UnsafeMutablePointer<IORequest>) {
-        guard case .snapshot(let layer) = ReplicaSession(r.pointee.session) else { return }
+        let session = ReplicaSession(r.pointee.session)
         let older = ChangedBlocksContext.layer(replicaID: r.pointee.extraContext)
         let b = UInt64(Self.block)
         let start = r.pointee.offset, end = r.pointee.offset + UInt64(r.pointee.length)
@@ -399,7 +399,14 @@ public final class ChainWorker: BlockWorker {
             from = extent.end
         }
         chain.index.withLock { index in
-            index.forEachChange(after: older, through: layer, in: start / b..<(end + b - 1) / b) { run, changed in
+            let through: LayerID
+            if case .snapshot(let layer) = session { through = layer } else { through = index.head.id }
+            // A snapshot merged away since the handshake: everything may have changed.
+            guard index.index(of: older) != nil else {
+                pending = (end, true)
+                return
+            }
+            index.forEachChange(after: older, through: through, in: start / b..<(end + b - 1) / b) { run, changed in
                 let runEnd = min(end, run.upperBound * b)
                 if let open = pending, open.changed != changed { put(open) }
                 pending = (runEnd, changed)

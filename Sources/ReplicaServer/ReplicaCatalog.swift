@@ -52,7 +52,11 @@ struct ReplicaCatalog: ExportCatalog {
         } else if epoch < current {
             return refusal(epoch, current)
         }
-        return .found(ExportDescription(name: name, size: store.size, readOnly: false, session: epoch))
+        // What changed since each snapshot, up to the head: a rebuild copies only that.
+        let changedSince = ((try? store.snapshots()) ?? []).map {
+            MetaContextOffer(name: ChangedBlocksContext.name(since: $0.name), id: ChangedBlocksContext.replicaID(layer: $0.layer))
+        }
+        return .found(ExportDescription(name: name, size: store.size, readOnly: false, session: epoch, metaContexts: changedSince))
     }
 
     private func resolve(_ export: SnapshotExportName, name: String) -> ExportResolution {

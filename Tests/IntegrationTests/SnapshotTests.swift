@@ -503,4 +503,45 @@ import Testing
         for replica in 0..<3 { #expect(try volume.read(snapshot: "s1", replica: replica) == s1) }
         #expect(try EngineTests.status(volume.control)["health"] as? String == "healthy")
     }
+
+    // MARK: - Rebuild keeps the chain
+
+    /// A fresh replica added to a volume with snapshots, and a stale one added
+    /// back, get every snapshot layer (each snapshot reads its model on them,
+    /// and they hold as many layers as their peers), then the head.
+    @Test func aRebuiltReplicaGetsEverySnapshotLayer() throws {
+        let volume = try Volume()
+        var random = SplitMix64(seed: 53)
+        var model = [UInt8](repeating: 0, count: Self.size)
+        try Self.scribble(volume.client, &model, &random, steps: 60, stamp: 0x01)
+        try volume.create("s1")
+        let s1 = model
+        try Self.scribble(volume.client, &model, &random, steps: 60, stamp: 0x02)
+        try volume.create("s2")
+        let s2 = model
+        volume.cluster.kill9Replica(2)
+        try Self.scribble(volume.client, &model, &random, steps: 60, stamp: 0x04)
+        #expect(EngineTests.modes(try EngineTests.status(volume.control)) == ["RW", "RW", "ERR"])
+
+        let fresh = try volume.cluster.startReplica(3)
+        volume.cluster.replicas.append(fresh)
+        let add = try run([Paths.keel, "replica", "add", "--engine", volume.control, fresh.address], timeout: 120)
+        #expect(add.status == 0 && add.stdout.contains("is RW"), "\(add.stdout)\(add.stderr)")
+        volume.cluster.replicas[2] = try volume.cluster.startReplica(2)
+        let again = try run([Paths.keel, "replica", "add", "--engine", volume.control, volume.cluster.replicas[2].address],
+                            timeout: 120)
+        #expect(again.status == 0 && again.stdout.contains("is RW"), "\(again.stdout)\(again.stderr)")
+        #expect(volume.cluster.engine!.log.contains("got snapshot s2"))
+
+        try Self.scribble(volume.client, &model, &random, steps: 30, stamp: 0x08)
+        try volume.create("check")
+        for replica in [2, 3] {
+            #expect(try volume.read(snapshot: "s1", replica: replica) == s1, "s1 on rebuilt replica \(replica)")
+            #expect(try volume.read(snapshot: "s2", replica: replica) == s2, "s2 on rebuilt replica \(replica)")
+            #expect(try volume.read(snapshot: "check", replica: replica) == model, "the head of rebuilt replica \(replica)")
+            let layers = { (i: Int) in try FileManager.default.contentsOfDirectory(atPath: volume.cluster.replicaDirectory(i) + "/layers")
+                .filter { $0.hasSuffix(".map") }.count }
+            #expect(try layers(replica) == layers(0), "replica \(replica) holds as many layers as replica 0")
+        }
+    }
 }
