@@ -7,7 +7,7 @@ import Glibc
 /// The node registry: the volumes this node created, in SQLite, each change
 /// durable before it returns. Every `keel` invocation opens its own.
 public final class Registry {
-    public static let schemaVersion: Int64 = 2
+    public static let schemaVersion: Int64 = 3
 
     public let layout: NodeLayout
     private let database: Database
@@ -45,10 +45,11 @@ public final class Registry {
             if version > Self.schemaVersion { throw Failure.newerSchema(version) }
             if version == 1 {
                 // Version 1 had no volume identities: those volumes keep an empty one.
-                try database.execute("""
-                    ALTER TABLE volumes ADD COLUMN id TEXT NOT NULL DEFAULT '';
-                    PRAGMA user_version = \(Self.schemaVersion);
-                    """)
+                try database.execute("ALTER TABLE volumes ADD COLUMN id TEXT NOT NULL DEFAULT '';")
+            }
+            if version == 1 || version == 2 {
+                // Version 2 knew no snapshots: they are learnt at the next snapshot command.
+                try database.execute(Self.snapshotsTable + "PRAGMA user_version = \(Self.schemaVersion);")
             }
             guard version == 0 else { return }
             try database.execute("""
@@ -67,9 +68,48 @@ public final class Registry {
                     directory TEXT,
                     PRIMARY KEY (volume, position)
                 );
+                \(Self.snapshotsTable)
                 PRAGMA user_version = \(Self.schemaVersion);
                 """)
         }
+    }
+
+    /// The volume's snapshots as the last snapshot command saw them on its
+    /// engine: what `keel snapshot ls` shows while no engine runs. The
+    /// replicas hold the truth; this is the node's catalog of it.
+    private static let snapshotsTable = """
+        CREATE TABLE snapshots (
+            volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            created INTEGER NOT NULL,
+            own_bytes INTEGER NOT NULL,
+            seen_at INTEGER NOT NULL,
+            PRIMARY KEY (volume, position)
+        );
+        """
+
+    /// Replaces the volume's snapshots (oldest first) with those an engine just listed.
+    public func setSnapshots(_ snapshots: [SnapshotEntry], of volume: String, seenAt: Int64) throws {
+        try database.transaction {
+            try database.query("DELETE FROM snapshots WHERE volume = ?", [.text(volume)])
+            for (position, snapshot) in snapshots.enumerated() {
+                try database.query("""
+                    INSERT INTO snapshots (volume, position, name, created, own_bytes, seen_at) VALUES (?, ?, ?, ?, ?, ?)
+                    """, [.text(volume), .integer(Int64(position)), .text(snapshot.name), .integer(snapshot.created),
+                          .integer(Int64(snapshot.ownBytes)), .integer(seenAt)])
+            }
+        }
+    }
+
+    /// The volume's snapshots as last seen, oldest first, and when they were seen (nil: never).
+    public func snapshots(of volume: String) throws -> (snapshots: [SnapshotEntry], seenAt: Int64?) {
+        let rows = try database.query(
+            "SELECT name, created, own_bytes, seen_at FROM snapshots WHERE volume = ? ORDER BY position", [.text(volume)])
+        let entries = rows.map { row in
+            SnapshotEntry(name: row[0].text ?? "", created: row[1].integer ?? 0, ownBytes: UInt64(row[2].integer ?? 0))
+        }
+        return (entries, rows.first?[3].integer)
     }
 
     public func volumes() throws -> [VolumeRecord] {

@@ -54,3 +54,17 @@ public struct ReplicaRecord: Equatable, Sendable {
         self.directory = directory
     }
 }
+
+/// A snapshot as the registry keeps it.
+public struct SnapshotEntry: Equatable, Sendable {
+    public var name: String
+    /// Seconds since 1970, UTC.
+    public var created: Int64
+    public var ownBytes: UInt64
+
+    public init(name: String, created: Int64, ownBytes: UInt64) {
+        self.name = name
+        self.created = created
+        self.ownBytes = ownBytes
+    }
+}

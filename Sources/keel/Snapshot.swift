@@ -41,6 +41,39 @@ struct Snapshot: ParsableCommand {
             }
             return node.engineControl(record.name)
         }
+
+        /// Runs a snapshot call on the engine; the volume's snapshots it answers are kept in the registry.
+        func snapshots(doing what: String,
+                       _ body: @escaping @Sendable (EngineStub) async throws -> Keel_Control_V1_Snapshots) throws
+            -> [Keel_Control_V1_Snapshot] {
+            let snapshots = try callEngine(try engineControl(), doing: what, body).snapshots
+            remember(snapshots)
+            return snapshots
+        }
+
+        /// The registry's copy of a volume of this node (none for `--engine`); a failure to write it changes nothing else.
+        func remember(_ snapshots: [Keel_Control_V1_Snapshot]) {
+            guard engine == nil, let node = try? Node(node) else { return }
+            try? node.registry.setSnapshots(snapshots.map { SnapshotEntry(name: $0.name, created: $0.created, ownBytes: $0.ownBytes) },
+                                            of: volume, seenAt: Int64(Date().timeIntervalSince1970))
+        }
+
+        /// For a volume of this node whose engine is not running: the snapshots the registry last saw.
+        func lastSeen() throws -> (snapshots: [Keel_Control_V1_Snapshot], seenAt: Int64?)? {
+            guard engine == nil else { return nil }
+            let node = try Node(self.node)
+            let record = try node.volume(volume)
+            guard !node.attachment(record).engineRunning else { return nil }
+            let (entries, seenAt) = try node.registry.snapshots(of: volume)
+            var parent = ""
+            let snapshots = entries.map { entry in
+                defer { parent = entry.name }
+                return Keel_Control_V1_Snapshot.with {
+                    $0.name = entry.name; $0.created = entry.created; $0.ownBytes = entry.ownBytes; $0.parent = parent
+                }
+            }
+            return (snapshots, seenAt)
+        }
     }
 
     struct Create: ParsableCommand {
@@ -79,6 +112,7 @@ struct Snapshot: ParsableCommand {
                 }
             }
             let snapshots = try result.get().snapshots
+            target.remember(snapshots)
             guard let taken = snapshots.last(where: { $0.name == name }) else {
                 throw CLIError("the engine answered without snapshot \(name); see keel snapshot ls \(target.volume)")
             }
@@ -113,10 +147,9 @@ struct Snapshot: ParsableCommand {
         }
 
         func run() throws {
-            let control = try target.engineControl()
-            let snapshots = try callEngine(control, doing: "remove snapshot \(name)") {
+            let snapshots = try target.snapshots(doing: "remove snapshot \(name)") {
                 try await $0.removeSnapshot(.with { $0.name = name })
-            }.snapshots
+            }
             if target.json { return try printJSON(snapshots.map(List.json)) }
             print("snapshot \(name) of \(target.volume) removed")
         }
@@ -146,10 +179,9 @@ struct Snapshot: ParsableCommand {
         }
 
         func run() throws {
-            let control = try target.engineControl()
-            let snapshots = try callEngine(control, doing: "revert to snapshot \(name)") {
+            let snapshots = try target.snapshots(doing: "revert to snapshot \(name)") {
                 try await $0.revertSnapshot(.with { $0.name = name; $0.discardNewer = discardNewer })
-            }.snapshots
+            }
             if target.json { return try printJSON(snapshots.map(List.json)) }
             print("volume \(target.volume) reverted to snapshot \(name)")
         }
@@ -162,8 +194,15 @@ struct Snapshot: ParsableCommand {
         @OptionGroup var target: Target
 
         func run() throws {
-            let control = try target.engineControl()
-            let snapshots = try callEngine(control, doing: "list its snapshots") { try await $0.listSnapshots(.init()) }.snapshots
+            let snapshots: [Keel_Control_V1_Snapshot]
+            if let (seen, seenAt) = try target.lastSeen() {
+                // No engine to ask: the registry's copy, saying so on stderr.
+                let when = seenAt.map { "as last seen at " + Self.time($0) } ?? "none seen yet"
+                FileHandle.standardError.write(Data("volume \(target.volume) has no engine running: its snapshots \(when)\n".utf8))
+                snapshots = seen
+            } else {
+                snapshots = try target.snapshots(doing: "list its snapshots") { try await $0.listSnapshots(.init()) }
+            }
             if target.json { return try printJSON(snapshots.map(Self.json)) }
             guard !snapshots.isEmpty else {
                 return print("volume \(target.volume) has no snapshot; take one with 'keel snapshot create \(target.volume)'")

@@ -1,7 +1,7 @@
 # Snapshots of a mounted ext4 under fio: one taken as it is (crash-consistent:
 # its journal replayed, e2fsck -fn passes) and one with --freeze (fsfreeze
 # around it: e2fsck -fn passes with no replay). Each is copied with nbdcopy
-# from a replica's read-only snapshot export.
+# from `keel snapshot export`.
 . "$(dirname "$0")/common.sh"
 for i in 0 1 2; do start_replica $i 256M; done
 start_engine 256M
@@ -30,9 +30,19 @@ umount /mnt/vol
 detach
 "$KEEL" snapshot ls vol --engine "$control"
 
-step "copy each snapshot from replica r1"
+step "copy each snapshot through keel snapshot export (as-is: every replica; frozen: r1 alone)"
 for name in as-is frozen; do
-    nbdcopy "nbd+unix:///vol@snapshot:$name?socket=$work/r1.sock" "$work/data/$name.img"
+    if [ "$name" = as-is ]; then from="--engine $control"; else from="--replica unix:$work/r1.sock"; fi
+    "$KEEL" snapshot export vol "$name" $from --listen "unix:$work/export.sock" &
+    exporter=$!
+    for _ in $(seq 200); do [ -S "$work/export.sock" ] && break; sleep 0.1; done
+    nbdinfo --map "nbd+unix:///?socket=$work/export.sock" | head -3
+    if [ "$name" = frozen ]; then
+        nbdinfo --map=keel:changed:as-is "nbd+unix:///?socket=$work/export.sock" | tail -3
+    fi
+    nbdcopy "nbd+unix:///?socket=$work/export.sock" "$work/data/$name.img"
+    kill $exporter
+    wait $exporter || true
 done
 step "as-is: replay its journal, then e2fsck -fn"
 e2fsck -E journal_only -y "$work/data/as-is.img" || true

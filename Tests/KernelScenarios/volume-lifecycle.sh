@@ -5,7 +5,8 @@
 # nothing left half-attached; detach, attach again onto a chosen device
 # (--device), checksums match; the
 # engine killed -9 under a mounted filesystem and `keel volume attach` hands
-# the same device to a new engine; detach; rm leaves no daemon behind.
+# the same device to a new engine; a snapshot by volume name, listed from the
+# registry once detached; detach; rm leaves no daemon behind.
 . "$(dirname "$0")/common.sh"
 start_udev
 export KEEL_STATE_DIR="$work/data/state"
@@ -57,6 +58,10 @@ udevadm settle --timeout=30
 mount /dev/keel/vol /mnt/vol
 (cd /mnt/vol && sha256sum -c "$work/sums")
 
+step "a snapshot of a volume of this node (no --engine)"
+"$KEEL" snapshot create vol first
+"$KEEL" snapshot ls vol | grep -q "^first " || { echo "snapshot ls does not show first"; exit 1; }
+
 step "engine killed -9: keel volume attach hands the device to a new engine"
 pkill -9 -f "keel engine serve --volume vol "
 for _ in $(seq 100); do engine_running vol || break; sleep 0.1; done
@@ -69,8 +74,11 @@ sync
 umount /mnt/vol
 "$KEEL" volume show vol
 
-step "detach, rm"
+step "detach: snapshot ls answers from the registry, rm"
 "$KEEL" volume detach vol
+"$KEEL" snapshot ls vol --json > "$work/snapshots.json" 2> "$work/snapshots.err"
+grep -q '"name" : "first"' "$work/snapshots.json" || { echo "no snapshot first in the registry's list"; cat "$work/snapshots.json"; exit 1; }
+grep -q "no engine running" "$work/snapshots.err" || { echo "ls did not say it answered from the registry"; exit 1; }
 "$KEEL" volume rm vol
 "$KEEL" volume rm other
 "$KEEL" volume ls --json

@@ -29,6 +29,20 @@ import Glibc
         #expect(try registry.volume(named: "c") == nil)
     }
 
+    @Test func snapshotsAreReplacedAsAWholeAndGoWithTheVolume() throws {
+        let registry = try Registry(layout: NodeLayout(stateDirectory: directory))
+        try registry.add(volume("v"))
+        #expect(try registry.snapshots(of: "v").seenAt == nil)
+        let two = [SnapshotEntry(name: "s1", created: 1, ownBytes: 4096), SnapshotEntry(name: "s2", created: 2, ownBytes: 0)]
+        try registry.setSnapshots(two, of: "v", seenAt: 10)
+        #expect(try registry.snapshots(of: "v").snapshots == two)
+        try registry.setSnapshots([two[1]], of: "v", seenAt: 11)
+        #expect(try Registry(layout: NodeLayout(stateDirectory: directory)).snapshots(of: "v") == ([two[1]], 11))
+        try registry.remove(named: "v")
+        try registry.add(volume("v"))
+        #expect(try registry.snapshots(of: "v").snapshots.isEmpty)
+    }
+
     @Test func aNameIsTakenOnce() throws {
         let registry = try Registry(layout: NodeLayout(stateDirectory: directory))
         try registry.add(volume("v"))
