@@ -76,7 +76,8 @@ let package = Package(
         .target(name: "KernelNBD", dependencies: ["CNetlink", "Syscalls"]),
         // `keel engine serve`: a volume's frontend, replicated synchronously to its replicas.
         .target(name: "Engine", dependencies: [
-            "NBDServer", "NBDProtocol", "IOUring", "LibNBD", "Syscalls", "ControlAPI", "KernelNBD", "ReplicaIdentity",
+            "NBDServer", "NBDProtocol", "IOUring", "LibNBD", "RingLinks", "Syscalls", "ControlAPI", "KernelNBD",
+            "ReplicaIdentity",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
@@ -86,9 +87,11 @@ let package = Package(
         .target(name: "Daemons", dependencies: ["Syscalls", "CSyscalls"]),
         // Client side: a Swift wrapper over libnbd.
         .target(name: "LibNBD", dependencies: ["CLibNBD", "Syscalls"]),
+        // libnbd handles driven from an I/O thread's ring: the engine's links to replicas, a snapshot export's.
+        .target(name: "RingLinks", dependencies: ["IOUring", "LibNBD", "NBDServer"], swiftSettings: hotPath),
         // `keel snapshot export`: a volume as of a snapshot, read from its replicas without claiming them.
         .target(name: "SnapshotExport", dependencies: [
-            "NBDServer", "NBDProtocol", "IOUring", "LibNBD", "Syscalls", "ReplicaIdentity",
+            "NBDServer", "NBDProtocol", "IOUring", "LibNBD", "RingLinks", "Syscalls", "ReplicaIdentity",
             .product(name: "Logging", package: "swift-log"),
         ]),
 

@@ -2,6 +2,7 @@ import IOUring
 import LibNBD
 import NBDProtocol
 import NBDServer
+import RingLinks
 import Syscalls
 #if canImport(Glibc)
 import Glibc
@@ -28,22 +29,13 @@ public final class EngineWorker: BlockWorker {
         var sent: UInt64
     }
 
-    struct Link {
-        var client: NBDClient?
-        var dead = false
-        var pollingIn = false
-        var pollingOut = false
-    }
-
-    private static let pollIn: UInt8 = 1
-    private static let pollOut: UInt8 = 2
     private static let deadlineCheck: UInt8 = 3
     private static let wakeUp: UInt8 = 4
     private static let blockSize = 1024
 
     private let device: EngineDevice
     private let ring: Ring
-    private var links: [Link]
+    private var links: [RingLink]
     /// This thread's copy of the replicas' modes, refreshed when the set's version moves.
     private var modes: [ReplicaSet.Mode] = []
     private var knownVersion = UInt64.max
@@ -56,8 +48,9 @@ public final class EngineWorker: BlockWorker {
     private var dyingLinks: [Int] = []
     private let wake: EventFD
     private let wakeCounter = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
-    private var blocks: [UnsafeMutablePointer<Operation>] = []
-    private var freeOperations: [UnsafeMutablePointer<Operation>] = []
+    private lazy var operations = FixedPool<Operation>(blockSize: Self.blockSize) { [unowned self] in
+        Operation(worker: .passUnretained(self), request: nil, token: 0, replica: 0, active: false, sent: 0)
+    }
     private var nextReader = 0
     /// How often outstanding commands are checked against their deadline.
     private let checkInterval: TimeoutDuration
@@ -69,7 +62,7 @@ public final class EngineWorker: BlockWorker {
         self.device = device
         self.ring = ring
         checkInterval = TimeoutDuration(nanoseconds: Int64(device.replicaTimeout / 4))
-        links = Array(repeating: Link(), count: ReplicaSet.capacity)
+        links = Array(repeating: RingLink(), count: ReplicaSet.capacity)
         faults = device.faults
         submitted = Array(repeating: 0, count: ReplicaSet.capacity)
         wake = try EventFD()
@@ -80,7 +73,6 @@ public final class EngineWorker: BlockWorker {
     }
 
     deinit {
-        for block in blocks { block.deallocate() }
         wakeCounter.deallocate()
     }
 
@@ -94,14 +86,14 @@ public final class EngineWorker: BlockWorker {
         for (i, replica) in replicas.enumerated() {
             if replica.mode.isWritable && links[i].client == nil && !links[i].dead {
                 do {
-                    links[i].client = try device.connect(i)
+                    links[i] = RingLink(client: try device.connect(i))
                     if replica.mode == .wo { device.workerJoined(i) }
                 } catch {
-                    links[i].dead = true
+                    links[i] = .failed
                     device.replicas.fail(i, reason: "cannot connect: \(error)")
                 }
                 service(i)
-            } else if replica.mode == .removed && links[i].client != nil && !links[i].dead {
+            } else if replica.mode == .removed && links[i].live != nil {
                 linkDied(i)
             }
         }
@@ -194,14 +186,8 @@ public final class EngineWorker: BlockWorker {
         let i = token.workerIndex
         // A dead link's handle is never driven again: its late replies would
         // complete operations already retired and reused for other requests.
-        guard i < links.count, let client = links[i].client, !links[i].dead else { return }
-        if token.sub == Self.pollIn {
-            links[i].pollingIn = false
-            client.notifyReadable()
-        } else {
-            links[i].pollingOut = false
-            client.notifyWritable()
-        }
+        guard i < links.count, links[i].live != nil else { return }
+        links[i].polled(sub: token.sub)
         service(i)
     }
 
@@ -275,13 +261,13 @@ public final class EngineWorker: BlockWorker {
     /// submit call; false when it never reached libnbd.
     private func issue(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken, _ command: NBDClient.Command,
                        flags: NBDClient.CommandFlags, on i: Int) -> Bool {
-        guard let client = links[i].client, !links[i].dead else { return false }
-        let operation = allocateOperation()
+        guard let client = links[i].live else { return false }
+        let operation = operations.take()
         operation.pointee.request = r
         operation.pointee.token = token.rawValue
         operation.pointee.replica = i
         operation.pointee.active = true
-        operation.pointee.sent = Self.now()
+        operation.pointee.sent = monotonicNanoseconds()
         if faults.enabled { injectFaults(before: client, replica: i) }
         let sent = RequestLedger.send(r) {
             do {
@@ -290,7 +276,7 @@ public final class EngineWorker: BlockWorker {
             } catch {
                 guard operation.pointee.active else { return .completedInside }
                 operation.pointee.active = false
-                freeOperations.append(operation)
+                operations.give(operation)
                 device.replicas.fail(i, reason: "\(error)")
                 return .notSent
             }
@@ -314,7 +300,7 @@ public final class EngineWorker: BlockWorker {
         operation.pointee.active = false
         let token = IOToken(rawValue: operation.pointee.token)
         let replica = operation.pointee.replica
-        freeOperations.append(operation)
+        operations.give(operation)
 
         switch RequestLedger.commandFinished(r, replica: replica, error: error, replicas: device.replicas) {
         case .pending:
@@ -340,46 +326,27 @@ public final class EngineWorker: BlockWorker {
 
     /// Keeps a poll armed for replies and one for sending while libnbd has bytes queued.
     private func service(_ i: Int) {
-        guard let client = links[i].client, !links[i].dead else { return }
-        if client.isDead {
-            if !dyingLinks.contains(i) { dyingLinks.append(i) }
-            return
-        }
-        if !links[i].pollingIn {
-            links[i].pollingIn = true
-            ring.poll(client.descriptor, events: Int16(POLLIN), multishot: false,
-                      userData: IOToken.worker(i, sub: Self.pollIn).rawValue)
-        }
-        if client.wantsToWrite && !links[i].pollingOut {
-            links[i].pollingOut = true
-            ring.poll(client.descriptor, events: Int16(POLLOUT), multishot: false,
-                      userData: IOToken.worker(i, sub: Self.pollOut).rawValue)
-        }
+        if !links[i].service(index: i, ring: ring) && !dyingLinks.contains(i) { dyingLinks.append(i) }
     }
 
     /// The connection is gone: the replica is failed and its outstanding commands with it.
     /// The link's commands are retired here, once; its handle stays open but
     /// is never notified again, so libnbd never calls back for them.
     private func linkDied(_ i: Int) {
-        links[i].dead = true
-        if let client = links[i].client { shutdown(client.descriptor, Int32(SHUT_RDWR)) }
+        links[i].die()
         device.replicas.fail(i, reason: "connection lost")
-        for block in blocks {
-            for k in 0..<Self.blockSize where block[k].active && block[k].replica == i {
-                finished(block + k, error: ENOTCONN)
-            }
+        operations.forEach { operation in
+            if operation.pointee.active && operation.pointee.replica == i { finished(operation, error: ENOTCONN) }
         }
     }
 
     /// NBD has no timeout of its own: a replica that leaves a command
     /// unanswered past the deadline is failed, and the request goes on without it.
     private func failLateReplicas() {
-        let deadline = Self.lateBefore(now: Self.now(), timeout: device.replicaTimeout)
+        let deadline = Self.lateBefore(now: monotonicNanoseconds(), timeout: device.replicaTimeout)
         var late = Set<Int>()
-        for block in blocks {
-            for k in 0..<Self.blockSize where block[k].active && block[k].sent < deadline {
-                late.insert(block[k].replica)
-            }
+        operations.forEach { operation in
+            if operation.pointee.active && operation.pointee.sent < deadline { late.insert(operation.pointee.replica) }
         }
         for i in late.sorted() {
             device.replicas.fail(i, reason: "no answer within \(device.replicaTimeout / 1_000_000_000) s")
@@ -392,24 +359,6 @@ public final class EngineWorker: BlockWorker {
     /// yet (a wrapped subtraction failed every replica at once).
     static func lateBefore(now: UInt64, timeout: UInt64) -> UInt64 {
         now > timeout ? now - timeout : 0
-    }
-
-    private static func now() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-    }
-
-    private func allocateOperation() -> UnsafeMutablePointer<Operation> {
-        if let operation = freeOperations.popLast() { return operation }
-        let block = UnsafeMutablePointer<Operation>.allocate(capacity: Self.blockSize)
-        block.initialize(repeating: Operation(worker: .passUnretained(self), request: nil, token: 0, replica: 0,
-                                              active: false, sent: 0),
-                         count: Self.blockSize)
-        blocks.append(block)
-        freeOperations.reserveCapacity(blocks.count * Self.blockSize)
-        for k in stride(from: Self.blockSize - 1, to: 0, by: -1) { freeOperations.append(block + k) }
-        return block
     }
 }
 

@@ -2,14 +2,14 @@ import IOUring
 import LibNBD
 import NBDProtocol
 import NBDServer
+import RingLinks
 import Syscalls
 #if canImport(Glibc)
 import Glibc
 #endif
 
 /// One I/O thread's half of a snapshot export: its own libnbd connection to
-/// every replica, driven from the thread's ring by polls on their sockets
-/// (as the engine's are). A request goes to one replica; when that one
+/// every replica, driven from the thread's ring (`RingLink`, as the engine's are). A request goes to one replica; when that one
 /// fails, dies or stays silent past the deadline, it moves on to a replica
 /// it has not tried, and fails with EIO once none is left. A NOP carrying
 /// the request's token hands it back to the server core.
@@ -24,24 +24,16 @@ public final class SnapshotReaderWorker: BlockWorker {
         var sent: UInt64
     }
 
-    struct Link {
-        var client: NBDClient?
-        var dead = false
-        var pollingIn = false
-        var pollingOut = false
-    }
-
-    private static let pollIn: UInt8 = 1
-    private static let pollOut: UInt8 = 2
     private static let deadlineCheck: UInt8 = 3
     private static let blockSize = 256
 
     private let reader: SnapshotReader
     private let ring: Ring
-    private var links: [Link]
+    private var links: [RingLink]
     private var nextLink = 0
-    private var blocks: [UnsafeMutablePointer<Operation>] = []
-    private var freeOperations: [UnsafeMutablePointer<Operation>] = []
+    private lazy var operations = FixedPool<Operation>(blockSize: Self.blockSize) { [unowned self] in
+        Operation(worker: .passUnretained(self), request: nil, token: 0, link: 0, active: false, sent: 0)
+    }
     /// Requests whose replica failed, issued again once out of libnbd's callbacks.
     private var retries: [(UnsafeMutablePointer<IORequest>, IOToken)] = []
     private var dyingLinks: [Int] = []
@@ -50,10 +42,7 @@ public final class SnapshotReaderWorker: BlockWorker {
         precondition(reader.replicas.count <= 64, "tried replicas are a 64-bit mask")
         self.reader = reader
         self.ring = ring
-        links = reader.replicas.indices.map { i in
-            let client = reader.connect(i)
-            return Link(client: client, dead: client == nil)
-        }
+        links = reader.replicas.indices.map { i in reader.connect(i).map { RingLink(client: $0) } ?? .failed }
         ring.timeout(Self.checkInterval(reader), userData: IOToken.worker(0, sub: Self.deadlineCheck).rawValue)
     }
 
@@ -87,14 +76,8 @@ public final class SnapshotReaderWorker: BlockWorker {
             return
         }
         let i = token.workerIndex
-        guard i < links.count, let client = links[i].client, !links[i].dead else { return }
-        if token.sub == Self.pollIn {
-            links[i].pollingIn = false
-            client.notifyReadable()
-        } else {
-            links[i].pollingOut = false
-            client.notifyWritable()
-        }
+        guard i < links.count, links[i].live != nil else { return }
+        links[i].polled(sub: token.sub)
         service(i)
     }
 
@@ -105,19 +88,19 @@ public final class SnapshotReaderWorker: BlockWorker {
         for step in 0..<links.count {
             let i = (nextLink + step) % links.count
             let bit = 1 << i
-            guard r.pointee.progress & bit == 0, let client = links[i].client, !links[i].dead else { continue }
+            guard r.pointee.progress & bit == 0, let client = links[i].live else { continue }
             r.pointee.progress |= bit
-            let operation = allocateOperation()
+            let operation = operations.take()
             operation.pointee.request = r
             operation.pointee.token = token.rawValue
             operation.pointee.link = i
             operation.pointee.active = true
-            operation.pointee.sent = Self.now()
+            operation.pointee.sent = monotonicNanoseconds()
             do {
                 try submit(r, on: client, operation)
             } catch {
                 operation.pointee.active = false
-                freeOperations.append(operation)
+                operations.give(operation)
                 if !dyingLinks.contains(i) { dyingLinks.append(i) }
                 continue
             }
@@ -148,7 +131,7 @@ public final class SnapshotReaderWorker: BlockWorker {
     fileprivate func finished(_ operation: UnsafeMutablePointer<Operation>, error: Int32) {
         guard operation.pointee.active, let r = operation.pointee.request else { return }
         operation.pointee.active = false
-        freeOperations.append(operation)
+        operations.give(operation)
         let token = IOToken(rawValue: operation.pointee.token)
         if error == 0 {
             ring.nop(userData: token.rawValue)
@@ -200,61 +183,28 @@ public final class SnapshotReaderWorker: BlockWorker {
     // MARK: - Sockets
 
     private func service(_ i: Int) {
-        guard let client = links[i].client, !links[i].dead else { return }
-        if client.isDead {
-            if !dyingLinks.contains(i) { dyingLinks.append(i) }
-            return
-        }
-        if !links[i].pollingIn {
-            links[i].pollingIn = true
-            ring.poll(client.descriptor, events: Int16(POLLIN), multishot: false,
-                      userData: IOToken.worker(i, sub: Self.pollIn).rawValue)
-        }
-        if client.wantsToWrite && !links[i].pollingOut {
-            links[i].pollingOut = true
-            ring.poll(client.descriptor, events: Int16(POLLOUT), multishot: false,
-                      userData: IOToken.worker(i, sub: Self.pollOut).rawValue)
-        }
+        if !links[i].service(index: i, ring: ring) && !dyingLinks.contains(i) { dyingLinks.append(i) }
     }
 
     /// The link is never driven again (its handle stays open, so libnbd never
     /// calls back for its commands); they are retired here and go elsewhere.
     private func linkDied(_ i: Int) {
-        links[i].dead = true
+        links[i].die()
         reader.logger.warning("lost replica \(reader.replicas[i]); reading from the others")
-        if let client = links[i].client { shutdown(client.descriptor, Int32(SHUT_RDWR)) }
-        for block in blocks {
-            for k in 0..<Self.blockSize where block[k].active && block[k].link == i {
-                finished(block + k, error: ENOTCONN)
-            }
+        operations.forEach { operation in
+            if operation.pointee.active && operation.pointee.link == i { finished(operation, error: ENOTCONN) }
         }
     }
 
     private func failLateLinks() {
-        let now = Self.now()
+        let now = monotonicNanoseconds()
         guard now > reader.timeout else { return }
         let deadline = now - reader.timeout
         var late = Set<Int>()
-        for block in blocks {
-            for k in 0..<Self.blockSize where block[k].active && block[k].sent < deadline { late.insert(block[k].link) }
+        operations.forEach { operation in
+            if operation.pointee.active && operation.pointee.sent < deadline { late.insert(operation.pointee.link) }
         }
         for i in late.sorted() where !links[i].dead { linkDied(i) }
-    }
-
-    private static func now() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-    }
-
-    private func allocateOperation() -> UnsafeMutablePointer<Operation> {
-        if let operation = freeOperations.popLast() { return operation }
-        let block = UnsafeMutablePointer<Operation>.allocate(capacity: Self.blockSize)
-        block.initialize(repeating: Operation(worker: .passUnretained(self), request: nil, token: 0, link: 0,
-                                              active: false, sent: 0), count: Self.blockSize)
-        blocks.append(block)
-        for k in stride(from: Self.blockSize - 1, to: 0, by: -1) { freeOperations.append(block + k) }
-        return block
     }
 }
 

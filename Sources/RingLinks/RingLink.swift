@@ -1,0 +1,82 @@
+import IOUring
+import LibNBD
+import NBDServer
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A libnbd handle driven from an I/O thread's ring (the engine's link to a
+/// replica, a snapshot export's): a one-shot poll for replies is always
+/// armed, and one for sending while libnbd has bytes queued; their
+/// completions carry `IOToken.worker(index, sub: pollIn or pollOut)`.
+///
+/// A dead link is never driven again: its handle stays open, so libnbd never
+/// calls back for its commands, which the owner retires itself (late replies
+/// would complete commands already retired and reused).
+public struct RingLink {
+    public static let pollIn: UInt8 = 1
+    public static let pollOut: UInt8 = 2
+
+    public private(set) var client: NBDClient?
+    public private(set) var dead = false
+    private var pollingIn = false
+    private var pollingOut = false
+
+    public init(client: NBDClient? = nil) {
+        self.client = client
+    }
+
+    /// A link that never connected.
+    public static var failed: RingLink {
+        var link = RingLink()
+        link.dead = true
+        return link
+    }
+
+    /// The handle, while the link lives.
+    public var live: NBDClient? { dead ? nil : client }
+
+    /// Arms the polls the handle needs. False when libnbd says the connection
+    /// is dead: the owner retires the link (`die`) outside libnbd's callbacks.
+    public mutating func service(index: Int, ring: Ring) -> Bool {
+        guard let client = live else { return true }
+        if client.isDead { return false }
+        if !pollingIn {
+            pollingIn = true
+            ring.poll(client.descriptor, events: Int16(POLLIN), multishot: false,
+                      userData: IOToken.worker(index, sub: Self.pollIn).rawValue)
+        }
+        if client.wantsToWrite && !pollingOut {
+            pollingOut = true
+            ring.poll(client.descriptor, events: Int16(POLLOUT), multishot: false,
+                      userData: IOToken.worker(index, sub: Self.pollOut).rawValue)
+        }
+        return true
+    }
+
+    /// One of the link's polls completed: libnbd reads or writes (and may
+    /// call back). Then call `service` again.
+    public mutating func polled(sub: UInt8) {
+        guard let client = live else { return }
+        if sub == Self.pollIn {
+            pollingIn = false
+            client.notifyReadable()
+        } else {
+            pollingOut = false
+            client.notifyWritable()
+        }
+    }
+
+    /// The link is dead from now on; its socket is shut down.
+    public mutating func die() {
+        dead = true
+        if let client { shutdown(client.descriptor, Int32(SHUT_RDWR)) }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: when a command was sent, to find late ones.
+public func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
