@@ -188,7 +188,9 @@ public final class LayerChain: @unchecked Sendable {
                 preconditionFailure("layer \(id) is not a frozen layer of the chain")
             }
             index.withLock { $0.remove(id, takeover: takeover) }
-            return layers.remove(at: k)
+            let gone = layers.remove(at: k)
+            forgetUnsynced([gone])
+            return gone
         }
         withExtendedLifetime(removed) {}
     }
@@ -210,9 +212,17 @@ public final class LayerChain: @unchecked Sendable {
             layers.removeSubrange((k + 1)...)
             layers.append(next.layer)
             index.withLock { $0.revert(to: id, newHead: next.layer.id) }
+            forgetUnsynced(gone)
             return gone
         }
         withExtendedLifetime(discarded) {}
+    }
+
+    /// Layers leaving the chain: their data need no sync, and their files
+    /// close after this (a FLUSH must not sync a number reused by another file).
+    private func forgetUnsynced(_ gone: [Layer]) {
+        let descriptors = Set(gone.map(\.data.descriptor.rawValue))
+        unsynced.withLock { list in list.removeAll { descriptors.contains($0.rawValue) } }
     }
 
     /// Frozen layers' files that may hold data not yet on stable storage.
