@@ -97,25 +97,10 @@ extension EngineDevice {
     /// throughout). First every replica is asked whether it can (the name is
     /// known, no export reads it), so that a refusal changes nothing.
     public func removeSnapshot(name: String) throws -> [Keel_Control_V1_Snapshot] {
-        guard SnapshotName.isValid(name) else {
-            throw EngineError("'\(name)' is not a snapshot name: use \(SnapshotName.rule)")
-        }
-        guard !replicas.isFenced else { throw EngineError("this engine is fenced: a newer engine owns the volume") }
-        let current = replicas.replicas
-        try refuseWhileRebuilding(current, "remove the snapshot")
-        let writable = current.indices.filter { current[$0].mode == .rw }
-        guard !writable.isEmpty else { throw EngineError("no replica is healthy: the snapshot cannot be removed") }
-        let clients = writable.map { index in (index, try? ReplicaControlClient(address: current[index].controlAddress)) }
+        let (current, clients) = try chainChange(of: name, "remove the snapshot")
         defer { withExtendedLifetime(clients) {} }
-
-        let checked = mergeCalls(clients, name: name, check: true, timeout: replicaTimeoutSeconds * 2)
-        if let (index, error) = checked.first(where: { $0.1 != nil }) {
-            if let error = error as? RPCError, error.code == .permissionDenied { replicas.fence(by: index) }
-            if let error = error as? RPCError, error.code == .notFound {
-                throw EngineError("volume \(volume) has no snapshot '\(name)'; see keel snapshot ls \(volume)")
-            }
-            throw EngineError((error as? RPCError).map(\.message) ?? "replica \(current[index].address): \(error!)")
-        }
+        try refuseOnAnyReplica(mergeCalls(clients, name: name, check: true, timeout: replicaTimeoutSeconds * 2),
+                               current, name)
 
         // Copying takes as long as the layer's data: a generous bound of 20 MB/s.
         let timeout = max(replicaTimeoutSeconds * 4, Double(size) / 20e6)
@@ -147,18 +132,10 @@ extension EngineDevice {
     /// reverts and cleared once all have, so an engine stopped half way
     /// leaves replicas the next one resyncs. A replica that fails is failed.
     public func revertSnapshot(name: String, discardNewer: Bool, attached: String?) throws -> [Keel_Control_V1_Snapshot] {
-        guard SnapshotName.isValid(name) else {
-            throw EngineError("'\(name)' is not a snapshot name: use \(SnapshotName.rule)")
-        }
         if let attached {
             throw EngineError("volume \(volume) is attached (\(attached)); detach it or disable its frontend before reverting")
         }
-        guard !replicas.isFenced else { throw EngineError("this engine is fenced: a newer engine owns the volume") }
-        let current = replicas.replicas
-        try refuseWhileRebuilding(current, "revert")
-        let writable = current.indices.filter { current[$0].mode == .rw }
-        guard !writable.isEmpty else { throw EngineError("no replica is healthy: the volume cannot be reverted") }
-        let clients = writable.map { index in (index, try? ReplicaControlClient(address: current[index].controlAddress)) }
+        let (current, clients) = try chainChange(of: name, "revert")
         defer { withExtendedLifetime(clients) {} }
         let owner = ownerMessage
         func revertCalls(check: Bool, on chosen: [(Int, ReplicaControlClient?)]) -> [(Int, Error?)] {
@@ -168,13 +145,7 @@ extension EngineDevice {
                 }, options: options)
             }
         }
-        if let (index, error) = revertCalls(check: true, on: clients).first(where: { $0.1 != nil }) {
-            if let error = error as? RPCError, error.code == .permissionDenied { replicas.fence(by: index) }
-            if let error = error as? RPCError, error.code == .notFound {
-                throw EngineError("volume \(volume) has no snapshot '\(name)'; see keel snapshot ls \(volume)")
-            }
-            throw EngineError((error as? RPCError).map(\.message) ?? "replica \(current[index].address): \(error!)")
-        }
+        try refuseOnAnyReplica(revertCalls(check: true, on: clients), current, name)
 
         guard gate.pauseWrites(seconds: replicaTimeoutSeconds) else {
             throw EngineError("writes in flight did not finish within \(replicaTimeoutSeconds) s; nothing was reverted")
@@ -209,6 +180,31 @@ extension EngineDevice {
         }
         logger.notice("volume \(volume) reverted to snapshot \(name) on \(done.count) replicas")
         return try listSnapshots()
+    }
+
+    /// What removing or reverting needs first: a valid name, an unfenced
+    /// engine, no rebuild, and a control client per RW replica.
+    private func chainChange(of name: String, _ what: String)
+        throws -> (current: [ReplicaSet.Replica], clients: [(Int, ReplicaControlClient?)]) {
+        guard SnapshotName.isValid(name) else {
+            throw EngineError("'\(name)' is not a snapshot name: use \(SnapshotName.rule)")
+        }
+        guard !replicas.isFenced else { throw EngineError("this engine is fenced: a newer engine owns the volume") }
+        let current = replicas.replicas
+        try refuseWhileRebuilding(current, what)
+        let writable = current.indices.filter { current[$0].mode == .rw }
+        guard !writable.isEmpty else { throw EngineError("no replica is healthy: cannot \(what)") }
+        return (current, writable.map { index in (index, try? ReplicaControlClient(address: current[index].controlAddress)) })
+    }
+
+    /// The first refusal of a checking call, as the user's one line (nothing changed).
+    private func refuseOnAnyReplica(_ checked: [(Int, Error?)], _ current: [ReplicaSet.Replica], _ name: String) throws {
+        guard let (index, error) = checked.first(where: { $0.1 != nil }), let error else { return }
+        if let error = error as? RPCError, error.code == .permissionDenied { replicas.fence(by: index) }
+        if let error = error as? RPCError, error.code == .notFound {
+            throw EngineError("volume \(volume) has no snapshot '\(name)'; see keel snapshot ls \(volume)")
+        }
+        throw EngineError((error as? RPCError).map(\.message) ?? "replica \(current[index].address): \(error)")
     }
 
     private func mergeCalls(_ clients: [(Int, ReplicaControlClient?)], name: String, check: Bool,
