@@ -20,6 +20,8 @@ import Glibc
 ///   only, then the engine kills itself (SIGKILL), writes still held.
 /// - `die-mid-removal`: a snapshot is removed from the first writable replica
 ///   only, then the engine kills itself (SIGKILL).
+/// - `die-mid-revert`: the first writable replica reverts, then the engine
+///   kills itself (SIGKILL).
 public struct FaultPoints: Sendable {
     public var breakLinkInSubmit: (replica: Int, command: Int)?
     public var slowMembershipSeconds: Double = 0
@@ -27,6 +29,7 @@ public struct FaultPoints: Sendable {
     public var breakRebuildSourceAtRegion: Int?
     public var dieMidSnapshot = false
     public var dieMidRemoval = false
+    public var dieMidRevert = false
 
     /// Whether the I/O path has anything to inject.
     public var enabled: Bool { breakLinkInSubmit != nil }
@@ -69,6 +72,8 @@ public struct FaultPoints: Sendable {
                 faults.dieMidSnapshot = true
             case ("die-mid-removal", nil):
                 faults.dieMidRemoval = true
+            case ("die-mid-revert", nil):
+                faults.dieMidRevert = true
             case ("slow-rebuild", let value?):
                 faults.slowRebuildSeconds = try seconds(value, for: "slow-rebuild")
             default:

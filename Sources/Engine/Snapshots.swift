@@ -155,7 +155,8 @@ extension EngineDevice {
         guard pollUntil(seconds: Double(KeeperCycle.idleTicks) + replicaTimeoutSeconds, { gate.nonCleanRegions().isEmpty }) else {
             throw EngineError("recent writes' dirty regions were not cleared in time; nothing was reverted, try again")
         }
-        let reverted = revertCalls(check: false, on: clients)
+        let reverted = revertCalls(check: false, on: Array(clients.prefix(faults.dieMidRevert ? 1 : clients.count)))
+        if faults.dieMidRevert { kill(getpid(), SIGKILL) }
         let done = reverted.filter { $0.1 == nil }.map(\.0)
         let unchanged = { (error: Error?) in (error as? RPCError)?.code == .aborted }
         if done.isEmpty && reverted.allSatisfy({ unchanged($0.1) }) {

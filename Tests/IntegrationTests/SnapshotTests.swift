@@ -544,4 +544,38 @@ import Testing
             #expect(try layers(replica) == layers(0), "replica \(replica) holds as many layers as replica 0")
         }
     }
+
+    /// kill -9 of the engine after one replica reverted and before the
+    /// others: that replica holds the whole volume marked dirty, so the next
+    /// start resyncs all of it, and every replica reads the same again.
+    @Test func anEngineKilledDuringRevertLeavesReplicasThatReadTheSame() throws {
+        let volume = try Volume()
+        var random = SplitMix64(seed: 59)
+        var model = [UInt8](repeating: 0, count: Self.size)
+        try Self.scribble(volume.client, &model, &random, steps: 60, stamp: 0x01)
+        try volume.create("s1")
+        let s1 = model
+        try Self.scribble(volume.client, &model, &random, steps: 60, stamp: 0x02)
+        try volume.client.shutdown()
+        #expect(volume.cluster.engine!.stop() == 0)
+
+        try volume.cluster.startEngine(extra: ["--control", volume.control], environment: ["KEEL_FAULTS": "die-mid-revert"])
+        let dying = try volume.snapshot(["revert", "vol", "s1"])
+        #expect(dying.status != 0, "the engine was to die while it reverted")
+        volume.cluster.engine!.process.waitUntilExit()
+        #expect(volume.cluster.engine!.process.terminationReason == .uncaughtSignal)
+
+        try volume.cluster.startEngine(extra: ["--control", volume.control])
+        #expect(volume.cluster.engine!.log.contains("made the replicas identical"), "the start resynced the volume")
+        let client = try NBDClient()
+        try client.connect(uri: volume.cluster.uri)
+        let head = try client.read(count: Self.size, at: 0)
+        #expect(head == s1 || head == model, "the volume reads as s1 or as before the revert")
+        try client.shutdown()
+        try volume.create("check")
+        for replica in 0..<3 {
+            #expect(try volume.read(snapshot: "check", replica: replica) == head, "replica \(replica) reads as the volume")
+            #expect(try volume.read(snapshot: "s1", replica: replica) == s1, "s1 on replica \(replica)")
+        }
+    }
 }
