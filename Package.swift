@@ -36,6 +36,9 @@ let package = Package(
         .target(name: "IOUring", dependencies: ["CLiburing", "Syscalls"], swiftSettings: hotPath),
         // The NBD protocol as pure state machines: bytes in, bytes out.
         .target(name: "NBDProtocol", swiftSettings: hotPath),
+        // Whole client byte streams through those state machines, each step checked
+        // against the protocol: the fuzzer's driver (Bench/fuzz) and its replays.
+        .target(name: "NBDStreamReplay", dependencies: ["NBDProtocol"]),
         // The NBD server core: connections on io_uring, dispatch to a block device.
         .target(name: "NBDServer", dependencies: [
             "NBDProtocol", "IOUring", "Syscalls",
@@ -114,7 +117,7 @@ let package = Package(
             "Simulator", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
-        .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol", "SeededRandom"]),
+        .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol", "NBDStreamReplay", "SeededRandom"]),
         .testTarget(name: "IOUringTests", dependencies: ["IOUring", "Syscalls"]),
         .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite", "ReplicaIdentity", "LayerStack"]),
         .testTarget(name: "LayerStackTests", dependencies: ["LayerStack", "SeededRandom"]),
