@@ -19,6 +19,9 @@ let package = Package(
         .package(url: "https://github.com/grpc/grpc-swift-nio-transport", from: "2.0.0"),
         .package(url: "https://github.com/grpc/grpc-swift-protobuf", from: "2.0.0"),
         .package(url: "https://github.com/apple/swift-protobuf", from: "1.28.0"),
+        .package(url: "https://github.com/apple/swift-certificates", from: "1.10.0"),
+        .package(url: "https://github.com/apple/swift-crypto", "3.0.0" ..< "5.0.0"),
+        .package(url: "https://github.com/apple/swift-asn1", from: "1.0.0"),
     ],
     targets: [
         // C libraries, through thin system-library targets.
@@ -84,6 +87,12 @@ let package = Package(
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
+        // The cluster's certificate authority and the node credentials it issues (X.509, ECDSA P-256).
+        .target(name: "ClusterCA", dependencies: [
+            .product(name: "X509", package: "swift-certificates"),
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "SwiftASN1", package: "swift-asn1"),
+        ]),
         // The node registry: the volumes this node created (SQLite in the state directory).
         .target(name: "NodeRegistry", dependencies: ["SQLite", "Syscalls"]),
         // The node's daemons (replicas, engines) as systemd units or processes of keel's own.
@@ -100,7 +109,7 @@ let package = Package(
 
         .executableTarget(name: "keel", dependencies: [
             "NBDServer", "FileExport", "ReplicaServer", "ReplicaStore", "Engine", "LibNBD", "Syscalls", "ControlAPI",
-            "NodeRegistry", "Daemons", "KernelNBD", "ReplicaIdentity", "SnapshotExport",
+            "NodeRegistry", "Daemons", "KernelNBD", "ReplicaIdentity", "SnapshotExport", "ClusterCA",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -5,6 +5,8 @@
 /// STATE/replicas/VOLUME/rN/       data of the volume's local replicas
 /// STATE/run/                      sockets and pid files
 /// STATE/log/                      logs of the daemons keel runs itself
+/// STATE/ca/                       the cluster CA (`keel ca init`), on the node that keeps it
+/// STATE/tls/NAME/                 credentials `keel cert issue NAME` wrote
 /// ```
 public struct NodeLayout: Sendable {
     public static let defaultStateDirectory = "/var/lib/keel"
@@ -19,6 +21,8 @@ public struct NodeLayout: Sendable {
     public var registryPath: String { stateDirectory + "/registry.sqlite" }
     public var runDirectory: String { stateDirectory + "/run" }
     public var logDirectory: String { stateDirectory + "/log" }
+    public var caDirectory: String { stateDirectory + "/ca" }
+    public func credentialsDirectory(_ name: String) -> String { "\(stateDirectory)/tls/\(name)" }
 
     public func replicaDirectory(volume: String, index: Int) -> String {
         "\(stateDirectory)/replicas/\(volume)/r\(index)"
