@@ -34,12 +34,14 @@ public final class Registry {
     public init(layout: NodeLayout) throws {
         self.layout = layout
         for directory in [layout.stateDirectory, layout.runDirectory, layout.logDirectory] {
-            do { try makeDirectories(directory) } catch let error as SystemError {
+            do { try makeDirectories(directory, mode: 0o700) } catch let error as SystemError {
                 throw Failure.cannotCreate(path: directory, reason: String(cString: strerror(error.errno)),
                                            denied: error.errno == EACCES || error.errno == EPERM)
             }
         }
         database = try Database(path: layout.registryPath, create: true)
+        // Its write-ahead log and shared memory files take the database file's mode.
+        chmod(layout.registryPath, 0o600)
         try database.transaction {
             let version = try database.query("PRAGMA user_version").first?.first?.integer ?? 0
             if version > Self.schemaVersion { throw Failure.newerSchema(version) }

@@ -14,6 +14,8 @@ public enum Socket {
             do {
                 try removeStaleUnixSocket(at: path)
                 try withUnixAddress(path) { try bindOrThrow(fd, $0, $1, address) } as Void
+                // Only its owner (root, for the daemons) may connect: a socket is a way into the volume.
+                guard chmod(path, 0o600) == 0 else { throw SystemError.current("chmod \(path)") }
                 try startListening(fd, backlog)
                 return fd
             } catch { fd.close(); throw error }
@@ -51,6 +53,25 @@ public enum Socket {
                 } catch { fd.close(); throw error }
             }
         }
+    }
+
+    /// Whether every address `address` stands for is a loopback one
+    /// (127.0.0.0/8, ::1); true for unix sockets, nil if the host does not resolve.
+    public static func isLoopbackOnly(_ address: SocketAddress) -> Bool? {
+        guard case .tcp(let host, let port) = address else { return true }
+        return try? withEachResolved(host: host, port: port, passive: true) { family, sa in
+            switch family {
+            case AF_INET:
+                let ip = sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt32(bigEndian: $0.pointee.sin_addr.s_addr) }
+                return ip >> 24 == 127
+            case AF_INET6:
+                var loopback = in6addr_loopback
+                var ip = sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_addr }
+                return memcmp(&ip, &loopback, MemoryLayout<in6_addr>.size) == 0
+            default:
+                return false
+            }
+        }.allSatisfy { $0 }
     }
 
     /// The port a TCP listener actually got (useful after binding port 0).
@@ -135,8 +156,8 @@ public enum Socket {
         }
     }
 
-    private static func withResolved<T>(host: String, port: UInt16, passive: Bool,
-                                        _ body: (Int32, UnsafePointer<sockaddr>, socklen_t) throws -> T) throws -> T {
+    /// getaddrinfo's list for a stream socket; free it with freeaddrinfo.
+    private static func resolve(host: String, port: UInt16, passive: Bool) throws -> UnsafeMutablePointer<addrinfo> {
         var hints = addrinfo()
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
         hints.ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0)
@@ -145,9 +166,28 @@ public enum Socket {
         guard rc == 0, let first = list else {
             throw SystemError(errno: EINVAL, "cannot resolve '\(host)': \(String(cString: gai_strerror(rc)))")
         }
+        return first
+    }
+
+    private static func withEachResolved<T>(host: String, port: UInt16, passive: Bool,
+                                            _ body: (Int32, UnsafePointer<sockaddr>) -> T) throws -> [T] {
+        let list = try resolve(host: host, port: port, passive: passive)
+        defer { freeaddrinfo(list) }
+        var results: [T] = []
+        var entry: UnsafeMutablePointer<addrinfo>? = list
+        while let ai = entry {
+            results.append(body(ai.pointee.ai_family, ai.pointee.ai_addr))
+            entry = ai.pointee.ai_next
+        }
+        return results
+    }
+
+    private static func withResolved<T>(host: String, port: UInt16, passive: Bool,
+                                        _ body: (Int32, UnsafePointer<sockaddr>, socklen_t) throws -> T) throws -> T {
+        let list = try resolve(host: host, port: port, passive: passive)
         defer { freeaddrinfo(list) }
         var lastError: Error = SystemError(errno: EADDRNOTAVAIL, "no usable address for \(host)")
-        var entry: UnsafeMutablePointer<addrinfo>? = first
+        var entry: UnsafeMutablePointer<addrinfo>? = list
         while let ai = entry {
             do { return try body(ai.pointee.ai_family, ai.pointee.ai_addr, ai.pointee.ai_addrlen) }
             catch { lastError = error }

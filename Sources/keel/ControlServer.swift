@@ -35,6 +35,8 @@ final class ControlServer: @unchecked Sendable {
         if case .failure(let error) = bound.take() {
             throw CLIError("cannot serve the control API on \(address): \(error)")
         }
+        // Only its owner may call it: the control API can remove snapshots and replicas.
+        if case .unix(let path) = address { chmod(path, 0o600) }
     }
 
     private let stopped = Mutex(false)

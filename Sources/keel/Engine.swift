@@ -99,6 +99,8 @@ struct EngineCommand: ParsableCommand {
             let address = try parseListenAddress(listen)
             let addresses = try replicas.map { try parseListenAddress($0, option: "--replica") }
             let controlAddress = try control.map { try parseListenAddress($0, option: "--control") }
+            try checkPlaintextListener(address, option: "--listen", tls: serving.tls, logger: logger)
+            if let controlAddress { try checkPlaintextListener(controlAddress, option: "--control", tls: serving.tls, logger: logger) }
             TerminationSignals.block()
             // Before anything is claimed: a kernel without the NBD driver is a one-line refusal.
             if frontend == .kernel {

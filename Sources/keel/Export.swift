@@ -33,6 +33,7 @@ struct Export: ParsableCommand {
     func run() throws {
         let logger = makeLogger(label: "keel.export", level: serving.logLevel)
         let address = try parseListenAddress(listen)
+        try checkPlaintextListener(address, option: "--listen", tls: serving.tls, logger: logger)
         TerminationSignals.block()
         let device: FileDevice
         do { device = try FileDevice(path: file, readOnly: readOnly, logger: logger) } catch {

@@ -44,6 +44,8 @@ struct Replica: ParsableCommand {
             let address = try parseListenAddress(listen)
             let controlAddress = try control.map { try parseListenAddress($0, option: "--control") }
                 ?? defaultControlAddress(forData: address)
+            try checkPlaintextListener(address, option: "--listen", tls: serving.tls, logger: logger)
+            try checkPlaintextListener(controlAddress, option: "--control", tls: serving.tls, logger: logger)
             TerminationSignals.block()
             let store: ReplicaStore
             let chain: LayerChain

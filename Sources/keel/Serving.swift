@@ -85,9 +85,34 @@ struct ServingOptions: ParsableArguments {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .notice
 
+    @Option(help: "TLS on the listeners: off (plaintext; required to listen on an address other than loopback). on and require are not built yet.")
+    var tls: TLSMode?
+
     func validate() throws {
         guard (1...64).contains(threads) else {
             throw ValidationError("--threads must be between 1 and 64, not \(threads)")
         }
     }
+}
+
+/// `--tls` on a listening command. Keel's listeners do not speak TLS yet
+/// (the cluster CA exists: `keel ca`); `off` is the explicit consent that
+/// a plaintext listener on a non-loopback address needs.
+enum TLSMode: String, ExpressibleByArgument, CaseIterable {
+    case off, on, require
+}
+
+/// Refuses a plaintext listener that others than this host can reach,
+/// unless `--tls off` says so; warns once when it does. Loopback TCP
+/// addresses and unix sockets are served as they always were.
+func checkPlaintextListener(_ address: SocketAddress, option: String, tls: TLSMode?, logger: Logger) throws {
+    if let tls, tls != .off {
+        throw CLIError("--tls \(tls.rawValue): Keel's listeners do not speak TLS yet; listen on loopback or a unix socket, or pass --tls off")
+    }
+    // An address that does not resolve fails at bind, with its own message.
+    guard Socket.isLoopbackOnly(address) == false else { return }
+    guard tls == .off else {
+        throw CLIError("\(option) \(address) is reachable from other hosts and the link would be plaintext: anyone reaching it could read and write the volume; listen on loopback or a unix socket, or pass --tls off to accept that")
+    }
+    logger.warning("\(option) \(address): serving in plaintext to other hosts (--tls off)")
 }

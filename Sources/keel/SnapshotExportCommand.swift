@@ -47,6 +47,7 @@ extension Snapshot {
         func run() throws {
             let logger = makeLogger(label: "keel.snapshot-export", level: serving.logLevel)
             let address = try parseListenAddress(listen)
+            try checkPlaintextListener(address, option: "--listen", tls: serving.tls, logger: logger)
             let replicas = try replicaAddresses()
             TerminationSignals.block()
             let exportName = SnapshotExportName(volume: volume, snapshot: name)

@@ -1,0 +1,62 @@
+import Foundation
+import Syscalls
+import Testing
+
+/// Safe defaults while Keel's listeners have no TLS: a plaintext listener
+/// that other hosts can reach needs an explicit `--tls off` (and is logged),
+/// loopback and unix sockets work as before; unix sockets, the state
+/// directory and the registry are for their owner only.
+@Suite struct ListenerDefaultsTests {
+    func expectRefusal(_ arguments: [String], mentioning words: [String]) throws {
+        let result = try run([Paths.keel] + arguments)
+        #expect(result.status != 0, "\(arguments) succeeded")
+        #expect(result.stderr.split(separator: "\n").count == 1, "\(arguments): \(result.stderr)")
+        for word in words { #expect(result.stderr.contains(word), "\(arguments): \(result.stderr)") }
+    }
+
+    func mode(_ path: String) throws -> Int {
+        (try FileManager.default.attributesOfItem(atPath: path)[.posixPermissions] as! NSNumber).intValue
+    }
+
+    @Test func plaintextBeyondLoopbackNeedsTLSOff() throws {
+        let scratch = try Scratch()
+        let image = try scratch.image(size: 1 << 20)
+        let words = ["reachable from other hosts", "--tls off"]
+        try expectRefusal(["export", image, "--listen", "0.0.0.0:10809"], mentioning: ["--listen 0.0.0.0:10809"] + words)
+        try expectRefusal(["replica", "serve", "--dir", scratch.file("r"), "--size", "1M", "--listen", "[::]:7001"],
+                          mentioning: words)
+        try expectRefusal(["replica", "serve", "--dir", scratch.file("r"), "--size", "1M", "--listen", "127.0.0.1:7001",
+                           "--control", "0.0.0.0:7002"], mentioning: ["--control"] + words)
+        try expectRefusal(["engine", "serve", "--volume", "v", "--size", "1M", "--listen", "0.0.0.0:10809", "--replica", "unix:/nowhere"],
+                          mentioning: words)
+        try expectRefusal(["snapshot", "export", "v", "s1", "--listen", "0.0.0.0:10809", "--replica", "unix:/nowhere"],
+                          mentioning: words)
+        try expectRefusal(["export", image, "--listen", "127.0.0.1:10809", "--tls", "require"], mentioning: ["do not speak TLS yet"])
+        #expect(!FileManager.default.fileExists(atPath: scratch.file("r")), "a refused replica made its directory")
+
+        let port = 20000 + Int.random(in: 0..<20000)
+        let open = try KeelServer(image: image, scratch: scratch, extra: ["--tls", "off"], address: "0.0.0.0:\(port)")
+        let size = try run(["nbdinfo", "--size", "nbd://127.0.0.1:\(port)"])
+        #expect(size.stdout == "1048576\n", "\(size.stderr)")
+        #expect(open.log.contains("serving in plaintext to other hosts (--tls off)"), "\(open.log)")
+        #expect(open.stop() == 0)
+
+        let loopback = try KeelServer(image: image, scratch: scratch, address: "localhost:\(port)")
+        #expect(!loopback.log.contains("plaintext"), "\(loopback.log)")
+        #expect(loopback.stop() == 0)
+    }
+
+    @Test func socketsAndStateAreForTheirOwnerOnly() throws {
+        let scratch = try Scratch()
+        let replica = try KeelServer(["replica", "serve", "--dir", scratch.file("r"), "--size", "1M"], scratch: scratch)
+        #expect(try mode(replica.socketPath!) == 0o600)
+        #expect(try mode(replica.socketPath! + ".control") == 0o600)
+        #expect(try mode(scratch.file("r")) == 0o700)
+        #expect(replica.stop() == 0)
+
+        let state = scratch.file("state")
+        #expect(try run([Paths.keel, "volume", "ls", "--state-dir", state]).status == 0)
+        #expect(try mode(state) == 0o700 && mode(state + "/run") == 0o700 && mode(state + "/log") == 0o700)
+        #expect(try mode(state + "/registry.sqlite") == 0o600)
+    }
+}
