@@ -20,10 +20,6 @@ import Testing
         try run([Paths.keel] + arguments + ["--state-dir", state ?? self.state])
     }
 
-    func mode(_ path: String) throws -> Int {
-        (try FileManager.default.attributesOfItem(atPath: path)[.posixPermissions] as! NSNumber).intValue
-    }
-
     @Test func credentialsWorkWithGnuTLSPeers() throws {
         #expect(try keel(["ca", "init"]).status == 0)
         let issued = try keel(["cert", "issue", "node1", "--ip", "127.0.0.1", "--json"])
@@ -34,8 +30,8 @@ import Testing
         #expect(try keel(["cert", "issue", "client1"]).status == 0)
 
         let ca = state + "/ca", server = state + "/tls/node1", client = state + "/tls/client1"
-        #expect(try mode(ca) == 0o700 && mode(ca + "/ca-key.pem") == 0o600 && mode(ca + "/ca-cert.pem") == 0o644)
-        #expect(try mode(server) == 0o700 && mode(server + "/server-key.pem") == 0o600 && mode(server + "/client-key.pem") == 0o600)
+        #expect(try permissions(ca) == 0o700 && permissions(ca + "/ca-key.pem") == 0o600 && permissions(ca + "/ca-cert.pem") == 0o644)
+        #expect(try permissions(server) == 0o700 && permissions(server + "/server-key.pem") == 0o600 && permissions(server + "/client-key.pem") == 0o600)
         let names = try FileManager.default.contentsOfDirectory(atPath: server).sorted()
         #expect(names == ["ca-cert.pem", "client-cert.pem", "client-key.pem", "server-cert.pem", "server-key.pem"])
 
@@ -84,13 +80,8 @@ import Testing
         #expect(wrongName.status != 0, "a certificate for node1 passed as node9")
     }
 
-    /// One line on stderr that mentions `words`, a non-zero exit, nothing on stdout.
     func expectRefusal(_ arguments: [String], mentioning words: [String]) throws {
-        let result = try keel(arguments)
-        #expect(result.status != 0, "\(arguments) succeeded")
-        #expect(result.stderr.split(separator: "\n").count == 1, "\(arguments): \(result.stderr)")
-        for word in words { #expect(result.stderr.contains(word), "\(arguments): \(result.stderr)") }
-        #expect(result.stdout.isEmpty)
+        try expectOneLineRefusal([Paths.keel] + arguments + ["--state-dir", state], mentioning: words)
     }
 
     @Test func badCallsAreRefusedAndLeaveNothingHalfMade() throws {

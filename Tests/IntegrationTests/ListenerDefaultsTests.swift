@@ -8,14 +8,7 @@ import Testing
 /// directory and the registry are for their owner only.
 @Suite struct ListenerDefaultsTests {
     func expectRefusal(_ arguments: [String], mentioning words: [String]) throws {
-        let result = try run([Paths.keel] + arguments)
-        #expect(result.status != 0, "\(arguments) succeeded")
-        #expect(result.stderr.split(separator: "\n").count == 1, "\(arguments): \(result.stderr)")
-        for word in words { #expect(result.stderr.contains(word), "\(arguments): \(result.stderr)") }
-    }
-
-    func mode(_ path: String) throws -> Int {
-        (try FileManager.default.attributesOfItem(atPath: path)[.posixPermissions] as! NSNumber).intValue
+        try expectOneLineRefusal([Paths.keel] + arguments, mentioning: words)
     }
 
     @Test func plaintextBeyondLoopbackNeedsTLSOff() throws {
@@ -49,14 +42,14 @@ import Testing
     @Test func socketsAndStateAreForTheirOwnerOnly() throws {
         let scratch = try Scratch()
         let replica = try KeelServer(["replica", "serve", "--dir", scratch.file("r"), "--size", "1M"], scratch: scratch)
-        #expect(try mode(replica.socketPath!) == 0o600)
-        #expect(try mode(replica.socketPath! + ".control") == 0o600)
-        #expect(try mode(scratch.file("r")) == 0o700)
+        #expect(try permissions(replica.socketPath!) == 0o600)
+        #expect(try permissions(replica.socketPath! + ".control") == 0o600)
+        #expect(try permissions(scratch.file("r")) == 0o700)
         #expect(replica.stop() == 0)
 
         let state = scratch.file("state")
         #expect(try run([Paths.keel, "volume", "ls", "--state-dir", state]).status == 0)
-        #expect(try mode(state) == 0o700 && mode(state + "/run") == 0o700 && mode(state + "/log") == 0o700)
-        #expect(try mode(state + "/registry.sqlite") == 0o600)
+        #expect(try permissions(state) == 0o700 && permissions(state + "/run") == 0o700 && permissions(state + "/log") == 0o700)
+        #expect(try permissions(state + "/registry.sqlite") == 0o600)
     }
 }

@@ -206,3 +206,17 @@ struct Pattern {
         return out
     }
 }
+
+/// A refused command: one line on stderr that mentions `words`, a non-zero exit, nothing on stdout.
+func expectOneLineRefusal(_ argv: [String], mentioning words: [String]) throws {
+    let result = try run(argv)
+    #expect(result.status != 0, "\(argv) succeeded")
+    #expect(result.stderr.split(separator: "\n").count == 1, "\(argv): \(result.stderr)")
+    for word in words { #expect(result.stderr.contains(word), "\(argv): \(result.stderr)") }
+    #expect(result.stdout.isEmpty, "\(argv): \(result.stdout)")
+}
+
+/// A file's permission bits.
+func permissions(_ path: String) throws -> Int {
+    (try FileManager.default.attributesOfItem(atPath: path)[.posixPermissions] as! NSNumber).intValue
+}
