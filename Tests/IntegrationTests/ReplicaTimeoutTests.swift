@@ -24,7 +24,7 @@ import Testing
         defer { net.remove() }
         let cluster = try EngineTests.Cluster(replicas: 2, size: "64M")
         let remote = try KeelServer(["ip", "netns", "exec", net.namespace, Paths.keel, "replica", "serve",
-                                     "--dir", cluster.scratch.file("remote"), "--size", "64M"],
+                                     "--dir", cluster.scratch.file("remote"), "--size", "64M", "--tls", "off"],
                                     scratch: cluster.scratch, address: "\(net.namespaceAddress):7001",
                                     executable: "/usr/sbin/ip")
         defer { remote.stop() }
