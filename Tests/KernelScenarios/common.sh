@@ -43,7 +43,11 @@ detach() { nbd-client -d /dev/nbd0 >/dev/null; }
 
 on_exit() {
     status=$?
-    if [ $status -ne 0 ]; then for f in "$work"/*.log; do echo "--- $f"; tail -20 "$f"; done; fi
+    if [ $status -ne 0 ]; then
+        for f in "$work"/*.log; do echo "--- $f"; tail -20 "$f"; done
+        # The kernel's own account (nbd: timeouts, dead links, fallbacks) of a failed run.
+        echo "--- dmesg"; dmesg | tail -30
+    fi
     exit $status
 }
 trap on_exit EXIT
