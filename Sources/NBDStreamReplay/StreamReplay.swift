@@ -24,7 +24,7 @@ public enum StreamReplay {
         guard input.count >= prefixLength else { return .handshakeUnfinished }
         var chunks = Chunker(seed: input[0], stream: UnsafeRawBufferPointer(rebasing: input[prefixLength...]))
         let exports = Self.exports(variant: input[1])
-        var handshake = Handshake(exports: exports)
+        var handshake = Handshake(catalog: ReplayCatalog(listed: exports))
         var oracle = HandshakeOracle(exports: exports)
         var reply: [UInt8] = []
 
@@ -100,3 +100,19 @@ struct Chunker {
         return UnsafeRawBufferPointer(rebasing: rest[..<take])
     }
 }
+
+/// The exports, plus one that may be looked at but not opened (as a
+/// replica claimed by a newer epoch answers): INFO and the meta context
+/// options see it, GO and EXPORT_NAME are refused.
+struct ReplayCatalog: ExportCatalog {
+    static let busy = "vol@busy"
+    let listed: [ExportDescription]
+
+    func resolve(_ name: String, opening: Bool) -> ExportResolution {
+        if name == Self.busy {
+            return opening ? .refused(.errPolicy, "claimed by a newer epoch") : .found(listed[0])
+        }
+        return StaticExports(listed).resolve(name, opening: opening)
+    }
+}
+

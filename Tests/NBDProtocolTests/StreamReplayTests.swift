@@ -56,6 +56,9 @@ import Testing
          .transmission(requests: 0, closed: false)),
         ("bad-request-magic", input(structuredGo + u32(0xDEAD_BEEF) + Array(repeating: 0, count: 24)),
          .transmission(requests: 0, closed: true)),
+        ("busy-export-refused", input(Client.flags() + Client.option(.info, Client.info("vol@busy"))
+                                      + Client.option(.go, Client.info("vol@busy")) + Client.option(.go, Client.info("vol"))),
+         .transmission(requests: 0, closed: false)),
         ("write-too-long", input(Client.flags() + Client.option(.go, Client.info("vol"))
                                  + request(.write, offset: 0, length: 1 << 30)),
          .transmission(requests: 1, closed: true)),
