@@ -89,6 +89,7 @@ let package = Package(
         ], swiftSettings: hotPath),
         // The cluster's certificate authority and the node credentials it issues (X.509, ECDSA P-256).
         .target(name: "ClusterCA", dependencies: [
+            "Syscalls",
             .product(name: "X509", package: "swift-certificates"),
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "SwiftASN1", package: "swift-asn1"),

@@ -1,4 +1,5 @@
 import Foundation
+import Syscalls
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -19,11 +20,12 @@ enum PrivateFiles {
             let path = staging + "/" + file.name
             let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, file.secret ? 0o600 : 0o644)
             guard fd >= 0 else { throw failure("cannot create \(path)") }
-            defer { close(fd) }
-            let bytes = Array(file.contents.utf8)
-            guard bytes.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, $0.count) }) == bytes.count, fsync(fd) == 0 else {
-                throw failure("cannot write \(path)")
-            }
+            let descriptor = FileDescriptor(rawValue: fd)
+            defer { descriptor.close() }
+            do {
+                try descriptor.writeAll(Array(file.contents.utf8))
+                try retryingOnInterrupt("fsync") { fsync(fd) }
+            } catch { throw ClusterCA.Failure(description: "cannot write \(path): \(error)") }
         }
         guard rename(staging, target.path) == 0 else {
             if errno == ENOTEMPTY || errno == EEXIST {

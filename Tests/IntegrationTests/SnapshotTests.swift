@@ -368,6 +368,20 @@ import Testing
         #expect(try EngineTests.status(volume.control)["health"] as? String == "healthy")
     }
 
+    /// Restarts the engine with the fault point `fault`, runs `keel snapshot
+    /// ARGUMENTS`, which fails as the engine kills itself (SIGKILL) half way,
+    /// and starts the engine again without faults.
+    func restart(_ volume: Volume, dyingAt fault: String, during arguments: [String]) throws {
+        try volume.client.shutdown()
+        #expect(volume.cluster.engine!.stop() == 0)
+        try volume.cluster.startEngine(extra: ["--control", volume.control], environment: ["KEEL_FAULTS": fault])
+        let dying = try volume.snapshot(arguments)
+        #expect(dying.status != 0, "the engine was to die at \(fault) during \(arguments)")
+        volume.cluster.engine!.process.waitUntilExit()
+        #expect(volume.cluster.engine!.process.terminationReason == .uncaughtSignal)
+        try volume.cluster.startEngine(extra: ["--control", volume.control])
+    }
+
     /// kill -9 of the engine after one replica removed the snapshot and
     /// before the others: the next engine finishes the removal on them (it
     /// does not take the snapshot again), and every view reads its model.
@@ -381,16 +395,7 @@ import Testing
         try Self.scribble(volume.client, &model, &random, steps: 60, stamp: 0x02)
         try volume.create("s2")
         try Self.scribble(volume.client, &model, &random, steps: 60, stamp: 0x04)
-        try volume.client.shutdown()
-        #expect(volume.cluster.engine!.stop() == 0)
-
-        try volume.cluster.startEngine(extra: ["--control", volume.control], environment: ["KEEL_FAULTS": "die-mid-removal"])
-        let dying = try volume.snapshot(["rm", "vol", "s2"])
-        #expect(dying.status != 0, "the engine was to die while it removed s2")
-        volume.cluster.engine!.process.waitUntilExit()
-        #expect(volume.cluster.engine!.process.terminationReason == .uncaughtSignal)
-
-        try volume.cluster.startEngine(extra: ["--control", volume.control])
+        try restart(volume, dyingAt: "die-mid-removal", during: ["rm", "vol", "s2"])
         #expect(volume.cluster.engine!.log.contains("removed now"), "the start finished the removal")
         #expect(try names(volume) == ["s1"])
         let client = try NBDClient()
@@ -556,16 +561,7 @@ import Testing
         try volume.create("s1")
         let s1 = model
         try Self.scribble(volume.client, &model, &random, steps: 60, stamp: 0x02)
-        try volume.client.shutdown()
-        #expect(volume.cluster.engine!.stop() == 0)
-
-        try volume.cluster.startEngine(extra: ["--control", volume.control], environment: ["KEEL_FAULTS": "die-mid-revert"])
-        let dying = try volume.snapshot(["revert", "vol", "s1"])
-        #expect(dying.status != 0, "the engine was to die while it reverted")
-        volume.cluster.engine!.process.waitUntilExit()
-        #expect(volume.cluster.engine!.process.terminationReason == .uncaughtSignal)
-
-        try volume.cluster.startEngine(extra: ["--control", volume.control])
+        try restart(volume, dyingAt: "die-mid-revert", during: ["revert", "vol", "s1"])
         #expect(volume.cluster.engine!.log.contains("made the replicas identical"), "the start resynced the volume")
         let client = try NBDClient()
         try client.connect(uri: volume.cluster.uri)
