@@ -31,6 +31,8 @@ let package = Package(
                        providers: [.apt(["libnbd-dev"])]),
         .systemLibrary(name: "CSQLite", pkgConfig: "sqlite3",
                        providers: [.apt(["libsqlite3-dev"])]),
+        .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls",
+                       providers: [.apt(["libgnutls28-dev"])]),
 
         // Thin typed wrappers over the syscalls Keel uses outside io_uring.
         .systemLibrary(name: "CSyscalls"),
@@ -42,9 +44,11 @@ let package = Package(
         // Whole client byte streams through those state machines, each step checked
         // against the protocol: the fuzzer's driver (Bench/fuzz) and its replays.
         .target(name: "NBDStreamReplay", dependencies: ["NBDProtocol"]),
+        // TLS sessions over memory buffers (GnuTLS): credentials from a certificate directory or a PSK file.
+        .target(name: "TLSSession", dependencies: ["CGnuTLS"]),
         // The NBD server core: connections on io_uring, dispatch to a block device.
         .target(name: "NBDServer", dependencies: [
-            "NBDProtocol", "IOUring", "Syscalls",
+            "NBDProtocol", "IOUring", "Syscalls", "TLSSession",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
         // A raw image file as an NBD block device (O_DIRECT, read-modify-write).
@@ -128,6 +132,7 @@ let package = Package(
         ]),
 
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol", "NBDStreamReplay", "SeededRandom"]),
+        .testTarget(name: "TLSSessionTests", dependencies: ["TLSSession", "ClusterCA"]),
         .testTarget(name: "IOUringTests", dependencies: ["IOUring", "Syscalls"]),
         .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite", "ReplicaIdentity", "LayerStack"]),
         .testTarget(name: "LayerStackTests", dependencies: ["LayerStack", "SeededRandom"]),

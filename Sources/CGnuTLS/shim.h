@@ -1,0 +1,3 @@
+#include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
+#include <gnutls/socket.h>
