@@ -8,6 +8,18 @@ public struct Handshake {
         case finished(Negotiated, consumed: Int)
         /// Hard disconnect (after sending `reply`, if any).
         case close(reason: String)
+        /// STARTTLS was acknowledged: once `reply` is sent, the bytes after
+        /// `consumed` and all that follow are TLS records. The options go on
+        /// inside the session: fed the plaintext, this state machine answers them.
+        case startTLS(consumed: Int)
+    }
+
+    /// Whether the server offers TLS, and whether it serves anyone who does not start it.
+    public enum TLSPolicy: Sendable {
+        case off
+        case on
+        /// Every option but STARTTLS and ABORT is refused with ERR_TLS_REQD until TLS starts.
+        case require
     }
 
     /// Larger options are read and discarded, then answered with ERR_TOO_BIG.
@@ -23,6 +35,9 @@ public struct Handshake {
     }
 
     private let catalog: any ExportCatalog
+    private let tls: TLSPolicy
+    /// STARTTLS was acknowledged: the options come through TLS from now on.
+    private var secured = false
     private var state = State.clientFlags
     private var pending: [UInt8] = []
     private var clientNoZeroes = false
@@ -30,8 +45,9 @@ public struct Handshake {
     /// What the last SET_META_CONTEXT selected, and for which export.
     private var selection: (export: String, baseAllocation: Bool, extra: MetaContextOffer?)?
 
-    public init(catalog: any ExportCatalog) {
+    public init(catalog: any ExportCatalog, tls: TLSPolicy = .off) {
         self.catalog = catalog
+        self.tls = tls
     }
 
     /// `exports[0]` is the default export, also reachable by the empty name.
@@ -84,6 +100,7 @@ public struct Handshake {
                 switch advance(with: message, reply: &reply) {
                 case .needMore: continue
                 case .finished(let negotiated, _): return .finished(negotiated, consumed: offset)
+                case .startTLS: return .startTLS(consumed: offset)
                 case .close(let reason):
                     state = .closed
                     return .close(reason: reason)
@@ -142,6 +159,15 @@ public struct Handshake {
     // MARK: - Options
 
     private mutating func handleOption(_ code: UInt32, data: [UInt8], reply: inout [UInt8]) -> Step {
+        if tls == .require && !secured && code != OptionType.startTLS.rawValue && code != OptionType.abort.rawValue {
+            // EXPORT_NAME has no error reply: the only refusal is to hang up.
+            if code == OptionType.exportName.rawValue {
+                return .close(reason: "EXPORT_NAME without TLS, which this server requires")
+            }
+            appendOptionReply(&reply, option: code, type: .errTLSRequired,
+                              message: "this server requires TLS: send STARTTLS first")
+            return .needMore
+        }
         guard let option = OptionType(rawValue: code) else {
             appendOptionReply(&reply, option: code, type: .errUnsupported, message: "option \(code) is not supported")
             return .needMore
@@ -174,8 +200,7 @@ public struct Handshake {
             appendOptionReply(&reply, option: code, type: .ack)
             return .needMore
         case .startTLS:
-            appendOptionReply(&reply, option: code, type: .errUnsupported, message: "TLS is not supported")
-            return .needMore
+            return startTLS(data: data, reply: &reply)
         case .info, .go:
             return handleInfo(option, data: data, reply: &reply)
         case .structuredReply:
@@ -190,6 +215,29 @@ public struct Handshake {
             handleMetaContext(option, data: data, reply: &reply)
             return .needMore
         }
+    }
+
+    private mutating func startTLS(data: [UInt8], reply: inout [UInt8]) -> Step {
+        let code = OptionType.startTLS.rawValue
+        guard tls != .off else {
+            appendOptionReply(&reply, option: code, type: .errUnsupported, message: "TLS is not enabled on this server")
+            return .needMore
+        }
+        guard !secured else {
+            appendOptionReply(&reply, option: code, type: .errInvalid, message: "TLS is already started")
+            return .needMore
+        }
+        guard data.isEmpty else {
+            appendOptionReply(&reply, option: code, type: .errInvalid, message: "STARTTLS takes no data")
+            return .needMore
+        }
+        appendOptionReply(&reply, option: code, type: .ack)
+        secured = true
+        // Nothing negotiated in plaintext, where anyone on the path could
+        // have written it, carries over into the session.
+        structuredReplies = false
+        selection = nil
+        return .startTLS(consumed: 0)
     }
 
     private mutating func handleInfo(_ option: OptionType, data: [UInt8], reply: inout [UInt8]) -> Step {

@@ -1,6 +1,7 @@
 import IOUring
 import NBDProtocol
 import Syscalls
+import TLSSession
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -44,6 +45,15 @@ final class Connection {
 
     var input: [PendingInput] = []
     var inputHead = 0
+
+    /// After STARTTLS: the session, and the decrypted bytes not yet consumed
+    /// (kept while every slot is busy). The receive buffers then only pass
+    /// through: their bytes are fed to the session as they arrive.
+    var tls: TLSSession?
+    var plaintext = UnsafeMutableRawBufferPointer(start: nil, count: 0)
+    var plaintextHead = 0
+    var plaintextCount = 0
+    static let plaintextCapacity = 16 * 1024
 
     /// Handshake replies waiting to be sent; they always go before slot replies.
     var rawOutput: [UInt8] = []
@@ -95,6 +105,17 @@ final class Connection {
         message.deallocate()
         iovecs.deallocate()
         rawInFlight?.deallocate()
+        plaintext.deallocate()
+    }
+
+    func startTLS(_ session: TLSSession) {
+        tls = session
+        plaintext = .allocate(byteCount: Self.plaintextCapacity, alignment: 8)
+    }
+
+    /// Bytes received and not yet consumed, waiting for a free slot.
+    var hasPendingInput: Bool {
+        tls == nil ? inputHead < input.count : plaintextHead < plaintextCount
     }
 
     var hasQueuedOutput: Bool {

@@ -3,6 +3,7 @@ import Logging
 import NBDProtocol
 import Synchronization
 import Syscalls
+import TLSSession
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -24,6 +25,7 @@ final class IOThread<Device: BlockDevice> {
     let device: Device
     let catalog: any ExportCatalog
     let listener: FileDescriptor
+    let tls: ServerTLS
     let configuration: Configuration
     var logger: Logger
     let wake: EventFD
@@ -48,9 +50,10 @@ final class IOThread<Device: BlockDevice> {
     private let wakeCounter = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
     private lazy var graceTimeout = TimeoutDuration(nanoseconds: Int64(configuration.shutdownGraceSeconds) * 1_000_000_000)
 
-    init(id: Int, device: Device, catalog: any ExportCatalog, listener: FileDescriptor,
+    init(id: Int, device: Device, catalog: any ExportCatalog, listener: FileDescriptor, tls: ServerTLS,
          configuration: Configuration, logger: Logger) throws {
         self.id = id
+        self.tls = tls
         self.device = device
         self.catalog = catalog
         self.listener = listener
@@ -145,9 +148,11 @@ final class IOThread<Device: BlockDevice> {
             }
             starvedReceives.removeAll(keepingCapacity: true)
         }
-        if !needsFlush.isEmpty {
-            for connection in needsFlush { flush(connection) }
+        // Flushing may queue more (a closing TLS session's close_notify).
+        while !needsFlush.isEmpty {
+            let connections = needsFlush
             needsFlush.removeAll(keepingCapacity: true)
+            for connection in connections { flush(connection) }
         }
     }
 
@@ -174,7 +179,7 @@ final class IOThread<Device: BlockDevice> {
             connections.append(nil)
         }
         let phase: Connection.Phase = negotiated.map { .transmission(RequestPolicy($0)) }
-            ?? .handshake(Handshake(catalog: catalog))
+            ?? .handshake(Handshake(catalog: catalog, tls: tls.policy))
         let connection = Connection(index: index, fd: fd, phase: phase, adopted: negotiated != nil)
         connections[index] = connection
         liveConnections += 1
@@ -224,6 +229,11 @@ final class IOThread<Device: BlockDevice> {
         }
         connection.payloadTarget = .none
         dropInput(connection)
+        if let tls = connection.tls {
+            connection.plaintextHead = connection.plaintextCount
+            tls.closeNotify()
+            takeTLSOutput(connection, tls)
+        }
     }
 
     /// Drops queued replies and shuts the socket so pending receives and sends end.
@@ -278,6 +288,10 @@ final class IOThread<Device: BlockDevice> {
 
     private func processInput(_ connection: Connection) {
         while connection.inputHead < connection.input.count && !connection.closing {
+            if connection.tls != nil {
+                passInputToTLS(connection)
+                return
+            }
             let entry = connection.input[connection.inputHead]
             let bytes = receiveBuffers.bytes(of: entry.bufferID, count: entry.length)
             var rest = UnsafeRawBufferPointer(rebasing: bytes[entry.offset...])
@@ -297,6 +311,83 @@ final class IOThread<Device: BlockDevice> {
         }
     }
 
+    /// The records received go into the session; what they decrypt to is consumed.
+    private func passInputToTLS(_ connection: Connection) {
+        let tls = connection.tls!
+        while connection.inputHead < connection.input.count {
+            let entry = connection.input[connection.inputHead]
+            let bytes = receiveBuffers.bytes(of: entry.bufferID, count: entry.length)
+            tls.feed(UnsafeRawBufferPointer(rebasing: bytes[entry.offset...]))
+            receiveBuffers.recycle(entry.bufferID)
+            connection.inputHead += 1
+        }
+        connection.input.removeAll(keepingCapacity: true)
+        connection.inputHead = 0
+        driveTLS(connection, tls)
+    }
+
+    /// Advances the TLS handshake, then decrypts and consumes records until
+    /// the session needs more bytes or every slot is busy.
+    private func driveTLS(_ connection: Connection, _ tls: TLSSession) {
+        guard !connection.closing else { return }
+        if !tls.isEstablished {
+            let status = tls.handshake()
+            takeTLSOutput(connection, tls)
+            switch status {
+            case .inProgress:
+                return
+            case .failed(let reason):
+                logger.info("connection \(connection.index): TLS handshake failed: \(reason)")
+                stopReading(connection)
+                return
+            case .established:
+                logger.info("connection \(connection.index): \(tls.summary)")
+            }
+        }
+        while !connection.closing {
+            if connection.plaintextHead < connection.plaintextCount {
+                var rest = UnsafeRawBufferPointer(rebasing: connection.plaintext[connection.plaintextHead..<connection.plaintextCount])
+                consume(connection, &rest)
+                connection.plaintextHead = connection.plaintextCount - rest.count
+                if !rest.isEmpty { return }
+                continue
+            }
+            switch tls.receive(into: connection.plaintext) {
+            case .bytes(let count):
+                connection.plaintextHead = 0
+                connection.plaintextCount = count
+            case .needMore:
+                return
+            case .closed:
+                stopReading(connection)
+            case .failed(let reason):
+                logger.debug("connection \(connection.index): TLS record refused: \(reason)")
+                abort(connection)
+            }
+        }
+    }
+
+    /// Records the session produced go out after everything queued before them.
+    private func takeTLSOutput(_ connection: Connection, _ tls: TLSSession) {
+        guard !tls.outgoing.isEmpty, !connection.aborted else { return }
+        tls.takeOutgoing(into: &connection.rawOutput)
+        markForFlush(connection)
+    }
+
+    /// Handshake replies: in plaintext, or through the session once it is up.
+    private func appendReply(_ connection: Connection, _ reply: [UInt8]) {
+        if let tls = connection.tls, tls.isEstablished {
+            guard reply.withUnsafeBytes({ tls.send($0) }) else {
+                abort(connection)
+                return
+            }
+            takeTLSOutput(connection, tls)
+        } else {
+            connection.rawOutput.append(contentsOf: reply)
+            markForFlush(connection)
+        }
+    }
+
     private func dropInput(_ connection: Connection) {
         while connection.inputHead < connection.input.count {
             receiveBuffers.recycle(connection.input[connection.inputHead].bufferID)
@@ -311,7 +402,7 @@ final class IOThread<Device: BlockDevice> {
             var reply: [UInt8] = []
             let step = handshake.receive(rest, reply: &reply)
             if !reply.isEmpty {
-                connection.rawOutput.append(contentsOf: reply)
+                appendReply(connection, reply)
                 // A client that keeps asking and never reads would have the server
                 // hold its answers without end: past the limit it is closed.
                 guard connection.rawOutput.count <= Connection.unreadHandshakeLimit else {
@@ -319,7 +410,6 @@ final class IOThread<Device: BlockDevice> {
                     abort(connection)
                     return
                 }
-                markForFlush(connection)
             }
             switch step {
             case .needMore:
@@ -329,6 +419,17 @@ final class IOThread<Device: BlockDevice> {
             case .close(let reason):
                 logger.debug("connection \(connection.index): handshake ended: \(reason)")
                 stopReading(connection)
+                return
+            case .startTLS(let consumed):
+                connection.phase = .handshake(handshake)
+                guard let credentials = tls.credentials, let session = try? TLSSession(credentials: credentials) else {
+                    logger.error("connection \(connection.index): no TLS session could be made; closing")
+                    abort(connection)
+                    return
+                }
+                connection.startTLS(session)
+                session.feed(UnsafeRawBufferPointer(rebasing: rest[(rest.startIndex + consumed)...]))
+                rest = UnsafeRawBufferPointer(rebasing: rest[rest.endIndex...])
                 return
             case .finished(let negotiated, let consumed):
                 connection.phase = .transmission(RequestPolicy(negotiated))
@@ -522,8 +623,8 @@ final class IOThread<Device: BlockDevice> {
         connection.releaseSlot(slot)
         if connection.adopted { adoptedRequestsInFlight.subtract(1, ordering: .relaxed) }
         // A freed slot may unblock input that was waiting for one.
-        if connection.inputHead < connection.input.count && !connection.closing {
-            processInput(connection)
+        if connection.hasPendingInput && !connection.closing {
+            if let tls = connection.tls { driveTLS(connection, tls) } else { processInput(connection) }
         }
     }
 
@@ -542,6 +643,9 @@ final class IOThread<Device: BlockDevice> {
         connection.batch.removeAll(keepingCapacity: true)
         connection.batchIovecEnds.removeAll(keepingCapacity: true)
         connection.iovecCount = 0
+        if connection.rawOutput.isEmpty, let tls = connection.tls, tls.isEstablished {
+            encryptQueuedReplies(connection, tls)
+        }
         if !connection.rawOutput.isEmpty {
             let raw = UnsafeMutableRawBufferPointer.allocate(byteCount: connection.rawOutput.count, alignment: 8)
             raw.copyBytes(from: connection.rawOutput)
@@ -549,6 +653,8 @@ final class IOThread<Device: BlockDevice> {
             connection.rawInFlight = raw
             connection.iovecs[0] = iovec(iov_base: raw.baseAddress, iov_len: raw.count)
             connection.iovecCount = 1
+            // Encrypted replies are done once all of it is sent.
+            connection.batchIovecEnds = connection.batch.map { _ in 1 }
         } else {
             while connection.batch.count < Connection.maximumBatch, let slot = connection.popQueuedReply() {
                 let s = connection.slots.advanced(by: slot)
@@ -567,6 +673,30 @@ final class IOThread<Device: BlockDevice> {
             guard connection.iovecCount > 0 else { return }
         }
         submitSend(connection)
+    }
+
+    /// A batch of replies encrypted into `rawOutput` (headers and data share
+    /// records); their slots stay the batch's until the records are sent.
+    private func encryptQueuedReplies(_ connection: Connection, _ tls: TLSSession) {
+        tls.cork()
+        var sealed = true
+        while sealed, connection.batch.count < Connection.maximumBatch, let slot = connection.popQueuedReply() {
+            let s = connection.slots.advanced(by: slot)
+            connection.batch.append(Int32(slot))
+            sealed = tls.send(UnsafeRawBufferPointer(start: s.replyHeaderBytes, count: s.pointee.replyHeaderLength))
+            if sealed && s.pointee.replyDataLength > 0 {
+                sealed = tls.send(UnsafeRawBufferPointer(start: s.pointee.replyData, count: s.pointee.replyDataLength))
+            }
+        }
+        if !tls.uncork() { sealed = false }
+        guard sealed else {
+            logger.debug("connection \(connection.index): TLS could not seal a reply; closing")
+            connection.batchIovecEnds = connection.batch.map { _ in 0 }
+            releaseBatch(connection, upTo: connection.batch.count)
+            abort(connection)
+            return
+        }
+        tls.takeOutgoing(into: &connection.rawOutput)
     }
 
     private func submitSend(_ connection: Connection) {

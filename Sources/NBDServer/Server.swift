@@ -2,6 +2,7 @@ import IOUring
 import Logging
 import NBDProtocol
 import Syscalls
+import TLSSession
 
 /// An NBD server: a listening socket shared by `threads` I/O threads, each
 /// with its own ring, all serving one block device.
@@ -14,27 +15,31 @@ public final class Server<Device: BlockDevice>: @unchecked Sendable {
     private var osThreads: [PosixThread] = []
 
     private let catalog: any ExportCatalog
+    private let tls: ServerTLS
     private let threadCount: Int
 
-    public init(device: Device, listener: FileDescriptor, catalog: any ExportCatalog, threads: Int, logger: Logger) {
+    public init(device: Device, listener: FileDescriptor, catalog: any ExportCatalog, tls: ServerTLS = .off,
+                threads: Int, logger: Logger) {
         self.device = device
         self.listener = listener
         self.catalog = catalog
+        self.tls = tls
         self.logger = logger
         threadCount = max(1, threads)
     }
 
     /// One export of the whole device under `exportName` (and the default name "").
-    public convenience init(device: Device, listener: FileDescriptor, exportName: String, threads: Int,
-                            logger: Logger) {
+    public convenience init(device: Device, listener: FileDescriptor, exportName: String, tls: ServerTLS = .off,
+                            threads: Int, logger: Logger) {
         let export = ExportDescription(name: exportName, size: device.size, readOnly: device.readOnly)
-        self.init(device: device, listener: listener, catalog: StaticExports([export]), threads: threads, logger: logger)
+        self.init(device: device, listener: listener, catalog: StaticExports([export]), tls: tls, threads: threads,
+                  logger: logger)
     }
 
     /// Starts the I/O threads; returns once each has set up its ring, or throws the first failure.
     public func start() throws {
         for id in 0..<threadCount {
-            let thread = try IOThread(id: id, device: device, catalog: catalog, listener: listener,
+            let thread = try IOThread(id: id, device: device, catalog: catalog, listener: listener, tls: tls,
                                       configuration: .init(), logger: logger)
             let ready = Handoff<Result<Void, Error>>()
             let os = try PosixThread(name: "keel-io-\(id)") { [logger] in
@@ -79,6 +84,21 @@ public final class Server<Device: BlockDevice>: @unchecked Sendable {
     public func wait() {
         for thread in osThreads { thread.join() }
         osThreads.removeAll()
+    }
+}
+
+/// Whether the listener offers TLS (STARTTLS), requires it, and what it
+/// proves itself with. Sessions run on the I/O threads, over memory buffers.
+public struct ServerTLS: Sendable {
+    public let policy: Handshake.TLSPolicy
+    public let credentials: TLSCredentials?
+
+    public static let off = ServerTLS(policy: .off, credentials: nil)
+
+    public init(policy: Handshake.TLSPolicy, credentials: TLSCredentials?) {
+        precondition(policy == .off || credentials != nil, "TLS offered without credentials")
+        self.policy = policy
+        self.credentials = policy == .off ? nil : credentials
     }
 }
 

@@ -6,15 +6,20 @@ import NBDProtocol
 /// one ACK or error; nothing is left unanswered but an option whose data is
 /// still arriving; EXPORT_NAME is answered by the export's size and flags
 /// (and 124 zeroes unless the client said NO_ZEROES); GO's negotiation is
-/// one the catalog offers.
+/// one the catalog offers. Under a TLS policy, STARTTLS is acknowledged
+/// once and only where TLS is offered, and with `require` every other option
+/// but ABORT before it is refused with ERR_TLS_REQD alone.
 struct HandshakeOracle {
     enum After {
         case needMore
         case closed
         case finished(Negotiated)
+        case startedTLS
     }
 
     private let exports: [ExportDescription]
+    private let tls: Handshake.TLSPolicy
+    private var secured = false
 
     // The client's side, as parsed here.
     private var pending: [UInt8] = []
@@ -22,15 +27,17 @@ struct HandshakeOracle {
     private var noZeroes = false
     private var dataRemaining = 0
     private var sawBadMagic = false
-    /// The options whose header has arrived, in order.
+    /// The options whose header has arrived, in order, with their data's length.
     private var options: [UInt32] = []
+    private var optionLengths: [Int] = []
 
     // The server's side.
     private var replyChecked = 0
     private var answered = 0
 
-    init(exports: [ExportDescription]) {
+    init(exports: [ExportDescription], tls: Handshake.TLSPolicy) {
         self.exports = exports
+        self.tls = tls
     }
 
     mutating func clientSent(_ bytes: UnsafeRawBufferPointer) {
@@ -55,6 +62,7 @@ struct HandshakeOracle {
             } else {
                 options.append(pending.loadBigEndian(at: 8, as: UInt32.self))
                 dataRemaining = Int(pending.loadBigEndian(at: 12, as: UInt32.self))
+                optionLengths.append(dataRemaining)
             }
             pending.removeAll(keepingCapacity: true)
         }
@@ -81,7 +89,12 @@ struct HandshakeOracle {
                          "\(unanswered) complete options have no final reply")
         case .closed:
             break
+        case .startedTLS:
+            precondition(options.last == OptionType.startTLS.rawValue && unanswered == 0 && secured,
+                         "TLS started without STARTTLS acknowledged last")
+            precondition(dataRemaining == 0 && pending.isEmpty, "TLS started inside an option")
         case .finished(let negotiated):
+            precondition(tls != .require || secured, "transmission without TLS, which the server requires")
             precondition(dataRemaining == 0 && pending.isEmpty, "the handshake finished inside an option")
             checkNegotiated(negotiated)
             if endsWithExportName {
@@ -112,11 +125,21 @@ struct HandshakeOracle {
         precondition(answered < options.count, "a reply to an option the client did not send")
         precondition(option == options[answered], "reply for option \(option) while \(options[answered]) waits")
         precondition(option != OptionType.exportName.rawValue, "EXPORT_NAME has no option replies")
+        let refusedForTLS = tls == .require && !secured
+            && option != OptionType.startTLS.rawValue && option != OptionType.abort.rawValue
         if type == OptionReplyType.ack.rawValue || type & 0x8000_0000 != 0 {
             precondition(OptionReplyType(rawValue: type) != nil, "unknown option reply type 0x\(String(type, radix: 16))")
+            precondition(!refusedForTLS || OptionReplyType(rawValue: type) == .errTLSRequired || optionLengths[answered] > Handshake.maximumOptionLength,
+                         "option \(option) answered without TLS, which the server requires")
+            if option == OptionType.startTLS.rawValue {
+                let acceptable = tls != .off && !secured && optionLengths[answered] == 0
+                precondition((type == OptionReplyType.ack.rawValue) == acceptable, "STARTTLS answered 0x\(String(type, radix: 16))")
+                if acceptable { secured = true }
+            }
             answered += 1
             return
         }
+        precondition(!refusedForTLS, "option \(option) answered without TLS, which the server requires")
         switch OptionReplyType(rawValue: type) {
         case .server?:
             precondition(option == OptionType.list.rawValue, "SERVER answers only LIST")

@@ -24,11 +24,14 @@ public enum StreamReplay {
         guard input.count >= prefixLength else { return .handshakeUnfinished }
         var chunks = Chunker(seed: input[0], stream: UnsafeRawBufferPointer(rebasing: input[prefixLength...]))
         let exports = Self.exports(variant: input[1])
-        var handshake = Handshake(catalog: ReplayCatalog(listed: exports))
-        var oracle = HandshakeOracle(exports: exports)
+        let tls = Self.tlsPolicy(variant: input[1])
+        var handshake = Handshake(catalog: ReplayCatalog(listed: exports), tls: tls)
+        var oracle = HandshakeOracle(exports: exports, tls: tls)
         var reply: [UInt8] = []
 
-        while let chunk = chunks.next() {
+        var carried: UnsafeRawBufferPointer?
+        while let chunk = carried ?? chunks.next() {
+            carried = nil
             let step = handshake.receive(chunk, reply: &reply)
             switch step {
             case .needMore:
@@ -38,6 +41,12 @@ public enum StreamReplay {
                 oracle.clientSent(chunk)
                 oracle.check(reply: reply, after: .closed)
                 return .closedInHandshake(reason: reason)
+            case .startTLS(let consumed):
+                precondition(consumed >= 0 && consumed <= chunk.count, "STARTTLS consumed \(consumed) of \(chunk.count) bytes")
+                oracle.clientSent(UnsafeRawBufferPointer(rebasing: chunk[..<consumed]))
+                oracle.check(reply: reply, after: .startedTLS)
+                // The replay has no TLS: what follows stands for the session's plaintext.
+                if consumed < chunk.count { carried = UnsafeRawBufferPointer(rebasing: chunk[consumed...]) }
             case .finished(let negotiated, let consumed):
                 precondition(consumed >= 0 && consumed <= chunk.count, "the handshake consumed \(consumed) of \(chunk.count) bytes")
                 oracle.clientSent(UnsafeRawBufferPointer(rebasing: chunk[..<consumed]))
@@ -52,6 +61,11 @@ public enum StreamReplay {
             }
         }
         return .handshakeUnfinished
+    }
+
+    /// Bits 5-6: TLS off (0 and 1), on (2) or required (3).
+    static func tlsPolicy(variant: UInt8) -> Handshake.TLSPolicy {
+        [.off, .off, .on, .require][Int(variant >> 5) & 3]
     }
 
     /// Bit 0: the default export is read-only; bits 1-2: its block sizes;

@@ -99,8 +99,9 @@ struct EngineCommand: ParsableCommand {
             let address = try parseListenAddress(listen)
             let addresses = try replicas.map { try parseListenAddress($0, option: "--replica") }
             let controlAddress = try control.map { try parseListenAddress($0, option: "--control") }
-            try checkPlaintextListener(address, option: "--listen", tls: serving.tls, logger: logger)
-            if let controlAddress { try checkPlaintextListener(controlAddress, option: "--control", tls: serving.tls, logger: logger) }
+            try serving.checkNBDListener(address, logger: logger)
+            if let controlAddress { try serving.checkControlListener(controlAddress, logger: logger) }
+            let listenerTLS = try serving.serverTLS()
             TerminationSignals.block()
             // Before anything is claimed: a kernel without the NBD driver is a one-line refusal.
             if frontend == .kernel {
@@ -155,7 +156,7 @@ struct EngineCommand: ParsableCommand {
                                     },
                                     beforeStop: { kernel.shutdown() }) { listener in
                 let export = ExportDescription(name: volume, size: device.size, readOnly: device.readOnly)
-                let server = Server(device: device, listener: listener, catalog: EngineExports(device: device, export: export),
+                let server = Server(device: device, listener: listener, catalog: EngineExports(device: device, export: export), tls: listenerTLS,
                                     threads: serving.threads, logger: logger)
                 kernel.serve(with: server)
                 return server

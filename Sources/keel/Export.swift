@@ -33,7 +33,8 @@ struct Export: ParsableCommand {
     func run() throws {
         let logger = makeLogger(label: "keel.export", level: serving.logLevel)
         let address = try parseListenAddress(listen)
-        try checkPlaintextListener(address, option: "--listen", tls: serving.tls, logger: logger)
+        try serving.checkNBDListener(address, logger: logger)
+            let listenerTLS = try serving.serverTLS()
         TerminationSignals.block()
         let device: FileDevice
         do { device = try FileDevice(path: file, readOnly: readOnly, logger: logger) } catch {
@@ -41,7 +42,7 @@ struct Export: ParsableCommand {
         }
         let what = "\(file) (\(device.size) bytes, \(device.isDirect ? "O_DIRECT" : "buffered")\(readOnly ? ", read-only" : "")) as '\(name)' with \(serving.threads) thread(s)"
         try serveUntilSignalled(device, on: address, logger: logger, what: what) { listener in
-            Server(device: device, listener: listener, exportName: name, threads: serving.threads, logger: logger)
+            Server(device: device, listener: listener, exportName: name, tls: listenerTLS, threads: serving.threads, logger: logger)
         }
     }
 }

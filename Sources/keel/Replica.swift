@@ -44,8 +44,9 @@ struct Replica: ParsableCommand {
             let address = try parseListenAddress(listen)
             let controlAddress = try control.map { try parseListenAddress($0, option: "--control") }
                 ?? defaultControlAddress(forData: address)
-            try checkPlaintextListener(address, option: "--listen", tls: serving.tls, logger: logger)
-            try checkPlaintextListener(controlAddress, option: "--control", tls: serving.tls, logger: logger)
+            try serving.checkNBDListener(address, logger: logger)
+            try serving.checkControlListener(controlAddress, logger: logger)
+            let listenerTLS = try serving.serverTLS()
             TerminationSignals.block()
             let store: ReplicaStore
             let chain: LayerChain
@@ -61,7 +62,7 @@ struct Replica: ParsableCommand {
             defer { controlServer.stop() }
             let what = "replica \(store.id) in \(dir) (\(store.size) bytes, epoch \(store.epoch)), control on \(controlAddress)"
             try serveUntilSignalled(device, on: address, logger: logger, what: what) { listener in
-                Server(device: device, listener: listener, catalog: device.catalog(logger: logger),
+                Server(device: device, listener: listener, catalog: device.catalog(logger: logger), tls: listenerTLS,
                        threads: serving.threads, logger: logger)
             }
         }

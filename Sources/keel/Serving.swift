@@ -85,34 +85,22 @@ struct ServingOptions: ParsableArguments {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .notice
 
-    @Option(help: "TLS on the listeners: off (plaintext; required to listen on an address other than loopback). on and require are not built yet.")
+    @Option(help: "TLS on the NBD listener: off (plaintext; needed to listen on an address other than loopback without TLS), on (STARTTLS offered), require (nothing served before STARTTLS).")
     var tls: TLSMode?
+
+    @Option(help: ArgumentHelp("With --tls on|require: ca-cert.pem, server-cert.pem and server-key.pem (as `keel cert issue` writes them under STATE/tls/NAME).", valueName: "dir"))
+    var tlsCertificates: String?
+
+    @Option(help: ArgumentHelp("With --tls on|require: the clients' pre-shared keys, psktool's format (identity:hex-key lines).", valueName: "file"))
+    var tlsPsk: String?
+
+    @Flag(inversion: .prefixedNo, help: "With --tls-certificates: refuse clients without a certificate the CA signed.")
+    var tlsVerifyPeer = true
 
     func validate() throws {
         guard (1...64).contains(threads) else {
             throw ValidationError("--threads must be between 1 and 64, not \(threads)")
         }
+        try validateTLS()
     }
-}
-
-/// `--tls` on a listening command. Keel's listeners do not speak TLS yet
-/// (the cluster CA exists: `keel ca`); `off` is the explicit consent that
-/// a plaintext listener on a non-loopback address needs.
-enum TLSMode: String, ExpressibleByArgument, CaseIterable {
-    case off, on, require
-}
-
-/// Refuses a plaintext listener that others than this host can reach,
-/// unless `--tls off` says so; warns once when it does. Loopback TCP
-/// addresses and unix sockets are served as they always were.
-func checkPlaintextListener(_ address: SocketAddress, option: String, tls: TLSMode?, logger: Logger) throws {
-    if let tls, tls != .off {
-        throw CLIError("--tls \(tls.rawValue): Keel's listeners do not speak TLS yet; listen on loopback or a unix socket, or pass --tls off")
-    }
-    // An address that does not resolve fails at bind, with its own message.
-    guard Socket.isLoopbackOnly(address) == false else { return }
-    guard tls == .off else {
-        throw CLIError("\(option) \(address) is reachable from other hosts and the link would be plaintext: anyone reaching it could read and write the volume; listen on loopback or a unix socket, or pass --tls off to accept that")
-    }
-    logger.warning("\(option) \(address): serving in plaintext to other hosts (--tls off)")
 }

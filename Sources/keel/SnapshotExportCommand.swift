@@ -47,7 +47,8 @@ extension Snapshot {
         func run() throws {
             let logger = makeLogger(label: "keel.snapshot-export", level: serving.logLevel)
             let address = try parseListenAddress(listen)
-            try checkPlaintextListener(address, option: "--listen", tls: serving.tls, logger: logger)
+            try serving.checkNBDListener(address, logger: logger)
+            let listenerTLS = try serving.serverTLS()
             let replicas = try replicaAddresses()
             TerminationSignals.block()
             let exportName = SnapshotExportName(volume: volume, snapshot: name)
@@ -61,7 +62,7 @@ extension Snapshot {
                                            readOnly: true, metaContexts: reader.changedContexts)
             let what = "snapshot \(name) of \(volume) (\(reader.size) bytes, read-only, from \(replicas.count) replica(s))"
             try serveUntilSignalled(reader, on: address, logger: logger, what: what) { listener in
-                Server(device: reader, listener: listener, catalog: StaticExports([export]), threads: serving.threads,
+                Server(device: reader, listener: listener, catalog: StaticExports([export]), tls: listenerTLS, threads: serving.threads,
                        logger: logger)
             }
         }

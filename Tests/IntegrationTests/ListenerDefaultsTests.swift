@@ -2,7 +2,7 @@ import Foundation
 import Syscalls
 import Testing
 
-/// Safe defaults while Keel's listeners have no TLS: a plaintext listener
+/// Safe defaults: a plaintext listener
 /// that other hosts can reach needs an explicit `--tls off` (and is logged),
 /// loopback and unix sockets work as before; unix sockets, the state
 /// directory and the registry are for their owner only.
@@ -24,7 +24,8 @@ import Testing
                           mentioning: words)
         try expectRefusal(["snapshot", "export", "v", "s1", "--listen", "0.0.0.0:10809", "--replica", "unix:/nowhere"],
                           mentioning: words)
-        try expectRefusal(["export", image, "--listen", "127.0.0.1:10809", "--tls", "require"], mentioning: ["do not speak TLS yet"])
+        try expectRefusal(["replica", "serve", "--dir", scratch.file("r"), "--size", "1M", "--listen", "127.0.0.1:7001",
+                           "--control", "0.0.0.0:7002", "--tls", "require", "--tls-psk", "/nowhere.psk"], mentioning: ["--control", "reachable from other hosts"])
         #expect(!FileManager.default.fileExists(atPath: scratch.file("r")), "a refused replica made its directory")
 
         let port = 20000 + Int.random(in: 0..<20000)

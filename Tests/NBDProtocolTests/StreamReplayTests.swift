@@ -62,6 +62,17 @@ import Testing
         ("write-too-long", input(Client.flags() + Client.option(.go, Client.info("vol"))
                                  + request(.write, offset: 0, length: 1 << 30)),
          .transmission(requests: 1, closed: true)),
+        // Variant 0x60: TLS required. Refused options, then STARTTLS; the rest stands for the session's plaintext.
+        ("tls-required-then-started", input(Client.flags() + Client.option(.list) + Client.option(.structuredReply)
+                                            + Client.option(.startTLS) + structuredGo.dropFirst(4) + requests, variant: 0x60),
+         .transmission(requests: 8, closed: false)),
+        ("tls-required-export-name-closes", input(Client.flags() + Client.option(.exportName, Array("vol".utf8)), variant: 0x60),
+         .closedInHandshake(reason: "EXPORT_NAME without TLS, which this server requires")),
+        // Variant 0x40: TLS offered. STARTTLS with data, then twice.
+        ("tls-on-starttls-twice", input(Client.flags() + Client.option(.startTLS, [1]) + Client.option(.startTLS)
+                                        + Client.option(.startTLS) + Client.option(.exportName, Array("vol".utf8))
+                                        + request(.read, offset: 0, length: 512), variant: 0x40),
+         .transmission(requests: 1, closed: false)),
     ]
 
     @Test(arguments: seeds.map(\.name))

@@ -86,6 +86,7 @@ enum Outcome: Equatable {
     case needMore
     case finished(Negotiated, consumed: Int)
     case close
+    case startTLS(consumed: Int)
 }
 
 struct HandshakeRun {
@@ -129,6 +130,9 @@ func runHandshake(_ input: [UInt8], exports: [ExportDescription] = Fixtures.expo
                                 reply: reply, handshake: handshake, fed: offset + size)
         case .close:
             return HandshakeRun(outcome: .close, reply: reply, handshake: handshake, fed: offset + size)
+        case .startTLS(let consumed):
+            return HandshakeRun(outcome: .startTLS(consumed: offset + consumed), reply: reply, handshake: handshake,
+                                fed: offset + size)
         }
     }
     return HandshakeRun(outcome: .needMore, reply: reply, handshake: handshake, fed: offset)

@@ -1,0 +1,78 @@
+import ArgumentParser
+import Logging
+import NBDProtocol
+import NBDServer
+import Syscalls
+import TLSSession
+
+/// `--tls` on a listening command: `off` serves plaintext (and is the
+/// explicit consent a non-loopback plaintext listener needs), `on` offers
+/// STARTTLS, `require` answers nothing but STARTTLS and ABORT before it.
+enum TLSMode: String, ExpressibleByArgument, CaseIterable {
+    case off, on, require
+
+    var policy: Handshake.TLSPolicy {
+        switch self {
+        case .off: .off
+        case .on: .on
+        case .require: .require
+        }
+    }
+}
+
+extension ServingOptions {
+    func validateTLS() throws {
+        let offered = tls == .on || tls == .require
+        if tlsCertificates != nil && tlsPsk != nil {
+            throw ValidationError("--tls-certificates and --tls-psk exclude each other; give one")
+        }
+        if offered && tlsCertificates == nil && tlsPsk == nil {
+            throw ValidationError("--tls \(tls!.rawValue) needs --tls-certificates DIR (`keel cert issue` writes STATE/tls/NAME) or --tls-psk FILE (psktool)")
+        }
+        if !offered && (tlsCertificates != nil || tlsPsk != nil) {
+            throw ValidationError("--tls-certificates and --tls-psk take effect with --tls on or --tls require")
+        }
+    }
+
+    /// The listener's TLS: its credentials loaded now, so a bad file is one line before anything listens.
+    func serverTLS() throws -> ServerTLS {
+        guard let tls, tls != .off else { return .off }
+        do {
+            if let tlsPsk { return ServerTLS(policy: tls.policy, credentials: try .serverKeys(file: tlsPsk)) }
+            let credentials = try TLSCredentials.certificates(directory: tlsCertificates!, role: .server,
+                                                              verifyPeer: tlsVerifyPeer)
+            return ServerTLS(policy: tls.policy, credentials: credentials)
+        } catch {
+            throw CLIError("TLS credentials: \(error)")
+        }
+    }
+
+    /// The NBD listener at `address`, checked against `--tls`.
+    func checkNBDListener(_ address: SocketAddress, logger: Logger) throws {
+        try checkPlaintextListener(address, option: "--listen", tls: tls, logger: logger)
+    }
+
+    /// A gRPC control listener: it has no TLS of its own yet, so beyond
+    /// loopback it needs the plaintext consent (`--tls off`) itself.
+    func checkControlListener(_ address: SocketAddress, logger: Logger) throws {
+        try checkPlaintextListener(address, option: "--control", tls: tls == .off ? .off : nil, logger: logger)
+    }
+}
+
+/// Refuses a plaintext listener that others than this host can reach,
+/// unless `--tls off` says so; warns once when it does. Loopback TCP
+/// addresses and unix sockets are served as they always were.
+func checkPlaintextListener(_ address: SocketAddress, option: String, tls: TLSMode?, logger: Logger) throws {
+    // An address that does not resolve fails at bind, with its own message.
+    guard Socket.isLoopbackOnly(address) == false else { return }
+    switch tls {
+    case .require?:
+        return
+    case .on?:
+        logger.warning("\(option) \(address): clients that do not start TLS are served in plaintext (--tls on)")
+    case .off?:
+        logger.warning("\(option) \(address): serving in plaintext to other hosts (--tls off)")
+    case nil:
+        throw CLIError("\(option) \(address) is reachable from other hosts and the link would be plaintext: anyone reaching it could read and write the volume; pass --tls require with --tls-certificates or --tls-psk, listen on loopback or a unix socket, or pass --tls off to accept that")
+    }
+}
