@@ -35,7 +35,9 @@ final class NetworkStartupLinks: StartupLinks {
         }
         let exports: [String]
         do { exports = try probe.listExports() } catch {
-            throw EngineError("cannot list the exports of replica \(address): \(error)")
+            // ERR_TLS_REQD reaches libnbd's caller as ENOTSUP, as an unsupported option would.
+            let hint = LinkTLS.current.credentials == nil ? " (a replica that requires TLS answers so: pass --replica-tls require with credentials)" : ""
+            throw EngineError("cannot list the exports of replica \(address): \(error)\(hint)")
         }
         let epoch = try VolumeStartup.checkListing(exports, of: address, for: startup.identity).owner.epoch
         let replicaSize: UInt64

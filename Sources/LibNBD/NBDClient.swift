@@ -213,7 +213,7 @@ public final class NBDClient {
 
     // MARK: -
 
-    private func check(_ rc: Int32) throws {
+    func check(_ rc: Int32) throws {
         if rc < 0 { throw NBDClientError.last() }
     }
 

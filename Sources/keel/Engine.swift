@@ -72,6 +72,9 @@ struct EngineCommand: ParsableCommand {
         @Flag(help: "Start even if replicas that may hold the newest data cannot be reached (a majority must be).")
         var allowDegraded = false
 
+        @Option(help: "TLS on the links to the replicas: require (with --tls-certificates, or --tls-psk and --tls-username) or off.")
+        var replicaTls: LinkTLSMode = .off
+
         @OptionGroup var serving: ServingOptions
 
         func validate() throws {
@@ -99,6 +102,8 @@ struct EngineCommand: ParsableCommand {
             let address = try parseListenAddress(listen)
             let addresses = try replicas.map { try parseListenAddress($0, option: "--replica") }
             let controlAddress = try control.map { try parseListenAddress($0, option: "--control") }
+            try serving.refuseUnusedCredentials(links: replicaTls)
+            LinkTLS.use(try serving.linkTLS(replicaTls))
             try serving.checkNBDListener(address, logger: logger)
             if let controlAddress { try serving.checkControlListener(controlAddress, logger: logger) }
             let listenerTLS = try serving.serverTLS()

@@ -33,7 +33,8 @@ struct Export: ParsableCommand {
     func run() throws {
         let logger = makeLogger(label: "keel.export", level: serving.logLevel)
         let address = try parseListenAddress(listen)
-        try serving.checkNBDListener(address, logger: logger)
+        try serving.refuseUnusedCredentials()
+            try serving.checkNBDListener(address, logger: logger)
             let listenerTLS = try serving.serverTLS()
         TerminationSignals.block()
         let device: FileDevice

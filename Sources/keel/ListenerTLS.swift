@@ -1,4 +1,5 @@
 import ArgumentParser
+import LibNBD
 import Logging
 import NBDProtocol
 import NBDServer
@@ -29,9 +30,31 @@ extension ServingOptions {
         if offered && tlsCertificates == nil && tlsPsk == nil {
             throw ValidationError("--tls \(tls!.rawValue) needs --tls-certificates DIR (`keel cert issue` writes STATE/tls/NAME) or --tls-psk FILE (psktool)")
         }
-        if !offered && (tlsCertificates != nil || tlsPsk != nil) {
-            throw ValidationError("--tls-certificates and --tls-psk take effect with --tls on or --tls require")
+    }
+
+    /// Credentials given to a command that would not use them are a mistake worth one line.
+    func refuseUnusedCredentials(links: LinkTLSMode? = nil) throws {
+        let offered = tls == .on || tls == .require
+        if !offered && links != .require && (tlsCertificates != nil || tlsPsk != nil) {
+            throw CLIError(links == nil
+                ? "--tls-certificates and --tls-psk take effect with --tls on or --tls require"
+                : "--tls-certificates and --tls-psk take effect with --tls on|require (the listener) or --replica-tls require (the links)")
         }
+        if tlsUsername != nil && (links != .require || tlsPsk == nil) {
+            throw CLIError("--tls-username names the PSK identity of --replica-tls require links; give it with --tls-psk")
+        }
+    }
+
+    /// The links to the replicas: TLS with the node's client certificate
+    /// (client-cert.pem in --tls-certificates) or a PSK identity.
+    func linkTLS(_ mode: LinkTLSMode) throws -> LinkTLS {
+        guard mode == .require else { return .off }
+        if let tlsCertificates { return LinkTLS(credentials: .certificates(directory: tlsCertificates)) }
+        guard let tlsPsk else {
+            throw CLIError("--replica-tls require needs --tls-certificates DIR (with client-cert.pem) or --tls-psk FILE with --tls-username NAME")
+        }
+        guard let tlsUsername else { throw CLIError("--replica-tls require with --tls-psk needs --tls-username NAME") }
+        return LinkTLS(credentials: .preSharedKey(file: tlsPsk, username: tlsUsername))
     }
 
     /// The listener's TLS: its credentials loaded now, so a bad file is one line before anything listens.
@@ -57,6 +80,11 @@ extension ServingOptions {
     func checkControlListener(_ address: SocketAddress, logger: Logger) throws {
         try checkPlaintextListener(address, option: "--control", tls: tls == .off ? .off : nil, logger: logger)
     }
+}
+
+/// `--replica-tls`: whether the links a command opens to replicas require TLS.
+enum LinkTLSMode: String, ExpressibleByArgument, CaseIterable {
+    case off, require
 }
 
 /// Refuses a plaintext listener that others than this host can reach,

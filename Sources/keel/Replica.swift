@@ -44,6 +44,7 @@ struct Replica: ParsableCommand {
             let address = try parseListenAddress(listen)
             let controlAddress = try control.map { try parseListenAddress($0, option: "--control") }
                 ?? defaultControlAddress(forData: address)
+            try serving.refuseUnusedCredentials()
             try serving.checkNBDListener(address, logger: logger)
             try serving.checkControlListener(controlAddress, logger: logger)
             let listenerTLS = try serving.serverTLS()

@@ -97,6 +97,9 @@ struct ServingOptions: ParsableArguments {
     @Flag(inversion: .prefixedNo, help: "With --tls-certificates: refuse clients without a certificate the CA signed.")
     var tlsVerifyPeer = true
 
+    @Option(help: ArgumentHelp("With --replica-tls require and --tls-psk: the PSK identity the links present.", valueName: "name"))
+    var tlsUsername: String?
+
     func validate() throws {
         guard (1...64).contains(threads) else {
             throw ValidationError("--threads must be between 1 and 64, not \(threads)")

@@ -1,4 +1,5 @@
 import ArgumentParser
+import LibNBD
 import Logging
 import NBDProtocol
 import NBDServer
@@ -35,6 +36,9 @@ extension Snapshot {
         @Option(name: .customLong("replica"), help: "A replica's data address (repeat for each); instead of the registry or --engine.")
         var replicas: [String] = []
 
+        @Option(help: "TLS on the links to the replicas: require (with --tls-certificates, or --tls-psk and --tls-username) or off.")
+        var replicaTls: LinkTLSMode = .off
+
         @OptionGroup var serving: ServingOptions
         @OptionGroup var node: NodeOptions
 
@@ -47,6 +51,8 @@ extension Snapshot {
         func run() throws {
             let logger = makeLogger(label: "keel.snapshot-export", level: serving.logLevel)
             let address = try parseListenAddress(listen)
+            try serving.refuseUnusedCredentials(links: replicaTls)
+            LinkTLS.use(try serving.linkTLS(replicaTls))
             try serving.checkNBDListener(address, logger: logger)
             let listenerTLS = try serving.serverTLS()
             let replicas = try replicaAddresses()

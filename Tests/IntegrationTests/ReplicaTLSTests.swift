@@ -1,0 +1,98 @@
+import Foundation
+import LibNBD
+import Testing
+
+/// A replica on TCP with `--tls require`: an engine without credentials
+/// cannot claim it (the epoch it keeps is unchanged), one with the node's
+/// client certificate or a PSK identity can, and serves fio verify through it.
+@Suite(.serialized) struct ReplicaTLSTests {
+    let scratch: Scratch
+    let state: String
+
+    init() throws {
+        scratch = try Scratch()
+        state = scratch.file("state")
+        #expect(try keel(["ca", "init"]).status == 0)
+        #expect(try keel(["cert", "issue", "replica", "--ip", "127.0.0.1"]).status == 0)
+        #expect(try keel(["cert", "issue", "engine"]).status == 0)
+    }
+
+    func keel(_ arguments: [String]) throws -> Finished {
+        try run([Paths.keel] + arguments + ["--state-dir", state])
+    }
+
+    func replica(_ name: String, tls: [String]) throws -> KeelServer {
+        try KeelServer(["replica", "serve", "--dir", scratch.file(name), "--size", "64M", "--tls", "require"] + tls,
+                       scratch: scratch, address: "127.0.0.1:\(try freeTCPPort())")
+    }
+
+    /// The exports a replica lists to a client with the engine's certificate: its claimed export carries its epoch.
+    func listing(_ replica: KeelServer, _ credentials: LinkTLS.Credentials) throws -> [String] {
+        let probe = try NBDClient()
+        try probe.setOptionMode(true)
+        try probe.requireTLS(credentials)
+        let parts = replica.address.split(separator: ":")
+        try probe.connect(host: String(parts[0]), port: UInt16(parts[1])!)
+        return try probe.listExports()
+    }
+
+    func engine(_ replicas: [KeelServer], _ extra: [String]) throws -> Finished {
+        try run([Paths.keel, "engine", "serve", "--volume", "vol", "--size", "64M", "--listen",
+                 "unix:\(scratch.file("refused.sock"))"] + replicas.flatMap { ["--replica", $0.address] } + extra, timeout: 60)
+    }
+
+    func fioVerify(_ engine: KeelServer) throws {
+        let fio = try run(["fio", "--name=tls", "--ioengine=nbd", "--uri=\(engine.uri(export: "vol"))", "--rw=randwrite",
+                           "--bs=4k", "--iodepth=16", "--size=16M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                           "--verify_state_save=0"], timeout: 300)
+        #expect(fio.status == 0, "\(fio.stdout)\(fio.stderr)")
+    }
+
+    @Test func certificatesGuardTheClaim() throws {
+        let replicas = try [replica("r0", tls: ["--tls-certificates", state + "/tls/replica"]),
+                            replica("r1", tls: ["--tls-certificates", state + "/tls/replica"])]
+        let engineCredentials = LinkTLS.Credentials.certificates(directory: state + "/tls/engine")
+        let before = try listing(replicas[0], engineCredentials)
+
+        let plain = try engine(replicas, [])
+        #expect(plain.status != 0 && plain.stderr.contains("--replica-tls require"), "\(plain.stderr)")
+        #expect(try listing(replicas[0], engineCredentials) == before, "a refused engine changed the replica's epoch")
+
+        // Another cluster's engine: the replica refuses its certificate.
+        let other = scratch.file("other")
+        #expect(try run([Paths.keel, "ca", "init", "--state-dir", other]).status == 0)
+        #expect(try run([Paths.keel, "cert", "issue", "rogue", "--state-dir", other]).status == 0)
+        try FileManager.default.removeItem(atPath: other + "/tls/rogue/ca-cert.pem")
+        try FileManager.default.copyItem(atPath: state + "/ca/ca-cert.pem", toPath: other + "/tls/rogue/ca-cert.pem")
+        let rogue = try engine(replicas, ["--replica-tls", "require", "--tls-certificates", other + "/tls/rogue"])
+        #expect(rogue.status != 0 && rogue.stderr.contains("TLS"), "\(rogue.stderr)")
+        #expect(try listing(replicas[0], engineCredentials) == before, "a rogue engine changed the replica's epoch")
+
+        let engine = try KeelServer(["engine", "serve", "--volume", "vol", "--size", "64M", "--replica-tls", "require",
+                                     "--tls-certificates", state + "/tls/engine"]
+                                    + replicas.flatMap { ["--replica", $0.address] }, scratch: scratch)
+        try fioVerify(engine)
+        #expect(engine.stop() == 0)
+        #expect(try listing(replicas[0], engineCredentials).contains { $0.hasPrefix("vol@1+") })
+        for replica in replicas { #expect(replica.stop() == 0) }
+    }
+
+    @Test func preSharedKeysGuardTheClaim() throws {
+        let keys = scratch.file("keys.psk")
+        #expect(try run(["psktool", "-u", "engine1", "-p", keys]).status == 0)
+        let replicas = try [replica("p0", tls: ["--tls-psk", keys])]
+        let wrong = scratch.file("wrong.psk")
+        #expect(try run(["psktool", "-u", "engine1", "-p", wrong]).status == 0)
+        let refused = try engine(replicas, ["--replica-tls", "require", "--tls-psk", wrong, "--tls-username", "engine1"])
+        #expect(refused.status != 0 && refused.stderr.contains("TLS"), "\(refused.stderr)")
+
+        let engine = try KeelServer(["engine", "serve", "--volume", "vol", "--size", "64M", "--replica-tls", "require",
+                                     "--tls-psk", keys, "--tls-username", "engine1"]
+                                    + replicas.flatMap { ["--replica", $0.address] }, scratch: scratch)
+        try fioVerify(engine)
+        #expect(engine.stop() == 0)
+        #expect(replicas[0].log.contains("PSK identity engine1"))
+        #expect(try listing(replicas[0], .preSharedKey(file: keys, username: "engine1")).contains { $0.hasPrefix("vol@1+") })
+        #expect(replicas[0].stop() == 0)
+    }
+}
