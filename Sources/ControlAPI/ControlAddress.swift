@@ -1,6 +1,9 @@
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Where a daemon's control API listens when nobody says otherwise: the data
 /// port + 1 for TCP, `<socket>.control` beside a unix data socket. Engines find
@@ -15,11 +18,16 @@ public func defaultControlAddress(forData data: Syscalls.SocketAddress) -> Sysca
 public typealias ControlTransport = HTTP2ClientTransport.Posix
 
 extension Syscalls.SocketAddress {
-    /// The address for a gRPC client.
+    /// The address for a gRPC client. A literal IP is not resolved as a
+    /// name, so TLS sends no SNI for it (NIOSSL refuses IPs there).
     public var grpcTarget: any ResolvableTarget {
         switch self {
         case .unix(let path): return .unixDomainSocket(path: path)
-        case .tcp(let host, let port): return .dns(host: host, port: Int(port))
+        case .tcp(let host, let port):
+            var scratch = in6_addr()
+            if inet_pton(AF_INET, host, &scratch) == 1 { return .ipv4(host: host, port: Int(port)) }
+            if inet_pton(AF_INET6, host, &scratch) == 1 { return .ipv6(host: host, port: Int(port)) }
+            return .dns(host: host, port: Int(port))
         }
     }
 
@@ -33,12 +41,13 @@ extension Syscalls.SocketAddress {
     }
 }
 
-/// Runs `body` with a client connected to a control API; plaintext, as the
-/// control API is meant for loopback and the node's private network.
+/// Runs `body` with a client connected to a control API, over TLS when
+/// `ControlTLS.calls` has certificates.
 public func withControlClient<T: Sendable>(
     _ address: Syscalls.SocketAddress, _ body: (GRPCClient<ControlTransport>) async throws -> T
 ) async throws -> T {
-    try await withGRPCClient(transport: .http2NIOPosix(target: address.grpcTarget, transportSecurity: .plaintext)) {
+    try await withGRPCClient(transport: .http2NIOPosix(target: address.grpcTarget,
+                                                       transportSecurity: ControlTLS.calls.clientSecurity)) {
         try await body($0)
     }
 }

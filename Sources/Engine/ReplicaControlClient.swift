@@ -12,7 +12,8 @@ public final class ReplicaControlClient: Sendable {
 
     public init(address: Syscalls.SocketAddress) throws {
         self.address = address
-        client = GRPCClient(transport: try .http2NIOPosix(target: address.grpcTarget, transportSecurity: .plaintext))
+        client = GRPCClient(transport: try .http2NIOPosix(target: address.grpcTarget,
+                                                          transportSecurity: ControlTLS.calls.clientSecurity))
         Task { [client] in try? await client.runConnections() }
     }
 

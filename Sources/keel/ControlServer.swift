@@ -15,12 +15,12 @@ final class ControlServer: @unchecked Sendable {
     private let address: Syscalls.SocketAddress
 
     /// Starts serving; returns once the address is bound, or throws a CLIError.
-    init(address: Syscalls.SocketAddress, services: [any RegistrableRPCService]) throws {
+    init(address: Syscalls.SocketAddress, tls: ControlTLS = .plaintext, services: [any RegistrableRPCService]) throws {
         if case .unix(let path) = address {
             do { try Socket.removeStaleUnixSocket(at: path) } catch { throw CLIError("--control: \(error)") }
         }
         self.address = address
-        server = GRPCServer(transport: .http2NIOPosix(address: address.grpcBindTarget, transportSecurity: .plaintext),
+        server = GRPCServer(transport: .http2NIOPosix(address: address.grpcBindTarget, transportSecurity: tls.serverSecurity),
                             services: services)
         let bound = Handoff<Result<Void, Error>>()
         Task { [server, finished] in

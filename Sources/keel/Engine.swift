@@ -1,3 +1,4 @@
+import ControlAPI
 import ArgumentParser
 import Engine
 import NBDProtocol
@@ -104,6 +105,7 @@ struct EngineCommand: ParsableCommand {
             let controlAddress = try control.map { try parseListenAddress($0, option: "--control") }
             try serving.refuseUnusedCredentials(links: replicaTls)
             LinkTLS.use(try serving.linkTLS(replicaTls))
+            ControlTLS.useForCalls(serving.controlCallsTLS(replicaTls))
             try serving.checkNBDListener(address, logger: logger)
             if let controlAddress { try serving.checkControlListener(controlAddress, logger: logger) }
             let listenerTLS = try serving.serverTLS()
@@ -125,7 +127,8 @@ struct EngineCommand: ParsableCommand {
             let controlServer: ControlServer?
             do {
                 controlServer = try controlAddress.map {
-                    try ControlServer(address: $0, services: [EngineControlService(engine: engine, frontend: kernel)])
+                    try ControlServer(address: $0, tls: serving.controlTLS,
+                                      services: [EngineControlService(engine: engine, frontend: kernel)])
                 }
             } catch {
                 listener.close()

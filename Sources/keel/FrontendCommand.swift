@@ -14,7 +14,10 @@ struct FrontendCommand: ParsableCommand {
         @Option(help: "The engine's control address, HOST:PORT or unix:/path (its --control).")
         var engine: String
 
+        @OptionGroup var control: ControlClientOptions
+
         func run() throws {
+            control.apply()
             let status = try callEngine(engine, doing: "attach its device") { try await $0.setFrontend(.with { $0.enabled = true }) }
             print(status.device)
         }
@@ -28,7 +31,10 @@ struct FrontendCommand: ParsableCommand {
         @Option(help: "The engine's control address, HOST:PORT or unix:/path (its --control).")
         var engine: String
 
+        @OptionGroup var control: ControlClientOptions
+
         func run() throws {
+            control.apply()
             let status = try callEngine(engine, doing: "detach its device") { try await $0.setFrontend(.with { $0.enabled = false }) }
             print("volume \(status.volume): frontend disabled, no device")
         }

@@ -1,4 +1,6 @@
 import ArgumentParser
+import Foundation
+import ControlAPI
 import LibNBD
 import Logging
 import NBDProtocol
@@ -75,10 +77,24 @@ extension ServingOptions {
         try checkPlaintextListener(address, option: "--listen", tls: tls, logger: logger)
     }
 
-    /// A gRPC control listener: it has no TLS of its own yet, so beyond
-    /// loopback it needs the plaintext consent (`--tls off`) itself.
+    /// The control API's TLS: with the listener's certificates, mutual TLS
+    /// (a caller needs a certificate of the cluster CA); otherwise plaintext,
+    /// PSK included, as NIOSSL has none.
+    var controlTLS: ControlTLS {
+        guard tls == .on || tls == .require, let tlsCertificates else { return .plaintext }
+        return ControlTLS(certificates: tlsCertificates)
+    }
+
+    /// A gRPC control listener: without certificates it is plaintext, so
+    /// beyond loopback it needs the plaintext consent (`--tls off`) itself.
     func checkControlListener(_ address: SocketAddress, logger: Logger) throws {
-        try checkPlaintextListener(address, option: "--control", tls: tls == .off ? .off : nil, logger: logger)
+        let mode: TLSMode? = controlTLS.certificates != nil ? .require : (tls == .off ? .off : nil)
+        try checkPlaintextListener(address, option: "--control", tls: mode, logger: logger)
+    }
+
+    /// Control calls to the replicas go with the links: mutual TLS when the links use certificates.
+    func controlCallsTLS(_ links: LinkTLSMode) -> ControlTLS {
+        links == .require && tlsCertificates != nil ? ControlTLS(certificates: tlsCertificates) : .plaintext
     }
 }
 
@@ -102,5 +118,17 @@ func checkPlaintextListener(_ address: SocketAddress, option: String, tls: TLSMo
         logger.warning("\(option) \(address): serving in plaintext to other hosts (--tls off)")
     case nil:
         throw CLIError("\(option) \(address) is reachable from other hosts and the link would be plaintext: anyone reaching it could read and write the volume; pass --tls require with --tls-certificates or --tls-psk, listen on loopback or a unix socket, or pass --tls off to accept that")
+    }
+}
+
+/// `--tls-certificates` on a command that calls a control API: the node's
+/// client certificate, for daemons whose control requires mutual TLS.
+struct ControlClientOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("ca-cert.pem, client-cert.pem and client-key.pem for a control API that requires TLS (default: $KEEL_TLS_CERTIFICATES, else plaintext).", valueName: "dir"))
+    var tlsCertificates: String?
+
+    func apply() {
+        let directory = tlsCertificates ?? ProcessInfo.processInfo.environment["KEEL_TLS_CERTIFICATES"]
+        ControlTLS.useForCalls(ControlTLS(certificates: directory))
     }
 }

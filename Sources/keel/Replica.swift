@@ -58,7 +58,7 @@ struct Replica: ParsableCommand {
                 throw CLIError("\(error)")
             }
             let device = ReplicaDevice(store: store, chain: chain)
-            let controlServer = try ControlServer(address: controlAddress,
+            let controlServer = try ControlServer(address: controlAddress, tls: serving.controlTLS,
                                                   services: [ReplicaControlService(device: device, logger: logger)])
             defer { controlServer.stop() }
             let what = "replica \(store.id) in \(dir) (\(store.size) bytes, epoch \(store.epoch)), control on \(controlAddress)"

@@ -18,6 +18,8 @@ extension Replica {
         @Option(help: "The engine's control address, HOST:PORT or unix:/path (its --control).")
         var engine: String
 
+        @OptionGroup var control: ControlClientOptions
+
         @Argument(help: "The replica's data address, HOST:PORT or unix:/path.")
         var replica: String
 
@@ -28,6 +30,7 @@ extension Replica {
         var noWait = false
 
         func run() throws {
+            control.apply()
             let address = try parseListenAddress(replica, option: "REPLICA")
             let text = "\(address)"
             var status = try callEngine(engine, doing: "add \(text)") {
@@ -60,10 +63,13 @@ extension Replica {
         @Option(help: "The engine's control address, HOST:PORT or unix:/path (its --control).")
         var engine: String
 
+        @OptionGroup var control: ControlClientOptions
+
         @Argument(help: "The replica's data address, as the engine shows it.")
         var replica: String
 
         func run() throws {
+            control.apply()
             let text = "\(try parseListenAddress(replica, option: "REPLICA"))"
             let status = try callEngine(engine, doing: "remove \(text)") {
                 try await $0.removeReplica(.with { $0.address = text })

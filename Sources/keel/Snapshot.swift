@@ -31,8 +31,11 @@ struct Snapshot: ParsableCommand {
 
         @OptionGroup var node: NodeOptions
 
+        @OptionGroup var control: ControlClientOptions
+
         /// The engine's control address, once it is known to run.
         func engineControl() throws -> String {
+            control.apply()
             if let engine { return engine }
             let node = try Node(self.node)
             let record = try node.volume(volume)

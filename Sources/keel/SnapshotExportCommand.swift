@@ -1,3 +1,4 @@
+import ControlAPI
 import ArgumentParser
 import LibNBD
 import Logging
@@ -53,6 +54,7 @@ extension Snapshot {
             let address = try parseListenAddress(listen)
             try serving.refuseUnusedCredentials(links: replicaTls)
             LinkTLS.use(try serving.linkTLS(replicaTls))
+            ControlTLS.useForCalls(serving.controlCallsTLS(replicaTls))
             try serving.checkNBDListener(address, logger: logger)
             let listenerTLS = try serving.serverTLS()
             let replicas = try replicaAddresses()

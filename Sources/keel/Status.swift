@@ -12,10 +12,13 @@ struct Status: ParsableCommand {
     @Option(help: "The engine's control address, HOST:PORT or unix:/path (its --control).")
     var engine: String
 
+    @OptionGroup var control: ControlClientOptions
+
     @Flag(help: "Print JSON instead of a table.")
     var json = false
 
     func run() throws {
+        control.apply()
         let status = try callEngine(engine, doing: "report its status") { try await $0.status(.init()) }
         if json {
             print(try renderJSON(status))

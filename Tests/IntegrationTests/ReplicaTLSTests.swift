@@ -5,6 +5,7 @@ import Testing
 /// A replica on TCP with `--tls require`: an engine without credentials
 /// cannot claim it (the epoch it keeps is unchanged), one with the node's
 /// client certificate or a PSK identity can, and serves fio verify through it.
+/// The control APIs of replica and engine require a certificate of the CA.
 @Suite(.serialized) struct ReplicaTLSTests {
     let scratch: Scratch
     let state: String
@@ -68,10 +69,27 @@ import Testing
         #expect(rogue.status != 0 && rogue.stderr.contains("TLS"), "\(rogue.stderr)")
         #expect(try listing(replicas[0], engineCredentials) == before, "a rogue engine changed the replica's epoch")
 
+        // The engine's own listener offers TLS with the same certificates, so its control API requires them.
+        let control = "127.0.0.1:\(try freeTCPPort())"
         let engine = try KeelServer(["engine", "serve", "--volume", "vol", "--size", "64M", "--replica-tls", "require",
-                                     "--tls-certificates", state + "/tls/engine"]
+                                     "--tls", "on", "--tls-certificates", state + "/tls/engine", "--control", control]
                                     + replicas.flatMap { ["--replica", $0.address] }, scratch: scratch)
         try fioVerify(engine)
+
+        try expectOneLineRefusal([Paths.keel, "status", "--engine", control], mentioning: ["cannot reach the engine's control API"])
+        try expectOneLineRefusal([Paths.keel, "status", "--engine", control, "--tls-certificates", other + "/tls/rogue"],
+                                 mentioning: ["cannot reach the engine's control API"])
+        let status = try run([Paths.keel, "status", "--engine", control, "--tls-certificates", state + "/tls/engine"])
+        #expect(status.status == 0 && status.stdout.contains("healthy"), "\(status.stdout)\(status.stderr)")
+
+        // A replica's control API (data port + 1) refuses a caller without a certificate at the handshake;
+        // with one, the call reaches the service (which is not an engine's).
+        let replicaParts = replicas[0].address.split(separator: ":")
+        let replicaControl = "127.0.0.1:\(Int(replicaParts[1])! + 1)"
+        try expectOneLineRefusal([Paths.keel, "status", "--engine", replicaControl], mentioning: ["cannot reach"])
+        try expectOneLineRefusal([Paths.keel, "status", "--engine", replicaControl, "--tls-certificates", state + "/tls/engine"],
+                                 mentioning: ["refused"])
+
         #expect(engine.stop() == 0)
         #expect(try listing(replicas[0], engineCredentials).contains { $0.hasPrefix("vol@1+") })
         for replica in replicas { #expect(replica.stop() == 0) }
