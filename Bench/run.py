@@ -3,6 +3,7 @@
 against raw io_uring (the limit), nbdkit file, qemu-nbd and `keel export`.
 
 Usage: Bench/run [--size 1G] [--runtime 8] [--rounds 1] [--dir DIR] [--only keel,raw] [--jobs LABELS]
+       Bench/run --only engine-3-tcp,engine-3-tls --jobs '4k randwrite QD32,1M write QD8'   (TLS's cost)
                  [--base REV] [--json FILE]
 Prints one table per job with IOPS, MiB/s, mean latency, the servers' CPU
 time per request, and each server's ratio to raw and to the better of nbdkit
@@ -42,6 +43,36 @@ def wait_for_socket(path, proc, timeout=20):
     raise RuntimeError(f"server did not listen on {path}")
 
 
+def wait_for_tcp(port, proc, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early: {proc.args}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on 127.0.0.1:{port}")
+
+
+def free_port():
+    """Two free consecutive ports on 127.0.0.1 (a replica's data port and its control port, data + 1)."""
+    for _ in range(100):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        try:
+            t = socket.socket()
+            t.bind(("127.0.0.1", port + 1))
+            t.close()
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two free consecutive ports")
+
+
 def cpu_seconds(pid):
     """utime + stime of a process, in seconds (fields 14 and 15 of /proc/PID/stat)."""
     try:
@@ -60,12 +91,15 @@ class Server:
         return [self.proc.pid]
 
     def __enter__(self):
-        if os.path.exists(self.sock):
+        if isinstance(self.sock, str) and os.path.exists(self.sock):
             os.unlink(self.sock)
         # A file, not a pipe: a server that logs more than a pipe holds would block on it.
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=self.log)
-        wait_for_socket(self.sock, self.proc)
+        if isinstance(self.sock, int):
+            wait_for_tcp(self.sock, self.proc)
+        else:
+            wait_for_socket(self.sock, self.proc)
         return self
 
     def __exit__(self, *exc):
@@ -78,13 +112,17 @@ class Server:
 
 
 class Cluster:
-    """N `keel replica serve` on unix sockets, then `keel engine serve` in front.
-    Each replica's head starts as a copy of the benchmark image, so that reads
-    and writes meet allocated blocks, as on the other targets."""
+    """N `keel replica serve`, then `keel engine serve` in front. Each
+    replica's head starts as a copy of the benchmark image, so that reads and
+    writes meet allocated blocks, as on the other targets. The links are unix
+    sockets, or with `link` "tcp" loopback TCP, or "tls" loopback TCP with TLS
+    (`--tls require`, the cluster CA's certificates in `credentials`)."""
 
-    def __init__(self, keel, workdir, name, replicas, size, sock, image, engine_extra=()):
+    def __init__(self, keel, workdir, name, replicas, size, sock, image, engine_extra=(), link="unix",
+                 credentials=None):
         self.keel, self.count, self.size, self.sock = keel, replicas, size, sock
         self.engine_extra = list(engine_extra)
+        self.link, self.credentials = link, credentials
         self.dirs = [os.path.join(workdir, f"{name}-replica{i}") for i in range(replicas)]
         self.socks = [os.path.join(os.path.dirname(sock), f"{name}-replica{i}.sock") for i in range(replicas)]
         for d, rsock in zip(self.dirs, self.socks):
@@ -95,18 +133,32 @@ class Cluster:
                 subprocess.run(["dd", f"if={image}", f"of={d}/layers/head.img", "bs=1M", "conv=notrunc",
                                 "oflag=direct", "status=none"], check=True)
 
-    def _replica(self, d, rsock):
-        return Server("replica", [self.keel, "replica", "serve", "--dir", d, "--listen", f"unix:{rsock}",
-                                  "--size", self.size], rsock)
+    def _replica(self, d, rsock, port=None, tls=()):
+        address = f"127.0.0.1:{port}" if port else f"unix:{rsock}"
+        return Server("replica", [self.keel, "replica", "serve", "--dir", d, "--listen", address,
+                                  "--size", self.size] + list(tls), port or rsock)
 
     def __call__(self):
         return self
 
     def __enter__(self):
-        self.servers = [self._replica(d, rsock).__enter__() for d, rsock in zip(self.dirs, self.socks)]
-        addresses = [a for rsock in self.socks for a in ("--replica", f"unix:{rsock}")]
+        engine_tls = []
+        if self.link == "unix":
+            self.servers = [self._replica(d, rsock).__enter__() for d, rsock in zip(self.dirs, self.socks)]
+            addresses = [a for rsock in self.socks for a in ("--replica", f"unix:{rsock}")]
+        else:
+            tls = ["--tls", "require", "--tls-certificates", self.credentials] if self.link == "tls" else []
+            if tls:
+                engine_tls = ["--replica-tls", "require", "--tls-certificates", self.credentials]
+            ports = []
+            self.servers = []
+            for d, rsock in zip(self.dirs, self.socks):
+                ports.append(free_port())
+                self.servers.append(self._replica(d, rsock, ports[-1], tls).__enter__())
+            addresses = [a for port in ports for a in ("--replica", f"127.0.0.1:{port}")]
         engine = Server("engine", [self.keel, "engine", "serve", "--volume", "bench", "--size", self.size,
-                                   "--listen", f"unix:{self.sock}"] + addresses + self.engine_extra, self.sock)
+                                   "--listen", f"unix:{self.sock}"] + addresses + engine_tls + self.engine_extra,
+                        self.sock)
         self.servers.append(engine.__enter__())
         return self
 
@@ -174,7 +226,8 @@ def main():
     ap.add_argument("--dir", default=os.environ.get("KEEL_BENCH_DIR", "/var/tmp/keel-bench"),
                     help="where the backing file lives (must be a real disk, not tmpfs)")
     ap.add_argument("--only", default="raw,nbdkit,qemu-nbd,keel",
-                    help="targets, comma-separated: raw, nbdkit, qemu-nbd, keel, engine-1, engine-3")
+                    help="targets, comma-separated: raw, nbdkit, qemu-nbd, keel, engine-1, engine-3, "
+                         "engine-3-tcp and engine-3-tls (replicas over loopback TCP, without and with TLS)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat every job; report the median")
     ap.add_argument("--jobs", help="only these jobs, comma-separated labels, e.g. '4k randwrite QD32'")
     ap.add_argument("--base", help="also run engine-1 and engine-3 of this git revision (built into .build-base)")
@@ -211,14 +264,24 @@ def main():
     base_keel = build_base(args.base) if args.base else None
     if base_keel:
         only += [f"base-{t}" for t in only if t.startswith("engine-")]
-    order = ["raw", "nbdkit", "qemu-nbd", "keel", "base-engine-1", "engine-1", "base-engine-3", "engine-3"]
+    order = ["raw", "nbdkit", "qemu-nbd", "keel", "base-engine-1", "engine-1", "base-engine-3", "engine-3",
+             "engine-3-tcp", "engine-3-tls"]
     chosen = [t for t in order if t in only]
+    credentials = None
+    if "engine-3-tls" in chosen:
+        state = tempfile.mkdtemp(prefix="keel-bench-ca-")
+        subprocess.run([keel, "ca", "init", "--state-dir", state], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([keel, "cert", "issue", "bench", "--ip", "127.0.0.1", "--state-dir", state], check=True,
+                       stdout=subprocess.DEVNULL)
+        credentials = os.path.join(state, "tls", "bench")
     for name in chosen:
         if "engine-" in name:
-            replicas = int(name[-1])
+            replicas = int(name.split("-")[-1] if name[-1].isdigit() else name.split("-")[-2])
+            link = name.split("-")[-1] if not name[-1].isdigit() else "unix"
             print(f"bench: preparing {name}", flush=True)
             targets[name] = (Cluster(base_keel if name.startswith("base-") else keel, args.dir, name, replicas,
-                                     args.size, sock, image), ["--ioengine=nbd", f"--uri={uri}"])
+                                     args.size, sock, image, link=link, credentials=credentials),
+                             ["--ioengine=nbd", f"--uri={uri}"])
     # Job-major order, every target in turn, so that drift of the disk over
     # the run affects all targets of a job alike; --rounds repeats and keeps the median.
     samples = {job[0]: {name: [] for name in chosen} for job in jobs}
@@ -263,6 +326,9 @@ def main():
                 extra += f" {r['iops'] / row['keel']['iops']:>7.2f} x keel"
             if name == "engine-3" and "engine-1" in row:
                 extra += f" {r['iops'] / row['engine-1']['iops']:>7.2f} x engine-1"
+            if name == "engine-3-tls" and "engine-3-tcp" in row:
+                t = row["engine-3-tcp"]
+                extra += f"   vs engine-3-tcp: IOPS {r['iops'] / t['iops']:.3f}x, CPU/req {r['cpu_us'] / t['cpu_us']:.3f}x"
             if f"base-{name}" in row:
                 b = row[f"base-{name}"]
                 extra += (f"   vs base: IOPS {r['iops'] / b['iops']:.3f}x, CPU/req {r['cpu_us'] / b['cpu_us']:.3f}x")

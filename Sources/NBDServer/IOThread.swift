@@ -403,6 +403,7 @@ final class IOThread<Device: BlockDevice> {
             let step = handshake.receive(rest, reply: &reply)
             if !reply.isEmpty {
                 appendReply(connection, reply)
+                if connection.aborted { return }
                 // A client that keeps asking and never reads would have the server
                 // hold its answers without end: past the limit it is closed.
                 guard connection.rawOutput.count <= Connection.unreadHandshakeLimit else {
@@ -421,6 +422,7 @@ final class IOThread<Device: BlockDevice> {
                 stopReading(connection)
                 return
             case .startTLS(let consumed):
+                precondition(connection.tls == nil, "STARTTLS inside a TLS session")
                 connection.phase = .handshake(handshake)
                 guard let credentials = tls.credentials, let session = try? TLSSession(credentials: credentials) else {
                     logger.error("connection \(connection.index): no TLS session could be made; closing")
