@@ -75,6 +75,8 @@ import Testing
                                      "--tls", "on", "--tls-certificates", state + "/tls/engine", "--control", control]
                                     + replicas.flatMap { ["--replica", $0.address] }, scratch: scratch)
         try fioVerify(engine)
+        let overTLS = try run(["nbdinfo", "--size", "nbds+unix:///vol?socket=\(engine.socketPath!)&tls-certificates=\(state)/tls/engine"])
+        #expect(overTLS.status == 0 && overTLS.stdout == "\(64 << 20)\n", "\(overTLS.stderr)")
 
         try expectOneLineRefusal([Paths.keel, "status", "--engine", control], mentioning: ["cannot reach the engine's control API"])
         try expectOneLineRefusal([Paths.keel, "status", "--engine", control, "--tls-certificates", other + "/tls/rogue"],
