@@ -54,6 +54,11 @@ final class Connection {
     var plaintextHead = 0
     var plaintextCount = 0
     static let plaintextCapacity = 16 * 1024
+    /// The kernel is to take the session's records (kTLS) once nothing is in
+    /// flight either way; the receive is stopped meanwhile.
+    var kernelTLSWanted = false
+    /// The kernel has the records: from here on the socket carries plaintext as seen from here.
+    var kernelTLS = false
 
     /// Handshake replies waiting to be sent; they always go before slot replies.
     var rawOutput: [UInt8] = []

@@ -47,6 +47,8 @@ final class IOThread<Device: BlockDevice> {
     private var needsFlush: [Connection] = []
     private var starvedReceives: [Connection] = []
     private var stopping = false
+    /// This kernel has no TLS upper layer (no tls.ko): sessions stay in user space.
+    private var kernelTLSMissing = false
     private let wakeCounter = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
     private lazy var graceTimeout = TimeoutDuration(nanoseconds: Int64(configuration.shutdownGraceSeconds) * 1_000_000_000)
 
@@ -283,6 +285,10 @@ final class IOThread<Device: BlockDevice> {
         guard !completion.hasMore else { return }
         connection.receiving = false
         guard !connection.closing else { return }
+        if connection.kernelTLSWanted {
+            handOverToKernel(connection)
+            return
+        }
         if result == -ENOBUFS { starvedReceives.append(connection) } else { armReceive(connection) }
     }
 
@@ -342,6 +348,7 @@ final class IOThread<Device: BlockDevice> {
                 return
             case .established:
                 logger.info("connection \(connection.index): \(tls.summary)")
+                wantKernelTLS(connection)
             }
         }
         while !connection.closing {
@@ -365,6 +372,46 @@ final class IOThread<Device: BlockDevice> {
                 abort(connection)
             }
         }
+    }
+
+    /// Asks for the session's records to go to the kernel (kTLS), where this
+    /// kernel has it and the session allows: the receive is stopped so that
+    /// no record is half read when the keys change hands.
+    private func wantKernelTLS(_ connection: Connection) {
+        guard !kernelTLSMissing, tls.kernelRecords, connection.receiving, !connection.closing else { return }
+        connection.kernelTLSWanted = true
+        ring.cancel(userData: IOToken(.receive, connection: connection.index).rawValue,
+                    userData: IOToken(.cancel).rawValue)
+    }
+
+    /// Hands the records over once nothing is in flight either way; until
+    /// then it waits (for the receive to end, the last records to leave),
+    /// and if a record arrived in part it gives up and stays in user space.
+    private func handOverToKernel(_ connection: Connection) {
+        guard let session = connection.tls, !connection.closing, !connection.receiving else { return }
+        guard !connection.sending, !connection.hasQueuedOutput, session.outgoing.isEmpty else { return }
+        connection.kernelTLSWanted = false
+        if connection.plaintextHead == connection.plaintextCount && session.kernelCanTakeOver {
+            switch session.handOverToKernel(socket: connection.fd.rawValue) {
+            case .done:
+                connection.tls = nil
+                connection.kernelTLS = true
+                logger.info("connection \(connection.index): TLS records in the kernel (kTLS)")
+            case .kernelLacksTLS:
+                kernelTLSMissing = true
+                logger.debug("connection \(connection.index): TLS stays in user space: this kernel has no kTLS")
+            case .unavailable(let reason):
+                logger.debug("connection \(connection.index): TLS stays in user space: \(reason)")
+            case .broken(let reason):
+                logger.warning("connection \(connection.index): kTLS half set up (\(reason)); closing")
+                abort(connection)
+                return
+            }
+        } else {
+            logger.debug("connection \(connection.index): TLS stays in user space: a record arrived in part")
+        }
+        armReceive(connection)
+        if connection.tls == nil, connection.hasPendingInput { processInput(connection) }
     }
 
     /// Records the session produced go out after everything queued before them.
@@ -729,6 +776,7 @@ final class IOThread<Device: BlockDevice> {
             connection.iovecCount = 0
             if let raw = connection.rawInFlight { raw.deallocate(); connection.rawInFlight = nil }
             if connection.hasQueuedOutput { markForFlush(connection) }
+            if connection.kernelTLSWanted { handOverToKernel(connection) }
             return
         }
         // A partial send: move what is left to the front and send it.

@@ -22,7 +22,7 @@ public final class TLSSession {
         case failed(String)
     }
 
-    private let session: OpaquePointer
+    let session: OpaquePointer
     private let credentials: TLSCredentials
     private var incoming: [UInt8] = []
     private var incomingHead = 0

@@ -58,6 +58,10 @@ import Testing
         try Self.expectScenario("snapshot-ext4", toSay: "snapshots of a mounted ext4: consistent")
     }
 
+    @Test func engineLinksOverKernelTLSServeFioVerify() throws {
+        try Self.expectScenario("ktls-links", toSay: "kTLS links: fio verified")
+    }
+
     @Test func volumesUnderSystemdAsPID1() throws {
         try Self.expectScenario("volume-systemd", systemd: true, toSay: "keel volume under systemd: complete")
     }

@@ -53,6 +53,7 @@ on_exit() {
 trap on_exit EXIT
 
 # engine serve --frontend kernel; sets $device and $nbd once the kernel device has its size.
+# REPLICAS replaces the three unix-socket replicas' --replica options; ENGINE_EXTRA adds options.
 # IO_TIMEOUT, REPLICA_TIMEOUT and DEAD_CONNECTION_TIMEOUT override the engine's timeouts.
 # The replica timeout is 30 s unless a scenario tests it (link-dead): under TCG on a
 # busy 2-core host the whole guest can stall for seconds, and 5 s once failed all three
@@ -61,8 +62,8 @@ start_kernel_engine() {
     : > "$work/engine.out"
     "$KEEL" engine serve --volume vol --size "$1" --listen "unix:$work/engine.sock" \
         --control "unix:$work/engine.control" --replica-timeout "${REPLICA_TIMEOUT:-30}" \
-        --replica "unix:$work/r0.sock" --replica "unix:$work/r1.sock" --replica "unix:$work/r2.sock" \
-        --frontend kernel --connections 2 --io-timeout "${IO_TIMEOUT:-5}" \
+        ${REPLICAS:---replica unix:$work/r0.sock --replica unix:$work/r1.sock --replica unix:$work/r2.sock} \
+        ${ENGINE_EXTRA:-} --frontend kernel --connections 2 --io-timeout "${IO_TIMEOUT:-5}" \
         --dead-connection-timeout "${DEAD_CONNECTION_TIMEOUT:-120}" >"$work/engine.out" 2>>"$work/engine.log" &
     engine=$!
     for _ in $(seq 300); do grep -q /dev/nbd "$work/engine.out" && break; sleep 0.1; done

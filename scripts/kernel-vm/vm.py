@@ -37,7 +37,8 @@ import tempfile
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CACHE = os.path.join(REPO, ".build-vm")
 # Loaded in this order (dependencies first, resolved from each module's .modinfo).
-MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "ext4", "crc32c_generic", "loop", "virtio_blk"]
+MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "ext4", "crc32c_generic", "loop", "virtio_blk",
+           "tls", "gcm", "ctr", "ghash_generic"]  # kTLS: the TLS upper layer and AES-GCM (AES is built in)
 GUEST_INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
