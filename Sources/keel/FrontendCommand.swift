@@ -17,7 +17,7 @@ struct FrontendCommand: ParsableCommand {
         @OptionGroup var control: ControlClientOptions
 
         func run() throws {
-            control.apply()
+            control.apply(for: engine)
             let status = try callEngine(engine, doing: "attach its device") { try await $0.setFrontend(.with { $0.enabled = true }) }
             print(status.device)
         }
@@ -34,7 +34,7 @@ struct FrontendCommand: ParsableCommand {
         @OptionGroup var control: ControlClientOptions
 
         func run() throws {
-            control.apply()
+            control.apply(for: engine)
             let status = try callEngine(engine, doing: "detach its device") { try await $0.setFrontend(.with { $0.enabled = false }) }
             print("volume \(status.volume): frontend disabled, no device")
         }

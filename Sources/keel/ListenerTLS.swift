@@ -3,6 +3,7 @@ import Foundation
 import ControlAPI
 import LibNBD
 import Logging
+import NodeRegistry
 import NBDProtocol
 import NBDServer
 import Syscalls
@@ -23,15 +24,26 @@ enum TLSMode: String, ExpressibleByArgument, CaseIterable {
     }
 }
 
+/// The node's credentials when none are named: the one directory under
+/// STATE/tls ($KEEL_STATE_DIR, else /var/lib/keel) that holds a node's
+/// certificate, as `keel cert issue` leaves it on a node. None, or several, is nil.
+func nodeCredentialsDirectory() -> String? {
+    let state = ProcessInfo.processInfo.environment["KEEL_STATE_DIR"] ?? NodeLayout.defaultStateDirectory
+    let names = (try? FileManager.default.contentsOfDirectory(atPath: state + "/tls")) ?? []
+    let found = names.map { "\(state)/tls/\($0)" }.filter { FileManager.default.fileExists(atPath: $0 + "/server-cert.pem") }
+    return found.count == 1 ? found[0] : nil
+}
+
 extension ServingOptions {
     func validateTLS() throws {
-        let offered = tls == .on || tls == .require
         if tlsCertificates != nil && tlsPsk != nil {
             throw ValidationError("--tls-certificates and --tls-psk exclude each other; give one")
         }
-        if offered && tlsCertificates == nil && tlsPsk == nil {
-            throw ValidationError("--tls \(tls!.rawValue) needs --tls-certificates DIR (`keel cert issue` writes STATE/tls/NAME) or --tls-psk FILE (psktool)")
-        }
+    }
+
+    /// --tls-certificates, else the node's own credentials in the state directory.
+    var certificatesDirectory: String? {
+        tlsCertificates ?? (tlsPsk == nil ? nodeCredentialsDirectory() : nil)
     }
 
     /// Credentials given to a command that would not use them are a mistake worth one line.
@@ -51,9 +63,9 @@ extension ServingOptions {
     /// (client-cert.pem in --tls-certificates) or a PSK identity.
     func linkTLS(_ mode: LinkTLSMode) throws -> LinkTLS {
         guard mode == .require else { return .off }
-        if let tlsCertificates { return LinkTLS(credentials: .certificates(directory: tlsCertificates)) }
+        if let certificatesDirectory { return LinkTLS(credentials: .certificates(directory: certificatesDirectory)) }
         guard let tlsPsk else {
-            throw CLIError("--replica-tls require needs --tls-certificates DIR (with client-cert.pem) or --tls-psk FILE with --tls-username NAME")
+            throw CLIError("--replica-tls require needs --tls-certificates DIR (with client-cert.pem) or --tls-psk FILE with --tls-username NAME; by default the node's credentials, STATE/tls/NAME, when there is exactly one")
         }
         guard let tlsUsername else { throw CLIError("--replica-tls require with --tls-psk needs --tls-username NAME") }
         return LinkTLS(credentials: .preSharedKey(file: tlsPsk, username: tlsUsername))
@@ -62,9 +74,12 @@ extension ServingOptions {
     /// The listener's TLS: its credentials loaded now, so a bad file is one line before anything listens.
     func serverTLS() throws -> ServerTLS {
         guard let tls, tls != .off else { return .off }
+        guard tlsPsk != nil || certificatesDirectory != nil else {
+            throw CLIError("--tls \(tls.rawValue) needs --tls-certificates DIR or --tls-psk FILE (psktool); by default the node's credentials, STATE/tls/NAME from `keel cert issue`, when there is exactly one")
+        }
         do {
             if let tlsPsk { return ServerTLS(policy: tls.policy, credentials: try .serverKeys(file: tlsPsk)) }
-            let credentials = try TLSCredentials.certificates(directory: tlsCertificates!, role: .server,
+            let credentials = try TLSCredentials.certificates(directory: certificatesDirectory!, role: .server,
                                                               verifyPeer: tlsVerifyPeer)
             return ServerTLS(policy: tls.policy, credentials: credentials)
         } catch {
@@ -81,8 +96,8 @@ extension ServingOptions {
     /// (a caller needs a certificate of the cluster CA); otherwise plaintext,
     /// PSK included, as NIOSSL has none.
     var controlTLS: ControlTLS {
-        guard tls == .on || tls == .require, let tlsCertificates else { return .plaintext }
-        return ControlTLS(certificates: tlsCertificates)
+        guard tls == .on || tls == .require, let certificatesDirectory else { return .plaintext }
+        return ControlTLS(certificates: certificatesDirectory)
     }
 
     /// A gRPC control listener: without certificates it is plaintext, so
@@ -94,7 +109,7 @@ extension ServingOptions {
 
     /// Control calls to the replicas go with the links: mutual TLS when the links use certificates.
     func controlCallsTLS(_ links: LinkTLSMode) -> ControlTLS {
-        links == .require && tlsCertificates != nil ? ControlTLS(certificates: tlsCertificates) : .plaintext
+        links == .require && certificatesDirectory != nil ? ControlTLS(certificates: certificatesDirectory) : .plaintext
     }
 }
 
@@ -124,11 +139,15 @@ func checkPlaintextListener(_ address: SocketAddress, option: String, tls: TLSMo
 /// `--tls-certificates` on a command that calls a control API: the node's
 /// client certificate, for daemons whose control requires mutual TLS.
 struct ControlClientOptions: ParsableArguments {
-    @Option(help: ArgumentHelp("ca-cert.pem, client-cert.pem and client-key.pem for a control API that requires TLS (default: $KEEL_TLS_CERTIFICATES, else plaintext).", valueName: "dir"))
+    @Option(help: ArgumentHelp("ca-cert.pem, client-cert.pem and client-key.pem for a control API that requires TLS (default: $KEEL_TLS_CERTIFICATES, else for a TCP address the node's STATE/tls/NAME when there is one, else plaintext).", valueName: "dir"))
     var tlsCertificates: String?
 
-    func apply() {
+    /// For calls to `address`: the node's own credentials are the default
+    /// for TCP only, as a unix socket's daemon is this node's, plaintext unless told.
+    func apply(for address: String) {
+        let overTCP = address.hasPrefix("unix:") == false
         let directory = tlsCertificates ?? ProcessInfo.processInfo.environment["KEEL_TLS_CERTIFICATES"]
+            ?? (overTCP ? nodeCredentialsDirectory() : nil)
         ControlTLS.useForCalls(ControlTLS(certificates: directory))
     }
 }

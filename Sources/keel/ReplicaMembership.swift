@@ -30,7 +30,7 @@ extension Replica {
         var noWait = false
 
         func run() throws {
-            control.apply()
+            control.apply(for: engine)
             let address = try parseListenAddress(replica, option: "REPLICA")
             let text = "\(address)"
             var status = try callEngine(engine, doing: "add \(text)") {
@@ -69,7 +69,7 @@ extension Replica {
         var replica: String
 
         func run() throws {
-            control.apply()
+            control.apply(for: engine)
             let text = "\(try parseListenAddress(replica, option: "REPLICA"))"
             let status = try callEngine(engine, doing: "remove \(text)") {
                 try await $0.removeReplica(.with { $0.address = text })

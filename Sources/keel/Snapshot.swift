@@ -35,8 +35,11 @@ struct Snapshot: ParsableCommand {
 
         /// The engine's control address, once it is known to run.
         func engineControl() throws -> String {
-            control.apply()
-            if let engine { return engine }
+            if let engine {
+                control.apply(for: engine)
+                return engine
+            }
+            control.apply(for: "unix:")  // the node's own engine, on a unix socket of the state directory
             let node = try Node(self.node)
             let record = try node.volume(volume)
             guard node.attachment(record).engineRunning else {

@@ -18,7 +18,7 @@ struct Status: ParsableCommand {
     var json = false
 
     func run() throws {
-        control.apply()
+        control.apply(for: engine)
         let status = try callEngine(engine, doing: "report its status") { try await $0.status(.init()) }
         if json {
             print(try renderJSON(status))

@@ -97,6 +97,26 @@ import Testing
         for replica in replicas { #expect(replica.stop() == 0) }
     }
 
+    /// On a node with its credentials in STATE/tls/NAME (and only those), `--tls require`,
+    /// `--replica-tls require` and a control call over TCP need no --tls-certificates.
+    @Test func theNodesOwnCredentialsAreTheDefault() throws {
+        let node = scratch.file("node-state")
+        #expect(try run([Paths.keel, "ca", "init", "--state-dir", node]).status == 0)
+        #expect(try run([Paths.keel, "cert", "issue", "node1", "--ip", "127.0.0.1", "--state-dir", node]).status == 0)
+        let environment = ["KEEL_STATE_DIR": node]
+        let replica = try KeelServer(["replica", "serve", "--dir", scratch.file("d0"), "--size", "64M", "--tls", "require"],
+                                     scratch: scratch, address: "127.0.0.1:\(try freeTCPPort())", environment: environment)
+        let control = "127.0.0.1:\(try freeTCPPort())"
+        let engine = try KeelServer(["engine", "serve", "--volume", "vol", "--size", "64M", "--replica", replica.address,
+                                     "--replica-tls", "require", "--tls", "on", "--control", control],
+                                    scratch: scratch, environment: environment)
+        let status = try run(["/usr/bin/env", "KEEL_STATE_DIR=\(node)", Paths.keel, "status", "--engine", control])
+        #expect(status.status == 0 && status.stdout.contains("healthy"), "\(status.stdout)\(status.stderr)")
+        try expectOneLineRefusal([Paths.keel, "status", "--engine", control], mentioning: ["cannot reach"])
+        #expect(engine.stop() == 0)
+        #expect(replica.stop() == 0)
+    }
+
     @Test func preSharedKeysGuardTheClaim() throws {
         let keys = scratch.file("keys.psk")
         #expect(try run(["psktool", "-u", "engine1", "-p", keys]).status == 0)
