@@ -7,23 +7,16 @@ import Testing
 /// from another CA and an expired one are refused, each with the error the
 /// client shows and the reason in the server's log.
 @Suite(.serialized) struct NBDOverTLSTests {
-    let scratch: Scratch
-    let state: String
+    let cluster: TestCluster
+    var scratch: Scratch { cluster.scratch }
+    var state: String { cluster.state }
 
     init() throws {
-        scratch = try Scratch()
-        state = scratch.file("state")
-        #expect(try keel(["ca", "init"]).status == 0)
-        #expect(try keel(["cert", "issue", "server", "--ip", "127.0.0.1"]).status == 0)
-        #expect(try keel(["cert", "issue", "client"]).status == 0)
+        cluster = try TestCluster(nodes: [("server", ["--ip", "127.0.0.1"]), ("client", [])])
     }
 
-    func keel(_ arguments: [String], state: String? = nil) throws -> Finished {
-        try run([Paths.keel] + arguments + ["--state-dir", state ?? self.state])
-    }
-
-    var serverCredentials: String { state + "/tls/server" }
-    var clientCredentials: String { state + "/tls/client" }
+    var serverCredentials: String { cluster.credentials("server") }
+    var clientCredentials: String { cluster.credentials("client") }
 
     /// A TCP loopback export (where TLS matters: TCP is what crosses hosts) of a fresh image.
     func export(_ tls: [String]) throws -> KeelServer {
@@ -55,13 +48,8 @@ import Testing
         let list = try run(["nbdinfo", "--list", "nbd://\(server.address)/"], timeout: 30)
         #expect(list.status != 0 && list.stderr.contains("server replied with error to list"), "\(list.stderr)")
 
-        // Another cluster's client, trusting this cluster's CA so that only the server can refuse it.
-        let other = scratch.file("other")
-        #expect(try keel(["ca", "init"], state: other).status == 0)
-        #expect(try keel(["cert", "issue", "rogue"], state: other).status == 0)
-        let rogue = other + "/tls/rogue"
-        try FileManager.default.removeItem(atPath: rogue + "/ca-cert.pem")
-        try FileManager.default.copyItem(atPath: clientCredentials + "/ca-cert.pem", toPath: rogue + "/ca-cert.pem")
+        // Another cluster's client.
+        let rogue = try cluster.rogue()
         let refused = try run(["nbdinfo", tlsURI(server, "tls-certificates=\(rogue)")], timeout: 30)
         #expect(refused.status != 0 && refused.stderr.contains("TLS fatal alert"), "\(refused.stderr)")
         try poll("the server's reason", seconds: 20) { server.log.contains("issuer is unknown") }

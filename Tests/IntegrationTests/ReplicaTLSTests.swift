@@ -7,19 +7,12 @@ import Testing
 /// client certificate or a PSK identity can, and serves fio verify through it.
 /// The control APIs of replica and engine require a certificate of the CA.
 @Suite(.serialized) struct ReplicaTLSTests {
-    let scratch: Scratch
-    let state: String
+    let cluster: TestCluster
+    var scratch: Scratch { cluster.scratch }
+    var state: String { cluster.state }
 
     init() throws {
-        scratch = try Scratch()
-        state = scratch.file("state")
-        #expect(try keel(["ca", "init"]).status == 0)
-        #expect(try keel(["cert", "issue", "replica", "--ip", "127.0.0.1"]).status == 0)
-        #expect(try keel(["cert", "issue", "engine"]).status == 0)
-    }
-
-    func keel(_ arguments: [String]) throws -> Finished {
-        try run([Paths.keel] + arguments + ["--state-dir", state])
+        cluster = try TestCluster(nodes: [("replica", ["--ip", "127.0.0.1"]), ("engine", [])])
     }
 
     func replica(_ name: String, tls: [String]) throws -> KeelServer {
@@ -60,12 +53,8 @@ import Testing
         #expect(try listing(replicas[0], engineCredentials) == before, "a refused engine changed the replica's epoch")
 
         // Another cluster's engine: the replica refuses its certificate.
-        let other = scratch.file("other")
-        #expect(try run([Paths.keel, "ca", "init", "--state-dir", other]).status == 0)
-        #expect(try run([Paths.keel, "cert", "issue", "rogue", "--state-dir", other]).status == 0)
-        try FileManager.default.removeItem(atPath: other + "/tls/rogue/ca-cert.pem")
-        try FileManager.default.copyItem(atPath: state + "/ca/ca-cert.pem", toPath: other + "/tls/rogue/ca-cert.pem")
-        let rogue = try engine(replicas, ["--replica-tls", "require", "--tls-certificates", other + "/tls/rogue"])
+        let rogueCredentials = try cluster.rogue()
+        let rogue = try engine(replicas, ["--replica-tls", "require", "--tls-certificates", rogueCredentials])
         #expect(rogue.status != 0 && rogue.stderr.contains("TLS"), "\(rogue.stderr)")
         #expect(try listing(replicas[0], engineCredentials) == before, "a rogue engine changed the replica's epoch")
 
@@ -79,7 +68,7 @@ import Testing
         #expect(overTLS.status == 0 && overTLS.stdout == "\(64 << 20)\n", "\(overTLS.stderr)")
 
         try expectOneLineRefusal([Paths.keel, "status", "--engine", control], mentioning: ["cannot reach the engine's control API"])
-        try expectOneLineRefusal([Paths.keel, "status", "--engine", control, "--tls-certificates", other + "/tls/rogue"],
+        try expectOneLineRefusal([Paths.keel, "status", "--engine", control, "--tls-certificates", rogueCredentials],
                                  mentioning: ["cannot reach the engine's control API"])
         let status = try run([Paths.keel, "status", "--engine", control, "--tls-certificates", state + "/tls/engine"])
         #expect(status.status == 0 && status.stdout.contains("healthy"), "\(status.stdout)\(status.stderr)")
