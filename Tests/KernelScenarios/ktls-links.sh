@@ -22,6 +22,9 @@ start_kernel_engine 128M
 step "fio randwrite + verify on $device over TLS links"
 start_fio_verify 8
 check_fio
+# The kernel's own count of sockets whose records it holds (software kTLS), while the links are up.
+grep -E "TlsCurr(Tx|Rx)Sw" /proc/net/tls_stat
+[ "$(awk '/TlsCurrRxSw/ {print $2}' /proc/net/tls_stat)" -ge 3 ] || { echo "fewer than 3 kTLS sockets"; exit 1; }
 kill -TERM "$engine"
 wait "$engine"
 for i in 0 1 2; do
