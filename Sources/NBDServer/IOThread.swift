@@ -378,7 +378,7 @@ final class IOThread<Device: BlockDevice> {
     /// kernel has it and the session allows: the receive is stopped so that
     /// no record is half read when the keys change hands.
     private func wantKernelTLS(_ connection: Connection) {
-        guard !kernelTLSMissing, tls.kernelRecords, connection.receiving, !connection.closing else { return }
+        guard !kernelTLSMissing, connection.receiving, !connection.closing else { return }
         connection.kernelTLSWanted = true
         ring.cancel(userData: IOToken(.receive, connection: connection.index).rawValue,
                     userData: IOToken(.cancel).rawValue)
@@ -702,8 +702,8 @@ final class IOThread<Device: BlockDevice> {
             connection.rawInFlight = raw
             connection.iovecs[0] = iovec(iov_base: raw.baseAddress, iov_len: raw.count)
             connection.iovecCount = 1
-            // Encrypted replies are done once all of it is sent.
-            connection.batchIovecEnds = connection.batch.map { _ in 1 }
+            // Encrypted replies are done once all of it is sent (batchIovecEnds keeps its capacity).
+            for _ in connection.batch { connection.batchIovecEnds.append(1) }
         } else {
             while connection.batch.count < Connection.maximumBatch, let slot = connection.popQueuedReply() {
                 let s = connection.slots.advanced(by: slot)
@@ -740,7 +740,7 @@ final class IOThread<Device: BlockDevice> {
         if !tls.uncork() { sealed = false }
         guard sealed else {
             logger.debug("connection \(connection.index): TLS could not seal a reply; closing")
-            connection.batchIovecEnds = connection.batch.map { _ in 0 }
+            for _ in connection.batch { connection.batchIovecEnds.append(0) }
             releaseBatch(connection, upTo: connection.batch.count)
             abort(connection)
             return

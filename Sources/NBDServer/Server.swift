@@ -93,16 +93,12 @@ public struct ServerTLS: Sendable {
     public let policy: Handshake.TLSPolicy
     public let credentials: TLSCredentials?
 
-    /// Hand established sessions' records to the kernel (kTLS) where it has them.
-    public let kernelRecords: Bool
-
     public static let off = ServerTLS(policy: .off, credentials: nil)
 
-    public init(policy: Handshake.TLSPolicy, credentials: TLSCredentials?, kernelRecords: Bool = true) {
+    public init(policy: Handshake.TLSPolicy, credentials: TLSCredentials?) {
         precondition(policy == .off || credentials != nil, "TLS offered without credentials")
         self.policy = policy
         self.credentials = policy == .off ? nil : credentials
-        self.kernelRecords = kernelRecords
     }
 }
 
