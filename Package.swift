@@ -84,6 +84,10 @@ let package = Package(
         // The kernel's NBD driver over generic netlink: /dev/nbdX from sockets in transmission.
         .systemLibrary(name: "CNetlink"),
         .target(name: "KernelNBD", dependencies: ["CNetlink", "Syscalls"]),
+        // The host's device of a volume: /dev/nbdX held connected to the volume's engine, wherever it runs.
+        .target(name: "DeviceFrontend", dependencies: [
+            "KernelNBD", "NBDProtocol", "Syscalls", .product(name: "Logging", package: "swift-log"),
+        ]),
         // `keel engine serve`: a volume's frontend, replicated synchronously to its replicas.
         .target(name: "Engine", dependencies: [
             "NBDServer", "NBDProtocol", "IOUring", "LibNBD", "RingLinks", "Syscalls", "ControlAPI", "KernelNBD",
@@ -114,7 +118,7 @@ let package = Package(
 
         .executableTarget(name: "keel", dependencies: [
             "NBDServer", "FileExport", "ReplicaServer", "ReplicaStore", "Engine", "LibNBD", "Syscalls", "ControlAPI",
-            "NodeRegistry", "Daemons", "KernelNBD", "ReplicaIdentity", "SnapshotExport", "ClusterCA",
+            "NodeRegistry", "Daemons", "KernelNBD", "ReplicaIdentity", "SnapshotExport", "ClusterCA", "DeviceFrontend",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

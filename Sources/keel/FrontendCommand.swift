@@ -1,10 +1,89 @@
 import ArgumentParser
+import DeviceFrontend
+import Foundation
+import Logging
+import NodeRegistry
+import Syscalls
 
 struct FrontendCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "frontend",
-        abstract: "Attach or detach a running volume's kernel device (/dev/nbdX).",
-        subcommands: [Enable.self, Disable.self])
+        abstract: "The host's device of a volume (/dev/nbdX): hold it connected to the volume's engine, attach, detach.",
+        subcommands: [Serve.self, Enable.self, Disable.self])
+
+    struct Serve: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Hold /dev/nbdX connected to a volume's engine (local or on another node); prints the device.",
+            discussion: """
+                Connects --connections sockets to the engine, negotiates each (NBD, export = the volume) and \
+                hands them to the kernel. When the kernel gives up on a connection (the engine died, its link \
+                was cut, a request outlived --io-timeout) it gets a new one; while the engine does not answer \
+                the kernel holds the device's I/O for --dead-connection-timeout seconds and the frontend keeps \
+                trying. SIGTERM drains the I/O in flight and detaches the device.
+                Example: keel frontend serve --volume db --engine 10.0.0.2:7900
+                """)
+
+        @Option(help: "The volume's name: the engine's export, and /dev/keel/NAME.")
+        var volume: String
+
+        @Option(help: "The engine's NBD address: unix:/path or HOST:PORT.")
+        var engine: String
+
+        @Option(help: "The device to attach, /dev/nbdN (default: a free one the kernel picks).")
+        var device: String?
+
+        @Option(help: "Connections of the device (fixed for its life).")
+        var connections: Int = 2
+
+        @Option(help: "Seconds the kernel lets a request run before it gives up on its connection and retries the request on another.")
+        var ioTimeout: UInt64 = 30
+
+        @Option(help: "Seconds the device holds I/O while no connection is alive (then it fails I/O).")
+        var deadConnectionTimeout: UInt64 = 120
+
+        @Option(help: "Seconds a connection to the engine and its handshake may take.")
+        var connectTimeout: Double = 3
+
+        @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+        var logLevel: Logger.Level = .notice
+
+        func validate() throws {
+            if let problem = VolumeRecord.validate(name: volume) {
+                throw ValidationError("--volume: \(problem) (it names /dev/keel/<volume>)")
+            }
+            try validateDevice(device)
+            guard (1...16).contains(connections) else { throw ValidationError("--connections must be between 1 and 16") }
+            guard ioTimeout >= 1, deadConnectionTimeout >= 1 else {
+                throw ValidationError("--io-timeout and --dead-connection-timeout must be at least 1 second")
+            }
+            guard connectTimeout >= 0.1 && connectTimeout <= 600 else {
+                throw ValidationError("--connect-timeout must be between 0.1 and 600 seconds")
+            }
+        }
+
+        func run() throws {
+            let logger = makeLogger(label: "keel.frontend", level: logLevel)
+            let endpoint = EngineEndpoint(address: try parseListenAddress(engine, option: "--engine"), exportName: volume)
+            TerminationSignals.block()
+            let settings = KernelDevice.Settings(volume: volume, connections: connections, ioTimeout: ioTimeout,
+                                                 deadConnectionTimeout: deadConnectionTimeout,
+                                                 device: device.flatMap(deviceIndex))
+            let frontend: DeviceFrontend
+            let path: String
+            do {
+                frontend = DeviceFrontend(device: try KernelDevice(settings: settings, logger: logger), engine: endpoint,
+                                          connectTimeout: Int32(connectTimeout * 1000), logger: logger)
+                path = try frontend.start()
+            } catch {
+                throw CLIError("cannot attach volume \(volume) from engine \(engine): \(error)")
+            }
+            print(path)
+            fflush(stdout)
+            let signal = TerminationSignals.wait()
+            logger.notice("signal \(signal): draining and detaching \(path)")
+            frontend.stop()
+        }
+    }
 
     struct Enable: ParsableCommand {
         static let configuration = CommandConfiguration(

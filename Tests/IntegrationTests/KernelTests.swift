@@ -62,6 +62,10 @@ import Testing
         try Self.expectScenario("ktls-links", toSay: "kTLS links: fio verified")
     }
 
+    @Test func frontendKeepsTheDeviceThroughARemoteEnginesRestartAndACutLink() throws {
+        try Self.expectScenario("frontend-remote-engine", toSay: "remote engine: fio verified through a restart and a cut link")
+    }
+
     @Test func volumesUnderSystemdAsPID1() throws {
         try Self.expectScenario("volume-systemd", systemd: true, toSay: "keel volume under systemd: complete")
     }

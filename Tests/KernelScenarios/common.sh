@@ -75,6 +75,36 @@ start_kernel_engine() {
     [ "$(cat /sys/block/$nbd/backend)" = keel:vol ]
 }
 
+# start_frontend ENGINE_ADDRESS: keel frontend serve holds the device connected to
+# the engine at that address; sets $frontend, $device and $nbd once it has its size.
+start_frontend() {
+    : > "$work/frontend.out"
+    "$KEEL" frontend serve --volume vol --engine "$1" --connections 2 --io-timeout "${IO_TIMEOUT:-5}" \
+        --dead-connection-timeout "${DEAD_CONNECTION_TIMEOUT:-120}" --log-level info \
+        >"$work/frontend.out" 2>>"$work/frontend.log" &
+    frontend=$!
+    for _ in $(seq 300); do grep -q /dev/nbd "$work/frontend.out" && break; sleep 0.1; done
+    device=$(cat "$work/frontend.out")
+    [ -b "$device" ] || { echo "no device from the frontend: '$device'"; exit 1; }
+    nbd=$(basename "$device")
+    for _ in $(seq 100); do [ "$(cat /sys/block/$nbd/size)" != 0 ] && break; sleep 0.1; done
+    echo "attached $device, backend $(cat /sys/block/$nbd/backend)"
+    [ "$(cat /sys/block/$nbd/backend)" = keel:vol ]
+}
+
+# make_node NAME ADDRESS: a network namespace linked to the guest's own by a
+# veth pair; the guest's end is ADDRESS with the last byte 1. The node's
+# address is ADDRESS/24.
+make_node() {
+    ip netns add "$1"
+    ip link add "h-$1" type veth peer name eth0 netns "$1"
+    ip addr add "${2%.*}.1/24" dev "h-$1"
+    ip link set "h-$1" up
+    ip -n "$1" addr add "$2/24" dev eth0
+    ip -n "$1" link set eth0 up
+    ip -n "$1" link set lo up
+}
+
 # A real udevd in the guest with Keel's rule installed. The guest runs in a
 # chroot, where udevadm would ignore trigger and settle without this:
 export SYSTEMD_IGNORE_CHROOT=1

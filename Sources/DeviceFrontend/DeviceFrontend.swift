@@ -1,0 +1,128 @@
+import KernelNBD
+import Logging
+import Synchronization
+import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The host's side of a volume: it holds `/dev/nbdX` and keeps it connected
+/// to the volume's engine. When the kernel gives up on a connection
+/// (LINK_DEAD: a request outlived the I/O timeout, or the engine closed it),
+/// the frontend opens a new one and hands it over; while the engine does not
+/// answer, the kernel holds the device's I/O (dead-connection timeout) and
+/// the frontend keeps trying, so an engine that is restarted (by hand, by its
+/// unit, or elsewhere through `replacement`) gets the device back.
+public final class DeviceFrontend: @unchecked Sendable {
+    /// Asked when the engine does not answer: the endpoint of an engine that
+    /// will (started elsewhere, say), or nil to keep trying the same one.
+    public typealias Replacement = @Sendable (_ lost: EngineEndpoint, _ failure: String) -> EngineEndpoint?
+
+    private let device: KernelDevice
+    private let connectTimeout: Int32
+    private let logger: Logger
+    private let replacement: Replacement?
+    private let endpoint: Mutex<EngineEndpoint>
+    private let running = Atomic<Bool>(false)
+    private var watcher: PosixThread?
+
+    /// `connectTimeout`: milliseconds a connection and its handshake may take.
+    public init(device: KernelDevice, engine: EngineEndpoint, connectTimeout: Int32 = 3000, logger: Logger,
+                replacement: Replacement? = nil) {
+        self.device = device
+        self.connectTimeout = connectTimeout
+        self.logger = logger
+        self.replacement = replacement
+        endpoint = Mutex(engine)
+    }
+
+    public var engine: EngineEndpoint { endpoint.withLock { $0 } }
+
+    /// Connects every link, attaches the device and starts replacing dead
+    /// links; returns the device path. An engine that does not answer now is
+    /// an error here (nothing is attached), not a wait.
+    public func start() throws -> String {
+        let events = try KernelNBD.DeadLinks()
+        let engine = self.engine
+        var links: [EngineLink] = []
+        do {
+            for _ in 0..<device.settings.connections { links.append(try EngineLink.open(engine, timeout: connectTimeout)) }
+        } catch {
+            links.forEach { $0.fd.close() }
+            throw error
+        }
+        let path = try device.attach(links)
+        running.store(true, ordering: .releasing)
+        watcher = try PosixThread(name: "keel-frontend") { [self] in watch(events) }
+        return path
+    }
+
+    /// Stops replacing links, drains the device's I/O and detaches it.
+    public func stop() {
+        running.store(false, ordering: .releasing)
+        watcher?.join()
+        watcher = nil
+        device.detach()
+    }
+
+    private var isRunning: Bool { running.load(ordering: .acquiring) }
+
+    /// Notifications say when; the probes say how many (a lost notification
+    /// costs at most one tick).
+    private func watch(_ events: KernelNBD.DeadLinks) {
+        while isRunning {
+            do { _ = try events.next(waitingUpTo: 250) } catch NetlinkError.kernel(let errno, _) where errno == ENOBUFS {
+                logger.warning("the kernel's dead-link notifications overflowed; checking the connections")
+            } catch {
+                logger.error("cannot read the kernel's dead-link notifications: \(error)")
+                usleep(250_000)
+            }
+            if device.deadLinks() > 0 { reconnect() }
+        }
+    }
+
+    /// Until every dead slot has a new connection or the frontend stops.
+    private func reconnect() {
+        guard let index = device.index else { return }
+        let started = monotonicSeconds()
+        var lastFailure: String?
+        var warnedAboutDeadline = false
+        while isRunning {
+            let dead = device.deadLinks()
+            if dead == 0 { break }
+            let engine = self.engine
+            do {
+                var links: [EngineLink] = []
+                defer { links.forEach { $0.fd.close() } }
+                for _ in 0..<dead { links.append(try EngineLink.open(engine, timeout: connectTimeout)) }
+                let taken = try device.replaceDeadLinks(with: links)
+                links = []
+                let waited = monotonicSeconds() - started
+                let pause = waited >= 1 ? " after \(Int(waited)) s without one" : ""
+                logger.notice("/dev/nbd\(index): \(taken) new connection(s) to engine \(engine)\(pause)")
+                continue
+            } catch {
+                let failure = "\(error)"
+                if failure != lastFailure { logger.warning("/dev/nbd\(index): engine \(engine) does not answer: \(failure)") }
+                lastFailure = failure
+                if let next = replacement?(engine, failure), next != engine {
+                    logger.notice("/dev/nbd\(index): the volume's engine moves from \(engine) to \(next)")
+                    endpoint.withLock { $0 = next }
+                    continue
+                }
+            }
+            let waited = monotonicSeconds() - started
+            if !warnedAboutDeadline && waited > Double(device.settings.deadConnectionTimeout) {
+                warnedAboutDeadline = true
+                logger.error("/dev/nbd\(index): no engine for \(Int(waited)) s, past the dead-connection timeout: the kernel fails the device's I/O until one answers at \(engine)")
+            }
+            for _ in 0..<5 where isRunning { usleep(50_000) }
+        }
+    }
+
+    private func monotonicSeconds() -> Double {
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
+    }
+}

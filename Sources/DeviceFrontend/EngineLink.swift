@@ -1,0 +1,109 @@
+import NBDProtocol
+import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where a device's connections go: an engine's NBD address and the export (the volume).
+public struct EngineEndpoint: Sendable, Equatable, CustomStringConvertible {
+    public var address: SocketAddress
+    public var exportName: String
+
+    public init(address: SocketAddress, exportName: String) {
+        self.address = address
+        self.exportName = exportName
+    }
+
+    public var description: String { "\(address)" }
+}
+
+/// One connection to an engine in the transmission phase: the handshake is
+/// done, the socket is ready for the kernel.
+public struct EngineLink {
+    public let fd: FileDescriptor
+    public let size: UInt64
+    public let flags: TransmissionFlags
+
+    /// Connects and negotiates within `timeout` milliseconds in all; an engine
+    /// whose node is cut off fails here, not after the system's SYN retries.
+    public static func open(_ endpoint: EngineEndpoint, timeout: Int32) throws -> EngineLink {
+        let deadline = Deadline(milliseconds: timeout)
+        let fd = try Socket.connect(to: endpoint.address, timeout: timeout)
+        do {
+            if case .tcp = endpoint.address { Socket.setNoDelay(fd) }
+            var handshake = ClientHandshake(exportName: endpoint.exportName)
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            while true {
+                let received = try read(fd, into: &buffer, before: deadline, from: endpoint)
+                var send: [UInt8] = []
+                let step = buffer.withUnsafeBytes { handshake.receive(UnsafeRawBufferPointer(rebasing: $0[..<received]), send: &send) }
+                try write(fd, send, before: deadline, to: endpoint)
+                switch step {
+                case .needMore: continue
+                case .finished(let size, let flags, let consumed):
+                    guard consumed == received else {
+                        throw SystemError(errno: EPROTO, "engine \(endpoint): data after the handshake")
+                    }
+                    return EngineLink(fd: fd, size: size, flags: flags)
+                case .startTLS:
+                    throw SystemError(errno: EPROTO, "engine \(endpoint): TLS was not asked for")
+                case .failed(let reason):
+                    throw SystemError(errno: EPROTO, "engine \(endpoint): \(reason)")
+                }
+            }
+        } catch {
+            fd.close()
+            throw error
+        }
+    }
+
+    private struct Deadline {
+        let end: timespec
+        init(milliseconds: Int32) {
+            var now = timespec()
+            clock_gettime(CLOCK_MONOTONIC, &now)
+            let nanoseconds = Int(now.tv_nsec) + Int(milliseconds % 1000) * 1_000_000
+            end = timespec(tv_sec: now.tv_sec + Int(milliseconds / 1000) + nanoseconds / 1_000_000_000,
+                           tv_nsec: nanoseconds % 1_000_000_000)
+        }
+        var remainingMilliseconds: Int32 {
+            var now = timespec()
+            clock_gettime(CLOCK_MONOTONIC, &now)
+            let left = (end.tv_sec - now.tv_sec) * 1000 + (end.tv_nsec - now.tv_nsec) / 1_000_000
+            return Int32(clamping: max(0, left))
+        }
+    }
+
+    private static func wait(_ fd: FileDescriptor, for events: Int32, before deadline: Deadline,
+                             _ what: String) throws {
+        var entry = pollfd(fd: fd.rawValue, events: Int16(events), revents: 0)
+        while true {
+            let ready = poll(&entry, 1, deadline.remainingMilliseconds)
+            if ready > 0 { return }
+            if ready < 0 && errno == EINTR { continue }
+            throw SystemError(errno: ready == 0 ? ETIMEDOUT : errno, what)
+        }
+    }
+
+    private static func read(_ fd: FileDescriptor, into buffer: inout [UInt8], before deadline: Deadline,
+                             from endpoint: EngineEndpoint) throws -> Int {
+        try wait(fd, for: POLLIN, before: deadline, "engine \(endpoint): no handshake answer in time")
+        let count = buffer.withUnsafeMutableBytes { recv(fd.rawValue, $0.baseAddress, $0.count, 0) }
+        if count > 0 { return count }
+        throw SystemError(errno: count == 0 ? ECONNRESET : errno, "engine \(endpoint) closed the connection during the handshake")
+    }
+
+    private static func write(_ fd: FileDescriptor, _ bytes: [UInt8], before deadline: Deadline,
+                              to endpoint: EngineEndpoint) throws {
+        var offset = 0
+        while offset < bytes.count {
+            try wait(fd, for: POLLOUT, before: deadline, "engine \(endpoint): cannot send the handshake in time")
+            let sent = bytes.withUnsafeBytes { send(fd.rawValue, $0.baseAddress! + offset, $0.count - offset, Int32(MSG_NOSIGNAL)) }
+            guard sent > 0 else {
+                if errno == EINTR || errno == EAGAIN { continue }
+                throw SystemError.current("engine \(endpoint): send")
+            }
+            offset += sent
+        }
+    }
+}
