@@ -90,8 +90,7 @@ let package = Package(
         ]),
         // `keel engine serve`: a volume's frontend, replicated synchronously to its replicas.
         .target(name: "Engine", dependencies: [
-            "NBDServer", "NBDProtocol", "IOUring", "LibNBD", "RingLinks", "Syscalls", "ControlAPI", "KernelNBD",
-            "ReplicaIdentity",
+            "NBDServer", "NBDProtocol", "IOUring", "LibNBD", "RingLinks", "Syscalls", "ControlAPI", "ReplicaIdentity",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),

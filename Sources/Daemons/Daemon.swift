@@ -2,19 +2,20 @@
 import Glibc
 #endif
 
-/// A long-running `keel` process of this node: a replica or a volume's engine.
-/// The same daemon is a systemd unit instance (`keel-replica@NAME`,
-/// `keel-engine@VOLUME`) or a process `keel` started itself; either way it runs
-/// `keel <kind> serve` with the same arguments.
+/// A long-running `keel` process of this node: a replica, a volume's engine,
+/// or the device frontend that holds a volume's /dev/nbdX. The same daemon is
+/// a systemd unit instance (`keel-replica@NAME`, `keel-engine@VOLUME`,
+/// `keel-frontend@VOLUME`) or a process `keel` started itself; either way it
+/// runs `keel <kind> serve` with the same arguments.
 public struct Daemon: Equatable, Sendable {
     public enum Kind: String, Sendable {
-        case replica, engine
+        case replica, engine, frontend
     }
 
     public var kind: Kind
-    /// The unit instance: a replica's name, or the engine's volume.
+    /// The unit instance: a replica's name, or the volume of an engine or a frontend.
     public var instance: String
-    /// What follows `keel <kind> serve` (the engine's `--volume` comes from the instance).
+    /// What follows `keel <kind> serve` (an engine's or frontend's `--volume` comes from the instance).
     public var arguments: [String]
 
     public init(kind: Kind, instance: String, arguments: [String]) {
@@ -27,19 +28,25 @@ public struct Daemon: Equatable, Sendable {
 
     /// The command line after the executable.
     public var commandLine: [String] {
-        [kind.rawValue, "serve"] + (kind == .engine ? ["--volume", instance] : []) + arguments
+        [kind.rawValue, "serve"] + (kind == .replica ? [] : ["--volume", instance]) + arguments
     }
 
     /// The start of the command line that names this daemon whatever its other
-    /// arguments: `engine serve --volume NAME`, or `replica serve --dir DIR`
+    /// arguments: `engine serve --volume NAME`, `frontend serve --volume NAME`, or `replica serve --dir DIR`
     /// (a replica's arguments start with its directory).
     public var identity: [String] { Array(commandLine.prefix(4)) }
 
-    /// For messages: "engine of volume db", "replica db-r0".
-    public var description: String { kind == .engine ? "engine of volume \(instance)" : "replica \(instance)" }
+    /// For messages: "engine of volume db", "device frontend of volume db", "replica db-r0".
+    public var description: String {
+        switch kind {
+        case .replica: return "replica \(instance)"
+        case .engine: return "engine of volume \(instance)"
+        case .frontend: return "device frontend of volume \(instance)"
+        }
+    }
 
-    /// How long a stop may take: an engine drains the kernel's I/O first.
-    public var stopTimeout: Double { kind == .engine ? 90 : 30 }
+    /// How long a stop may take: a frontend drains the kernel's I/O first, an engine its clients'.
+    public var stopTimeout: Double { kind == .replica ? 30 : 90 }
 }
 
 /// Starts, stops and watches daemons.

@@ -22,7 +22,7 @@ public struct SystemdRunner: DaemonRunner {
 
     /// The unit templates must be installed (scripts/install) before systemd can run anything.
     public func checkUnitsInstalled() throws {
-        for template in ["keel-replica@.service", "keel-engine@.service"] {
+        for template in ["keel-replica@.service", "keel-engine@.service", "keel-frontend@.service"] {
             guard try runToCompletion(["systemctl", "cat", template]).status == 0 else {
                 throw DaemonError("systemd has no \(template): install Keel's units first (bash scripts/install)")
             }
@@ -30,7 +30,8 @@ public struct SystemdRunner: DaemonRunner {
     }
 
     public func environmentFile(_ daemon: Daemon) -> String {
-        "\(configurationDirectory)/\(daemon.kind == .engine ? "volume" : "replica")-\(daemon.instance).env"
+        let prefix = switch daemon.kind { case .replica: "replica"; case .engine: "volume"; case .frontend: "frontend" }
+        return "\(configurationDirectory)/\(prefix)-\(daemon.instance).env"
     }
 
     func dropInDirectory(_ daemon: Daemon) -> String { "\(unitDirectory)/\(daemon.unit).d" }
@@ -40,7 +41,7 @@ public struct SystemdRunner: DaemonRunner {
         if let spaced = daemon.arguments.first(where: { $0.contains(where: \.isWhitespace) || $0.isEmpty }) {
             throw DaemonError("'\(spaced)' cannot be passed through a systemd environment file (whitespace)")
         }
-        let variable = daemon.kind == .engine ? "KEEL_ENGINE_ARGS" : "KEEL_REPLICA_ARGS"
+        let variable = "KEEL_\(daemon.kind.rawValue.uppercased())_ARGS"
         return "# Written by keel volume from its registry; keel volume rewrites it when it starts the unit.\n"
             + "\(variable)=\(daemon.arguments.joined(separator: " "))\n"
     }
@@ -61,7 +62,7 @@ public struct SystemdRunner: DaemonRunner {
         try systemctl("disable", "--now", daemon.unit)
     }
 
-    /// Starting (an engine reports ready only once its device is attached) and
+    /// Starting (a frontend reports ready only once its device is attached) and
     /// stopping count as running; waiting to be restarted after a failure does not.
     public func isRunning(_ daemon: Daemon) -> Bool {
         let state = properties(daemon, "ActiveState", "SubState")

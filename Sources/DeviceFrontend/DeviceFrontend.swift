@@ -71,7 +71,10 @@ public final class DeviceFrontend: @unchecked Sendable {
     /// costs at most one tick).
     private func watch(_ events: KernelNBD.DeadLinks) {
         while isRunning {
-            do { _ = try events.next(waitingUpTo: 250) } catch NetlinkError.kernel(let errno, _) where errno == ENOBUFS {
+            do {
+                let reported = try events.next(waitingUpTo: 250).filter { $0 == device.index }.count
+                device.noteDeadLinkReports(reported)
+            } catch NetlinkError.kernel(let errno, _) where errno == ENOBUFS {
                 logger.warning("the kernel's dead-link notifications overflowed; checking the connections")
             } catch {
                 logger.error("cannot read the kernel's dead-link notifications: \(error)")

@@ -12,6 +12,8 @@ import Glibc
 /// It keeps a duplicate of every socket it gave the kernel (a probe): the
 /// kernel shuts a socket down when it declares it dead, which the probe shows
 /// as a hang-up, and shutting a probe down is how a live link is retired.
+/// A device taken over from a frontend that died has slots without probes:
+/// those are known dead only by the kernel's LINK_DEAD reports.
 public final class KernelDevice {
     public struct Settings: Sendable {
         public var volume: String
@@ -38,6 +40,9 @@ public final class KernelDevice {
     private let kernel: KernelNBD
     private let logger: Logger
     private var probes: [FileDescriptor] = []
+    /// Slots whose sockets another frontend made (a take-over), and how many of them the kernel reported dead.
+    private var unprobedSlots = 0
+    private var unprobedDead = 0
     private var size: UInt64?
     public private(set) var index: UInt32?
 
@@ -76,14 +81,18 @@ public final class KernelDevice {
         if let existing = try kernel.status().first(where: {
             $0.connected && KernelNBD.backendIdentifier(of: $0.index) == settings.backendIdentifier
         }) {
+            // The kernel fills the dead slots and drops the sockets it finds
+            // none for (their copies close here, so the engine sees them end);
+            // which ones it kept cannot be told, so no slot gets a probe.
             index = existing.index
             try kernel.reconfigure(index: index, sockets: sockets, configuration: configuration)
-            logger.notice("took over /dev/nbd\(index) (backend \(settings.backendIdentifier)) with \(links.count) new connection(s)")
+            unprobedSlots = links.count
+            logger.notice("took over /dev/nbd\(index) (backend \(settings.backendIdentifier)): its dead connections got new ones, the live ones stay")
         } else {
             index = try kernel.connect(sockets: sockets, configuration: configuration)
+            probes = try sockets.map { try duplicate($0) }
             logger.notice("attached /dev/nbd\(index) with \(links.count) connection(s), backend \(settings.backendIdentifier)")
         }
-        probes = try sockets.map { try duplicate($0) }
         size = first.size
         self.index = index
         return "/dev/nbd\(index)"
@@ -92,7 +101,14 @@ public final class KernelDevice {
     /// How many of the device's connections the kernel has given up on (or
     /// that were retired), after waiting up to `milliseconds` for the first.
     public func deadLinks(waitingUpTo milliseconds: Int32 = 0) -> Int {
-        hungUp(waitingUpTo: milliseconds).count
+        hungUp(waitingUpTo: milliseconds).count + unprobedDead
+    }
+
+    /// The kernel reported `count` dead links of this device and no probe
+    /// shows one: they were slots without probes.
+    public func noteDeadLinkReports(_ count: Int) {
+        guard count > 0, unprobedSlots > unprobedDead, hungUp(waitingUpTo: 100).isEmpty else { return }
+        unprobedDead = min(unprobedSlots, unprobedDead + count)
     }
 
     /// Puts `links` into the device's dead slots: the dead probes go, the new
@@ -105,13 +121,16 @@ public final class KernelDevice {
         }
         let dead = hungUp(waitingUpTo: 0)
         for slot in dead.reversed() { probes.remove(at: slot).close() }
-        let taken = Array(links.prefix(dead.count))
+        let taken = Array(links.prefix(dead.count + unprobedDead))
         guard !taken.isEmpty else { return 0 }
         var configuration = KernelNBD.Configuration(size: size, serverFlags: UInt64(taken[0].flags.rawValue),
                                                     backendIdentifier: settings.backendIdentifier)
         configuration.timeout = settings.ioTimeout
         configuration.deadConnectionTimeout = settings.deadConnectionTimeout
         try kernel.reconfigure(index: index, sockets: taken.map(\.fd.rawValue), configuration: configuration)
+        let filledUnprobed = taken.count - dead.count
+        unprobedSlots -= filledUnprobed
+        unprobedDead -= filledUnprobed
         for link in taken { probes.append(try duplicate(link.fd.rawValue)) }
         return taken.count
     }
@@ -141,6 +160,8 @@ public final class KernelDevice {
         }
         for probe in probes { probe.close() }
         probes = []
+        unprobedSlots = 0
+        unprobedDead = 0
         self.index = nil
     }
 

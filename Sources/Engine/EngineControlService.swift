@@ -45,11 +45,9 @@ public final class EngineReference: Sendable {
 /// The engine's side of the control API.
 public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceProtocol {
     let engine: EngineReference
-    let frontend: FrontendController?
 
-    public init(engine: EngineReference, frontend: FrontendController? = nil) {
+    public init(engine: EngineReference) {
         self.engine = engine
-        self.frontend = frontend
     }
 
     public func status(request: Keel_Control_V1_EngineStatusRequest,
@@ -59,7 +57,7 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
         status.volume = device.volume
         status.size = device.size
         status.epoch = device.epoch
-        status.device = frontend?.device ?? ""
+        status.clientConnections = UInt32(clamping: device.clientConnections)
         switch device.replicas.health {
         case .healthy: status.health = .ok
         case .degraded: status.health = .degraded
@@ -106,21 +104,6 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
         return try await status(request: .init(), context: context)
     }
 
-    public func setFrontend(request: Keel_Control_V1_SetFrontendRequest,
-                            context: ServerContext) async throws -> Keel_Control_V1_EngineStatus {
-        guard let frontend else {
-            throw RPCError(code: .failedPrecondition, message: "this engine has no kernel frontend")
-        }
-        _ = try await engine.device()
-        // Netlink calls and the drain block: off the cooperative pool.
-        try await offThePool {
-            try refusing {
-                if request.enabled { try frontend.enable() } else { frontend.disable() }
-            }
-        }
-        return try await status(request: .init(), context: context)
-    }
-
     public func createSnapshot(request: Keel_Control_V1_CreateSnapshotRequest,
                                context: ServerContext) async throws -> Keel_Control_V1_Snapshots {
         let device = try await engine.device()
@@ -140,7 +123,8 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
     public func revertSnapshot(request: Keel_Control_V1_RevertSnapshotRequest,
                                context: ServerContext) async throws -> Keel_Control_V1_Snapshots {
         let device = try await engine.device()
-        let attached = frontend?.device ?? (device.clientConnections > 0 ? "\(device.clientConnections) NBD client connection(s)" : nil)
+        // A host's device is a client too: its frontend's connections.
+        let attached = device.clientConnections > 0 ? "\(device.clientConnections) NBD client connection(s)" : nil
         let snapshots = try await offThePool {
             try refusing { try device.revertSnapshot(name: request.name, discardNewer: request.discardNewer, attached: attached) }
         }

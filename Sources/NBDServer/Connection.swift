@@ -84,13 +84,9 @@ final class Connection {
     /// Queued in the thread's list of connections with replies to send.
     var needsFlush = false
 
-    /// Negotiated elsewhere and handed over (the kernel's connections).
-    let adopted: Bool
-
-    init(index: Int, fd: FileDescriptor, phase: Phase, adopted: Bool = false) {
+    init(index: Int, fd: FileDescriptor, phase: Phase) {
         self.index = index
         self.fd = fd
-        self.adopted = adopted
         self.phase = phase
         slots = .allocate(capacity: Self.slotCount)
         slots.initialize(repeating: Slot(), count: Self.slotCount)

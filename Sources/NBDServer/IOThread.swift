@@ -10,7 +10,7 @@ import Glibc
 
 /// One I/O thread: a ring, its buffers, the connections it accepted, and the
 /// device worker. Everything here runs on that one thread; other threads
-/// reach it only through its eventfds (wake: stop; adoption: new connections).
+/// reach it only through its eventfd (wake: stop).
 final class IOThread<Device: BlockDevice> {
     struct Configuration {
         var ringEntries: UInt32 = 512
@@ -29,12 +29,6 @@ final class IOThread<Device: BlockDevice> {
     let configuration: Configuration
     var logger: Logger
     let wake: EventFD
-    /// Signalled when `adopt` queued connections for this thread.
-    private let adoptionSignal: EventFD
-    private let adoptionCounter = UnsafeMutablePointer<UInt64>.allocate(capacity: 1)
-    private let pendingAdoptions = Mutex<[AdoptedConnection]>([])
-    /// Requests in flight on adopted connections: what draining the kernel frontend waits for.
-    let adoptedRequestsInFlight = Atomic<Int>(0)
 
     private var ring: Ring!
     private var arena: BufferArena!
@@ -63,20 +57,11 @@ final class IOThread<Device: BlockDevice> {
         self.logger = logger
         self.logger[metadataKey: "thread"] = "\(id)"
         wake = try EventFD()
-        adoptionSignal = try EventFD()
     }
 
     deinit {
         wakeCounter.deallocate()
-        adoptionCounter.deallocate()
         wake.descriptor.close()
-        adoptionSignal.descriptor.close()
-    }
-
-    /// From any thread: serve these connections too.
-    func adopt(_ connections: [AdoptedConnection]) {
-        pendingAdoptions.withLock { $0 += connections }
-        adoptionSignal.signal()
     }
 
     /// Creates the ring and everything registered with it. Must run on the
@@ -95,7 +80,6 @@ final class IOThread<Device: BlockDevice> {
     func run() throws {
         ring.acceptMultishot(listener, userData: IOToken(.accept).rawValue)
         ring.readEvent(wake.descriptor, into: wakeCounter, userData: IOToken(.wake).rawValue)
-        ring.readEvent(adoptionSignal.descriptor, into: adoptionCounter, userData: IOToken(.adopt).rawValue)
         while !(stopping && liveConnections == 0) {
             try ring.submitAndWait(1)
             ring.drainCompletions { handle($0) }
@@ -130,11 +114,6 @@ final class IOThread<Device: BlockDevice> {
             worker.workerEvent(token: token, result: completion.result, flags: completion.flags)
         case .wake:
             beginStopping()
-        case .adopt:
-            ring.readEvent(adoptionSignal.descriptor, into: adoptionCounter, userData: IOToken(.adopt).rawValue)
-            for connection in pendingAdoptions.withLock({ pending in defer { pending.removeAll() }; return pending }) {
-                if stopping { connection.fd.close() } else { open(connection.fd, negotiated: connection.negotiated) }
-            }
         case .graceTimer:
             for case let connection? in connections { abort(connection); settle(connection) }
         case .cancel, nil:
@@ -172,24 +151,19 @@ final class IOThread<Device: BlockDevice> {
         }
     }
 
-    /// A new connection: from the handshake's greeting on, or, when already
-    /// negotiated elsewhere, straight in the transmission phase.
-    private func open(_ fd: FileDescriptor, negotiated: Negotiated? = nil) {
+    /// A new connection, from the handshake's greeting on.
+    private func open(_ fd: FileDescriptor) {
         let index: Int
         if let free = freeConnectionIndexes.popLast() { index = free } else {
             index = connections.count
             connections.append(nil)
         }
-        let phase: Connection.Phase = negotiated.map { .transmission(RequestPolicy($0)) }
-            ?? .handshake(Handshake(catalog: catalog, tls: tls.policy))
-        let connection = Connection(index: index, fd: fd, phase: phase, adopted: negotiated != nil)
+        let connection = Connection(index: index, fd: fd, phase: .handshake(Handshake(catalog: catalog, tls: tls.policy)))
         connections[index] = connection
         liveConnections += 1
         Socket.setNoDelay(fd)
-        if negotiated == nil {
-            connection.rawOutput = Handshake.greeting
-            markForFlush(connection)
-        }
+        connection.rawOutput = Handshake.greeting
+        markForFlush(connection)
         armReceive(connection)
         logger.debug("connection \(index) opened")
     }
@@ -207,12 +181,9 @@ final class IOThread<Device: BlockDevice> {
             return
         }
         dropInput(connection)
-        if !connection.adopted, case .transmission(let policy) = connection.phase {
+        if case .transmission(let policy) = connection.phase {
             catalog.transmissionEnded(policy.negotiated.export)
         }
-        // An adopted socket may have other references (the kernel frontend's
-        // probes): the peer must see the end now, not when the last one goes.
-        if connection.adopted { shutdown(connection.fd.rawValue, Int32(SHUT_RDWR)) }
         connection.fd.close()
         connections[connection.index] = nil
         freeConnectionIndexes.append(connection.index)
@@ -536,7 +507,6 @@ final class IOThread<Device: BlockDevice> {
             return
         }
         let slot = connection.allocateSlot()!
-        if connection.adopted { adoptedRequestsInFlight.add(1, ordering: .relaxed) }
         let s = connection.slots.advanced(by: slot)
         s.pointee.handle = header.handle
         s.pointee.request.command = header.command ?? .read
@@ -670,7 +640,6 @@ final class IOThread<Device: BlockDevice> {
         s.pointee.request.buffer = nil
         s.pointee.request.scratch = nil
         connection.releaseSlot(slot)
-        if connection.adopted { adoptedRequestsInFlight.subtract(1, ordering: .relaxed) }
         // A freed slot may unblock input that was waiting for one.
         if connection.hasPendingInput && !connection.closing {
             if let tls = connection.tls { driveTLS(connection, tls) } else { processInput(connection) }

@@ -14,8 +14,6 @@ public struct IOToken: Equatable {
         case graceTimer = 7
         /// The device worker's own operations, not tied to a request (polls, timers).
         case worker = 8
-        /// Another thread handed over sockets already in the transmission phase.
-        case adopt = 9
     }
 
     public let rawValue: UInt64

@@ -62,19 +62,6 @@ public final class Server<Device: BlockDevice>: @unchecked Sendable {
         }
     }
 
-    /// Serves connections negotiated elsewhere, spread over the threads; the server must be running.
-    public func adopt(_ connections: [AdoptedConnection]) {
-        for (id, thread) in ioThreads.enumerated() {
-            let share = connections.indices.filter { $0 % ioThreads.count == id }.map { connections[$0] }
-            if !share.isEmpty { thread.adopt(share) }
-        }
-    }
-
-    /// Requests in flight on adopted connections, across all threads.
-    public var adoptedRequestsInFlight: Int {
-        ioThreads.reduce(0) { $0 + $1.adoptedRequestsInFlight.load(ordering: .relaxed) }
-    }
-
     /// Asks every thread to finish in-flight requests and close its connections.
     public func stop() {
         for thread in ioThreads { thread.wake.signal() }
@@ -99,17 +86,5 @@ public struct ServerTLS: Sendable {
         precondition(policy == .off || credentials != nil, "TLS offered without credentials")
         self.policy = policy
         self.credentials = policy == .off ? nil : credentials
-    }
-}
-
-/// A socket whose handshake happened elsewhere (the kernel takes sockets in
-/// the transmission phase): served as if it had negotiated `negotiated`.
-public struct AdoptedConnection: Sendable {
-    public let fd: FileDescriptor
-    public let negotiated: Negotiated
-
-    public init(fd: FileDescriptor, negotiated: Negotiated) {
-        self.fd = fd
-        self.negotiated = negotiated
     }
 }

@@ -11,10 +11,6 @@ import Syscalls
 import Glibc
 #endif
 
-enum FrontendMode: String, ExpressibleByArgument, CaseIterable {
-    case kernel, none
-}
-
 struct EngineCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "engine",
@@ -26,7 +22,8 @@ struct EngineCommand: ParsableCommand {
             abstract: "Serve a volume over NBD, every write replicated synchronously to all healthy replicas.",
             discussion: """
                 Claims every replica with an epoch newer than any of them has seen (or --epoch),
-                which fences off any engine that had them before.
+                which fences off any engine that had them before. The engine is a plain NBD target: the
+                host's device (/dev/nbdX) is held by `keel frontend serve`, on this node or another.
                 Example: keel engine serve --volume vol1 --size 10G --replica 127.0.0.1:7001 \\
                            --replica 127.0.0.1:7002 --replica 127.0.0.1:7003 --listen unix:/run/keel/vol1.sock
                 """)
@@ -55,21 +52,6 @@ struct EngineCommand: ParsableCommand {
         @Option(help: "Seconds a replica may leave a request unanswered before it is failed (ERR).")
         var replicaTimeout: Double = 8
 
-        @Option(help: "kernel: also attach the volume as /dev/nbdX (netlink); none: only the --listen address.")
-        var frontend: FrontendMode = .none
-
-        @Option(help: "With --frontend kernel: the device to attach, /dev/nbdN (default: a free one the kernel picks).")
-        var device: String?
-
-        @Option(help: "Connections of the kernel device (fixed for its life).")
-        var connections: Int = 2
-
-        @Option(help: "Seconds the kernel lets a request run before it retries it on another connection; also the longest I/O pause when an engine dies and a new one takes over.")
-        var ioTimeout: UInt64 = 30
-
-        @Option(help: "Seconds the kernel device holds I/O while no engine serves it (then it fails I/O).")
-        var deadConnectionTimeout: UInt64 = 120
-
         @Flag(help: "Start even if replicas that may hold the newest data cannot be reached (a majority must be).")
         var allowDegraded = false
 
@@ -83,16 +65,9 @@ struct EngineCommand: ParsableCommand {
             guard replicaTimeout >= 0.1 && replicaTimeout <= 3600 else {
                 throw ValidationError("--replica-timeout must be between 0.1 and 3600 seconds")
             }
-            guard (1...16).contains(connections) else {
-                throw ValidationError("--connections must be between 1 and 16")
-            }
-            guard ioTimeout >= 1, deadConnectionTimeout >= 1 else {
-                throw ValidationError("--io-timeout and --dead-connection-timeout must be at least 1 second")
-            }
             if let problem = VolumeRecord.validate(name: volume) {
                 throw ValidationError("--volume: \(problem) (it names /dev/keel/<volume>)")
             }
-            try validateDevice(device)
             guard volumeID.count <= 64, volumeID.allSatisfy({ $0.isASCII && ($0.isHexDigit || $0 == "-") }) else {
                 throw ValidationError("--volume-id takes a UUID (hex digits and '-'), not '\(volumeID)'")
             }
@@ -110,25 +85,16 @@ struct EngineCommand: ParsableCommand {
             if let controlAddress { try serving.checkControlListener(controlAddress, logger: logger) }
             let listenerTLS = try serving.serverTLS()
             TerminationSignals.block()
-            // Before anything is claimed: a kernel without the NBD driver is a one-line refusal.
-            if frontend == .kernel {
-                do { try KernelFrontend.checkDriver() } catch { throw CLIError("\(error)") }
-            }
 
             // Everything that can refuse the start comes before the first claim:
             // a refused start must not fence the engine that runs now.
             let listener = try bindListener(address)
-            let kernel = FrontendController(settings: .init(volume: volume, size: size.bytes, connections: connections,
-                                                            ioTimeout: ioTimeout,
-                                                            deadConnectionTimeout: deadConnectionTimeout,
-                                                            device: self.device.flatMap(deviceIndex)),
-                                            logger: logger)
             let engine = EngineReference()
             let controlServer: ControlServer?
             do {
                 controlServer = try controlAddress.map {
                     try ControlServer(address: $0, tls: serving.controlTLS,
-                                      services: [EngineControlService(engine: engine, frontend: kernel)])
+                                      services: [EngineControlService(engine: engine)])
                 }
             } catch {
                 listener.close()
@@ -160,14 +126,10 @@ struct EngineCommand: ParsableCommand {
                                     afterStart: {
                                         // Control calls made during the start waited for this.
                                         engine.started(device)
-                                        if frontend == .kernel { try announce(kernel.enable()) }
-                                    },
-                                    beforeStop: { kernel.shutdown() }) { listener in
+                                    }) { listener in
                 let export = ExportDescription(name: volume, size: device.size, readOnly: device.readOnly)
-                let server = Server(device: device, listener: listener, catalog: EngineExports(device: device, export: export), tls: listenerTLS,
-                                    threads: serving.threads, logger: logger)
-                kernel.serve(with: server)
-                return server
+                return Server(device: device, listener: listener, catalog: EngineExports(device: device, export: export), tls: listenerTLS,
+                              threads: serving.threads, logger: logger)
             }
         }
     }
@@ -182,10 +144,4 @@ func validateDevice(_ device: String?) throws {
     if let device, deviceIndex(device) == nil {
         throw ValidationError("--device takes a kernel NBD device such as /dev/nbd0, not '\(device)'")
     }
-}
-
-/// A device path on stdout, for scripts (the log says it too).
-private func announce(_ path: String) {
-    print(path)
-    fflush(stdout)
 }

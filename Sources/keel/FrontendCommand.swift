@@ -8,8 +8,9 @@ import Syscalls
 struct FrontendCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "frontend",
-        abstract: "The host's device of a volume (/dev/nbdX): hold it connected to the volume's engine, attach, detach.",
-        subcommands: [Serve.self, Enable.self, Disable.self])
+        abstract: "The host's device of a volume (/dev/nbdX), held connected to the volume's engine wherever it runs.",
+        discussion: "keel volume attach starts one per attached volume (keel-frontend@VOLUME under systemd).",
+        subcommands: [Serve.self])
 
     struct Serve: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -79,43 +80,11 @@ struct FrontendCommand: ParsableCommand {
             }
             print(path)
             fflush(stdout)
+            ServiceManager.notify("READY=1\nSTATUS=\(path) connected to engine \(engine)")
             let signal = TerminationSignals.wait()
             logger.notice("signal \(signal): draining and detaching \(path)")
+            ServiceManager.notify("STOPPING=1")
             frontend.stop()
-        }
-    }
-
-    struct Enable: ParsableCommand {
-        static let configuration = CommandConfiguration(
-            abstract: "Attach the volume as /dev/nbdX again; prints the device.",
-            discussion: "Example: keel frontend enable --engine 127.0.0.1:7900")
-
-        @Option(help: "The engine's control address, HOST:PORT or unix:/path (its --control).")
-        var engine: String
-
-        @OptionGroup var control: ControlClientOptions
-
-        func run() throws {
-            control.apply(for: engine)
-            let status = try callEngine(engine, doing: "attach its device") { try await $0.setFrontend(.with { $0.enabled = true }) }
-            print(status.device)
-        }
-    }
-
-    struct Disable: ParsableCommand {
-        static let configuration = CommandConfiguration(
-            abstract: "Let the kernel's I/O in flight finish, then detach the device; the engine keeps running.",
-            discussion: "Example: keel frontend disable --engine 127.0.0.1:7900")
-
-        @Option(help: "The engine's control address, HOST:PORT or unix:/path (its --control).")
-        var engine: String
-
-        @OptionGroup var control: ControlClientOptions
-
-        func run() throws {
-            control.apply(for: engine)
-            let status = try callEngine(engine, doing: "detach its device") { try await $0.setFrontend(.with { $0.enabled = false }) }
-            print("volume \(status.volume): frontend disabled, no device")
         }
     }
 }

@@ -65,14 +65,19 @@ struct Node {
         }
     }
 
-    func engineDaemon(_ volume: VolumeRecord, device: String? = nil) -> Daemon {
+    func engineDaemon(_ volume: VolumeRecord) -> Daemon {
         var arguments = ["--size", "\(volume.size)"]
         for replica in volume.replicas { arguments += ["--replica", replica.address] }
-        arguments += ["--listen", "unix:" + layout.engineSocket(volume.name), "--control", engineControl(volume.name),
-                      "--frontend", "kernel", "--connections", "\(volume.connections)"]
+        arguments += ["--listen", "unix:" + layout.engineSocket(volume.name), "--control", engineControl(volume.name)]
         if !volume.id.isEmpty { arguments += ["--volume-id", volume.id] }
-        if let device { arguments += ["--device", device] }
         return Daemon(kind: .engine, instance: volume.name, arguments: arguments)
+    }
+
+    /// The process that holds the volume's /dev/nbdX, connected to its engine.
+    func frontendDaemon(_ volume: VolumeRecord, device: String? = nil) -> Daemon {
+        var arguments = ["--engine", "unix:" + layout.engineSocket(volume.name), "--connections", "\(volume.connections)"]
+        if let device { arguments += ["--device", device] }
+        return Daemon(kind: .frontend, instance: volume.name, arguments: arguments)
     }
 
     func engineControl(_ volume: String) -> String { "unix:" + layout.engineControl(volume) }
@@ -81,9 +86,11 @@ struct Node {
     func attachment(_ volume: VolumeRecord) -> Attachment {
         let devices = KernelNBD.devices(withBackend: "keel:\(volume.name)")
         let link = "/dev/keel/\(volume.name)"
+        let runner = self.runner(volume.runner)
         return Attachment(device: devices.first.map { "/dev/nbd\($0)" },
                           link: access(link, F_OK) == 0 ? link : nil,
-                          engineRunning: runner(volume.runner).isRunning(engineDaemon(volume)))
+                          engineRunning: runner.isRunning(engineDaemon(volume)),
+                          frontendRunning: runner.isRunning(frontendDaemon(volume)))
     }
 
     struct Attachment {
@@ -92,10 +99,12 @@ struct Node {
         /// `/dev/keel/<volume>`, when udev made it.
         var link: String?
         var engineRunning: Bool
+        /// The device frontend that holds the device.
+        var frontendRunning: Bool
 
         var summary: String {
             switch (device, engineRunning) {
-            case (let device?, true): return "attached \(device)"
+            case (let device?, true): return "attached \(device)" + (frontendRunning ? "" : ", no frontend (dead links are not replaced)")
             case (let device?, false): return "attached \(device), engine not running (I/O waits)"
             case (nil, true): return "engine running, frontend disabled"
             case (nil, false): return "detached"

@@ -41,7 +41,7 @@ struct Status: ParsableCommand {
         let io = status.io
         let object: [String: Any] = [
             "volume": status.volume, "size": status.size, "epoch": status.epoch, "health": Self.health(status),
-            "device": status.device,
+            "client_connections": status.clientConnections,
             "replicas": status.replicas.map {
                 ["address": $0.address, "id": $0.id, "mode": $0.mode, "epoch": $0.epoch,
                  "rebuild_progress": $0.rebuildProgress, "rebuilt_bytes": $0.rebuiltBytes,
@@ -56,7 +56,7 @@ struct Status: ParsableCommand {
 
     private func render(_ status: Keel_Control_V1_EngineStatus) -> String {
         var lines = ["volume \(status.volume): \(Self.health(status)), \(status.size) bytes, epoch \(status.epoch)"
-            + (status.device.isEmpty ? "" : ", attached as \(status.device)")]
+            + ", \(status.clientConnections) client connection(s)"]
         let width = max(20, status.replicas.map(\.address.count).max() ?? 0)
         lines.append("  " + "REPLICA".padding(toLength: width, withPad: " ", startingAt: 0) + "  MODE  EPOCH  REBUILD  ERROR")
         for replica in status.replicas {

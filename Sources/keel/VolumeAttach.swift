@@ -1,7 +1,6 @@
 import ArgumentParser
 import ControlAPI
 import Daemons
-import Engine
 import Foundation
 import KernelNBD
 import NodeRegistry
@@ -12,10 +11,11 @@ extension Volume {
         static let configuration = CommandConfiguration(
             abstract: "Attach a volume to this host: prints /dev/nbdX and /dev/keel/NAME.",
             discussion: """
-                Starts the volume's local replicas if they are not running, then its engine with the \
-                kernel frontend. A device the volume is still attached to while no engine serves it \
-                (the engine died) is taken over without I/O errors. Refused while a live engine \
-                elsewhere is connected to the volume's replicas, unless --force.
+                Starts the volume's local replicas and its engine if they are not running, then its \
+                device frontend (keel frontend serve), which holds /dev/nbdX connected to the engine. \
+                A device the volume is still attached to while no engine serves it (the engine died) \
+                gets the new engine without I/O errors. Refused while a live engine elsewhere is \
+                connected to the volume's replicas, unless --force.
                 Example: keel volume attach db && mkfs.ext4 /dev/keel/db
                 """)
 
@@ -27,7 +27,7 @@ extension Volume {
         @Flag(help: "Take the volume over from an engine elsewhere that is still connected to its replicas.")
         var force = false
 
-        @Option(help: "Seconds to wait for the engine to attach the device.")
+        @Option(help: "Seconds to wait for the engine to serve and the device to be attached.")
         var timeout: Double = 120
 
         func validate() throws { try validateDevice(device) }
@@ -37,27 +37,33 @@ extension Volume {
             try node.lock(target.name)
             let volume = try node.volume(target.name)
             let runner = node.runner(volume.runner)
-            let engine = node.engineDaemon(volume, device: device)
+            let engine = node.engineDaemon(volume)
+            let frontend = node.frontendDaemon(volume, device: device)
             let attachment = node.attachment(volume)
-            if attachment.engineRunning {
-                if let device = attachment.device { throw CLIError("volume \(target.name) is already attached as \(device)") }
-                throw CLIError("volume \(target.name)'s engine is running with its frontend disabled; attach it with "
-                    + "'keel frontend enable --engine \(node.engineControl(target.name))'")
+            if attachment.engineRunning, attachment.frontendRunning, let device = attachment.device {
+                throw CLIError("volume \(target.name) is already attached as \(device)")
             }
             try node.startReplicas(volume)
-            if !force { try checkNoLiveEngine(volume) }
-            do { try KernelFrontend.checkDriver() } catch { throw CLIError("\(error)") }
+            if !attachment.engineRunning && !force { try checkNoLiveEngine(volume) }
+            do { _ = try KernelNBD() } catch { throw CLIError("\(error)") }
 
-            do { try runner.start(engine) } catch {
-                // Under systemd the unit may be enabled already: it must not retry (or come back at boot).
-                let reason = runner.lastFailure(engine) ?? "\(error)"
-                try? runner.stop(engine)
-                throw CLIError("cannot attach \(target.name): \(reason)")
+            let deadline = Date().addingTimeInterval(timeout)
+            if !attachment.engineRunning {
+                try start(engine, runner: runner)
+                do { try waitForEngine(engine, runner: runner, node: node, before: deadline) } catch {
+                    try? runner.stop(engine)
+                    throw error
+                }
             }
             let device: String
-            do { device = try waitForDevice(engine, runner: runner, node: node) } catch {
-                // Nothing half-attached: the engine goes (its device with it) and is not restarted.
-                try? runner.stop(engine)
+            do {
+                // A frontend that holds the device already reconnects it to the new engine by itself.
+                if !attachment.frontendRunning { try start(frontend, runner: runner) }
+                device = try waitForDevice(frontend, runner: runner, before: deadline)
+            } catch {
+                // Nothing half-attached: what this command started goes, and is not restarted.
+                if !attachment.frontendRunning { try? runner.stop(frontend) }
+                if !attachment.engineRunning { try? runner.stop(engine) }
                 throw error
             }
             let link = waitForLink(device)
@@ -65,6 +71,15 @@ extension Volume {
             print(device)
             if let link { print(link) } else {
                 fputs("keel: no /dev/keel/\(target.name): udev is not running or Keel's rule is not installed (Udev/60-keel.rules)\n", stderr)
+            }
+        }
+
+        private func start(_ daemon: Daemon, runner: DaemonRunner) throws {
+            do { try runner.start(daemon) } catch {
+                // Under systemd the unit may be enabled already: it must not retry (or come back at boot).
+                let reason = runner.lastFailure(daemon) ?? "\(error)"
+                try? runner.stop(daemon)
+                throw CLIError("cannot attach \(target.name): \(reason)")
             }
         }
 
@@ -79,21 +94,35 @@ extension Volume {
             }
         }
 
-        private func waitForDevice(_ engine: Daemon, runner: DaemonRunner, node: Node) throws -> String {
-            let deadline = Date().addingTimeInterval(timeout)
+        /// Until the engine has claimed its replicas and serves (its control API answers).
+        private func waitForEngine(_ engine: Daemon, runner: DaemonRunner, node: Node, before deadline: Date) throws {
             while Date() < deadline {
-                if !runner.isRunning(engine) {
-                    throw CLIError(runner.lastFailure(engine).map { "cannot attach \(target.name): \($0)" }
-                        ?? "the engine of \(target.name) stopped before attaching; see its log")
-                }
-                if let status = try? callEngine(node.engineControl(target.name), doing: "report its status", {
+                try checkStillRunning(engine, runner: runner)
+                if (try? callEngine(node.engineControl(target.name), doing: "report its status", {
                     try await $0.status(.init())
-                }), !status.device.isEmpty {
-                    return status.device
+                })) != nil { return }
+                usleep(100_000)
+            }
+            throw CLIError("the engine of \(target.name) did not serve within \(Int(timeout)) s; see its log")
+        }
+
+        /// Until the kernel shows a device with the volume's backend identifier and its size.
+        private func waitForDevice(_ frontend: Daemon, runner: DaemonRunner, before deadline: Date) throws -> String {
+            while Date() < deadline {
+                try checkStillRunning(frontend, runner: runner)
+                if let index = KernelNBD.devices(withBackend: "keel:\(target.name)").first,
+                   let size = readSmallFile("/sys/block/nbd\(index)/size", limit: 64), size != "0\n" {
+                    return "/dev/nbd\(index)"
                 }
                 usleep(100_000)
             }
-            throw CLIError("the engine of \(target.name) did not attach a device within \(Int(timeout)) s; see its log")
+            throw CLIError("the device frontend of \(target.name) did not attach a device within \(Int(timeout)) s; see its log")
+        }
+
+        private func checkStillRunning(_ daemon: Daemon, runner: DaemonRunner) throws {
+            guard !runner.isRunning(daemon) else { return }
+            throw CLIError(runner.lastFailure(daemon).map { "cannot attach \(target.name): \($0)" }
+                ?? "the \(daemon.description) stopped before the device was attached; see its log")
         }
 
         /// udev makes the link from the device's change event. The kernel sends
@@ -132,10 +161,18 @@ extension Volume {
 
     struct Detach: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Detach a volume: its engine drains the device's I/O, detaches it and stops.",
-            discussion: "The replicas keep running. Unmount the filesystem first.\nExample: keel volume detach db")
+            abstract: "Detach a volume: its frontend drains the device's I/O and detaches it; its engine stops.",
+            discussion: """
+                The replicas keep running. Unmount the filesystem first. With --keep-engine the engine \
+                goes on serving no device (the frontend disabled): snapshot revert and backups of a \
+                detached volume use it; keel volume attach attaches the device again.
+                Example: keel volume detach db
+                """)
 
         @OptionGroup var target: VolumeTarget
+
+        @Flag(help: "Only detach the device; the engine keeps running.")
+        var keepEngine = false
 
         func run() throws {
             let node = try Node(target.node)
@@ -143,16 +180,19 @@ extension Volume {
             let volume = try node.volume(target.name)
             let runner = node.runner(volume.runner)
             let before = node.attachment(volume)
-            do { try runner.stop(node.engineDaemon(volume)) } catch {
-                throw CLIError("cannot stop the engine of \(target.name): \(error)")
+            for daemon in [node.frontendDaemon(volume)] + (keepEngine ? [] : [node.engineDaemon(volume)]) {
+                do { try runner.stop(daemon) } catch {
+                    throw CLIError("cannot stop the \(daemon.description): \(error)")
+                }
             }
-            // An engine that died left its device holding I/O: nobody will serve it now.
+            // A frontend that died left its device holding I/O: nobody will serve it now.
             for index in KernelNBD.devices(withBackend: "keel:\(target.name)") {
                 do { try KernelNBD().disconnect(index: index) } catch {
                     throw CLIError("cannot detach /dev/nbd\(index): \(error)")
                 }
             }
-            let was = before.device.map { "detached \($0)" } ?? (before.engineRunning ? "engine stopped" : "was not attached")
+            let was = before.device.map { "detached \($0)" + (keepEngine ? ", engine running" : "") }
+                ?? (before.engineRunning && !keepEngine ? "engine stopped" : "was not attached")
             if target.json { return try printJSON(["volume": target.name, "device": before.device ?? NSNull(), "result": was] as [String: Any]) }
             print("volume \(target.name): \(was)")
         }

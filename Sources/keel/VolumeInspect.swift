@@ -22,7 +22,7 @@ struct VolumeReport {
             "name": record.name, "id": record.id, "size": record.size, "connections": record.connections,
             "runner": record.runner.rawValue, "created_at": record.createdAt,
             "state": attachment.summary, "device": attachment.device ?? NSNull(), "link": attachment.link ?? NSNull(),
-            "engine_running": attachment.engineRunning,
+            "engine_running": attachment.engineRunning, "frontend_running": attachment.frontendRunning,
             "replicas": zip(record.replicas, replicasRunning).map { replica, running in
                 ["address": replica.address, "local": replica.isLocal, "directory": replica.directory ?? NSNull(),
                  "running": running ?? NSNull()] as [String: Any]

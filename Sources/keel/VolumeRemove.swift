@@ -25,7 +25,11 @@ extension Volume {
             do { try removeLocalReplicas(volume, node: node) } catch {
                 throw CLIError("cannot remove the replicas of \(target.name): \(error); the volume stays registered, try again")
             }
-            node.runner(volume.runner).forget(node.engineDaemon(volume))
+            // A frontend that outlived its device (it waits for an engine) goes too.
+            let runner = node.runner(volume.runner)
+            try? runner.stop(node.frontendDaemon(volume))
+            runner.forget(node.frontendDaemon(volume))
+            runner.forget(node.engineDaemon(volume))
             do { try node.registry.remove(named: target.name) } catch { throw CLIError("\(error)") }
             let remote = volume.replicas.filter { !$0.isLocal }.count
             let note = remote > 0 ? "; \(remote) replica(s) elsewhere keep their data" : ""

@@ -52,27 +52,39 @@ on_exit() {
 }
 trap on_exit EXIT
 
-# engine serve --frontend kernel; sets $device and $nbd once the kernel device has its size.
+# The engine on unix:$work/engine.sock (control: engine.control), once it serves.
 # REPLICAS replaces the three unix-socket replicas' --replica options; ENGINE_EXTRA adds options.
-# IO_TIMEOUT, REPLICA_TIMEOUT and DEAD_CONNECTION_TIMEOUT override the engine's timeouts.
-# The replica timeout is 30 s unless a scenario tests it (link-dead): under TCG on a
-# busy 2-core host the whole guest can stall for seconds, and 5 s once failed all three
-# replicas at once in a clean-clone CI run.
-start_kernel_engine() {
-    : > "$work/engine.out"
+# REPLICA_TIMEOUT overrides the engine's replica timeout: 30 s unless a scenario tests it
+# (link-dead): under TCG on a busy 2-core host the whole guest can stall for seconds, and
+# 5 s once failed all three replicas at once in a clean-clone CI run.
+start_plain_engine() {
+    : > "$work/engine.log"
     "$KEEL" engine serve --volume vol --size "$1" --listen "unix:$work/engine.sock" \
         --control "unix:$work/engine.control" --replica-timeout "${REPLICA_TIMEOUT:-30}" \
         ${REPLICAS:---replica unix:$work/r0.sock --replica unix:$work/r1.sock --replica unix:$work/r2.sock} \
-        ${ENGINE_EXTRA:-} --frontend kernel --connections 2 --io-timeout "${IO_TIMEOUT:-5}" \
-        --dead-connection-timeout "${DEAD_CONNECTION_TIMEOUT:-120}" >"$work/engine.out" 2>>"$work/engine.log" &
+        ${ENGINE_EXTRA:-} 2>>"$work/engine.log" &
     engine=$!
-    for _ in $(seq 300); do grep -q /dev/nbd "$work/engine.out" && break; sleep 0.1; done
-    device=$(cat "$work/engine.out")
-    [ -b "$device" ] || { echo "no device from the engine: '$device'"; exit 1; }
-    nbd=$(basename "$device")
-    for _ in $(seq 100); do [ "$(cat /sys/block/$nbd/size)" != 0 ] && break; sleep 0.1; done
-    echo "attached $device, backend $(cat /sys/block/$nbd/backend), $(ls /sys/block/$nbd/mq | wc -l) hardware queue(s)"
-    [ "$(cat /sys/block/$nbd/backend)" = keel:vol ]
+    for _ in $(seq 1200); do
+        grep -q "serving volume" "$work/engine.log" && return 0
+        kill -0 "$engine" 2>/dev/null || { echo "the engine exited"; exit 1; }
+        sleep 0.1
+    done
+    echo "the engine did not start serving"; exit 1
+}
+
+# The engine and a device frontend on it (keel frontend serve); sets $engine,
+# $frontend, $device and $nbd. IO_TIMEOUT and DEAD_CONNECTION_TIMEOUT set the device's.
+start_kernel_engine() {
+    start_plain_engine "$1"
+    start_frontend "unix:$work/engine.sock"
+}
+
+# The frontend drains and detaches the device, then the engine stops.
+stop_kernel_engine() {
+    kill -TERM "$frontend"
+    wait "$frontend"
+    kill -TERM "$engine"
+    wait "$engine"
 }
 
 # start_frontend ENGINE_ADDRESS: keel frontend serve holds the device connected to

@@ -17,8 +17,7 @@ kill -9 "$replica2"
 check_fio
 "$KEEL" status --engine "unix:$work/engine.control" | tee "$work/status"
 grep -q "degraded" "$work/status"
-kill -TERM "$engine"
-wait "$engine"
+stop_kernel_engine
 grep "O_DIRECT" "$work/r1.log"
 [ "$(grep -c "refuses O_DIRECT" "$work/r1.log")" = 1 ]
 if grep -q "O_DIRECT" "$work/r0.log"; then echo "replica 0 (ext4) did not use O_DIRECT"; exit 1; fi

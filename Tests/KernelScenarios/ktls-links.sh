@@ -25,8 +25,7 @@ check_fio
 # The kernel's own count of sockets whose records it holds (software kTLS), while the links are up.
 grep -E "TlsCurr(Tx|Rx)Sw" /proc/net/tls_stat
 [ "$(awk '/TlsCurrRxSw/ {print $2}' /proc/net/tls_stat)" -ge 3 ] || { echo "fewer than 3 kTLS sockets"; exit 1; }
-kill -TERM "$engine"
-wait "$engine"
+stop_kernel_engine
 for i in 0 1 2; do
     count=$(grep -c "TLS records in the kernel (kTLS)" "$work/r$i.log" || true)
     echo "replica $i: $count link(s) handed to kTLS, $(grep -c 'TLS1.3' "$work/r$i.log") TLS session(s)"

@@ -4,8 +4,8 @@
 # attach are refused, and a volume asked onto the busy device is refused with
 # nothing left half-attached; detach, attach again onto a chosen device
 # (--device), checksums match; the
-# engine killed -9 under a mounted filesystem and `keel volume attach` hands
-# the same device to a new engine; a snapshot by volume name, listed from the
+# engine killed -9 under a mounted filesystem and `keel volume attach` starts
+# a new one, which the device frontend reconnects the same device to; a snapshot by volume name, listed from the
 # registry once detached; detach; rm leaves no daemon behind.
 . "$(dirname "$0")/common.sh"
 start_udev
@@ -41,6 +41,7 @@ expect_refusal "already attached as $device" volume attach vol
 "$KEEL" volume create other --size 64M --replicas 1
 expect_refusal "in use by another NBD connection" volume attach other --device "$device"
 if engine_running other; then echo "the refused attach left an engine running"; exit 1; fi
+if pgrep -f "keel frontend serve --volume other " >/dev/null; then echo "the refused attach left a frontend running"; exit 1; fi
 if grep -qx keel:other /sys/block/nbd*/backend 2>/dev/null; then echo "a device carries keel:other"; exit 1; fi
 "$KEEL" volume show other --json | grep -q '"state" : "detached"'
 
@@ -62,7 +63,7 @@ step "a snapshot of a volume of this node (no --engine)"
 "$KEEL" snapshot create vol first
 "$KEEL" snapshot ls vol | grep -q "^first " || { echo "snapshot ls does not show first"; exit 1; }
 
-step "engine killed -9: keel volume attach hands the device to a new engine"
+step "engine killed -9: keel volume attach starts a new one; the frontend reconnects the device"
 pkill -9 -f "keel engine serve --volume vol "
 for _ in $(seq 100); do engine_running vol || break; sleep 0.1; done
 "$KEEL" volume ls
@@ -71,6 +72,7 @@ again=$("$KEEL" volume attach vol | head -1)
 (cd /mnt/vol && sha256sum -c "$work/sums")
 head -c 4M /dev/urandom > /mnt/vol/file3
 sync
+grep "new connection" "$KEEL_STATE_DIR"/log/keel-frontend@vol.service.log | tail -1
 umount /mnt/vol
 "$KEEL" volume show vol
 
@@ -82,5 +84,5 @@ grep -q "no engine running" "$work/snapshots.err" || { echo "ls did not say it a
 "$KEEL" volume rm vol
 "$KEEL" volume rm other
 "$KEEL" volume ls --json
-if pgrep -f "keel (replica|engine) serve" >/dev/null; then echo "daemons outlived rm"; pgrep -af keel; exit 1; fi
+if pgrep -f "keel (replica|engine|frontend) serve" >/dev/null; then echo "daemons outlived rm"; pgrep -af keel; exit 1; fi
 echo "keel volume: lifecycle complete"

@@ -11,7 +11,7 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 
 step "install: binary, units, udev rule"
 install -m 0755 "$KEEL" /usr/local/bin/keel
-cp "$repo"/Systemd/keel-replica@.service "$repo"/Systemd/keel-engine@.service "$repo"/Systemd/keel-replicas.target \
+cp "$repo"/Systemd/keel-replica@.service "$repo"/Systemd/keel-engine@.service "$repo"/Systemd/keel-frontend@.service "$repo"/Systemd/keel-replicas.target \
     /etc/systemd/system/
 systemctl daemon-reload
 mkdir -p /etc/udev/rules.d /var/lib/keel
@@ -32,16 +32,18 @@ done
 cat /etc/keel/replica-vol-r0.env
 "$KEEL" volume show vol --json | grep -q '"runner" : "systemd"'
 
-step "keel volume attach: the engine unit"
-"$KEEL" volume attach vol > "$work/attach.out" || { journalctl -u keel-engine@vol --no-pager | tail -20; exit 1; }
+step "keel volume attach: the engine and frontend units"
+"$KEEL" volume attach vol > "$work/attach.out" || { journalctl -u keel-engine@vol -u keel-frontend@vol --no-pager | tail -20; exit 1; }
 cat "$work/attach.out"
 device=$(sed -n 1p "$work/attach.out")
-echo "keel-engine@vol: $(unit_state keel-engine@vol)"
-[ "$(unit_state keel-engine@vol)" = enabled/active ]
+for unit in keel-engine@vol keel-frontend@vol; do
+    echo "$unit: $(unit_state $unit)"
+    [ "$(unit_state $unit)" = enabled/active ]
+done
 [ "$(readlink -f /dev/keel/vol)" = "$device" ] || { echo "no /dev/keel/vol for $device"; exit 1; }
 fill_filesystem /dev/keel/vol
 
-step "kill -9 of the engine: systemd restarts it, the device is taken over"
+step "kill -9 of the engine: systemd restarts it, the frontend reconnects the device"
 first=$(systemctl show -p MainPID --value keel-engine@vol)
 kill -9 "$first"
 for _ in $(seq 300); do
@@ -51,16 +53,19 @@ for _ in $(seq 300); do
 done
 echo "engine pid $first -> $pid, restarts: $(systemctl show -p NRestarts --value keel-engine@vol)"
 [ "$pid" != "$first" ] && [ "$(systemctl is-active keel-engine@vol)" = active ] || { journalctl -u keel-engine@vol --no-pager | tail -20; exit 1; }
-journalctl -u keel-engine@vol --no-pager -o cat | grep "took over $device"
+for _ in $(seq 300); do journalctl -u keel-frontend@vol --no-pager -o cat | grep -q "new connection" && break; sleep 0.1; done
+journalctl -u keel-frontend@vol --no-pager -o cat | grep "new connection"
 (cd /mnt/vol && sha256sum -c "$work/sums")
 head -c 4M /dev/urandom > /mnt/vol/file3
 sync
 umount /mnt/vol
 
-step "keel volume detach: the engine unit is stopped and disabled"
+step "keel volume detach: the engine and frontend units are stopped and disabled"
 "$KEEL" volume detach vol
-echo "keel-engine@vol: $(unit_state keel-engine@vol)"
-[ "$(unit_state keel-engine@vol)" = disabled/inactive ]
+for unit in keel-engine@vol keel-frontend@vol; do
+    echo "$unit: $(unit_state $unit)"
+    [ "$(unit_state $unit)" = disabled/inactive ]
+done
 [ "$(cat /sys/block/$(basename "$device")/size)" = 0 ]
 "$KEEL" volume ls
 

@@ -61,19 +61,6 @@ public enum Keel_Control_V1_EngineControl: Sendable {
                 type: .unary
             )
         }
-        /// Namespace for "SetFrontend" metadata.
-        public enum SetFrontend: Sendable {
-            /// Request type for "SetFrontend".
-            public typealias Input = Keel_Control_V1_SetFrontendRequest
-            /// Response type for "SetFrontend".
-            public typealias Output = Keel_Control_V1_EngineStatus
-            /// Descriptor for "SetFrontend".
-            public static let descriptor = GRPCCore.MethodDescriptor(
-                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.EngineControl"),
-                method: "SetFrontend",
-                type: .unary
-            )
-        }
         /// Namespace for "CreateSnapshot" metadata.
         public enum CreateSnapshot: Sendable {
             /// Request type for "CreateSnapshot".
@@ -131,7 +118,6 @@ public enum Keel_Control_V1_EngineControl: Sendable {
             Status.descriptor,
             AddReplica.descriptor,
             RemoveReplica.descriptor,
-            SetFrontend.descriptor,
             CreateSnapshot.descriptor,
             ListSnapshots.descriptor,
             RemoveSnapshot.descriptor,
@@ -217,24 +203,6 @@ extension Keel_Control_V1_EngineControl {
         /// - Returns: A streaming response of `Keel_Control_V1_EngineStatus` messages.
         func removeReplica(
             request: GRPCCore.StreamingServerRequest<Keel_Control_V1_RemoveReplicaRequest>,
-            context: GRPCCore.ServerContext
-        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_EngineStatus>
-
-        /// Handle the "SetFrontend" method.
-        ///
-        /// > Source IDL Documentation:
-        /// >
-        /// > Attaches the volume as /dev/nbdX, or drains its I/O and detaches it.
-        ///
-        /// - Parameters:
-        ///   - request: A streaming request of `Keel_Control_V1_SetFrontendRequest` messages.
-        ///   - context: Context providing information about the RPC.
-        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
-        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
-        ///     to an internal error.
-        /// - Returns: A streaming response of `Keel_Control_V1_EngineStatus` messages.
-        func setFrontend(
-            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_SetFrontendRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_EngineStatus>
 
@@ -380,24 +348,6 @@ extension Keel_Control_V1_EngineControl {
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus>
 
-        /// Handle the "SetFrontend" method.
-        ///
-        /// > Source IDL Documentation:
-        /// >
-        /// > Attaches the volume as /dev/nbdX, or drains its I/O and detaches it.
-        ///
-        /// - Parameters:
-        ///   - request: A request containing a single `Keel_Control_V1_SetFrontendRequest` message.
-        ///   - context: Context providing information about the RPC.
-        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
-        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
-        ///     to an internal error.
-        /// - Returns: A response containing a single `Keel_Control_V1_EngineStatus` message.
-        func setFrontend(
-            request: GRPCCore.ServerRequest<Keel_Control_V1_SetFrontendRequest>,
-            context: GRPCCore.ServerContext
-        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus>
-
         /// Handle the "CreateSnapshot" method.
         ///
         /// > Source IDL Documentation:
@@ -538,24 +488,6 @@ extension Keel_Control_V1_EngineControl {
             context: GRPCCore.ServerContext
         ) async throws -> Keel_Control_V1_EngineStatus
 
-        /// Handle the "SetFrontend" method.
-        ///
-        /// > Source IDL Documentation:
-        /// >
-        /// > Attaches the volume as /dev/nbdX, or drains its I/O and detaches it.
-        ///
-        /// - Parameters:
-        ///   - request: A `Keel_Control_V1_SetFrontendRequest` message.
-        ///   - context: Context providing information about the RPC.
-        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
-        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
-        ///     to an internal error.
-        /// - Returns: A `Keel_Control_V1_EngineStatus` to respond with.
-        func setFrontend(
-            request: Keel_Control_V1_SetFrontendRequest,
-            context: GRPCCore.ServerContext
-        ) async throws -> Keel_Control_V1_EngineStatus
-
         /// Handle the "CreateSnapshot" method.
         ///
         /// > Source IDL Documentation:
@@ -671,17 +603,6 @@ extension Keel_Control_V1_EngineControl.StreamingServiceProtocol {
             }
         )
         router.registerHandler(
-            forMethod: Keel_Control_V1_EngineControl.Method.SetFrontend.descriptor,
-            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_SetFrontendRequest>(),
-            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_EngineStatus>(),
-            handler: { request, context in
-                try await self.setFrontend(
-                    request: request,
-                    context: context
-                )
-            }
-        )
-        router.registerHandler(
             forMethod: Keel_Control_V1_EngineControl.Method.CreateSnapshot.descriptor,
             deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_CreateSnapshotRequest>(),
             serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Snapshots>(),
@@ -758,17 +679,6 @@ extension Keel_Control_V1_EngineControl.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_EngineStatus> {
         let response = try await self.removeReplica(
-            request: GRPCCore.ServerRequest(stream: request),
-            context: context
-        )
-        return GRPCCore.StreamingServerResponse(single: response)
-    }
-
-    public func setFrontend(
-        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_SetFrontendRequest>,
-        context: GRPCCore.ServerContext
-    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_EngineStatus> {
-        let response = try await self.setFrontend(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -855,19 +765,6 @@ extension Keel_Control_V1_EngineControl.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus> {
         return GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus>(
             message: try await self.removeReplica(
-                request: request.message,
-                context: context
-            ),
-            metadata: [:]
-        )
-    }
-
-    public func setFrontend(
-        request: GRPCCore.ServerRequest<Keel_Control_V1_SetFrontendRequest>,
-        context: GRPCCore.ServerContext
-    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus> {
-        return GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus>(
-            message: try await self.setFrontend(
                 request: request.message,
                 context: context
             ),
@@ -1005,29 +902,6 @@ extension Keel_Control_V1_EngineControl {
         func removeReplica<Result>(
             request: GRPCCore.ClientRequest<Keel_Control_V1_RemoveReplicaRequest>,
             serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_RemoveReplicaRequest>,
-            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_EngineStatus>,
-            options: GRPCCore.CallOptions,
-            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineStatus>) async throws -> Result
-        ) async throws -> Result where Result: Sendable
-
-        /// Call the "SetFrontend" method.
-        ///
-        /// > Source IDL Documentation:
-        /// >
-        /// > Attaches the volume as /dev/nbdX, or drains its I/O and detaches it.
-        ///
-        /// - Parameters:
-        ///   - request: A request containing a single `Keel_Control_V1_SetFrontendRequest` message.
-        ///   - serializer: A serializer for `Keel_Control_V1_SetFrontendRequest` messages.
-        ///   - deserializer: A deserializer for `Keel_Control_V1_EngineStatus` messages.
-        ///   - options: Options to apply to this RPC.
-        ///   - handleResponse: A closure which handles the response and returns its result to
-        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
-        ///       already finished.
-        /// - Returns: The result of `handleResponse`.
-        func setFrontend<Result>(
-            request: GRPCCore.ClientRequest<Keel_Control_V1_SetFrontendRequest>,
-            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_SetFrontendRequest>,
             deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_EngineStatus>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineStatus>) async throws -> Result
@@ -1244,40 +1118,6 @@ extension Keel_Control_V1_EngineControl {
             try await self.client.unary(
                 request: request,
                 descriptor: Keel_Control_V1_EngineControl.Method.RemoveReplica.descriptor,
-                serializer: serializer,
-                deserializer: deserializer,
-                options: options,
-                onResponse: handleResponse
-            )
-        }
-
-        /// Call the "SetFrontend" method.
-        ///
-        /// > Source IDL Documentation:
-        /// >
-        /// > Attaches the volume as /dev/nbdX, or drains its I/O and detaches it.
-        ///
-        /// - Parameters:
-        ///   - request: A request containing a single `Keel_Control_V1_SetFrontendRequest` message.
-        ///   - serializer: A serializer for `Keel_Control_V1_SetFrontendRequest` messages.
-        ///   - deserializer: A deserializer for `Keel_Control_V1_EngineStatus` messages.
-        ///   - options: Options to apply to this RPC.
-        ///   - handleResponse: A closure which handles the response and returns its result to
-        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
-        ///       already finished.
-        /// - Returns: The result of `handleResponse`.
-        public func setFrontend<Result>(
-            request: GRPCCore.ClientRequest<Keel_Control_V1_SetFrontendRequest>,
-            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_SetFrontendRequest>,
-            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_EngineStatus>,
-            options: GRPCCore.CallOptions = .defaults,
-            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineStatus>) async throws -> Result = { response in
-                try response.message
-            }
-        ) async throws -> Result where Result: Sendable {
-            try await self.client.unary(
-                request: request,
-                descriptor: Keel_Control_V1_EngineControl.Method.SetFrontend.descriptor,
                 serializer: serializer,
                 deserializer: deserializer,
                 options: options,
@@ -1516,35 +1356,6 @@ extension Keel_Control_V1_EngineControl.ClientProtocol {
         )
     }
 
-    /// Call the "SetFrontend" method.
-    ///
-    /// > Source IDL Documentation:
-    /// >
-    /// > Attaches the volume as /dev/nbdX, or drains its I/O and detaches it.
-    ///
-    /// - Parameters:
-    ///   - request: A request containing a single `Keel_Control_V1_SetFrontendRequest` message.
-    ///   - options: Options to apply to this RPC.
-    ///   - handleResponse: A closure which handles the response and returns its result to
-    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
-    ///       already finished.
-    /// - Returns: The result of `handleResponse`.
-    public func setFrontend<Result>(
-        request: GRPCCore.ClientRequest<Keel_Control_V1_SetFrontendRequest>,
-        options: GRPCCore.CallOptions = .defaults,
-        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineStatus>) async throws -> Result = { response in
-            try response.message
-        }
-    ) async throws -> Result where Result: Sendable {
-        try await self.setFrontend(
-            request: request,
-            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_SetFrontendRequest>(),
-            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_EngineStatus>(),
-            options: options,
-            onResponse: handleResponse
-        )
-    }
-
     /// Call the "CreateSnapshot" method.
     ///
     /// > Source IDL Documentation:
@@ -1761,39 +1572,6 @@ extension Keel_Control_V1_EngineControl.ClientProtocol {
             metadata: metadata
         )
         return try await self.removeReplica(
-            request: request,
-            options: options,
-            onResponse: handleResponse
-        )
-    }
-
-    /// Call the "SetFrontend" method.
-    ///
-    /// > Source IDL Documentation:
-    /// >
-    /// > Attaches the volume as /dev/nbdX, or drains its I/O and detaches it.
-    ///
-    /// - Parameters:
-    ///   - message: request message to send.
-    ///   - metadata: Additional metadata to send, defaults to empty.
-    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
-    ///   - handleResponse: A closure which handles the response and returns its result to
-    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
-    ///       already finished.
-    /// - Returns: The result of `handleResponse`.
-    public func setFrontend<Result>(
-        _ message: Keel_Control_V1_SetFrontendRequest,
-        metadata: GRPCCore.Metadata = [:],
-        options: GRPCCore.CallOptions = .defaults,
-        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineStatus>) async throws -> Result = { response in
-            try response.message
-        }
-    ) async throws -> Result where Result: Sendable {
-        let request = GRPCCore.ClientRequest<Keel_Control_V1_SetFrontendRequest>(
-            message: message,
-            metadata: metadata
-        )
-        return try await self.setFrontend(
             request: request,
             options: options,
             onResponse: handleResponse

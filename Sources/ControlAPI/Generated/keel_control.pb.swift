@@ -106,18 +106,6 @@ public nonisolated struct Keel_Control_V1_Snapshots: Sendable {
   public init() {}
 }
 
-public nonisolated struct Keel_Control_V1_SetFrontendRequest: Sendable {
-  // SwiftProtobuf.Message conformance is added in an extension below. See the
-  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
-  // methods supported on all messages.
-
-  public var enabled: Bool = false
-
-  public var unknownFields = SwiftProtobuf.UnknownStorage()
-
-  public init() {}
-}
-
 public nonisolated struct Keel_Control_V1_EngineStatusRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -177,8 +165,8 @@ public nonisolated struct Keel_Control_V1_EngineStatus: Sendable {
   /// Clears the value of `io`. Subsequent reads from it will return its default value.
   public mutating func clearIo() {self._io = nil}
 
-  /// the kernel device (/dev/nbdX) while the frontend is enabled, else empty
-  public var device: String = String()
+  /// NBD clients in transmission: a host's device frontend, fio, qemu
+  public var clientConnections: UInt32 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -724,36 +712,6 @@ nonisolated extension Keel_Control_V1_Snapshots: SwiftProtobuf.Message, SwiftPro
   }
 }
 
-nonisolated extension Keel_Control_V1_SetFrontendRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  public static let protoMessageName: String = _protobuf_package + ".SetFrontendRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}enabled\0")
-
-  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularBoolField(value: &self.enabled) }()
-      default: break
-      }
-    }
-  }
-
-  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    if self.enabled != false {
-      try visitor.visitSingularBoolField(value: self.enabled, fieldNumber: 1)
-    }
-    try unknownFields.traverse(visitor: &visitor)
-  }
-
-  public static func ==(lhs: Keel_Control_V1_SetFrontendRequest, rhs: Keel_Control_V1_SetFrontendRequest) -> Bool {
-    if lhs.enabled != rhs.enabled {return false}
-    if lhs.unknownFields != rhs.unknownFields {return false}
-    return true
-  }
-}
-
 nonisolated extension Keel_Control_V1_EngineStatusRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".EngineStatusRequest"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
@@ -835,7 +793,7 @@ nonisolated extension Keel_Control_V1_RemoveReplicaRequest: SwiftProtobuf.Messag
 
 nonisolated extension Keel_Control_V1_EngineStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".EngineStatus"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}size\0\u{1}epoch\0\u{1}health\0\u{1}replicas\0\u{1}io\0\u{1}device\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}size\0\u{1}epoch\0\u{1}health\0\u{1}replicas\0\u{1}io\0\u{4}\u{2}client_connections\0\u{c}\u{7}\u{1}")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -849,7 +807,7 @@ nonisolated extension Keel_Control_V1_EngineStatus: SwiftProtobuf.Message, Swift
       case 4: try { try decoder.decodeSingularEnumField(value: &self.health) }()
       case 5: try { try decoder.decodeRepeatedMessageField(value: &self.replicas) }()
       case 6: try { try decoder.decodeSingularMessageField(value: &self._io) }()
-      case 7: try { try decoder.decodeSingularStringField(value: &self.device) }()
+      case 8: try { try decoder.decodeSingularUInt32Field(value: &self.clientConnections) }()
       default: break
       }
     }
@@ -878,8 +836,8 @@ nonisolated extension Keel_Control_V1_EngineStatus: SwiftProtobuf.Message, Swift
     try { if let v = self._io {
       try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
     } }()
-    if !self.device.isEmpty {
-      try visitor.visitSingularStringField(value: self.device, fieldNumber: 7)
+    if self.clientConnections != 0 {
+      try visitor.visitSingularUInt32Field(value: self.clientConnections, fieldNumber: 8)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -891,7 +849,7 @@ nonisolated extension Keel_Control_V1_EngineStatus: SwiftProtobuf.Message, Swift
     if lhs.health != rhs.health {return false}
     if lhs.replicas != rhs.replicas {return false}
     if lhs._io != rhs._io {return false}
-    if lhs.device != rhs.device {return false}
+    if lhs.clientConnections != rhs.clientConnections {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
