@@ -105,6 +105,11 @@ let package = Package(
         .target(name: "NodeRegistry", dependencies: ["SQLite", "Syscalls"]),
         // The node's daemons (replicas, engines) as systemd units or processes of keel's own.
         .target(name: "Daemons", dependencies: ["Syscalls", "CSyscalls"]),
+        // `keel node serve`: the gRPC API through which other nodes start, stop and list this node's engines.
+        .target(name: "NodeAgent", dependencies: [
+            "ControlAPI", "Daemons", "NodeRegistry", "Syscalls",
+            .product(name: "GRPCCore", package: "grpc-swift-2"),
+        ]),
         // Client side: a Swift wrapper over libnbd.
         .target(name: "LibNBD", dependencies: ["CLibNBD", "Syscalls"]),
         // libnbd handles driven from an I/O thread's ring: the engine's links to replicas, a snapshot export's.
@@ -117,7 +122,7 @@ let package = Package(
 
         .executableTarget(name: "keel", dependencies: [
             "NBDServer", "FileExport", "ReplicaServer", "ReplicaStore", "Engine", "LibNBD", "Syscalls", "ControlAPI",
-            "NodeRegistry", "Daemons", "KernelNBD", "ReplicaIdentity", "SnapshotExport", "ClusterCA", "DeviceFrontend",
+            "NodeRegistry", "Daemons", "KernelNBD", "ReplicaIdentity", "SnapshotExport", "ClusterCA", "DeviceFrontend", "NodeAgent",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -4,6 +4,7 @@ against raw io_uring (the limit), nbdkit file, qemu-nbd and `keel export`.
 
 Usage: Bench/run [--size 1G] [--runtime 8] [--rounds 1] [--dir DIR] [--only keel,raw] [--jobs LABELS]
        Bench/run --only engine-3-tcp,engine-3-tls --jobs '4k randwrite QD32,1M write QD8'   (TLS's cost)
+       Bench/run --only engine-3,engine-3-remote   (the engine on another node: a namespace over veth TCP)
                  [--base REV] [--json FILE]
 Prints one table per job with IOPS, MiB/s, mean latency, the servers' CPU
 time per request, and each server's ratio to raw and to the better of nbdkit
@@ -43,17 +44,37 @@ def wait_for_socket(path, proc, timeout=20):
     raise RuntimeError(f"server did not listen on {path}")
 
 
-def wait_for_tcp(port, proc, timeout=20):
+# engine-3-remote: the engine's node, a network namespace linked to this one by a veth pair.
+REMOTE_NODE, REMOTE_HOST, REMOTE_ADDRESS, REMOTE_PORT = "keel-bench-engine", "10.79.0.1", "10.79.0.2", 10809
+
+
+def make_remote_node():
+    remove_remote_node()
+    for argv in (["ip", "netns", "add", REMOTE_NODE],
+                 ["ip", "link", "add", "kb-engine", "type", "veth", "peer", "name", "eth0", "netns", REMOTE_NODE],
+                 ["ip", "addr", "add", f"{REMOTE_HOST}/24", "dev", "kb-engine"],
+                 ["ip", "link", "set", "kb-engine", "up"],
+                 ["ip", "-n", REMOTE_NODE, "addr", "add", f"{REMOTE_ADDRESS}/24", "dev", "eth0"],
+                 ["ip", "-n", REMOTE_NODE, "link", "set", "eth0", "up"],
+                 ["ip", "-n", REMOTE_NODE, "link", "set", "lo", "up"]):
+        subprocess.run(argv, check=True)
+
+
+def remove_remote_node():
+    subprocess.run(["ip", "netns", "del", REMOTE_NODE], stderr=subprocess.DEVNULL)
+
+
+def wait_for_tcp(port, proc, timeout=20, host="127.0.0.1"):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited early: {proc.args}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            socket.create_connection((host, port), timeout=1).close()
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"server did not listen on 127.0.0.1:{port}")
+    raise RuntimeError(f"server did not listen on {host}:{port}")
 
 
 def free_port():
@@ -96,7 +117,9 @@ class Server:
         # A file, not a pipe: a server that logs more than a pipe holds would block on it.
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=self.log)
-        if isinstance(self.sock, int):
+        if isinstance(self.sock, tuple):
+            wait_for_tcp(self.sock[1], self.proc, host=self.sock[0])
+        elif isinstance(self.sock, int):
             wait_for_tcp(self.sock, self.proc)
         else:
             wait_for_socket(self.sock, self.proc)
@@ -116,7 +139,9 @@ class Cluster:
     replica's head starts as a copy of the benchmark image, so that reads and
     writes meet allocated blocks, as on the other targets. The links are unix
     sockets, or with `link` "tcp" loopback TCP, or "tls" loopback TCP with TLS
-    (`--tls require`, the cluster CA's certificates in `credentials`)."""
+    (`--tls require`, the cluster CA's certificates in `credentials`). With
+    "remote" the links are unix sockets and the engine runs on another node
+    (REMOTE_NODE), its clients reaching it over veth TCP."""
 
     def __init__(self, keel, workdir, name, replicas, size, sock, image, engine_extra=(), link="unix",
                  credentials=None):
@@ -143,7 +168,7 @@ class Cluster:
 
     def __enter__(self):
         engine_tls = []
-        if self.link == "unix":
+        if self.link in ("unix", "remote"):
             self.servers = [self._replica(d, rsock).__enter__() for d, rsock in zip(self.dirs, self.socks)]
             addresses = [a for rsock in self.socks for a in ("--replica", f"unix:{rsock}")]
         else:
@@ -156,9 +181,15 @@ class Cluster:
                 ports.append(free_port())
                 self.servers.append(self._replica(d, rsock, ports[-1], tls).__enter__())
             addresses = [a for port in ports for a in ("--replica", f"127.0.0.1:{port}")]
-        engine = Server("engine", [self.keel, "engine", "serve", "--volume", "bench", "--size", self.size,
-                                   "--listen", f"unix:{self.sock}"] + addresses + engine_tls + self.engine_extra,
-                        self.sock)
+        if self.link == "remote":
+            engine = Server("engine", ["ip", "netns", "exec", REMOTE_NODE, self.keel, "engine", "serve", "--volume",
+                                       "bench", "--size", self.size, "--listen", f"{REMOTE_ADDRESS}:{REMOTE_PORT}",
+                                       "--tls", "off"] + addresses + self.engine_extra,
+                            (REMOTE_ADDRESS, REMOTE_PORT))
+        else:
+            engine = Server("engine", [self.keel, "engine", "serve", "--volume", "bench", "--size", self.size,
+                                       "--listen", f"unix:{self.sock}"] + addresses + engine_tls + self.engine_extra,
+                            self.sock)
         self.servers.append(engine.__enter__())
         return self
 
@@ -227,7 +258,8 @@ def main():
                     help="where the backing file lives (must be a real disk, not tmpfs)")
     ap.add_argument("--only", default="raw,nbdkit,qemu-nbd,keel",
                     help="targets, comma-separated: raw, nbdkit, qemu-nbd, keel, engine-1, engine-3, "
-                         "engine-3-tcp and engine-3-tls (replicas over loopback TCP, without and with TLS)")
+                         "engine-3-tcp and engine-3-tls (replicas over loopback TCP, without and with TLS), "
+                         "engine-3-remote (the engine in a network namespace, reached over veth TCP)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat every job; report the median")
     ap.add_argument("--jobs", help="only these jobs, comma-separated labels, e.g. '4k randwrite QD32'")
     ap.add_argument("--base", help="also run engine-1 and engine-3 of this git revision (built into .build-base)")
@@ -265,7 +297,7 @@ def main():
     if base_keel:
         only += [f"base-{t}" for t in only if t.startswith("engine-")]
     order = ["raw", "nbdkit", "qemu-nbd", "keel", "base-engine-1", "engine-1", "base-engine-3", "engine-3",
-             "engine-3-tcp", "engine-3-tls"]
+             "engine-3-tcp", "engine-3-tls", "engine-3-remote"]
     chosen = [t for t in order if t in only]
     credentials = None
     if "engine-3-tls" in chosen:
@@ -274,14 +306,17 @@ def main():
         subprocess.run([keel, "cert", "issue", "bench", "--ip", "127.0.0.1", "--state-dir", state], check=True,
                        stdout=subprocess.DEVNULL)
         credentials = os.path.join(state, "tls", "bench")
+    if "engine-3-remote" in chosen:
+        make_remote_node()
     for name in chosen:
         if "engine-" in name:
             replicas = int(name.split("-")[-1] if name[-1].isdigit() else name.split("-")[-2])
             link = name.split("-")[-1] if not name[-1].isdigit() else "unix"
             print(f"bench: preparing {name}", flush=True)
+            target_uri = f"nbd://{REMOTE_ADDRESS}:{REMOTE_PORT}/bench" if link == "remote" else uri
             targets[name] = (Cluster(base_keel if name.startswith("base-") else keel, args.dir, name, replicas,
                                      args.size, sock, image, link=link, credentials=credentials),
-                             ["--ioengine=nbd", f"--uri={uri}"])
+                             ["--ioengine=nbd", f"--uri={target_uri}"])
     # Job-major order, every target in turn, so that drift of the disk over
     # the run affects all targets of a job alike; --rounds repeats and keeps the median.
     samples = {job[0]: {name: [] for name in chosen} for job in jobs}
@@ -304,6 +339,8 @@ def main():
     for name in chosen:
         if isinstance(targets[name][0], Cluster):
             targets[name][0].remove()
+    if "engine-3-remote" in chosen:
+        remove_remote_node()
     def median(runs, key):
         return sorted(r[key] for r in runs)[len(runs) // 2]
 
@@ -326,6 +363,9 @@ def main():
                 extra += f" {r['iops'] / row['keel']['iops']:>7.2f} x keel"
             if name == "engine-3" and "engine-1" in row:
                 extra += f" {r['iops'] / row['engine-1']['iops']:>7.2f} x engine-1"
+            if name == "engine-3-remote" and "engine-3" in row:
+                t = row["engine-3"]
+                extra += f"   vs engine-3: IOPS {r['iops'] / t['iops']:.3f}x, CPU/req {r['cpu_us'] / t['cpu_us']:.3f}x"
             if name == "engine-3-tls" and "engine-3-tcp" in row:
                 t = row["engine-3-tcp"]
                 extra += f"   vs engine-3-tcp: IOPS {r['iops'] / t['iops']:.3f}x, CPU/req {r['cpu_us'] / t['cpu_us']:.3f}x"

@@ -60,6 +60,8 @@ public protocol DaemonRunner {
     func lastFailure(_ daemon: Daemon) -> String?
     /// Removes what `start` left behind (configuration, pid and log files).
     func forget(_ daemon: Daemon)
+    /// The instances of `kind` this runner started and has not forgotten, running or not.
+    func instances(of kind: Daemon.Kind) -> [String]
 }
 
 public struct DaemonError: Error, CustomStringConvertible {

@@ -6,7 +6,7 @@ import Glibc
 /// Daemons as processes of their own, for nodes without systemd: each in its
 /// own session, tracked by a pid file, logging to a file. Nothing restarts
 /// them; `keel volume attach` starts what is missing.
-public struct ProcessRunner: DaemonRunner {
+public struct ProcessRunner: DaemonRunner, Sendable {
     public let runDirectory: String
     public let logDirectory: String
     public let executable: String
@@ -69,6 +69,18 @@ public struct ProcessRunner: DaemonRunner {
     public func forget(_ daemon: Daemon) {
         unlink(pidPath(daemon))
         unlink(logPath(daemon))
+    }
+
+    public func instances(of kind: Daemon.Kind) -> [String] {
+        let prefix = "keel-\(kind.rawValue)@", suffix = ".service.pid"
+        guard let directory = opendir(runDirectory) else { return [] }
+        defer { closedir(directory) }
+        var names: [String] = []
+        while let entry = readdir(directory) {
+            names.append(withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) })
+        }
+        return names.filter { $0.hasPrefix(prefix) && $0.hasSuffix(suffix) }
+            .map { String($0.dropFirst(prefix.count).dropLast(suffix.count)) }.sorted()
     }
 
     /// The pid in the pid file, if that process is alive and is this daemon

@@ -8,7 +8,7 @@ import Glibc
 /// directory other than /var/lib/keel is made writable by a drop-in.
 /// `start` enables the instance (it comes back at boot and after a crash);
 /// `stop` disables it.
-public struct SystemdRunner: DaemonRunner {
+public struct SystemdRunner: DaemonRunner, Sendable {
     public let configurationDirectory: String
     public let unitDirectory: String
     public let stateDirectory: String
@@ -94,6 +94,16 @@ public struct SystemdRunner: DaemonRunner {
         unlink(dropInDirectory(daemon) + "/state-directory.conf")
         if rmdir(dropInDirectory(daemon)) == 0 { _ = try? systemctl("daemon-reload") }
         _ = try? runToCompletion(["systemctl", "reset-failed", daemon.unit])
+    }
+
+    public func instances(of kind: Daemon.Kind) -> [String] {
+        let prefix = "keel-\(kind.rawValue)@", suffix = ".service"
+        guard let result = try? runToCompletion(["systemctl", "list-units", "--all", "--plain", "--no-legend",
+                                                 "\(prefix)*\(suffix)"]), result.status == 0 else { return [] }
+        return result.output.split(separator: "\n").compactMap { line in
+            guard let unit = line.split(separator: " ").first, unit.hasPrefix(prefix), unit.hasSuffix(suffix) else { return nil }
+            return String(unit.dropFirst(prefix.count).dropLast(suffix.count))
+        }.sorted()
     }
 
     private func systemctl(_ arguments: String...) throws {

@@ -38,6 +38,14 @@ public final class DeviceFrontend: @unchecked Sendable {
 
     public var engine: EngineEndpoint { endpoint.withLock { $0 } }
 
+    /// A third of the I/O timeout (at least 2 s): an engine's node cut off is
+    /// noticed that early, so its replacement starts while the kernel still
+    /// waits for the requests in flight, not after.
+    private var unacknowledged: UInt32 { UInt32(max(2, device.settings.ioTimeout / 3) * 1000) }
+
+    /// The volume's size in bytes, once attached.
+    public var size: UInt64 { device.size ?? 0 }
+
     /// Connects every link, attaches the device and starts replacing dead
     /// links; returns the device path. An engine that does not answer now is
     /// an error here (nothing is attached), not a wait.
@@ -46,7 +54,7 @@ public final class DeviceFrontend: @unchecked Sendable {
         let engine = self.engine
         var links: [EngineLink] = []
         do {
-            for _ in 0..<device.settings.connections { links.append(try EngineLink.open(engine, timeout: connectTimeout)) }
+            for _ in 0..<device.settings.connections { links.append(try EngineLink.open(engine, timeout: connectTimeout, unacknowledged: unacknowledged)) }
         } catch {
             links.forEach { $0.fd.close() }
             throw error
@@ -97,7 +105,7 @@ public final class DeviceFrontend: @unchecked Sendable {
             do {
                 var links: [EngineLink] = []
                 defer { links.forEach { $0.fd.close() } }
-                for _ in 0..<dead { links.append(try EngineLink.open(engine, timeout: connectTimeout)) }
+                for _ in 0..<dead { links.append(try EngineLink.open(engine, timeout: connectTimeout, unacknowledged: unacknowledged)) }
                 let taken = try device.replaceDeadLinks(with: links)
                 links = []
                 let waited = monotonicSeconds() - started
@@ -109,8 +117,11 @@ public final class DeviceFrontend: @unchecked Sendable {
                 if failure != lastFailure { logger.warning("/dev/nbd\(index): engine \(engine) does not answer: \(failure)") }
                 lastFailure = failure
                 if let next = replacement?(engine, failure), next != engine {
+                    // The kernel would keep sending to the old engine's links that look alive
+                    // (an idle one never times out): retire them, so all go to the new one.
                     logger.notice("/dev/nbd\(index): the volume's engine moves from \(engine) to \(next)")
                     endpoint.withLock { $0 = next }
+                    device.retireLinks()
                     continue
                 }
             }

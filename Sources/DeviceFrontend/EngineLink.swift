@@ -26,11 +26,19 @@ public struct EngineLink {
 
     /// Connects and negotiates within `timeout` milliseconds in all; an engine
     /// whose node is cut off fails here, not after the system's SYN retries.
-    public static func open(_ endpoint: EngineEndpoint, timeout: Int32) throws -> EngineLink {
+    /// Over TCP, data the engine's node leaves unacknowledged for
+    /// `unacknowledged` milliseconds ends the connection: a node that is cut
+    /// off is noticed then, before the kernel's I/O timeout.
+    public static func open(_ endpoint: EngineEndpoint, timeout: Int32, unacknowledged: UInt32? = nil) throws -> EngineLink {
         let deadline = Deadline(milliseconds: timeout)
         let fd = try Socket.connect(to: endpoint.address, timeout: timeout)
         do {
-            if case .tcp = endpoint.address { Socket.setNoDelay(fd) }
+            if case .tcp = endpoint.address {
+                Socket.setNoDelay(fd)
+                if var milliseconds = unacknowledged {
+                    setsockopt(fd.rawValue, Int32(IPPROTO_TCP), TCP_USER_TIMEOUT, &milliseconds, socklen_t(MemoryLayout<UInt32>.size))
+                }
+            }
             var handshake = ClientHandshake(exportName: endpoint.exportName)
             var buffer = [UInt8](repeating: 0, count: 4096)
             while true {

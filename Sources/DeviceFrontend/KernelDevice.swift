@@ -43,7 +43,7 @@ public final class KernelDevice {
     /// Slots whose sockets another frontend made (a take-over), and how many of them the kernel reported dead.
     private var unprobedSlots = 0
     private var unprobedDead = 0
-    private var size: UInt64?
+    public private(set) var size: UInt64?
     public private(set) var index: UInt32?
 
     /// Throws `KernelNBD.Failure.moduleMissing` (with how to load it) when the kernel has no NBD driver.

@@ -27,8 +27,11 @@ struct FrontendCommand: ParsableCommand {
         @Option(help: "The volume's name: the engine's export, and /dev/keel/NAME.")
         var volume: String
 
-        @Option(help: "The engine's NBD address: unix:/path or HOST:PORT.")
-        var engine: String
+        @Option(help: "The engine's NBD address: unix:/path or HOST:PORT (default, with --engine-node: an engine the first node that answers starts).")
+        var engine: String?
+
+        @Option(help: "With --engine-node and no --engine: the volume's size, for the engine a node agent starts.")
+        var size: ByteCount?
 
         @Option(help: "The device to attach, /dev/nbdN (default: a free one the kernel picks).")
         var device: String?
@@ -48,6 +51,23 @@ struct FrontendCommand: ParsableCommand {
         @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
         var logLevel: Logger.Level = .notice
 
+        @Option(help: ArgumentHelp("A node agent that may run the volume's engine (repeat, in order of preference): when the engine stops answering, the frontend has the node it ran on restart it, or the next node that answers start a new one.", valueName: "host:port"))
+        var engineNode: [String] = []
+
+        @Option(name: .customLong("replica"), help: "With --engine-node: a replica's data address, as the engine takes it (repeat for each).")
+        var replicas: [String] = []
+
+        @Option(help: "With --engine-node: the volume's identity (keel volume create mints one).")
+        var volumeID: String = ""
+
+        @Option(help: "With --engine-node: the port an engine started by a node agent listens on, on that node's address.")
+        var enginePort: UInt16 = 10809
+
+        @Option(help: "With --engine-node: the --replica-timeout of engines started by node agents (0: the engine's default).")
+        var replicaTimeout: Double = 0
+
+        @OptionGroup var control: ControlClientOptions
+
         func validate() throws {
             if let problem = VolumeRecord.validate(name: volume) {
                 throw ValidationError("--volume: \(problem) (it names /dev/keel/<volume>)")
@@ -60,27 +80,50 @@ struct FrontendCommand: ParsableCommand {
             guard connectTimeout >= 0.1 && connectTimeout <= 600 else {
                 throw ValidationError("--connect-timeout must be between 0.1 and 600 seconds")
             }
+            if engine == nil && (engineNode.isEmpty || size == nil) {
+                throw ValidationError("give the engine's address (--engine ADDR), or --engine-node with --size and --replica to have a node start one")
+            }
+            if !engineNode.isEmpty && replicas.isEmpty {
+                throw ValidationError("--engine-node needs the volume's replicas (--replica ADDR for each) to start an engine elsewhere")
+            }
         }
 
         func run() throws {
             let logger = makeLogger(label: "keel.frontend", level: logLevel)
-            let endpoint = EngineEndpoint(address: try parseListenAddress(engine, option: "--engine"), exportName: volume)
             TerminationSignals.block()
             let settings = KernelDevice.Settings(volume: volume, connections: connections, ioTimeout: ioTimeout,
                                                  deadConnectionTimeout: deadConnectionTimeout,
                                                  device: device.flatMap(deviceIndex))
+            for node in engineNode { _ = try parseListenAddress(node, option: "--engine-node") }
+            if let node = engineNode.first { control.apply(for: node) }
+            let failover = engineNode.isEmpty ? nil : EngineFailover(
+                nodes: engineNode,
+                spec: .init(volume: volume, volumeID: volumeID, replicas: replicas, port: UInt32(enginePort),
+                            replicaTimeout: replicaTimeout),
+                logger: logger)
+            failover?.deviceAttached(size: size?.bytes ?? 0)
+            let endpoint: EngineEndpoint
+            if let engine {
+                endpoint = EngineEndpoint(address: try parseListenAddress(engine, option: "--engine"), exportName: volume)
+            } else if let started = failover?.engine(replacing: nil) {
+                endpoint = started
+            } else {
+                throw CLIError("no engine node could start the engine of \(volume) (\(engineNode.joined(separator: ", "))); see the log")
+            }
             let frontend: DeviceFrontend
             let path: String
             do {
                 frontend = DeviceFrontend(device: try KernelDevice(settings: settings, logger: logger), engine: endpoint,
-                                          connectTimeout: Int32(connectTimeout * 1000), logger: logger)
+                                          connectTimeout: Int32(connectTimeout * 1000), logger: logger,
+                                          replacement: failover.map { failover in { failover.engine(replacing: $0, failure: $1) } })
                 path = try frontend.start()
             } catch {
-                throw CLIError("cannot attach volume \(volume) from engine \(engine): \(error)")
+                throw CLIError("cannot attach volume \(volume) from engine \(endpoint): \(error)")
             }
+            failover?.deviceAttached(size: frontend.size)
             print(path)
             fflush(stdout)
-            ServiceManager.notify("READY=1\nSTATUS=\(path) connected to engine \(engine)")
+            ServiceManager.notify("READY=1\nSTATUS=\(path) connected to engine \(endpoint)")
             let signal = TerminationSignals.wait()
             logger.notice("signal \(signal): draining and detaching \(path)")
             ServiceManager.notify("STOPPING=1")

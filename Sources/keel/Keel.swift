@@ -9,7 +9,7 @@ struct Keel: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "keel",
         abstract: "Replicated block storage served over NBD.",
-        subcommands: [Volume.self, Snapshot.self, Export.self, Replica.self, EngineCommand.self, FrontendCommand.self, Status.self,
+        subcommands: [Volume.self, Snapshot.self, Export.self, Replica.self, EngineCommand.self, FrontendCommand.self, NodeCommand.self, Status.self,
                       CA.self, Cert.self])
 
     /// Every failure ends in one line on stderr and a non-zero exit.
@@ -33,6 +33,9 @@ struct Keel: ParsableCommand {
         }
     }
 }
+
+/// What node agents report, so that a cluster can tell its nodes' builds apart.
+let keelVersion = "0.13.0"
 
 /// A failure the user can act on, already phrased for them.
 struct CLIError: Error {

@@ -66,6 +66,10 @@ import Testing
         try Self.expectScenario("frontend-remote-engine", toSay: "remote engine: fio verified through a restart and a cut link")
     }
 
+    @Test func engineFailsOverToTheNextNodeAndTheOldOneIsFenced() throws {
+        try Self.expectScenario("engine-failover", toSay: "engine failover: fio verified through a node loss and a fenced split brain")
+    }
+
     @Test func volumesUnderSystemdAsPID1() throws {
         try Self.expectScenario("volume-systemd", systemd: true, toSay: "keel volume under systemd: complete")
     }

@@ -11,7 +11,8 @@ import Testing
     /// at the build, as `keel` is not installed on the test machine).
     @Test func unitsPassSystemdAnalyzeVerify() throws {
         let scratch = try Scratch()
-        let units = ["keel-replica@.service", "keel-engine@.service", "keel-replicas.target"]
+        let units = ["keel-replica@.service", "keel-engine@.service", "keel-frontend@.service", "keel-node.service",
+                     "keel-replicas.target"]
         for unit in units {
             let text = try String(contentsOfFile: Self.repository + "/Systemd/" + unit, encoding: .utf8)
             try text.replacingOccurrences(of: "/usr/local/bin/keel", with: Paths.keel)
@@ -19,6 +20,7 @@ import Testing
         }
         let result = try run(["systemd-analyze", "verify", "--man=no", "--generators=no",
                               scratch.file("keel-replica@r1.service"), scratch.file("keel-engine@vol.service"),
+                              scratch.file("keel-frontend@vol.service"), scratch.file("keel-node.service"),
                               scratch.file("keel-replicas.target")], timeout: 60)
         #expect(result.status == 0, "\(result.stderr)")
         #expect((result.stdout + result.stderr).isEmpty, "\(result.stdout)\(result.stderr)")

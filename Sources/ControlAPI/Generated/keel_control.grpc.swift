@@ -3445,3 +3445,814 @@ extension Keel_Control_V1_ReplicaControl.ClientProtocol {
         )
     }
 }
+
+// MARK: - keel.control.v1.NodeControl
+
+/// Namespace containing generated types for the "keel.control.v1.NodeControl" service.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+public enum Keel_Control_V1_NodeControl: Sendable {
+    /// Service descriptor for the "keel.control.v1.NodeControl" service.
+    public static let descriptor = GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.NodeControl")
+    /// Namespace for method metadata.
+    public enum Method: Sendable {
+        /// Namespace for "Health" metadata.
+        public enum Health: Sendable {
+            /// Request type for "Health".
+            public typealias Input = Keel_Control_V1_NodeHealthRequest
+            /// Response type for "Health".
+            public typealias Output = Keel_Control_V1_NodeHealth
+            /// Descriptor for "Health".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.NodeControl"),
+                method: "Health",
+                type: .unary
+            )
+        }
+        /// Namespace for "StartEngine" metadata.
+        public enum StartEngine: Sendable {
+            /// Request type for "StartEngine".
+            public typealias Input = Keel_Control_V1_StartEngineRequest
+            /// Response type for "StartEngine".
+            public typealias Output = Keel_Control_V1_StartedEngine
+            /// Descriptor for "StartEngine".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.NodeControl"),
+                method: "StartEngine",
+                type: .unary
+            )
+        }
+        /// Namespace for "StopEngine" metadata.
+        public enum StopEngine: Sendable {
+            /// Request type for "StopEngine".
+            public typealias Input = Keel_Control_V1_StopEngineRequest
+            /// Response type for "StopEngine".
+            public typealias Output = Keel_Control_V1_NodeHealth
+            /// Descriptor for "StopEngine".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.NodeControl"),
+                method: "StopEngine",
+                type: .unary
+            )
+        }
+        /// Descriptors for all methods in the "keel.control.v1.NodeControl" service.
+        public static let descriptors: [GRPCCore.MethodDescriptor] = [
+            Health.descriptor,
+            StartEngine.descriptor,
+            StopEngine.descriptor
+        ]
+    }
+}
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension GRPCCore.ServiceDescriptor {
+    /// Service descriptor for the "keel.control.v1.NodeControl" service.
+    public static let keel_control_v1_NodeControl = GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.NodeControl")
+}
+
+// MARK: keel.control.v1.NodeControl (server)
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_NodeControl {
+    /// Streaming variant of the service protocol for the "keel.control.v1.NodeControl" service.
+    ///
+    /// This protocol is the lowest-level of the service protocols generated for this service
+    /// giving you the most flexibility over the implementation of your service. This comes at
+    /// the cost of more verbose and less strict APIs. Each RPC requires you to implement it in
+    /// terms of a request stream and response stream. Where the RPC expects only a single
+    /// request or response message, you are responsible for ensuring your implementation
+    /// maintains this invariant.
+    ///
+    /// Where possible, prefer using the stricter, less-verbose ``ServiceProtocol``
+    /// or ``SimpleServiceProtocol`` instead.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > One per node (`keel node serve`): other nodes start, stop and list this
+    /// > node's engines through it, and read its health.
+    public protocol StreamingServiceProtocol: GRPCCore.RegistrableRPCService {
+        /// Handle the "Health" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The node's name (its hostname), version and the daemons it runs.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_NodeHealthRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_NodeHealth` messages.
+        func health(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_NodeHealthRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_NodeHealth>
+
+        /// Handle the "StartEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Starts the volume's engine here (or finds it running), listening on this
+        /// > node's address at `port`; returns once it serves: it has claimed the
+        /// > replicas with a newer epoch, which fences any engine that had them.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_StartEngineRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_StartedEngine` messages.
+        func startEngine(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StartEngineRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_StartedEngine>
+
+        /// Handle the "StopEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stops the volume's engine here (drains its clients first).
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_StopEngineRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_NodeHealth` messages.
+        func stopEngine(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StopEngineRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_NodeHealth>
+    }
+
+    /// Service protocol for the "keel.control.v1.NodeControl" service.
+    ///
+    /// This protocol is higher level than ``StreamingServiceProtocol`` but lower level than
+    /// the ``SimpleServiceProtocol``, it provides access to request and response metadata and
+    /// trailing response metadata. If you don't need these then consider using
+    /// the ``SimpleServiceProtocol``. If you need fine grained control over your RPCs then
+    /// use ``StreamingServiceProtocol``.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > One per node (`keel node serve`): other nodes start, stop and list this
+    /// > node's engines through it, and read its health.
+    public protocol ServiceProtocol: Keel_Control_V1_NodeControl.StreamingServiceProtocol {
+        /// Handle the "Health" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The node's name (its hostname), version and the daemons it runs.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_NodeHealthRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_NodeHealth` message.
+        func health(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_NodeHealthRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth>
+
+        /// Handle the "StartEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Starts the volume's engine here (or finds it running), listening on this
+        /// > node's address at `port`; returns once it serves: it has claimed the
+        /// > replicas with a newer epoch, which fences any engine that had them.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StartEngineRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_StartedEngine` message.
+        func startEngine(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_StartEngineRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_StartedEngine>
+
+        /// Handle the "StopEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stops the volume's engine here (drains its clients first).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_NodeHealth` message.
+        func stopEngine(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_StopEngineRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth>
+    }
+
+    /// Simple service protocol for the "keel.control.v1.NodeControl" service.
+    ///
+    /// This is the highest level protocol for the service. The API is the easiest to use but
+    /// doesn't provide access to request or response metadata. If you need access to these
+    /// then use ``ServiceProtocol`` instead.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > One per node (`keel node serve`): other nodes start, stop and list this
+    /// > node's engines through it, and read its health.
+    public protocol SimpleServiceProtocol: Keel_Control_V1_NodeControl.ServiceProtocol {
+        /// Handle the "Health" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The node's name (its hostname), version and the daemons it runs.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_NodeHealthRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_NodeHealth` to respond with.
+        func health(
+            request: Keel_Control_V1_NodeHealthRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_NodeHealth
+
+        /// Handle the "StartEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Starts the volume's engine here (or finds it running), listening on this
+        /// > node's address at `port`; returns once it serves: it has claimed the
+        /// > replicas with a newer epoch, which fences any engine that had them.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_StartEngineRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_StartedEngine` to respond with.
+        func startEngine(
+            request: Keel_Control_V1_StartEngineRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_StartedEngine
+
+        /// Handle the "StopEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stops the volume's engine here (drains its clients first).
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_StopEngineRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_NodeHealth` to respond with.
+        func stopEngine(
+            request: Keel_Control_V1_StopEngineRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_NodeHealth
+    }
+}
+
+// Default implementation of 'registerMethods(with:)'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_NodeControl.StreamingServiceProtocol {
+    public func registerMethods<Transport>(with router: inout GRPCCore.RPCRouter<Transport>) where Transport: GRPCCore.ServerTransport {
+        router.registerHandler(
+            forMethod: Keel_Control_V1_NodeControl.Method.Health.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_NodeHealthRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_NodeHealth>(),
+            handler: { request, context in
+                try await self.health(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_NodeControl.Method.StartEngine.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_StartEngineRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_StartedEngine>(),
+            handler: { request, context in
+                try await self.startEngine(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_NodeControl.Method.StopEngine.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_StopEngineRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_NodeHealth>(),
+            handler: { request, context in
+                try await self.stopEngine(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+    }
+}
+
+// Default implementation of streaming methods from 'StreamingServiceProtocol'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_NodeControl.ServiceProtocol {
+    public func health(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_NodeHealthRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_NodeHealth> {
+        let response = try await self.health(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func startEngine(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StartEngineRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_StartedEngine> {
+        let response = try await self.startEngine(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func stopEngine(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StopEngineRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_NodeHealth> {
+        let response = try await self.stopEngine(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+}
+
+// Default implementation of methods from 'ServiceProtocol'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_NodeControl.SimpleServiceProtocol {
+    public func health(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_NodeHealthRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth>(
+            message: try await self.health(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func startEngine(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_StartEngineRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_StartedEngine> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_StartedEngine>(
+            message: try await self.startEngine(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func stopEngine(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_StopEngineRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth>(
+            message: try await self.stopEngine(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+}
+
+// MARK: keel.control.v1.NodeControl (client)
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_NodeControl {
+    /// Generated client protocol for the "keel.control.v1.NodeControl" service.
+    ///
+    /// You don't need to implement this protocol directly, use the generated
+    /// implementation, ``Client``.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > One per node (`keel node serve`): other nodes start, stop and list this
+    /// > node's engines through it, and read its health.
+    public protocol ClientProtocol: Sendable {
+        /// Call the "Health" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The node's name (its hostname), version and the daemons it runs.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_NodeHealthRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_NodeHealthRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_NodeHealth` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func health<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_NodeHealthRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_NodeHealthRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_NodeHealth>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "StartEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Starts the volume's engine here (or finds it running), listening on this
+        /// > node's address at `port`; returns once it serves: it has claimed the
+        /// > replicas with a newer epoch, which fences any engine that had them.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StartEngineRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_StartEngineRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_StartedEngine` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func startEngine<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_StartEngineRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StartEngineRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_StartedEngine>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_StartedEngine>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "StopEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stops the volume's engine here (drains its clients first).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_StopEngineRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_NodeHealth` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func stopEngine<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StopEngineRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_NodeHealth>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+    }
+
+    /// Generated client for the "keel.control.v1.NodeControl" service.
+    ///
+    /// The ``Client`` provides an implementation of ``ClientProtocol`` which wraps
+    /// a `GRPCCore.GRPCCClient`. The underlying `GRPCClient` provides the long-lived
+    /// means of communication with the remote peer.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > One per node (`keel node serve`): other nodes start, stop and list this
+    /// > node's engines through it, and read its health.
+    public struct Client<Transport>: ClientProtocol where Transport: GRPCCore.ClientTransport {
+        private let client: GRPCCore.GRPCClient<Transport>
+
+        /// Creates a new client wrapping the provided `GRPCCore.GRPCClient`.
+        ///
+        /// - Parameters:
+        ///   - client: A `GRPCCore.GRPCClient` providing a communication channel to the service.
+        public init(wrapping client: GRPCCore.GRPCClient<Transport>) {
+            self.client = client
+        }
+
+        /// Call the "Health" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The node's name (its hostname), version and the daemons it runs.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_NodeHealthRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_NodeHealthRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_NodeHealth` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func health<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_NodeHealthRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_NodeHealthRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_NodeHealth>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_NodeControl.Method.Health.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "StartEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Starts the volume's engine here (or finds it running), listening on this
+        /// > node's address at `port`; returns once it serves: it has claimed the
+        /// > replicas with a newer epoch, which fences any engine that had them.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StartEngineRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_StartEngineRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_StartedEngine` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func startEngine<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_StartEngineRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StartEngineRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_StartedEngine>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_StartedEngine>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_NodeControl.Method.StartEngine.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "StopEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stops the volume's engine here (drains its clients first).
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_StopEngineRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_NodeHealth` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func stopEngine<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StopEngineRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_NodeHealth>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_NodeControl.Method.StopEngine.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+    }
+}
+
+// Helpers providing default arguments to 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_NodeControl.ClientProtocol {
+    /// Call the "Health" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > The node's name (its hostname), version and the daemons it runs.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_NodeHealthRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func health<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_NodeHealthRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.health(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_NodeHealthRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_NodeHealth>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "StartEngine" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Starts the volume's engine here (or finds it running), listening on this
+    /// > node's address at `port`; returns once it serves: it has claimed the
+    /// > replicas with a newer epoch, which fences any engine that had them.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_StartEngineRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func startEngine<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_StartEngineRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_StartedEngine>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.startEngine(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_StartEngineRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_StartedEngine>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "StopEngine" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Stops the volume's engine here (drains its clients first).
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func stopEngine<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.stopEngine(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_StopEngineRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_NodeHealth>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}
+
+// Helpers providing sugared APIs for 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_NodeControl.ClientProtocol {
+    /// Call the "Health" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > The node's name (its hostname), version and the daemons it runs.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func health<Result>(
+        _ message: Keel_Control_V1_NodeHealthRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_NodeHealthRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.health(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "StartEngine" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Starts the volume's engine here (or finds it running), listening on this
+    /// > node's address at `port`; returns once it serves: it has claimed the
+    /// > replicas with a newer epoch, which fences any engine that had them.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func startEngine<Result>(
+        _ message: Keel_Control_V1_StartEngineRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_StartedEngine>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_StartEngineRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.startEngine(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "StopEngine" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Stops the volume's engine here (drains its clients first).
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func stopEngine<Result>(
+        _ message: Keel_Control_V1_StopEngineRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.stopEngine(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}
