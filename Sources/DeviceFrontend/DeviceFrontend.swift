@@ -41,7 +41,7 @@ public final class DeviceFrontend: @unchecked Sendable {
     /// A third of the I/O timeout (at least 2 s): an engine's node cut off is
     /// noticed that early, so its replacement starts while the kernel still
     /// waits for the requests in flight, not after.
-    private var unacknowledged: UInt32 { UInt32(max(2, device.settings.ioTimeout / 3) * 1000) }
+    private var unanswered: UInt32 { UInt32(max(2, device.settings.ioTimeout / 3) * 1000) }
 
     /// The volume's size in bytes, once attached.
     public var size: UInt64 { device.size ?? 0 }
@@ -54,7 +54,7 @@ public final class DeviceFrontend: @unchecked Sendable {
         let engine = self.engine
         var links: [EngineLink] = []
         do {
-            for _ in 0..<device.settings.connections { links.append(try EngineLink.open(engine, timeout: connectTimeout, unacknowledged: unacknowledged)) }
+            for _ in 0..<device.settings.connections { links.append(try EngineLink.open(engine, timeout: connectTimeout, unanswered: unanswered)) }
         } catch {
             links.forEach { $0.fd.close() }
             throw error
@@ -105,7 +105,7 @@ public final class DeviceFrontend: @unchecked Sendable {
             do {
                 var links: [EngineLink] = []
                 defer { links.forEach { $0.fd.close() } }
-                for _ in 0..<dead { links.append(try EngineLink.open(engine, timeout: connectTimeout, unacknowledged: unacknowledged)) }
+                for _ in 0..<dead { links.append(try EngineLink.open(engine, timeout: connectTimeout, unanswered: unanswered)) }
                 let taken = try device.replaceDeadLinks(with: links)
                 links = []
                 let waited = monotonicSeconds() - started

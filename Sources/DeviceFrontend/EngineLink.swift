@@ -26,18 +26,18 @@ public struct EngineLink {
 
     /// Connects and negotiates within `timeout` milliseconds in all; an engine
     /// whose node is cut off fails here, not after the system's SYN retries.
-    /// Over TCP, data the engine's node leaves unacknowledged for
-    /// `unacknowledged` milliseconds ends the connection: a node that is cut
-    /// off is noticed then, before the kernel's I/O timeout.
-    public static func open(_ endpoint: EngineEndpoint, timeout: Int32, unacknowledged: UInt32? = nil) throws -> EngineLink {
+    /// Over TCP, an engine's node that leaves data or keepalive probes
+    /// unanswered for `unanswered` milliseconds ends the connection: a node
+    /// that is cut off is noticed then, before the kernel's I/O timeout (the
+    /// requests in flight were acknowledged by TCP, and the kernel sends
+    /// nothing more while it waits for their replies: only probes notice).
+    public static func open(_ endpoint: EngineEndpoint, timeout: Int32, unanswered: UInt32? = nil) throws -> EngineLink {
         let deadline = Deadline(milliseconds: timeout)
         let fd = try Socket.connect(to: endpoint.address, timeout: timeout)
         do {
             if case .tcp = endpoint.address {
                 Socket.setNoDelay(fd)
-                if var milliseconds = unacknowledged {
-                    setsockopt(fd.rawValue, Int32(IPPROTO_TCP), TCP_USER_TIMEOUT, &milliseconds, socklen_t(MemoryLayout<UInt32>.size))
-                }
+                if let unanswered { setDeadPeerTimeout(fd, milliseconds: unanswered) }
             }
             var handshake = ClientHandshake(exportName: endpoint.exportName)
             var buffer = [UInt8](repeating: 0, count: 4096)
@@ -63,6 +63,20 @@ public struct EngineLink {
             fd.close()
             throw error
         }
+    }
+
+    /// Keepalive probes every second after a second of silence, and the user
+    /// timeout that then decides when an unanswered peer is dead.
+    private static func setDeadPeerTimeout(_ fd: FileDescriptor, milliseconds: UInt32) {
+        func set(_ level: Int32, _ option: Int32, _ value: Int32) {
+            var value = value
+            setsockopt(fd.rawValue, level, option, &value, socklen_t(MemoryLayout<Int32>.size))
+        }
+        set(SOL_SOCKET, SO_KEEPALIVE, 1)
+        set(Int32(IPPROTO_TCP), TCP_KEEPIDLE, 1)
+        set(Int32(IPPROTO_TCP), TCP_KEEPINTVL, 1)
+        set(Int32(IPPROTO_TCP), TCP_KEEPCNT, Int32(max(1, milliseconds / 1000)))
+        set(Int32(IPPROTO_TCP), TCP_USER_TIMEOUT, Int32(clamping: milliseconds))
     }
 
     private struct Deadline {

@@ -24,8 +24,8 @@ import Testing
     }
 
     /// The scenario exits 0 and its output says `line` (its last words on success).
-    static func expectScenario(_ name: String, systemd: Bool = false, toSay line: String) throws {
-        let result = try scenario(name, systemd: systemd)
+    static func expectScenario(_ name: String, systemd: Bool = false, timeout: Int = 600, toSay line: String) throws {
+        let result = try scenario(name, systemd: systemd, timeout: timeout)
         #expect(result.status == 0)
         #expect(result.output.contains(line))
     }
@@ -67,7 +67,8 @@ import Testing
     }
 
     @Test func engineFailsOverToTheNextNodeAndTheOldOneIsFenced() throws {
-        try Self.expectScenario("engine-failover", toSay: "engine failover: fio verified through a node loss and a fenced split brain")
+        // Three engines start in turn under TCG (debug builds): minutes, not seconds.
+        try Self.expectScenario("engine-failover", timeout: 1200, toSay: "engine failover: fio verified through a node loss and a fenced split brain")
     }
 
     @Test func volumesUnderSystemdAsPID1() throws {

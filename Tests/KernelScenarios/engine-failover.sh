@@ -51,20 +51,31 @@ fio --name=failover --filename=/mnt/vol/fio.dat --size=24M --ioengine=libaio --d
     --iodepth=16 --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --eta=never \
     --time_based --runtime=100 --write_lat_log="$work/failover" --log_avg_msec=0 --output="$work/fio.out" &
 fio=$!
+start=$(date +%s%3N)
+since() { echo "+$(( ($(date +%s%3N) - start) / 1000 )) s"; }
 sleep 4
 ip link set h-a down
+echo "node a cut at $(since)"
 ip netns pids a | xargs -r kill -9
 wait_for_log "$work/frontend.log" "moves from 10.77.1.2" 150
+echo "the engine moved to b by $(since)"
+# Writes complete through b (the device's own count) before b is the one lost: two separate pauses.
+nbd=$(basename "$device")
+before=$(awk '{ print $5 }' /sys/block/$nbd/stat)
+end=$(($(date +%s) + 120))
+while [ "$(awk '{ print $5 }' /sys/block/$nbd/stat)" -lt $((before + 50)) ] && [ "$(date +%s)" -lt "$end" ]; do sleep 0.2; done
+echo "writes complete through b by $(since)"
 grep -E "does not answer|moves from|started on node" "$work/frontend.log" | tail -4
 
 ln -s "$work/node-b/log/keel-engine@vol.service.log" "$work/old-engine.log"   # shown if the scenario fails
 step "split brain: b's engine frozen with writes in flight, the host's traffic to b blackholed"
-sleep 3
 # Frozen first: the requests the kernel keeps sending wait in its socket, unread, for when it resumes.
 old=$(cat "$work/node-b/run/keel-engine@vol.service.pid")
 kill -STOP "$old"
 ip rule add to 10.77.2.2 iif lo blackhole
+echo "b frozen and cut off at $(since)"
 wait_for_log "$work/frontend.log" "moves from 10.77.2.2" 150
+echo "the engine moved to c by $(since)"
 grep -E "moves from|started on node" "$work/frontend.log" | tail -2
 kill -CONT "$old"
 # The old engine, resumed, writes the volume's first block (ext4's superblock
@@ -82,9 +93,9 @@ fsck.ext4 -fn "$device" >/dev/null
 mount "$device" /mnt/vol
 (cd /mnt/vol && sha256sum -c "$work/sums")
 umount /mnt/vol
-# The pause: the longest gap between two completed writes, from fio's latency log.
-awk -F, '{ t = $1 / 1000; if (NR > 1 && t - last > gap) gap = t - last; last = t } END { printf "longest gap between completions: %.1f s\n", gap }' \
-    "$work/failover_clat.1.log"
+# The pauses: the longest gaps between two completed writes, from fio's latency log (ms since fio's start).
+sort -n -t, -k1,1 "$work/failover_clat.1.log" | awk -F, '{ t = $1 / 1000; if (NR > 1 && t - last > 1) printf "%.1f %.1f\n", t - last, last; last = t }' \
+    | sort -rn | head -3 | while read gap from; do echo "no write completed for $gap s (from +$from s of fio's clock)"; done
 kill -TERM "$frontend"
 wait "$frontend"
 echo "engine failover: fio verified through a node loss and a fenced split brain"
