@@ -11,6 +11,9 @@
 # resumes (SIGCONT) and is fenced: none of its writes lands (one more, to
 # the superblock, through a client on its own node, is refused too). fio ends
 # with no I/O error, fsck finds nothing and the checksums match.
+# The engines' replica timeout is long (120 s): b is frozen for longer than
+# 30 s under a loaded TCG guest, and on resuming it must send its writes to
+# the replicas (and be refused), not give the replicas up as silent.
 . "$(dirname "$0")/common.sh"
 for i in 0 1 2; do start_replica $i 128M; done
 for node in a b c; do
@@ -29,7 +32,7 @@ step "the frontend has node a start the engine"
 "$KEEL" frontend serve --volume vol --size 128M --connections 2 --io-timeout 15 --connect-timeout 2 \
     --dead-connection-timeout 120 --engine-node 10.77.1.2:7800 --engine-node 10.77.2.2:7800 \
     --engine-node 10.77.3.2:7800 --replica "unix:$work/r0.sock" --replica "unix:$work/r1.sock" \
-    --replica "unix:$work/r2.sock" --replica-timeout 30 --log-level info \
+    --replica "unix:$work/r2.sock" --replica-timeout 120 --log-level info \
     >"$work/frontend.out" 2>>"$work/frontend.log" &
 frontend=$!
 for _ in $(seq 1200); do grep -q /dev/nbd "$work/frontend.out" && break; sleep 0.1; done
@@ -84,7 +87,7 @@ if ip netns exec b nbdsh -u nbd://10.77.2.2:10809/vol -c 'h.pwrite(b"\xff" * 409
     echo "the fenced engine acknowledged a write"; exit 1
 fi
 tail -1 "$work/old-write.err"
-wait_for_log "$work/old-engine.log" "fenced" 10
+wait_for_log "$work/old-engine.log" "fenced" 30
 grep -m1 "fenced" "$work/old-engine.log"
 check_fio
 sync
