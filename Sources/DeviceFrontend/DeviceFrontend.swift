@@ -133,10 +133,4 @@ public final class DeviceFrontend: @unchecked Sendable {
             for _ in 0..<5 where isRunning { usleep(50_000) }
         }
     }
-
-    private func monotonicSeconds() -> Double {
-        var now = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &now)
-        return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
-    }
 }

@@ -80,19 +80,11 @@ public struct EngineLink {
     }
 
     private struct Deadline {
-        let end: timespec
-        init(milliseconds: Int32) {
-            var now = timespec()
-            clock_gettime(CLOCK_MONOTONIC, &now)
-            let nanoseconds = Int(now.tv_nsec) + Int(milliseconds % 1000) * 1_000_000
-            end = timespec(tv_sec: now.tv_sec + Int(milliseconds / 1000) + nanoseconds / 1_000_000_000,
-                           tv_nsec: nanoseconds % 1_000_000_000)
-        }
+        let end: UInt64
+        init(milliseconds: Int32) { end = monotonicNanoseconds() + UInt64(max(0, milliseconds)) * 1_000_000 }
         var remainingMilliseconds: Int32 {
-            var now = timespec()
-            clock_gettime(CLOCK_MONOTONIC, &now)
-            let left = (end.tv_sec - now.tv_sec) * 1000 + (end.tv_nsec - now.tv_nsec) / 1_000_000
-            return Int32(clamping: max(0, left))
+            let now = monotonicNanoseconds()
+            return now >= end ? 0 : Int32(clamping: (end - now) / 1_000_000)
         }
     }
 

@@ -27,7 +27,7 @@ public struct ClientHandshake {
     private let exportName: String
     private let startTLS: Bool
     private var state = State.greeting
-    private var pending: [UInt8] = []
+    private var assembler = MessageAssembler()
     private var export: (size: UInt64, flags: TransmissionFlags)?
 
     public init(exportName: String, startTLS: Bool = false) {
@@ -46,14 +46,7 @@ public struct ClientHandshake {
             case .replyData(_, _, let length): needed = length
             case .done: return .failed("the server sent data after the handshake ended")
             }
-            let take = min(needed - pending.count, input.count - offset)
-            if take > 0 {
-                pending.append(contentsOf: UnsafeRawBufferPointer(rebasing: input[offset..<offset + take]))
-                offset += take
-            }
-            if pending.count < needed { return .needMore }
-            let message = pending
-            pending.removeAll(keepingCapacity: true)
+            guard let message = assembler.take(needed, from: input, at: &offset) else { return .needMore }
             switch advance(with: message, send: &send) {
             case .needMore: continue
             case .finished(let size, let flags, _): return .finished(size: size, flags: flags, consumed: offset)

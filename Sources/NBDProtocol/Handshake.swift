@@ -39,7 +39,7 @@ public struct Handshake {
     /// STARTTLS was acknowledged: the options come through TLS from now on.
     private var secured = false
     private var state = State.clientFlags
-    private var pending: [UInt8] = []
+    private var assembler = MessageAssembler()
     private var clientNoZeroes = false
     private var structuredReplies = false
     /// What the last SET_META_CONTEXT selected, and for which export.
@@ -89,14 +89,7 @@ public struct Handshake {
                                   message: "option data longer than \(Self.maximumOptionLength) bytes")
             case .clientFlags, .optionHeader, .optionData:
                 let needed = bytesNeeded()
-                let take = min(needed - pending.count, input.count - offset)
-                if take > 0 {
-                    pending.append(contentsOf: UnsafeRawBufferPointer(rebasing: input[offset..<offset + take]))
-                    offset += take
-                }
-                if pending.count < needed { return .needMore }
-                let message = pending
-                pending.removeAll(keepingCapacity: true)
+                guard let message = assembler.take(needed, from: input, at: &offset) else { return .needMore }
                 switch advance(with: message, reply: &reply) {
                 case .needMore: continue
                 case .finished(let negotiated, _): return .finished(negotiated, consumed: offset)

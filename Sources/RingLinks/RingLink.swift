@@ -73,10 +73,3 @@ public struct RingLink {
         if let client { shutdown(client.descriptor, Int32(SHUT_RDWR)) }
     }
 }
-
-/// CLOCK_MONOTONIC in nanoseconds: when a command was sent, to find late ones.
-public func monotonicNanoseconds() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-}

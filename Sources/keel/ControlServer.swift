@@ -50,11 +50,13 @@ final class ControlServer: @unchecked Sendable {
     }
 }
 
-/// Runs async client code from a synchronous command.
-func blocking<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) throws -> T {
+/// Runs async client code from a synchronous command. `started` gets the
+/// task that runs it, for a caller that may have to cancel it.
+func blocking<T: Sendable>(started: (Task<Void, Never>) -> Void = { _ in },
+                           _ body: @escaping @Sendable () async throws -> T) throws -> T {
     let result = Handoff<Result<T, Error>>()
-    Task {
+    started(Task {
         do { result.put(.success(try await body())) } catch { result.put(.failure(error)) }
-    }
+    })
     return try result.take().get()
 }

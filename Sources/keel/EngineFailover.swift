@@ -25,6 +25,8 @@ final class EngineFailover: Sendable {
     private let logger: Logger
     /// The volume's size, known once the device is attached.
     private let size = Atomic<UInt64>(0)
+    /// Once cancelled (the frontend stops), no call starts and the one under way ends.
+    private let calls = Mutex<(cancelled: Bool, current: Task<Void, Never>?)>((false, nil))
 
     init(nodes: [String], spec: Spec, logger: Logger) {
         self.nodes = nodes
@@ -34,12 +36,34 @@ final class EngineFailover: Sendable {
 
     func deviceAttached(size: UInt64) { if size > 0 { self.size.store(size, ordering: .relaxed) } }
 
+    /// The frontend stops: a start under way (up to minutes) must not hold it.
+    func cancel() {
+        calls.withLock { calls in
+            calls.cancelled = true
+            calls.current?.cancel()
+        }
+    }
+
+    private var isCancelled: Bool { calls.withLock { $0.cancelled } }
+
+    private func call<T: Sendable>(_ node: String, doing what: String,
+                                   _ body: @escaping @Sendable (NodeStub) async throws -> T) throws -> T {
+        defer { calls.withLock { $0.current = nil } }
+        return try callNode(node, doing: what, started: { task in
+            calls.withLock { calls in
+                calls.current = task
+                if calls.cancelled { task.cancel() }
+            }
+        }, body)
+    }
+
     /// The engine that serves the volume now, or nil when no node could start one.
     /// Without a lost engine (the first attach), the nodes in their order.
     func engine(replacing lost: EngineEndpoint?, failure: String = "") -> EngineEndpoint? {
         for node in lost.map(ordered(after:)) ?? nodes {
+            if isCancelled { return nil }
             // A node that does not answer at once is down or cut off: the next one.
-            guard (try? callNode(node, doing: "report its health", { try await $0.health(.init(), options: .timeout(seconds: 3)) })) != nil else {
+            guard (try? call(node, doing: "report its health", { try await $0.health(.init(), options: .timeout(seconds: 3)) })) != nil else {
                 logger.warning("engine node \(node) does not answer; trying the next")
                 continue
             }
@@ -52,7 +76,7 @@ final class EngineFailover: Sendable {
                     $0.port = spec.port
                     $0.replicaTimeout = spec.replicaTimeout
                 }
-                let started = try callNode(node, doing: "start the engine of \(spec.volume)") {
+                let started = try call(node, doing: "start the engine of \(spec.volume)") {
                     try await $0.startEngine(request, options: .timeout(seconds: 150))
                 }
                 let address = try Syscalls.SocketAddress(parsing: started.address)
@@ -62,6 +86,7 @@ final class EngineFailover: Sendable {
                 logger.warning("engine node \(node) could not start the engine: \((error as? CLIError)?.message ?? "\(error)")")
             }
         }
+        if isCancelled { return nil }
         logger.error("no engine node of \(spec.volume) could start its engine (\(nodes.joined(separator: ", "))); trying again")
         return nil
     }

@@ -115,7 +115,7 @@ struct FrontendCommand: ParsableCommand {
             do {
                 frontend = DeviceFrontend(device: try KernelDevice(settings: settings, logger: logger), engine: endpoint,
                                           connectTimeout: Int32(connectTimeout * 1000), logger: logger,
-                                          replacement: failover.map { failover in { failover.engine(replacing: $0, failure: $1) } })
+                                          replacement: failover.map { failover in { @Sendable in failover.engine(replacing: $0, failure: $1) } })
                 path = try frontend.start()
             } catch {
                 throw CLIError("cannot attach volume \(volume) from engine \(endpoint): \(error)")
@@ -127,6 +127,7 @@ struct FrontendCommand: ParsableCommand {
             let signal = TerminationSignals.wait()
             logger.notice("signal \(signal): draining and detaching \(path)")
             ServiceManager.notify("STOPPING=1")
+            failover?.cancel()
             frontend.stop()
         }
     }

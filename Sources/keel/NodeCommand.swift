@@ -178,11 +178,11 @@ struct NodeCommand: ParsableCommand {
 typealias NodeStub = Keel_Control_V1_NodeControl.Client<ControlTransport>
 
 /// Calls a node agent; a refusal or an unreachable agent becomes one line.
-func callNode<T: Sendable>(_ node: String, doing what: String,
+func callNode<T: Sendable>(_ node: String, doing what: String, started: (Task<Void, Never>) -> Void = { _ in },
                            _ body: @escaping @Sendable (NodeStub) async throws -> T) throws -> T {
     let address = try parseListenAddress(node, option: "node address")
     do {
-        return try blocking {
+        return try blocking(started: started) {
             try await withControlClient(address) { try await body(NodeStub(wrapping: $0)) }
         }
     } catch let error as RPCError where error.code != .unavailable {
