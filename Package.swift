@@ -150,7 +150,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "KernelNBDTests", dependencies: ["KernelNBD"]),
-        .testTarget(name: "NodeTests", dependencies: ["NodeRegistry", "Daemons"]),
+        .testTarget(name: "NodeTests", dependencies: ["NodeRegistry", "Daemons", "SQLite"]),
         .testTarget(name: "SimulatorTests", dependencies: ["Simulator"]),
         // Also runs Tests/KernelScenarios/*.sh in a QEMU guest with Debian's kernel (KernelTests).
         .testTarget(name: "IntegrationTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls", "SeededRandom"]),

@@ -74,3 +74,22 @@ public func systemdIsRunning() -> Bool {
     var info = stat()
     return lstat("/run/systemd/system", &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR
 }
+
+/// One daemon a runner knows, and whether it runs now.
+public struct DaemonCensusEntry: Sendable {
+    public var kind: Daemon.Kind
+    public var instance: String
+    public var running: Bool
+}
+
+extension DaemonRunner {
+    /// Every engine, replica and frontend this runner knows: what runs on the node.
+    public func census() -> [DaemonCensusEntry] {
+        [Daemon.Kind.engine, .replica, .frontend].flatMap { kind in
+            instances(of: kind).map { instance in
+                DaemonCensusEntry(kind: kind, instance: instance,
+                                  running: isRunning(Daemon(kind: kind, instance: instance, arguments: [])))
+            }
+        }
+    }
+}

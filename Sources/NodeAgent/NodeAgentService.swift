@@ -43,14 +43,12 @@ public struct NodeAgentService: Keel_Control_V1_NodeControl.SimpleServiceProtoco
 
     public func health(request: Keel_Control_V1_NodeHealthRequest,
                        context: ServerContext) async throws -> Keel_Control_V1_NodeHealth {
-        let daemons = try await offThePool { () -> [Keel_Control_V1_NodeDaemon] in
-            [Daemon.Kind.engine, .replica, .frontend].flatMap { kind in
-                runner.instances(of: kind).map { instance in
-                    .with {
-                        $0.kind = kind.rawValue
-                        $0.instance = instance
-                        $0.running = runner.isRunning(Daemon(kind: kind, instance: instance, arguments: []))
-                    }
+        let daemons = try await offThePool {
+            runner.census().map { entry in
+                Keel_Control_V1_NodeDaemon.with {
+                    $0.kind = entry.kind.rawValue
+                    $0.instance = entry.instance
+                    $0.running = entry.running
                 }
             }
         }

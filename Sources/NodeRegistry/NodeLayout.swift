@@ -40,6 +40,8 @@ public struct NodeLayout: Sendable {
     /// The engine's NBD listener, for user-space clients beside the kernel device.
     public func engineSocket(_ volume: String) -> String { "\(runDirectory)/\(volume).nbd" }
     public func engineControl(_ volume: String) -> String { "\(runDirectory)/\(volume).control" }
+    /// What the volume's device frontend last said of its engine (JSON).
+    public func frontendStatus(_ volume: String) -> String { "\(runDirectory)/\(volume).frontend.json" }
 
     /// The longest socket path this layout makes for a volume name (unix socket paths hold 107 bytes).
     public func longestSocketPath(volume: String) -> Int {

@@ -7,7 +7,7 @@ import Glibc
 /// The node registry: the volumes this node created, in SQLite, each change
 /// durable before it returns. Every `keel` invocation opens its own.
 public final class Registry {
-    public static let schemaVersion: Int64 = 3
+    public static let schemaVersion: Int64 = 4
 
     public let layout: NodeLayout
     private let database: Database
@@ -16,6 +16,8 @@ public final class Registry {
         case cannotCreate(path: String, reason: String, denied: Bool)
         case exists(String)
         case newerSchema(Int64)
+        case nodeExists(String)
+        case nodeInUse(node: String, volumes: [String])
 
         public var description: String {
             switch self {
@@ -24,6 +26,10 @@ public final class Registry {
                     + "pass another --state-dir (or set KEEL_STATE_DIR)"
             case .exists(let name):
                 return "a volume named \(name) already exists; pick another name or remove it with 'keel volume rm \(name)'"
+            case .nodeExists(let name):
+                return "a node named \(name) is known already; remove it first with 'keel node rm \(name)'"
+            case .nodeInUse(let node, let volumes):
+                return "node \(node) holds the engine or replicas of \(volumes.joined(separator: ", ")); remove those volumes first"
             case .newerSchema(let version):
                 return "the registry has schema \(version), newer than this keel knows (\(Registry.schemaVersion)); upgrade keel"
             }
@@ -51,7 +57,16 @@ public final class Registry {
             }
             if version == 1 || version == 2 {
                 // Version 2 knew no snapshots: they are learnt at the next snapshot command.
-                try database.execute(Self.snapshotsTable + "PRAGMA user_version = \(Self.schemaVersion);")
+                try database.execute(Self.snapshotsTable)
+            }
+            if (1...3).contains(version) {
+                // Version 3 knew no other nodes: its volumes run on this one.
+                try database.execute("""
+                    ALTER TABLE volumes ADD COLUMN engine_port INTEGER NOT NULL DEFAULT 0;
+                    ALTER TABLE replicas ADD COLUMN node TEXT;
+                    \(Self.nodesTables)
+                    PRAGMA user_version = \(Self.schemaVersion);
+                    """)
             }
             guard version == 0 else { return }
             try database.execute("""
@@ -61,16 +76,19 @@ public final class Registry {
                     size INTEGER NOT NULL,
                     connections INTEGER NOT NULL,
                     runner TEXT NOT NULL,
-                    created_at INTEGER NOT NULL
+                    created_at INTEGER NOT NULL,
+                    engine_port INTEGER NOT NULL DEFAULT 0
                 );
                 CREATE TABLE replicas (
                     volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
                     position INTEGER NOT NULL,
                     address TEXT NOT NULL,
                     directory TEXT,
+                    node TEXT,
                     PRIMARY KEY (volume, position)
                 );
                 \(Self.snapshotsTable)
+                \(Self.nodesTables)
                 PRAGMA user_version = \(Self.schemaVersion);
                 """)
         }
@@ -90,6 +108,56 @@ public final class Registry {
             PRIMARY KEY (volume, position)
         );
         """
+
+    /// The other nodes this one knows by name (`keel node add`), and for each
+    /// volume the ordered list of nodes its engine may run on.
+    private static let nodesTables = """
+        CREATE TABLE nodes (
+            name TEXT PRIMARY KEY,
+            address TEXT NOT NULL,
+            added_at INTEGER NOT NULL
+        );
+        CREATE TABLE engine_nodes (
+            volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            node TEXT NOT NULL,
+            PRIMARY KEY (volume, position)
+        );
+        """
+
+    public func nodes() throws -> [NodeRecord] {
+        try database.query("SELECT name, address, added_at FROM nodes ORDER BY name").map {
+            NodeRecord(name: $0[0].text ?? "", address: $0[1].text ?? "", addedAt: $0[2].integer ?? 0)
+        }
+    }
+
+    public func node(named name: String) throws -> NodeRecord? {
+        try nodes().first { $0.name == name }
+    }
+
+    public func add(_ node: NodeRecord) throws {
+        try database.transaction {
+            guard try database.query("SELECT 1 FROM nodes WHERE name = ?", [.text(node.name)]).isEmpty else {
+                throw Failure.nodeExists(node.name)
+            }
+            try database.query("INSERT INTO nodes (name, address, added_at) VALUES (?, ?, ?)",
+                               [.text(node.name), .text(node.address), .integer(node.addedAt)])
+        }
+    }
+
+    /// Forgets a node no volume uses; true if it was there.
+    @discardableResult
+    public func removeNode(named name: String) throws -> Bool {
+        try database.transaction {
+            let users = try database.query("""
+                SELECT volume FROM engine_nodes WHERE node = ?1 UNION SELECT volume FROM replicas WHERE node = ?1 ORDER BY 1
+                """, [.text(name)]).compactMap { $0[0].text }
+            guard users.isEmpty else { throw Failure.nodeInUse(node: name, volumes: users) }
+            let known = try !database.query("SELECT 1 FROM nodes WHERE name = ?", [.text(name)]).isEmpty
+            try database.query("DELETE FROM nodes WHERE name = ?", [.text(name)])
+            return known
+        }
+    }
 
     /// Replaces the volume's snapshots (oldest first) with those an engine just listed.
     public func setSnapshots(_ snapshots: [SnapshotEntry], of volume: String, seenAt: Int64) throws {
@@ -122,14 +190,17 @@ public final class Registry {
 
     public func volume(named name: String) throws -> VolumeRecord? {
         guard let row = try database.query(
-            "SELECT size, connections, runner, created_at, id FROM volumes WHERE name = ?", [.text(name)]).first,
+            "SELECT size, connections, runner, created_at, id, engine_port FROM volumes WHERE name = ?", [.text(name)]).first,
               let size = row[0].integer, let connections = row[1].integer, let runner = row[2].text,
               let createdAt = row[3].integer, let id = row[4].text else { return nil }
         let replicas = try database.query(
-            "SELECT address, directory FROM replicas WHERE volume = ? ORDER BY position", [.text(name)]
-        ).map { ReplicaRecord(address: $0[0].text ?? "", directory: $0[1].text) }
+            "SELECT address, directory, node FROM replicas WHERE volume = ? ORDER BY position", [.text(name)]
+        ).map { ReplicaRecord(address: $0[0].text ?? "", directory: $0[1].text, node: $0[2].text) }
+        let engineNodes = try database.query(
+            "SELECT node FROM engine_nodes WHERE volume = ? ORDER BY position", [.text(name)]).compactMap { $0[0].text }
         return VolumeRecord(name: name, id: id, size: UInt64(size), replicas: replicas, connections: Int(connections),
-                            runner: VolumeRecord.Runner(rawValue: runner) ?? .keel, createdAt: createdAt)
+                            runner: VolumeRecord.Runner(rawValue: runner) ?? .keel, createdAt: createdAt,
+                            engineNodes: engineNodes, enginePort: Int(row[5].integer ?? 0))
     }
 
     public func add(_ volume: VolumeRecord) throws {
@@ -138,13 +209,18 @@ public final class Registry {
                 throw Failure.exists(volume.name)
             }
             try database.query("""
-                INSERT INTO volumes (name, id, size, connections, runner, created_at) VALUES (?, ?, ?, ?, ?, ?)
+                INSERT INTO volumes (name, id, size, connections, runner, created_at, engine_port) VALUES (?, ?, ?, ?, ?, ?, ?)
                 """, [.text(volume.name), .text(volume.id), .integer(Int64(volume.size)),
-                      .integer(Int64(volume.connections)), .text(volume.runner.rawValue), .integer(volume.createdAt)])
+                      .integer(Int64(volume.connections)), .text(volume.runner.rawValue), .integer(volume.createdAt),
+                      .integer(Int64(volume.enginePort))])
             for (position, replica) in volume.replicas.enumerated() {
-                try database.query("INSERT INTO replicas (volume, position, address, directory) VALUES (?, ?, ?, ?)",
+                try database.query("INSERT INTO replicas (volume, position, address, directory, node) VALUES (?, ?, ?, ?, ?)",
                                    [.text(volume.name), .integer(Int64(position)), .text(replica.address),
-                                    replica.directory.map { .text($0) } ?? .null])
+                                    replica.directory.map { .text($0) } ?? .null, replica.node.map { .text($0) } ?? .null])
+            }
+            for (position, node) in volume.engineNodes.enumerated() {
+                try database.query("INSERT INTO engine_nodes (volume, position, node) VALUES (?, ?, ?)",
+                                   [.text(volume.name), .integer(Int64(position)), .text(node)])
             }
         }
     }

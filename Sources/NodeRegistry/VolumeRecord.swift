@@ -12,6 +12,13 @@ public struct VolumeRecord: Equatable, Sendable {
     public var runner: Runner
     /// Seconds since the epoch.
     public var createdAt: Int64
+    /// Where the engine may run, in order (`keel node add` names); empty: on this node.
+    public var engineNodes: [String]
+    /// The TCP port the engine listens on when it runs on another node.
+    public var enginePort: Int
+
+    /// The engine runs on other nodes, failed over by the device frontend.
+    public var enginePlacedElsewhere: Bool { !engineNodes.isEmpty }
 
     public enum Runner: String, Sendable {
         /// systemd units (`keel-replica@`, `keel-engine@`), when PID 1 is systemd.
@@ -21,7 +28,7 @@ public struct VolumeRecord: Equatable, Sendable {
     }
 
     public init(name: String, id: String = "", size: UInt64, replicas: [ReplicaRecord], connections: Int,
-                runner: Runner, createdAt: Int64) {
+                runner: Runner, createdAt: Int64, engineNodes: [String] = [], enginePort: Int = 0) {
         self.name = name
         self.id = id
         self.size = size
@@ -29,6 +36,8 @@ public struct VolumeRecord: Equatable, Sendable {
         self.connections = connections
         self.runner = runner
         self.createdAt = createdAt
+        self.engineNodes = engineNodes
+        self.enginePort = enginePort
     }
 
     /// Volume names become file names, unit instances and `/dev/keel/<name>`.
@@ -42,16 +51,33 @@ public struct VolumeRecord: Equatable, Sendable {
     }
 }
 
-/// One of a volume's replicas: its data address, and for one this node runs, its data directory.
+/// One of a volume's replicas: its data address, and for one this node runs,
+/// its data directory; for one a node agent started, that node's name.
 public struct ReplicaRecord: Equatable, Sendable {
     public var address: String
     public var directory: String?
+    public var node: String?
 
     public var isLocal: Bool { directory != nil }
 
-    public init(address: String, directory: String? = nil) {
+    public init(address: String, directory: String? = nil, node: String? = nil) {
         self.address = address
         self.directory = directory
+        self.node = node
+    }
+}
+
+/// Another node, by the name `keel node add` gave it, and its agent's address.
+public struct NodeRecord: Equatable, Sendable {
+    public var name: String
+    public var address: String
+    /// Seconds since the epoch.
+    public var addedAt: Int64
+
+    public init(name: String, address: String, addedAt: Int64) {
+        self.name = name
+        self.address = address
+        self.addedAt = addedAt
     }
 }
 

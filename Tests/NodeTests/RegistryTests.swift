@@ -1,5 +1,6 @@
 import Testing
 import NodeRegistry
+import SQLite
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -47,6 +48,39 @@ import Glibc
         let registry = try Registry(layout: NodeLayout(stateDirectory: directory))
         try registry.add(volume("v"))
         #expect(throws: Registry.Failure.exists("v")) { try registry.add(self.volume("v")) }
+    }
+
+    @Test func aNodeInUseByAnEngineIsNotRemoved() throws {
+        let registry = try Registry(layout: NodeLayout(stateDirectory: directory))
+        let b = NodeRecord(name: "b", address: "10.0.0.2:7800", addedAt: 1)
+        try registry.add(b)
+        #expect(throws: Registry.Failure.nodeExists("b")) { try registry.add(b) }
+        var placed = volume("v", replicas: [ReplicaRecord(address: "10.0.0.3:7001")])
+        placed.engineNodes = ["b"]
+        placed.enginePort = 10810
+        try registry.add(placed)
+        #expect(try registry.volume(named: "v") == placed)
+        #expect(throws: Registry.Failure.nodeInUse(node: "b", volumes: ["v"])) { try registry.removeNode(named: "b") }
+        try registry.remove(named: "v")
+        #expect(try registry.removeNode(named: "b"))
+        #expect(try registry.nodes().isEmpty)
+    }
+
+    /// A registry written before nodes existed keeps its volumes, each with its engine on this node.
+    @Test func aVersion3RegistryOpensWithItsVolumesOnThisNode() throws {
+        let layout = NodeLayout(stateDirectory: directory)
+        try Registry(layout: layout).add(volume("old"))
+        let database = try Database(path: layout.registryPath, create: false)
+        try database.execute("""
+            DROP TABLE engine_nodes; DROP TABLE nodes;
+            ALTER TABLE volumes DROP COLUMN engine_port; ALTER TABLE replicas DROP COLUMN node;
+            PRAGMA user_version = 3;
+            """)
+        let registry = try Registry(layout: layout)
+        #expect(try registry.volume(named: "old") == volume("old"))
+        #expect(try registry.volume(named: "old")?.enginePlacedElsewhere == false)
+        try registry.add(NodeRecord(name: "b", address: "h:1", addedAt: 1))
+        #expect(try registry.nodes().map(\.name) == ["b"])
     }
 
     @Test func removingForgetsTheReplicasToo() throws {
