@@ -18,21 +18,33 @@ public final class DeviceFrontend: @unchecked Sendable {
     /// will (started elsewhere, say), or nil to keep trying the same one.
     public typealias Replacement = @Sendable (_ lost: EngineEndpoint, _ failure: String) -> EngineEndpoint?
 
+    /// Where the device stands with its engine, for `keel volume show`.
+    public enum Status: Sendable, Equatable {
+        case connected(EngineEndpoint)
+        /// The engine does not answer; the kernel holds the device's I/O.
+        case waiting(EngineEndpoint, failure: String)
+        /// No engine past the dead-connection timeout: the kernel fails the device's I/O.
+        case failing(EngineEndpoint, failure: String)
+    }
+    public typealias StatusObserver = @Sendable (Status) -> Void
+
     private let device: KernelDevice
     private let connectTimeout: Int32
     private let logger: Logger
     private let replacement: Replacement?
+    private let observer: StatusObserver?
     private let endpoint: Mutex<EngineEndpoint>
     private let running = Atomic<Bool>(false)
     private var watcher: PosixThread?
 
     /// `connectTimeout`: milliseconds a connection and its handshake may take.
     public init(device: KernelDevice, engine: EngineEndpoint, connectTimeout: Int32 = 3000, logger: Logger,
-                replacement: Replacement? = nil) {
+                replacement: Replacement? = nil, observer: StatusObserver? = nil) {
         self.device = device
         self.connectTimeout = connectTimeout
         self.logger = logger
         self.replacement = replacement
+        self.observer = observer
         endpoint = Mutex(engine)
     }
 
@@ -60,6 +72,7 @@ public final class DeviceFrontend: @unchecked Sendable {
             throw error
         }
         let path = try device.attach(links)
+        observer?(.connected(engine))
         running.store(true, ordering: .releasing)
         watcher = try PosixThread(name: "keel-frontend") { [self] in watch(events) }
         return path
@@ -111,10 +124,15 @@ public final class DeviceFrontend: @unchecked Sendable {
                 let waited = monotonicSeconds() - started
                 let pause = waited >= 1 ? " after \(Int(waited)) s without one" : ""
                 logger.notice("/dev/nbd\(index): \(taken) new connection(s) to engine \(engine)\(pause)")
+                if lastFailure != nil { observer?(.connected(engine)) }
+                lastFailure = nil
                 continue
             } catch {
                 let failure = "\(error)"
-                if failure != lastFailure { logger.warning("/dev/nbd\(index): engine \(engine) does not answer: \(failure)") }
+                if failure != lastFailure {
+                    logger.warning("/dev/nbd\(index): engine \(engine) does not answer: \(failure)")
+                    observer?(warnedAboutDeadline ? .failing(engine, failure: failure) : .waiting(engine, failure: failure))
+                }
                 lastFailure = failure
                 if let next = replacement?(engine, failure), next != engine {
                     // The kernel would keep sending to the old engine's links that look alive
@@ -129,6 +147,7 @@ public final class DeviceFrontend: @unchecked Sendable {
             if !warnedAboutDeadline && waited > Double(device.settings.deadConnectionTimeout) {
                 warnedAboutDeadline = true
                 logger.error("/dev/nbd\(index): no engine for \(Int(waited)) s, past the dead-connection timeout: the kernel fails the device's I/O until one answers at \(engine)")
+                observer?(.failing(engine, failure: lastFailure ?? "no answer"))
             }
             for _ in 0..<5 where isRunning { usleep(50_000) }
         }

@@ -66,6 +66,9 @@ struct FrontendCommand: ParsableCommand {
         @Option(help: "With --engine-node: the --replica-timeout of engines started by node agents (0: the engine's default).")
         var replicaTimeout: Double = 0
 
+        @Option(help: "A file to keep the device's state in, as JSON (engine, connected or waiting, the last failure): what keel volume show reads.")
+        var statusFile: String?
+
         @OptionGroup var control: ControlClientOptions
 
         func validate() throws {
@@ -115,7 +118,8 @@ struct FrontendCommand: ParsableCommand {
             do {
                 frontend = DeviceFrontend(device: try KernelDevice(settings: settings, logger: logger), engine: endpoint,
                                           connectTimeout: Int32(connectTimeout * 1000), logger: logger,
-                                          replacement: failover.map { failover in { @Sendable in failover.engine(replacing: $0, failure: $1) } })
+                                          replacement: failover.map { failover in { @Sendable in failover.engine(replacing: $0, failure: $1) } },
+                                          observer: statusFile.map { file in { @Sendable in Self.record($0, in: file, logger: logger) } })
                 path = try frontend.start()
             } catch {
                 throw CLIError("cannot attach volume \(volume) from engine \(endpoint): \(error)")
@@ -129,6 +133,23 @@ struct FrontendCommand: ParsableCommand {
             ServiceManager.notify("STOPPING=1")
             failover?.cancel()
             frontend.stop()
+            if let statusFile { unlink(statusFile) }
+        }
+
+        private static func record(_ status: DeviceFrontend.Status, in file: String, logger: Logger) {
+            let (state, engine, failure): (String, EngineEndpoint, String?) = switch status {
+            case .connected(let engine): ("connected", engine, nil)
+            case .waiting(let engine, let failure): ("waiting", engine, failure)
+            case .failing(let engine, let failure): ("failing", engine, failure)
+            }
+            let object: [String: Any] = ["state": state, "engine": "\(engine.address)", "failure": failure ?? NSNull(),
+                                         "since": Int64(Date().timeIntervalSince1970)]
+            do {
+                let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+                try writeFileAtomically(file, String(decoding: data, as: UTF8.self) + "\n")
+            } catch {
+                logger.warning("cannot write the device's state to \(file): \(error)")
+            }
         }
     }
 }

@@ -73,11 +73,44 @@ struct Node {
         return Daemon(kind: .engine, instance: volume.name, arguments: arguments)
     }
 
-    /// The process that holds the volume's /dev/nbdX, connected to its engine.
+    /// The process that holds the volume's /dev/nbdX, connected to its engine:
+    /// the local one, or one its engine nodes' agents start and fail over.
     func frontendDaemon(_ volume: VolumeRecord, device: String? = nil) -> Daemon {
-        var arguments = ["--engine", "unix:" + layout.engineSocket(volume.name), "--connections", "\(volume.connections)"]
+        var arguments = ["--connections", "\(volume.connections)", "--status-file", layout.frontendStatus(volume.name)]
+        if volume.enginePlacedElsewhere {
+            for address in engineNodeAddresses(volume) { arguments += ["--engine-node", address] }
+            arguments += ["--size", "\(volume.size)", "--engine-port", "\(volume.enginePort)"]
+            for replica in volume.replicas { arguments += ["--replica", replica.address] }
+            if !volume.id.isEmpty { arguments += ["--volume-id", volume.id] }
+        } else {
+            arguments += ["--engine", "unix:" + layout.engineSocket(volume.name)]
+        }
         if let device { arguments += ["--device", device] }
         return Daemon(kind: .frontend, instance: volume.name, arguments: arguments)
+    }
+
+    /// The agents' addresses of the volume's engine nodes, in order.
+    func engineNodeAddresses(_ volume: VolumeRecord) -> [String] {
+        volume.engineNodes.compactMap { name in (try? registry.node(named: name))??.address }
+    }
+
+    /// What the volume's frontend last said of its engine; nil while none runs.
+    func frontendStatus(_ volume: VolumeRecord) -> FrontendStatus? {
+        guard let text = readSmallFile(layout.frontendStatus(volume.name), limit: 64 * 1024),
+              let object = try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any],
+              let state = object["state"] as? String, let engine = object["engine"] as? String else { return nil }
+        return FrontendStatus(state: state, engine: engine, failure: object["failure"] as? String,
+                              since: (object["since"] as? NSNumber)?.int64Value ?? 0)
+    }
+
+    struct FrontendStatus {
+        /// connected, waiting (the kernel holds I/O) or failing (past the dead-connection timeout).
+        var state: String
+        var engine: String
+        var failure: String?
+        var since: Int64
+
+        var json: [String: Any] { ["state": state, "engine": engine, "failure": failure ?? NSNull(), "since": since] }
     }
 
     func engineControl(_ volume: String) -> String { "unix:" + layout.engineControl(volume) }
@@ -87,10 +120,13 @@ struct Node {
         let devices = KernelNBD.devices(withBackend: "keel:\(volume.name)")
         let link = "/dev/keel/\(volume.name)"
         let runner = self.runner(volume.runner)
+        let frontendRunning = runner.isRunning(frontendDaemon(volume))
+        let status = frontendRunning ? frontendStatus(volume) : nil
         return Attachment(device: devices.first.map { "/dev/nbd\($0)" },
                           link: access(link, F_OK) == 0 ? link : nil,
-                          engineRunning: runner.isRunning(engineDaemon(volume)),
-                          frontendRunning: runner.isRunning(frontendDaemon(volume)))
+                          engineRunning: volume.enginePlacedElsewhere ? status?.state == "connected"
+                                                                      : runner.isRunning(engineDaemon(volume)),
+                          frontendRunning: frontendRunning, frontend: status)
     }
 
     struct Attachment {
@@ -98,11 +134,17 @@ struct Node {
         var device: String?
         /// `/dev/keel/<volume>`, when udev made it.
         var link: String?
+        /// For an engine on other nodes: the frontend is connected to it.
         var engineRunning: Bool
         /// The device frontend that holds the device.
         var frontendRunning: Bool
+        var frontend: FrontendStatus?
 
         var summary: String {
+            if let frontend, frontend.state != "connected", let device {
+                return "attached \(device), engine \(frontend.engine) does not answer"
+                    + (frontend.state == "failing" ? " past the dead-connection timeout: I/O fails" : " (I/O waits)")
+            }
             switch (device, engineRunning) {
             case (let device?, true): return "attached \(device)" + (frontendRunning ? "" : ", no frontend (dead links are not replaced)")
             case (let device?, false): return "attached \(device), engine not running (I/O waits)"

@@ -10,8 +10,8 @@ import Syscalls
 struct NodeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "node",
-        abstract: "Nodes: the agent through which other nodes start and stop this node's engines.",
-        subcommands: [Serve.self, Health.self, StartEngine.self, StopEngine.self])
+        abstract: "Nodes: the agent through which other nodes start and stop this node's engines, and the nodes this one knows.",
+        subcommands: [Serve.self, Add.self, List.self, Remove.self, Health.self, StartEngine.self, StopEngine.self])
 
     struct Serve: ParsableCommand {
         static let configuration = CommandConfiguration(

@@ -42,6 +42,9 @@ struct Volume: ParsableCommand {
         @Option(help: "Connections of the kernel device once attached (fixed while attached).")
         var connections: Int = 2
 
+        @Option(name: .customLong("engine-node"), help: ArgumentHelp("A node the engine may run on, by the name 'keel node add' gave it (repeat, in order of preference; default: this host). The device frontend on this host has the first that answers start it, and fails it over to the next when its node is lost.", valueName: "name"))
+        var engineNodes: [String] = []
+
         @Flag(help: "Print the volume as JSON.")
         var json = false
 
@@ -56,6 +59,9 @@ struct Volume: ParsableCommand {
                 throw ValidationError("a volume has 1 to 16 replicas")
             }
             guard (1...16).contains(connections) else { throw ValidationError("--connections must be between 1 and 16") }
+            guard Set(engineNodes).count == engineNodes.count, engineNodes.count <= 16 else {
+                throw ValidationError("--engine-node names each node once, at most 16")
+            }
             let longest = node.layout.longestSocketPath(volume: name)
             guard longest <= 107 else {
                 throw ValidationError("the state directory's path is too long for unix sockets (\(longest) of 107 bytes); use a shorter --state-dir or name")
@@ -79,6 +85,7 @@ struct Volume: ParsableCommand {
             var record = VolumeRecord(name: name, id: UUID().uuidString.lowercased(), size: size.bytes, replicas: [],
                                       connections: connections,
                                       runner: runnerKind, createdAt: Int64(Date().timeIntervalSince1970))
+            try place(&record, node: node)
             if replicaAddresses.isEmpty {
                 record.replicas = (0..<replicas).map { index in
                     ReplicaRecord(address: "unix:" + node.layout.replicaSocket(volume: name, index: index),
@@ -100,12 +107,36 @@ struct Volume: ParsableCommand {
             }
             if json {
                 try printJSON(VolumeReport(record, node: node).json)
+            } else if record.enginePlacedElsewhere {
+                print("volume \(name): \(humanSize(record.size)), \(record.replicas.count) replica(s), engine on "
+                    + record.engineNodes.joined(separator: " or ") + "; attach it with 'keel volume attach \(name)'")
             } else {
                 let local = record.replicas.filter(\.isLocal).count
                 print("volume \(name): \(humanSize(record.size)), \(record.replicas.count) replica(s)"
                     + (local > 0 ? " on this node" : "") + ", run by \(runnerKind.rawValue); attach it with 'keel volume attach \(name)'")
             }
         }
+
+        /// The engine's nodes must be known; an engine elsewhere reaches its replicas over TCP.
+        private func place(_ record: inout VolumeRecord, node: Node) throws {
+            let elsewhere = engineNodes == [thisNodeName] ? [] : engineNodes
+            guard !elsewhere.isEmpty else { return }
+            for name in elsewhere where try node.registry.node(named: name) == nil {
+                if name == thisNodeName {
+                    throw CLIError("--engine-node \(name) is this host: to fail over between it and other nodes, serve its agent (keel node serve) and add it under another name with 'keel node add'")
+                }
+                throw CLIError("no node named \(name) for --engine-node; add it with 'keel node add \(name) HOST:PORT' (see 'keel node ls')")
+            }
+            guard !replicaAddresses.isEmpty, replicaAddresses.allSatisfy({ !$0.hasPrefix("unix:") }) else {
+                throw CLIError("an engine on another node reaches its replicas over TCP: give them with --replica HOST:PORT")
+            }
+            record.engineNodes = elsewhere
+            let taken = Set(try node.registry.volumes().map(\.enginePort))
+            record.enginePort = (Self.firstEnginePort...).first { !taken.contains($0) }!
+        }
+
+        /// Engines on other nodes listen from here up, one port per volume of this node.
+        static let firstEnginePort = 10810
 
         /// A replica elsewhere must already serve, with the volume's size.
         private func checkRemoteReplica(_ address: Syscalls.SocketAddress) throws {

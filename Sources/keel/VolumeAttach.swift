@@ -30,6 +30,8 @@ extension Volume {
         @Option(help: "Seconds to wait for the engine to serve and the device to be attached.")
         var timeout: Double = 120
 
+        @OptionGroup var control: ControlClientOptions
+
         func validate() throws { try validateDevice(device) }
 
         func run() throws {
@@ -44,11 +46,14 @@ extension Volume {
                 throw CLIError("volume \(target.name) is already attached as \(device)")
             }
             try node.startReplicas(volume)
-            if !attachment.engineRunning && !force { try checkNoLiveEngine(volume) }
+            // An engine elsewhere is the frontend's to start: on the first engine node that answers.
+            let localEngine = !volume.enginePlacedElsewhere
+            if localEngine && !attachment.engineRunning && !force { try checkNoLiveEngine(volume) }
             do { _ = try KernelNBD() } catch { throw CLIError("\(error)") }
+            control.apply(for: node.engineNodeAddresses(volume).first ?? "unix:")
 
             let deadline = Date().addingTimeInterval(timeout)
-            if !attachment.engineRunning {
+            if localEngine && !attachment.engineRunning {
                 try start(engine, runner: runner)
                 do { try waitForEngine(engine, runner: runner, node: node, before: deadline) } catch {
                     try? runner.stop(engine)
@@ -63,7 +68,7 @@ extension Volume {
             } catch {
                 // Nothing half-attached: what this command started goes, and is not restarted.
                 if !attachment.frontendRunning { try? runner.stop(frontend) }
-                if !attachment.engineRunning { try? runner.stop(engine) }
+                if localEngine && !attachment.engineRunning { try? runner.stop(engine) }
                 throw error
             }
             let link = waitForLink(device)
@@ -174,13 +179,16 @@ extension Volume {
         @Flag(help: "Only detach the device; the engine keeps running.")
         var keepEngine = false
 
+        @OptionGroup var control: ControlClientOptions
+
         func run() throws {
             let node = try Node(target.node)
             try node.lock(target.name)
             let volume = try node.volume(target.name)
             let runner = node.runner(volume.runner)
             let before = node.attachment(volume)
-            for daemon in [node.frontendDaemon(volume)] + (keepEngine ? [] : [node.engineDaemon(volume)]) {
+            let localEngine = !volume.enginePlacedElsewhere
+            for daemon in [node.frontendDaemon(volume)] + (keepEngine || !localEngine ? [] : [node.engineDaemon(volume)]) {
                 do { try runner.stop(daemon) } catch {
                     throw CLIError("cannot stop the \(daemon.description): \(error)")
                 }
@@ -191,8 +199,17 @@ extension Volume {
                     throw CLIError("cannot detach /dev/nbd\(index): \(error)")
                 }
             }
-            let was = before.device.map { "detached \($0)" + (keepEngine ? ", engine running" : "") }
+            var unstopped: [String] = []
+            if !localEngine && !keepEngine {
+                control.apply(for: node.engineNodeAddresses(volume).first ?? "unix:")
+                unstopped = RemoteEngines(volume: volume, node: node).stop()
+            }
+            var was = before.device.map { "detached \($0)" + (keepEngine ? ", engine running" : "") }
                 ?? (before.engineRunning && !keepEngine ? "engine stopped" : "was not attached")
+            if !unstopped.isEmpty {
+                was += "; could not ask every engine node to stop the engine (" + unstopped.joined(separator: "; ")
+                    + "): a new attach fences one still running"
+            }
             if target.json { return try printJSON(["volume": target.name, "device": before.device ?? NSNull(), "result": was] as [String: Any]) }
             print("volume \(target.name): \(was)")
         }

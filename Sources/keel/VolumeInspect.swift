@@ -25,8 +25,11 @@ struct VolumeReport {
             "engine_running": attachment.engineRunning, "frontend_running": attachment.frontendRunning,
             "replicas": zip(record.replicas, replicasRunning).map { replica, running in
                 ["address": replica.address, "local": replica.isLocal, "directory": replica.directory ?? NSNull(),
-                 "running": running ?? NSNull()] as [String: Any]
+                 "node": replica.node ?? NSNull(), "running": running ?? NSNull()] as [String: Any]
             },
+            "engine_nodes": record.engineNodes,
+            "engine_port": record.enginePlacedElsewhere ? record.enginePort : NSNull(),
+            "frontend": attachment.frontend?.json ?? NSNull(),
         ]
     }
 }
@@ -67,7 +70,7 @@ extension Volume {
         func run() throws {
             let node = try Node(target.node)
             let report = VolumeReport(try node.volume(target.name), node: node)
-            let engine = report.attachment.engineRunning
+            let engine = report.attachment.engineRunning && !report.record.enginePlacedElsewhere
                 ? try? callEngine(node.engineControl(target.name), doing: "report its status") { try await $0.status(.init()) }
                 : nil
             if target.json {
@@ -81,8 +84,16 @@ extension Volume {
             let record = report.record
             print("volume \(record.name): \(humanSize(record.size)) (\(record.size) bytes), \(report.attachment.summary)")
             if let link = report.attachment.link { print("  stable path: \(link)") }
-            print("  run by \(record.runner.rawValue), \(record.connections) kernel connection(s), "
-                + "engine control \(node.engineControl(target.name))")
+            if record.enginePlacedElsewhere {
+                print("  run by \(record.runner.rawValue), \(record.connections) kernel connection(s), engine on "
+                    + record.engineNodes.joined(separator: " or ") + " at port \(record.enginePort)")
+                if let frontend = report.attachment.frontend {
+                    print("  frontend: \(frontend.state) to \(frontend.engine)" + (frontend.failure.map { ", \($0)" } ?? ""))
+                }
+            } else {
+                print("  run by \(record.runner.rawValue), \(record.connections) kernel connection(s), "
+                    + "engine control \(node.engineControl(target.name))")
+            }
             for (replica, running) in zip(record.replicas, report.replicasRunning) {
                 let mode = engine?.replicas.first(where: { $0.address == replica.address })?.mode
                 let where_ = replica.directory.map { "local, \($0)" } ?? "remote"

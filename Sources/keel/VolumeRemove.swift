@@ -11,6 +11,8 @@ extension Volume {
 
         @OptionGroup var target: VolumeTarget
 
+        @OptionGroup var control: ControlClientOptions
+
         func run() throws {
             let node = try Node(target.node)
             try node.lock(target.name)
@@ -21,6 +23,12 @@ extension Volume {
             }
             if attachment.engineRunning {
                 throw CLIError("volume \(target.name)'s engine is running; stop it with 'keel volume detach \(target.name)' first")
+            }
+            if volume.enginePlacedElsewhere {
+                control.apply(for: node.engineNodeAddresses(volume).first ?? "unix:")
+                if let running = RemoteEngines(volume: volume, node: node).states().first(where: { $0.running == true }) {
+                    throw CLIError("volume \(target.name)'s engine is running on node \(running.node); stop it with 'keel volume detach \(target.name)' first")
+                }
             }
             do { try removeLocalReplicas(volume, node: node) } catch {
                 throw CLIError("cannot remove the replicas of \(target.name): \(error); the volume stays registered, try again")
