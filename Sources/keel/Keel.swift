@@ -38,7 +38,8 @@ struct Keel: ParsableCommand {
 let keelVersion = "0.13.0"
 
 /// A failure the user can act on, already phrased for them.
-struct CLIError: Error {
+struct CLIError: Error, CustomStringConvertible {
     let message: String
     init(_ message: String) { self.message = message }
+    var description: String { message }
 }

@@ -66,6 +66,10 @@ import Testing
         try Self.expectScenario("frontend-remote-engine", toSay: "remote engine: fio verified through a restart and a cut link")
     }
 
+    @Test func aVolumeWithItsEngineOnAnotherNodeAttachesAndDetachesThroughItsAgent() throws {
+        try Self.expectScenario("volume-engine-node", toSay: "volume with its engine on node b: attached, engine replaced, detached")
+    }
+
     @Test func engineFailsOverToTheNextNodeAndTheOldOneIsFenced() throws {
         // Three engines start in turn under TCG (debug builds): minutes, not seconds.
         try Self.expectScenario("engine-failover", timeout: 1200, toSay: "engine failover: fio verified through a node loss and a fenced split brain")

@@ -108,6 +108,8 @@ start_frontend() {
 # veth pair; the guest's end is ADDRESS with the last byte 1. The node's
 # address is ADDRESS/24.
 make_node() {
+    # The guest's own loopback too: its processes reach its addresses on the veth through lo.
+    ip link set lo up
     ip netns add "$1"
     ip link add "h-$1" type veth peer name eth0 netns "$1"
     ip addr add "${2%.*}.1/24" dev "h-$1"
