@@ -29,16 +29,11 @@ import Testing
     }
 
     func json(_ arguments: [String]) throws -> Any {
-        let result = try keel(arguments + ["--json"])
-        #expect(result.status == 0, "\(arguments): \(result.stderr)")
-        return try JSONSerialization.jsonObject(with: Data(result.stdout.utf8))
+        try JSONSerialization.jsonObject(with: Data(try keel(arguments + ["--json"]).stdout.utf8))
     }
 
     func expectRefusal(_ arguments: [String], mentioning words: [String]) throws {
-        let result = try keel(arguments)
-        #expect(result.status != 0, "\(arguments) succeeded")
-        #expect(result.stderr.split(separator: "\n").count == 1, "\(arguments): \(result.stderr)")
-        for word in words { #expect(result.stderr.contains(word), "\(arguments): \(result.stderr)") }
+        try expectOneLineRefusal([Paths.keel] + arguments + ["--state-dir", state], mentioning: words)
     }
 
     func knownNodes() throws -> [[String: Any]] { try json(["node", "ls"]) as? [[String: Any]] ?? [] }
