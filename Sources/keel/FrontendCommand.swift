@@ -137,17 +137,7 @@ struct FrontendCommand: ParsableCommand {
         }
 
         private static func record(_ status: DeviceFrontend.Status, in file: String, logger: Logger) {
-            let (state, engine, failure): (String, EngineEndpoint, String?) = switch status {
-            case .connected(let engine): ("connected", engine, nil)
-            case .waiting(let engine, let failure): ("waiting", engine, failure)
-            case .failing(let engine, let failure): ("failing", engine, failure)
-            }
-            let object: [String: Any] = ["state": state, "engine": "\(engine.address)", "failure": failure ?? NSNull(),
-                                         "since": Int64(Date().timeIntervalSince1970)]
-            do {
-                let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
-                try writeFileAtomically(file, String(decoding: data, as: UTF8.self) + "\n")
-            } catch {
+            do { try FrontendStatusFile(status).write(file) } catch {
                 logger.warning("cannot write the device's state to \(file): \(error)")
             }
         }

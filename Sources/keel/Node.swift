@@ -78,7 +78,7 @@ struct Node {
     func frontendDaemon(_ volume: VolumeRecord, device: String? = nil) -> Daemon {
         var arguments = ["--connections", "\(volume.connections)", "--status-file", layout.frontendStatus(volume.name)]
         if volume.enginePlacedElsewhere {
-            for address in engineNodeAddresses(volume) { arguments += ["--engine-node", address] }
+            for engineNode in engineNodes(volume) { arguments += ["--engine-node", engineNode.address] }
             arguments += ["--size", "\(volume.size)", "--engine-port", "\(volume.enginePort)"]
             for replica in volume.replicas { arguments += ["--replica", replica.address] }
             if !volume.id.isEmpty { arguments += ["--volume-id", volume.id] }
@@ -89,28 +89,9 @@ struct Node {
         return Daemon(kind: .frontend, instance: volume.name, arguments: arguments)
     }
 
-    /// The agents' addresses of the volume's engine nodes, in order.
-    func engineNodeAddresses(_ volume: VolumeRecord) -> [String] {
-        volume.engineNodes.compactMap { name in (try? registry.node(named: name))??.address }
-    }
-
-    /// What the volume's frontend last said of its engine; nil while none runs.
-    func frontendStatus(_ volume: VolumeRecord) -> FrontendStatus? {
-        guard let text = readSmallFile(layout.frontendStatus(volume.name), limit: 64 * 1024),
-              let object = try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any],
-              let state = object["state"] as? String, let engine = object["engine"] as? String else { return nil }
-        return FrontendStatus(state: state, engine: engine, failure: object["failure"] as? String,
-                              since: (object["since"] as? NSNumber)?.int64Value ?? 0)
-    }
-
-    struct FrontendStatus {
-        /// connected, waiting (the kernel holds I/O) or failing (past the dead-connection timeout).
-        var state: String
-        var engine: String
-        var failure: String?
-        var since: Int64
-
-        var json: [String: Any] { ["state": state, "engine": engine, "failure": failure ?? NSNull(), "since": since] }
+    /// The volume's engine nodes, in order, as the registry knows them (it keeps a node while a volume names it).
+    func engineNodes(_ volume: VolumeRecord) -> [NodeRecord] {
+        volume.engineNodes.compactMap { name in (try? registry.node(named: name)) ?? nil }
     }
 
     func engineControl(_ volume: String) -> String { "unix:" + layout.engineControl(volume) }
@@ -121,10 +102,10 @@ struct Node {
         let link = "/dev/keel/\(volume.name)"
         let runner = self.runner(volume.runner)
         let frontendRunning = runner.isRunning(frontendDaemon(volume))
-        let status = frontendRunning ? frontendStatus(volume) : nil
+        let status = frontendRunning ? FrontendStatusFile.read(layout.frontendStatus(volume.name)) : nil
         return Attachment(device: devices.first.map { "/dev/nbd\($0)" },
                           link: access(link, F_OK) == 0 ? link : nil,
-                          engineRunning: volume.enginePlacedElsewhere ? status?.state == "connected"
+                          engineRunning: volume.enginePlacedElsewhere ? status?.state == .connected
                                                                       : runner.isRunning(engineDaemon(volume)),
                           frontendRunning: frontendRunning, frontend: status)
     }
@@ -138,12 +119,12 @@ struct Node {
         var engineRunning: Bool
         /// The device frontend that holds the device.
         var frontendRunning: Bool
-        var frontend: FrontendStatus?
+        var frontend: FrontendStatusFile?
 
         var summary: String {
-            if let frontend, frontend.state != "connected", let device {
+            if let frontend, frontend.state != .connected, let device {
                 return "attached \(device), engine \(frontend.engine) does not answer"
-                    + (frontend.state == "failing" ? " past the dead-connection timeout: I/O fails" : " (I/O waits)")
+                    + (frontend.state == .failing ? " past the dead-connection timeout: I/O fails" : " (I/O waits)")
             }
             switch (device, engineRunning) {
             case (let device?, true): return "attached \(device)" + (frontendRunning ? "" : ", no frontend (dead links are not replaced)")

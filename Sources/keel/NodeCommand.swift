@@ -52,7 +52,7 @@ struct NodeCommand: ParsableCommand {
                 ? SystemdRunner(stateDirectory: layout.stateDirectory)
                 : ProcessRunner(runDirectory: layout.runDirectory, logDirectory: layout.logDirectory)
             let settings = NodeAgentService.Settings(
-                name: name ?? ProcessInfo.processInfo.hostName, host: host, layout: layout, version: keelVersion,
+                name: name ?? thisNodeName, host: host, layout: layout, version: keelVersion,
                 engineListenerArguments: loopback ? [] : ["--tls", "off"])
             TerminationSignals.block()
             let server = try ControlServer(address: address, tls: serving.controlTLS,

@@ -84,7 +84,7 @@ extension NodeCommand {
                     row["daemons"] = health.daemons.map { ["kind": $0.kind, "instance": $0.instance, "running": $0.running] }
                 } catch {
                     row["reachable"] = false
-                    row["error"] = (error as? CLIError)?.message ?? "\(error)"
+                    row["error"] = "\(error)"
                 }
                 rows.append(row)
             }

@@ -7,26 +7,33 @@ struct RemoteEngines {
     let volume: VolumeRecord
     let node: Node
 
+    /// Calls to the agents take the node's credentials (or those `control` names) over TCP.
+    init(volume: VolumeRecord, node: Node, control: ControlClientOptions) {
+        self.volume = volume
+        self.node = node
+        if let first = node.engineNodes(volume).first { control.apply(for: first.address) }
+    }
+
     /// Each engine node and whether the volume's engine runs there (nil: its agent does not answer).
     func states() -> [(node: String, running: Bool?)] {
-        zip(volume.engineNodes, node.engineNodeAddresses(volume)).map { name, address in
-            let health = try? callNode(address, doing: "report its health") {
+        node.engineNodes(volume).map { engineNode in
+            let health = try? callNode(engineNode.address, doing: "report its health") {
                 try await $0.health(.init(), options: .timeout(seconds: 3))
             }
-            return (name, health.map { $0.daemons.contains { $0.kind == "engine" && $0.instance == volume.name && $0.running } })
+            return (engineNode.name, health.map { $0.daemons.contains { $0.kind == "engine" && $0.instance == volume.name && $0.running } })
         }
     }
 
     /// Stops the volume's engine wherever it runs; the nodes that could not be asked, with why.
     func stop() -> [String] {
-        zip(volume.engineNodes, node.engineNodeAddresses(volume)).compactMap { name, address in
+        node.engineNodes(volume).compactMap { engineNode in
             do {
-                _ = try callNode(address, doing: "stop the engine of \(volume.name)") {
+                _ = try callNode(engineNode.address, doing: "stop the engine of \(volume.name)") {
                     try await $0.stopEngine(.with { $0.volume = volume.name }, options: .timeout(seconds: 150))
                 }
                 return nil
             } catch {
-                return "\(name): \((error as? CLIError)?.message ?? "\(error)")"
+                return "\(engineNode.name): \(error)"
             }
         }
     }

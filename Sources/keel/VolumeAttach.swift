@@ -30,8 +30,6 @@ extension Volume {
         @Option(help: "Seconds to wait for the engine to serve and the device to be attached.")
         var timeout: Double = 120
 
-        @OptionGroup var control: ControlClientOptions
-
         func validate() throws { try validateDevice(device) }
 
         func run() throws {
@@ -50,7 +48,6 @@ extension Volume {
             let localEngine = !volume.enginePlacedElsewhere
             if localEngine && !attachment.engineRunning && !force { try checkNoLiveEngine(volume) }
             do { _ = try KernelNBD() } catch { throw CLIError("\(error)") }
-            control.apply(for: node.engineNodeAddresses(volume).first ?? "unix:")
 
             let deadline = Date().addingTimeInterval(timeout)
             if localEngine && !attachment.engineRunning {
@@ -201,8 +198,7 @@ extension Volume {
             }
             var unstopped: [String] = []
             if !localEngine && !keepEngine {
-                control.apply(for: node.engineNodeAddresses(volume).first ?? "unix:")
-                unstopped = RemoteEngines(volume: volume, node: node).stop()
+                unstopped = RemoteEngines(volume: volume, node: node, control: control).stop()
             }
             var was = before.device.map { "detached \($0)" + (keepEngine ? ", engine running" : "") }
                 ?? (before.engineRunning && !keepEngine ? "engine stopped" : "was not attached")

@@ -88,7 +88,7 @@ extension Volume {
                 print("  run by \(record.runner.rawValue), \(record.connections) kernel connection(s), engine on "
                     + record.engineNodes.joined(separator: " or ") + " at port \(record.enginePort)")
                 if let frontend = report.attachment.frontend {
-                    print("  frontend: \(frontend.state) to \(frontend.engine)" + (frontend.failure.map { ", \($0)" } ?? ""))
+                    print("  frontend: \(frontend.state.rawValue) to \(frontend.engine)" + (frontend.failure.map { ", \($0)" } ?? ""))
                 }
             } else {
                 print("  run by \(record.runner.rawValue), \(record.connections) kernel connection(s), "

@@ -25,8 +25,7 @@ extension Volume {
                 throw CLIError("volume \(target.name)'s engine is running; stop it with 'keel volume detach \(target.name)' first")
             }
             if volume.enginePlacedElsewhere {
-                control.apply(for: node.engineNodeAddresses(volume).first ?? "unix:")
-                if let running = RemoteEngines(volume: volume, node: node).states().first(where: { $0.running == true }) {
+                if let running = RemoteEngines(volume: volume, node: node, control: control).states().first(where: { $0.running == true }) {
                     throw CLIError("volume \(target.name)'s engine is running on node \(running.node); stop it with 'keel volume detach \(target.name)' first")
                 }
             }
