@@ -13,12 +13,14 @@ make_node b 10.77.2.2
 for i in 0 1; do
     port=$((7001 + 2 * i))
     "$KEEL" replica serve --dir "$work/data/r$i" --listen 10.77.2.1:$port --size 64M --tls off 2>>"$work/r$i.log" &
-    for _ in $(seq 300); do grep -q "serving" "$work/r$i.log" && break; sleep 0.1; done
+    for _ in $(seq 600); do grep -q "serving replica" "$work/r$i.log" && break; sleep 0.1; done
+    grep -q "serving replica" "$work/r$i.log" || { echo "replica $i did not start"; exit 1; }
 done
 mkdir -p "$work/node-b"
 ip netns exec b "$KEEL" node serve --listen 10.77.2.2:7800 --tls off --name b --state-dir "$work/node-b" \
     2>>"$work/node-b.log" &
-for _ in $(seq 300); do grep -q "serving the agent" "$work/node-b.log" && break; sleep 0.1; done
+for _ in $(seq 600); do grep -q "serving the agent" "$work/node-b.log" && break; sleep 0.1; done
+grep -q "serving the agent" "$work/node-b.log" || { echo "the agent of node b did not start"; exit 1; }
 
 step "keel node add, ls; volume create --engine-node b"
 "$KEEL" node add b 10.77.2.2:7800
