@@ -110,6 +110,13 @@ let package = Package(
             "ControlAPI", "Daemons", "NodeRegistry", "Syscalls",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
         ]),
+        // A node's volumes: their daemons, devices, replicas and engines placed on other
+        // nodes, failover; what `keel volume` does, callable without the CLI.
+        .target(name: "Volumes", dependencies: [
+            "ControlAPI", "Daemons", "DeviceFrontend", "KernelNBD", "NodeRegistry", "Syscalls",
+            .product(name: "GRPCCore", package: "grpc-swift-2"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         // Client side: a Swift wrapper over libnbd.
         .target(name: "LibNBD", dependencies: ["CLibNBD", "Syscalls"]),
         // libnbd handles driven from an I/O thread's ring: the engine's links to replicas, a snapshot export's.
@@ -122,7 +129,7 @@ let package = Package(
 
         .executableTarget(name: "keel", dependencies: [
             "NBDServer", "FileExport", "ReplicaServer", "ReplicaStore", "Engine", "LibNBD", "Syscalls", "ControlAPI",
-            "NodeRegistry", "Daemons", "KernelNBD", "ReplicaIdentity", "SnapshotExport", "ClusterCA", "DeviceFrontend", "NodeAgent",
+            "NodeRegistry", "Daemons", "KernelNBD", "ReplicaIdentity", "SnapshotExport", "ClusterCA", "DeviceFrontend", "NodeAgent", "Volumes",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -153,7 +160,7 @@ let package = Package(
         .testTarget(name: "NodeTests", dependencies: ["NodeRegistry", "Daemons", "SQLite"]),
         .testTarget(name: "SimulatorTests", dependencies: ["Simulator"]),
         // Also runs Tests/KernelScenarios/*.sh in a QEMU guest with Debian's kernel (KernelTests).
-        .testTarget(name: "IntegrationTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls", "SeededRandom"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls", "SeededRandom", "Volumes", "NodeRegistry", "DeviceFrontend"]),
     ],
     swiftLanguageModes: [.v5]
 )

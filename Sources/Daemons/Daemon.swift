@@ -55,6 +55,12 @@ public protocol DaemonRunner {
     func start(_ daemon: Daemon) throws
     /// Stops the daemon and waits until it is gone; it stays stopped (disabled) afterwards.
     func stop(_ daemon: Daemon) throws
+    /// Kills the daemon at once (SIGKILL: it may be hung) and waits until it is gone; it stays enabled.
+    func killNow(_ daemon: Daemon) throws
+    /// Starts again a daemon `start` configured, as it was configured: under
+    /// systemd the unit's environment file is not rewritten (a frontend's unit
+    /// may not write /etc).
+    func startAgain(_ daemon: Daemon) throws
     func isRunning(_ daemon: Daemon) -> Bool
     /// The daemon's last one-line failure ("keel: …"), if it logged one.
     func lastFailure(_ daemon: Daemon) -> String?

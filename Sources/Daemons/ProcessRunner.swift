@@ -57,6 +57,17 @@ public struct ProcessRunner: DaemonRunner, Sendable {
         throw DaemonError("the \(daemon.description) (pid \(pid)) did not stop within \(Int(daemon.stopTimeout)) s and was killed")
     }
 
+    public func killNow(_ daemon: Daemon) throws {
+        guard let pid = runningPid(daemon) else { return }
+        kill(pid, SIGKILL)
+        guard waitUntilGone(daemon, seconds: 10) else {
+            throw DaemonError("the \(daemon.description) (pid \(pid)) did not stop on SIGKILL")
+        }
+    }
+
+    /// The pid file's daemon is the one to run: its arguments are in `daemon`.
+    public func startAgain(_ daemon: Daemon) throws { try start(daemon) }
+
     public func isRunning(_ daemon: Daemon) -> Bool { runningPid(daemon) != nil }
 
     public func lastFailure(_ daemon: Daemon) -> String? {

@@ -62,6 +62,20 @@ public struct SystemdRunner: DaemonRunner, Sendable {
         try systemctl("disable", "--now", daemon.unit)
     }
 
+    public func killNow(_ daemon: Daemon) throws {
+        guard isRunning(daemon) else { return }
+        try systemctl("kill", "--signal=SIGKILL", daemon.unit)
+        for _ in 0..<200 {
+            if !isRunning(daemon) { return }
+            usleep(50_000)
+        }
+        throw DaemonError("\(daemon.unit) did not stop within 10 s of SIGKILL")
+    }
+
+    public func startAgain(_ daemon: Daemon) throws {
+        try systemctl("start", daemon.unit)
+    }
+
     /// Starting (a frontend reports ready only once its device is attached) and
     /// stopping count as running; waiting to be restarted after a failure does not.
     public func isRunning(_ daemon: Daemon) -> Bool {

@@ -28,6 +28,12 @@ public final class EngineReference: Sendable {
         state.withLock { $0 = .failed(reason) }
     }
 
+    /// It has started (false while it claims its replicas, or when that failed).
+    var isServing: Bool {
+        if case .started = state.withLock({ $0 }) { return true }
+        return false
+    }
+
     /// The engine, once it has started: a call made while it claims and
     /// resyncs its replicas waits for that.
     func device() async throws -> EngineDevice {
@@ -48,6 +54,11 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
 
     public init(engine: EngineReference) {
         self.engine = engine
+    }
+
+    public func alive(request: Keel_Control_V1_EngineAliveRequest,
+                      context: ServerContext) async throws -> Keel_Control_V1_EngineAlive {
+        .with { $0.serving = engine.isServing }
     }
 
     public func status(request: Keel_Control_V1_EngineStatusRequest,

@@ -72,7 +72,15 @@ public struct NodeAgentService: Keel_Control_V1_NodeControl.SimpleServiceProtoco
         }
         let engine = engineDaemon(request)
         let address = "\(settings.host.contains(":") ? "[\(settings.host)]" : settings.host):\(request.port)"
-        let alreadyRunning = try await offThePool { runner.isRunning(engine) }
+        var alreadyRunning = try await offThePool { runner.isRunning(engine) }
+        if alreadyRunning, let why = try await restartReason(engine, asked: request.restartRunning) {
+            try await offThePool {
+                do { try runner.killNow(engine) } catch {
+                    throw RPCError(code: .internalError, message: "cannot restart the \(engine.description) on \(settings.name) (\(why)): \(error)")
+                }
+            }
+            alreadyRunning = false
+        }
         if !alreadyRunning {
             try await offThePool {
                 do { try runner.start(engine) } catch {
@@ -104,6 +112,107 @@ public struct NodeAgentService: Keel_Control_V1_NodeControl.SimpleServiceProtoco
         return try await health(request: .init(), context: context)
     }
 
+    public func startReplica(request: Keel_Control_V1_StartReplicaRequest,
+                             context: ServerContext) async throws -> Keel_Control_V1_StartedReplica {
+        try Self.validateReplica(volume: request.volume, volumeID: request.volumeID)
+        guard request.size > 0, request.size % 4096 == 0, request.port <= UInt32(UInt16.max) - 1 else {
+            throw RPCError(code: .invalidArgument, message: "a replica needs a size (a multiple of 4 KiB) and a port below 65535")
+        }
+        let name = settings.layout.placedReplicaName(volume: request.volume, volumeID: request.volumeID, index: Int(request.index))
+        if try await offThePool({ runner.isRunning(Daemon(kind: .replica, instance: name, arguments: [])) }) {
+            guard request.port > 0 else {
+                throw RPCError(code: .alreadyExists, message: "replica \(request.index) of \(request.volume) already runs on \(settings.name)")
+            }
+            return .with { $0.address = address(port: request.port); $0.alreadyRunning = true }
+        }
+        let port = try request.port > 0 ? UInt16(request.port) : freePortPair()
+        let directory = settings.layout.placedReplicaDirectory(volumeID: request.volumeID, index: Int(request.index))
+        let host = settings.host.contains(":") ? "[\(settings.host)]" : settings.host
+        let replica = Daemon(kind: .replica, instance: name,
+                             arguments: ["--dir", directory, "--listen", "\(host):\(port)", "--size", "\(request.size)"]
+                                 + settings.engineListenerArguments)
+        try await offThePool {
+            do {
+                try makeDirectories(settings.layout.placedVolumeDirectory(volumeID: request.volumeID))
+                try runner.start(replica)
+            } catch {
+                let reason = runner.lastFailure(replica) ?? "\(error)"
+                try? runner.stop(replica)
+                throw RPCError(code: .failedPrecondition, message: "cannot start \(replica.description) on \(settings.name): \(reason)")
+            }
+        }
+        try await waitUntilAccepting(replica, port: port)
+        return .with { $0.address = address(port: UInt32(port)); $0.alreadyRunning = false }
+    }
+
+    public func stopReplica(request: Keel_Control_V1_StopReplicaRequest,
+                            context: ServerContext) async throws -> Keel_Control_V1_NodeHealth {
+        try Self.validateReplica(volume: request.volume, volumeID: request.volumeID)
+        let index = Int(request.index)
+        let replica = Daemon(kind: .replica, instance: settings.layout.placedReplicaName(
+            volume: request.volume, volumeID: request.volumeID, index: index), arguments: [])
+        try await offThePool {
+            do { try runner.stop(replica) } catch {
+                throw RPCError(code: .internalError, message: "cannot stop \(replica.description) on \(settings.name): \(error)")
+            }
+            guard request.removeData else { return }
+            runner.forget(replica)
+            let volumeDirectory = settings.layout.placedVolumeDirectory(volumeID: request.volumeID)
+            do {
+                let directory = settings.layout.placedReplicaDirectory(volumeID: request.volumeID, index: index)
+                if FileManager.default.fileExists(atPath: directory) { try FileManager.default.removeItem(atPath: directory) }
+                rmdir(volumeDirectory)  // the volume's last replica here: its directory goes too
+            } catch {
+                throw RPCError(code: .internalError, message: "cannot remove the data of \(replica.description) on \(settings.name): \(error)")
+            }
+        }
+        return try await health(request: .init(), context: context)
+    }
+
+    private static func validateReplica(volume: String, volumeID: String) throws {
+        if let problem = VolumeRecord.validate(name: volume) {
+            throw RPCError(code: .invalidArgument, message: "volume: \(problem)")
+        }
+        guard !volumeID.isEmpty, volumeID.allSatisfy({ $0.isHexDigit || $0 == "-" }) else {
+            throw RPCError(code: .invalidArgument, message: "a replica placed on a node needs its volume's identity (hex digits and dashes)")
+        }
+    }
+
+    private func address(port: UInt32) -> String {
+        "\(settings.host.contains(":") ? "[\(settings.host)]" : settings.host):\(port)"
+    }
+
+    /// Replicas placed here listen from 11000 up, each on a port and the next (its control API).
+    private func freePortPair() throws -> UInt16 {
+        for port in stride(from: UInt16(11000), to: 12000, by: 2) {
+            if isFree(port) && isFree(port + 1) { return port }
+        }
+        throw RPCError(code: .resourceExhausted, message: "no free port pair between 11000 and 12000 on \(settings.name)")
+    }
+
+    private func isFree(_ port: UInt16) -> Bool {
+        guard let fd = try? Socket.listen(on: .tcp(host: settings.host, port: port)) else { return false }
+        fd.close()
+        return true
+    }
+
+    /// Until the replica accepts connections on its port, it stops, or 30 s.
+    private func waitUntilAccepting(_ replica: Daemon, port: UInt16) async throws {
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline {
+            if let fd = try? Socket.connect(to: .tcp(host: settings.host, port: port), timeout: 1000) {
+                fd.close()
+                return
+            }
+            if try await offThePool({ !runner.isRunning(replica) }) {
+                let reason = try await offThePool { runner.lastFailure(replica) } ?? "it stopped without saying why"
+                throw RPCError(code: .failedPrecondition, message: "\(replica.description) on \(settings.name) did not start: \(reason)")
+            }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        throw RPCError(code: .deadlineExceeded, message: "\(replica.description) on \(settings.name) did not accept connections within 30 s")
+    }
+
     func engineDaemon(_ request: Keel_Control_V1_StartEngineRequest) -> Daemon {
         var arguments = ["--size", "\(request.size)"]
         for replica in request.replicas { arguments += ["--replica", replica] }
@@ -113,6 +222,15 @@ public struct NodeAgentService: Keel_Control_V1_NodeControl.SimpleServiceProtoco
         if !request.volumeID.isEmpty { arguments += ["--volume-id", request.volumeID] }
         if request.replicaTimeout > 0 { arguments += ["--replica-timeout", "\(request.replicaTimeout)"] }
         return Daemon(kind: .engine, instance: request.volume, arguments: arguments)
+    }
+
+    /// Why a running engine must be killed and started again, or nil to keep it:
+    /// its client says it does not answer, or its own control API does not (hung, or stopped by a signal).
+    private func restartReason(_ engine: Daemon, asked: Bool) async throws -> String? {
+        if asked { return "its device frontend gets no answer from it" }
+        let control = Syscalls.SocketAddress.unix(path: settings.layout.engineControl(engine.instance))
+        let seconds = 5.0
+        return await engineAnswers(control: control, within: seconds) ? nil : "its control API did not answer within \(Int(seconds)) s"
     }
 
     /// Until the engine's control API answers (it has claimed its replicas), it stops, or the start timeout.

@@ -30,6 +30,19 @@ public struct NodeLayout: Sendable {
 
     public func volumeDataDirectory(_ volume: String) -> String { "\(stateDirectory)/replicas/\(volume)" }
 
+    /// A replica another host placed here through this node's agent: by the
+    /// volume's identity, as volumes of different hosts may share a name.
+    public func placedReplicaDirectory(volumeID: String, index: Int) -> String {
+        "\(placedVolumeDirectory(volumeID: volumeID))/r\(index)"
+    }
+
+    public func placedVolumeDirectory(volumeID: String) -> String { "\(stateDirectory)/placed/\(volumeID)" }
+
+    /// Its daemon name (`keel-replica@NAME`): the volume's name for people, its identity's first part to be unique.
+    public func placedReplicaName(volume: String, volumeID: String, index: Int) -> String {
+        "\(volume)-\(volumeID.prefix(8))-r\(index)"
+    }
+
     /// The daemon name of a local replica: also its systemd instance (`keel-replica@NAME`).
     public func replicaName(volume: String, index: Int) -> String { "\(volume)-r\(index)" }
 

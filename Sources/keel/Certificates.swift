@@ -3,6 +3,7 @@ import ClusterCA
 import Foundation
 import NodeRegistry
 import X509
+import Volumes
 
 /// `keel ca init`: the cluster's certificate authority in the state directory.
 struct CA: ParsableCommand {
@@ -34,7 +35,7 @@ struct CA: ParsableCommand {
         func run() throws {
             let directory = node.layout.caDirectory
             let ca: ClusterCA
-            do { ca = try ClusterCA.create(in: directory, name: name, years: years) } catch { throw CLIError("\(error)") }
+            do { ca = try ClusterCA.create(in: directory, name: name, years: years) } catch { throw KeelError("\(error)") }
             try report(["directory": directory, "certificate": directory + "/" + ClusterCA.certificateFile,
                         "subject": ca.certificate.subject.description,
                         "not_after": iso8601(ca.certificate.notValidAfter)], json: json)
@@ -90,7 +91,7 @@ struct Cert: ParsableCommand {
                 let ca = try ClusterCA.load(from: node.layout.caDirectory)
                 credentials = try ca.issue(commonName: name, dnsNames: [name] + dns, ipAddresses: ip, days: days)
                 try credentials.write(to: directory)
-            } catch { throw CLIError("\(error)") }
+            } catch { throw KeelError("\(error)") }
             try report(["directory": directory, "subject": credentials.certificate.subject.description,
                         "dns": [name] + dns, "ip": ip, "not_after": iso8601(credentials.certificate.notValidAfter)],
                        json: json)

@@ -6,6 +6,7 @@ import Synchronization
 import Syscalls
 #if canImport(Glibc)
 import Glibc
+import Volumes
 #endif
 
 /// A gRPC server for a daemon's control API, run beside its I/O threads.
@@ -14,10 +15,10 @@ final class ControlServer: @unchecked Sendable {
     private let finished = DispatchSemaphore(value: 0)
     private let address: Syscalls.SocketAddress
 
-    /// Starts serving; returns once the address is bound, or throws a CLIError.
+    /// Starts serving; returns once the address is bound, or throws a KeelError.
     init(address: Syscalls.SocketAddress, tls: ControlTLS = .plaintext, services: [any RegistrableRPCService]) throws {
         if case .unix(let path) = address {
-            do { try Socket.removeStaleUnixSocket(at: path) } catch { throw CLIError("--control: \(error)") }
+            do { try Socket.removeStaleUnixSocket(at: path) } catch { throw KeelError("--control: \(error)") }
         }
         self.address = address
         server = GRPCServer(transport: .http2NIOPosix(address: address.grpcBindTarget, transportSecurity: tls.serverSecurity),
@@ -33,7 +34,7 @@ final class ControlServer: @unchecked Sendable {
             } catch { bound.put(.failure(error)) }
         }
         if case .failure(let error) = bound.take() {
-            throw CLIError("cannot serve the control API on \(address): \(error)")
+            throw KeelError("cannot serve the control API on \(address): \(error)")
         }
         // Only its owner may call it: the control API can remove snapshots and replicas.
         if case .unix(let path) = address { chmod(path, 0o600) }
@@ -50,13 +51,3 @@ final class ControlServer: @unchecked Sendable {
     }
 }
 
-/// Runs async client code from a synchronous command. `started` gets the
-/// task that runs it, for a caller that may have to cancel it.
-func blocking<T: Sendable>(started: (Task<Void, Never>) -> Void = { _ in },
-                           _ body: @escaping @Sendable () async throws -> T) throws -> T {
-    let result = Handoff<Result<T, Error>>()
-    started(Task {
-        do { result.put(.success(try await body())) } catch { result.put(.failure(error)) }
-    })
-    return try result.take().get()
-}

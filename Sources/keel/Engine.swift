@@ -9,6 +9,7 @@ import NBDServer
 import Syscalls
 #if canImport(Glibc)
 import Glibc
+import Volumes
 #endif
 
 struct EngineCommand: ParsableCommand {
@@ -110,7 +111,7 @@ struct EngineCommand: ParsableCommand {
             do { outcome = try startup.run(addresses: addresses, epoch: epoch) } catch {
                 engine.failed("\(error)")
                 listener.close()
-                throw CLIError("\(error)")
+                throw KeelError("\(error)")
             }
             let device = EngineDevice(volume: volume, volumeID: volumeID, size: size.bytes, epoch: outcome.epoch, engineID: engineID,
                                       replicas: outcome.replicas, gate: WriteGate(size: size.bytes),

@@ -5,6 +5,7 @@ import NBDServer
 import Syscalls
 #if canImport(Glibc)
 import Glibc
+import Volumes
 #endif
 
 struct Export: ParsableCommand {
@@ -39,7 +40,7 @@ struct Export: ParsableCommand {
         TerminationSignals.block()
         let device: FileDevice
         do { device = try FileDevice(path: file, readOnly: readOnly, logger: logger) } catch {
-            throw CLIError("\(error)")
+            throw KeelError("\(error)")
         }
         let what = "\(file) (\(device.size) bytes, \(device.isDirect ? "O_DIRECT" : "buffered")\(readOnly ? ", read-only" : "")) as '\(name)' with \(serving.threads) thread(s)"
         try serveUntilSignalled(device, on: address, logger: logger, what: what) { listener in

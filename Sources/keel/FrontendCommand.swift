@@ -4,6 +4,7 @@ import Foundation
 import Logging
 import NodeRegistry
 import Syscalls
+import Volumes
 
 struct FrontendCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -69,6 +70,11 @@ struct FrontendCommand: ParsableCommand {
         @Option(help: "A file to keep the device's state in, as JSON (engine, connected or waiting, the last failure): what keel volume show reads.")
         var statusFile: String?
 
+        @Flag(help: "The engine at --engine is this node's engine daemon of the volume (keel volume attach started it): when it stops answering, the frontend starts it again, the only one that does.")
+        var restartEngine = false
+
+        @OptionGroup var node: NodeOptions
+
         @OptionGroup var control: ControlClientOptions
 
         func validate() throws {
@@ -86,6 +92,9 @@ struct FrontendCommand: ParsableCommand {
             if engine == nil && (engineNode.isEmpty || size == nil) {
                 throw ValidationError("give the engine's address (--engine ADDR), or --engine-node with --size and --replica to have a node start one")
             }
+            if restartEngine && (engine == nil || !engineNode.isEmpty) {
+                throw ValidationError("--restart-engine is for this node's engine at --engine; with --engine-node the node agents restart it")
+            }
             if !engineNode.isEmpty && replicas.isEmpty {
                 throw ValidationError("--engine-node needs the volume's replicas (--replica ADDR for each) to start an engine elsewhere")
             }
@@ -99,19 +108,19 @@ struct FrontendCommand: ParsableCommand {
                                                  device: device.flatMap(deviceIndex))
             for node in engineNode { _ = try parseListenAddress(node, option: "--engine-node") }
             if let node = engineNode.first { control.apply(for: node) }
-            let failover = engineNode.isEmpty ? nil : EngineFailover(
-                nodes: engineNode,
-                spec: .init(volume: volume, volumeID: volumeID, replicas: replicas, port: UInt32(enginePort),
-                            replicaTimeout: replicaTimeout),
-                logger: logger)
-            failover?.deviceAttached(size: size?.bytes ?? 0)
+            let failover = try places().map { places in
+                EngineFailover(places: places,
+                               spec: .init(volume: volume, volumeID: volumeID, size: size?.bytes ?? 0, replicas: replicas,
+                                           port: UInt32(enginePort), replicaTimeout: replicaTimeout),
+                               hungAfter: max(5, 2 * connectTimeout), logger: logger)
+            }
             let endpoint: EngineEndpoint
             if let engine {
                 endpoint = EngineEndpoint(address: try parseListenAddress(engine, option: "--engine"), exportName: volume)
             } else if let started = failover?.engine(replacing: nil) {
                 endpoint = started
             } else {
-                throw CLIError("no engine node could start the engine of \(volume) (\(engineNode.joined(separator: ", "))); see the log")
+                throw KeelError("no engine node could start the engine of \(volume) (\(engineNode.joined(separator: ", "))); see the log")
             }
             let frontend: DeviceFrontend
             let path: String
@@ -119,10 +128,13 @@ struct FrontendCommand: ParsableCommand {
                 frontend = DeviceFrontend(device: try KernelDevice(settings: settings, logger: logger), engine: endpoint,
                                           connectTimeout: Int32(connectTimeout * 1000), logger: logger,
                                           replacement: failover.map { failover in { @Sendable in failover.engine(replacing: $0, failure: $1) } },
-                                          observer: statusFile.map { file in { @Sendable in Self.record($0, in: file, logger: logger) } })
+                                          observer: { @Sendable status in
+                                              if case .connected = status { failover?.engineAnswered() }
+                                              if let statusFile { Self.record(status, in: statusFile, logger: logger) }
+                                          })
                 path = try frontend.start()
             } catch {
-                throw CLIError("cannot attach volume \(volume) from engine \(endpoint): \(error)")
+                throw KeelError("cannot attach volume \(volume) from engine \(endpoint): \(error)")
             }
             failover?.deviceAttached(size: frontend.size)
             print(path)
@@ -134,6 +146,20 @@ struct FrontendCommand: ParsableCommand {
             failover?.cancel()
             frontend.stop()
             if let statusFile { unlink(statusFile) }
+        }
+
+        /// Where the frontend has engines started: the engine nodes' agents, or this node's own engine daemon.
+        private func places() throws -> [any EnginePlace]? {
+            if !engineNode.isEmpty { return engineNode.map(AgentPlace.init(address:)) }
+            guard restartEngine, let engine else { return nil }
+            let thisNode = try Node(node)
+            let record = try thisNode.volume(volume)
+            let socket = thisNode.layout.engineSocket(volume)
+            guard "unix:" + socket == engine else {
+                throw KeelError("--restart-engine: the engine of \(volume) on this node listens on unix:\(socket), not \(engine)")
+            }
+            return [LocalPlace(runner: thisNode.runner(record.runner), engine: thisNode.engineDaemon(record),
+                               socket: socket, control: thisNode.layout.engineControl(volume))]
         }
 
         private static func record(_ status: DeviceFrontend.Status, in file: String, logger: Logger) {

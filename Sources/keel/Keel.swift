@@ -1,5 +1,6 @@
 import ArgumentParser
 import Syscalls
+import Volumes
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -18,7 +19,7 @@ struct Keel: ParsableCommand {
         do {
             var command = try parseAsRoot()
             try command.run()
-        } catch let error as CLIError {
+        } catch let error as KeelError {
             fputs("keel: \(error.message)\n", stderr)
             Glibc.exit(1)
         } catch {
@@ -36,10 +37,3 @@ struct Keel: ParsableCommand {
 
 /// What node agents report, so that a cluster can tell its nodes' builds apart.
 let keelVersion = "0.13.0"
-
-/// A failure the user can act on, already phrased for them.
-struct CLIError: Error, CustomStringConvertible {
-    let message: String
-    init(_ message: String) { self.message = message }
-    var description: String { message }
-}

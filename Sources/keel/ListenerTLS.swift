@@ -8,6 +8,7 @@ import NBDProtocol
 import NBDServer
 import Syscalls
 import TLSSession
+import Volumes
 
 /// `--tls` on a listening command: `off` serves plaintext (and is the
 /// explicit consent a non-loopback plaintext listener needs), `on` offers
@@ -24,15 +25,6 @@ enum TLSMode: String, ExpressibleByArgument, CaseIterable {
     }
 }
 
-/// The node's credentials when none are named: the one directory under
-/// STATE/tls ($KEEL_STATE_DIR, else /var/lib/keel) that holds a node's
-/// certificate, as `keel cert issue` leaves it on a node. None, or several, is nil.
-func nodeCredentialsDirectory() -> String? {
-    let state = ProcessInfo.processInfo.environment["KEEL_STATE_DIR"] ?? NodeLayout.defaultStateDirectory
-    let names = (try? FileManager.default.contentsOfDirectory(atPath: state + "/tls")) ?? []
-    let found = names.map { "\(state)/tls/\($0)" }.filter { FileManager.default.fileExists(atPath: $0 + "/server-cert.pem") }
-    return found.count == 1 ? found[0] : nil
-}
 
 extension ServingOptions {
     func validateTLS() throws {
@@ -50,12 +42,12 @@ extension ServingOptions {
     func refuseUnusedCredentials(links: LinkTLSMode? = nil) throws {
         let offered = tls == .on || tls == .require
         if !offered && links != .require && (tlsCertificates != nil || tlsPsk != nil) {
-            throw CLIError(links == nil
+            throw KeelError(links == nil
                 ? "--tls-certificates and --tls-psk take effect with --tls on or --tls require"
                 : "--tls-certificates and --tls-psk take effect with --tls on|require (the listener) or --replica-tls require (the links)")
         }
         if tlsUsername != nil && (links != .require || tlsPsk == nil) {
-            throw CLIError("--tls-username names the PSK identity of --replica-tls require links; give it with --tls-psk")
+            throw KeelError("--tls-username names the PSK identity of --replica-tls require links; give it with --tls-psk")
         }
     }
 
@@ -65,9 +57,9 @@ extension ServingOptions {
         guard mode == .require else { return .off }
         if let certificatesDirectory { return LinkTLS(credentials: .certificates(directory: certificatesDirectory)) }
         guard let tlsPsk else {
-            throw CLIError("--replica-tls require needs --tls-certificates DIR (with client-cert.pem) or --tls-psk FILE with --tls-username NAME; by default the node's credentials, STATE/tls/NAME, when there is exactly one")
+            throw KeelError("--replica-tls require needs --tls-certificates DIR (with client-cert.pem) or --tls-psk FILE with --tls-username NAME; by default the node's credentials, STATE/tls/NAME, when there is exactly one")
         }
-        guard let tlsUsername else { throw CLIError("--replica-tls require with --tls-psk needs --tls-username NAME") }
+        guard let tlsUsername else { throw KeelError("--replica-tls require with --tls-psk needs --tls-username NAME") }
         return LinkTLS(credentials: .preSharedKey(file: tlsPsk, username: tlsUsername))
     }
 
@@ -75,7 +67,7 @@ extension ServingOptions {
     func serverTLS() throws -> ServerTLS {
         guard let tls, tls != .off else { return .off }
         guard tlsPsk != nil || certificatesDirectory != nil else {
-            throw CLIError("--tls \(tls.rawValue) needs --tls-certificates DIR or --tls-psk FILE (psktool); by default the node's credentials, STATE/tls/NAME from `keel cert issue`, when there is exactly one")
+            throw KeelError("--tls \(tls.rawValue) needs --tls-certificates DIR or --tls-psk FILE (psktool); by default the node's credentials, STATE/tls/NAME from `keel cert issue`, when there is exactly one")
         }
         do {
             if let tlsPsk { return ServerTLS(policy: tls.policy, credentials: try .serverKeys(file: tlsPsk)) }
@@ -83,7 +75,7 @@ extension ServingOptions {
                                                               verifyPeer: tlsVerifyPeer)
             return ServerTLS(policy: tls.policy, credentials: credentials)
         } catch {
-            throw CLIError("TLS credentials: \(error)")
+            throw KeelError("TLS credentials: \(error)")
         }
     }
 
@@ -132,7 +124,7 @@ func checkPlaintextListener(_ address: SocketAddress, option: String, tls: TLSMo
     case .off?:
         logger.warning("\(option) \(address): serving in plaintext to other hosts (--tls off)")
     case nil:
-        throw CLIError("\(option) \(address) is reachable from other hosts and the link would be plaintext: anyone reaching it could read and write the volume; pass --tls require with --tls-certificates or --tls-psk, listen on loopback or a unix socket, or pass --tls off to accept that")
+        throw KeelError("\(option) \(address) is reachable from other hosts and the link would be plaintext: anyone reaching it could read and write the volume; pass --tls require with --tls-certificates or --tls-psk, listen on loopback or a unix socket, or pass --tls off to accept that")
     }
 }
 
@@ -142,12 +134,8 @@ struct ControlClientOptions: ParsableArguments {
     @Option(help: ArgumentHelp("ca-cert.pem, client-cert.pem and client-key.pem for a control API that requires TLS (default: $KEEL_TLS_CERTIFICATES, else for a TCP address the node's STATE/tls/NAME when there is one, else plaintext).", valueName: "dir"))
     var tlsCertificates: String?
 
-    /// For calls to `address`: the node's own credentials are the default
-    /// for TCP only, as a unix socket's daemon is this node's, plaintext unless told.
-    func apply(for address: String) {
-        let overTCP = address.hasPrefix("unix:") == false
-        let directory = tlsCertificates ?? ProcessInfo.processInfo.environment["KEEL_TLS_CERTIFICATES"]
-            ?? (overTCP ? nodeCredentialsDirectory() : nil)
-        ControlTLS.useForCalls(ControlTLS(certificates: directory))
-    }
+    var credentials: ControlCredentials { ControlCredentials(certificates: tlsCertificates) }
+
+    /// For calls to `address`: see `ControlCredentials`.
+    func apply(for address: String) { credentials.apply(for: address) }
 }

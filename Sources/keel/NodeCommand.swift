@@ -6,6 +6,7 @@ import GRPCCore
 import Logging
 import NodeAgent
 import Syscalls
+import Volumes
 
 struct NodeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -40,12 +41,12 @@ struct NodeCommand: ParsableCommand {
             let logger = makeLogger(label: "keel.node", level: serving.logLevel)
             let address = try parseListenAddress(listen)
             guard case .tcp(let host, _) = address else {
-                throw CLIError("--listen takes HOST:PORT: other nodes reach the agent, and its engines listen on HOST")
+                throw KeelError("--listen takes HOST:PORT: other nodes reach the agent, and its engines listen on HOST")
             }
             try serving.checkControlListener(address, logger: logger)
             let layout = node.layout
             for directory in [layout.stateDirectory, layout.runDirectory, layout.logDirectory] {
-                do { try makeDirectories(directory, mode: 0o700) } catch { throw CLIError("\(error)") }
+                do { try makeDirectories(directory, mode: 0o700) } catch { throw KeelError("\(error)") }
             }
             let loopback = Socket.isLoopbackOnly(address) ?? false
             let runner: any DaemonRunner & Sendable = systemdIsRunning()
@@ -122,6 +123,9 @@ struct NodeCommand: ParsableCommand {
         @Option(help: "The volume's identity (keel volume create mints one).")
         var volumeID: String = ""
 
+        @Flag(help: "Kill a running engine and start it again (its clients get no answer from it). One whose control API does not answer is restarted anyway.")
+        var restartRunning = false
+
         @Flag(help: "Print JSON.")
         var json = false
 
@@ -140,6 +144,7 @@ struct NodeCommand: ParsableCommand {
                 $0.size = size.bytes
                 $0.replicas = replicas
                 $0.port = UInt32(port)
+                $0.restartRunning = restartRunning
             }
             let started = try callNode(address, doing: "start the engine of \(volume)") {
                 try await $0.startEngine(request, options: .timeout(seconds: 150))
@@ -172,24 +177,5 @@ struct NodeCommand: ParsableCommand {
             }
             print("engine of \(volume) stopped on \(address)")
         }
-    }
-}
-
-typealias NodeStub = Keel_Control_V1_NodeControl.Client<ControlTransport>
-
-/// Calls a node agent; a refusal or an unreachable agent becomes one line.
-func callNode<T: Sendable>(_ node: String, doing what: String, started: (Task<Void, Never>) -> Void = { _ in },
-                           _ body: @escaping @Sendable (NodeStub) async throws -> T) throws -> T {
-    let address = try parseListenAddress(node, option: "node address")
-    do {
-        return try blocking(started: started) {
-            try await withControlClient(address) { try await body(NodeStub(wrapping: $0)) }
-        }
-    } catch let error as RPCError where error.code != .unavailable {
-        throw CLIError("the node agent at \(node) refused to \(what): \(error.message)")
-    } catch let error as RPCError {
-        throw CLIError("cannot reach the node agent at \(node): \(error.message)")
-    } catch {
-        throw CLIError("cannot reach the node agent at \(node): \(error)")
     }
 }

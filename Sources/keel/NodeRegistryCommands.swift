@@ -4,6 +4,7 @@ import Daemons
 import Foundation
 import NodeRegistry
 import Syscalls
+import Volumes
 
 /// The nodes this one knows by name: where volumes may place their engines.
 extension NodeCommand {
@@ -40,12 +41,12 @@ extension NodeCommand {
 
         func run() throws {
             let parsed = try parseListenAddress(address, option: "ADDR")
-            guard case .tcp = parsed else { throw CLIError("ADDR takes HOST:PORT, the agent's address on the network") }
+            guard case .tcp = parsed else { throw KeelError("ADDR takes HOST:PORT, the agent's address on the network") }
             control.apply(for: address)
             let health = try callNode(address, doing: "report its health") { try await $0.health(.init(), options: .timeout(seconds: 5)) }
             let registry = try Node(node).registry
             let record = NodeRecord(name: name, address: "\(parsed)", addedAt: Int64(Date().timeIntervalSince1970))
-            do { try registry.add(record) } catch { throw CLIError("\(error)") }
+            do { try registry.add(record) } catch { throw KeelError("\(error)") }
             if json { return try printJSON(["name": name, "address": record.address, "agent_name": health.name, "version": health.version]) }
             print("node \(name) at \(record.address): keel \(health.version)"
                 + (health.name == name ? "" : " (it calls itself \(health.name))"))
@@ -115,12 +116,11 @@ extension NodeCommand {
         func run() throws {
             let registry = try Node(node).registry
             let known: Bool
-            do { known = try registry.removeNode(named: name) } catch { throw CLIError("\(error)") }
-            guard known else { throw CLIError("no node named \(name); see 'keel node ls'") }
+            do { known = try registry.removeNode(named: name) } catch { throw KeelError("\(error)") }
+            guard known else { throw KeelError("no node named \(name); see 'keel node ls'") }
             print("node \(name) forgotten")
         }
     }
 }
 
 /// This host's name as a node: its hostname.
-var thisNodeName: String { ProcessInfo.processInfo.hostName }

@@ -8,6 +8,7 @@ import ReplicaStore
 import Syscalls
 #if canImport(Glibc)
 import Glibc
+import Volumes
 #endif
 
 struct Replica: ParsableCommand {
@@ -55,7 +56,7 @@ struct Replica: ParsableCommand {
                 store = try ReplicaStore.open(directory: dir, size: size?.bytes)
                 chain = try LayerChain(size: store.size, layers: try store.chain().map { ($0.id, $0.files) }, logger: logger)
             } catch {
-                throw CLIError("\(error)")
+                throw KeelError("\(error)")
             }
             let device = ReplicaDevice(store: store, chain: chain)
             let controlServer = try ControlServer(address: controlAddress, tls: serving.controlTLS,

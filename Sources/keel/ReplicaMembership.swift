@@ -2,6 +2,7 @@ import ArgumentParser
 import ControlAPI
 import Foundation
 import Syscalls
+import Volumes
 
 extension Replica {
     /// `keel replica add`: a new (or stale) replica joins a running volume and is rebuilt.
@@ -48,7 +49,7 @@ extension Replica {
             progress.finish(status, replica: text)
             guard status.replicas.last(where: { $0.address == text })?.mode == "RW" else {
                 let reason = status.replicas.last(where: { $0.address == text })?.error ?? "it left the volume"
-                throw CLIError("the rebuild of \(text) failed: \(reason)")
+                throw KeelError("the rebuild of \(text) failed: \(reason)")
             }
         }
     }

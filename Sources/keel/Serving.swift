@@ -4,6 +4,7 @@ import NBDServer
 import Syscalls
 #if canImport(Glibc)
 import Glibc
+import Volumes
 #endif
 
 /// What every serving command does after setting up its device: listen,
@@ -17,14 +18,14 @@ func serveUntilSignalled<Device: BlockDevice>(
     let server = makeServer(listener)
     do { try server.start() } catch {
         listener.close()
-        throw CLIError("cannot start the I/O threads: \(error)")
+        throw KeelError("cannot start the I/O threads: \(error)")
     }
     logger.notice("serving \(what) on \(address)")
     do { try afterStart() } catch {
         server.stop()
         server.wait()
         listener.close()
-        throw CLIError("\(error)")
+        throw KeelError("\(error)")
     }
 
     ServiceManager.notify("READY=1\nSTATUS=serving \(what) on \(address)")
@@ -38,7 +39,7 @@ func serveUntilSignalled<Device: BlockDevice>(
     listener.close()
     if case .unix(let path) = address { unlink(path) }
     do { try device.flush() } catch {
-        throw CLIError("final flush failed: \(error)")
+        throw KeelError("final flush failed: \(error)")
     }
     logger.notice("stopped")
 }
@@ -46,15 +47,10 @@ func serveUntilSignalled<Device: BlockDevice>(
 /// The listening socket, or a one-line refusal (the address is taken, say).
 func bindListener(_ address: SocketAddress) throws -> FileDescriptor {
     do { return try Socket.listen(on: address) } catch {
-        throw CLIError("\(error)")
+        throw KeelError("\(error)")
     }
 }
 
-func parseListenAddress(_ text: String, option: String = "--listen") throws -> SocketAddress {
-    do { return try SocketAddress(parsing: text) } catch {
-        throw CLIError("invalid \(option): \(error)")
-    }
-}
 
 /// A size such as 4096, 64M, 10G (binary units).
 struct ByteCount: ExpressibleByArgument {

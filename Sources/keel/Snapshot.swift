@@ -4,6 +4,7 @@ import Foundation
 import NodeRegistry
 import ReplicaIdentity
 import Syscalls
+import Volumes
 
 struct Snapshot: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -43,7 +44,7 @@ struct Snapshot: ParsableCommand {
             let node = try Node(self.node)
             let record = try node.volume(volume)
             guard node.attachment(record).engineRunning else {
-                throw CLIError("volume \(volume) has no engine running; attach it first (keel volume attach \(volume))")
+                throw KeelError("volume \(volume) has no engine running; attach it first (keel volume attach \(volume))")
             }
             return node.engineControl(record.name)
         }
@@ -106,7 +107,7 @@ struct Snapshot: ParsableCommand {
             let control = try target.engineControl()
             if let freeze {
                 do { try FileSystemFreeze.freeze(freeze) } catch {
-                    throw CLIError("cannot freeze \(freeze): \(error); is it a mounted file system on this host?")
+                    throw KeelError("cannot freeze \(freeze): \(error); is it a mounted file system on this host?")
                 }
             }
             let result = Result {
@@ -114,13 +115,13 @@ struct Snapshot: ParsableCommand {
             }
             if let freeze {
                 do { try FileSystemFreeze.thaw(freeze) } catch {
-                    throw CLIError("cannot thaw \(freeze): \(error); run 'fsfreeze --unfreeze \(freeze)'")
+                    throw KeelError("cannot thaw \(freeze): \(error); run 'fsfreeze --unfreeze \(freeze)'")
                 }
             }
             let snapshots = try result.get().snapshots
             target.remember(snapshots)
             guard let taken = snapshots.last(where: { $0.name == name }) else {
-                throw CLIError("the engine answered without snapshot \(name); see keel snapshot ls \(target.volume)")
+                throw KeelError("the engine answered without snapshot \(name); see keel snapshot ls \(target.volume)")
             }
             if target.json { return try printJSON(List.json(taken)) }
             print("snapshot \(name) of \(target.volume) taken")

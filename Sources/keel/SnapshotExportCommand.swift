@@ -8,6 +8,7 @@ import NodeRegistry
 import ReplicaIdentity
 import SnapshotExport
 import Syscalls
+import Volumes
 
 extension Snapshot {
     struct Export: ParsableCommand {
@@ -62,7 +63,7 @@ extension Snapshot {
             let exportName = SnapshotExportName(volume: volume, snapshot: name)
             let described: (size: UInt64, olderSnapshots: [String])
             do { described = try SnapshotReader.describe(exportName, replicas: replicas) } catch {
-                throw CLIError("\(error); see keel snapshot ls \(volume)")
+                throw KeelError("\(error); see keel snapshot ls \(volume)")
             }
             let reader = SnapshotReader(exportName: exportName, size: described.size, replicas: replicas,
                                         olderSnapshots: described.olderSnapshots, logger: logger)
@@ -83,7 +84,7 @@ extension Snapshot {
             } else if texts.isEmpty {
                 texts = try Node(node).volume(volume).replicas.map(\.address)
             }
-            guard !texts.isEmpty else { throw CLIError("volume \(volume) has no replica to read snapshot \(name) from") }
+            guard !texts.isEmpty else { throw KeelError("volume \(volume) has no replica to read snapshot \(name) from") }
             return try texts.map { try parseListenAddress($0, option: "--replica") }
         }
     }

@@ -4,6 +4,7 @@ import GRPCCore
 import GRPCNIOTransportHTTP2
 import Foundation
 import Syscalls
+import Volumes
 
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(

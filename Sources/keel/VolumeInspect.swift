@@ -2,6 +2,7 @@ import ArgumentParser
 import ControlAPI
 import Foundation
 import NodeRegistry
+import Volumes
 
 /// What `ls`, `show` and `create --json` say about a volume.
 struct VolumeReport {
@@ -96,7 +97,7 @@ extension Volume {
             }
             for (replica, running) in zip(record.replicas, report.replicasRunning) {
                 let mode = engine?.replicas.first(where: { $0.address == replica.address })?.mode
-                let where_ = replica.directory.map { "local, \($0)" } ?? "remote"
+                let where_ = replica.directory.map { "local, \($0)" } ?? replica.node.map { "on node \($0)" } ?? "remote"
                 let state = running.map { $0 ? "running" : "stopped" }
                 print("  replica \(replica.address)  (\([where_, state, mode].compactMap { $0 }.joined(separator: ", ")))")
             }

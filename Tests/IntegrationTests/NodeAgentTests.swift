@@ -56,6 +56,44 @@ import Testing
         #expect(after.allSatisfy { $0["running"] as? Bool == false })
     }
 
+    /// A stopped (hung) engine answers nobody: a start kills it and starts
+    /// another, which claims the replicas anew; so does a start that asks for it.
+    @Test func aHungEngineIsKilledAndStartedAgain() throws {
+        let port = try freeTCPPort()
+        #expect(try startEngine(port: port).status == 0)
+        let client = try NBDClient()
+        try client.connect(uri: "nbd://127.0.0.1:\(port)/vol")
+        try client.write(Array(repeating: 9, count: 4096), at: 0)
+        try client.flush()
+        try client.shutdown()
+        let first = try enginePid()
+        kill(first, SIGSTOP)
+        defer { kill(first, SIGKILL) }
+
+        let restarted = try startEngine(["--json"], port: port)
+        #expect(restarted.status == 0, "\(restarted.stderr)\n\(agent.log)")
+        #expect(restarted.stdout.contains("\"already_running\" : false"), "\(restarted.stdout)")
+        let second = try enginePid()
+        #expect(second != first)
+        let reader = try NBDClient()
+        try reader.connect(uri: "nbd://127.0.0.1:\(port)/vol")
+        #expect(try reader.read(count: 4096, at: 0) == Array(repeating: 9, count: 4096))
+        try reader.shutdown()
+
+        let asked = try startEngine(["--restart-running", "--json"], port: port)
+        #expect(asked.stdout.contains("\"already_running\" : false"), "\(asked.stdout)\(asked.stderr)")
+        #expect(try enginePid() != second)
+        #expect(try keel(["stop-engine", address, "--volume", "vol"]).status == 0)
+    }
+
+    /// The pid of the one engine of `vol` this test's agent runs.
+    func enginePid() throws -> pid_t {
+        let found = try run(["/usr/bin/pgrep", "-f", "engine serve --volume vol .*\(cluster.scratch.file("node"))"])
+        let pids = found.stdout.split(separator: "\n").compactMap { pid_t($0) }
+        try #require(pids.count == 1, "engines: \(found.stdout)")
+        return pids[0]
+    }
+
     @Test func anEngineThatCannotStartIsOneLineWithItsReason() throws {
         let result = try keel(["start-engine", address, "--volume", "vol", "--size", "32M", "--port", "\(try freeTCPPort())"]
                               + cluster.replicaArguments)

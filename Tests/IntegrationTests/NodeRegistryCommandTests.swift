@@ -91,6 +91,54 @@ import Testing
         #expect((try json(["volume", "ls"]) as? [Any])?.isEmpty == true)
     }
 
+    /// `--replica-node`: the agent starts the replica there, on a port it
+    /// picks, under the volume's identity; rm removes it there with its data.
+    @Test func aReplicaPlacedOnANodeIsStartedAndRemovedThroughItsAgent() throws {
+        #expect(try keel(["node", "add", "node-b", address]).status == 0)
+        let created = try json(["volume", "create", "vol", "--size", "16M", "--replicas", "2", "--replica-node", "node-b"])
+            as? [String: Any]
+        let listed = created?["replicas"] as? [[String: Any]] ?? []
+        try #require(listed.count == 2, "\(String(describing: created))")
+        #expect(listed[0]["local"] as? Bool == true)
+        #expect(listed[1]["node"] as? String == "node-b", "\(listed)")
+        let placed = listed[1]["address"] as? String ?? ""
+        #expect(placed.hasPrefix("127.0.0.1:"), "\(placed)")
+
+        let daemons = try agentDaemons()
+        #expect(daemons.contains { $0["kind"] as? String == "replica" && $0["running"] as? Bool == true }, "\(daemons)")
+        let shown = try keel(["volume", "show", "vol"])
+        #expect(shown.stdout.contains("on node node-b"), "\(shown.stdout)")
+        try expectRefusal(["node", "rm", "node-b"], mentioning: ["vol"])
+
+        #expect(try keel(["volume", "rm", "vol"]).status == 0)
+        #expect(try agentDaemons().allSatisfy { $0["running"] as? Bool == false })
+        let placedData = (try? FileManager.default.contentsOfDirectory(atPath: scratch.file("agent/placed"))) ?? []
+        #expect(placedData.isEmpty, "\(placedData)")
+    }
+
+    @Test func aReplicaOnAnUnknownNodeIsOneLineAndNothingIsLeft() throws {
+        try expectRefusal(["volume", "create", "vol", "--size", "16M", "--replica-node", "nosuch"],
+                          mentioning: ["no node named nosuch", "keel node add"])
+        #expect((try json(["volume", "ls"]) as? [Any])?.isEmpty == true)
+        #expect(!FileManager.default.fileExists(atPath: state + "/replicas/vol"))
+    }
+
+    @Test func anEngineElsewhereWithEveryReplicaPlacedOnNodes() throws {
+        #expect(try keel(["node", "add", "node-b", address]).status == 0)
+        let created = try json(["volume", "create", "vol", "--size", "16M", "--replicas", "1", "--replica-node", "node-b",
+                                "--engine-node", "node-b"]) as? [String: Any]
+        #expect((created?["replicas"] as? [[String: Any]])?.first?["node"] as? String == "node-b", "\(String(describing: created))")
+        try expectRefusal(["volume", "create", "two", "--size", "16M", "--replicas", "2", "--replica-node", "node-b",
+                           "--engine-node", "node-b"], mentioning: ["--replica-node"])
+        #expect(try keel(["volume", "rm", "vol"]).status == 0)
+    }
+
+    func agentDaemons() throws -> [[String: Any]] {
+        let health = try run([Paths.keel, "node", "health", address, "--json"])
+        let object = try JSONSerialization.jsonObject(with: Data(health.stdout.utf8)) as? [String: Any]
+        return object?["daemons"] as? [[String: Any]] ?? []
+    }
+
     @Test func anEngineElsewhereNeedsReplicasOverTCP() throws {
         #expect(try keel(["node", "add", "node-b", address]).status == 0)
         try expectRefusal(["volume", "create", "vol", "--size", "16M", "--engine-node", "node-b", "--replicas", "2"],

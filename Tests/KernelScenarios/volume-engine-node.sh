@@ -4,8 +4,12 @@
 # attach runs the frontend, which has b's agent start the engine; data
 # written and checksummed; show names the engine the frontend is connected
 # to; the engine killed -9 on b and the frontend has b start another, the
-# data reads back the same; detach stops the engine through the agent; rm
-# of the node is refused while the volume names it.
+# data reads back the same; the engine frozen (SIGSTOP) while b's agent
+# answers: a write it holds waits while the agent kills it and starts another;
+# detach stops the engine through the agent; rm
+# of the node is refused while the volume names it; a second volume with its
+# replica placed on b (--replica-node) attached, written and read back, and
+# removed there by rm.
 . "$(dirname "$0")/common.sh"
 start_udev
 export KEEL_STATE_DIR="$work/data/state"
@@ -53,6 +57,24 @@ done
 [ -n "$new" ] && [ "$new" != "$old" ] || { echo "no new engine on b"; cat "$work/data/state/log/"*frontend* 2>/dev/null | tail -20; exit 1; }
 cmp "$work/data.bin" "$device" -n $((8 << 20)) || { echo "the data differs after the engine was replaced"; exit 1; }
 
+step "the engine frozen on b (SIGSTOP) while b's agent answers: the agent kills it and starts another"
+old=$new
+kill -STOP "$old"
+# A write the frozen engine holds: it waits through the restart, it does not fail.
+dd if="$work/data.bin" of="$device" bs=1M count=1 oflag=direct conv=fsync status=none 2>"$work/dd.err" &
+writer=$!
+end=$(($(date +%s) + 240))
+while [ "$(date +%s)" -lt "$end" ]; do
+    new=$(pgrep -f "keel engine serve --volume vol " || true)
+    [ -n "$new" ] && [ "$new" != "$old" ] && ! kill -0 "$writer" 2>/dev/null && break
+    sleep 0.5
+done
+kill -0 "$writer" 2>/dev/null && { echo "the write held by the frozen engine did not finish"; tail -20 "$work/data/state/log/"*frontend*; exit 1; }
+wait "$writer" || { echo "the write failed: $(cat "$work/dd.err")"; exit 1; }
+[ -n "$new" ] && [ "$new" != "$old" ] || { echo "the frozen engine was not replaced"; exit 1; }
+grep "engine of vol" "$work/data/state/log/"*frontend* | tail -2
+cmp "$work/data.bin" "$device" -n $((8 << 20)) || { echo "the data differs after the frozen engine was replaced"; exit 1; }
+
 step "detach stops the engine through the agent; the node stays in use until rm"
 "$KEEL" volume detach vol
 [ "$(cat /sys/block/$nbd/size)" = 0 ] || { echo "$nbd still has a size after detach"; exit 1; }
@@ -60,5 +82,18 @@ if pgrep -f "keel engine serve --volume vol " >/dev/null; then echo "the engine 
 if "$KEEL" node rm b 2>"$work/err"; then echo "node rm b should be refused while vol names it"; exit 1; fi
 cat "$work/err"
 "$KEEL" volume rm vol
+
+step "a volume with its replica placed on b (--replica-node): attach, write, read back; rm removes it there"
+"$KEEL" volume create near --size 16M --replicas 1 --replica-node b
+"$KEEL" volume show near | tee "$work/near.out"
+grep -q "on node b" "$work/near.out" || { echo "show does not place the replica on b"; exit 1; }
+near=$("$KEEL" volume attach near | head -1)
+[ -b "$near" ] || { echo "no device for near: '$near'"; exit 1; }
+dd if="$work/data.bin" of="$near" bs=1M count=8 oflag=direct conv=fsync status=none
+cmp "$work/data.bin" "$near" -n $((8 << 20)) || { echo "near reads back differently"; exit 1; }
+"$KEEL" volume detach near
+"$KEEL" volume rm near
+[ -z "$(ls -A "$work/node-b/placed")" ] || { echo "the replica's data outlived rm on b: $(ls "$work/node-b/placed")"; exit 1; }
+if pgrep -f "keel replica serve --dir $work/node-b" >/dev/null; then echo "the replica on b outlived rm"; exit 1; fi
 "$KEEL" node rm b
 echo "volume with its engine on node b: attached, engine replaced, detached"

@@ -4,8 +4,9 @@
 # attach are refused, and a volume asked onto the busy device is refused with
 # nothing left half-attached; detach, attach again onto a chosen device
 # (--device), checksums match; the
-# engine killed -9 under a mounted filesystem and `keel volume attach` starts
-# a new one, which the device frontend reconnects the same device to; a snapshot by volume name, listed from the
+# engine killed -9 under a mounted filesystem: its device frontend starts it
+# again and reconnects the same device, and attach answers that the volume is
+# attached; a snapshot by volume name, listed from the
 # registry once detached; detach; rm leaves no daemon behind.
 . "$(dirname "$0")/common.sh"
 start_udev
@@ -63,12 +64,22 @@ step "a snapshot of a volume of this node (no --engine)"
 "$KEEL" snapshot create vol first
 "$KEEL" snapshot ls vol | grep -q "^first " || { echo "snapshot ls does not show first"; exit 1; }
 
-step "engine killed -9: keel volume attach starts a new one; the frontend reconnects the device"
+step "engine killed -9: its device frontend, the only restarter, starts it again and reconnects the device"
+frontend_log="$KEEL_STATE_DIR"/log/keel-frontend@vol.service.log
+connections_before=$(grep -c "new connection" "$frontend_log" || true)
+old=$(pgrep -f "keel engine serve --volume vol ")
 pkill -9 -f "keel engine serve --volume vol "
-for _ in $(seq 100); do engine_running vol || break; sleep 0.1; done
+for _ in $(seq 900); do
+    new=$(pgrep -f "keel engine serve --volume vol " || true)
+    [ -n "$new" ] && [ "$new" != "$old" ] && [ "$(grep -c "new connection" "$frontend_log")" -gt "$connections_before" ] && break
+    sleep 0.1
+done
+[ -n "$new" ] && [ "$new" != "$old" ] || { echo "the frontend did not start the engine again"; tail -20 "$frontend_log"; exit 1; }
+grep "engine of vol" "$frontend_log" | tail -1
+[ "$(grep -c "new connection" "$frontend_log")" -gt "$connections_before" ] || { echo "the device was not reconnected"; tail -20 "$frontend_log"; exit 1; }
 "$KEEL" volume ls
-again=$("$KEEL" volume attach vol | head -1)
-[ "$again" = "$device" ] || { echo "re-attached as $again, not $device"; exit 1; }
+if "$KEEL" volume attach vol > "$work/again.out" 2>&1; then echo "attach of an attached volume succeeded"; exit 1; fi
+grep -q "already attached as $device" "$work/again.out" || { cat "$work/again.out"; exit 1; }
 (cd /mnt/vol && sha256sum -c "$work/sums")
 head -c 4M /dev/urandom > /mnt/vol/file3
 sync

@@ -1,8 +1,9 @@
 # `keel volume` on a host whose PID 1 is systemd (the guest boots the host's
 # systemd): the units of Systemd/ installed as scripts/install does; create
 # enables keel-replica@ instances, attach a keel-engine@ instance (Type=notify)
-# that attaches /dev/nbdX with its udev link; kill -9 of the engine: systemd
-# restarts it and the new engine takes the device over under a mounted
+# that attaches /dev/nbdX with its udev link; kill -9 of the engine: its
+# device frontend (not systemd: Restart=no) starts the unit again and the new
+# engine takes the device over under a mounted
 # filesystem; detach disables the engine; rm removes the replicas' units, files
 # and data. State in /var/lib/keel (ext4 on a loop device, for O_DIRECT).
 . "$(dirname "$0")/common.sh"
@@ -43,17 +44,20 @@ done
 [ "$(readlink -f /dev/keel/vol)" = "$device" ] || { echo "no /dev/keel/vol for $device"; exit 1; }
 fill_filesystem /dev/keel/vol
 
-step "kill -9 of the engine: systemd restarts it, the frontend reconnects the device"
+step "kill -9 of the engine: its frontend starts the unit again (systemd does not), and reconnects the device"
 first=$(systemctl show -p MainPID --value keel-engine@vol)
 kill -9 "$first"
-for _ in $(seq 300); do
+for _ in $(seq 900); do
     pid=$(systemctl show -p MainPID --value keel-engine@vol)
     [ "$pid" != 0 ] && [ "$pid" != "$first" ] && [ "$(systemctl is-active keel-engine@vol)" = active ] && break
     sleep 0.1
 done
-echo "engine pid $first -> $pid, restarts: $(systemctl show -p NRestarts --value keel-engine@vol)"
-[ "$pid" != "$first" ] && [ "$(systemctl is-active keel-engine@vol)" = active ] || { journalctl -u keel-engine@vol --no-pager | tail -20; exit 1; }
+restarts=$(systemctl show -p NRestarts --value keel-engine@vol)
+echo "engine pid $first -> $pid, restarts by systemd: $restarts"
+[ "$pid" != "$first" ] && [ "$(systemctl is-active keel-engine@vol)" = active ] || { journalctl -u keel-engine@vol -u keel-frontend@vol --no-pager | tail -20; exit 1; }
+[ "$restarts" = 0 ] || { echo "systemd restarted the engine as well"; exit 1; }
 for _ in $(seq 300); do journalctl -u keel-frontend@vol --no-pager -o cat | grep -q "new connection" && break; sleep 0.1; done
+journalctl -u keel-frontend@vol --no-pager -o cat | grep "engine of vol started on this node" || { journalctl -u keel-frontend@vol --no-pager | tail -20; exit 1; }
 journalctl -u keel-frontend@vol --no-pager -o cat | grep "new connection"
 (cd /mnt/vol && sha256sum -c "$work/sums")
 head -c 4M /dev/urandom > /mnt/vol/file3

@@ -35,6 +35,19 @@ public enum Keel_Control_V1_EngineControl: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "Alive" metadata.
+        public enum Alive: Sendable {
+            /// Request type for "Alive".
+            public typealias Input = Keel_Control_V1_EngineAliveRequest
+            /// Response type for "Alive".
+            public typealias Output = Keel_Control_V1_EngineAlive
+            /// Descriptor for "Alive".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.EngineControl"),
+                method: "Alive",
+                type: .unary
+            )
+        }
         /// Namespace for "AddReplica" metadata.
         public enum AddReplica: Sendable {
             /// Request type for "AddReplica".
@@ -116,6 +129,7 @@ public enum Keel_Control_V1_EngineControl: Sendable {
         /// Descriptors for all methods in the "keel.control.v1.EngineControl" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Status.descriptor,
+            Alive.descriptor,
             AddReplica.descriptor,
             RemoveReplica.descriptor,
             CreateSnapshot.descriptor,
@@ -169,6 +183,25 @@ extension Keel_Control_V1_EngineControl {
             request: GRPCCore.StreamingServerRequest<Keel_Control_V1_EngineStatusRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_EngineStatus>
+
+        /// Handle the "Alive" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Answers at once, also while the engine starts (Status waits for the
+        /// > start): an engine that does not answer this is hung or stopped.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_EngineAliveRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_EngineAlive` messages.
+        func alive(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_EngineAliveRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_EngineAlive>
 
         /// Handle the "AddReplica" method.
         ///
@@ -312,6 +345,25 @@ extension Keel_Control_V1_EngineControl {
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus>
 
+        /// Handle the "Alive" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Answers at once, also while the engine starts (Status waits for the
+        /// > start): an engine that does not answer this is hung or stopped.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_EngineAliveRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_EngineAlive` message.
+        func alive(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_EngineAliveRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineAlive>
+
         /// Handle the "AddReplica" method.
         ///
         /// > Source IDL Documentation:
@@ -452,6 +504,25 @@ extension Keel_Control_V1_EngineControl {
             context: GRPCCore.ServerContext
         ) async throws -> Keel_Control_V1_EngineStatus
 
+        /// Handle the "Alive" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Answers at once, also while the engine starts (Status waits for the
+        /// > start): an engine that does not answer this is hung or stopped.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_EngineAliveRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_EngineAlive` to respond with.
+        func alive(
+            request: Keel_Control_V1_EngineAliveRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_EngineAlive
+
         /// Handle the "AddReplica" method.
         ///
         /// > Source IDL Documentation:
@@ -581,6 +652,17 @@ extension Keel_Control_V1_EngineControl.StreamingServiceProtocol {
             }
         )
         router.registerHandler(
+            forMethod: Keel_Control_V1_EngineControl.Method.Alive.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_EngineAliveRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_EngineAlive>(),
+            handler: { request, context in
+                try await self.alive(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
             forMethod: Keel_Control_V1_EngineControl.Method.AddReplica.descriptor,
             deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_AddReplicaRequest>(),
             serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_EngineStatus>(),
@@ -663,6 +745,17 @@ extension Keel_Control_V1_EngineControl.ServiceProtocol {
         return GRPCCore.StreamingServerResponse(single: response)
     }
 
+    public func alive(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_EngineAliveRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_EngineAlive> {
+        let response = try await self.alive(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
     public func addReplica(
         request: GRPCCore.StreamingServerRequest<Keel_Control_V1_AddReplicaRequest>,
         context: GRPCCore.ServerContext
@@ -739,6 +832,19 @@ extension Keel_Control_V1_EngineControl.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus> {
         return GRPCCore.ServerResponse<Keel_Control_V1_EngineStatus>(
             message: try await self.status(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func alive(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_EngineAliveRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineAlive> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_EngineAlive>(
+            message: try await self.alive(
                 request: request.message,
                 context: context
             ),
@@ -859,6 +965,30 @@ extension Keel_Control_V1_EngineControl {
             deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_EngineStatus>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineStatus>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "Alive" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Answers at once, also while the engine starts (Status waits for the
+        /// > start): an engine that does not answer this is hung or stopped.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_EngineAliveRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_EngineAliveRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_EngineAlive` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func alive<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_EngineAliveRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_EngineAliveRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_EngineAlive>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineAlive>) async throws -> Result
         ) async throws -> Result where Result: Sendable
 
         /// Call the "AddReplica" method.
@@ -1050,6 +1180,41 @@ extension Keel_Control_V1_EngineControl {
             try await self.client.unary(
                 request: request,
                 descriptor: Keel_Control_V1_EngineControl.Method.Status.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "Alive" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Answers at once, also while the engine starts (Status waits for the
+        /// > start): an engine that does not answer this is hung or stopped.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_EngineAliveRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_EngineAliveRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_EngineAlive` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func alive<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_EngineAliveRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_EngineAliveRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_EngineAlive>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineAlive>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_EngineControl.Method.Alive.descriptor,
                 serializer: serializer,
                 deserializer: deserializer,
                 options: options,
@@ -1298,6 +1463,36 @@ extension Keel_Control_V1_EngineControl.ClientProtocol {
         )
     }
 
+    /// Call the "Alive" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Answers at once, also while the engine starts (Status waits for the
+    /// > start): an engine that does not answer this is hung or stopped.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_EngineAliveRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func alive<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_EngineAliveRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineAlive>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.alive(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_EngineAliveRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_EngineAlive>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
     /// Call the "AddReplica" method.
     ///
     /// > Source IDL Documentation:
@@ -1506,6 +1701,40 @@ extension Keel_Control_V1_EngineControl.ClientProtocol {
             metadata: metadata
         )
         return try await self.status(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Alive" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Answers at once, also while the engine starts (Status waits for the
+    /// > start): an engine that does not answer this is hung or stopped.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func alive<Result>(
+        _ message: Keel_Control_V1_EngineAliveRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineAlive>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_EngineAliveRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.alive(
             request: request,
             options: options,
             onResponse: handleResponse
@@ -3494,11 +3723,39 @@ public enum Keel_Control_V1_NodeControl: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "StartReplica" metadata.
+        public enum StartReplica: Sendable {
+            /// Request type for "StartReplica".
+            public typealias Input = Keel_Control_V1_StartReplicaRequest
+            /// Response type for "StartReplica".
+            public typealias Output = Keel_Control_V1_StartedReplica
+            /// Descriptor for "StartReplica".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.NodeControl"),
+                method: "StartReplica",
+                type: .unary
+            )
+        }
+        /// Namespace for "StopReplica" metadata.
+        public enum StopReplica: Sendable {
+            /// Request type for "StopReplica".
+            public typealias Input = Keel_Control_V1_StopReplicaRequest
+            /// Response type for "StopReplica".
+            public typealias Output = Keel_Control_V1_NodeHealth
+            /// Descriptor for "StopReplica".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.NodeControl"),
+                method: "StopReplica",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "keel.control.v1.NodeControl" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Health.descriptor,
             StartEngine.descriptor,
-            StopEngine.descriptor
+            StopEngine.descriptor,
+            StartReplica.descriptor,
+            StopReplica.descriptor
         ]
     }
 }
@@ -3555,6 +3812,8 @@ extension Keel_Control_V1_NodeControl {
         /// > Starts the volume's engine here (or finds it running), listening on this
         /// > node's address at `port`; returns once it serves: it has claimed the
         /// > replicas with a newer epoch, which fences any engine that had them.
+        /// > A running engine whose control API does not answer within 5 s is hung:
+        /// > it is killed and started again.
         ///
         /// - Parameters:
         ///   - request: A streaming request of `Keel_Control_V1_StartEngineRequest` messages.
@@ -3583,6 +3842,43 @@ extension Keel_Control_V1_NodeControl {
         /// - Returns: A streaming response of `Keel_Control_V1_NodeHealth` messages.
         func stopEngine(
             request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StopEngineRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_NodeHealth>
+
+        /// Handle the "StartReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Starts one of a volume's replicas here (or finds it running), serving on
+        /// > this node's address; returns once it accepts connections.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_StartReplicaRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_StartedReplica` messages.
+        func startReplica(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StartReplicaRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_StartedReplica>
+
+        /// Handle the "StopReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stops one of a volume's replicas here; with remove_data its data goes too.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_StopReplicaRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_NodeHealth` messages.
+        func stopReplica(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StopReplicaRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_NodeHealth>
     }
@@ -3625,6 +3921,8 @@ extension Keel_Control_V1_NodeControl {
         /// > Starts the volume's engine here (or finds it running), listening on this
         /// > node's address at `port`; returns once it serves: it has claimed the
         /// > replicas with a newer epoch, which fences any engine that had them.
+        /// > A running engine whose control API does not answer within 5 s is hung:
+        /// > it is killed and started again.
         ///
         /// - Parameters:
         ///   - request: A request containing a single `Keel_Control_V1_StartEngineRequest` message.
@@ -3653,6 +3951,43 @@ extension Keel_Control_V1_NodeControl {
         /// - Returns: A response containing a single `Keel_Control_V1_NodeHealth` message.
         func stopEngine(
             request: GRPCCore.ServerRequest<Keel_Control_V1_StopEngineRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth>
+
+        /// Handle the "StartReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Starts one of a volume's replicas here (or finds it running), serving on
+        /// > this node's address; returns once it accepts connections.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StartReplicaRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_StartedReplica` message.
+        func startReplica(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_StartReplicaRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_StartedReplica>
+
+        /// Handle the "StopReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stops one of a volume's replicas here; with remove_data its data goes too.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StopReplicaRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_NodeHealth` message.
+        func stopReplica(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_StopReplicaRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth>
     }
@@ -3693,6 +4028,8 @@ extension Keel_Control_V1_NodeControl {
         /// > Starts the volume's engine here (or finds it running), listening on this
         /// > node's address at `port`; returns once it serves: it has claimed the
         /// > replicas with a newer epoch, which fences any engine that had them.
+        /// > A running engine whose control API does not answer within 5 s is hung:
+        /// > it is killed and started again.
         ///
         /// - Parameters:
         ///   - request: A `Keel_Control_V1_StartEngineRequest` message.
@@ -3721,6 +4058,43 @@ extension Keel_Control_V1_NodeControl {
         /// - Returns: A `Keel_Control_V1_NodeHealth` to respond with.
         func stopEngine(
             request: Keel_Control_V1_StopEngineRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_NodeHealth
+
+        /// Handle the "StartReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Starts one of a volume's replicas here (or finds it running), serving on
+        /// > this node's address; returns once it accepts connections.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_StartReplicaRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_StartedReplica` to respond with.
+        func startReplica(
+            request: Keel_Control_V1_StartReplicaRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_StartedReplica
+
+        /// Handle the "StopReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stops one of a volume's replicas here; with remove_data its data goes too.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_StopReplicaRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_NodeHealth` to respond with.
+        func stopReplica(
+            request: Keel_Control_V1_StopReplicaRequest,
             context: GRPCCore.ServerContext
         ) async throws -> Keel_Control_V1_NodeHealth
     }
@@ -3758,6 +4132,28 @@ extension Keel_Control_V1_NodeControl.StreamingServiceProtocol {
             serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_NodeHealth>(),
             handler: { request, context in
                 try await self.stopEngine(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_NodeControl.Method.StartReplica.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_StartReplicaRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_StartedReplica>(),
+            handler: { request, context in
+                try await self.startReplica(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_NodeControl.Method.StopReplica.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_StopReplicaRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_NodeHealth>(),
+            handler: { request, context in
+                try await self.stopReplica(
                     request: request,
                     context: context
                 )
@@ -3801,6 +4197,28 @@ extension Keel_Control_V1_NodeControl.ServiceProtocol {
         )
         return GRPCCore.StreamingServerResponse(single: response)
     }
+
+    public func startReplica(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StartReplicaRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_StartedReplica> {
+        let response = try await self.startReplica(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func stopReplica(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StopReplicaRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_NodeHealth> {
+        let response = try await self.stopReplica(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
 }
 
 // Default implementation of methods from 'ServiceProtocol'.
@@ -3838,6 +4256,32 @@ extension Keel_Control_V1_NodeControl.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth> {
         return GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth>(
             message: try await self.stopEngine(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func startReplica(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_StartReplicaRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_StartedReplica> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_StartedReplica>(
+            message: try await self.startReplica(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func stopReplica(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_StopReplicaRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth>(
+            message: try await self.stopReplica(
                 request: request.message,
                 context: context
             ),
@@ -3890,6 +4334,8 @@ extension Keel_Control_V1_NodeControl {
         /// > Starts the volume's engine here (or finds it running), listening on this
         /// > node's address at `port`; returns once it serves: it has claimed the
         /// > replicas with a newer epoch, which fences any engine that had them.
+        /// > A running engine whose control API does not answer within 5 s is hung:
+        /// > it is killed and started again.
         ///
         /// - Parameters:
         ///   - request: A request containing a single `Keel_Control_V1_StartEngineRequest` message.
@@ -3926,6 +4372,53 @@ extension Keel_Control_V1_NodeControl {
         func stopEngine<Result>(
             request: GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>,
             serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StopEngineRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_NodeHealth>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "StartReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Starts one of a volume's replicas here (or finds it running), serving on
+        /// > this node's address; returns once it accepts connections.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StartReplicaRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_StartReplicaRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_StartedReplica` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func startReplica<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_StartReplicaRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StartReplicaRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_StartedReplica>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_StartedReplica>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "StopReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stops one of a volume's replicas here; with remove_data its data goes too.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StopReplicaRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_StopReplicaRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_NodeHealth` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func stopReplica<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_StopReplicaRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StopReplicaRequest>,
             deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_NodeHealth>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result
@@ -3994,6 +4487,8 @@ extension Keel_Control_V1_NodeControl {
         /// > Starts the volume's engine here (or finds it running), listening on this
         /// > node's address at `port`; returns once it serves: it has claimed the
         /// > replicas with a newer epoch, which fences any engine that had them.
+        /// > A running engine whose control API does not answer within 5 s is hung:
+        /// > it is killed and started again.
         ///
         /// - Parameters:
         ///   - request: A request containing a single `Keel_Control_V1_StartEngineRequest` message.
@@ -4056,6 +4551,75 @@ extension Keel_Control_V1_NodeControl {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "StartReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Starts one of a volume's replicas here (or finds it running), serving on
+        /// > this node's address; returns once it accepts connections.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StartReplicaRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_StartReplicaRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_StartedReplica` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func startReplica<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_StartReplicaRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StartReplicaRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_StartedReplica>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_StartedReplica>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_NodeControl.Method.StartReplica.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "StopReplica" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stops one of a volume's replicas here; with remove_data its data goes too.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StopReplicaRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_StopReplicaRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_NodeHealth` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func stopReplica<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_StopReplicaRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StopReplicaRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_NodeHealth>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_NodeControl.Method.StopReplica.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -4098,6 +4662,8 @@ extension Keel_Control_V1_NodeControl.ClientProtocol {
     /// > Starts the volume's engine here (or finds it running), listening on this
     /// > node's address at `port`; returns once it serves: it has claimed the
     /// > replicas with a newer epoch, which fences any engine that had them.
+    /// > A running engine whose control API does not answer within 5 s is hung:
+    /// > it is killed and started again.
     ///
     /// - Parameters:
     ///   - request: A request containing a single `Keel_Control_V1_StartEngineRequest` message.
@@ -4150,6 +4716,65 @@ extension Keel_Control_V1_NodeControl.ClientProtocol {
             onResponse: handleResponse
         )
     }
+
+    /// Call the "StartReplica" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Starts one of a volume's replicas here (or finds it running), serving on
+    /// > this node's address; returns once it accepts connections.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_StartReplicaRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func startReplica<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_StartReplicaRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_StartedReplica>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.startReplica(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_StartReplicaRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_StartedReplica>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "StopReplica" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Stops one of a volume's replicas here; with remove_data its data goes too.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_StopReplicaRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func stopReplica<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_StopReplicaRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.stopReplica(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_StopReplicaRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_NodeHealth>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
 }
 
 // Helpers providing sugared APIs for 'ClientProtocol' methods.
@@ -4195,6 +4820,8 @@ extension Keel_Control_V1_NodeControl.ClientProtocol {
     /// > Starts the volume's engine here (or finds it running), listening on this
     /// > node's address at `port`; returns once it serves: it has claimed the
     /// > replicas with a newer epoch, which fences any engine that had them.
+    /// > A running engine whose control API does not answer within 5 s is hung:
+    /// > it is killed and started again.
     ///
     /// - Parameters:
     ///   - message: request message to send.
@@ -4250,6 +4877,73 @@ extension Keel_Control_V1_NodeControl.ClientProtocol {
             metadata: metadata
         )
         return try await self.stopEngine(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "StartReplica" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Starts one of a volume's replicas here (or finds it running), serving on
+    /// > this node's address; returns once it accepts connections.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func startReplica<Result>(
+        _ message: Keel_Control_V1_StartReplicaRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_StartedReplica>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_StartReplicaRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.startReplica(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "StopReplica" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Stops one of a volume's replicas here; with remove_data its data goes too.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func stopReplica<Result>(
+        _ message: Keel_Control_V1_StopReplicaRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_StopReplicaRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.stopReplica(
             request: request,
             options: options,
             onResponse: handleResponse

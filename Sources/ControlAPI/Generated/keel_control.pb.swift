@@ -106,6 +106,29 @@ public nonisolated struct Keel_Control_V1_Snapshots: Sendable {
   public init() {}
 }
 
+public nonisolated struct Keel_Control_V1_EngineAliveRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Keel_Control_V1_EngineAlive: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// false: still claiming and resyncing its replicas
+  public var serving: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 public nonisolated struct Keel_Control_V1_EngineStatusRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -581,6 +604,10 @@ public nonisolated struct Keel_Control_V1_StartEngineRequest: Sendable {
   /// seconds; 0: the engine's default
   public var replicaTimeout: Double = 0
 
+  /// The engine here does not answer its clients (the device frontend says
+  /// so): a running one is killed and started again, which fences it.
+  public var restartRunning: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -609,6 +636,62 @@ public nonisolated struct Keel_Control_V1_StopEngineRequest: Sendable {
   // methods supported on all messages.
 
   public var volume: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// A replica placed on a node is known by its volume's identity and its index
+/// there: volumes of other hosts may share a name, never an identity.
+public nonisolated struct Keel_Control_V1_StartReplicaRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var volume: String = String()
+
+  public var volumeID: String = String()
+
+  public var index: UInt32 = 0
+
+  public var size: UInt64 = 0
+
+  /// 0: the agent picks a free one (and the next, for the control API)
+  public var port: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Keel_Control_V1_StartedReplica: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// HOST:PORT of the replica's data listener
+  public var address: String = String()
+
+  public var alreadyRunning: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Keel_Control_V1_StopReplicaRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var volume: String = String()
+
+  public var volumeID: String = String()
+
+  public var index: UInt32 = 0
+
+  public var removeData: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -808,6 +891,55 @@ nonisolated extension Keel_Control_V1_Snapshots: SwiftProtobuf.Message, SwiftPro
 
   public static func ==(lhs: Keel_Control_V1_Snapshots, rhs: Keel_Control_V1_Snapshots) -> Bool {
     if lhs.snapshots != rhs.snapshots {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Keel_Control_V1_EngineAliveRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".EngineAliveRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Keel_Control_V1_EngineAliveRequest, rhs: Keel_Control_V1_EngineAliveRequest) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Keel_Control_V1_EngineAlive: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".EngineAlive"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}serving\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBoolField(value: &self.serving) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.serving != false {
+      try visitor.visitSingularBoolField(value: self.serving, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Keel_Control_V1_EngineAlive, rhs: Keel_Control_V1_EngineAlive) -> Bool {
+    if lhs.serving != rhs.serving {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1613,7 +1745,7 @@ nonisolated extension Keel_Control_V1_NodeDaemon: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Keel_Control_V1_StartEngineRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".StartEngineRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{3}volume_id\0\u{1}size\0\u{1}replicas\0\u{1}port\0\u{3}replica_timeout\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{3}volume_id\0\u{1}size\0\u{1}replicas\0\u{1}port\0\u{3}replica_timeout\0\u{3}restart_running\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1627,6 +1759,7 @@ nonisolated extension Keel_Control_V1_StartEngineRequest: SwiftProtobuf.Message,
       case 4: try { try decoder.decodeRepeatedStringField(value: &self.replicas) }()
       case 5: try { try decoder.decodeSingularUInt32Field(value: &self.port) }()
       case 6: try { try decoder.decodeSingularDoubleField(value: &self.replicaTimeout) }()
+      case 7: try { try decoder.decodeSingularBoolField(value: &self.restartRunning) }()
       default: break
       }
     }
@@ -1651,6 +1784,9 @@ nonisolated extension Keel_Control_V1_StartEngineRequest: SwiftProtobuf.Message,
     if self.replicaTimeout.bitPattern != 0 {
       try visitor.visitSingularDoubleField(value: self.replicaTimeout, fieldNumber: 6)
     }
+    if self.restartRunning != false {
+      try visitor.visitSingularBoolField(value: self.restartRunning, fieldNumber: 7)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1661,6 +1797,7 @@ nonisolated extension Keel_Control_V1_StartEngineRequest: SwiftProtobuf.Message,
     if lhs.replicas != rhs.replicas {return false}
     if lhs.port != rhs.port {return false}
     if lhs.replicaTimeout != rhs.replicaTimeout {return false}
+    if lhs.restartRunning != rhs.restartRunning {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1731,6 +1868,136 @@ nonisolated extension Keel_Control_V1_StopEngineRequest: SwiftProtobuf.Message, 
 
   public static func ==(lhs: Keel_Control_V1_StopEngineRequest, rhs: Keel_Control_V1_StopEngineRequest) -> Bool {
     if lhs.volume != rhs.volume {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Keel_Control_V1_StartReplicaRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".StartReplicaRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{3}volume_id\0\u{1}index\0\u{1}size\0\u{1}port\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.volume) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.volumeID) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.index) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.size) }()
+      case 5: try { try decoder.decodeSingularUInt32Field(value: &self.port) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.volume.isEmpty {
+      try visitor.visitSingularStringField(value: self.volume, fieldNumber: 1)
+    }
+    if !self.volumeID.isEmpty {
+      try visitor.visitSingularStringField(value: self.volumeID, fieldNumber: 2)
+    }
+    if self.index != 0 {
+      try visitor.visitSingularUInt32Field(value: self.index, fieldNumber: 3)
+    }
+    if self.size != 0 {
+      try visitor.visitSingularUInt64Field(value: self.size, fieldNumber: 4)
+    }
+    if self.port != 0 {
+      try visitor.visitSingularUInt32Field(value: self.port, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Keel_Control_V1_StartReplicaRequest, rhs: Keel_Control_V1_StartReplicaRequest) -> Bool {
+    if lhs.volume != rhs.volume {return false}
+    if lhs.volumeID != rhs.volumeID {return false}
+    if lhs.index != rhs.index {return false}
+    if lhs.size != rhs.size {return false}
+    if lhs.port != rhs.port {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Keel_Control_V1_StartedReplica: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".StartedReplica"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}address\0\u{3}already_running\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.address) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.alreadyRunning) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.address.isEmpty {
+      try visitor.visitSingularStringField(value: self.address, fieldNumber: 1)
+    }
+    if self.alreadyRunning != false {
+      try visitor.visitSingularBoolField(value: self.alreadyRunning, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Keel_Control_V1_StartedReplica, rhs: Keel_Control_V1_StartedReplica) -> Bool {
+    if lhs.address != rhs.address {return false}
+    if lhs.alreadyRunning != rhs.alreadyRunning {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Keel_Control_V1_StopReplicaRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".StopReplicaRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{3}volume_id\0\u{1}index\0\u{3}remove_data\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.volume) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.volumeID) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.index) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.removeData) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.volume.isEmpty {
+      try visitor.visitSingularStringField(value: self.volume, fieldNumber: 1)
+    }
+    if !self.volumeID.isEmpty {
+      try visitor.visitSingularStringField(value: self.volumeID, fieldNumber: 2)
+    }
+    if self.index != 0 {
+      try visitor.visitSingularUInt32Field(value: self.index, fieldNumber: 3)
+    }
+    if self.removeData != false {
+      try visitor.visitSingularBoolField(value: self.removeData, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Keel_Control_V1_StopReplicaRequest, rhs: Keel_Control_V1_StopReplicaRequest) -> Bool {
+    if lhs.volume != rhs.volume {return false}
+    if lhs.volumeID != rhs.volumeID {return false}
+    if lhs.index != rhs.index {return false}
+    if lhs.removeData != rhs.removeData {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

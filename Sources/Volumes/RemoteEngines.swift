@@ -3,19 +3,19 @@ import Foundation
 import NodeRegistry
 
 /// A volume's engine on its engine nodes, through their agents.
-struct RemoteEngines {
-    let volume: VolumeRecord
-    let node: Node
+public struct RemoteEngines {
+    public let volume: VolumeRecord
+    public let node: Node
 
     /// Calls to the agents take the node's credentials (or those `control` names) over TCP.
-    init(volume: VolumeRecord, node: Node, control: ControlClientOptions) {
+    public init(volume: VolumeRecord, node: Node, credentials: ControlCredentials) {
         self.volume = volume
         self.node = node
-        if let first = node.engineNodes(volume).first { control.apply(for: first.address) }
+        if let first = node.engineNodes(volume).first { credentials.apply(for: first.address) }
     }
 
     /// Each engine node and whether the volume's engine runs there (nil: its agent does not answer).
-    func states() -> [(node: String, running: Bool?)] {
+    public func states() -> [(node: String, running: Bool?)] {
         node.engineNodes(volume).map { engineNode in
             let health = try? callNode(engineNode.address, doing: "report its health") {
                 try await $0.health(.init(), options: .timeout(seconds: 3))
@@ -25,7 +25,7 @@ struct RemoteEngines {
     }
 
     /// Stops the volume's engine wherever it runs; the nodes that could not be asked, with why.
-    func stop() -> [String] {
+    public func stop() -> [String] {
         node.engineNodes(volume).compactMap { engineNode in
             do {
                 _ = try callNode(engineNode.address, doing: "stop the engine of \(volume.name)") {

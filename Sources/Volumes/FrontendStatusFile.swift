@@ -5,8 +5,8 @@ import Syscalls
 /// What a volume's device frontend last said of its engine, kept in
 /// `run/VOL.frontend.json`: written by `keel frontend serve --status-file`,
 /// read by `keel volume show` and `ls`.
-struct FrontendStatusFile: Codable {
-    enum State: String, Codable {
+public struct FrontendStatusFile: Codable {
+    public enum State: String, Codable {
         case connected
         /// The engine does not answer; the kernel holds the device's I/O.
         case waiting
@@ -14,13 +14,13 @@ struct FrontendStatusFile: Codable {
         case failing
     }
 
-    var state: State
-    var engine: String
-    var failure: String?
+    public var state: State
+    public var engine: String
+    public var failure: String?
     /// Seconds since the epoch.
-    var since: Int64
+    public var since: Int64
 
-    init(_ status: DeviceFrontend.Status, at since: Int64 = Int64(Date().timeIntervalSince1970)) {
+    public init(_ status: DeviceFrontend.Status, at since: Int64 = Int64(Date().timeIntervalSince1970)) {
         switch status {
         case .connected(let engine): (state, self.engine, failure) = (.connected, "\(engine.address)", nil)
         case .waiting(let engine, let failure): (state, self.engine, self.failure) = (.waiting, "\(engine.address)", failure)
@@ -29,16 +29,16 @@ struct FrontendStatusFile: Codable {
         self.since = since
     }
 
-    static func read(_ path: String) -> FrontendStatusFile? {
+    public static func read(_ path: String) -> FrontendStatusFile? {
         guard let text = readSmallFile(path, limit: 64 * 1024) else { return nil }
         return try? JSONDecoder().decode(Self.self, from: Data(text.utf8))
     }
 
-    func write(_ path: String) throws {
+    public func write(_ path: String) throws {
         let encoder = JSONEncoder()
         encoder.outputFormatting = .sortedKeys
         try writeFileAtomically(path, String(decoding: try encoder.encode(self), as: UTF8.self) + "\n")
     }
 
-    var json: [String: Any] { ["state": state.rawValue, "engine": engine, "failure": failure ?? NSNull(), "since": since] }
+    public var json: [String: Any] { ["state": state.rawValue, "engine": engine, "failure": failure ?? NSNull(), "since": since] }
 }

@@ -1,4 +1,3 @@
-import ArgumentParser
 import ControlAPI
 import Daemons
 import Foundation
@@ -6,56 +5,37 @@ import KernelNBD
 import NodeRegistry
 import Syscalls
 
-/// `--state-dir`, shared by every `keel volume` command.
-struct NodeOptions: ParsableArguments {
-    @Option(help: "The node's state directory: registry, local replicas, sockets, logs (default: $KEEL_STATE_DIR, else /var/lib/keel).")
-    var stateDir: String?
-
-    var layout: NodeLayout {
-        NodeLayout(stateDirectory: stateDir ?? ProcessInfo.processInfo.environment["KEEL_STATE_DIR"]
-            ?? NodeLayout.defaultStateDirectory)
-    }
-}
-
-/// What every `keel volume` command on one volume takes.
-struct VolumeTarget: ParsableArguments {
-    @Argument(help: "The volume's name.")
-    var name: String
-
-    @Flag(help: "Print JSON.")
-    var json = false
-
-    @OptionGroup var node: NodeOptions
-}
-
 /// This node as `keel volume` sees it: its registry, and the daemons of its
 /// volumes (replicas it holds, engines of attached volumes).
-struct Node {
-    let layout: NodeLayout
-    let registry: Registry
+public struct Node {
+    public let layout: NodeLayout
+    public let registry: Registry
+    /// The `keel` executable that runs the daemons keel starts itself (this process's own, for the CLI).
+    public let executable: String
 
-    init(_ options: NodeOptions) throws {
-        layout = options.layout
-        do { registry = try Registry(layout: layout) } catch { throw CLIError("\(error)") }
+    public init(layout: NodeLayout, executable: String = currentExecutable()) throws {
+        self.layout = layout
+        self.executable = executable
+        do { registry = try Registry(layout: layout) } catch { throw KeelError("\(error)") }
     }
 
-    func volume(_ name: String) throws -> VolumeRecord {
+    public func volume(_ name: String) throws -> VolumeRecord {
         guard let volume = try registry.volume(named: name) else {
-            throw CLIError("no volume named '\(name)' on this node (state directory \(layout.stateDirectory)); "
+            throw KeelError("no volume named '\(name)' on this node (state directory \(layout.stateDirectory)); "
                 + "see 'keel volume ls', or create it with 'keel volume create \(name) --size SIZE'")
         }
         return volume
     }
 
-    func runner(_ kind: VolumeRecord.Runner) -> DaemonRunner {
+    public func runner(_ kind: VolumeRecord.Runner) -> any DaemonRunner & Sendable {
         switch kind {
         case .systemd: return SystemdRunner(stateDirectory: layout.stateDirectory)
-        case .keel: return ProcessRunner(runDirectory: layout.runDirectory, logDirectory: layout.logDirectory)
+        case .keel: return ProcessRunner(runDirectory: layout.runDirectory, logDirectory: layout.logDirectory, executable: executable)
         }
     }
 
     /// The volume's replicas this node runs, with their data sockets.
-    func localReplicas(_ volume: VolumeRecord) -> [(daemon: Daemon, socket: String)] {
+    public func localReplicas(_ volume: VolumeRecord) -> [(daemon: Daemon, socket: String)] {
         volume.replicas.enumerated().compactMap { index, replica in
             guard let directory = replica.directory else { return nil }
             let socket = layout.replicaSocket(volume: volume.name, index: index)
@@ -65,7 +45,7 @@ struct Node {
         }
     }
 
-    func engineDaemon(_ volume: VolumeRecord) -> Daemon {
+    public func engineDaemon(_ volume: VolumeRecord) -> Daemon {
         var arguments = ["--size", "\(volume.size)"]
         for replica in volume.replicas { arguments += ["--replica", replica.address] }
         arguments += ["--listen", "unix:" + layout.engineSocket(volume.name), "--control", engineControl(volume.name)]
@@ -75,7 +55,7 @@ struct Node {
 
     /// The process that holds the volume's /dev/nbdX, connected to its engine:
     /// the local one, or one its engine nodes' agents start and fail over.
-    func frontendDaemon(_ volume: VolumeRecord, device: String? = nil) -> Daemon {
+    public func frontendDaemon(_ volume: VolumeRecord, device: String? = nil) -> Daemon {
         var arguments = ["--connections", "\(volume.connections)", "--status-file", layout.frontendStatus(volume.name)]
         if volume.enginePlacedElsewhere {
             for engineNode in engineNodes(volume) { arguments += ["--engine-node", engineNode.address] }
@@ -83,21 +63,22 @@ struct Node {
             for replica in volume.replicas { arguments += ["--replica", replica.address] }
             if !volume.id.isEmpty { arguments += ["--volume-id", volume.id] }
         } else {
-            arguments += ["--engine", "unix:" + layout.engineSocket(volume.name)]
+            arguments += ["--engine", "unix:" + layout.engineSocket(volume.name), "--restart-engine",
+                          "--state-dir", layout.stateDirectory]
         }
         if let device { arguments += ["--device", device] }
         return Daemon(kind: .frontend, instance: volume.name, arguments: arguments)
     }
 
     /// The volume's engine nodes, in order, as the registry knows them (it keeps a node while a volume names it).
-    func engineNodes(_ volume: VolumeRecord) -> [NodeRecord] {
+    public func engineNodes(_ volume: VolumeRecord) -> [NodeRecord] {
         volume.engineNodes.compactMap { name in (try? registry.node(named: name)) ?? nil }
     }
 
-    func engineControl(_ volume: String) -> String { "unix:" + layout.engineControl(volume) }
+    public func engineControl(_ volume: String) -> String { "unix:" + layout.engineControl(volume) }
 
     /// Where the volume is attached on this node.
-    func attachment(_ volume: VolumeRecord) -> Attachment {
+    public func attachment(_ volume: VolumeRecord) -> Attachment {
         let devices = KernelNBD.devices(withBackend: "keel:\(volume.name)")
         let link = "/dev/keel/\(volume.name)"
         let runner = self.runner(volume.runner)
@@ -110,18 +91,18 @@ struct Node {
                           frontendRunning: frontendRunning, frontend: status)
     }
 
-    struct Attachment {
+    public struct Attachment {
         /// The kernel device carrying the volume's backend identifier.
-        var device: String?
+        public var device: String?
         /// `/dev/keel/<volume>`, when udev made it.
-        var link: String?
+        public var link: String?
         /// For an engine on other nodes: the frontend is connected to it.
-        var engineRunning: Bool
+        public var engineRunning: Bool
         /// The device frontend that holds the device.
-        var frontendRunning: Bool
-        var frontend: FrontendStatusFile?
+        public var frontendRunning: Bool
+        public var frontend: FrontendStatusFile?
 
-        var summary: String {
+        public var summary: String {
             if let frontend, frontend.state != .connected, let device {
                 return "attached \(device), engine \(frontend.engine) does not answer"
                     + (frontend.state == .failing ? " past the dead-connection timeout: I/O fails" : " (I/O waits)")
@@ -136,25 +117,26 @@ struct Node {
     }
 
     /// Starts the volume's local replicas that are not running and waits until each accepts connections.
-    func startReplicas(_ volume: VolumeRecord) throws {
+    public func startReplicas(_ volume: VolumeRecord) throws {
         let runner = self.runner(volume.runner)
         for (daemon, socket) in localReplicas(volume) where !runner.isRunning(daemon) {
-            do { try runner.start(daemon) } catch { throw CLIError("cannot start \(daemon.description): \(error)") }
+            do { try runner.start(daemon) } catch { throw KeelError("cannot start \(daemon.description): \(error)") }
             try waitUntilServing(daemon, socket: socket, runner: runner)
         }
     }
 
     /// Serialises the commands that change a volume (two creates or two
-    /// attaches of one name); held until this command exits.
-    func lock(_ volume: String) throws {
+    /// attaches of one name, in this process or others); held until `unlock`.
+    public func lock(_ volume: String) throws -> VolumeLock {
         let path = "\(layout.runDirectory)/\(volume).lock"
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw CLIError("\(SystemError.current("open \(path)"))") }
+        guard fd >= 0 else { throw KeelError("\(SystemError.current("open \(path)"))") }
         for _ in 0..<1200 {
-            if flock(fd, LOCK_EX | LOCK_NB) == 0 { return }
+            if flock(fd, LOCK_EX | LOCK_NB) == 0 { return VolumeLock(fd: fd) }
             usleep(100_000)
         }
-        throw CLIError("another keel volume command has been working on \(volume) for 2 minutes; try again when it is done")
+        close(fd)
+        throw KeelError("another keel volume command has been working on \(volume) for 2 minutes; try again when it is done")
     }
 
     private func waitUntilServing(_ daemon: Daemon, socket: String, runner: DaemonRunner) throws {
@@ -162,17 +144,32 @@ struct Node {
             if unixSocketAccepts(socket) { return }
             if !runner.isRunning(daemon) {
                 let reason = runner.lastFailure(daemon) ?? "it stopped without saying why"
-                throw CLIError("\(daemon.description) did not start: \(reason)")
+                throw KeelError("\(daemon.description) did not start: \(reason)")
             }
             usleep(50_000)
         }
-        throw CLIError("\(daemon.description) did not accept connections on \(socket) within 30 s")
+        throw KeelError("\(daemon.description) did not accept connections on \(socket) within 30 s")
     }
 }
 
 /// True when something listens on the unix socket (a stale socket file refuses).
-func unixSocketAccepts(_ path: String) -> Bool {
+public func unixSocketAccepts(_ path: String) -> Bool {
     guard let fd = try? Socket.connect(to: .unix(path: path)) else { return false }
     fd.close()
     return true
+}
+
+/// A volume's lock, held from `Node.lock` until `unlock`.
+public final class VolumeLock {
+    private var fd: Int32
+
+    init(fd: Int32) { self.fd = fd }
+
+    public func unlock() {
+        guard fd >= 0 else { return }
+        close(fd)  // releases the flock
+        fd = -1
+    }
+
+    deinit { unlock() }
 }

@@ -1,0 +1,196 @@
+import ControlAPI
+import Daemons
+import Foundation
+import KernelNBD
+import NodeRegistry
+import Syscalls
+
+extension Node {
+    /// Attaches the volume to this host: starts its replicas (here and on
+    /// the nodes it placed them on) and its local engine if they are not
+    /// running, then its device frontend, which holds /dev/nbdX connected to
+    /// the engine (starting it on an engine node when it runs elsewhere).
+    /// Returns the device and its udev link (nil: udev made none). Nothing
+    /// half-attached is left on failure.
+    public func attach(_ name: String, device: String? = nil, force: Bool = false, timeout: Double = 120,
+                       credentials: ControlCredentials) throws -> (device: String, link: String?) {
+        if let device, !device.hasPrefix("/dev/nbd") || UInt32(device.dropFirst("/dev/nbd".count)) == nil {
+            throw KeelError("--device takes a kernel NBD device such as /dev/nbd0, not '\(device)'")
+        }
+        return try VolumeAttachment(node: self, name: name, device: device, force: force, timeout: timeout,
+                                    credentials: credentials).run()
+    }
+
+    /// Detaches the volume: its frontend drains the device's I/O and detaches
+    /// it, and its engine stops (here, or through its engine nodes' agents)
+    /// unless `keepEngine`. Returns the device it had and what was done.
+    public func detach(_ name: String, keepEngine: Bool = false,
+                       credentials: ControlCredentials) throws -> (device: String?, result: String) {
+        let held = try lock(name)
+        defer { held.unlock() }
+        let volume = try self.volume(name)
+        let runner = self.runner(volume.runner)
+        let before = self.attachment(volume)
+        let localEngine = !volume.enginePlacedElsewhere
+        for daemon in [frontendDaemon(volume)] + (keepEngine || !localEngine ? [] : [engineDaemon(volume)]) {
+            do { try runner.stop(daemon) } catch {
+                throw KeelError("cannot stop the \(daemon.description): \(error)")
+            }
+        }
+        // A frontend that died left its device holding I/O: nobody will serve it now.
+        for index in KernelNBD.devices(withBackend: "keel:\(name)") {
+            do { try KernelNBD().disconnect(index: index) } catch {
+                throw KeelError("cannot detach /dev/nbd\(index): \(error)")
+            }
+        }
+        var unstopped: [String] = []
+        if !localEngine && !keepEngine {
+            unstopped = RemoteEngines(volume: volume, node: self, credentials: credentials).stop()
+        }
+        var was = before.device.map { "detached \($0)" + (keepEngine ? ", engine running" : "") }
+            ?? (before.engineRunning && !keepEngine ? "engine stopped" : "was not attached")
+        if !unstopped.isEmpty {
+            was += "; could not ask every engine node to stop the engine (" + unstopped.joined(separator: "; ")
+                + "): a new attach fences one still running"
+        }
+        return (before.device, was)
+    }
+}
+
+/// One attach of a volume: what it started goes again if the attach fails.
+private struct VolumeAttachment {
+    let node: Node
+    let name: String
+    let device: String?
+    let force: Bool
+    let timeout: Double
+    let credentials: ControlCredentials
+
+    func run() throws -> (device: String, link: String?) {
+        let held = try node.lock(name)
+        defer { held.unlock() }
+        let volume = try node.volume(name)
+        let runner = node.runner(volume.runner)
+        let engine = node.engineDaemon(volume)
+        let frontend = node.frontendDaemon(volume, device: device)
+        let attachment = node.attachment(volume)
+        if attachment.engineRunning, attachment.frontendRunning, let device = attachment.device {
+            throw KeelError("volume \(name) is already attached as \(device)")
+        }
+        try node.startReplicas(volume)
+        try RemoteReplicas(volume: volume, node: node, credentials: credentials).start()
+        // An engine elsewhere is the frontend's to start: on the first engine node that answers.
+        let localEngine = !volume.enginePlacedElsewhere
+        if localEngine && !attachment.engineRunning && !attachment.frontendRunning && !force { try checkNoLiveEngine(volume) }
+        do { _ = try KernelNBD() } catch { throw KeelError("\(error)") }
+
+        let deadline = Date().addingTimeInterval(timeout)
+        if localEngine && !attachment.engineRunning && attachment.frontendRunning {
+            // The frontend restarts its engine itself: one restarter, or the two would fence each other.
+            try waitForEngine(engine, runner: runner, node: node, before: deadline, startedBy: frontend)
+        } else if localEngine && !attachment.engineRunning {
+            try start(engine, runner: runner)
+            do { try waitForEngine(engine, runner: runner, node: node, before: deadline) } catch {
+                try? runner.stop(engine)
+                throw error
+            }
+        }
+        let device: String
+        do {
+            // A frontend that holds the device already reconnects it to the new engine by itself.
+            if !attachment.frontendRunning { try start(frontend, runner: runner) }
+            device = try waitForDevice(frontend, runner: runner, before: deadline)
+        } catch {
+            // Nothing half-attached: what this command started goes, and is not restarted.
+            if !attachment.frontendRunning { try? runner.stop(frontend) }
+            if localEngine && !attachment.engineRunning && !attachment.frontendRunning { try? runner.stop(engine) }
+            throw error
+        }
+        return (device, waitForLink(device))
+    }
+
+    private func start(_ daemon: Daemon, runner: DaemonRunner) throws {
+        do { try runner.start(daemon) } catch {
+            // Under systemd the unit may be enabled already: it must not retry (or come back at boot).
+            let reason = runner.lastFailure(daemon) ?? "\(error)"
+            try? runner.stop(daemon)
+            throw KeelError("cannot attach \(name): \(reason)")
+        }
+    }
+
+    /// A replica with open connections of its owner's epoch is in use by a live engine.
+    private func checkNoLiveEngine(_ volume: VolumeRecord) throws {
+        for replica in volume.replicas {
+            guard let address = try? Syscalls.SocketAddress(parsing: replica.address),
+                  let status = try? replicaStatus(defaultControlAddress(forData: address)),
+                  status.engineConnections > 0 else { continue }
+            throw KeelError("volume \(name) is attached elsewhere: engine \(status.owner.engine) (epoch \(status.owner.epoch)) "
+                + "is connected to replica \(replica.address); detach it there first, or pass --force to take it over")
+        }
+    }
+
+    /// Until the engine has claimed its replicas and serves (its control API answers).
+    private func waitForEngine(_ engine: Daemon, runner: DaemonRunner, node: Node, before deadline: Date,
+                               startedBy frontend: Daemon? = nil) throws {
+        while Date() < deadline {
+            try checkStillRunning(frontend ?? engine, runner: runner)
+            if (try? callEngine(node.engineControl(name), doing: "report its status", {
+                try await $0.status(.init())
+            })) != nil { return }
+            usleep(100_000)
+        }
+        throw KeelError("the engine of \(name) did not serve within \(Int(timeout)) s; see its log")
+    }
+
+    /// Until the kernel shows a device with the volume's backend identifier and its size.
+    private func waitForDevice(_ frontend: Daemon, runner: DaemonRunner, before deadline: Date) throws -> String {
+        while Date() < deadline {
+            try checkStillRunning(frontend, runner: runner)
+            if let index = KernelNBD.devices(withBackend: "keel:\(name)").first,
+               let size = readSmallFile("/sys/block/nbd\(index)/size", limit: 64), size != "0\n" {
+                return "/dev/nbd\(index)"
+            }
+            usleep(100_000)
+        }
+        throw KeelError("the device frontend of \(name) did not attach a device within \(Int(timeout)) s; see its log")
+    }
+
+    private func checkStillRunning(_ daemon: Daemon, runner: DaemonRunner) throws {
+        guard !runner.isRunning(daemon) else { return }
+        throw KeelError(runner.lastFailure(daemon).map { "cannot attach \(name): \($0)" }
+            ?? "the \(daemon.description) stopped before the device was attached; see its log")
+    }
+
+    /// udev makes the link from the device's change event. The kernel sends
+    /// that event as the device gets its size, a moment before the backend
+    /// identifier is there, so udev may have found none. Once the identifier
+    /// is there, a change event of our own that udev has processed (its
+    /// answer on the netlink, not a timer) leaves the link made, however
+    /// busy the host.
+    private func waitForLink(_ device: String) -> String? {
+        let link = "/dev/keel/\(name)"
+        let made = { access(link, F_OK) == 0 }
+        guard access("/run/udev/control", F_OK) == 0 else { return made() ? link : nil }
+        if made() { return link }
+        let block = (device as NSString).lastPathComponent
+        // The kernel sets the identifier right after the size: no udev involved, a short wait.
+        for _ in 0..<1000 where access("/sys/block/\(block)/backend", F_OK) != 0 { usleep(10_000) }
+        let uevent = "/sys/block/\(block)/uevent"
+        if let events = try? UdevEvents() {
+            // A processed event that began before ours may come first: then ask once more.
+            for _ in 0..<3 {
+                try? writeFileInPlace(uevent, "change")
+                let processed = events.waitForProcessedEvent(of: block, seconds: min(timeout, 30), or: made)
+                if made() { return link }
+                if !processed { break }
+            }
+        }
+        // Where udev's answers cannot be had (udevd in a chroot, say): ask again and watch the link.
+        for attempt in 0..<400 {
+            if made() { return link }
+            if attempt == 0 || attempt == 20 || attempt == 200 { try? writeFileInPlace(uevent, "change") }
+            usleep(50_000)
+        }
+        return nil
+    }
+}
