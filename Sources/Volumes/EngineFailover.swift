@@ -43,7 +43,7 @@ public final class EngineFailover: Sendable {
         for place in lost.map(ordered(after:)) ?? places {
             if calls.isCancelled { return nil }
             guard place.answers(calls) else {
-                logger.warning("engine node \(place.name) does not answer; trying the next")
+                logger.warning("engine \(place.name) does not answer; trying the next")
                 continue
             }
             let restart = hung && lost.map(place.ran) == true

@@ -81,7 +81,7 @@ public struct AgentPlace: EnginePlace {
     public let address: String
 
     public init(address: String) { self.address = address }
-    public var name: String { address }
+    public var name: String { "node \(address)" }
 
     public func ran(_ endpoint: EngineEndpoint) -> Bool {
         guard case .tcp(let host, _) = endpoint.address,
