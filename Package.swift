@@ -86,7 +86,7 @@ let package = Package(
         .target(name: "KernelNBD", dependencies: ["CNetlink", "Syscalls"]),
         // The host's device of a volume: /dev/nbdX held connected to the volume's engine, wherever it runs.
         .target(name: "DeviceFrontend", dependencies: [
-            "KernelNBD", "NBDProtocol", "Syscalls", .product(name: "Logging", package: "swift-log"),
+            "KernelNBD", "NBDProtocol", "Syscalls", "TLSSession", .product(name: "Logging", package: "swift-log"),
         ]),
         // `keel engine serve`: a volume's frontend, replicated synchronously to its replicas.
         .target(name: "Engine", dependencies: [
@@ -160,7 +160,7 @@ let package = Package(
         .testTarget(name: "NodeTests", dependencies: ["NodeRegistry", "Daemons", "SQLite"]),
         .testTarget(name: "SimulatorTests", dependencies: ["Simulator"]),
         // Also runs Tests/KernelScenarios/*.sh in a QEMU guest with Debian's kernel (KernelTests).
-        .testTarget(name: "IntegrationTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls", "SeededRandom", "Volumes", "NodeRegistry", "DeviceFrontend"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls", "SeededRandom", "Volumes", "NodeRegistry", "DeviceFrontend", "TLSSession"]),
     ],
     swiftLanguageModes: [.v5]
 )

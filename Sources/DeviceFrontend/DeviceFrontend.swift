@@ -2,6 +2,7 @@ import KernelNBD
 import Logging
 import Synchronization
 import Syscalls
+import TLSSession
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -30,6 +31,8 @@ public final class DeviceFrontend: @unchecked Sendable {
 
     private let device: KernelDevice
     private let connectTimeout: Int32
+    /// TLS for links to an engine over TCP (kTLS once negotiated); unix links stay plaintext.
+    private let tls: TLSCredentials?
     private let logger: Logger
     private let replacement: Replacement?
     private let observer: StatusObserver?
@@ -38,10 +41,11 @@ public final class DeviceFrontend: @unchecked Sendable {
     private var watcher: PosixThread?
 
     /// `connectTimeout`: milliseconds a connection and its handshake may take.
-    public init(device: KernelDevice, engine: EngineEndpoint, connectTimeout: Int32 = 3000, logger: Logger,
-                replacement: Replacement? = nil, observer: StatusObserver? = nil) {
+    public init(device: KernelDevice, engine: EngineEndpoint, connectTimeout: Int32 = 3000, tls: TLSCredentials? = nil,
+                logger: Logger, replacement: Replacement? = nil, observer: StatusObserver? = nil) {
         self.device = device
         self.connectTimeout = connectTimeout
+        self.tls = tls
         self.logger = logger
         self.replacement = replacement
         self.observer = observer
@@ -66,7 +70,7 @@ public final class DeviceFrontend: @unchecked Sendable {
         let engine = self.engine
         var links: [EngineLink] = []
         do {
-            for _ in 0..<device.settings.connections { links.append(try EngineLink.open(engine, timeout: connectTimeout, unanswered: unanswered)) }
+            for _ in 0..<device.settings.connections { links.append(try link(to: engine)) }
         } catch {
             links.forEach { $0.fd.close() }
             throw error
@@ -87,6 +91,11 @@ public final class DeviceFrontend: @unchecked Sendable {
     }
 
     private var isRunning: Bool { running.load(ordering: .acquiring) }
+
+    private func link(to engine: EngineEndpoint) throws -> EngineLink {
+        let overTCP = if case .tcp = engine.address { true } else { false }
+        return try EngineLink.open(engine, timeout: connectTimeout, unanswered: unanswered, tls: overTCP ? tls : nil)
+    }
 
     /// Notifications say when; the probes say how many (a lost notification
     /// costs at most one tick).
@@ -118,12 +127,13 @@ public final class DeviceFrontend: @unchecked Sendable {
             do {
                 var links: [EngineLink] = []
                 defer { links.forEach { $0.fd.close() } }
-                for _ in 0..<dead { links.append(try EngineLink.open(engine, timeout: connectTimeout, unanswered: unanswered)) }
+                for _ in 0..<dead { links.append(try link(to: engine)) }
+                let tls = links.allSatisfy(\.encrypted) ? " over TLS (kTLS)" : ""
                 let taken = try device.replaceDeadLinks(with: links)
                 links = []
                 let waited = monotonicSeconds() - started
                 let pause = waited >= 1 ? " after \(Int(waited)) s without one" : ""
-                logger.notice("/dev/nbd\(index): \(taken) new connection(s) to engine \(engine)\(pause)")
+                logger.notice("/dev/nbd\(index): \(taken) new connection(s) to engine \(engine)\(tls)\(pause)")
                 if lastFailure != nil { observer?(.connected(engine)) }
                 lastFailure = nil
                 continue

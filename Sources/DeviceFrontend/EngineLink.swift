@@ -1,5 +1,6 @@
 import NBDProtocol
 import Syscalls
+import TLSSession
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -23,6 +24,8 @@ public struct EngineLink {
     public let fd: FileDescriptor
     public let size: UInt64
     public let flags: TransmissionFlags
+    /// TLS, its records held by the kernel (kTLS).
+    public let encrypted: Bool
 
     /// Connects and negotiates within `timeout` milliseconds in all; an engine
     /// whose node is cut off fails here, not after the system's SYN retries.
@@ -31,7 +34,11 @@ public struct EngineLink {
     /// that is cut off is noticed then, before the kernel's I/O timeout (the
     /// requests in flight were acknowledged by TCP, and the kernel sends
     /// nothing more while it waits for their replies: only probes notice).
-    public static func open(_ endpoint: EngineEndpoint, timeout: Int32, unanswered: UInt32? = nil) throws -> EngineLink {
+    /// With `tls`, the link starts TLS (STARTTLS), negotiates the export
+    /// inside it, and hands the session's records to the kernel (kTLS): the
+    /// NBD driver then reads and writes plaintext on an encrypted link.
+    public static func open(_ endpoint: EngineEndpoint, timeout: Int32, unanswered: UInt32? = nil,
+                            tls: TLSCredentials? = nil) throws -> EngineLink {
         let deadline = Deadline(milliseconds: timeout)
         let fd = try Socket.connect(to: endpoint.address, timeout: timeout)
         do {
@@ -39,22 +46,29 @@ public struct EngineLink {
                 Socket.setNoDelay(fd)
                 if let unanswered { setDeadPeerTimeout(fd, milliseconds: unanswered) }
             }
-            var handshake = ClientHandshake(exportName: endpoint.exportName)
-            var buffer = [UInt8](repeating: 0, count: 4096)
+            let wire = HandshakeWire(fd: fd, endpoint: endpoint, deadline: deadline)
+            var handshake = ClientHandshake(exportName: endpoint.exportName, startTLS: tls != nil)
             while true {
-                let received = try read(fd, into: &buffer, before: deadline, from: endpoint)
+                let received = try wire.receive()
                 var send: [UInt8] = []
-                let step = buffer.withUnsafeBytes { handshake.receive(UnsafeRawBufferPointer(rebasing: $0[..<received]), send: &send) }
-                try write(fd, send, before: deadline, to: endpoint)
+                let step = received.withUnsafeBytes { handshake.receive($0, send: &send) }
+                try wire.send(send)
                 switch step {
                 case .needMore: continue
                 case .finished(let size, let flags, let consumed):
-                    guard consumed == received else {
+                    guard consumed == received.count, !wire.hasPendingInput else {
                         throw SystemError(errno: EPROTO, "engine \(endpoint): data after the handshake")
                     }
-                    return EngineLink(fd: fd, size: size, flags: flags)
-                case .startTLS:
-                    throw SystemError(errno: EPROTO, "engine \(endpoint): TLS was not asked for")
+                    try wire.handRecordsToKernel()
+                    return EngineLink(fd: fd, size: size, flags: flags, encrypted: wire.session != nil)
+                case .startTLS(let consumed):
+                    guard let tls, consumed == received.count, wire.session == nil else {
+                        throw SystemError(errno: EPROTO, "engine \(endpoint): TLS was not asked for")
+                    }
+                    try wire.startTLS(tls)
+                    var inside: [UInt8] = []
+                    handshake.resumeInsideTLS(send: &inside)
+                    try wire.send(inside)
                 case .failed(let reason):
                     throw SystemError(errno: EPROTO, "engine \(endpoint): \(reason)")
                 }
@@ -79,7 +93,7 @@ public struct EngineLink {
         set(Int32(IPPROTO_TCP), TCP_USER_TIMEOUT, Int32(clamping: milliseconds))
     }
 
-    private struct Deadline {
+    struct Deadline {
         let end: UInt64
         init(milliseconds: Int32) { end = monotonicNanoseconds() + UInt64(max(0, milliseconds)) * 1_000_000 }
         var remainingMilliseconds: Int32 {
@@ -88,7 +102,7 @@ public struct EngineLink {
         }
     }
 
-    private static func wait(_ fd: FileDescriptor, for events: Int32, before deadline: Deadline,
+    static func wait(_ fd: FileDescriptor, for events: Int32, before deadline: Deadline,
                              _ what: String) throws {
         var entry = pollfd(fd: fd.rawValue, events: Int16(events), revents: 0)
         while true {
@@ -96,28 +110,6 @@ public struct EngineLink {
             if ready > 0 { return }
             if ready < 0 && errno == EINTR { continue }
             throw SystemError(errno: ready == 0 ? ETIMEDOUT : errno, what)
-        }
-    }
-
-    private static func read(_ fd: FileDescriptor, into buffer: inout [UInt8], before deadline: Deadline,
-                             from endpoint: EngineEndpoint) throws -> Int {
-        try wait(fd, for: POLLIN, before: deadline, "engine \(endpoint): no handshake answer in time")
-        let count = buffer.withUnsafeMutableBytes { recv(fd.rawValue, $0.baseAddress, $0.count, 0) }
-        if count > 0 { return count }
-        throw SystemError(errno: count == 0 ? ECONNRESET : errno, "engine \(endpoint) closed the connection during the handshake")
-    }
-
-    private static func write(_ fd: FileDescriptor, _ bytes: [UInt8], before deadline: Deadline,
-                              to endpoint: EngineEndpoint) throws {
-        var offset = 0
-        while offset < bytes.count {
-            try wait(fd, for: POLLOUT, before: deadline, "engine \(endpoint): cannot send the handshake in time")
-            let sent = bytes.withUnsafeBytes { send(fd.rawValue, $0.baseAddress! + offset, $0.count - offset, Int32(MSG_NOSIGNAL)) }
-            guard sent > 0 else {
-                if errno == EINTR || errno == EAGAIN { continue }
-                throw SystemError.current("engine \(endpoint): send")
-            }
-            offset += sent
         }
     }
 }

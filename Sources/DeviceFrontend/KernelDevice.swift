@@ -91,7 +91,8 @@ public final class KernelDevice {
         } else {
             index = try kernel.connect(sockets: sockets, configuration: configuration)
             probes = try sockets.map { try duplicate($0) }
-            logger.notice("attached /dev/nbd\(index) with \(links.count) connection(s), backend \(settings.backendIdentifier)")
+            let tls = links.allSatisfy(\.encrypted) ? ", TLS held by the kernel (kTLS)" : ""
+            logger.notice("attached /dev/nbd\(index) with \(links.count) connection(s)\(tls), backend \(settings.backendIdentifier)")
         }
         size = first.size
         self.index = index

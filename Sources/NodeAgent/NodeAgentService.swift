@@ -17,18 +17,21 @@ public struct NodeAgentService: Keel_Control_V1_NodeControl.SimpleServiceProtoco
         public var host: String
         public var layout: NodeLayout
         public var version: String
-        /// `--tls off` for engines on an address beyond loopback: the device frontend's link is plaintext.
+        /// The engines' NBD listener: TLS with the agent's credentials, or `--tls off` beyond loopback.
         public var engineListenerArguments: [String]
+        /// Replicas placed here: `--tls off` beyond loopback (their engines' links are plaintext).
+        public var replicaListenerArguments: [String]
         /// Seconds an engine may take to claim its replicas and serve.
         public var startTimeout: Double
 
         public init(name: String, host: String, layout: NodeLayout, version: String,
-                    engineListenerArguments: [String], startTimeout: Double = 120) {
+                    engineListenerArguments: [String], replicaListenerArguments: [String] = [], startTimeout: Double = 120) {
             self.name = name
             self.host = host
             self.layout = layout
             self.version = version
             self.engineListenerArguments = engineListenerArguments
+            self.replicaListenerArguments = replicaListenerArguments
             self.startTimeout = startTimeout
         }
     }
@@ -130,7 +133,7 @@ public struct NodeAgentService: Keel_Control_V1_NodeControl.SimpleServiceProtoco
         let host = settings.host.contains(":") ? "[\(settings.host)]" : settings.host
         let replica = Daemon(kind: .replica, instance: name,
                              arguments: ["--dir", directory, "--listen", "\(host):\(port)", "--size", "\(request.size)"]
-                                 + settings.engineListenerArguments)
+                                 + settings.replicaListenerArguments)
         try await offThePool {
             do {
                 try makeDirectories(settings.layout.placedVolumeDirectory(volumeID: request.volumeID))

@@ -4,6 +4,7 @@ import Foundation
 import Logging
 import NodeRegistry
 import Syscalls
+import TLSSession
 import Volumes
 
 struct FrontendCommand: ParsableCommand {
@@ -70,6 +71,9 @@ struct FrontendCommand: ParsableCommand {
         @Option(help: "A file to keep the device's state in, as JSON (engine, connected or waiting, the last failure): what keel volume show reads.")
         var statusFile: String?
 
+        @Option(help: ArgumentHelp("TLS on the device's links to an engine over TCP: require (STARTTLS with the node's client certificate, then the kernel holds the session: kTLS) or off. Default: require when the node has credentials (--tls-certificates, $KEEL_TLS_CERTIFICATES, or STATE/tls/NAME), else off. Links over unix sockets stay plaintext.", valueName: "mode"))
+        var linkTls: LinkTLSMode?
+
         @Flag(help: "The engine at --engine is this node's engine daemon of the volume (keel volume attach started it): when it stops answering, the frontend starts it again, the only one that does.")
         var restartEngine = false
 
@@ -122,11 +126,12 @@ struct FrontendCommand: ParsableCommand {
             } else {
                 throw KeelError("no engine node could start the engine of \(volume) (\(engineNode.joined(separator: ", "))); see the log")
             }
+            let tls = try linkCredentials()
             let frontend: DeviceFrontend
             let path: String
             do {
                 frontend = DeviceFrontend(device: try KernelDevice(settings: settings, logger: logger), engine: endpoint,
-                                          connectTimeout: Int32(connectTimeout * 1000), logger: logger,
+                                          connectTimeout: Int32(connectTimeout * 1000), tls: tls, logger: logger,
                                           replacement: failover.map { failover in { @Sendable in failover.engine(replacing: $0, failure: $1) } },
                                           observer: { @Sendable status in
                                               if case .connected = status { failover?.engineAnswered() }
@@ -146,6 +151,19 @@ struct FrontendCommand: ParsableCommand {
             failover?.cancel()
             frontend.stop()
             if let statusFile { unlink(statusFile) }
+        }
+
+        /// The client credentials of TLS links, or nil for plaintext ones.
+        private func linkCredentials() throws -> TLSCredentials? {
+            let directory = control.tlsCertificates ?? ProcessInfo.processInfo.environment["KEEL_TLS_CERTIFICATES"]
+                ?? nodeCredentialsDirectory()
+            guard (linkTls ?? (directory == nil ? .off : .require)) == .require else { return nil }
+            guard let directory else {
+                throw KeelError("--link-tls require needs the node's client certificate: --tls-certificates DIR (from 'keel cert issue'), or STATE/tls/NAME")
+            }
+            do { return try TLSCredentials.certificates(directory: directory, role: .client) } catch {
+                throw KeelError("TLS credentials for the device's links: \(error)")
+            }
         }
 
         /// Where the frontend has engines started: the engine nodes' agents, or this node's own engine daemon.

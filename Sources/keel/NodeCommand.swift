@@ -21,9 +21,10 @@ struct NodeCommand: ParsableCommand {
                 Engines it starts run as this node's daemons (keel-engine@ units under systemd, else \\
                 processes of keel's own) and listen on the agent's host at the port the caller names. \\
                 A device frontend whose engine is lost starts a new one through the next node's agent. \\
-                Beyond loopback the agent needs --tls require with --tls-certificates (mutual TLS), or \\
-                --tls off (plaintext, logged as a warning); the engines it starts then serve NBD without \\
-                TLS on the node's address.
+                Beyond loopback the agent needs --tls require with --tls-certificates (mutual TLS): the \\
+                engines it starts then require TLS with the same credentials (device frontends hand the \\
+                sessions to the kernel, kTLS); or --tls off (plaintext, logged as a warning), and its \\
+                engines serve NBD without TLS on the node's address. Replicas it places serve plaintext.
                 Example: keel node serve --listen 10.0.0.2:7800 --tls require --tls-certificates /var/lib/keel/tls/node-b
                 """)
 
@@ -52,9 +53,13 @@ struct NodeCommand: ParsableCommand {
             let runner: any DaemonRunner & Sendable = systemdIsRunning()
                 ? SystemdRunner(stateDirectory: layout.stateDirectory)
                 : ProcessRunner(runDirectory: layout.runDirectory, logDirectory: layout.logDirectory)
+            let plaintext = loopback ? [] : ["--tls", "off"]
+            // An agent whose own API requires TLS has its engines require it too, with its credentials:
+            // device frontends reach them over TLS handed to the kernel (kTLS).
+            let engineTLS = serving.tls == .require ? serving.certificatesDirectory.map { ["--tls", "require", "--tls-certificates", $0] } : nil
             let settings = NodeAgentService.Settings(
                 name: name ?? thisNodeName, host: host, layout: layout, version: keelVersion,
-                engineListenerArguments: loopback ? [] : ["--tls", "off"])
+                engineListenerArguments: engineTLS ?? plaintext, replicaListenerArguments: plaintext)
             TerminationSignals.block()
             let server = try ControlServer(address: address, tls: serving.controlTLS,
                                            services: [NodeAgentService(settings: settings, runner: runner)])

@@ -59,7 +59,7 @@ trap on_exit EXIT
 # 5 s once failed all three replicas at once in a clean-clone CI run.
 start_plain_engine() {
     : > "$work/engine.log"
-    "$KEEL" engine serve --volume vol --size "$1" --listen "unix:$work/engine.sock" \
+    "$KEEL" engine serve --volume vol --size "$1" --listen "${ENGINE_LISTEN:-unix:$work/engine.sock}" \
         --control "unix:$work/engine.control" --replica-timeout "${REPLICA_TIMEOUT:-30}" \
         ${REPLICAS:---replica unix:$work/r0.sock --replica unix:$work/r1.sock --replica unix:$work/r2.sock} \
         ${ENGINE_EXTRA:-} 2>>"$work/engine.log" &
@@ -92,7 +92,7 @@ stop_kernel_engine() {
 start_frontend() {
     : > "$work/frontend.out"
     "$KEEL" frontend serve --volume vol --engine "$1" --connections 2 --io-timeout "${IO_TIMEOUT:-5}" \
-        --dead-connection-timeout "${DEAD_CONNECTION_TIMEOUT:-120}" --log-level info \
+        --dead-connection-timeout "${DEAD_CONNECTION_TIMEOUT:-120}" --log-level info ${FRONTEND_EXTRA:-} \
         >"$work/frontend.out" 2>>"$work/frontend.log" &
     frontend=$!
     for _ in $(seq 300); do grep -q /dev/nbd "$work/frontend.out" && break; sleep 0.1; done
