@@ -1,7 +1,7 @@
 # Engine failover across nodes. Three engine nodes (network namespaces over
 # veth, each with its node agent); the replicas on the guest's own namespace;
 # the device frontend on the host asks the agents for the volume's engine in
-# order. ext4 on the device, files checksummed, fio with crc32c verification
+# order. ext4 on /dev/keel/vol (udev's link), files checksummed, fio with crc32c verification
 # on a file in it. Node A goes down (its link cut first, as a real node loss
 # sends no FIN, then its processes killed): the kernel times the requests out,
 # the frontend cannot reach A's engine nor its agent and has node B start one.
@@ -15,6 +15,7 @@
 # 30 s under a loaded TCG guest, and on resuming it must send its writes to
 # the replicas (and be refused), not give the replicas up as silent.
 . "$(dirname "$0")/common.sh"
+start_udev
 for i in 0 1 2; do start_replica $i 128M; done
 for node in a b c; do
     case $node in a) net=1 ;; b) net=2 ;; c) net=3 ;; esac
@@ -39,7 +40,16 @@ for _ in $(seq 1200); do grep -q /dev/nbd "$work/frontend.out" && break; sleep 0
 device=$(cat "$work/frontend.out")
 [ -b "$device" ] || { echo "no device from the frontend: '$device'"; exit 1; }
 grep "started on node" "$work/frontend.log"
-fill_filesystem "$device"
+# udev links the device by its backend identifier, which the kernel sets just after the size.
+nbd=$(basename "$device")
+for _ in $(seq 100); do
+    udevadm settle --timeout=30
+    [ "$(readlink -f /dev/keel/vol)" = "$device" ] && break
+    echo change > "/sys/block/$nbd/uevent"
+    sleep 0.1
+done
+[ "$(readlink -f /dev/keel/vol)" = "$device" ] || { echo "udev gave no /dev/keel/vol for $device"; exit 1; }
+fill_filesystem /dev/keel/vol
 "$KEEL" node health 10.77.1.2:7800
 
 # wait_for_log FILE PATTERN SECONDS (by the clock: under TCG a loop's own steps take time)
@@ -92,8 +102,8 @@ grep -m1 "fenced" "$work/old-engine.log"
 check_fio
 sync
 umount /mnt/vol
-fsck.ext4 -fn "$device" >/dev/null
-mount "$device" /mnt/vol
+fsck.ext4 -fn /dev/keel/vol >/dev/null
+mount /dev/keel/vol /mnt/vol
 (cd /mnt/vol && sha256sum -c "$work/sums")
 umount /mnt/vol
 # The pauses: the longest gaps between two completed writes, from fio's latency log (ms since fio's start).
