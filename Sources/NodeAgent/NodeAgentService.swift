@@ -74,7 +74,7 @@ public struct NodeAgentService: Keel_Control_V1_NodeControl.SimpleServiceProtoco
             throw RPCError(code: .invalidArgument, message: "an engine needs a size, replicas and a port")
         }
         let engine = engineDaemon(request)
-        let address = "\(settings.host.contains(":") ? "[\(settings.host)]" : settings.host):\(request.port)"
+        let address = self.address(port: request.port)
         var alreadyRunning = try await offThePool { runner.isRunning(engine) }
         if alreadyRunning, let why = try await restartReason(engine, asked: request.restartRunning) {
             try await offThePool {
@@ -130,9 +130,8 @@ public struct NodeAgentService: Keel_Control_V1_NodeControl.SimpleServiceProtoco
         }
         let port = try request.port > 0 ? UInt16(request.port) : freePortPair()
         let directory = settings.layout.placedReplicaDirectory(volumeID: request.volumeID, index: Int(request.index))
-        let host = settings.host.contains(":") ? "[\(settings.host)]" : settings.host
         let replica = Daemon(kind: .replica, instance: name,
-                             arguments: ["--dir", directory, "--listen", "\(host):\(port)", "--size", "\(request.size)"]
+                             arguments: ["--dir", directory, "--listen", address(port: UInt32(port)), "--size", "\(request.size)"]
                                  + settings.replicaListenerArguments)
         try await offThePool {
             do {
@@ -181,6 +180,7 @@ public struct NodeAgentService: Keel_Control_V1_NodeControl.SimpleServiceProtoco
         }
     }
 
+    /// HOST:PORT on this node's address ([HOST]:PORT for IPv6), for its engines and replicas.
     private func address(port: UInt32) -> String {
         "\(settings.host.contains(":") ? "[\(settings.host)]" : settings.host):\(port)"
     }
@@ -219,8 +219,7 @@ public struct NodeAgentService: Keel_Control_V1_NodeControl.SimpleServiceProtoco
     func engineDaemon(_ request: Keel_Control_V1_StartEngineRequest) -> Daemon {
         var arguments = ["--size", "\(request.size)"]
         for replica in request.replicas { arguments += ["--replica", replica] }
-        let host = settings.host.contains(":") ? "[\(settings.host)]" : settings.host
-        arguments += ["--listen", "\(host):\(request.port)", "--control", "unix:" + settings.layout.engineControl(request.volume)]
+        arguments += ["--listen", address(port: request.port), "--control", "unix:" + settings.layout.engineControl(request.volume)]
         arguments += settings.engineListenerArguments
         if !request.volumeID.isEmpty { arguments += ["--volume-id", request.volumeID] }
         if request.replicaTimeout > 0 { arguments += ["--replica-timeout", "\(request.replicaTimeout)"] }

@@ -7,7 +7,7 @@ public struct RemoteEngines {
     public let volume: VolumeRecord
     public let node: Node
 
-    /// Calls to the agents take the node's credentials (or those `control` names) over TCP.
+    /// Calls to the agents take `credentials` (by default the node's own) over TCP.
     public init(volume: VolumeRecord, node: Node, credentials: ControlCredentials) {
         self.volume = volume
         self.node = node

@@ -73,7 +73,6 @@ ip netns pids a | xargs -r kill -9
 wait_for_log "$work/frontend.log" "moves from 10.77.1.2" 150
 echo "the engine moved to b by $(since)"
 # Writes complete through b (the device's own count) before b is the one lost: two separate pauses.
-nbd=$(basename "$device")
 before=$(awk '{ print $5 }' /sys/block/$nbd/stat)
 end=$(($(date +%s) + 120))
 while [ "$(awk '{ print $5 }' /sys/block/$nbd/stat)" -lt $((before + 50)) ] && [ "$(date +%s)" -lt "$end" ]; do sleep 0.2; done
