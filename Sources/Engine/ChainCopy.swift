@@ -59,6 +59,11 @@ struct ChainCopy {
             logger.notice("replica \(target) got snapshot \(name) (\(copied) bytes of data copied)")
             previous = name
         }
+        let held = try targetControl.call(timeout: mergeTimeout) { try await $0.status(.init(), options: $1) }.snapshots
+        guard held.map(\.name) == sourceSnapshots, !held.contains(where: \.unsealed) else {
+            throw EngineError("replica \(target) holds snapshots \(held.map(\.name)) (unsealed: "
+                              + "\(held.filter(\.unsealed).map(\.name))) after the copy of \(sourceSnapshots)")
+        }
         return previous
     }
 

@@ -1,51 +1,58 @@
-/// What a start does about replicas whose snapshot lists differ: an engine
-/// killed while it took a snapshot leaves some replicas with it and some
-/// without. Writes were held then, and go on only once every replica has
-/// answered (a replica that failed the snapshot is failed, and leaves the
-/// membership), so the members that lack the newest snapshots hold, in their
-/// heads, exactly what the others froze: freezing the missing names now,
-/// before anything is written or resynced, gives every member the same chain.
+/// What a start does about members whose snapshots differ, before the resync
+/// writes anything into their heads. Every member must end with the same
+/// chain, reading the same in every snapshot.
 ///
-/// An engine killed while it removed a snapshot leaves some replicas with it
-/// and some without; those without keep its name as removed. The removal is
-/// finished, never undone: every member that still holds a snapshot some
-/// member removed merges it away (which changes no read), before any freeze.
+/// A create stopped half way (the engine killed, or a power cut) leaves some
+/// members with the snapshot and some without, or with it unsealed (its
+/// layer not known to be on disk: a power cut takes unsynced writes from
+/// each replica's copy differently). Such a create was never answered:
+/// the engine answers only once every member has sealed it. So it is
+/// undone: every member that holds a snapshot not sealed on every member
+/// merges it away, which changes no read of the head.
+///
+/// A removal stopped half way leaves some members with the snapshot and some
+/// without; those without keep its name as removed. It is finished, never
+/// undone: every member that still holds it merges it away too.
 public enum ChainReconciliation {
+    /// What one member says of its chain.
+    public struct Chain: Equatable {
+        /// Its snapshots, oldest first.
+        public var names: [String]
+        public var unsealed: Set<String> = []
+        /// Names it merged away.
+        public var removed: [String] = []
+
+        public init(names: [String], unsealed: Set<String> = [], removed: [String] = []) {
+            self.names = names
+            self.unsealed = unsealed
+            self.removed = removed
+        }
+    }
+
     public struct Plan: Equatable {
-        /// Per replica, the snapshots it must remove (merge away), in order.
+        /// Per replica, the snapshots it must remove (merge away), oldest first.
         public var remove: [Int: [String]] = [:]
-        /// Per replica, the snapshot names it must freeze, in order.
-        public var freeze: [Int: [String]] = [:]
-        /// Replicas whose list is not a prefix of the longest one: no freeze can mend them.
+        /// Replicas whose remaining snapshots are not in the lowest member's order: nothing mends them.
         public var diverged: [Int] = []
 
         public init() {}
     }
 
-    /// `lists`: each member's snapshot names, oldest first; `removed`: the
-    /// names each member removed.
-    public static func plan(_ lists: [Int: [String]], removed: [Int: [String]] = [:]) -> Plan {
+    public static func plan(_ chains: [Int: Chain]) -> Plan {
         var plan = Plan()
-        let removedAnywhere = Set(removed.values.joined())
-        var lists = lists
-        for (replica, names) in lists {
-            let stale = names.filter(removedAnywhere.contains)
-            guard !stale.isEmpty else { continue }
-            plan.remove[replica] = stale
-            lists[replica] = names.filter { !removedAnywhere.contains($0) }
+        let removedAnywhere = Set(chains.values.flatMap(\.removed))
+        let unsealedAnywhere = Set(chains.values.flatMap(\.unsealed))
+        let heldEverywhere = chains.values.map { Set($0.names) }.reduce(nil as Set<String>?) { $0?.intersection($1) ?? $1 } ?? []
+        let kept = { (name: String) in
+            heldEverywhere.contains(name) && !removedAnywhere.contains(name) && !unsealedAnywhere.contains(name)
         }
-        let ordered = lists.sorted { $0.key < $1.key }
-        // The longest list, the lowest replica's among equals: the plan is the same whatever the order given.
-        guard let longest = ordered.reduce(nil as [String]?, { best, entry in
-            entry.value.count > (best?.count ?? -1) ? entry.value : best
-        }) else { return plan }
-        for (replica, names) in ordered {
-            if Array(longest.prefix(names.count)) != names {
-                plan.diverged.append(replica)
-            } else if names.count < longest.count {
-                plan.freeze[replica] = Array(longest.dropFirst(names.count))
-            }
+        let ordered = chains.sorted { $0.key < $1.key }
+        for (replica, chain) in ordered {
+            let dropped = chain.names.filter { !kept($0) }
+            if !dropped.isEmpty { plan.remove[replica] = dropped }
         }
+        guard let reference = ordered.first.map({ $0.value.names.filter(kept) }) else { return plan }
+        plan.diverged = ordered.filter { $0.value.names.filter(kept) != reference }.map(\.key)
         return plan
     }
 }

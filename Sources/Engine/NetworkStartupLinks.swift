@@ -99,13 +99,6 @@ final class NetworkStartupLinks: StartupLinks {
         _ = try controlCall(replica) { try await $0.setMembership(update, options: $1) }
     }
 
-    func freezeHead(_ replica: Int, name: String, for owner: Owner) throws {
-        for prepare in [true, false] {
-            let request = Keel_Control_V1_FreezeHeadRequest.with { $0.owner = owner.message; $0.name = name; $0.prepare = prepare }
-            _ = try controlCall(replica) { try await $0.freezeHead(request, options: $1) }
-        }
-    }
-
     func mergeSnapshot(_ replica: Int, name: String, for owner: Owner) throws {
         let request = Keel_Control_V1_MergeSnapshotRequest.with { $0.owner = owner.message; $0.name = name }
         // A merge copies the layer's data: far longer than one control call may take.

@@ -78,6 +78,12 @@ final class Rebuild: @unchecked Sendable {
         } catch {
             throw EngineError("replica \(address) refused this engine's epoch \(device.epoch): \(error)")
         }
+        // The chain copy overwrites its head with older snapshots' data: if it
+        // failed a moment ago, the recorded membership may still name it, and
+        // an engine started after a crash would trust that head.
+        guard device.replicas.waitUntilMembershipRecorded(seconds: device.replicaTimeoutSeconds * 2) else {
+            throw EngineError("the membership without replica \(address) is not recorded yet; the replica was not added (try again)")
+        }
         // Its chain first, before it joins (joined, it would take writes into the head it freezes).
         let newestSnapshot: String?
         do {

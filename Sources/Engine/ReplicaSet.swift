@@ -1,6 +1,9 @@
 import Logging
 import Synchronization
 import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The volume's replicas and their modes, shared by all I/O threads and the
 /// control plane.
@@ -98,6 +101,16 @@ public final class ReplicaSet: @unchecked Sendable {
         !isFenced && generationCounter.load(ordering: .acquiring) != persistedGeneration.load(ordering: .acquiring)
     }
 
+    /// Polls until the newest membership is recorded (the metadata keeper
+    /// does it); false when `seconds` pass first.
+    public func waitUntilMembershipRecorded(seconds: Double) -> Bool {
+        for _ in 0..<max(Int(seconds * 1000), 1) {
+            guard holdsAcknowledgements else { return true }
+            usleep(1000)
+        }
+        return !holdsAcknowledgements
+    }
+
     // MARK: - Fencing
 
     private let fenced = Atomic<Bool>(false)
@@ -109,7 +122,7 @@ public final class ReplicaSet: @unchecked Sendable {
     /// A replica refused a request for an older epoch (ESHUTDOWN). The replica
     /// is not failed: it is healthy, only no longer ours, and recording a
     /// membership without it would cost the new engine a full rebuild of it.
-    func fence(by index: Int) {
+    public func fence(by index: Int) {
         guard !fenced.exchange(true, ordering: .acquiringAndReleasing) else { return }
         let address = state.withLock { $0[index].address }
         logger.error("fenced: replica \(address) belongs to a newer engine; every request now fails with EIO (stop this engine)")

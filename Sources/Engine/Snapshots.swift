@@ -20,8 +20,9 @@ extension EngineDevice {
 
     /// Takes the snapshot `name` on every RW replica at one point of the write
     /// stream: new writes are held, those in flight finish (every replica has
-    /// them), each replica freezes its head durably, then writes go on. A
-    /// replica that fails the snapshot is failed: its chain may differ.
+    /// them), each replica freezes its head, then writes go on; the answer
+    /// waits for every replica to seal it (its layer on disk). A replica
+    /// that fails the snapshot is failed: its chain may differ.
     /// Refused while a replica is being rebuilt: it would join without the snapshot.
     public func createSnapshot(name: String) throws -> [Keel_Control_V1_Snapshot] {
         guard SnapshotName.isValid(name) else {
@@ -65,11 +66,44 @@ extension EngineDevice {
                 replicas.fail(index, reason: "snapshot \(name) failed: \(error)")
             }
         }
-        guard switched.contains(where: { $0.1 == nil }) else {
+        let took = switched.filter { $0.1 == nil }.map(\.0)
+        guard !took.isEmpty else {
             throw EngineError("no replica took snapshot \(name); see the replicas' errors in `keel status`")
         }
-        logger.notice("snapshot \(name) taken on \(switched.filter { $0.1 == nil }.count) replicas: prepared in \(preparation), writes held for \(paused)")
+        let sealing = ContinuousClock.now
+        let sealed = sealedReplicas(clients.filter { took.contains($0.0) }, name: name)
+        guard !sealed.isEmpty else {
+            throw EngineError("no replica sealed snapshot \(name); see the replicas' errors in `keel status`")
+        }
+        // As a write's answer: a replica failed here must be out of the recorded membership first.
+        guard replicas.waitUntilMembershipRecorded(seconds: replicaTimeoutSeconds * 2) else {
+            throw EngineError("snapshot \(name) was taken, but the membership without the replicas that failed it "
+                              + "is not recorded; see keel status")
+        }
+        let sealTime = ContinuousClock.now - sealing
+        logger.notice("snapshot \(name) taken on \(sealed.count) replicas: prepared in \(preparation), writes held for \(paused), sealed in \(sealTime)")
         return try listSnapshots()
+    }
+
+    /// Waits for each replica to seal snapshot `name` (its layer synced, then
+    /// recorded; the replica's status answers once it has); fails those that
+    /// do not. Until every member has sealed it, a crash undoes the snapshot.
+    private func sealedReplicas(_ clients: [(Int, ReplicaControlClient?)], name: String) -> [Int] {
+        // The sync writes out all the layer's cached data: a generous bound of 20 MB/s.
+        let timeout = max(replicaTimeoutSeconds * 4, Double(size) / 20e6)
+        let answers = controlCalls(clients, timeout: timeout) { stub, options in
+            let status = try await stub.status(.init(), options: options)
+            guard let snapshot = status.snapshots.first(where: { $0.name == name }) else {
+                throw EngineError("it does not list the snapshot")
+            }
+            guard !snapshot.unsealed else { throw EngineError("its layer could not be synced") }
+        }
+        var sealed: [Int] = []
+        for (index, error) in answers {
+            guard let error else { sealed.append(index); continue }
+            replicas.fail(index, reason: "snapshot \(name) was not sealed: \(error)")
+        }
+        return sealed
     }
 
     /// One step of the freeze on every replica at once; each one's error, or nil.

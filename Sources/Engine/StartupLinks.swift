@@ -17,8 +17,6 @@ public protocol StartupLinks: AnyObject {
     func flush(_ replica: Int) throws
     func clearDirty(_ ranges: [Keel_Control_V1_ByteRange], on replica: Int, for owner: Owner) throws
     func setMembership(_ membership: Keel_Control_V1_Membership, on replica: Int, for owner: Owner) throws
-    /// Freezes the replica's head as snapshot `name` (`ChainReconciliation`).
-    func freezeHead(_ replica: Int, name: String, for owner: Owner) throws
     /// Merges snapshot `name` away on the replica (`ChainReconciliation`).
     func mergeSnapshot(_ replica: Int, name: String, for owner: Owner) throws
 }

@@ -127,32 +127,28 @@ public struct VolumeStartup {
         return Outcome(epoch: epoch, replicas: replicas, resyncedBytes: copied, resyncedRanges: dirty.count)
     }
 
-    /// Gives every member the same snapshots (`ChainReconciliation`): removals
-    /// finished, then missing freezes taken, before
-    /// the resync writes anything into their heads.
+    /// Gives every member the same snapshots (`ChainReconciliation`): creates
+    /// and removals stopped half way are undone and finished, before the
+    /// resync writes anything into their heads.
     private func reconcileChains(_ links: some StartupLinks, members: [Int], claimed: [Keel_Control_V1_ReplicaStatus?],
                                  owner: Owner, addresses: [SocketAddress]) throws {
-        let plan = ChainReconciliation.plan(
-            Dictionary(uniqueKeysWithValues: members.map { ($0, claimed[$0]!.snapshots.map(\.name)) }),
-            removed: Dictionary(uniqueKeysWithValues: members.map { ($0, claimed[$0]!.removedSnapshots) }))
+        let plan = ChainReconciliation.plan(Dictionary(uniqueKeysWithValues: members.map { i in
+            let status = claimed[i]!
+            return (i, ChainReconciliation.Chain(names: status.snapshots.map(\.name),
+                                                 unsealed: Set(status.snapshots.filter(\.unsealed).map(\.name)),
+                                                 removed: status.removedSnapshots))
+        }))
         for (i, names) in plan.remove.sorted(by: { $0.key < $1.key }) {
             for name in names {
                 do { try links.mergeSnapshot(i, name: name, for: owner) } catch {
-                    throw EngineError("cannot remove snapshot \(name) from replica \(addresses[i]), which others removed: \(error)")
+                    throw EngineError("cannot remove snapshot \(name) from replica \(addresses[i]), "
+                                      + "which an engine stopped creating or removing: \(error)")
                 }
-                logger.notice("replica \(addresses[i]) still held snapshot \(name) (an engine stopped while removing it): removed now")
+                logger.notice("replica \(addresses[i]) held snapshot \(name), which an engine stopped creating or removing: removed now")
             }
         }
         for i in plan.diverged {
             logger.error("replica \(addresses[i]) holds other snapshots than the rest of the volume: \(claimed[i]!.snapshots.map(\.name))")
-        }
-        for (i, names) in plan.freeze.sorted(by: { $0.key < $1.key }) {
-            for name in names {
-                do { try links.freezeHead(i, name: name, for: owner) } catch {
-                    throw EngineError("cannot give replica \(addresses[i]) snapshot \(name), which the others hold: \(error)")
-                }
-                logger.notice("replica \(addresses[i]) lacked snapshot \(name) (an engine stopped while taking it): taken now")
-            }
         }
     }
 

@@ -137,9 +137,10 @@ public final class LayerChain: @unchecked Sendable {
     /// switch marker, in a block `prefillMapLog` wrote) is all that reaches
     /// the disk here: it is what says, after a crash, that the switch happened
     /// (`ReplicaStore.settlePendingFreeze`). The old head's data and map log
-    /// join `unsynced`, which every FLUSH syncs too until a background sync
-    /// has done it, so a FLUSH still covers every write answered before it.
-    public func switchToPrepared() throws {
+    /// join `unsynced`, which every FLUSH syncs too until `seal` has synced
+    /// them, so a FLUSH still covers every write answered before it.
+    /// Returns the frozen layer's files, for `seal`.
+    public func switchToPrepared() throws -> [FileDescriptor] {
         let frozen: [FileDescriptor] = try control.withLock { _ in
             guard let next = prepared else { preconditionFailure("no head was prepared") }
             var marker = [UInt8](repeating: 0, count: MapRecord.size)
@@ -157,11 +158,16 @@ public final class LayerChain: @unchecked Sendable {
             index.withLock { $0.freezeHead(newHead: next.layer.id) }
             return old
         }
-        DispatchQueue.global().async { [self] in
-            // A failed sync leaves them in `unsynced`: the next FLUSH syncs them and answers its error.
-            guard frozen.allSatisfy({ (try? $0.fdatasync()) != nil }) else { return }
-            unsynced.withLock { list in list.removeAll { fd in frozen.contains { $0.rawValue == fd.rawValue } } }
-        }
+        return frozen
+    }
+
+    /// Syncs a frozen layer's files (as `switchToPrepared` returned them);
+    /// whether they are on stable storage. A failed sync leaves them in
+    /// `unsynced`: the next FLUSH syncs them and answers its error.
+    public func seal(_ frozen: [FileDescriptor]) -> Bool {
+        guard frozen.allSatisfy({ (try? $0.fdatasync()) != nil }) else { return false }
+        unsynced.withLock { list in list.removeAll { fd in frozen.contains { $0.rawValue == fd.rawValue } } }
+        return true
     }
 
     /// Appends records to the head's map log (a merge's takeover), each in

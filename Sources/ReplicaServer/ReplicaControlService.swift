@@ -171,6 +171,7 @@ extension ReplicaDevice.Snapshot {
             $0.ownBytes = ownBytes
             $0.parent = record.parent ?? ""
             $0.layer = record.layer
+            $0.unsealed = !record.sealed
         }
     }
 }

@@ -70,9 +70,12 @@ public final class ReplicaDevice: BlockDevice {
 
     /// The second step, while the engine holds its writes: the head becomes
     /// the snapshot `name` and the prepared head the head on it. The data
-    /// path is held for the switch in memory and one synced 16-byte write;
-    /// the records follow in the background (`settlePendingFreeze` finishes
-    /// them after a crash). If the switch may have reached the disk without
+    /// path is held for the switch in memory and one synced 16-byte write.
+    /// Then, in the background, the snapshot is sealed: its layer synced,
+    /// then recorded (`snapshots()` waits for it). After a crash before
+    /// that, `settlePendingFreeze` records it unsealed: a power cut may have
+    /// taken writes from it, others than from its peers' copies, and the next
+    /// engine start removes it. If the switch may have reached the disk without
     /// memory following, the replica serves nothing more until it is
     /// restarted and reads its chain from disk.
     public func switchHead(snapshotName name: String, owner: Owner?) throws {
@@ -85,16 +88,17 @@ public final class ReplicaDevice: BlockDevice {
                 throw SnapshotError(description: "requests in flight did not finish within 5 s; the snapshot was not taken")
             }
             defer { fence.release() }
-            do { try chain.switchToPrepared() } catch {
+            let frozen: [FileDescriptor]
+            do { frozen = try chain.switchToPrepared() } catch {
                 fence.breakForGood()
                 throw error
             }
             prepared = nil
-        }
-        chainWork.async { [self] in
-            // A failure here is mended at the next open, from the switch marker.
-            try? store.commitPendingFreeze()
-            if spare == nil { spare = try? store.makeHeadFiles() }
+            chainWork.async { [self] in
+                // A failure here is mended at the next open, from the switch marker.
+                try? store.commitPendingFreeze(sealed: faults.skipDataSync || chain.seal(frozen))
+                if spare == nil { spare = try? store.makeHeadFiles() }
+            }
         }
     }
 

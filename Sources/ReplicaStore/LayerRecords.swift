@@ -25,8 +25,13 @@ public struct SnapshotRecord: Equatable, Sendable {
     public let created: Int64
     /// The snapshot below it, nil for the oldest.
     public let parent: String?
+    /// Its data is known to be on disk: synced before the freeze was recorded.
+    /// A freeze found switched at open, never recorded, is unsealed (a crash
+    /// may have taken some of its data), and the next engine start removes it.
+    public let sealed: Bool
 
-    public init(name: String, layer: LayerID, created: Int64, parent: String?) {
+    public init(name: String, layer: LayerID, created: Int64, parent: String?, sealed: Bool = true) {
+        self.sealed = sealed
         self.name = name
         self.layer = layer
         self.created = created
@@ -50,7 +55,8 @@ extension ReplicaStore {
             var snapshots: [SnapshotRecord] = []
             for row in try chainRows() {
                 guard let name = row.name else { continue }
-                snapshots.append(SnapshotRecord(name: name, layer: row.record.id, created: row.frozen ?? 0, parent: parent))
+                snapshots.append(SnapshotRecord(name: name, layer: row.record.id, created: row.frozen ?? 0, parent: parent,
+                                                sealed: !row.unsealed))
                 parent = name
             }
             return snapshots
@@ -149,22 +155,24 @@ extension ReplicaStore {
     }
 
     /// The switch happened: the record says so too (no owner check: the chain
-    /// in memory has switched whoever owns the replica now).
-    public func commitPendingFreeze() throws {
+    /// in memory has switched whoever owns the replica now). `sealed`: the
+    /// frozen layer's data was synced first.
+    public func commitPendingFreeze(sealed: Bool) throws {
         try locked {
             guard let pending = try readPendingFreeze() else { return }
             try database.transaction {
-                try promote(name: pending.name, newHead: pending.newHead, at: pending.time)
+                try promote(name: pending.name, newHead: pending.newHead, at: pending.time, sealed: sealed)
                 try database.query("DELETE FROM pending_freeze")
             }
         }
     }
 
-    /// At open: a pending freeze whose switch happened is committed, one whose switch never came is dropped.
+    /// At open: a pending freeze whose switch happened is committed, unsealed
+    /// (a power cut may have taken some of the frozen data), one whose switch never came is dropped.
     func settlePendingFreeze() throws {
         guard let pending = try pendingFreeze() else { return }
         if try pending.newHead.files.startsWithARecord() {
-            try commitPendingFreeze()
+            try commitPendingFreeze(sealed: false)
         } else {
             try locked { _ = try database.query("DELETE FROM pending_freeze") }
             try pending.newHead.files.remove()
@@ -180,12 +188,12 @@ extension ReplicaStore {
     }
 
     /// Inside a transaction: the head is frozen as `name`, `newHead` becomes the head on it.
-    private func promote(name: String, newHead: LayerRecord, at time: Int64) throws {
+    private func promote(name: String, newHead: LayerRecord, at time: Int64, sealed: Bool) throws {
         guard let head = try database.query("SELECT id FROM layers WHERE kind = 'head'").first?[0].integer else {
             throw Failure.notAReplica(directory)
         }
-        try database.query("UPDATE layers SET kind = 'snapshot', name = ?, frozen = ? WHERE id = ?",
-                           [.text(name), .integer(time), .integer(head)])
+        try database.query("UPDATE layers SET kind = 'snapshot', name = ?, frozen = ?, unsealed = ? WHERE id = ?",
+                           [.text(name), .integer(time), .integer(sealed ? 0 : 1), .integer(head)])
         // A name used again is that new snapshot's, not a removed one's.
         try database.query("DELETE FROM removed_snapshots WHERE name = ?", [.text(name)])
         try database.query("INSERT INTO layers (id, file, map, parent, kind) VALUES (?, ?, ?, ?, 'head')",
@@ -281,17 +289,19 @@ extension ReplicaStore {
         var record: LayerRecord
         var name: String?
         var frozen: Int64?
+        var unsealed: Bool
     }
 
     /// From the head down its parents, returned oldest first.
     private func chainRows() throws -> [ChainRow] {
-        let rows = try database.query("SELECT id, file, map, parent, kind, name, frozen FROM layers")
+        let rows = try database.query("SELECT id, file, map, parent, kind, name, frozen, unsealed FROM layers")
         var byID: [Int64: (row: ChainRow, parent: Int64?)] = [:]
         var head: Int64?
         for row in rows {
             guard let id = row[0].integer, let file = row[1].text, let map = row[2].text else { continue }
             let files = LayerFiles(dataPath: directory + "/" + file, mapPath: directory + "/" + map)
-            byID[id] = (ChainRow(record: LayerRecord(id: LayerID(id), files: files), name: row[5].text, frozen: row[6].integer),
+            byID[id] = (ChainRow(record: LayerRecord(id: LayerID(id), files: files), name: row[5].text, frozen: row[6].integer,
+                                 unsealed: row[7].integer == 1),
                         row[3].integer)
             if row[4].text == "head" { head = id }
         }

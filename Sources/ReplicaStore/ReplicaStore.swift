@@ -21,7 +21,7 @@ import Glibc
 /// so are dirty marks and memberships before their setters return.
 public final class ReplicaStore: @unchecked Sendable {
     public static let metadataName = "replica.sqlite"
-    public static let schemaVersion: Int64 = 6
+    public static let schemaVersion: Int64 = 7
 
     public let directory: String
     public let size: UInt64
@@ -249,7 +249,8 @@ public final class ReplicaStore: @unchecked Sendable {
 
     /// Brings an older replica's metadata to this schema: version 2 had no
     /// volume identity; version 4 named no snapshot; version 5 kept no
-    /// removed snapshot's name; before version 4 the
+    /// removed snapshot's name; version 6 did not tell an unsealed snapshot
+    /// (its snapshots are taken as sealed); before version 4 the
     /// head had no map log. The head is
     /// the bottom layer, whose file is the truth where its map records
     /// nothing: its log starts empty (created and synced before the schema
@@ -276,6 +277,9 @@ public final class ReplicaStore: @unchecked Sendable {
                     CREATE UNIQUE INDEX layer_names ON layers(name);
                     """)
             }
+        }
+        if !layerColumns.contains("unsealed") {
+            try database.execute("ALTER TABLE layers ADD COLUMN unsealed INTEGER NOT NULL DEFAULT 0")
         }
         try database.execute(pendingFreezeTable)
         try database.execute(removedSnapshotsTable)
@@ -358,7 +362,8 @@ public final class ReplicaStore: @unchecked Sendable {
                         kind TEXT NOT NULL CHECK (kind IN ('head', 'snapshot')),
                         created TEXT NOT NULL DEFAULT (datetime('now')),
                         name TEXT UNIQUE,
-                        frozen INTEGER);
+                        frozen INTEGER,
+                        unsealed INTEGER NOT NULL DEFAULT 0);
                     CREATE TABLE dirty (
                         offset INTEGER PRIMARY KEY,
                         length INTEGER NOT NULL);

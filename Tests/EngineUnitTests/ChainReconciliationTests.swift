@@ -2,36 +2,39 @@ import Engine
 import Testing
 
 @Suite struct ChainReconciliationTests {
-    @Test func equalChainsNeedNothing() {
-        #expect(ChainReconciliation.plan([0: ["a", "b"], 1: ["a", "b"]]) == .init())
-        #expect(ChainReconciliation.plan([0: [], 1: []]) == .init())
+    private typealias Chain = ChainReconciliation.Chain
+
+    @Test func equalSealedChainsNeedNothing() {
+        #expect(ChainReconciliation.plan([0: Chain(names: ["a", "b"]), 1: Chain(names: ["a", "b"])]) == .init())
+        #expect(ChainReconciliation.plan([0: Chain(names: []), 1: Chain(names: [])]) == .init())
     }
 
-    /// An engine killed while it took snapshot b: b is frozen where it is missing.
-    @Test func replicasMissingTheNewestSnapshotsFreezeThem() {
-        let plan = ChainReconciliation.plan([0: ["a", "b"], 1: ["a"], 2: []])
-        #expect(plan.freeze == [1: ["b"], 2: ["a", "b"]])
+    /// An engine killed while it took snapshot b: the create was never
+    /// answered, and the members that froze b merge it away.
+    @Test func aSnapshotSomeMembersLackIsUndone() {
+        let plan = ChainReconciliation.plan([0: Chain(names: ["a", "b"]), 1: Chain(names: ["a"]), 2: Chain(names: ["a", "b"])])
+        #expect(plan.remove == [0: ["b"], 2: ["b"]])
         #expect(plan.diverged.isEmpty)
     }
 
-    @Test func aListThatIsNoPrefixOfTheLongestIsDivergedAndLeftAlone() {
-        let plan = ChainReconciliation.plan([0: ["a", "b"], 1: ["a", "c"], 2: ["x"]])
-        #expect(plan.diverged == [1, 2])
-        #expect(plan.freeze.isEmpty)
+    /// A power cut before b was sealed on replica 1: its copy of b may have
+    /// lost other writes than the others' copies. b goes from every member.
+    @Test func aSnapshotUnsealedOnAnyMemberIsUndoneEverywhere() {
+        let plan = ChainReconciliation.plan([0: Chain(names: ["a", "b"]), 1: Chain(names: ["a", "b"], unsealed: ["b"])])
+        #expect(plan.remove == [0: ["b"], 1: ["b"]])
     }
 
-    /// An engine killed while it removed the newest snapshot b: the replica that
-    /// still holds it removes it; nobody freezes b again (its head is not b's content).
+    @Test func snapshotsInAnotherOrderAreDivergedAndLeftAlone() {
+        let plan = ChainReconciliation.plan([0: Chain(names: ["a", "b"]), 1: Chain(names: ["b", "a"])])
+        #expect(plan.diverged == [1])
+        #expect(plan.remove.isEmpty)
+    }
+
+    /// An engine killed while it removed snapshot a: the member that still holds it removes it too.
     @Test func aRemovalStoppedHalfWayIsFinishedNotUndone() {
-        let plan = ChainReconciliation.plan([0: ["a"], 1: ["a", "b"], 2: ["a", "b"]], removed: [0: ["b"]])
-        #expect(plan.remove == [1: ["b"], 2: ["b"]])
-        #expect(plan.freeze.isEmpty)
+        let plan = ChainReconciliation.plan([0: Chain(names: ["b"], removed: ["a"]), 1: Chain(names: ["a", "b"]),
+                                             2: Chain(names: ["a", "b"])])
+        #expect(plan.remove == [1: ["a"], 2: ["a"]])
         #expect(plan.diverged.isEmpty)
-    }
-
-    @Test func removalsComeBeforeFreezes() {
-        let plan = ChainReconciliation.plan([0: ["b", "c"], 1: ["a", "b"]], removed: [0: ["a"]])
-        #expect(plan.remove == [1: ["a"]])
-        #expect(plan.freeze == [1: ["c"]])
     }
 }

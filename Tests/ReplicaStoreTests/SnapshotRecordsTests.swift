@@ -22,7 +22,7 @@ import Testing
         try store.checkNewSnapshot(name, owner: owner)
         let head = try store.makeHeadFiles()
         try store.recordPendingFreeze(.init(name: name, newHead: head, time: time), owner: owner)
-        try store.commitPendingFreeze()
+        try store.commitPendingFreeze(sealed: true)
         return head
     }
 
@@ -96,7 +96,8 @@ import Testing
 
     /// A freeze recorded as pending, then a crash: it happened if the new
     /// head's map log starts with a record (the switch marker), and is then
-    /// committed at open; if not, it is dropped with its files.
+    /// committed at open, unsealed (its data may not all be on disk); if
+    /// not, it is dropped with its files.
     @Test(arguments: [true, false])
     func aPendingFreezeIsSettledAtOpenByItsSwitchMarker(switched: Bool) throws {
         let dir = try emptyDirectory()
@@ -116,7 +117,7 @@ import Testing
         #expect(try reopened.pendingFreeze() == nil)
         if switched {
             #expect(try reopened.chain() == [bottom, newHead])
-            #expect(try reopened.snapshots() == [SnapshotRecord(name: "s1", layer: bottom.id, created: 42, parent: nil)])
+            #expect(try reopened.snapshots() == [SnapshotRecord(name: "s1", layer: bottom.id, created: 42, parent: nil, sealed: false)])
         } else {
             #expect(try reopened.chain() == [bottom])
             #expect(!FileManager.default.fileExists(atPath: newHead.files.dataPath))

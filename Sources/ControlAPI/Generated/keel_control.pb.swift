@@ -89,6 +89,10 @@ public nonisolated struct Keel_Control_V1_Snapshot: Sendable {
   /// the layer's id on the replica that answered
   public var layer: UInt32 = 0
 
+  /// Frozen, but its data is not known to be on disk: a create cut short by a
+  /// crash. The next engine start removes it from every replica.
+  public var unsealed: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -818,7 +822,7 @@ nonisolated extension Keel_Control_V1_ListSnapshotsRequest: SwiftProtobuf.Messag
 
 nonisolated extension Keel_Control_V1_Snapshot: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Snapshot"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}created\0\u{3}own_bytes\0\u{1}parent\0\u{1}layer\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}created\0\u{3}own_bytes\0\u{1}parent\0\u{1}layer\0\u{1}unsealed\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -831,6 +835,7 @@ nonisolated extension Keel_Control_V1_Snapshot: SwiftProtobuf.Message, SwiftProt
       case 3: try { try decoder.decodeSingularUInt64Field(value: &self.ownBytes) }()
       case 4: try { try decoder.decodeSingularStringField(value: &self.parent) }()
       case 5: try { try decoder.decodeSingularUInt32Field(value: &self.layer) }()
+      case 6: try { try decoder.decodeSingularBoolField(value: &self.unsealed) }()
       default: break
       }
     }
@@ -852,6 +857,9 @@ nonisolated extension Keel_Control_V1_Snapshot: SwiftProtobuf.Message, SwiftProt
     if self.layer != 0 {
       try visitor.visitSingularUInt32Field(value: self.layer, fieldNumber: 5)
     }
+    if self.unsealed != false {
+      try visitor.visitSingularBoolField(value: self.unsealed, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -861,6 +869,7 @@ nonisolated extension Keel_Control_V1_Snapshot: SwiftProtobuf.Message, SwiftProt
     if lhs.ownBytes != rhs.ownBytes {return false}
     if lhs.parent != rhs.parent {return false}
     if lhs.layer != rhs.layer {return false}
+    if lhs.unsealed != rhs.unsealed {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
