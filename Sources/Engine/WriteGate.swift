@@ -205,14 +205,21 @@ public final class WriteGate: @unchecked Sendable {
     /// Admits no more writes; true once none is in flight. After `seconds`
     /// with some still in flight, false, and writes go on.
     func pauseWrites(seconds: Double) -> Bool {
-        state.withLock { $0.paused = true }
-        if pollUntil(seconds: seconds, { state.withLock { $0.writes.isEmpty } }) { return true }
+        holdWrites()
+        if pollUntil(seconds: seconds, { noWriteInFlight }) { return true }
         resumeWrites()
         return false
     }
 
+    /// `pauseWrites` without the wait, for a caller that polls `noWriteInFlight` itself (the simulator).
+    public func holdWrites() {
+        state.withLock { $0.paused = true }
+    }
+
+    public var noWriteInFlight: Bool { state.withLock { $0.writes.isEmpty } }
+
     /// Writes held by `pauseWrites` are retried.
-    func resumeWrites() {
+    public func resumeWrites() {
         state.withLock { $0.paused = false }
         onOverlapCleared()
     }

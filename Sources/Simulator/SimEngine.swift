@@ -70,6 +70,25 @@ final class SimEngine {
     /// The keeper's idle clock, and each region's last mark or finished write on it.
     var tick: UInt32 = 0
     var lastActivity: [UInt32]
+    /// A snapshot being taken or removed, one replica a step.
+    var chainChange: ChainChange?
+
+    enum ChainChange {
+        /// Writes held; once none is in flight, the slots still to switch, one a step.
+        case taking(Snapshot, waits: Int, left: [Int])
+        /// Writes go on; the slots still to seal it, one a step, then the membership recorded.
+        case sealing(Snapshot, left: [Int])
+        case removing(name: String, left: [Int])
+    }
+
+    /// A snapshot being taken, and what it must hold.
+    struct Snapshot {
+        let name: String
+        /// Per block, the issue time before which an acknowledged write is superseded (durably).
+        let floor: [UInt64]
+        let durableFloor: [UInt64]
+        let requestedAt: UInt64
+    }
 
     init(epoch: UInt64, id: String, replicas: ReplicaSet, gate: WriteGate,
          metadata: (SimEngine) -> ReplicaMetadata, logger: Logger) {

@@ -64,7 +64,7 @@ final class SimStartupLinks: StartupLinks {
     func copy(_ range: ByteRange, from source: Int, to targets: [Int]) throws {
         let from = try replica(source, "copy")
         let blocks = simulation.blocks(of: range)
-        for t in targets { try replica(t, "copy").volatile.replaceSubrange(blocks, with: from.volatile[blocks]) }
+        for t in targets { try replica(t, "copy").writeHead(blocks, from.volatile[blocks]) }
     }
 
     func flush(_ i: Int) throws {
@@ -89,13 +89,8 @@ final class SimStartupLinks: StartupLinks {
         replica.membership = membership
     }
 
-    /// The simulated replicas take no snapshots: their lists are always empty, so no start asks.
-    func freezeHead(_ i: Int, name: String, for owner: Owner) throws {
-        preconditionFailure("the simulator takes no snapshots")
-    }
-
     func mergeSnapshot(_ i: Int, name: String, for owner: Owner) throws {
-        preconditionFailure("the simulator takes no snapshots")
+        try owned(i, by: owner, "merge").removeSnapshot(name)
     }
 
     private func status(of replica: SimReplica) -> Keel_Control_V1_ReplicaStatus {
@@ -107,6 +102,11 @@ final class SimStartupLinks: StartupLinks {
                 .with { $0.offset = UInt64(region) * regionBytes; $0.length = regionBytes }
             }
             if let membership = replica.membership { status.membership = membership }
+            // The replica's status waits for a seal under way.
+            replica.seal()
+            let unsealed = Set(replica.unsealedSnapshots)
+            status.snapshots = replica.snapshotNames.map { name in .with { $0.name = name; $0.unsealed = unsealed.contains(name) } }
+            status.removedSnapshots = replica.removedSnapshots
         }
     }
 }

@@ -60,6 +60,8 @@ public final class Simulation {
         public var failedStarts = 0
         public var rebuildsStarted = 0
         public var rebuildsFinished = 0
+        public var snapshotsTaken = 0
+        public var snapshotsRemoved = 0
 
         public mutating func add(_ other: Counts) {
             steps += other.steps
@@ -77,6 +79,8 @@ public final class Simulation {
             failedStarts += other.failedStarts
             rebuildsStarted += other.rebuildsStarted
             rebuildsFinished += other.rebuildsFinished
+            snapshotsTaken += other.snapshotsTaken
+            snapshotsRemoved += other.snapshotsRemoved
         }
 
         public var description: String {
@@ -85,7 +89,8 @@ public final class Simulation {
                 + "engine crashes \(engineCrashes), power cuts \(powerCuts), replica crashes \(replicaCrashes), "
                 + "link resets \(linkResets), completed inside submit \(completedInsideSubmit), "
                 + "failed flushes \(failedFlushes), takeovers \(takeovers), starts failed half way \(failedStarts); "
-                + "rebuilds started \(rebuildsStarted), promoted \(rebuildsFinished)"
+                + "rebuilds started \(rebuildsStarted), promoted \(rebuildsFinished); "
+                + "snapshots taken \(snapshotsTaken), removed \(snapshotsRemoved)"
         }
     }
 
@@ -103,10 +108,10 @@ public final class Simulation {
     let blockSize: UInt64 = 4096
     var random: SplitMix64
     private(set) var replicas: [SimReplica]
-    private var engines: [SimEngine] = []
-    private var engine: SimEngine!
+    private(set) var engines: [SimEngine] = []
+    private(set) var engine: SimEngine!
     private var network: [Message] = []
-    public private(set) var counts = Counts()
+    public internal(set) var counts = Counts()
     public private(set) var violations: [String] = []
     /// Says what happens, step by step (`keel-sim --trace`).
     public var trace: ((String) -> Void)?
@@ -117,17 +122,19 @@ public final class Simulation {
     // durable (before an acknowledged FLUSH was issued, or with FUA): a write
     // acknowledged before that time is superseded. After a recovery, what the
     // block holds is its baseline, as if written and acknowledged then.
-    private var clock: UInt64 = 1
-    private var issuedAt: [UInt64: UInt64] = [0: 0]
+    var clock: UInt64 = 1
+    private(set) var issuedAt: [UInt64: UInt64] = [0: 0]
     private var ackedAt: [UInt64: UInt64] = [0: 0]
-    private var writtenTo: [UInt64: Range<Int>] = [:]
-    private var supersededBefore: [UInt64]
-    private var durablySupersededBefore: [UInt64]
-    private var baseline: [(generation: UInt64, at: UInt64)]
+    private(set) var writtenTo: [UInt64: Range<Int>] = [:]
+    private(set) var supersededBefore: [UInt64]
+    private(set) var durablySupersededBefore: [UInt64]
+    private(set) var baseline: [(generation: UInt64, at: UInt64)]
     private var nextGeneration: UInt64 = 1
     private var nextRequest = 0
     private var enginesStarted = 0
     private var outstanding: [SimRequest] = []
+    var expectedSnapshots: [String: ExpectedSnapshot] = [:]
+    var nextSnapshot = 1
 
     public init(seed: UInt64, options: Options = Options()) {
         self.options = options
@@ -179,6 +186,8 @@ public final class Simulation {
         case ..<945:
             engine.tick &+= 1
             engine.keeper.tick()
+        case ..<960:
+            snapshotStep()
         case ..<990:
             rebuildStep()
         case 990...:
@@ -258,7 +267,7 @@ public final class Simulation {
 
     /// `value` is a write to the block that no write acknowledged in time
     /// superseded: none issued after `value`'s acknowledgement, before `time`.
-    private func check(block b: Int, holds value: UInt64, supersededBefore time: UInt64, _ what: String) {
+    func check(block b: Int, holds value: UInt64, supersededBefore time: UInt64, _ what: String) {
         guard value == 0 || writtenTo[value]?.contains(b) == true else {
             violation("\(what): block \(b) holds generation \(value), never written there (corrupt)")
             return
@@ -467,7 +476,7 @@ public final class Simulation {
                 cycle.copied(Result {
                     trace?("\(e.id) rebuild: region \(region) from replica \(e.replicaOf[source]) to \(e.replicaOf[cycle.index])")
                     let from = try rebuildLink(e, e.replicaOf[source]), to = try rebuildLink(e, e.replicaOf[cycle.index])
-                    to.volatile.replaceSubrange(blocks(of: range), with: from.volatile[blocks(of: range)])
+                    to.writeHead(blocks(of: range), from.volatile[blocks(of: range)])
                 })
             case .flush:
                 cycle.flushed(Result { try rebuildLink(e, e.replicaOf[cycle.index]).flush() })
@@ -497,7 +506,9 @@ public final class Simulation {
     /// As `Rebuild.start`: the replica must not belong to a newer engine; it
     /// is claimed and joins in WO mode, receiving every write from now on.
     private func startRebuild(on e: SimEngine) {
-        guard !e.crashed, !e.replicas.isFenced, e.replicas.hasHealthyReplica else { return }
+        // As `Rebuild.start`, the membership without the replica is recorded before its chain is copied.
+        guard !e.crashed, !e.replicas.isFenced, e.replicas.hasHealthyReplica, e.chainChange == nil,
+              !e.replicas.holdsAcknowledgements else { return }
         let candidates = replicas.indices.filter { r in
             replicas[r].running && replicas[r].epoch <= e.epoch
                 && !e.indexes(of: r).contains { e.replicas.mode($0).isWritable }
@@ -508,6 +519,10 @@ public final class Simulation {
         replica.epoch = e.epoch
         replica.engine = e.id
         replica.fence.advance(to: e.epoch)
+        // `ChainCopy`: the volume's snapshots first, from a healthy member.
+        if let source = e.replicas.replicas.indices.first(where: { e.replicas.mode($0) == .rw }) {
+            replica.takeChain(of: replicas[e.replicaOf[source]])
+        }
         guard let index = try? e.replicas.add(address: .unix(path: "sim-r\(r)"), controlAddress: .unix(path: "sim-r\(r).control"),
                                               id: replica.id) else { return }
         e.replicaOf.append(r)
@@ -576,7 +591,7 @@ public final class Simulation {
         for request in outstanding { request.done = true }
         outstanding.removeAll()
         restartReplicas()
-        startEngine(after: powerCut ? durablySupersededBefore : supersededBefore)
+        startEngine(after: powerCut ? durablySupersededBefore : supersededBefore, powerCut: powerCut)
     }
 
     private func restartReplicas() {
@@ -594,7 +609,12 @@ public final class Simulation {
     /// next one must still find every acknowledged write. Replicas outside the
     /// membership start ERR, to be rebuilt online. With `floor`, every block
     /// must then read at least that.
-    private func startEngine(after floor: [UInt64]?) {
+    private func startEngine(after floor: [UInt64]?, powerCut: Bool = false) {
+        // An engine a newer one takes over gives up its chain change (its control calls would be refused).
+        for e in engines where e.chainChange != nil {
+            e.gate.resumeWrites()
+            e.chainChange = nil
+        }
         let addresses = replicas.indices.map { SocketAddress.unix(path: "sim-r\($0)") }
         var started: (VolumeStartup.Outcome, String)?
         for attempt in 0..<Self.startAttempts where started == nil {
@@ -622,6 +642,7 @@ public final class Simulation {
             violation("replicas \(members[0]) and \(i) differ after the resync at epoch \(outcome.epoch)")
             return
         }
+        checkSnapshots(members: members, afterPowerCut: powerCut, epoch: outcome.epoch)
         if let floor {
             for b in 0..<options.blocks {
                 check(block: b, holds: source.volatile[b], supersededBefore: floor[b], "after recovery at epoch \(outcome.epoch)")
@@ -662,15 +683,18 @@ public final class Simulation {
                 return
             }
         }
+        let views = healthy.map { (volatile: replicas[$0].volatile, durable: replicas[$0].durable) }
+        var cleanBlocks: [Range<Int>] = []
         for region in 0..<engine.gate.regionCount where !dirty.contains(region) {
             let blocks = region * options.regionBlocks..<(region + 1) * options.regionBlocks
-            for i in healthy.dropFirst() {
-                if replicas[i].volatile[blocks] != replicas[first].volatile[blocks]
-                    || replicas[i].durable[blocks] != replicas[first].durable[blocks] {
-                    violation("region \(region) is clean but replicas \(first) and \(i) differ")
+            cleanBlocks.append(blocks)
+            for k in views.indices.dropFirst() {
+                if views[k].volatile[blocks] != views[0].volatile[blocks] || views[k].durable[blocks] != views[0].durable[blocks] {
+                    violation("region \(region) is clean but replicas \(first) and \(healthy[k]) differ")
                     return
                 }
             }
         }
+        if let difference = checkSnapshotsOfHealthyMembers(healthy, cleanBlocks: cleanBlocks) { violation(difference) }
     }
 }

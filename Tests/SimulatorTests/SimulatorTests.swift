@@ -14,6 +14,7 @@ import Testing
         }
         #expect(outcome.counts.acknowledgedWrites > 50_000)
         #expect(outcome.counts.powerCuts >= 200 && outcome.counts.engineCrashes > 0 && outcome.counts.takeovers > 0)
+        #expect(outcome.counts.snapshotsTaken > 200 && outcome.counts.snapshotsRemoved > 200)
     }
 
     @Test func aSeedReplaysExactly() {
