@@ -72,7 +72,21 @@ import Testing
         #expect(try reopened.snapshots().isEmpty)
     }
 
-    /// Schema 4 (layers with map logs, no snapshot names) opens at schema 5 and takes snapshots.
+    /// Schema 6 (no seal recorded) opens at today's schema, its snapshots sealed.
+    @Test func aReplicaOfSchemaSixKeepsItsSnapshotsSealed() throws {
+        let dir = try emptyDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try freeze(try ReplicaStore.open(directory: dir, size: 4 << 20), "s1", owner: nil, at: 5)
+        let database = try Database(path: dir + "/" + ReplicaStore.metadataName, create: false)
+        try database.execute("ALTER TABLE layers DROP COLUMN unsealed; UPDATE replica SET schema = 6 WHERE id = 1")
+        let store = try ReplicaStore.open(directory: dir, size: nil)
+        #expect(try database.query("SELECT schema FROM replica").first?[0].integer == ReplicaStore.schemaVersion)
+        #expect(try store.snapshots().map(\.sealed) == [true])
+        try freeze(store, "s2", owner: nil, at: 6)
+        #expect(try store.snapshots().map(\.name) == ["s1", "s2"])
+    }
+
+    /// Schema 4 (layers with map logs, no snapshot names) opens at today's schema and takes snapshots.
     @Test func aReplicaOfSchemaFourTakesSnapshots() throws {
         let dir = try emptyDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
