@@ -108,7 +108,7 @@ public final class Simulation {
     let blockSize: UInt64 = 4096
     var random: SplitMix64
     private(set) var replicas: [SimReplica]
-    private(set) var engines: [SimEngine] = []
+    private var engines: [SimEngine] = []
     private(set) var engine: SimEngine!
     private var network: [Message] = []
     public internal(set) var counts = Counts()
