@@ -33,6 +33,8 @@ let package = Package(
                        providers: [.apt(["libsqlite3-dev"])]),
         .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls",
                        providers: [.apt(["libgnutls28-dev"])]),
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd",
+                       providers: [.apt(["libzstd-dev"])]),
 
         // Thin typed wrappers over the syscalls Keel uses outside io_uring.
         .systemLibrary(name: "CSyscalls"),
@@ -127,9 +129,14 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
 
+        // Backups: a content-addressed store of zstd blocks, maps and summaries on a directory or S3 (docs/backups.md).
+        .target(name: "BackupStore", dependencies: [
+            "CZstd", "LibNBD", .product(name: "Crypto", package: "swift-crypto"),
+        ]),
+
         .executableTarget(name: "keel", dependencies: [
             "NBDServer", "FileExport", "ReplicaServer", "ReplicaStore", "Engine", "LibNBD", "Syscalls", "ControlAPI",
-            "NodeRegistry", "Daemons", "KernelNBD", "ReplicaIdentity", "SnapshotExport", "ClusterCA", "DeviceFrontend", "NodeAgent", "Volumes",
+            "NodeRegistry", "Daemons", "KernelNBD", "ReplicaIdentity", "SnapshotExport", "ClusterCA", "DeviceFrontend", "NodeAgent", "Volumes", "BackupStore",
             .product(name: "GRPCCore", package: "grpc-swift-2"),
             .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -150,6 +157,7 @@ let package = Package(
         .testTarget(name: "TLSSessionTests", dependencies: ["TLSSession", "ClusterCA"]),
         .testTarget(name: "IOUringTests", dependencies: ["IOUring", "Syscalls"]),
         .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite", "ReplicaIdentity", "LayerStack"]),
+        .testTarget(name: "BackupStoreTests", dependencies: ["BackupStore"]),
         .testTarget(name: "LayerStackTests", dependencies: ["LayerStack", "SeededRandom"]),
         .testTarget(name: "EngineUnitTests", dependencies: ["Engine", "ControlAPI"]),
         .testTarget(name: "ReplicaServerTests", dependencies: [

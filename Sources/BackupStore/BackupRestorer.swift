@@ -1,0 +1,174 @@
+import Foundation
+import LibNBD
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where a restore writes: a new file (holes where the volume was zero), or an NBD export
+/// at least the volume's size (zeroed where the volume was zero, as the export may hold old data).
+public enum RestoreDestination: Sendable {
+    case file(String)
+    case nbd(String)
+}
+
+/// One backup read back: each block fetched in parallel, checked against its hash, written once.
+public struct BackupRestorer {
+    public var store: BackupStore
+    public var id: String
+    public var parallel = 4
+
+    public init(store: BackupStore, id: String) {
+        self.store = store
+        self.id = id
+    }
+
+    public func run(to destination: RestoreDestination, progress: (TransferProgress) -> Void = { _ in }) throws {
+        _ = try store.summary(id)  // an unknown id gets its one-line answer before anything is made
+        let map = try store.map(id)
+        let writers = try openWriters(destination, size: map.size, count: max(1, min(parallel, map.blocks.count)))
+        let shared = SharedTransfer(total: map.blocks.reduce(0) { $0 + UInt64(map.length(of: $1.index)) })
+        let group = DispatchGroup()
+        for writer in writers {
+            DispatchQueue.global().async(group: group) {
+                do {
+                    while let entry = shared.next(of: map.blocks) {
+                        let length = map.length(of: entry.index)
+                        let bytes = try store.block(entry.hash, length: length)
+                        try writer.write(bytes, at: UInt64(entry.index) * UInt64(map.blockSize))
+                        shared.add(read: UInt64(length))
+                    }
+                } catch {
+                    shared.fail(error)
+                }
+            }
+        }
+        while group.wait(timeout: .now() + .milliseconds(500)) == .timedOut { progress(shared.progress) }
+        if let error = shared.error {
+            writers.forEach { $0.abandon() }
+            throw error
+        }
+        progress(shared.progress)
+        let named = Set(map.blocks.map(\.index))
+        try writers[0].zero((0 ..< map.blockCount).filter { !named.contains($0) }, map: map)
+        for writer in writers { try writer.finish() }
+    }
+
+    private func openWriters(_ destination: RestoreDestination, size: UInt64, count: Int) throws -> [RestoreWriter] {
+        switch destination {
+        case .file(let path):
+            let file = try RestoreFile(path: path, size: size)
+            return [RestoreWriter](repeating: file, count: count)
+        case .nbd(let uri):
+            return try (0 ..< count).map { _ in try RestoreExport(uri: uri, size: size) }
+        }
+    }
+}
+
+class RestoreWriter: @unchecked Sendable {
+    func write(_ bytes: [UInt8], at offset: UInt64) throws { fatalError("abstract") }
+    /// Makes the blocks not in the map read as zeros.
+    func zero(_ blocks: [Int], map: BlockMap) throws {}
+    func finish() throws {}
+    /// After a failure: nothing half-made stays visible.
+    func abandon() {}
+}
+
+/// A restore into a new file: made under a temporary name, synced, then renamed into place.
+final class RestoreFile: RestoreWriter, @unchecked Sendable {
+    let path: String
+    let temporary: String
+    let fd: Int32
+    private var finished = false
+    private let lock = NSLock()
+
+    init(path: String, size: UInt64) throws {
+        guard access(path, F_OK) != 0 else { throw BackupStoreError("\(path) exists; restore into a new file (or remove it first)") }
+        self.path = path
+        let directory = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
+        temporary = (directory.isEmpty ? "" : directory) + "/.restore-\(UInt32.random(in: 0 ... .max))"
+        fd = open(temporary, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw BackupStoreError("cannot create \(path): \(String(cString: strerror(errno)))") }
+        guard ftruncate(fd, off_t(size)) == 0 else {
+            let error = BackupStoreError("cannot size \(path) to \(size) bytes: \(String(cString: strerror(errno)))")
+            close(fd)
+            unlink(temporary)
+            throw error
+        }
+    }
+
+    override func write(_ bytes: [UInt8], at offset: UInt64) throws {
+        var done = 0
+        try bytes.withUnsafeBytes { raw in
+            while done < raw.count {
+                let count = pwrite(fd, raw.baseAddress! + done, raw.count - done, off_t(offset) + off_t(done))
+                if count < 0 {
+                    if errno == EINTR { continue }
+                    throw BackupStoreError("cannot write \(path): \(String(cString: strerror(errno)))")
+                }
+                done += count
+            }
+        }
+    }
+
+    override func finish() throws {
+        try lock.withLock {
+            guard !finished else { return }
+            finished = true
+            guard fsync(fd) == 0, rename(temporary, path) == 0 else {
+                let error = BackupStoreError("cannot finish \(path): \(String(cString: strerror(errno)))")
+                close(fd)
+                unlink(temporary)
+                throw error
+            }
+            close(fd)
+        }
+    }
+
+    override func abandon() {
+        lock.withLock {
+            guard !finished else { return }
+            finished = true
+            close(fd)
+            unlink(temporary)
+        }
+    }
+}
+
+/// A restore into an NBD export (a volume's engine, say): one connection per worker.
+final class RestoreExport: RestoreWriter, @unchecked Sendable {
+    let uri: String
+    let client: NBDClient
+
+    init(uri: String, size: UInt64) throws {
+        self.uri = uri
+        client = try NBDClient()
+        do { try client.connect(uri: uri) } catch { throw BackupStoreError("cannot write \(uri): \(error)") }
+        guard !client.isReadOnly else { throw BackupStoreError("\(uri) is read-only; restore into a writable export") }
+        let exportSize = try client.size
+        guard exportSize >= size else {
+            throw BackupStoreError("\(uri) holds \(exportSize) bytes, the backup \(size); restore into an export at least as large")
+        }
+    }
+
+    override func write(_ bytes: [UInt8], at offset: UInt64) throws {
+        do { try client.write(bytes, at: offset) } catch { throw BackupStoreError("writing \(uri) at \(offset): \(error)") }
+    }
+
+    override func zero(_ blocks: [Int], map: BlockMap) throws {
+        for index in blocks {
+            let offset = UInt64(index) * UInt64(map.blockSize), length = UInt64(map.length(of: index))
+            do {
+                if client.canZero { try client.zero(count: length, at: offset) } else {
+                    try client.write([UInt8](repeating: 0, count: Int(length)), at: offset)
+                }
+            } catch { throw BackupStoreError("zeroing \(uri) at \(offset): \(error)") }
+        }
+    }
+
+    override func finish() throws {
+        do {
+            try client.flush()
+            try client.shutdown()
+        } catch { throw BackupStoreError("finishing the restore into \(uri): \(error)") }
+    }
+}

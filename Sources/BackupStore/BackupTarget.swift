@@ -1,0 +1,39 @@
+/// Where a backup store keeps its objects: a directory or an S3 bucket and prefix.
+/// Keys are relative paths ("blocks/ab/ab12…"). Every call is synchronous and may run
+/// on several threads at once.
+public protocol BackupTarget: AnyObject, Sendable {
+    /// The URL the user gave, for messages.
+    var url: String { get }
+    /// The object's bytes, or nil when there is none.
+    func get(_ key: String) throws -> [UInt8]?
+    func exists(_ key: String) throws -> Bool
+    /// Writes a whole object; a reader sees the old one, or none, or the new one, never part of it.
+    func put(_ key: String, _ bytes: [UInt8]) throws
+    /// Writes the object only if there is none under the key (an atomic test: a lock).
+    /// Returns false when one was there.
+    func putIfAbsent(_ key: String, _ bytes: [UInt8]) throws -> Bool
+    /// Every object whose key starts with `prefix`, with its size in bytes.
+    func list(_ prefix: String) throws -> [(key: String, size: Int)]
+    /// Removes the objects (those already gone are no error).
+    func delete(_ keys: [String]) throws
+    /// Makes every put so far durable: what a manifest names must survive a power cut before the manifest is written.
+    func makeDurable() throws
+}
+
+public struct BackupTargetError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// A target from its URL: file:///path, or s3://bucket/prefix.
+public func openBackupTarget(_ url: String) throws -> BackupTarget {
+    if url.hasPrefix("file://") {
+        let path = String(url.dropFirst("file://".count))
+        guard path.hasPrefix("/") else { throw BackupTargetError("\(url) is not an absolute file URL: write file:///path/to/dir") }
+        return try DirectoryTarget(url: url, path: path)
+    }
+    if url.hasPrefix("s3://") {
+        throw BackupTargetError("s3:// targets are not built yet; use a file:/// target (a local directory or an NFS mount)")
+    }
+    throw BackupTargetError("\(url) is not a backup target: use file:///path/to/dir or s3://bucket/prefix")
+}

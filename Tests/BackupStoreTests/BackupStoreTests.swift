@@ -1,0 +1,167 @@
+import BackupStore
+import Foundation
+import Testing
+
+/// The backup store against a real directory and real NBD exports (nbdkit's file plugin).
+@Suite struct BackupStoreTests {
+    static let blockSize = StoreConfig.defaultBlockSize
+
+    @Test func zstdRoundTripsABlockAndZeroIsSeen() throws {
+        var bytes = [UInt8](repeating: 0, count: Self.blockSize)
+        #expect(bytes.withUnsafeBytes { BlockCodec.isAllZero($0) })
+        bytes[Self.blockSize - 1] = 1
+        #expect(!bytes.withUnsafeBytes { BlockCodec.isAllZero($0) })
+        var random = Fixture.Random(seed: 1)
+        for i in stride(from: 0, to: bytes.count, by: 3) { bytes[i] = UInt8(truncatingIfNeeded: random.next()) }
+        let compressed = try bytes.withUnsafeBytes { try BlockCodec.compress($0) }
+        #expect(try BlockCodec.decompress(compressed, size: bytes.count) == bytes)
+        #expect(throws: (any Error).self) { try BlockCodec.decompress(compressed, size: bytes.count - 1) }
+    }
+
+    @Test func sha256NamesMatchThePublishedVector() {
+        let abc = Array("abc".utf8)
+        #expect(abc.withUnsafeBytes { BlockHash(of: $0) }.hex == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+    }
+
+    @Test func aFullBackupRestoresByteForByteToAFileAndToAnExport() throws {
+        let fixture = try Fixture()
+        // 9 blocks and 4 KiB: a short last block; blocks 2 and 5 all zero.
+        let volume = fixture.randomVolume(size: 9 * Self.blockSize + 4096, seed: 2, zeroBlocks: [2, 5])
+        let summary = try fixture.backUp(volume, name: "db")
+        #expect(summary.blocks == 8)
+        #expect(summary.newBlocks == 8)
+        #expect(!summary.incremental)
+        #expect(try fixture.store.backups().map(\.id) == [summary.id])
+
+        let file = fixture.path("restored.img")
+        try BackupRestorer(store: fixture.store, id: summary.id).run(to: .file(file))
+        #expect(try fixture.read(file) == volume)
+
+        let exportFile = fixture.image(size: volume.count, fill: 0xAB)  // old data, zeroed where the volume was zero
+        let export = try fixture.serve(exportFile, writable: true)
+        try BackupRestorer(store: fixture.store, id: summary.id).run(to: .nbd(export.uri))
+        export.stop()
+        #expect(try fixture.read(exportFile) == volume)
+    }
+
+    @Test func anIncrementalBackupReadsOnlyTheChangedBlocksAndRestoresTheNewData() throws {
+        let fixture = try Fixture()
+        var volume = fixture.randomVolume(size: 16 * Self.blockSize, seed: 3, zeroBlocks: [])
+        let full = try fixture.backUp(volume, name: "db")
+        for index in [1, 7] { fixture.scramble(&volume, block: index, seed: UInt64(index)) }
+        let parent = BackupParent(summary: full, map: try fixture.store.map(full.id), changed: [1, 7])
+        let incremental = try fixture.backUp(volume, name: "db", parent: parent)
+        #expect(incremental.incremental)
+        #expect(incremental.parent == full.id)
+        #expect(incremental.bytesRead == UInt64(2 * Self.blockSize))
+        #expect(incremental.newBlocks == 2)
+        let file = fixture.path("restored.img")
+        try BackupRestorer(store: fixture.store, id: incremental.id).run(to: .file(file))
+        #expect(try fixture.read(file) == volume)
+    }
+
+    @Test func twoVolumesWithTheSameDataShareTheirBlocks() throws {
+        let fixture = try Fixture()
+        let volume = fixture.randomVolume(size: 4 * Self.blockSize, seed: 4, zeroBlocks: [])
+        let first = try fixture.backUp(volume, name: "a")
+        let second = try fixture.backUp(volume, name: "b")
+        #expect(first.newBlocks == 4)
+        #expect(second.newBlocks == 0)
+        #expect(second.bytesSent == 0)
+        #expect(try fixture.store.target.list(StoreKey.blocks).count == 4)
+        #expect(try fixture.store.backups(of: "b").map(\.id) == [second.id])
+    }
+
+    @Test func removingAMiddleBackupKeepsTheNewestWholeAndGCFreesExactlyTheUnnamedBlocks() throws {
+        let fixture = try Fixture()
+        var volume = fixture.randomVolume(size: 6 * Self.blockSize, seed: 5, zeroBlocks: [])
+        let oldest = try fixture.backUp(volume, name: "db")
+        fixture.scramble(&volume, block: 0, seed: 50)
+        let middle = try fixture.backUp(volume, name: "db")
+        fixture.scramble(&volume, block: 0, seed: 51)
+        let newest = try fixture.backUp(volume, name: "db")
+        let middleOnly = Set(try fixture.store.map(middle.id).blocks.map(\.hash))
+            .subtracting(try fixture.store.map(oldest.id).blocks.map(\.hash))
+            .subtracting(try fixture.store.map(newest.id).blocks.map(\.hash))
+        #expect(middleOnly.count == 1)
+
+        try fixture.store.remove(middle.id)
+        #expect(try fixture.store.backups().map(\.id) == [oldest.id, newest.id])
+        let report = try fixture.store.collectGarbage(holder: "test")
+        #expect(report.blocksFreed == 1)
+        #expect(try !fixture.store.target.exists(StoreKey.block(middleOnly.first!)))
+        #expect(try fixture.store.verify().isClean)
+        let file = fixture.path("restored.img")
+        try BackupRestorer(store: fixture.store, id: newest.id).run(to: .file(file))
+        #expect(try fixture.read(file) == volume)
+        #expect(try fixture.store.collectGarbage(holder: "test").blocksFreed == 0)
+    }
+
+    @Test func verifyNamesACorruptBlockAndAMissingOne() throws {
+        let fixture = try Fixture()
+        let volume = fixture.randomVolume(size: 4 * Self.blockSize, seed: 6, zeroBlocks: [])
+        let summary = try fixture.backUp(volume, name: "db")
+        let hashes = try fixture.store.map(summary.id).blocks.map(\.hash)
+        try fixture.store.target.delete([StoreKey.block(hashes[0])])
+        var stored = try #require(try fixture.store.target.get(StoreKey.block(hashes[1])))
+        stored[stored.count / 2] ^= 0xFF
+        try fixture.store.target.put(StoreKey.block(hashes[1]), stored)
+
+        let report = try fixture.store.verify()
+        #expect(report.missing.keys.sorted() == [hashes[0]])
+        #expect(report.corrupt.keys.sorted() == [hashes[1]])
+        #expect(report.missing[hashes[0]] == [summary.id])
+        let quick = try fixture.store.verify(quick: true)
+        #expect(quick.missing.keys.sorted() == [hashes[0]])
+        #expect(quick.corrupt.isEmpty)
+        #expect(throws: (any Error).self) { try BackupRestorer(store: fixture.store, id: summary.id).run(to: .file(fixture.path("r.img"))) }
+        #expect(!FileManager.default.fileExists(atPath: fixture.path("r.img")))
+    }
+
+    @Test func aBackupWithoutItsSummaryIsNeverListedAndGCRemovesItsMap() throws {
+        let fixture = try Fixture()
+        let volume = fixture.randomVolume(size: 2 * Self.blockSize, seed: 7, zeroBlocks: [])
+        let summary = try fixture.backUp(volume, name: "db")
+        // What a backup killed between its map and its summary leaves.
+        try fixture.store.target.delete([StoreKey.backup(summary.id)])
+        #expect(try fixture.store.backups().isEmpty)
+        #expect(throws: (any Error).self) { try fixture.store.summary(summary.id) }
+        let report = try fixture.store.collectGarbage(holder: "test")
+        #expect(report.orphanMapsRemoved == 1)
+        #expect(report.blocksFreed == 2)
+        #expect(try fixture.store.target.list("").map(\.key) == [StoreKey.config])
+    }
+
+    @Test func gcAndABackupNeverRunTogether() throws {
+        let fixture = try Fixture()
+        let volume = fixture.randomVolume(size: Self.blockSize, seed: 8, zeroBlocks: [])
+        _ = try fixture.backUp(volume, name: "db")
+        let lock = try JSONEncoder().encode(StoreLock(holder: "backup elsewhere", expires: Int64(Date().timeIntervalSince1970) + 600))
+        try fixture.store.target.put(StoreKey.backupLock("bk-other"), Array(lock))
+        #expect(throws: (any Error).self) { try fixture.store.collectGarbage(holder: "test") }
+        #expect(try !fixture.store.target.exists(StoreKey.gcLock))
+        try fixture.store.target.delete([StoreKey.backupLock("bk-other")])
+
+        try fixture.store.target.put(StoreKey.gcLock, Array(lock))
+        #expect(throws: (any Error).self) { try fixture.backUp(volume, name: "db") }
+        #expect(try fixture.store.backups().count == 1)
+        // An expired gc lock is taken over.
+        let expired = try JSONEncoder().encode(StoreLock(holder: "dead gc", expires: 1))
+        try fixture.store.target.put(StoreKey.gcLock, Array(expired))
+        #expect(try fixture.store.collectGarbage(holder: "test").backupsKept == 1)
+    }
+
+    @Test func aStoreOfAnotherFormatIsRefusedWithTheReason() throws {
+        let fixture = try Fixture()
+        try fixture.store.target.put(StoreKey.config, Array(#"{"format": 2, "blockSize": 2097152}"#.utf8))
+        do {
+            _ = try BackupStore.open(fixture.store.target)
+            Issue.record("a format 2 store opened")
+        } catch {
+            #expect("\(error)".contains("format 2"))
+        }
+        #expect(throws: (any Error).self) { try BackupStore.open(try openBackupTarget("file://relative/dir")) }
+        #expect(throws: (any Error).self) { try BackupStore.open(try openBackupTarget("file:///nonexistent/keel-store")) }
+        #expect(throws: (any Error).self) { try fixture.store.summary("bk-none") }
+    }
+}

@@ -1,0 +1,107 @@
+import BackupStore
+import Foundation
+import Testing
+
+/// A scratch directory with a backup store in it, volumes as image files, and nbdkit serving them.
+final class Fixture {
+    struct Random {
+        var state: UInt64
+        init(seed: UInt64) { state = seed }
+        mutating func next() -> UInt64 {  // SplitMix64
+            state &+= 0x9E37_79B9_7F4A_7C15
+            var z = state
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return z ^ (z >> 31)
+        }
+    }
+
+    let directory: String
+    let store: BackupStore
+
+    init() throws {
+        directory = FileManager.default.temporaryDirectory.path + "/keel-backupstore-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: directory + "/store", withIntermediateDirectories: true)
+        store = try BackupStore.open(try openBackupTarget("file://" + directory + "/store"), create: true)
+    }
+
+    deinit { try? FileManager.default.removeItem(atPath: directory) }
+
+    func path(_ name: String) -> String { directory + "/" + name }
+
+    func randomVolume(size: Int, seed: UInt64, zeroBlocks: Set<Int>) -> [UInt8] {
+        var random = Random(seed: seed)
+        print("volume seed \(seed)")
+        var bytes = [UInt8](repeating: 0, count: size)
+        bytes.withUnsafeMutableBytes { raw in
+            for word in 0 ..< size / 8 { raw.storeBytes(of: random.next(), toByteOffset: word * 8, as: UInt64.self) }
+        }
+        for block in zeroBlocks {
+            let start = block * StoreConfig.defaultBlockSize
+            bytes.replaceSubrange(start ..< min(size, start + StoreConfig.defaultBlockSize),
+                                  with: repeatElement(0, count: min(size, start + StoreConfig.defaultBlockSize) - start))
+        }
+        return bytes
+    }
+
+    func scramble(_ volume: inout [UInt8], block: Int, seed: UInt64) {
+        var random = Random(seed: seed)
+        let start = block * StoreConfig.defaultBlockSize
+        for offset in stride(from: start, to: start + StoreConfig.defaultBlockSize, by: 512) {
+            volume[offset] = UInt8(truncatingIfNeeded: random.next() | 1)
+        }
+    }
+
+    func image(size: Int, fill: UInt8) -> String {
+        let file = path("image-\(UUID().uuidString).img")
+        _ = FileManager.default.createFile(atPath: file, contents: Data(repeating: fill, count: size))
+        return file
+    }
+
+    func read(_ file: String) throws -> [UInt8] { Array(try Data(contentsOf: URL(fileURLWithPath: file))) }
+
+    /// Serves `bytes` read-only through nbdkit and backs them up as volume `name`.
+    func backUp(_ bytes: [UInt8], name: String, parent: BackupParent? = nil) throws -> BackupSummary {
+        let file = path("volume-\(UUID().uuidString).img")
+        _ = FileManager.default.createFile(atPath: file, contents: Data(bytes))
+        let export = try serve(file, writable: false)
+        defer { export.stop() }
+        let writer = BackupWriter(store: store, source: try NBDBackupSource(uri: export.uri), volume: name, snapshot: "s",
+                                  snapshotTakenForBackup: false, parent: parent)
+        return try writer.run()
+    }
+
+    func serve(_ file: String, writable: Bool) throws -> NBDKit { try NBDKit(file: file, writable: writable, directory: directory) }
+}
+
+/// `nbdkit file` on a unix socket, for as long as a test needs it.
+final class NBDKit {
+    let process = Process()
+    let socket: String
+    var uri: String { "nbd+unix:///?socket=\(socket)" }
+
+    init(file: String, writable: Bool, directory: String) throws {
+        socket = directory + "/nbdkit-\(UUID().uuidString.prefix(8)).sock"
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/nbdkit")
+        process.arguments = ["-f", "-U", socket] + (writable ? [] : ["-r"]) + ["file", file]
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        let deadline = Date().addingTimeInterval(20)
+        while !FileManager.default.fileExists(atPath: socket) {
+            guard Date() < deadline, process.isRunning else { throw BackupStoreError("nbdkit did not start serving \(file)") }
+            usleep(10_000)
+        }
+    }
+
+    /// SIGKILL (the test runner's children may inherit SIGTERM blocked; the file plugin keeps no state of its
+    /// own: every write is in the file once its reply came), then polled with a deadline (Foundation's
+    /// waitUntilExit can hang with several children).
+    func stop() {
+        guard process.isRunning else { return }
+        kill(process.processIdentifier, SIGKILL)
+        let deadline = Date().addingTimeInterval(15)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+    }
+
+    deinit { stop() }
+}
