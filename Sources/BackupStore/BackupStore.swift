@@ -48,12 +48,12 @@ public final class BackupStore: @unchecked Sendable {
 
     // MARK: - Backups
 
-    /// Every complete backup (of `volume`, if given), oldest first.
+    /// Every complete backup (of `volume`, if given), oldest first (ids begin with their time, to the millisecond).
     public func backups(of volume: String? = nil) throws -> [BackupSummary] {
         try target.list(StoreKey.backups).compactMap { entry -> BackupSummary? in
             guard let id = StoreKey.backupID(fromKey: entry.key), let summary = try? summary(id) else { return nil }
             return volume == nil || summary.volume == volume ? summary : nil
-        }.sorted { ($0.created, $0.id) < ($1.created, $1.id) }
+        }.sorted { $0.id < $1.id }
     }
 
     public func summary(_ id: String) throws -> BackupSummary {

@@ -118,13 +118,13 @@ public struct StoreLock: Codable, Sendable {
     }
 }
 
-/// A backup's id: its UTC time and 24 random bits, so that ids sort by time and two backups never collide.
+/// A backup's id: its UTC time to the millisecond and 24 random bits, so that ids sort by time and two backups never collide.
 public enum BackupID {
     public static func make(at date: Date = Date()) -> String {
         let format = DateFormatter()
         format.locale = Locale(identifier: "en_US_POSIX")
         format.timeZone = TimeZone(identifier: "UTC")
-        format.dateFormat = "yyyyMMdd'T'HHmmss'Z'"
+        format.dateFormat = "yyyyMMdd'T'HHmmssSSS'Z'"
         return "bk-" + format.string(from: date) + "-" + String(format: "%06x", UInt32.random(in: 0 ..< (1 << 24)))
     }
 

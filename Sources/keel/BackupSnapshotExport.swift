@@ -1,0 +1,46 @@
+import Foundation
+import Logging
+import NBDProtocol
+import NBDServer
+import ReplicaIdentity
+import SnapshotExport
+import Syscalls
+import Volumes
+
+/// A snapshot served read-only on a private unix socket of this process for as long as a
+/// backup reads it: the same reader and server as `keel snapshot export`, so its replicas
+/// count it as a reader (a removal of the snapshot is refused meanwhile).
+struct PrivateSnapshotExport {
+    let uri: String
+    let olderSnapshots: [String]
+
+    static func serve<T>(volume: String, snapshot: String, replicas: [SocketAddress], logger: Logger,
+                         _ body: (PrivateSnapshotExport) throws -> T) throws -> T {
+        let exportName = SnapshotExportName(volume: volume, snapshot: snapshot)
+        let described: (size: UInt64, olderSnapshots: [String])
+        do { described = try SnapshotReader.describe(exportName, replicas: replicas) } catch {
+            throw KeelError("cannot read snapshot \(snapshot) of \(volume): \(error); see keel snapshot ls \(volume)")
+        }
+        let reader = SnapshotReader(exportName: exportName, size: described.size, replicas: replicas,
+                                    olderSnapshots: described.olderSnapshots, logger: logger)
+        let directory = FileManager.default.temporaryDirectory.path + "/keel-backup-\(getpid())-\(UInt32.random(in: 0 ... .max))"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: false,
+                                                attributes: [.posixPermissions: 0o700])
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let socket = directory + "/snapshot.sock"
+        let listener = try bindListener(.unix(path: socket))
+        let export = ExportDescription(name: snapshot, description: "Keel snapshot \(snapshot) of \(volume), for a backup",
+                                       size: reader.size, readOnly: true, metaContexts: reader.changedContexts)
+        let server = Server(device: reader, listener: listener, catalog: StaticExports([export]), threads: 1, logger: logger)
+        do { try server.start() } catch {
+            listener.close()
+            throw KeelError("cannot start reading snapshot \(snapshot): \(error)")
+        }
+        defer {
+            server.stop()
+            server.wait()
+            listener.close()
+        }
+        return try body(PrivateSnapshotExport(uri: "nbd+unix:///\(snapshot)?socket=\(socket)", olderSnapshots: described.olderSnapshots))
+    }
+}
