@@ -22,6 +22,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-certificates", from: "1.10.0"),
         .package(url: "https://github.com/apple/swift-crypto", "3.0.0" ..< "5.0.0"),
         .package(url: "https://github.com/apple/swift-asn1", from: "1.0.0"),
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.0.0"),
     ],
     targets: [
         // C libraries, through thin system-library targets.
@@ -131,7 +133,15 @@ let package = Package(
 
         // Backups: a content-addressed store of zstd blocks, maps and summaries on a directory or S3 (docs/backups.md).
         .target(name: "BackupStore", dependencies: [
-            "CZstd", "LibNBD", .product(name: "Crypto", package: "swift-crypto"),
+            "CZstd", "LibNBD", "S3Client", .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+        ]),
+        // S3 requests: the SigV4 signer (tested against AWS's published examples), settings the AWS way, retries.
+        .target(name: "S3Client", dependencies: [
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
         ]),
 
         .executableTarget(name: "keel", dependencies: [
@@ -157,7 +167,8 @@ let package = Package(
         .testTarget(name: "TLSSessionTests", dependencies: ["TLSSession", "ClusterCA"]),
         .testTarget(name: "IOUringTests", dependencies: ["IOUring", "Syscalls"]),
         .testTarget(name: "ReplicaStoreTests", dependencies: ["ReplicaStore", "SQLite", "ReplicaIdentity", "LayerStack"]),
-        .testTarget(name: "BackupStoreTests", dependencies: ["BackupStore"]),
+        .testTarget(name: "BackupStoreTests", dependencies: ["BackupStore", "S3Client"]),
+        .testTarget(name: "S3ClientTests", dependencies: ["S3Client", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "LayerStackTests", dependencies: ["LayerStack", "SeededRandom"]),
         .testTarget(name: "EngineUnitTests", dependencies: ["Engine", "ControlAPI"]),
         .testTarget(name: "ReplicaServerTests", dependencies: [

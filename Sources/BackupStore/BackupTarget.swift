@@ -1,3 +1,5 @@
+import S3Client
+
 /// Where a backup store keeps its objects: a directory or an S3 bucket and prefix.
 /// Keys are relative paths ("blocks/ab/ab12…"). Every call is synchronous and may run
 /// on several threads at once.
@@ -25,15 +27,17 @@ public struct BackupTargetError: Error, CustomStringConvertible {
     public init(_ description: String) { self.description = description }
 }
 
-/// A target from its URL: file:///path, or s3://bucket/prefix.
-public func openBackupTarget(_ url: String) throws -> BackupTarget {
+/// A target from its URL: file:///path, or s3://bucket/prefix (with `s3Settings`, or those of the environment).
+public func openBackupTarget(_ url: String, s3Settings: S3Settings? = nil) throws -> BackupTarget {
     if url.hasPrefix("file://") {
         let path = String(url.dropFirst("file://".count))
         guard path.hasPrefix("/") else { throw BackupTargetError("\(url) is not an absolute file URL: write file:///path/to/dir") }
         return try DirectoryTarget(url: url, path: path)
     }
     if url.hasPrefix("s3://") {
-        throw BackupTargetError("s3:// targets are not built yet; use a file:/// target (a local directory or an NFS mount)")
+        let settings: S3Settings
+        do { settings = try s3Settings ?? S3Settings.fromEnvironment() } catch { throw BackupTargetError("\(url): \(error)") }
+        return try S3Target(url: url, settings: settings)
     }
     throw BackupTargetError("\(url) is not a backup target: use file:///path/to/dir or s3://bucket/prefix")
 }

@@ -23,8 +23,8 @@ import Testing
         #expect(abc.withUnsafeBytes { BlockHash(of: $0) }.hex == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
     }
 
-    @Test func aFullBackupRestoresByteForByteToAFileAndToAnExport() throws {
-        let fixture = try Fixture()
+    @Test(arguments: TargetKind.allCases) func aFullBackupRestoresByteForByteToAFileAndToAnExport(on kind: TargetKind) throws {
+        let fixture = try Fixture(kind)
         // 9 blocks and 4 KiB: a short last block; blocks 2 and 5 all zero.
         let volume = fixture.randomVolume(size: 9 * Self.blockSize + 4096, seed: 2, zeroBlocks: [2, 5])
         let summary = try fixture.backUp(volume, name: "db")
@@ -44,8 +44,8 @@ import Testing
         #expect(try fixture.read(exportFile) == volume)
     }
 
-    @Test func anIncrementalBackupReadsOnlyTheChangedBlocksAndRestoresTheNewData() throws {
-        let fixture = try Fixture()
+    @Test(arguments: TargetKind.allCases) func anIncrementalBackupReadsOnlyTheChangedBlocksAndRestoresTheNewData(on kind: TargetKind) throws {
+        let fixture = try Fixture(kind)
         var volume = fixture.randomVolume(size: 16 * Self.blockSize, seed: 3, zeroBlocks: [])
         let full = try fixture.backUp(volume, name: "db")
         for index in [1, 7] { fixture.scramble(&volume, block: index, seed: UInt64(index)) }
@@ -60,8 +60,8 @@ import Testing
         #expect(try fixture.read(file) == volume)
     }
 
-    @Test func twoVolumesWithTheSameDataShareTheirBlocks() throws {
-        let fixture = try Fixture()
+    @Test(arguments: TargetKind.allCases) func twoVolumesWithTheSameDataShareTheirBlocks(on kind: TargetKind) throws {
+        let fixture = try Fixture(kind)
         let volume = fixture.randomVolume(size: 4 * Self.blockSize, seed: 4, zeroBlocks: [])
         let first = try fixture.backUp(volume, name: "a")
         let second = try fixture.backUp(volume, name: "b")
@@ -72,8 +72,8 @@ import Testing
         #expect(try fixture.store.backups(of: "b").map(\.id) == [second.id])
     }
 
-    @Test func removingAMiddleBackupKeepsTheNewestWholeAndGCFreesExactlyTheUnnamedBlocks() throws {
-        let fixture = try Fixture()
+    @Test(arguments: TargetKind.allCases) func removingAMiddleBackupKeepsTheNewestWholeAndGCFreesExactlyTheUnnamedBlocks(on kind: TargetKind) throws {
+        let fixture = try Fixture(kind)
         var volume = fixture.randomVolume(size: 6 * Self.blockSize, seed: 5, zeroBlocks: [])
         let oldest = try fixture.backUp(volume, name: "db")
         fixture.scramble(&volume, block: 0, seed: 50)
@@ -97,8 +97,8 @@ import Testing
         #expect(try fixture.store.collectGarbage(holder: "test").blocksFreed == 0)
     }
 
-    @Test func verifyNamesACorruptBlockAndAMissingOne() throws {
-        let fixture = try Fixture()
+    @Test(arguments: TargetKind.allCases) func verifyNamesACorruptBlockAndAMissingOne(on kind: TargetKind) throws {
+        let fixture = try Fixture(kind)
         let volume = fixture.randomVolume(size: 4 * Self.blockSize, seed: 6, zeroBlocks: [])
         let summary = try fixture.backUp(volume, name: "db")
         let hashes = try fixture.store.map(summary.id).blocks.map(\.hash)
@@ -118,8 +118,8 @@ import Testing
         #expect(!FileManager.default.fileExists(atPath: fixture.path("r.img")))
     }
 
-    @Test func aBackupWithoutItsSummaryIsNeverListedAndGCRemovesItsMap() throws {
-        let fixture = try Fixture()
+    @Test(arguments: TargetKind.allCases) func aBackupWithoutItsSummaryIsNeverListedAndGCRemovesItsMap(on kind: TargetKind) throws {
+        let fixture = try Fixture(kind)
         let volume = fixture.randomVolume(size: 2 * Self.blockSize, seed: 7, zeroBlocks: [])
         let summary = try fixture.backUp(volume, name: "db")
         // What a backup killed between its map and its summary leaves.
@@ -132,8 +132,8 @@ import Testing
         #expect(try fixture.store.target.list("").map(\.key) == [StoreKey.config])
     }
 
-    @Test func gcAndABackupNeverRunTogether() throws {
-        let fixture = try Fixture()
+    @Test(arguments: TargetKind.allCases) func gcAndABackupNeverRunTogether(on kind: TargetKind) throws {
+        let fixture = try Fixture(kind)
         let volume = fixture.randomVolume(size: Self.blockSize, seed: 8, zeroBlocks: [])
         _ = try fixture.backUp(volume, name: "db")
         let lock = try JSONEncoder().encode(StoreLock(holder: "backup elsewhere", expires: Int64(Date().timeIntervalSince1970) + 600))
@@ -151,8 +151,8 @@ import Testing
         #expect(try fixture.store.collectGarbage(holder: "test").backupsKept == 1)
     }
 
-    @Test func aStoreOfAnotherFormatIsRefusedWithTheReason() throws {
-        let fixture = try Fixture()
+    @Test(arguments: TargetKind.allCases) func aStoreOfAnotherFormatIsRefusedWithTheReason(on kind: TargetKind) throws {
+        let fixture = try Fixture(kind)
         try fixture.store.target.put(StoreKey.config, Array(#"{"format": 2, "blockSize": 2097152}"#.utf8))
         do {
             _ = try BackupStore.open(fixture.store.target)
@@ -164,4 +164,49 @@ import Testing
         #expect(throws: (any Error).self) { try BackupStore.open(try openBackupTarget("file:///nonexistent/keel-store")) }
         #expect(throws: (any Error).self) { try fixture.store.summary("bk-none") }
     }
+
+    @Test func s3RefusesAWrongSecretInOneLine() throws {
+        do {
+            _ = try openBackupTarget(S3TestServer.url("wrong-secret"), s3Settings: try S3TestServer.settings(secret: "not-the-secret"))
+            Issue.record("a wrong secret was accepted")
+        } catch {
+            #expect("\(error)".contains("refused our credentials"), "\(error)")
+        }
+    }
+
+    @Test func s3PutIfAbsentIsOneConditionalWrite() throws {
+        let target = try openBackupTarget(S3TestServer.url("conditional-\(UUID().uuidString.prefix(8))"), s3Settings: try S3TestServer.settings())
+        #expect(try target.putIfAbsent("locks/gc.json", Array("first".utf8)))
+        #expect(try !target.putIfAbsent("locks/gc.json", Array("second".utf8)))
+        #expect(try target.get("locks/gc.json") == Array("first".utf8))
+        #expect(try target.get("locks/none.json") == nil)
+        try target.delete(["locks/gc.json", "locks/none.json"])
+        #expect(try target.list("").isEmpty)
+    }
+
+    @Test func s3ListsPastOnePage() throws {
+        let target = try openBackupTarget(S3TestServer.url("paging-\(UUID().uuidString.prefix(8))"), s3Settings: try S3TestServer.settings())
+        let keys = (0 ..< 1010).map { "blocks/\(String(format: "%04d", $0))" }
+        let group = DispatchGroup()
+        let failed = Counter()
+        for slice in 0 ..< 8 {
+            DispatchQueue.global().async(group: group) {
+                for key in keys.enumerated().filter({ $0.offset % 8 == slice }).map(\.element) where (try? target.put(key, [1])) == nil {
+                    failed.add()
+                }
+            }
+        }
+        group.wait()
+        #expect(failed.value == 0)
+        #expect(try target.list("blocks/").map(\.key) == keys)
+        try target.delete(keys)
+        #expect(try target.list("").isEmpty)
+    }
+}
+
+final class Counter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var count = 0
+    func add() { lock.withLock { count += 1 } }
+    var value: Int { lock.withLock { count } }
 }

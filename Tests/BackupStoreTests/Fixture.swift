@@ -1,6 +1,47 @@
 import BackupStore
 import Foundation
+import S3Client
 import Testing
+
+/// Which kind of target a test's store is on.
+enum TargetKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
+    case directory, s3
+    var testDescription: String { rawValue }
+}
+
+/// One SeaweedFS server for the whole test process (scripts/s3-test-server): tests share its
+/// bucket and each uses a prefix of its own.
+enum S3TestServer {
+    static let access = "KEELTESTACCESSKEY", secret = "keel-test-secret-key-0123456789", bucket = "keel-tests"
+
+    static let endpoint: Result<String, Error> = Result {
+        let directory = FileManager.default.temporaryDirectory.path + "/keel-s3-\(getpid())"
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/bash")
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("scripts/s3-test-server").path
+        process.arguments = [script, directory, "--parent", String(getpid()), "--bucket", bucket]
+        // Not a pipe: children other tests start meanwhile would inherit its write end, and EOF would never come.
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        // Polled for the file the script writes last (Process's own exit news is late inside a static initializer).
+        let deadline = Date().addingTimeInterval(60)  // the script gives up after 30 s of polling
+        var endpoint = ""
+        while Date() < deadline {
+            endpoint = (try? String(contentsOfFile: directory + "/endpoint", encoding: .utf8)) ?? ""
+            if endpoint.hasSuffix("\n") { break }
+            usleep(20_000)
+        }
+        guard endpoint.hasSuffix("\n") else { throw BackupStoreError("scripts/s3-test-server failed; see \(directory)/weed.log") }
+        return endpoint.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    static func settings(secret: String = secret) throws -> S3Settings {
+        S3Settings(accessKey: access, secretKey: secret, region: "us-east-1", endpoint: try endpoint.get())
+    }
+
+    static func url(_ prefix: String) -> String { "s3://\(bucket)/\(prefix)" }
+}
 
 /// A scratch directory with a backup store in it, volumes as image files, and nbdkit serving them.
 final class Fixture {
@@ -19,10 +60,14 @@ final class Fixture {
     let directory: String
     let store: BackupStore
 
-    init() throws {
+    init(_ kind: TargetKind = .directory) throws {
         directory = FileManager.default.temporaryDirectory.path + "/keel-backupstore-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: directory + "/store", withIntermediateDirectories: true)
-        store = try BackupStore.open(try openBackupTarget("file://" + directory + "/store"), create: true)
+        let target = switch kind {
+        case .directory: try openBackupTarget("file://" + directory + "/store")
+        case .s3: try openBackupTarget(S3TestServer.url("unit-\(UUID().uuidString.prefix(8))"), s3Settings: try S3TestServer.settings())
+        }
+        store = try BackupStore.open(target, create: true)
     }
 
     deinit { try? FileManager.default.removeItem(atPath: directory) }
