@@ -29,14 +29,22 @@ public final class S3Client: Sendable {
     public let attempts = 5
     public let timeout: TimeAmount = .seconds(60)
 
+    /// One client for the process, never shut down. Its connect timeout makes a refused or silent endpoint
+    /// fail the attempt (the pool would otherwise keep connecting until the request's deadline).
+    static let http: HTTPClient = {
+        var configuration = HTTPClient.Configuration()
+        configuration.timeout = .init(connect: .seconds(2), read: .seconds(60))
+        return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+    }()
+
     public init(settings: S3Settings) {
         self.settings = settings
         signer = SigV4(accessKey: settings.accessKey, secretKey: settings.secretKey, region: settings.region)
         host = String(settings.endpoint.split(separator: "/", maxSplits: 2, omittingEmptySubsequences: true)[1])
     }
 
-    /// One request to `bucket` (and `key`); a 2xx, 3xx or 4xx reply is returned, a 5xx or 429 or a
-    /// failed connection is retried (`attempts` in all), then thrown.
+    /// One request to `bucket` (and `key`); a 2xx, 3xx or 4xx reply is returned, a 5xx or 429 is retried
+    /// (`attempts` in all) and a failed connection 3 times, then thrown.
     public func send(_ method: HTTPMethod, bucket: String, key: String? = nil, query: [(String, String)] = [],
                      headers extra: [(String, String)] = [], body: [UInt8]? = nil) throws -> Response {
         let path = "/" + SigV4.encode(bucket) + (key.map { "/" + SigV4.encode($0, keepSlash: true) } ?? "")
@@ -44,6 +52,7 @@ public final class S3Client: Sendable {
         let url = settings.endpoint + path + (queryString.isEmpty ? "" : "?" + queryString)
         let payloadHash = body.map(sha256Hex) ?? SigV4.emptyPayloadHash
         var lastFailure: Error = S3Error("no attempt made")
+        var connectFailures = 0
         for attempt in 0 ..< attempts {
             if attempt > 0 {
                 // 0.25 s, 0.5 s, 1 s, 2 s, with up to a quarter more at random so that workers spread out.
@@ -56,7 +65,7 @@ public final class S3Client: Sendable {
             do {
                 var request = try HTTPClient.Request(url: url, method: method, headers: HTTPHeaders(headers))
                 if let body { request.body = .bytes(body) }
-                let reply = try HTTPClient.shared.execute(request: request, deadline: .now() + timeout).wait()
+                let reply = try Self.http.execute(request: request, deadline: .now() + timeout).wait()
                 let response = Response(status: Int(reply.status.code), headers: reply.headers.map { ($0.name, $0.value) },
                                         body: reply.body.map { Array($0.readableBytesView) } ?? [])
                 if response.status >= 500 || response.status == 429 {
@@ -66,6 +75,9 @@ public final class S3Client: Sendable {
                 return response
             } catch {
                 lastFailure = S3Error("cannot reach \(settings.endpoint): \(error)")
+                // An endpoint that refuses connections is told in seconds, not after every attempt's backoff.
+                connectFailures += 1
+                if connectFailures == 3 { break }
             }
         }
         throw lastFailure

@@ -11,16 +11,25 @@ import Testing
     final class Fixture {
         let volume: SnapshotTests.Volume
         let store: String
-        var target: String { "file://" + store }
+        let target: String
+        /// The S3 server's settings, the way AWS tools take them (none for a directory target).
+        let environment: [String: String]
 
-        init(size: String = "16M") throws {
+        init(size: String = "16M", s3: Bool = false) throws {
             volume = try SnapshotTests.Volume(replicas: 2, size: size)
             store = volume.cluster.scratch.file("store")
             try FileManager.default.createDirectory(atPath: store, withIntermediateDirectories: true)
+            if s3 {
+                target = "s3://keel-tests/cli-\(UUID().uuidString.prefix(8))"
+                environment = try S3Server.environment()
+            } else {
+                target = "file://" + store
+                environment = [:]
+            }
         }
 
-        func backup(_ arguments: [String], timeout: TimeInterval = 120) throws -> Finished {
-            try run([Paths.keel, "backup"] + arguments, timeout: timeout)
+        func backup(_ arguments: [String], timeout: TimeInterval = 120, environment extra: [String: String] = [:]) throws -> Finished {
+            try run([Paths.keel, "backup"] + arguments, timeout: timeout, environment: environment.merging(extra) { $1 })
         }
 
         /// `keel backup create vol --json`: its result, the last line of JSON on stdout.
@@ -45,8 +54,21 @@ import Testing
         }
     }
 
-    @Test func aFullThenAnIncrementalBackupRestoreWhatTheVolumeHeld() throws {
-        let fixture = try Fixture()
+    /// The S3 server of the whole test run (scripts/s3-test-server: one per process, shared with BackupStoreTests).
+    enum S3Server {
+        static func environment(secret: String = "keel-test-secret-key-0123456789") throws -> [String: String] {
+            let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+                .deletingLastPathComponent().appendingPathComponent("scripts/s3-test-server").path
+            let started = try run(["/bin/bash", script, FileManager.default.temporaryDirectory.path + "/keel-s3-\(getpid())",
+                                   "--parent", String(getpid())], timeout: 60)
+            guard started.status == 0 else { throw TestFailure("scripts/s3-test-server: \(started.stderr)") }
+            return ["AWS_ACCESS_KEY_ID": "KEELTESTACCESSKEY", "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1",
+                    "AWS_ENDPOINT_URL": started.stdout.trimmingCharacters(in: .whitespacesAndNewlines)]
+        }
+    }
+
+    @Test(arguments: [false, true]) func aFullThenAnIncrementalBackupRestoreWhatTheVolumeHeld(onS3 s3: Bool) throws {
+        let fixture = try Fixture(s3: s3)
         let client = fixture.volume.client
         var random = SplitMix64(seed: 1401)
         print("seed 1401")
@@ -85,6 +107,14 @@ import Testing
         let verify = try fixture.backup(["verify", "--target", fixture.target])
         #expect(verify.status == 0, "\(verify.stderr)")
         #expect(verify.stdout.contains("all sound"))
+        if s3 {
+            let refused = try fixture.backup(["ls", "--target", fixture.target], environment: ["AWS_SECRET_ACCESS_KEY": "not-the-secret"])
+            #expect(refused.status != 0)
+            #expect(refused.stderr.split(separator: "\n").count == 1 && refused.stderr.contains("refused our credentials"), "\(refused.stderr)")
+            let unreachable = try fixture.backup(["ls", "--target", fixture.target], environment: ["AWS_ENDPOINT_URL": "http://127.0.0.1:1"])
+            #expect(unreachable.status != 0)
+            #expect(unreachable.stderr.split(separator: "\n").count == 1 && unreachable.stderr.contains("cannot reach"), "\(unreachable.stderr)")
+        }
 
         // With the parent's snapshot gone, the next backup reads the whole volume and says so.
         _ = try fixture.volume.snapshot(["rm", "vol", incremental["snapshot"] as! String])

@@ -53,7 +53,7 @@ struct Finished {
 /// Runs a command to completion, with a time limit; output goes through
 /// files so that a chatty command can never block on a full pipe.
 @discardableResult
-func run(_ argv: [String], timeout: TimeInterval = 120) throws -> Finished {
+func run(_ argv: [String], timeout: TimeInterval = 120, environment: [String: String] = [:]) throws -> Finished {
     let scratch = try Scratch()
     let outPath = scratch.file("stdout"), errPath = scratch.file("stderr")
     FileManager.default.createFile(atPath: outPath, contents: nil)
@@ -64,6 +64,9 @@ func run(_ argv: [String], timeout: TimeInterval = 120) throws -> Finished {
     process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outPath))
     process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
     process.standardInput = FileHandle.nullDevice
+    if !environment.isEmpty {
+        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+    }
     try process.run()
     let deadline = Date().addingTimeInterval(timeout)
     while process.isRunning && Date() < deadline { usleep(10_000) }
