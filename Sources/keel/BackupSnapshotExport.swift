@@ -16,13 +16,7 @@ struct PrivateSnapshotExport {
 
     static func serve<T>(volume: String, snapshot: String, replicas: [SocketAddress], logger: Logger,
                          _ body: (PrivateSnapshotExport) throws -> T) throws -> T {
-        let exportName = SnapshotExportName(volume: volume, snapshot: snapshot)
-        let described: (size: UInt64, olderSnapshots: [String])
-        do { described = try SnapshotReader.describe(exportName, replicas: replicas) } catch {
-            throw KeelError("cannot read snapshot \(snapshot) of \(volume): \(error); see keel snapshot ls \(volume)")
-        }
-        let reader = SnapshotReader(exportName: exportName, size: described.size, replicas: replicas,
-                                    olderSnapshots: described.olderSnapshots, logger: logger)
+        let (reader, olderSnapshots) = try SnapshotReader.opening(volume: volume, snapshot: snapshot, replicas: replicas, logger: logger)
         let directory = FileManager.default.temporaryDirectory.path + "/keel-backup-\(getpid())-\(UInt32.random(in: 0 ... .max))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: false,
                                                 attributes: [.posixPermissions: 0o700])
@@ -41,6 +35,21 @@ struct PrivateSnapshotExport {
             server.wait()
             listener.close()
         }
-        return try body(PrivateSnapshotExport(uri: "nbd+unix:///\(snapshot)?socket=\(socket)", olderSnapshots: described.olderSnapshots))
+        return try body(PrivateSnapshotExport(uri: "nbd+unix:///\(snapshot)?socket=\(socket)", olderSnapshots: olderSnapshots))
+    }
+}
+
+extension SnapshotReader {
+    /// A reader of the snapshot and the snapshots older than it, or a one-line refusal (an unknown snapshot, say).
+    static func opening(volume: String, snapshot: String, replicas: [SocketAddress], logger: Logger) throws
+        -> (SnapshotReader, olderSnapshots: [String]) {
+        let exportName = SnapshotExportName(volume: volume, snapshot: snapshot)
+        let described: (size: UInt64, olderSnapshots: [String])
+        do { described = try SnapshotReader.describe(exportName, replicas: replicas) } catch {
+            throw KeelError("\(error); see keel snapshot ls \(volume)")
+        }
+        let reader = SnapshotReader(exportName: exportName, size: described.size, replicas: replicas,
+                                    olderSnapshots: described.olderSnapshots, logger: logger)
+        return (reader, described.olderSnapshots)
     }
 }

@@ -60,13 +60,7 @@ extension Snapshot {
             let listenerTLS = try serving.serverTLS()
             let replicas = try replicaAddresses()
             TerminationSignals.block()
-            let exportName = SnapshotExportName(volume: volume, snapshot: name)
-            let described: (size: UInt64, olderSnapshots: [String])
-            do { described = try SnapshotReader.describe(exportName, replicas: replicas) } catch {
-                throw KeelError("\(error); see keel snapshot ls \(volume)")
-            }
-            let reader = SnapshotReader(exportName: exportName, size: described.size, replicas: replicas,
-                                        olderSnapshots: described.olderSnapshots, logger: logger)
+            let (reader, _) = try SnapshotReader.opening(volume: volume, snapshot: name, replicas: replicas, logger: logger)
             let export = ExportDescription(name: name, description: "Keel snapshot \(name) of \(volume)", size: reader.size,
                                            readOnly: true, metaContexts: reader.changedContexts)
             let what = "snapshot \(name) of \(volume) (\(reader.size) bytes, read-only, from \(replicas.count) replica(s))"
