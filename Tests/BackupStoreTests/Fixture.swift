@@ -131,10 +131,25 @@ final class NBDKit {
         process.arguments = ["-f", "-U", socket] + (writable ? [] : ["-r"]) + ["file", file]
         process.standardOutput = FileHandle.nullDevice
         try process.run()
+        // Its socket file exists from bind(2) on, before listen(2): ready once a connection is accepted.
         let deadline = Date().addingTimeInterval(20)
-        while !FileManager.default.fileExists(atPath: socket) {
+        while !Self.accepts(socket) {
             guard Date() < deadline, process.isRunning else { throw BackupStoreError("nbdkit did not start serving \(file)") }
             usleep(10_000)
+        }
+    }
+
+    static func accepts(_ path: String) -> Bool {
+        let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (i, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = byte }
+        }
+        return withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
         }
     }
 
