@@ -27,6 +27,13 @@ public struct VolumeIdentity: Equatable, Sendable, CustomStringConvertible {
         return "this replica belongs to \(self), not to \(other); nothing was changed"
     }
 
+    /// Why a replica of this volume must refuse a snapshot reader that asks for volume `name`, or nil.
+    /// A reader claims nothing and writes nothing: its name must match, it needs no identity.
+    public func refusal(ofReaderOf name: String) -> String? {
+        guard !self.name.isEmpty, self.name != name else { return nil }
+        return "this replica belongs to \(self), not to volume \(name)"
+    }
+
     /// What a claim by `other` leaves recorded: the first name and identity stay.
     public func recording(_ other: VolumeIdentity) -> VolumeIdentity {
         VolumeIdentity(name: name.isEmpty ? other.name : name, id: id.isEmpty ? other.id : id)

@@ -60,7 +60,7 @@ struct ReplicaCatalog: ExportCatalog {
     }
 
     private func resolve(_ export: SnapshotExportName, name: String) -> ExportResolution {
-        if let refusal = store.volume.refusal(of: VolumeIdentity(name: export.volume)) {
+        if let refusal = store.volume.refusal(ofReaderOf: export.volume) {
             return .refused(.errPolicy, refusal)
         }
         let snapshots: [SnapshotRecord]

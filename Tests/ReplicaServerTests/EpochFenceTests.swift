@@ -35,6 +35,13 @@ import Testing
         #expect(recorded.refusal(of: VolumeIdentity(name: "db"))?.contains("--volume-id aa") == true)
     }
 
+    @Test func aSnapshotReaderNeedsOnlyTheName() {
+        let recorded = VolumeIdentity(name: "db", id: "aa")
+        #expect(recorded.refusal(ofReaderOf: "db") == nil, "a reader claims nothing: no identity needed")
+        #expect(recorded.refusal(ofReaderOf: "other") != nil)
+        #expect(VolumeIdentity(name: "").refusal(ofReaderOf: "anything") == nil, "never claimed")
+    }
+
     @Test func withoutAnIdentityTheNameDecides() {
         let recorded = VolumeIdentity(name: "db")
         #expect(recorded.refusal(of: VolumeIdentity(name: "db", id: "aa")) == nil, "the identity is recorded then")
