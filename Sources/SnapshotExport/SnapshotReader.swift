@@ -18,7 +18,8 @@ public final class SnapshotReader: BlockDevice, @unchecked Sendable {
     public let size: UInt64
     public let exportName: SnapshotExportName
     public let replicas: [SocketAddress]
-    /// The changed-blocks contexts served (`keel:changed:<older>`), with this export's ids.
+    /// The changed-blocks context served (`keel:changed:<older>`), with this export's id: one, since a
+    /// replica answers one context besides `base:allocation` per connection, and the links are shared.
     public let changedContexts: [MetaContextOffer]
     let timeout: UInt64
     let logger: Logger
@@ -26,16 +27,16 @@ public final class SnapshotReader: BlockDevice, @unchecked Sendable {
     public var readOnly: Bool { true }
     public var alignment: Int { 1 }
 
-    /// `olderSnapshots`: the snapshots older than this one, oldest first.
+    /// `changedSince`: the older snapshot whose changed-blocks view is served (none when it is not older than this one).
     public init(exportName: SnapshotExportName, size: UInt64, replicas: [SocketAddress], olderSnapshots: [String],
-                timeoutSeconds: Double = 8, logger: Logger) {
+                changedSince: String?, timeoutSeconds: Double = 8, logger: Logger) {
         precondition(!replicas.isEmpty)
         self.exportName = exportName
         self.size = size
         self.replicas = replicas
-        changedContexts = olderSnapshots.enumerated().map {
-            MetaContextOffer(name: ChangedBlocksContext.name(since: $0.element), id: UInt32($0.offset) + 2)
-        }
+        changedContexts = changedSince.flatMap { olderSnapshots.contains($0) ? $0 : nil }.map {
+            [MetaContextOffer(name: ChangedBlocksContext.name(since: $0), id: 2)]
+        } ?? []
         timeout = UInt64(timeoutSeconds * 1e9)
         self.logger = logger
     }
@@ -46,7 +47,7 @@ public final class SnapshotReader: BlockDevice, @unchecked Sendable {
 
     public func flush() throws {}
 
-    /// A connection to replica `i`'s snapshot session with every context selected,
+    /// A connection to replica `i`'s snapshot session with the contexts served selected,
     /// or nil when the replica cannot serve it (down, or without the snapshot).
     func connect(_ i: Int) -> NBDClient? {
         do {

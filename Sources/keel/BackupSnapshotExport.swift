@@ -14,9 +14,11 @@ struct PrivateSnapshotExport {
     let uri: String
     let olderSnapshots: [String]
 
-    static func serve<T>(volume: String, snapshot: String, replicas: [SocketAddress], logger: Logger,
+    /// `changedSince`: the older snapshot whose `keel:changed:` view the export serves, if it still exists.
+    static func serve<T>(volume: String, snapshot: String, changedSince: String?, replicas: [SocketAddress], logger: Logger,
                          _ body: (PrivateSnapshotExport) throws -> T) throws -> T {
-        let (reader, olderSnapshots) = try SnapshotReader.opening(volume: volume, snapshot: snapshot, replicas: replicas, logger: logger)
+        let (reader, olderSnapshots) = try SnapshotReader.opening(volume: volume, snapshot: snapshot, replicas: replicas,
+                                                                  logger: logger) { _ in changedSince }
         let directory = FileManager.default.temporaryDirectory.path + "/keel-backup-\(getpid())-\(UInt32.random(in: 0 ... .max))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: false,
                                                 attributes: [.posixPermissions: 0o700])
@@ -40,8 +42,10 @@ struct PrivateSnapshotExport {
 }
 
 extension SnapshotReader {
-    /// A reader of the snapshot and the snapshots older than it, or a one-line refusal (an unknown snapshot, say).
-    static func opening(volume: String, snapshot: String, replicas: [SocketAddress], logger: Logger) throws
+    /// A reader of the snapshot serving the changed-blocks view since the older snapshot `changedSince` picks
+    /// (from the older ones, oldest first), and the snapshots older than it; or a one-line refusal (an unknown snapshot, say).
+    static func opening(volume: String, snapshot: String, replicas: [SocketAddress], logger: Logger,
+                        changedSince: (_ olderSnapshots: [String]) throws -> String?) throws
         -> (SnapshotReader, olderSnapshots: [String]) {
         let exportName = SnapshotExportName(volume: volume, snapshot: snapshot)
         let described: (size: UInt64, olderSnapshots: [String])
@@ -49,7 +53,8 @@ extension SnapshotReader {
             throw KeelError("\(error); see keel snapshot ls \(volume)")
         }
         let reader = SnapshotReader(exportName: exportName, size: described.size, replicas: replicas,
-                                    olderSnapshots: described.olderSnapshots, logger: logger)
+                                    olderSnapshots: described.olderSnapshots, changedSince: try changedSince(described.olderSnapshots),
+                                    logger: logger)
         return (reader, described.olderSnapshots)
     }
 }

@@ -17,8 +17,8 @@ extension Snapshot {
             discussion: """
                 Reads come from the volume's replicas without claiming them, so the volume may be \
                 attached, detached or have its frontend disabled. The export offers base:allocation and, \
-                for each older snapshot OLDER, the context keel:changed:OLDER: the 4 KiB blocks written, \
-                trimmed or zeroed since OLDER (flag 1: changed).
+                for one older snapshot OLDER (--changed-since, default the one just before), the context \
+                keel:changed:OLDER: the 4 KiB blocks written, trimmed or zeroed since OLDER (flag 1: changed).
                 Examples: keel snapshot export db nightly-2 --listen 127.0.0.1:10810
                           nbdinfo --map=keel:changed:nightly-1 nbd://127.0.0.1:10810
                 """)
@@ -31,6 +31,9 @@ extension Snapshot {
 
         @Option(help: "Where to listen: unix:/path/to.sock or HOST:PORT.")
         var listen: String
+
+        @Option(name: .customLong("changed-since"), help: ArgumentHelp("The older snapshot whose changed-blocks view (keel:changed:OLDER) is served (default: the snapshot just before).", valueName: "older"))
+        var changedSince: String?
 
         @Option(help: "The engine's control address, to learn the replicas from (default: this node's registry).")
         var engine: String?
@@ -60,7 +63,13 @@ extension Snapshot {
             let listenerTLS = try serving.serverTLS()
             let replicas = try replicaAddresses()
             TerminationSignals.block()
-            let (reader, _) = try SnapshotReader.opening(volume: volume, snapshot: name, replicas: replicas, logger: logger)
+            let (reader, _) = try SnapshotReader.opening(volume: volume, snapshot: name, replicas: replicas, logger: logger) { older in
+                guard let changedSince else { return older.last }
+                guard older.contains(changedSince) else {
+                    throw KeelError("snapshot \(changedSince) is not older than \(name) (older: \(older.isEmpty ? "none" : older.joined(separator: ", "))); see keel snapshot ls \(volume)")
+                }
+                return changedSince
+            }
             let export = ExportDescription(name: name, description: "Keel snapshot \(name) of \(volume)", size: reader.size,
                                            readOnly: true, metaContexts: reader.changedContexts)
             let what = "snapshot \(name) of \(volume) (\(reader.size) bytes, read-only, from \(replicas.count) replica(s))"
