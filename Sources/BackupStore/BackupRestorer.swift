@@ -11,27 +11,49 @@ public enum RestoreDestination: Sendable {
     case nbd(String)
 }
 
+/// What a restore moved: blocks written (fetched, checked, written) and blocks zeroed.
+public struct RestoreReport: Sendable {
+    public var blocksWritten = 0
+    public var bytesWritten: UInt64 = 0
+    public var blocksZeroed = 0
+}
+
 /// One backup read back: each block fetched in parallel, checked against its hash, written once.
 public struct BackupRestorer {
     public var store: BackupStore
     public var id: String
     public var parallel = 4
+    /// What the destination holds already (a new volume: nothing; a volume restored from an older
+    /// backup of the chain: that backup's map): only blocks that differ are written, and only blocks
+    /// it holds are zeroed. Nil for an NBD export of unknown content: every block written or zeroed.
+    public var baseline: BlockMap?
 
     public init(store: BackupStore, id: String) {
         self.store = store
         self.id = id
     }
 
-    public func run(to destination: RestoreDestination, progress: (TransferProgress) -> Void = { _ in }) throws {
+    @discardableResult
+    public func run(to destination: RestoreDestination, progress: (TransferProgress) -> Void = { _ in }) throws -> RestoreReport {
         _ = try store.summary(id)  // an unknown id gets its one-line answer before anything is made
         let map = try store.map(id)
-        let writers = try openWriters(destination, size: map.size, count: max(1, min(parallel, map.blocks.count)))
-        let shared = SharedTransfer(total: map.blocks.reduce(0) { $0 + UInt64(map.length(of: $1.index)) })
+        var holds = baseline
+        if case .file = destination { holds = BlockMap(id: "", size: map.size, blockSize: map.blockSize, blocks: []) }  // a new file: all holes
+        if let holds {
+            precondition(holds.size == map.size && holds.blockSize == map.blockSize, "a baseline describes the same volume layout")
+        }
+        let named = Set(map.blocks.map(\.index))
+        let held = holds.map { Dictionary(uniqueKeysWithValues: $0.blocks.map { ($0.index, $0.hash) }) }
+        let toWrite = held.map { held in map.blocks.filter { held[$0.index] != $0.hash } } ?? map.blocks
+        let toZero = (holds.map { $0.blocks.map(\.index) } ?? Array(0 ..< map.blockCount)).filter { !named.contains($0) }
+
+        let writers = try openWriters(destination, size: map.size, count: max(1, min(parallel, toWrite.count)))
+        let shared = SharedTransfer(total: toWrite.reduce(0) { $0 + UInt64(map.length(of: $1.index)) })
         let group = DispatchGroup()
         for writer in writers {
             DispatchQueue.global().async(group: group) {
                 do {
-                    while let entry = shared.next(of: map.blocks) {
+                    while let entry = shared.next(of: toWrite) {
                         let length = map.length(of: entry.index)
                         let bytes = try store.block(entry.hash, length: length)
                         try writer.write(bytes, at: UInt64(entry.index) * UInt64(map.blockSize))
@@ -48,9 +70,9 @@ public struct BackupRestorer {
             throw error
         }
         progress(shared.progress)
-        let named = Set(map.blocks.map(\.index))
-        try writers[0].zero((0 ..< map.blockCount).filter { !named.contains($0) }, map: map)
+        try writers[0].zero(toZero, map: map)
         for writer in writers { try writer.finish() }
+        return RestoreReport(blocksWritten: toWrite.count, bytesWritten: shared.progress.bytesRead, blocksZeroed: toZero.count)
     }
 
     private func openWriters(_ destination: RestoreDestination, size: UInt64, count: Int) throws -> [RestoreWriter] {

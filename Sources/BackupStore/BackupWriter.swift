@@ -33,6 +33,9 @@ public struct BackupWriter {
     public var parent: BackupParent?
     public var parallel = 4
     public var id = BackupID.make()
+    public var schedule: String?
+    /// Past it, no block is started and the backup fails (each read and put is bounded by its own timeouts).
+    public var deadline: Date?
 
     public init(store: BackupStore, source: NBDBackupSource, volume: String, snapshot: String, snapshotTakenForBackup: Bool,
                 parent: BackupParent?) {
@@ -80,6 +83,7 @@ public struct BackupWriter {
                 defer { try? reader.shutdown() }
                 do {
                     while let index = shared.next(of: toRead) {
+                        try self.checkDeadline()
                         let hash = try self.backUp(block: index, size: size, reader: reader, shared: shared)
                         shared.record(index, hash)
                     }
@@ -91,6 +95,7 @@ public struct BackupWriter {
         var lastRefresh = Date()
         while group.wait(timeout: .now() + .milliseconds(500)) == .timedOut {
             progress(shared.progress)
+            do { try checkDeadline() } catch { shared.fail(error) }
             if Date().timeIntervalSince(lastRefresh) > 60 {
                 try? target.put(lockKey, try store.lockRecord("backup \(id) of \(volume)"))
                 lastRefresh = Date()
@@ -107,7 +112,7 @@ public struct BackupWriter {
             format: StoreConfig.currentFormat, id: id, volume: volume, size: size, snapshot: snapshot,
             snapshotTakenForBackup: snapshotTakenForBackup, created: Int64(Date().timeIntervalSince1970),
             parent: parent?.summary.id, blockSize: blockSize, blocks: map.blocks.count, newBlocks: shared.newBlocks,
-            bytesRead: done.bytesRead, bytesSent: done.bytesSent, incremental: incremental)
+            bytesRead: done.bytesRead, bytesSent: done.bytesSent, incremental: incremental, schedule: schedule)
         // Blocks, then the map, then the summary, each durable before the next: a listed backup is whole.
         try target.makeDurable()
         let encodedMap = try encodeJSON(map)
@@ -135,6 +140,11 @@ public struct BackupWriter {
             shared.add(sent: UInt64(compressed.count), newBlock: true)
             return hash
         }
+    }
+
+    private func checkDeadline() throws {
+        guard let deadline, Date() > deadline else { return }
+        throw BackupStoreError("backup of \(volume) did not finish before its deadline; nothing of it is listed")
     }
 
     private func length(of index: Int, size: UInt64) -> Int {

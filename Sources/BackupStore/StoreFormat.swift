@@ -43,6 +43,8 @@ public struct BackupSummary: Codable, Equatable, Sendable {
     public var bytesSent: UInt64
     /// Whether only the blocks changed since the parent's snapshot were read.
     public var incremental: Bool
+    /// The recurring schedule that made it (`keel backup schedule`), whose retention may remove it; nil: made by hand.
+    public var schedule: String?
 }
 
 /// `maps/ID.json.zst`: the volume's whole block map at the snapshot (blocks not named are all zero),
@@ -130,5 +132,15 @@ public enum BackupID {
 
     public static func isValid(_ id: String) -> Bool {
         !id.isEmpty && id.count <= 64 && id.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-") }
+    }
+}
+
+/// The name of a recurring backup schedule: part of its systemd units' names and of its backups' records.
+public enum ScheduleName {
+    public static let rule = "1 to 32 lowercase letters, digits, '_' or '-', starting with a letter or digit"
+
+    public static func isValid(_ name: String) -> Bool {
+        (1 ... 32).contains(name.count) && name.first.map { $0.isLetter || $0.isNumber } == true
+            && name.allSatisfy { $0.isASCII && ($0.isLowercase || $0.isNumber || $0 == "_" || $0 == "-") }
     }
 }

@@ -81,16 +81,16 @@ private struct VolumeAttachment {
         try RemoteReplicas(volume: volume, node: node, credentials: credentials).start()
         // An engine elsewhere is the frontend's to start: on the first engine node that answers.
         let localEngine = !volume.enginePlacedElsewhere
-        if localEngine && !attachment.engineRunning && !attachment.frontendRunning && !force { try checkNoLiveEngine(volume) }
+        if localEngine && !attachment.engineRunning && !attachment.frontendRunning && !force { try node.checkNoLiveEngine(volume) }
         do { _ = try KernelNBD() } catch { throw KeelError("\(error)") }
 
         let deadline = Date().addingTimeInterval(timeout)
         if localEngine && !attachment.engineRunning && attachment.frontendRunning {
             // The frontend restarts its engine itself: one restarter, or the two would fence each other.
-            try waitForEngine(engine, runner: runner, node: node, before: deadline, startedBy: frontend)
+            try node.waitForEngine(of: name, engine, runner: runner, before: deadline, timeout: timeout, startedBy: frontend)
         } else if localEngine && !attachment.engineRunning {
             try start(engine, runner: runner)
-            do { try waitForEngine(engine, runner: runner, node: node, before: deadline) } catch {
+            do { try node.waitForEngine(of: name, engine, runner: runner, before: deadline, timeout: timeout) } catch {
                 try? runner.stop(engine)
                 throw error
             }
@@ -116,30 +116,6 @@ private struct VolumeAttachment {
             try? runner.stop(daemon)
             throw KeelError("cannot attach \(name): \(reason)")
         }
-    }
-
-    /// A replica with open connections of its owner's epoch is in use by a live engine.
-    private func checkNoLiveEngine(_ volume: VolumeRecord) throws {
-        for replica in volume.replicas {
-            guard let address = try? Syscalls.SocketAddress(parsing: replica.address),
-                  let status = try? replicaStatus(defaultControlAddress(forData: address)),
-                  status.engineConnections > 0 else { continue }
-            throw KeelError("volume \(name) is attached elsewhere: engine \(status.owner.engine) (epoch \(status.owner.epoch)) "
-                + "is connected to replica \(replica.address); detach it there first, or pass --force to take it over")
-        }
-    }
-
-    /// Until the engine has claimed its replicas and serves (its control API answers).
-    private func waitForEngine(_ engine: Daemon, runner: DaemonRunner, node: Node, before deadline: Date,
-                               startedBy frontend: Daemon? = nil) throws {
-        while Date() < deadline {
-            try checkStillRunning(frontend ?? engine, runner: runner)
-            if (try? callEngine(node.engineControl(name), doing: "report its status", {
-                try await $0.status(.init())
-            })) != nil { return }
-            usleep(100_000)
-        }
-        throw KeelError("the engine of \(name) did not serve within \(Int(timeout)) s; see its log")
     }
 
     /// Until the kernel shows a device with the volume's backend identifier and its size.

@@ -49,11 +49,23 @@ struct Snapshot: ParsableCommand {
             return node.engineControl(record.name)
         }
 
+        /// The engine for a job (a backup): `--engine`, the running engine of this node's volume, or,
+        /// when the volume is detached, its engine started now with the frontend disabled.
+        func engineForJob(timeout: Double) throws -> (control: String, job: JobEngine?) {
+            if let engine {
+                control.apply(for: engine)
+                return (engine, nil)
+            }
+            control.apply(for: "unix:")
+            let job = try JobEngine(node: try Node(node), volume: volume, timeout: timeout)
+            return (job.control, job)
+        }
+
         /// Runs a snapshot call on the engine; the volume's snapshots it answers are kept in the registry.
-        func snapshots(doing what: String,
+        func snapshots(doing what: String, through address: String? = nil,
                        _ body: @escaping @Sendable (EngineStub) async throws -> Keel_Control_V1_Snapshots) throws
             -> [Keel_Control_V1_Snapshot] {
-            let snapshots = try callEngine(try engineControl(), doing: what, body).snapshots
+            let snapshots = try callEngine(try address ?? engineControl(), doing: what, body).snapshots
             remember(snapshots)
             return snapshots
         }
@@ -61,8 +73,7 @@ struct Snapshot: ParsableCommand {
         /// The registry's copy of a volume of this node (none for `--engine`); a failure to write it changes nothing else.
         func remember(_ snapshots: [Keel_Control_V1_Snapshot]) {
             guard engine == nil, let node = try? Node(node) else { return }
-            try? node.registry.setSnapshots(snapshots.map { SnapshotEntry(name: $0.name, created: $0.created, ownBytes: $0.ownBytes) },
-                                            of: volume, seenAt: Int64(Date().timeIntervalSince1970))
+            node.remember(snapshots, of: volume)
         }
 
         /// For a volume of this node whose engine is not running: the snapshots the registry last saw.
@@ -233,5 +244,13 @@ struct Snapshot: ParsableCommand {
             let format = ISO8601DateFormatter()
             return format.string(from: Date(timeIntervalSince1970: TimeInterval(seconds)))
         }
+    }
+}
+
+extension Node {
+    /// Keeps the engine's answer in the registry, for `keel snapshot ls` while the engine is not running.
+    func remember(_ snapshots: [Keel_Control_V1_Snapshot], of volume: String) {
+        try? registry.setSnapshots(snapshots.map { SnapshotEntry(name: $0.name, created: $0.created, ownBytes: $0.ownBytes) },
+                                   of: volume, seenAt: Int64(Date().timeIntervalSince1970))
     }
 }
