@@ -6,13 +6,19 @@ import FoundationXML
 #endif
 
 /// A backup store under a prefix of an S3 bucket. Puts are durable when answered (`makeDurable`
-/// has nothing to do); every upload carries its Content-MD5; `putIfAbsent` is a conditional PUT
+/// has nothing to do); every upload (and every part of one) carries its Content-MD5; an object over
+/// `multipartThreshold` goes as a multipart upload; `putIfAbsent` is a conditional PUT
 /// (`If-None-Match: *`), never a read then a write.
 public final class S3Target: BackupTarget, @unchecked Sendable {
     public let url: String
     let bucket: String
     let prefix: String
     let client: S3Client
+    /// Set before the target is shared between threads (tests lower them). S3 takes parts of 5 MiB to 5 GiB,
+    /// but the last, and at most 10000 of them.
+    public var multipartThreshold = 16 << 20
+    public var multipartPartSize = 8 << 20
+    let multipartParallel = 4
 
     init(url: String, settings: S3Settings) throws {
         self.url = url
@@ -48,11 +54,17 @@ public final class S3Target: BackupTarget, @unchecked Sendable {
     }
 
     public func put(_ key: String, _ bytes: [UInt8]) throws {
+        if bytes.count > multipartThreshold {
+            return try MultipartUpload.put(key, bytes, on: self, partSize: multipartPartSize, parallel: multipartParallel)
+        }
         let response = try call(.PUT, key: key, headers: [("content-md5", md5Base64(bytes))], body: bytes)
         guard response.status == 200 else { throw failure("store \(key)", response) }
     }
 
+    /// One PUT, never multipart: what it writes (config, locks) is small, and not every S3 honours
+    /// `If-None-Match` on CompleteMultipartUpload.
     public func putIfAbsent(_ key: String, _ bytes: [UInt8]) throws -> Bool {
+        precondition(bytes.count <= multipartThreshold, "putIfAbsent writes small objects: \(key) is \(bytes.count) bytes")
         let response = try call(.PUT, key: key, headers: [("content-md5", md5Base64(bytes)), ("if-none-match", "*")], body: bytes)
         if response.status == 412 { return false }
         guard response.status == 200 else { throw failure("store \(key) if absent", response) }
@@ -92,8 +104,8 @@ public final class S3Target: BackupTarget, @unchecked Sendable {
 
     public func makeDurable() throws {}
 
-    private func call(_ method: HTTPMethod, key: String? = nil, query: [(String, String)] = [], headers: [(String, String)] = [],
-                      body: [UInt8]? = nil) throws -> S3Client.Response {
+    func call(_ method: HTTPMethod, key: String? = nil, query: [(String, String)] = [], headers: [(String, String)] = [],
+              body: [UInt8]? = nil) throws -> S3Client.Response {
         do {
             return try client.send(method, bucket: bucket, key: key.map { prefix + $0 }, query: query, headers: headers, body: body)
         } catch {
@@ -101,7 +113,7 @@ public final class S3Target: BackupTarget, @unchecked Sendable {
         }
     }
 
-    private func failure(_ what: String, _ response: S3Client.Response) -> BackupTargetError {
+    func failure(_ what: String, _ response: S3Client.Response) -> BackupTargetError {
         let code = response.errorCode ?? "HTTP \(response.status)"
         switch code {
         case "SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied":
@@ -113,7 +125,7 @@ public final class S3Target: BackupTarget, @unchecked Sendable {
         }
     }
 
-    private func xmlEscaped(_ text: String) -> String {
+    func xmlEscaped(_ text: String) -> String {
         text.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
     }
 }
