@@ -1,3 +1,4 @@
+import Foundation
 import S3Client
 
 /// Where a backup store keeps its objects: a directory or an S3 bucket and prefix.
@@ -20,6 +21,9 @@ public protocol BackupTarget: AnyObject, Sendable {
     func delete(_ keys: [String]) throws
     /// Makes every put so far durable: what a manifest names must survive a power cut before the manifest is written.
     func makeDurable() throws
+    /// Removes what writers that died left half-written (S3 multipart uploads, a directory's temporary files)
+    /// once it is at least `age` seconds old; returns how many it removed.
+    func abortStaleUploads(olderThan age: TimeInterval) throws -> Int
 }
 
 public struct BackupTargetError: Error, CustomStringConvertible {

@@ -111,6 +111,25 @@ public final class DirectoryTarget: BackupTarget, @unchecked Sendable {
         }
     }
 
+    /// The temporary files of writers that died between creating and renaming them.
+    public func abortStaleUploads(olderThan age: TimeInterval) throws -> Int {
+        let cutoff = Date().addingTimeInterval(-age).timeIntervalSince1970
+        guard let walker = FileManager.default.enumerator(atPath: root) else { return 0 }
+        var removed = 0
+        while let relative = walker.nextObject() as? String {
+            guard relative.split(separator: "/").last?.hasPrefix(".tmp-") ?? false else { continue }
+            var status = stat()
+            guard lstat(root + "/" + relative, &status) == 0, (status.st_mode & S_IFMT) == S_IFREG,
+                  TimeInterval(status.st_mtim.tv_sec) <= cutoff else { continue }
+            if unlink(root + "/" + relative) == 0 {
+                removed += 1
+            } else if errno != ENOENT {
+                throw systemError("remove \(relative)")
+            }
+        }
+        return removed
+    }
+
     private func writeTemporary(_ key: String, _ bytes: [UInt8]) throws -> String {
         let directory = directory(of: key)
         try createDirectories(directory)

@@ -6,13 +6,21 @@ import FoundationXML
 #endif
 
 /// A backup store under a prefix of an S3 bucket. Puts are durable when answered (`makeDurable`
-/// has nothing to do); every upload carries its Content-MD5; `putIfAbsent` is a conditional PUT
+/// has nothing to do); every upload (and every part of one) carries its Content-MD5; an object over
+/// `multipartThreshold` goes as a multipart upload; `putIfAbsent` is a conditional PUT
 /// (`If-None-Match: *`), never a read then a write.
 public final class S3Target: BackupTarget, @unchecked Sendable {
     public let url: String
     let bucket: String
     let prefix: String
     let client: S3Client
+    /// Set before the target is shared between threads (tests lower them). S3 takes parts of 5 MiB to 5 GiB,
+    /// but the last, and at most 10000 of them.
+    public var multipartThreshold = 16 << 20
+    public var multipartPartSize = 8 << 20
+    let multipartParallel = 4
+    /// S3's most; SeaweedFS would answer 10000 unasked.
+    var uploadsPerPage = 1000
 
     init(url: String, settings: S3Settings) throws {
         self.url = url
@@ -48,11 +56,17 @@ public final class S3Target: BackupTarget, @unchecked Sendable {
     }
 
     public func put(_ key: String, _ bytes: [UInt8]) throws {
+        if bytes.count > multipartThreshold {
+            return try MultipartUpload.put(key, bytes, on: self, partSize: multipartPartSize, parallel: multipartParallel)
+        }
         let response = try call(.PUT, key: key, headers: [("content-md5", md5Base64(bytes))], body: bytes)
         guard response.status == 200 else { throw failure("store \(key)", response) }
     }
 
+    /// One PUT, never multipart: what it writes (config, locks) is small, and not every S3 honours
+    /// `If-None-Match` on CompleteMultipartUpload.
     public func putIfAbsent(_ key: String, _ bytes: [UInt8]) throws -> Bool {
+        precondition(bytes.count <= multipartThreshold, "putIfAbsent writes small objects: \(key) is \(bytes.count) bytes")
         let response = try call(.PUT, key: key, headers: [("content-md5", md5Base64(bytes)), ("if-none-match", "*")], body: bytes)
         if response.status == 412 { return false }
         guard response.status == 200 else { throw failure("store \(key) if absent", response) }
@@ -92,8 +106,35 @@ public final class S3Target: BackupTarget, @unchecked Sendable {
 
     public func makeDurable() throws {}
 
-    private func call(_ method: HTTPMethod, key: String? = nil, query: [(String, String)] = [], headers: [(String, String)] = [],
-                      body: [UInt8]? = nil) throws -> S3Client.Response {
+    /// ListMultipartUploads under the prefix, page after page, aborting each upload started before `now - age`
+    /// (an upload whose start cannot be read is left alone).
+    public func abortStaleUploads(olderThan age: TimeInterval) throws -> Int {
+        let cutoff = Date().addingTimeInterval(-age)
+        var aborted = 0
+        var markers = UploadListingParser.Markers()
+        for _ in 0 ..< 10_000 {  // ten million uploads at most, in pages of 1000
+            let query = [("uploads", ""), ("prefix", prefix), ("max-uploads", String(uploadsPerPage))] + markers.query
+            let response = try call(.GET, query: query)
+            guard response.status == 200 else { throw failure("list multipart uploads", response) }
+            let page = UploadListingParser.parse(response.body)
+            for upload in page.uploads where upload.key.hasPrefix(prefix) && upload.initiated.map({ $0 <= cutoff }) ?? false {
+                let key = String(upload.key.dropFirst(prefix.count))
+                let answer = try call(.DELETE, key: key, query: [("uploadId", upload.id)])
+                if answer.status == 204 || answer.status == 200 {
+                    aborted += 1
+                } else if answer.errorCode != "NoSuchUpload" {  // completed or aborted meanwhile: not ours to count
+                    throw failure("abort the multipart upload of \(key)", answer)
+                }
+            }
+            // A page that names no way on, or the way it came, is the last (a server may answer either).
+            guard page.truncated, !page.next.query.isEmpty, page.next != markers else { break }
+            markers = page.next
+        }
+        return aborted
+    }
+
+    func call(_ method: HTTPMethod, key: String? = nil, query: [(String, String)] = [], headers: [(String, String)] = [],
+              body: [UInt8]? = nil) throws -> S3Client.Response {
         do {
             return try client.send(method, bucket: bucket, key: key.map { prefix + $0 }, query: query, headers: headers, body: body)
         } catch {
@@ -101,7 +142,7 @@ public final class S3Target: BackupTarget, @unchecked Sendable {
         }
     }
 
-    private func failure(_ what: String, _ response: S3Client.Response) -> BackupTargetError {
+    func failure(_ what: String, _ response: S3Client.Response) -> BackupTargetError {
         let code = response.errorCode ?? "HTTP \(response.status)"
         switch code {
         case "SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied":
@@ -113,7 +154,7 @@ public final class S3Target: BackupTarget, @unchecked Sendable {
         }
     }
 
-    private func xmlEscaped(_ text: String) -> String {
+    func xmlEscaped(_ text: String) -> String {
         text.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
     }
 }
@@ -149,6 +190,63 @@ final class ListingParser: NSObject, XMLParserDelegate {
         case "Contents": objects.append((key, size))
         case "IsTruncated": truncated = text == "true"
         case "NextContinuationToken": nextToken = text
+        default: break
+        }
+    }
+}
+
+/// A ListMultipartUploads page: each upload's key, id and start, whether more follow and the markers to them.
+final class UploadListingParser: NSObject, XMLParserDelegate {
+    struct Upload {
+        var key = ""
+        var id = ""
+        var initiated: Date?
+    }
+
+    /// Where the next page starts. AWS names both markers; SeaweedFS only the upload id one.
+    struct Markers: Equatable {
+        var key: String?
+        var uploadID: String?
+        var query: [(String, String)] {
+            (key.map { [("key-marker", $0)] } ?? []) + (uploadID.map { [("upload-id-marker", $0)] } ?? [])
+        }
+    }
+
+    var uploads: [Upload] = []
+    var truncated = false
+    var next = Markers()
+    private var text = ""
+    private var upload = Upload()
+    // AWS writes 2010-11-10T20:48:33.000Z, SeaweedFS 2010-11-10T20:48:33Z.
+    private let fractional = ISO8601DateFormatter()
+    private let whole = ISO8601DateFormatter()
+
+    static func parse(_ body: [UInt8]) -> UploadListingParser {
+        let delegate = UploadListingParser()
+        delegate.fractional.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        let parser = XMLParser(data: Data(body))
+        parser.delegate = delegate
+        _ = parser.parse()
+        return delegate
+    }
+
+    func parser(_ parser: XMLParser, didStartElement name: String, namespaceURI: String?, qualifiedName: String?,
+                attributes: [String: String] = [:]) {
+        text = ""
+        if name == "Upload" { upload = Upload() }
+    }
+
+    func parser(_ parser: XMLParser, foundCharacters string: String) { text += string }
+
+    func parser(_ parser: XMLParser, didEndElement name: String, namespaceURI: String?, qualifiedName: String?) {
+        switch name {
+        case "Key": upload.key = text
+        case "UploadId": upload.id = text
+        case "Initiated": upload.initiated = fractional.date(from: text) ?? whole.date(from: text)
+        case "Upload": uploads.append(upload)
+        case "IsTruncated": truncated = text == "true"
+        case "NextKeyMarker": next.key = text.isEmpty ? nil : text
+        case "NextUploadIdMarker": next.uploadID = text.isEmpty ? nil : text
         default: break
         }
     }

@@ -17,6 +17,8 @@ public struct GCReport: Sendable {
     public var bytesFreed = 0
     public var orphanMapsRemoved = 0
     public var staleLocksRemoved = 0
+    /// Multipart uploads (S3) or temporary files (directory) that writers left unfinished.
+    public var uploadsAborted = 0
 }
 
 extension BackupStore {
@@ -68,9 +70,10 @@ extension BackupStore {
     }
 
     /// Mark and sweep: removes every block no listed backup's map names, the maps of backups that never
-    /// finished, and expired locks. Holds the store's gc lock (written only if absent) and refuses while
+    /// finished, and expired locks, and aborts the uploads left unfinished for `staleUploadAge` seconds
+    /// (default: a lock's lease). Holds the store's gc lock (written only if absent) and refuses while
     /// a backup holds a live lock, so that no running backup can lose a block it counts on.
-    public func collectGarbage(holder: String) throws -> GCReport {
+    public func collectGarbage(holder: String, staleUploadAge: TimeInterval? = nil) throws -> GCReport {
         let now = Int64(Date().timeIntervalSince1970)
         if try !target.putIfAbsent(StoreKey.gcLock, try lockRecord(holder, now: now)) {
             if let live = try liveLocks(StoreKey.gcLock, now: now).first {
@@ -88,6 +91,8 @@ extension BackupStore {
         }
 
         var report = GCReport()
+        // No backup runs now; the age spares the uploads of any other writer still at work.
+        report.uploadsAborted = try target.abortStaleUploads(olderThan: staleUploadAge ?? TimeInterval(Self.lockLease))
         let summaries = try backups()
         report.backupsKept = summaries.count
         var marked = Set<BlockHash>()

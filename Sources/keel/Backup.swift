@@ -158,10 +158,12 @@ struct Backup: ParsableCommand {
             if json {
                 return try printJSON(["backups_kept": report.backupsKept, "blocks_kept": report.blocksKept,
                                       "blocks_freed": report.blocksFreed, "bytes_freed": report.bytesFreed,
-                                      "unfinished_maps_removed": report.orphanMapsRemoved, "stale_locks_removed": report.staleLocksRemoved])
+                                      "unfinished_maps_removed": report.orphanMapsRemoved, "stale_locks_removed": report.staleLocksRemoved,
+                                      "uploads_aborted": report.uploadsAborted])
             }
             print("freed \(report.blocksFreed) block(s), \(humanSize(UInt64(report.bytesFreed))); kept \(report.blocksKept) block(s) "
-                + "of \(report.backupsKept) backup(s); removed \(report.orphanMapsRemoved) unfinished map(s), \(report.staleLocksRemoved) stale lock(s)")
+                + "of \(report.backupsKept) backup(s); removed \(report.orphanMapsRemoved) unfinished map(s), \(report.staleLocksRemoved) stale lock(s); "
+                + "aborted \(report.uploadsAborted) unfinished upload(s)")
         }
     }
 }
