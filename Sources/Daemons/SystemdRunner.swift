@@ -119,12 +119,13 @@ public struct SystemdRunner: DaemonRunner, Sendable {
             return String(unit.dropFirst(prefix.count).dropLast(suffix.count))
         }.sorted()
     }
+}
 
-    private func systemctl(_ arguments: String...) throws {
-        let result = try runToCompletion(["systemctl"] + arguments)
-        guard result.status == 0 else {
-            let detail = result.output.split(separator: "\n").first.map(String.init) ?? "exit status \(result.status)"
-            throw DaemonError("systemctl \(arguments.joined(separator: " ")) failed: \(detail)")
-        }
+/// Runs systemctl; a failure is one line with systemctl's first.
+func systemctl(_ arguments: String...) throws {
+    let result = try runToCompletion(["systemctl"] + arguments)
+    guard result.status == 0 else {
+        let detail = result.output.split(separator: "\n").first.map(String.init) ?? "exit status \(result.status)"
+        throw DaemonError("systemctl \(arguments.joined(separator: " ")) failed: \(detail)")
     }
 }

@@ -3,7 +3,7 @@ import Foundation
 /// Where and as whom to reach S3, taken the way AWS's own tools take it: the environment
 /// (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL[_S3], AWS_REGION, AWS_DEFAULT_REGION,
 /// AWS_PROFILE), then the shared files (~/.aws/credentials, ~/.aws/config, or AWS_SHARED_CREDENTIALS_FILE
-/// and AWS_CONFIG_FILE).
+/// and AWS_CONFIG_FILE); under systemd, the credentials file the unit loaded as `aws`.
 public struct S3Settings: Sendable {
     public var accessKey: String
     public var secretKey: String
@@ -21,7 +21,9 @@ public struct S3Settings: Sendable {
     public static func fromEnvironment(_ environment: [String: String] = ProcessInfo.processInfo.environment) throws -> S3Settings {
         let home = environment["HOME"] ?? "/root"
         let profile = environment["AWS_PROFILE"] ?? "default"
-        let credentials = IniFile.read(environment["AWS_SHARED_CREDENTIALS_FILE"] ?? home + "/.aws/credentials")[profile] ?? [:]
+        // A systemd service's credential `aws` (LoadCredential=aws:FILE) comes before ~/.aws.
+        let loaded = environment["CREDENTIALS_DIRECTORY"].map { $0 + "/aws" }.flatMap { FileManager.default.isReadableFile(atPath: $0) ? $0 : nil }
+        let credentials = IniFile.read(environment["AWS_SHARED_CREDENTIALS_FILE"] ?? loaded ?? home + "/.aws/credentials")[profile] ?? [:]
         let config = IniFile.read(environment["AWS_CONFIG_FILE"] ?? home + "/.aws/config")[profile == "default" ? "default" : "profile " + profile] ?? [:]
         func value(_ variable: String, _ key: String) -> String? {
             environment[variable].flatMap { $0.isEmpty ? nil : $0 } ?? credentials[key] ?? config[key]

@@ -49,11 +49,17 @@ public func writeFileInPlace(_ path: String, _ contents: String) throws {
     guard write(fd, contents, contents.utf8.count) == contents.utf8.count else { throw SystemError.current("write \(path)") }
 }
 
-/// Replaces `path` with `contents`: written to a temporary file, synced, renamed over it.
-public func writeFileAtomically(_ path: String, _ contents: String) throws {
+/// Replaces `path` with `contents`: written to a temporary file of `mode`, synced, renamed over it.
+public func writeFileAtomically(_ path: String, _ contents: String, mode: mode_t = 0o644) throws {
     let temporary = path + ".tmp"
-    let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode)
     guard fd >= 0 else { throw SystemError.current("open \(temporary)") }
+    guard fchmod(fd, mode) == 0 else {  // a leftover temporary file keeps its own mode otherwise
+        let error = SystemError.current("chmod \(temporary)")
+        close(fd)
+        unlink(temporary)
+        throw error
+    }
     let written = write(fd, contents, contents.utf8.count)
     let synced = fsync(fd)
     close(fd)

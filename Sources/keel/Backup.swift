@@ -18,7 +18,7 @@ struct Backup: ParsableCommand {
                       keel backup ls --target file:///mnt/backups db
                       keel backup restore bk-20261204T101500123Z-3fa2c1 --target file:///mnt/backups --to /tmp/db.img
             """,
-        subcommands: [Create.self, List.self, Show.self, Remove.self, Verify.self, GC.self, Restore.self])
+        subcommands: [Create.self, List.self, Show.self, Remove.self, Verify.self, GC.self, Restore.self, Schedule.self])
 
     struct Store: ParsableArguments {
         @Option(help: "The backup store: file:///path/to/dir or s3://bucket/prefix.")
@@ -38,7 +38,7 @@ struct Backup: ParsableCommand {
          "created": Snapshot.List.time(summary.created), "created_unix": summary.created,
          "parent": summary.parent ?? NSNull(), "block_size": summary.blockSize, "blocks": summary.blocks,
          "new_blocks": summary.newBlocks, "bytes_read": summary.bytesRead, "bytes_sent": summary.bytesSent,
-         "incremental": summary.incremental]
+         "incremental": summary.incremental, "schedule": summary.schedule ?? NSNull()]
     }
 
     /// Runs a store operation, its failure phrased as one line.

@@ -163,6 +163,26 @@ import Testing
         #expect(verify.status == 0, "\(verify.stdout) \(verify.stderr)")
     }
 
+    /// `--schedule NAME --keep N` (what a schedule's service runs): the schedule's oldest backups beyond N go,
+    /// backups made by hand or by another schedule stay.
+    @Test func aScheduleKeepsItsNewestBackups() throws {
+        let fixture = try Fixture()
+        var made: [String: [String]] = [:]
+        for (round, schedule) in ["hourly", "hourly", "", "daily", "hourly", "hourly"].enumerated() {
+            try fixture.volume.client.write([UInt8](repeating: UInt8(round + 1), count: 4096), at: UInt64(round * Self.blockSize))
+            let result = try fixture.create(schedule.isEmpty ? [] : ["--schedule", schedule, "--keep", "2"])
+            made[schedule, default: []].append(result["id"] as! String)
+            #expect(result["schedule"] as? String == (schedule.isEmpty ? nil : schedule), "\(result)")
+        }
+        let listed = try fixture.backup(["ls", "--target", fixture.target, "vol", "--json"])
+        let ids = (try JSONSerialization.jsonObject(with: Data(listed.stdout.utf8)) as! [[String: Any]]).map { $0["id"] as! String }
+        #expect(Set(ids) == Set(made[""]! + made["daily"]! + made["hourly"]!.suffix(2)), "\(ids)")
+        try expectOneLineRefusal([Paths.keel, "backup", "create", "vol", "--target", fixture.target, "--engine", fixture.volume.control,
+                                  "--keep", "2"], mentioning: ["--keep", "--schedule"])
+        let restored = try fixture.restore(made["hourly"]!.last!, to: fixture.volume.cluster.scratch.file("newest.img"))
+        #expect(restored == (try fixture.volume.client.read(count: SnapshotTests.size, at: 0)))
+    }
+
     @Test func badInputGetsOneLineAndChangesNothing() throws {
         let fixture = try Fixture()
         let target = fixture.target

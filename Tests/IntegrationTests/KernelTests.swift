@@ -78,4 +78,8 @@ import Testing
     @Test func volumesUnderSystemdAsPID1() throws {
         try Self.expectScenario("volume-systemd", systemd: true, toSay: "keel volume under systemd: complete")
     }
+
+    @Test func detachedVolumeBackupsAndAnAttachThatTakesTheBackupsEngineOver() throws {
+        try Self.expectScenario("backup-detached", toSay: "detached-volume backups: complete")
+    }
 }

@@ -5,7 +5,8 @@
 # device frontend (not systemd: Restart=no) starts the unit again and the new
 # engine takes the device over under a mounted
 # filesystem; detach disables the engine; rm removes the replicas' units, files
-# and data. State in /var/lib/keel (ext4 on a loop device, for O_DIRECT).
+# and data; a backup schedule's timer fires and backs the detached volume up.
+# State in /var/lib/keel (ext4 on a loop device, for O_DIRECT).
 . "$(dirname "$0")/common.sh"
 [ "$(cat /proc/1/comm)" = systemd ] || { echo "PID 1 is not systemd"; exit 1; }
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -72,6 +73,23 @@ for unit in keel-engine@vol keel-frontend@vol; do
 done
 [ "$(cat /sys/block/$(basename "$device")/size)" = 0 ]
 "$KEEL" volume ls
+
+step "keel backup schedule: its timer backs the detached volume up (the engine unit started for the job, then stopped)"
+mkdir -p "$work/backups"
+"$KEEL" backup schedule vol --name quick --target "file://$work/backups" --every 10s --keep 2
+"$KEEL" backup schedule ls | grep -q "^vol  *quick  *every 10s" || { "$KEEL" backup schedule ls; echo "schedule ls does not show it"; exit 1; }
+backup_unit="keel-backup:vol:quick.service"
+for _ in $(seq 600); do
+    "$KEEL" backup ls --target "file://$work/backups" vol 2>/dev/null | grep -q "^bk-" && [ "$(systemctl is-active "$backup_unit")" != activating ] && break
+    sleep 0.2
+done
+"$KEEL" backup ls --target "file://$work/backups" vol | grep "^bk-" || { journalctl -u "$backup_unit" --no-pager | tail -20; exit 1; }
+journalctl -u "$backup_unit" --no-pager -o cat | grep -E "backup bk-|skipped|engine" | head -5
+[ "$(systemctl show -p Result --value "$backup_unit")" = success ] || { journalctl -u "$backup_unit" --no-pager | tail -20; exit 1; }
+[ "$(unit_state keel-engine@vol)" = disabled/inactive ] || { echo "the job left keel-engine@vol $(unit_state keel-engine@vol)"; exit 1; }
+"$KEEL" backup schedule rm vol --name quick
+[ ! -e "/etc/systemd/system/keel-backup:vol:quick.timer" ] && [ ! -e "/etc/systemd/system/$backup_unit" ]
+"$KEEL" backup schedule ls | grep -q "no backup schedule"
 
 step "keel volume rm: the replica units and their data go"
 "$KEEL" volume rm vol

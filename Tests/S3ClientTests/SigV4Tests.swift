@@ -70,4 +70,16 @@ import Testing
             == ("ENVKEY", "ENVSECRET", "us-west-2", "http://127.0.0.1:18433"))
         #expect(throws: S3Error.self) { try S3Settings.fromEnvironment(["HOME": directory + "/none"]) }
     }
+
+    /// A scheduled backup's unit loads the credentials file as credential `aws` (LoadCredential=aws:FILE).
+    @Test func aSystemdCredentialIsTheCredentialsFile() throws {
+        let directory = FileManager.default.temporaryDirectory.path + "/keel-creds-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try "[default]\naws_access_key_id = UNITKEY\naws_secret_access_key = UNITSECRET\n".write(toFile: directory + "/aws", atomically: true, encoding: .utf8)
+        let settings = try S3Settings.fromEnvironment(["CREDENTIALS_DIRECTORY": directory, "HOME": directory + "/none",
+                                                       "AWS_ENDPOINT_URL": "http://127.0.0.1:18433"])
+        #expect((settings.accessKey, settings.secretKey) == ("UNITKEY", "UNITSECRET"))
+        #expect(throws: S3Error.self) { try S3Settings.fromEnvironment(["CREDENTIALS_DIRECTORY": directory + "/none", "HOME": directory + "/none"]) }
+    }
 }
