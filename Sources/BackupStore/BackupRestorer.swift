@@ -173,7 +173,9 @@ final class RestoreExport: RestoreWriter, @unchecked Sendable {
     }
 
     override func write(_ bytes: [UInt8], at offset: UInt64) throws {
-        do { try client.write(bytes, at: offset) } catch { throw BackupStoreError("writing \(uri) at \(offset): \(error)") }
+        do { try bytes.withUnsafeBytes { try client.writeInPieces($0, at: offset, piece: BlockCodec.transferPiece) } } catch {
+            throw BackupStoreError("writing \(uri) at \(offset): \(error)")
+        }
     }
 
     override func zero(_ blocks: [Int], map: BlockMap) throws {

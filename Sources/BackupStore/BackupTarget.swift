@@ -24,6 +24,13 @@ public protocol BackupTarget: AnyObject, Sendable {
     /// Removes what writers that died left half-written (S3 multipart uploads, a directory's temporary files)
     /// once it is at least `age` seconds old; returns how many it removed.
     func abortStaleUploads(olderThan age: TimeInterval) throws -> Int
+    /// Writes a whole object that becomes visible, durable, by the next `makeDurable` at the latest
+    /// (never visible before it is durable), so that a target can make many durable at once.
+    func putDeferred(_ key: String, _ bytes: [UInt8]) throws
+}
+
+extension BackupTarget {
+    public func putDeferred(_ key: String, _ bytes: [UInt8]) throws { try put(key, bytes) }
 }
 
 public struct BackupTargetError: Error, CustomStringConvertible {

@@ -126,7 +126,7 @@ public struct BackupWriter {
     private func backUp(block index: Int, size: UInt64, reader: NBDClient, shared: SharedTransfer) throws -> BlockHash? {
         let length = length(of: index, size: size)
         let bytes: [UInt8]
-        do { bytes = try reader.read(count: length, at: UInt64(index) * UInt64(store.config.blockSize)) } catch {
+        do { bytes = try reader.readInPieces(count: length, at: UInt64(index) * UInt64(store.config.blockSize), piece: BlockCodec.transferPiece) } catch {
             throw BackupStoreError("reading \(source.uri) at block \(index): \(error)")
         }
         shared.add(read: UInt64(length))
@@ -136,7 +136,7 @@ public struct BackupWriter {
             guard shared.claim(hash) else { return hash }
             if try store.target.exists(StoreKey.block(hash)) { return hash }
             let compressed = try BlockCodec.compress(raw)
-            try store.target.put(StoreKey.block(hash), compressed)
+            try store.target.putDeferred(StoreKey.block(hash), compressed)
             shared.add(sent: UInt64(compressed.count), newBlock: true)
             return hash
         }

@@ -30,3 +30,7 @@ static inline int keel_spawn_close_from(void *actions, int from) {
 #include <linux/fs.h>
 static inline int keel_freeze_filesystem(int fd) { return ioctl(fd, FIFREEZE, 0); }
 static inline int keel_thaw_filesystem(int fd) { return ioctl(fd, FITHAW, 0); }
+
+// syncfs(2): declared by <unistd.h> only under _GNU_SOURCE, which the Glibc module lacks.
+extern int syncfs(int fd);
+static inline int keel_syncfs(int fd) { return syncfs(fd); }

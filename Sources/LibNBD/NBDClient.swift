@@ -1,4 +1,5 @@
 import CLibNBD
+import Foundation
 
 /// A failed libnbd call: the errno the server (or libnbd) reported, and libnbd's message.
 public struct NBDClientError: Error, CustomStringConvertible {
@@ -200,6 +201,50 @@ public final class NBDClient {
     }
 
     public var commandsInFlight: Int { Int(nbd_aio_in_flight(handle)) }
+
+    /// Reads `count` bytes as pieces of `piece` bytes all in flight at once: a server works on
+    /// them in parallel, where one large request waited for in turn leaves it idle between.
+    public func readInPieces(count: Int, at offset: UInt64, piece: Int) throws -> [UInt8] {
+        var failure: Error?
+        let bytes = [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
+            do {
+                let cookies = try stride(from: 0, to: count, by: piece).map { start in
+                    try startRead(UnsafeMutableRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(buffer)[start ..< min(start + piece, count)]),
+                                  at: offset + UInt64(start))
+                }
+                try waitForAll(cookies)
+                initialized = count
+            } catch {
+                failure = error
+                initialized = 0
+            }
+        }
+        if let failure { throw failure }
+        return bytes
+    }
+
+    /// Writes `bytes` as pieces of `piece` bytes all in flight at once (see `readInPieces`).
+    public func writeInPieces(_ bytes: UnsafeRawBufferPointer, at offset: UInt64, piece: Int) throws {
+        let cookies = try stride(from: 0, to: bytes.count, by: piece).map { start in
+            try startWrite(UnsafeRawBufferPointer(rebasing: bytes[start ..< min(start + piece, bytes.count)]), at: offset + UInt64(start))
+        }
+        try waitForAll(cookies)
+    }
+
+    /// Until every command finished (each retired once), or the first failure; a server silent for
+    /// two minutes is a failure.
+    private func waitForAll(_ cookies: [Int64]) throws {
+        var pending = cookies
+        var deadline = Date().addingTimeInterval(120)
+        while true {
+            let before = pending.count
+            pending = try pending.filter { try !isComplete($0) }
+            if pending.isEmpty { return }
+            if pending.count < before { deadline = Date().addingTimeInterval(120) }
+            guard Date() < deadline else { throw NBDClientError(errno: ETIMEDOUT, message: "the server answered none of \(pending.count) request(s) for two minutes") }
+            try poll(milliseconds: 1000)
+        }
+    }
 
     /// Waits for traffic for up to `milliseconds`.
     public func poll(milliseconds: Int32) throws { try check(nbd_poll(handle, milliseconds)) }
