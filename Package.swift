@@ -133,7 +133,7 @@ let package = Package(
 
         // Backups: a content-addressed store of zstd blocks, maps and summaries on a directory or S3 (docs/backups.md).
         .target(name: "BackupStore", dependencies: [
-            "CZstd", "CSyscalls", "LibNBD", "S3Client", .product(name: "Crypto", package: "swift-crypto"),
+            "CZstd", "CSyscalls", "Syscalls", "LibNBD", "S3Client", .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
         ]),
         // S3 requests: the SigV4 signer (tested against AWS's published examples), settings the AWS way, retries.

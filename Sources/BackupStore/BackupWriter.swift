@@ -77,15 +77,22 @@ public struct BackupWriter {
         let shared = SharedTransfer(total: toRead.reduce(0) { $0 + UInt64(length(of: $1, size: size)) })
         let workers = max(1, min(parallel, toRead.count))
         let group = DispatchGroup()
-        for _ in 0 ..< workers {
-            let reader = try source.makeReader()
+        for worker in 0 ..< workers {
             DispatchQueue.global().async(group: group) {
-                defer { try? reader.shutdown() }
                 do {
+                    var (reader, direct) = try self.source.makeReader(preferring: worker)
+                    defer { try? reader.shutdown() }
                     while let index = shared.next(of: toRead) {
                         try self.checkDeadline()
-                        let hash = try self.backUp(block: index, size: size, reader: reader, shared: shared)
-                        shared.record(index, hash)
+                        let bytes: [UInt8]
+                        do { bytes = try self.read(block: index, size: size, reader: reader) } catch where direct {
+                            // A replica lost mid-backup: the export reads from the others.
+                            try? reader.shutdown()
+                            (reader, direct) = (try self.source.makeExportReader(), false)
+                            bytes = try self.read(block: index, size: size, reader: reader)
+                        }
+                        shared.add(read: UInt64(bytes.count))
+                        shared.record(index, try self.store(bytes, shared: shared))
                     }
                 } catch {
                     shared.fail(error)
@@ -123,14 +130,16 @@ public struct BackupWriter {
         return summary
     }
 
-    private func backUp(block index: Int, size: UInt64, reader: NBDClient, shared: SharedTransfer) throws -> BlockHash? {
-        let length = length(of: index, size: size)
-        let bytes: [UInt8]
-        do { bytes = try reader.readInPieces(count: length, at: UInt64(index) * UInt64(store.config.blockSize), piece: BlockCodec.transferPiece) } catch {
+    private func read(block index: Int, size: UInt64, reader: NBDClient) throws -> [UInt8] {
+        let offset = UInt64(index) * UInt64(store.config.blockSize)
+        do { return try reader.readInPieces(count: length(of: index, size: size), at: offset, piece: BlockCodec.transferPiece) } catch {
             throw BackupStoreError("reading \(source.uri) at block \(index): \(error)")
         }
-        shared.add(read: UInt64(length))
-        return try bytes.withUnsafeBytes { raw -> BlockHash? in
+    }
+
+    /// Names the block by its hash and stores it unless this run or the store has it; nil for an all-zero block.
+    private func store(_ bytes: [UInt8], shared: SharedTransfer) throws -> BlockHash? {
+        try bytes.withUnsafeBytes { raw -> BlockHash? in
             if BlockCodec.isAllZero(raw) { return nil }
             let hash = BlockHash(of: raw)
             guard shared.claim(hash) else { return hash }

@@ -1,9 +1,24 @@
 import LibNBD
+import Syscalls
+
+/// A replica's own read-only session of a snapshot (`VOL@snapshot:NAME` on its data address).
+public struct SnapshotSession: Sendable {
+    public var address: SocketAddress
+    public var exportName: String
+
+    public init(address: SocketAddress, exportName: String) {
+        self.address = address
+        self.exportName = exportName
+    }
+}
 
 /// Reads a snapshot (or any NBD export) for a backup: one libnbd connection per reader thread.
+/// Bulk reads go straight to the replicas' snapshot sessions when given (spread over them,
+/// sparing the export's hop); the export, which moves on from a failed replica, is the fallback.
 public final class NBDBackupSource: @unchecked Sendable {
     public let uri: String
     public let size: UInt64
+    public var sessions: [SnapshotSession] = []
 
     public init(uri: String) throws {
         self.uri = uri
@@ -21,7 +36,23 @@ public final class NBDBackupSource: @unchecked Sendable {
         return client
     }
 
-    public func makeReader() throws -> NBDClient { try Self.connect(uri, contexts: []) }
+    /// A reader: replica session `preferring` (modulo their count) or the next that connects, else the export.
+    public func makeReader(preferring first: Int = 0) throws -> (client: NBDClient, direct: Bool) {
+        for offset in 0 ..< sessions.count {
+            let session = sessions[(first + offset) % sessions.count]
+            guard let client = try? NBDClient() else { break }
+            do {
+                try client.setExportName(session.exportName)
+                try client.connect(to: session.address)
+                return (client, true)
+            } catch {
+                continue
+            }
+        }
+        return (try makeExportReader(), false)
+    }
+
+    public func makeExportReader() throws -> NBDClient { try Self.connect(uri, contexts: []) }
 
     /// The blocks holding any 4 KiB block the export's keel:changed:SNAPSHOT context flags as changed,
     /// or nil when the export has no such context (that snapshot is gone).

@@ -98,6 +98,8 @@ extension Backup {
                 return try PrivateSnapshotExport.serve(volume: volume, snapshot: snapshotName, changedSince: latest?.snapshot,
                                                        replicas: replicas, logger: logger) { export in
                     let source = try storeCall { try NBDBackupSource(uri: export.uri) }
+                    let session = SnapshotExportName(volume: volume, snapshot: snapshotName).description
+                    source.sessions = replicas.map { SnapshotSession(address: $0, exportName: session) }
                     var parent: BackupParent?
                     var fullReadReason: String?
                     if let latest {

@@ -15,8 +15,8 @@ import Testing
         /// The S3 server's settings, the way AWS tools take them (none for a directory target).
         let environment: [String: String]
 
-        init(size: String = "16M", s3: Bool = false) throws {
-            volume = try SnapshotTests.Volume(replicas: 2, size: size)
+        init(size: String = "16M", s3: Bool = false, replicas: Int = 2) throws {
+            volume = try SnapshotTests.Volume(replicas: replicas, size: size)
             store = volume.cluster.scratch.file("store")
             try FileManager.default.createDirectory(atPath: store, withIntermediateDirectories: true)
             if s3 {
@@ -179,6 +179,33 @@ import Testing
                                   "--keep", "2"], mentioning: ["--keep", "--schedule"])
         let restored = try fixture.restore(made["hourly"]!.last!, to: fixture.volume.cluster.scratch.file("newest.img"))
         #expect(restored == (try fixture.volume.client.read(count: SnapshotTests.size, at: 0)))
+    }
+
+    /// Workers read the replicas' snapshot sessions directly; one lost mid-backup sends its reads
+    /// through the export, which reads from the others: the backup completes and restores right.
+    @Test func aReplicaLostMidBackupIsReadAround() throws {
+        let fixture = try Fixture(size: "256M", replicas: 3)
+        var random = SplitMix64(seed: 1404)
+        print("seed 1404")
+        let chunk = (0 ..< (32 << 20)).map { _ in UInt8(truncatingIfNeeded: random.next()) }
+        for region in 0 ..< 8 { try fixture.volume.client.write(chunk.map { $0 ^ UInt8(region) }, at: UInt64(region << 25)) }
+        let volume = try stride(from: 0, to: 256 << 20, by: 32 << 20).flatMap { try fixture.volume.client.read(count: 32 << 20, at: UInt64($0)) }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Paths.keel)
+        process.arguments = ["backup", "create", "vol", "--target", fixture.target, "--engine", fixture.volume.control, "--parallel", "3"]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        let deadline = Date().addingTimeInterval(60)
+        while Date() < deadline, process.isRunning, try publishedBlocks(in: fixture.store) == 0 { usleep(5_000) }
+        #expect(process.isRunning, "the backup finished before a replica could be lost")
+        fixture.volume.cluster.kill9Replica(0)
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0)
+        let listed = try fixture.backup(["ls", "--target", fixture.target, "--json"])
+        let id = (try JSONSerialization.jsonObject(with: Data(listed.stdout.utf8)) as? [[String: Any]])?.first?["id"] as? String
+        let image = try fixture.restore(try #require(id), to: fixture.volume.cluster.scratch.file("around.img"))
+        #expect(image == volume)
     }
 
     /// Blocks under their names in a directory store (not the temporary files of a batch not yet synced).
