@@ -16,7 +16,11 @@ data on 3 loopback replicas, the store on the same disk):
 Each with MiB/s and the CPU-seconds per GiB of the client processes (keel backup, or
 nbdcopy with the export it reads).
 
-Usage: Bench/backups [--size 1G] [--dir DIR] [--no-s3] [--json FILE]
+This host's page-cache writes cost what the hypervisor's first touch of memory costs, which
+varies run to run: each pair is measured --rounds times in turn (3 by default) and the medians
+are reported, with every round's figures.
+
+Usage: Bench/backups [--size 1G] [--dir DIR] [--no-s3] [--rounds 3] [--json FILE]
 """
 import argparse, json, os, random, resource, shutil, subprocess, sys, time
 
@@ -42,6 +46,17 @@ def timed(argv, env=None, extra_pids=()):
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     cpu += sum(cpu_seconds(p) for p in extra_pids) - extra_before
     return seconds, cpu, out
+
+
+def median(pairs):
+    """The (seconds, CPU-seconds) of the round with the median time."""
+    return sorted(pairs)[len(pairs) // 2]
+
+
+def median_ratio(peers, ours):
+    """The median of the rounds' rate ratios (ours / the peer's): each round's pair ran back to back."""
+    ratios = sorted(p[0] / o[0] for p, o in zip(peers, ours))
+    return round(ratios[len(ratios) // 2], 3)
 
 
 def last_json(out):
@@ -70,6 +85,7 @@ def main():
     ap.add_argument("--dir", default=os.environ.get("KEEL_BENCH_DIR", "/var/tmp/keel-bench"))
     ap.add_argument("--no-s3", action="store_true", help="skip the S3 measures")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--rounds", type=int, default=3, help="peer and keel measured in turn this many times; medians reported")
     args = ap.parse_args()
     subprocess.run(["swift", "build", "-c", "release", "--product", "keel"], cwd=REPO, check=True)
     keel = os.path.join(REPO, ".build", "release", "keel")
@@ -104,21 +120,29 @@ def main():
         # 1. Full backup against nbdcopy of the same snapshot's export.
         print("backups: full backup of a snapshot, and nbdcopy of its export", flush=True)
         export_sock = os.path.join(work, "export.sock")
-        with Server("export", [keel, "snapshot", "export", "bench", "s1", "--listen", f"unix:{export_sock}",
-                               "--engine", control], export_sock) as export:
+        copies, backups = [], []
+        for round_ in range(args.rounds):
+            with Server("export", [keel, "snapshot", "export", "bench", "s1", "--listen", f"unix:{export_sock}",
+                                   "--engine", control], export_sock) as export:
+                drop_caches()
+                copies.append(timed(["nbdcopy", "--flush", f"nbd+unix:///s1?socket={export_sock}", os.path.join(work, "copy.img")],
+                                    extra_pids=export.pids())[:2])
+            os.unlink(os.path.join(work, "copy.img"))
+            store = os.path.join(work, "store")
+            shutil.rmtree(store, ignore_errors=True)
+            os.makedirs(store)
             drop_caches()
-            copy_s, copy_cpu, _ = timed(["nbdcopy", "--flush", f"nbd+unix:///s1?socket={export_sock}", os.path.join(work, "copy.img")],
-                                        extra_pids=export.pids())
-        os.unlink(os.path.join(work, "copy.img"))
-        store = os.path.join(work, "store")
-        os.makedirs(store)
-        drop_caches()
-        backup_s, backup_cpu, out = timed([keel, "backup", "create", "bench", "--target", f"file://{store}", "--snapshot", "s1",
-                                           "--engine", control, "--json"])
-        full = last_json(out)
-        report("nbdcopy --flush of the snapshot export to a file (MiB/s, CPU-s/GiB)", (rate(copy_s), round(copy_cpu / gib, 1)))
-        report("full backup to a directory (MiB/s, CPU-s/GiB)", (rate(backup_s), round(backup_cpu / gib, 1)))
-        report("full backup / nbdcopy (rate)", round(copy_s / backup_s, 3))
+            backup_s, backup_cpu, out = timed([keel, "backup", "create", "bench", "--target", f"file://{store}", "--snapshot", "s1",
+                                               "--engine", control, "--json"])
+            backups.append((backup_s, backup_cpu))
+            full = last_json(out)
+            print(f"  round {round_ + 1}: nbdcopy {rate(copies[-1][0])} MiB/s, backup {rate(backup_s)} MiB/s, "
+                  f"ratio {round(copies[-1][0] / backup_s, 3)}", flush=True)
+        copy_s, copy_cpu = median(copies)
+        backup_s, backup_cpu = median(backups)
+        report("nbdcopy --flush of the snapshot export to a file (MiB/s, CPU-s/GiB; median)", (rate(copy_s), round(copy_cpu / gib, 1)))
+        report("full backup to a directory (MiB/s, CPU-s/GiB; median)", (rate(backup_s), round(backup_cpu / gib, 1)))
+        report("full backup / nbdcopy (rate; median of the rounds)", median_ratio(copies, backups))
         report("full backup: bytes read, bytes sent (MiB)", (full["bytes_read"] >> 20, full["bytes_sent"] >> 20))
 
         # 3. An incremental after 1 % changed in 2 MiB-aligned extents.
@@ -156,22 +180,28 @@ def main():
 
     # 2. Restore into a fresh volume against nbdcopy of the raw image into another.
     print("backups: restore into a fresh 3-replica volume, and nbdcopy of the image into another", flush=True)
-    peer, peer_uri, _ = volume("peer")
-    with peer:
-        drop_caches()
-        peer_s, peer_cpu, _ = timed(["nbdcopy", "--flush", image, peer_uri])
-    peer.remove()
-    restored, restored_uri, _ = volume("restored")
-    with restored:
-        drop_caches()
-        restore_s, restore_cpu, _ = timed([keel, "backup", "restore", full["id"], "--target", f"file://{store}", "--to", restored_uri])
-        subprocess.run(["nbdcopy", restored_uri, os.path.join(work, "check.img")], check=True)
-        assert subprocess.run(["cmp", "-s", image, os.path.join(work, "check.img")]).returncode == 0, "the restore differs"
-        os.unlink(os.path.join(work, "check.img"))
-    restored.remove()
-    report("nbdcopy --flush of the image into a fresh 3-replica volume (MiB/s, CPU-s/GiB)", (rate(peer_s), round(peer_cpu / gib, 1)))
-    report("restore into a fresh 3-replica volume (MiB/s, CPU-s/GiB)", (rate(restore_s), round(restore_cpu / gib, 1)))
-    report("restore / nbdcopy (rate)", round(peer_s / restore_s, 3))
+    peers, restores = [], []
+    for round_ in range(args.rounds):
+        peer, peer_uri, _ = volume("peer")
+        with peer:
+            drop_caches()
+            peers.append(timed(["nbdcopy", "--flush", image, peer_uri])[:2])
+        peer.remove()
+        restored, restored_uri, _ = volume("restored")
+        with restored:
+            drop_caches()
+            restores.append(timed([keel, "backup", "restore", full["id"], "--target", f"file://{store}", "--to", restored_uri])[:2])
+            subprocess.run(["nbdcopy", restored_uri, os.path.join(work, "check.img")], check=True)
+            assert subprocess.run(["cmp", "-s", image, os.path.join(work, "check.img")]).returncode == 0, "the restore differs"
+            os.unlink(os.path.join(work, "check.img"))
+        restored.remove()
+        print(f"  round {round_ + 1}: nbdcopy {rate(peers[-1][0])} MiB/s, restore {rate(restores[-1][0])} MiB/s, "
+              f"ratio {round(peers[-1][0] / restores[-1][0], 3)}", flush=True)
+    peer_s, peer_cpu = median(peers)
+    restore_s, restore_cpu = median(restores)
+    report("nbdcopy --flush of the image into a fresh 3-replica volume (MiB/s, CPU-s/GiB; median)", (rate(peer_s), round(peer_cpu / gib, 1)))
+    report("restore into a fresh 3-replica volume (MiB/s, CPU-s/GiB; median)", (rate(restore_s), round(restore_cpu / gib, 1)))
+    report("restore / nbdcopy (rate; median of the rounds)", median_ratio(peers, restores))
 
     # 4b. The restore from S3.
     if s3_env:

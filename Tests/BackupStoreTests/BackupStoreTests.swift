@@ -18,6 +18,27 @@ import Testing
         #expect(throws: (any Error).self) { try BlockCodec.decompress(compressed, size: bytes.count - 1) }
     }
 
+    /// Deferred puts: invisible until made durable, then whole; through O_DIRECT on a disk file
+    /// system, through the page cache on tmpfs (which refuses O_DIRECT). Sizes not a multiple of 4 KiB.
+    @Test(arguments: [FileManager.default.temporaryDirectory.path, "/dev/shm"])
+    func deferredPutsAppearWholeOnceDurable(under parent: String) throws {
+        guard FileManager.default.fileExists(atPath: parent) else { return }
+        let root = parent + "/keel-deferred-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let target = try openBackupTarget("file://" + root)
+        var random = Fixture.Random(seed: 7)
+        let objects = (0 ..< 70).map { index in
+            ("blocks/\(String(format: "%02x", index))/object", (0 ..< (1000 + index * 4099)).map { _ in UInt8(truncatingIfNeeded: random.next()) })
+        }
+        for (key, bytes) in objects.prefix(3) { try target.putDeferred(key, bytes) }
+        #expect(try !target.exists(objects[0].0), "not visible before it is durable")
+        for (key, bytes) in objects.dropFirst(3) { try target.putDeferred(key, bytes) }  // past a batch of 64
+        try target.makeDurable()
+        for (key, bytes) in objects { #expect(try target.get(key) == bytes, "\(key)") }
+        #expect(try target.list("blocks/").count == objects.count, "no temporary file is listed")
+    }
+
     @Test func sha256NamesMatchThePublishedVector() {
         let abc = Array("abc".utf8)
         #expect(abc.withUnsafeBytes { BlockHash(of: $0) }.hex == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
