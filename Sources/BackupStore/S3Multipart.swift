@@ -120,9 +120,7 @@ final class UploadIDParser: NSObject, XMLParserDelegate {
 
     static func parse(_ body: [UInt8]) -> String? {
         let delegate = UploadIDParser()
-        let parser = XMLParser(data: Data(body))
-        parser.delegate = delegate
-        _ = parser.parse()
+        parseXML(body, with: delegate)
         return delegate.id.flatMap { $0.isEmpty ? nil : $0 }
     }
 
@@ -144,9 +142,7 @@ final class XMLRootParser: NSObject, XMLParserDelegate {
 
     static func parse(_ body: [UInt8]) -> String? {
         let delegate = XMLRootParser()
-        let parser = XMLParser(data: Data(body))
-        parser.delegate = delegate
-        _ = parser.parse()
+        parseXML(body, with: delegate)
         return delegate.root
     }
 

@@ -159,6 +159,13 @@ public final class S3Target: BackupTarget, @unchecked Sendable {
     }
 }
 
+/// Feeds an S3 answer's XML to a parser delegate (which keeps what it found).
+func parseXML(_ body: [UInt8], with delegate: XMLParserDelegate) {
+    let parser = XMLParser(data: Data(body))
+    parser.delegate = delegate
+    _ = parser.parse()
+}
+
 /// A ListObjectsV2 page: its objects' keys and sizes, whether more follow and the token to them.
 final class ListingParser: NSObject, XMLParserDelegate {
     var objects: [(key: String, size: Int)] = []
@@ -170,9 +177,7 @@ final class ListingParser: NSObject, XMLParserDelegate {
 
     static func parse(_ body: [UInt8]) -> ListingParser {
         let delegate = ListingParser()
-        let parser = XMLParser(data: Data(body))
-        parser.delegate = delegate
-        _ = parser.parse()
+        parseXML(body, with: delegate)
         return delegate
     }
 
@@ -224,9 +229,7 @@ final class UploadListingParser: NSObject, XMLParserDelegate {
     static func parse(_ body: [UInt8]) -> UploadListingParser {
         let delegate = UploadListingParser()
         delegate.fractional.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        let parser = XMLParser(data: Data(body))
-        parser.delegate = delegate
-        _ = parser.parse()
+        parseXML(body, with: delegate)
         return delegate
     }
 

@@ -42,6 +42,25 @@ import Testing
             return try JSONSerialization.jsonObject(with: Data(lines[start...].joined(separator: "\n").utf8)) as! [String: Any]
         }
 
+        /// `keel backup create` started in the background, once it has published its first batch of blocks.
+        func backupPastItsFirstBatch(parallel: Int) throws -> Process {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: Paths.keel)
+            process.arguments = ["backup", "create", "vol", "--target", target, "--engine", volume.control, "--parallel", "\(parallel)"]
+            process.standardOutput = FileHandle.nullDevice
+            process.standardError = FileHandle.nullDevice
+            try process.run()
+            let deadline = Date().addingTimeInterval(60)
+            while Date() < deadline, process.isRunning, try publishedBlocks() == 0 { usleep(5_000) }
+            return process
+        }
+
+        /// Blocks under their names in a directory store (not the temporary files of a batch not yet synced).
+        func publishedBlocks() throws -> Int {
+            let paths = (try? FileManager.default.subpathsOfDirectory(atPath: store + "/blocks")) ?? []
+            return paths.filter { $0.split(separator: "/").count == 2 && !$0.contains("/.tmp-") }.count
+        }
+
         func restore(_ id: String, to file: String) throws -> [UInt8] {
             let result = try backup(["restore", id, "--target", target, "--to", file])
             guard result.status == 0 else { throw TestFailure("backup restore: \(result.stderr)") }
@@ -134,19 +153,12 @@ import Testing
             for block in stride(from: 0, to: chunk.count, by: Self.blockSize) { chunk[block] = UInt8(region) }
             try fixture.volume.client.write(chunk, at: UInt64(region << 25))
         }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: Paths.keel)
-        process.arguments = ["backup", "create", "vol", "--target", fixture.target, "--engine", fixture.volume.control, "--parallel", "1"]
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
         // Killed once it published its first batch of blocks (64 of its 128: docs/backups.md).
-        let deadline = Date().addingTimeInterval(60)
-        while Date() < deadline, process.isRunning, try publishedBlocks(in: fixture.store) == 0 { usleep(5_000) }
+        let process = try fixture.backupPastItsFirstBatch(parallel: 1)
         #expect(process.isRunning, "the backup finished before it could be killed")
         kill(process.processIdentifier, SIGKILL)
         while process.isRunning { usleep(10_000) }
-        let published = try publishedBlocks(in: fixture.store)
+        let published = try fixture.publishedBlocks()
 
         let listed = try fixture.backup(["ls", "--target", fixture.target, "--json"])
         #expect((try JSONSerialization.jsonObject(with: Data(listed.stdout.utf8)) as? [Any])?.isEmpty == true, "\(listed.stdout)")
@@ -190,14 +202,7 @@ import Testing
         let chunk = (0 ..< (32 << 20)).map { _ in UInt8(truncatingIfNeeded: random.next()) }
         for region in 0 ..< 8 { try fixture.volume.client.write(chunk.map { $0 ^ UInt8(region) }, at: UInt64(region << 25)) }
         let volume = try stride(from: 0, to: 256 << 20, by: 32 << 20).flatMap { try fixture.volume.client.read(count: 32 << 20, at: UInt64($0)) }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: Paths.keel)
-        process.arguments = ["backup", "create", "vol", "--target", fixture.target, "--engine", fixture.volume.control, "--parallel", "3"]
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        let deadline = Date().addingTimeInterval(60)
-        while Date() < deadline, process.isRunning, try publishedBlocks(in: fixture.store) == 0 { usleep(5_000) }
+        let process = try fixture.backupPastItsFirstBatch(parallel: 3)
         #expect(process.isRunning, "the backup finished before a replica could be lost")
         fixture.volume.cluster.kill9Replica(0)
         process.waitUntilExit()
@@ -206,12 +211,6 @@ import Testing
         let id = (try JSONSerialization.jsonObject(with: Data(listed.stdout.utf8)) as? [[String: Any]])?.first?["id"] as? String
         let image = try fixture.restore(try #require(id), to: fixture.volume.cluster.scratch.file("around.img"))
         #expect(image == volume)
-    }
-
-    /// Blocks under their names in a directory store (not the temporary files of a batch not yet synced).
-    func publishedBlocks(in store: String) throws -> Int {
-        let paths = (try? FileManager.default.subpathsOfDirectory(atPath: store + "/blocks")) ?? []
-        return paths.filter { $0.split(separator: "/").count == 2 && !$0.contains("/.tmp-") }.count
     }
 
     @Test func badInputGetsOneLineAndChangesNothing() throws {
