@@ -52,12 +52,31 @@ public struct BackupRestorer {
         let group = DispatchGroup()
         for writer in writers {
             DispatchQueue.global().async(group: group) {
+                // Two buffers: the next block is fetched and checked while the last one's write is in flight.
+                let buffers = (0 ..< 2).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: map.blockSize, alignment: 4096) }
+                var inFlight: (cookies: [Int64], length: Int)?
+                defer {
+                    // Freed only once nothing in flight reads them (after a failure they are left, not freed under libnbd).
+                    if inFlight.map({ (try? writer.wait($0.cookies)) != nil }) ?? true { buffers.forEach { $0.deallocate() } }
+                }
                 do {
+                    var slot = 0
                     while let entry = shared.next(of: toWrite) {
                         let length = map.length(of: entry.index)
-                        let bytes = try store.block(entry.hash, length: length)
-                        try writer.write(bytes, at: UInt64(entry.index) * UInt64(map.blockSize))
-                        shared.add(read: UInt64(length))
+                        let buffer = UnsafeMutableRawBufferPointer(rebasing: buffers[slot][0 ..< length])
+                        try store.block(entry.hash, into: buffer)
+                        let cookies = try writer.start(UnsafeRawBufferPointer(buffer), at: UInt64(entry.index) * UInt64(map.blockSize))
+                        if let previous = inFlight {
+                            try writer.wait(previous.cookies)
+                            shared.add(read: UInt64(previous.length))
+                        }
+                        inFlight = (cookies, length)
+                        slot ^= 1
+                    }
+                    if let last = inFlight {
+                        try writer.wait(last.cookies)
+                        shared.add(read: UInt64(last.length))
+                        inFlight = nil
                     }
                 } catch {
                     shared.fail(error)
@@ -87,7 +106,9 @@ public struct BackupRestorer {
 }
 
 class RestoreWriter: @unchecked Sendable {
-    func write(_ bytes: [UInt8], at offset: UInt64) throws { fatalError("abstract") }
+    /// Starts writing `bytes` (valid until `wait`); returns what to wait for (nothing when already written).
+    func start(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws -> [Int64] { fatalError("abstract") }
+    func wait(_ cookies: [Int64]) throws {}
     /// Makes the blocks not in the map read as zeros.
     func zero(_ blocks: [Int], map: BlockMap) throws {}
     func finish() throws {}
@@ -118,18 +139,17 @@ final class RestoreFile: RestoreWriter, @unchecked Sendable {
         }
     }
 
-    override func write(_ bytes: [UInt8], at offset: UInt64) throws {
+    override func start(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws -> [Int64] {
         var done = 0
-        try bytes.withUnsafeBytes { raw in
-            while done < raw.count {
-                let count = pwrite(fd, raw.baseAddress! + done, raw.count - done, off_t(offset) + off_t(done))
-                if count < 0 {
-                    if errno == EINTR { continue }
-                    throw BackupStoreError("cannot write \(path): \(String(cString: strerror(errno)))")
-                }
-                done += count
+        while done < bytes.count {
+            let count = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
+            if count < 0 {
+                if errno == EINTR { continue }
+                throw BackupStoreError("cannot write \(path): \(String(cString: strerror(errno)))")
             }
+            done += count
         }
+        return []
     }
 
     override func finish() throws {
@@ -172,10 +192,14 @@ final class RestoreExport: RestoreWriter, @unchecked Sendable {
         }
     }
 
-    override func write(_ bytes: [UInt8], at offset: UInt64) throws {
-        do { try bytes.withUnsafeBytes { try client.writeInPieces($0, at: offset, piece: BlockCodec.transferPiece) } } catch {
+    override func start(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws -> [Int64] {
+        do { return try client.startWriteInPieces(bytes, at: offset, piece: BlockCodec.transferPiece) } catch {
             throw BackupStoreError("writing \(uri) at \(offset): \(error)")
         }
+    }
+
+    override func wait(_ cookies: [Int64]) throws {
+        do { try client.waitForAll(cookies) } catch { throw BackupStoreError("writing \(uri): \(error)") }
     }
 
     override func zero(_ blocks: [Int], map: BlockMap) throws {

@@ -86,17 +86,23 @@ public final class BackupStore: @unchecked Sendable {
 
     /// A block's bytes, checked against its hash.
     public func block(_ hash: BlockHash, length: Int) throws -> [UInt8] {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 16)
+        defer { buffer.deallocate() }
+        try block(hash, into: buffer)
+        return Array(buffer)
+    }
+
+    /// Fills `buffer` with a block (its whole length), checked against its hash.
+    public func block(_ hash: BlockHash, into buffer: UnsafeMutableRawBufferPointer) throws {
         guard let stored = try target.get(StoreKey.block(hash)) else {
             throw BackupStoreError("\(target.url): block \(hash) is missing")
         }
-        let bytes: [UInt8]
-        do { bytes = try BlockCodec.decompress(stored, size: length) } catch {
+        do { try BlockCodec.decompress(stored, into: buffer) } catch {
             throw BackupStoreError("\(target.url): block \(hash) is corrupt: \(error)")
         }
-        guard bytes.withUnsafeBytes({ BlockHash(of: $0) }) == hash else {
+        guard BlockHash(of: UnsafeRawBufferPointer(buffer)) == hash else {
             throw BackupStoreError("\(target.url): block \(hash) is corrupt: its content hashes otherwise")
         }
-        return bytes
     }
 
     // MARK: - Locks

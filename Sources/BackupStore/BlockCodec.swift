@@ -57,16 +57,27 @@ public enum BlockCodec {
 
     /// Decompresses a block that must be exactly `size` bytes.
     public static func decompress(_ bytes: [UInt8], size: Int) throws -> [UInt8] {
-        var result = 0
+        var failure: Error?
         let output = [UInt8](unsafeUninitializedCapacity: size) { out, count in
-            result = bytes.withUnsafeBytes { ZSTD_decompress(out.baseAddress, size, $0.baseAddress, bytes.count) }
-            count = ZSTD_isError(result) == 0 ? result : 0
+            do {
+                try decompress(bytes, into: UnsafeMutableRawBufferPointer(out))
+                count = size
+            } catch {
+                failure = error
+                count = 0
+            }
         }
+        if let failure { throw failure }
+        return output
+    }
+
+    /// Decompresses a block that must fill `buffer` exactly.
+    public static func decompress(_ bytes: [UInt8], into buffer: UnsafeMutableRawBufferPointer) throws {
+        let result = bytes.withUnsafeBytes { ZSTD_decompress(buffer.baseAddress, buffer.count, $0.baseAddress, bytes.count) }
         guard ZSTD_isError(result) == 0 else {
             throw BlockCodecError(description: "zstd: " + String(cString: ZSTD_getErrorName(result)))
         }
-        guard result == size else { throw BlockCodecError(description: "block decompressed to \(result) bytes, not \(size)") }
-        return output
+        guard result == buffer.count else { throw BlockCodecError(description: "block decompressed to \(result) bytes, not \(buffer.count)") }
     }
 
     public static func isAllZero(_ bytes: UnsafeRawBufferPointer) -> Bool {

@@ -225,15 +225,19 @@ public final class NBDClient {
 
     /// Writes `bytes` as pieces of `piece` bytes all in flight at once (see `readInPieces`).
     public func writeInPieces(_ bytes: UnsafeRawBufferPointer, at offset: UInt64, piece: Int) throws {
-        let cookies = try stride(from: 0, to: bytes.count, by: piece).map { start in
+        try waitForAll(try startWriteInPieces(bytes, at: offset, piece: piece))
+    }
+
+    /// Starts the pieces' writes and returns their cookies for `waitForAll`; `bytes` must stay valid until then.
+    public func startWriteInPieces(_ bytes: UnsafeRawBufferPointer, at offset: UInt64, piece: Int) throws -> [Int64] {
+        try stride(from: 0, to: bytes.count, by: piece).map { start in
             try startWrite(UnsafeRawBufferPointer(rebasing: bytes[start ..< min(start + piece, bytes.count)]), at: offset + UInt64(start))
         }
-        try waitForAll(cookies)
     }
 
     /// Until every command finished (each retired once), or the first failure; a server silent for
     /// two minutes is a failure.
-    private func waitForAll(_ cookies: [Int64]) throws {
+    public func waitForAll(_ cookies: [Int64]) throws {
         var pending = cookies
         var deadline = Date().addingTimeInterval(120)
         while true {
