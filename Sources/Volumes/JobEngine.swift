@@ -45,7 +45,9 @@ public final class JobEngine {
         do { try runner.start(engine) } catch {
             throw KeelError("cannot start the engine of \(name): \(runner.lastFailure(engine) ?? "\(error)")")
         }
-        do { try node.waitForEngine(of: name, engine, runner: runner, before: Date().addingTimeInterval(timeout), timeout: timeout) } catch {
+        // As long as an attach waits, whatever the job's own deadline: the volume's lock is held meanwhile.
+        let wait = min(timeout, 120)
+        do { try node.waitForEngine(of: name, engine, runner: runner, before: Date().addingTimeInterval(wait), timeout: wait) } catch {
             try? runner.stop(engine)
             throw error
         }

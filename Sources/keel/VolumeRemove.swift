@@ -1,4 +1,5 @@
 import ArgumentParser
+import Daemons
 import Foundation
 import NodeRegistry
 import Volumes
@@ -20,8 +21,21 @@ extension Volume {
         func run() throws {
             let node = try Node(target.node)
             let kept = try node.removeVolume(target.name, force: force, credentials: control.credentials)
-            if target.json { return try printJSON(["volume": target.name, "removed": true, "remote_replicas_kept": kept] as [String: Any]) }
-            print("volume \(target.name) removed" + (kept > 0 ? "; \(kept) replica(s) elsewhere keep their data" : ""))
+            let schedules = removeSchedules(of: target.name, stateDirectory: node.layout.stateDirectory)
+            if target.json {
+                return try printJSON(["volume": target.name, "removed": true, "remote_replicas_kept": kept,
+                                      "backup_schedules_removed": schedules] as [String: Any])
+            }
+            print("volume \(target.name) removed" + (kept > 0 ? "; \(kept) replica(s) elsewhere keep their data" : "")
+                + (schedules.isEmpty ? "" : "; backup schedule(s) \(schedules.joined(separator: ", ")) removed (their backups stay)"))
+        }
+
+        /// A schedule of a volume that is gone would fail at every run: its timer goes with the volume.
+        private func removeSchedules(of volume: String, stateDirectory: String) -> [String] {
+            let installer = BackupScheduleInstaller()
+            return installer.list(executable: currentExecutable())
+                .filter { $0.volume == volume && $0.stateDirectory == stateDirectory }
+                .compactMap { schedule in (try? installer.remove(volume: volume, name: schedule.name)) == true ? schedule.name : nil }
         }
     }
 }

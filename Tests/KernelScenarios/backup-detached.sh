@@ -53,7 +53,8 @@ dd if="$work/second" of="$device" bs=1M seek=2 oflag=direct status=none
 "$KEEL" backup create vol --target "$store" --json > "$work/incremental.json" 2>&1
 grep -q '"incremental" : true' "$work/incremental.json" || { cat "$work/incremental.json"; echo "not incremental"; exit 1; }
 grep -q "engine of vol stopped" "$work/incremental.json" || { cat "$work/incremental.json"; exit 1; }
-[ "$(state)" = detached ] && [ -z "$(engine_pid)" ]
+[ "$(state)" = detached ] || { echo "the job left the volume $(state)"; exit 1; }
+[ -z "$(engine_pid)" ] || { echo "the job left its engine running"; exit 1; }
 restored_matches "$work/both"
 
 step "attach while a detached backup runs: the attach takes its engine over, the backup goes on"

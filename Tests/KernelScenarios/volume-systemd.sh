@@ -96,13 +96,20 @@ timeout 60 "$KEEL" backup ls --target "file://$work/backups" vol
 journalctl -u "$backup_unit" --no-pager -o cat | grep -E "backup bk-|skipped|engine" | head -5
 [ "$(systemctl show -p Result --value "$backup_unit")" = success ] || { journalctl -u "$backup_unit" --no-pager | tail -20; exit 1; }
 [ "$(unit_state keel-engine@vol)" = disabled/inactive ] || { echo "the job left keel-engine@vol $(unit_state keel-engine@vol)"; exit 1; }
+"$KEEL" backup schedule vol --name nightly --target "file://$work/backups" --on-calendar '*-*-* 02:30' --keep 7
 timeout 60 "$KEEL" backup schedule rm vol --name quick
-[ ! -e "/etc/systemd/system/keel-backup:vol:quick.timer" ] && [ ! -e "/etc/systemd/system/$backup_unit" ]
-timeout 30 "$KEEL" backup schedule ls | grep -q "no backup schedule"
+[ ! -e "/etc/systemd/system/keel-backup:vol:quick.timer" ] || { echo "the timer's unit file stayed"; exit 1; }
+[ ! -e "/etc/systemd/system/$backup_unit" ] || { echo "the service's unit file stayed"; exit 1; }
+timeout 30 "$KEEL" backup schedule ls > "$work/schedules"
+cat "$work/schedules"
+grep -q "^vol  *nightly  *on \*-\*-\* 02:30" "$work/schedules" || { echo "schedule ls does not show nightly"; exit 1; }
+if grep -q quick "$work/schedules"; then echo "schedule quick is still listed"; exit 1; fi
 
-step "keel volume rm: the replica units and their data go"
+step "keel volume rm: the replica units, their data and the volume's backup schedules go"
 "$KEEL" volume rm vol
+timeout 30 "$KEEL" backup schedule ls | grep -q "no backup schedule" || { echo "the volume's schedule outlived it"; exit 1; }
+[ ! -e "/etc/systemd/system/keel-backup:vol:nightly.timer" ]
 for r in vol-r0 vol-r1; do [ "$(unit_state keel-replica@$r)" = disabled/inactive ] || { echo "keel-replica@$r: $(unit_state keel-replica@$r)"; exit 1; }; done
-[ ! -e /etc/keel/replica-vol-r0.env ] && [ ! -e /var/lib/keel/replicas/vol ]
+[ ! -e /etc/keel/replica-vol-r0.env ] && [ ! -e /var/lib/keel/replicas/vol ] || { echo "rm left the replicas' files"; exit 1; }
 umount /var/lib/keel
 echo "keel volume under systemd: complete"
