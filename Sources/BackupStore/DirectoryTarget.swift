@@ -15,6 +15,8 @@ public final class DirectoryTarget: BackupTarget, @unchecked Sendable {
     private let lock = NSLock()
     private var unsyncedDirectories: Set<String> = []
     private var deferred: [(temporary: String, key: String)] = []
+    /// The file system refused O_DIRECT once (tmpfs): not asked again.
+    private var directRefused = false
     /// 64 blocks of 2 MiB: the dirty data one syncfs flushes.
     static let deferredBatch = 64
 
@@ -74,7 +76,7 @@ public final class DirectoryTarget: BackupTarget, @unchecked Sendable {
     }
 
     public func putDeferred(_ key: String, _ bytes: [UInt8]) throws {
-        let temporary = try writeTemporaryDirect(key, bytes) ?? writeTemporary(key, bytes, sync: false)
+        let temporary = try writeTemporary(key, bytes, sync: false, direct: true)
         let full = lock.withLock {
             deferred.append((temporary, key))
             return deferred.count >= Self.deferredBatch
@@ -178,25 +180,26 @@ public final class DirectoryTarget: BackupTarget, @unchecked Sendable {
         return removed
     }
 
-    private func writeTemporary(_ key: String, _ bytes: [UInt8], sync: Bool = true) throws -> String {
+    /// Writes the object under a temporary name in its directory and returns that name. With `direct`,
+    /// through O_DIRECT from an aligned buffer of a pool (padded to 4 KiB, then truncated): no copy
+    /// into the page cache, whose fresh pages cost dearly here; where the file system refuses
+    /// O_DIRECT (tmpfs), through the page cache from then on.
+    private func writeTemporary(_ key: String, _ bytes: [UInt8], sync: Bool = true, direct: Bool = false) throws -> String {
         let directory = directory(of: key)
         try createDirectories(directory)
         let temporary = directory + "/.tmp-\(UInt64.random(in: 0 ... .max))"
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw systemError("create a file in \(directory)") }
-        var done = 0
-        let result: Int32 = bytes.withUnsafeBytes { buffer in
-            while done < buffer.count {
-                let count = write(fd, buffer.baseAddress! + done, buffer.count - done)
-                if count < 0 {
-                    if errno == EINTR { continue }
-                    return -1
-                }
-                done += count
-            }
-            return sync ? fsync(fd) : 0
+        let flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC
+        var direct = direct && lock.withLock { !directRefused }
+        var fd = open(temporary, flags | (direct ? keel_o_direct : 0), 0o644)
+        if fd < 0 && direct && errno == EINVAL {
+            unlink(temporary)  // made before O_DIRECT was refused
+            lock.withLock { directRefused = true }
+            direct = false
+            fd = open(temporary, flags, 0o644)
         }
-        let failure = result == 0 ? nil : systemError("write \(key)")
+        guard fd >= 0 else { throw systemError("create a file in \(directory)") }
+        let written = (direct ? writeAligned(fd, bytes) : bytes.withUnsafeBytes { writeAll(fd, $0) }) && (!sync || fsync(fd) == 0)
+        let failure = written ? nil : systemError("write \(key)")
         close(fd)
         if let failure {
             unlink(temporary)
@@ -205,37 +208,24 @@ public final class DirectoryTarget: BackupTarget, @unchecked Sendable {
         return temporary
     }
 
-    /// Written with O_DIRECT from an aligned buffer of a pool (padded to 4 KiB, then truncated):
-    /// no copy into the page cache, whose fresh pages cost dearly here. Nil where the file system
-    /// refuses O_DIRECT (tmpfs): the caller writes through the page cache.
-    private func writeTemporaryDirect(_ key: String, _ bytes: [UInt8]) throws -> String? {
-        let directory = directory(of: key)
-        try createDirectories(directory)
-        let temporary = directory + "/.tmp-\(UInt64.random(in: 0 ... .max))"
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | keel_o_direct, 0o644)
-        if fd < 0 && errno == EINVAL { return nil }
-        guard fd >= 0 else { throw systemError("create a file in \(directory)") }
+    private func writeAligned(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
         let padded = (bytes.count + 4095) / 4096 * 4096
         let buffer = alignedBuffers.take(capacity: padded)
         defer { alignedBuffers.give(buffer) }
         bytes.withUnsafeBytes { buffer.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
         (buffer.baseAddress! + bytes.count).initializeMemory(as: UInt8.self, repeating: 0, count: padded - bytes.count)
+        return writeAll(fd, UnsafeRawBufferPointer(rebasing: buffer[0 ..< padded])) && ftruncate(fd, off_t(bytes.count)) == 0
+    }
+
+    private func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Bool {
         var done = 0
-        var failed = false
-        while done < padded {
-            let count = pwrite(fd, buffer.baseAddress! + done, padded - done, off_t(done))
+        while done < bytes.count {
+            let count = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(done))
             if count < 0 && errno == EINTR { continue }
-            guard count > 0 else { failed = true; break }
+            guard count > 0 else { return false }
             done += count
         }
-        if !failed && ftruncate(fd, off_t(bytes.count)) != 0 { failed = true }
-        let failure = failed ? systemError("write \(key)") : nil
-        close(fd)
-        if let failure {
-            unlink(temporary)
-            throw failure
-        }
-        return temporary
+        return true
     }
 
     private let alignedBuffers = AlignedBufferPool()

@@ -37,6 +37,8 @@ import Testing
         try target.makeDurable()
         for (key, bytes) in objects { #expect(try target.get(key) == bytes, "\(key)") }
         #expect(try target.list("blocks/").count == objects.count, "no temporary file is listed")
+        let left = (FileManager.default.enumerator(atPath: root)?.allObjects as? [String] ?? []).filter { $0.contains(".tmp-") }
+        #expect(left.isEmpty, "no temporary file is left (tmpfs makes the file before it refuses O_DIRECT): \(left)")
     }
 
     @Test func sha256NamesMatchThePublishedVector() {
