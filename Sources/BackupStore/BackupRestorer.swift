@@ -22,7 +22,7 @@ public struct RestoreReport: Sendable {
 public struct BackupRestorer {
     public var store: BackupStore
     public var id: String
-    public var parallel = 4
+    public var parallel = 8
     /// What the destination holds already (a new volume: nothing; a volume restored from an older
     /// backup of the chain: that backup's map): only blocks that differ are written, and only blocks
     /// it holds are zeroed. Nil for an NBD export of unknown content: every block written or zeroed.
@@ -49,38 +49,36 @@ public struct BackupRestorer {
 
         let writers = try openWriters(destination, size: map.size, count: max(1, min(parallel, toWrite.count)))
         let shared = SharedTransfer(total: toWrite.reduce(0) { $0 + UInt64(map.length(of: $1.index)) })
-        let group = DispatchGroup()
-        for writer in writers {
-            DispatchQueue.global().async(group: group) {
-                // Two buffers: the next block is fetched and checked while the last one's write is in flight.
-                let buffers = (0 ..< 2).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: map.blockSize, alignment: 4096) }
-                var inFlight: (cookies: [Int64], length: Int)?
-                defer {
-                    // Freed only once nothing in flight reads them (after a failure they are left, not freed under libnbd).
-                    if inFlight.map({ (try? writer.wait($0.cookies)) != nil }) ?? true { buffers.forEach { $0.deallocate() } }
-                }
-                do {
-                    var slot = 0
-                    while let entry = shared.next(of: toWrite) {
-                        let length = map.length(of: entry.index)
-                        let buffer = UnsafeMutableRawBufferPointer(rebasing: buffers[slot][0 ..< length])
-                        try store.block(entry.hash, into: buffer)
-                        let cookies = try writer.start(UnsafeRawBufferPointer(buffer), at: UInt64(entry.index) * UInt64(map.blockSize))
-                        if let previous = inFlight {
-                            try writer.wait(previous.cookies)
-                            shared.add(read: UInt64(previous.length))
-                        }
-                        inFlight = (cookies, length)
-                        slot ^= 1
+        let group = WorkerThreads(count: writers.count) { worker in
+            let writer = writers[worker]
+            // Two buffers: the next block is fetched and checked while the last one's write is in flight.
+            let buffers = (0 ..< 2).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: map.blockSize, alignment: 4096) }
+            var inFlight: (cookies: [Int64], length: Int)?
+            defer {
+                // Freed only once nothing in flight reads them (after a failure they are left, not freed under libnbd).
+                if inFlight.map({ (try? writer.wait($0.cookies)) != nil }) ?? true { buffers.forEach { $0.deallocate() } }
+            }
+            do {
+                var slot = 0
+                while let entry = shared.next(of: toWrite) {
+                    let length = map.length(of: entry.index)
+                    let buffer = UnsafeMutableRawBufferPointer(rebasing: buffers[slot][0 ..< length])
+                    try store.block(entry.hash, into: buffer)
+                    let cookies = try writer.start(UnsafeRawBufferPointer(buffer), at: UInt64(entry.index) * UInt64(map.blockSize))
+                    if let previous = inFlight {
+                        try writer.wait(previous.cookies)
+                        shared.add(read: UInt64(previous.length))
                     }
-                    if let last = inFlight {
-                        try writer.wait(last.cookies)
-                        shared.add(read: UInt64(last.length))
-                        inFlight = nil
-                    }
-                } catch {
-                    shared.fail(error)
+                    inFlight = (cookies, length)
+                    slot ^= 1
                 }
+                if let last = inFlight {
+                    try writer.wait(last.cookies)
+                    shared.add(read: UInt64(last.length))
+                    inFlight = nil
+                }
+            } catch {
+                shared.fail(error)
             }
         }
         while group.wait(timeout: .now() + .milliseconds(500)) == .timedOut { progress(shared.progress) }

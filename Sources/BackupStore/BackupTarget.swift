@@ -26,11 +26,14 @@ public protocol BackupTarget: AnyObject, Sendable {
     func abortStaleUploads(olderThan age: TimeInterval) throws -> Int
     /// Writes a whole object that becomes visible, durable, by the next `makeDurable` at the latest
     /// (never visible before it is durable), so that a target can make many durable at once.
-    func putDeferred(_ key: String, _ bytes: [UInt8]) throws
+    /// (The bytes are the caller's buffer, reused once the call returns.)
+    func putDeferred(_ key: String, _ bytes: UnsafeRawBufferPointer) throws
 }
 
 extension BackupTarget {
-    public func putDeferred(_ key: String, _ bytes: [UInt8]) throws { try put(key, bytes) }
+    public func putDeferred(_ key: String, _ bytes: UnsafeRawBufferPointer) throws { try put(key, Array(bytes)) }
+
+    public func putDeferred(_ key: String, _ bytes: [UInt8]) throws { try bytes.withUnsafeBytes { try putDeferred(key, $0) } }
 }
 
 public struct BackupTargetError: Error, CustomStringConvertible {

@@ -45,14 +45,38 @@ public enum BlockCodec {
     static let transferPiece = 256 << 10
 
     public static func compress(_ bytes: UnsafeRawBufferPointer) throws -> [UInt8] {
-        let bound = ZSTD_compressBound(bytes.count)
-        var result = 0
+        let bound = compressBound(bytes.count)
+        var failure: Error?
         let output = [UInt8](unsafeUninitializedCapacity: bound) { out, count in
-            result = ZSTD_compress(out.baseAddress, bound, bytes.baseAddress, bytes.count, level)
-            count = ZSTD_isError(result) == 0 ? result : 0
+            do { count = try Compressor().compress(bytes, into: UnsafeMutableRawBufferPointer(out)) } catch {
+                failure = error
+                count = 0
+            }
         }
-        guard ZSTD_isError(result) == 0 else { throw BlockCodecError(description: "zstd: " + String(cString: ZSTD_getErrorName(result))) }
+        if let failure { throw failure }
         return output
+    }
+
+    public static func compressBound(_ count: Int) -> Int { ZSTD_compressBound(count) }
+
+    /// A zstd context kept for many blocks: each new one allocates and clears its tables.
+    public final class Compressor {
+        private let context: OpaquePointer
+
+        public init() {
+            guard let context = ZSTD_createCCtx() else { fatalError("zstd: no memory for a compression context") }
+            self.context = context
+        }
+
+        deinit { ZSTD_freeCCtx(context) }
+
+        /// Compresses into `output` (at least `compressBound(bytes.count)` bytes) and returns the compressed length.
+        public func compress(_ bytes: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) throws -> Int {
+            precondition(output.count >= compressBound(bytes.count), "zstd needs room for its worst case")
+            let result = ZSTD_compressCCtx(context, output.baseAddress, output.count, bytes.baseAddress, bytes.count, level)
+            guard ZSTD_isError(result) == 0 else { throw BlockCodecError(description: "zstd: " + String(cString: ZSTD_getErrorName(result))) }
+            return result
+        }
     }
 
     /// Decompresses a block that must be exactly `size` bytes.

@@ -39,21 +39,17 @@ struct MultipartUpload: Sendable {
     func sendParts(_ bytes: [UInt8], partSize: Int, parallel: Int) throws -> [String] {
         let numbers = Array(1 ... (bytes.count + partSize - 1) / partSize)
         let tags = PartTags(count: numbers.count)
-        let group = DispatchGroup()
-        for _ in 0 ..< min(parallel, numbers.count) {
-            DispatchQueue.global().async(group: group) {
-                do {
-                    while let number = tags.next(of: numbers) {
-                        let start = (number - 1) * partSize
-                        let part = Array(bytes[start ..< min(start + partSize, bytes.count)])
-                        tags.record(number, try send(part: number, of: numbers.count, part))
-                    }
-                } catch {
-                    tags.fail(error)
+        WorkerThreads(count: min(parallel, numbers.count)) { _ in
+            do {
+                while let number = tags.next(of: numbers) {
+                    let start = (number - 1) * partSize
+                    let part = Array(bytes[start ..< min(start + partSize, bytes.count)])
+                    tags.record(number, try send(part: number, of: numbers.count, part))
                 }
+            } catch {
+                tags.fail(error)
             }
-        }
-        group.wait()
+        }.wait()
         return try tags.all()
     }
 

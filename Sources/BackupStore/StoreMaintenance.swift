@@ -40,26 +40,23 @@ extension BackupStore {
         report.blocksChecked = hashes.count
         let shared = SharedTransfer(total: 0)
         let findings = Findings()
-        let group = DispatchGroup()
-        for _ in 0 ..< max(1, min(parallel, hashes.count)) {
-            DispatchQueue.global().async(group: group) {
-                do {
-                    while let hash = shared.next(of: hashes) {
-                        if quick {
-                            if try !self.target.exists(StoreKey.block(hash)) { findings.add(missing: hash) }
-                            continue
-                        }
-                        guard let stored = try self.target.get(StoreKey.block(hash)) else {
-                            findings.add(missing: hash)
-                            continue
-                        }
-                        let sound = (try? BlockCodec.decompress(stored, size: lengths[hash]!))
-                            .map { bytes in bytes.withUnsafeBytes { BlockHash(of: $0) } == hash } ?? false
-                        if !sound { findings.add(corrupt: hash) }
+        let group = WorkerThreads(count: max(1, min(parallel, hashes.count))) { _ in
+            do {
+                while let hash = shared.next(of: hashes) {
+                    if quick {
+                        if try !self.target.exists(StoreKey.block(hash)) { findings.add(missing: hash) }
+                        continue
                     }
-                } catch {
-                    shared.fail(error)
+                    guard let stored = try self.target.get(StoreKey.block(hash)) else {
+                        findings.add(missing: hash)
+                        continue
+                    }
+                    let sound = (try? BlockCodec.decompress(stored, size: lengths[hash]!))
+                        .map { bytes in bytes.withUnsafeBytes { BlockHash(of: $0) } == hash } ?? false
+                    if !sound { findings.add(corrupt: hash) }
                 }
+            } catch {
+                shared.fail(error)
             }
         }
         group.wait()

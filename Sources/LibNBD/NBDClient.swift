@@ -208,11 +208,7 @@ public final class NBDClient {
         var failure: Error?
         let bytes = [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
             do {
-                let cookies = try stride(from: 0, to: count, by: piece).map { start in
-                    try startRead(UnsafeMutableRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(buffer)[start ..< min(start + piece, count)]),
-                                  at: offset + UInt64(start))
-                }
-                try waitForAll(cookies)
+                try readInPieces(into: UnsafeMutableRawBufferPointer(buffer), at: offset, piece: piece)
                 initialized = count
             } catch {
                 failure = error
@@ -221,6 +217,14 @@ public final class NBDClient {
         }
         if let failure { throw failure }
         return bytes
+    }
+
+    /// Fills `buffer` from `offset` (see `readInPieces(count:at:piece:)`).
+    public func readInPieces(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, piece: Int) throws {
+        let cookies = try stride(from: 0, to: buffer.count, by: piece).map { start in
+            try startRead(UnsafeMutableRawBufferPointer(rebasing: buffer[start ..< min(start + piece, buffer.count)]), at: offset + UInt64(start))
+        }
+        try waitForAll(cookies)
     }
 
     /// Writes `bytes` as pieces of `piece` bytes all in flight at once (see `readInPieces`).

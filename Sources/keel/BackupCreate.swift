@@ -26,7 +26,7 @@ extension Backup {
         var snapshot: String?
 
         @Option(help: "Blocks read and stored at once.")
-        var parallel = 4
+        var parallel = 8
 
         @Option(help: "Seconds the whole backup may take, a detached volume's engine start included; past them it stops, removes its snapshot and fails.")
         var timeout: Double = 6 * 3600

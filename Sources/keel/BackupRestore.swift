@@ -37,7 +37,7 @@ extension Backup {
         var replicas = 3
 
         @Option(help: "Blocks fetched and written at once.")
-        var parallel = 4
+        var parallel = 8
 
         @Option(help: "Seconds to wait for the volume's engine to serve.")
         var timeout: Double = 120
