@@ -17,10 +17,10 @@ Each with MiB/s and the CPU-seconds per GiB of the client processes (keel backup
 nbdcopy with the export it reads).
 
 This host's page-cache writes cost what the hypervisor's first touch of memory costs, which
-varies run to run: each pair is measured --rounds times in turn (3 by default) and the medians
+varies run to run: each pair is measured --rounds times in turn (5 by default) and the medians
 are reported, with every round's figures.
 
-Usage: Bench/backups [--size 1G] [--dir DIR] [--no-s3] [--rounds 3] [--json FILE]
+Usage: Bench/backups [--size 1G] [--dir DIR] [--no-s3] [--rounds 5] [--json FILE]
 """
 import argparse, json, os, random, resource, shutil, subprocess, sys, time
 
@@ -85,7 +85,7 @@ def main():
     ap.add_argument("--dir", default=os.environ.get("KEEL_BENCH_DIR", "/var/tmp/keel-bench"))
     ap.add_argument("--no-s3", action="store_true", help="skip the S3 measures")
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--rounds", type=int, default=3, help="peer and keel measured in turn this many times; medians reported")
+    ap.add_argument("--rounds", type=int, default=5, help="peer and keel measured in turn this many times; medians reported")
     args = ap.parse_args()
     subprocess.run(["swift", "build", "-c", "release", "--product", "keel"], cwd=REPO, check=True)
     keel = os.path.join(REPO, ".build", "release", "keel")

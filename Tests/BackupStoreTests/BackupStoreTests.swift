@@ -18,6 +18,26 @@ import Testing
         #expect(throws: (any Error).self) { try BlockCodec.decompress(compressed, size: bytes.count - 1) }
     }
 
+    /// A block whose start does not compress is framed at zstd's fastest level: it still round-trips, and
+    /// what follows that start (zeros here) still shrinks; one that compresses from the start gets level 3.
+    @Test func incompressibleStartsTakeTheFastLevelAndStillRoundTrip() throws {
+        var random = Fixture.Random(seed: 3)
+        let noise = (0 ..< Self.blockSize).map { _ in UInt8(truncatingIfNeeded: random.next()) }
+        let compressor = BlockCodec.Compressor()
+        let output = UnsafeMutableRawBufferPointer.allocate(byteCount: BlockCodec.compressBound(Self.blockSize), alignment: 4096)
+        defer { output.deallocate() }
+        func roundTrip(_ bytes: [UInt8]) throws -> Int {
+            let count = try bytes.withUnsafeBytes { try compressor.compress($0, into: output) }
+            #expect(try BlockCodec.decompress(Array(output[0 ..< count]), size: bytes.count) == bytes)
+            return count
+        }
+        #expect(try roundTrip(noise) <= BlockCodec.compressBound(Self.blockSize))
+        let noisyStart = Array(noise[0 ..< 256 << 10]) + [UInt8](repeating: 0, count: Self.blockSize - (256 << 10))
+        #expect(try roundTrip(noisyStart) < 300 << 10)
+        let text = (0 ..< Self.blockSize).map { UInt8(ascii: "a") + UInt8($0 % 7) }
+        #expect(try roundTrip(text) < 4 << 10)
+    }
+
     /// Deferred puts: invisible until made durable, then whole; through O_DIRECT on a disk file
     /// system, through the page cache on tmpfs (which refuses O_DIRECT). Sizes not a multiple of 4 KiB.
     @Test(arguments: [FileManager.default.temporaryDirectory.path, "/dev/shm"])
