@@ -45,12 +45,12 @@ public struct ProcessRunner: DaemonRunner, Sendable {
             return
         }
         kill(pid, SIGTERM)
-        if waitUntilGone(daemon, seconds: daemon.stopTimeout) {
+        if waitUntilGone(daemon, pid: pid, seconds: daemon.stopTimeout) {
             unlink(pidPath(daemon))
             return
         }
         kill(pid, SIGKILL)
-        guard waitUntilGone(daemon, seconds: 5) else {
+        guard waitUntilGone(daemon, pid: pid, seconds: 5) else {
             throw DaemonError("the \(daemon.description) (pid \(pid)) did not stop, not even on SIGKILL")
         }
         unlink(pidPath(daemon))
@@ -60,7 +60,7 @@ public struct ProcessRunner: DaemonRunner, Sendable {
     public func killNow(_ daemon: Daemon) throws {
         guard let pid = runningPid(daemon) else { return }
         kill(pid, SIGKILL)
-        guard waitUntilGone(daemon, seconds: 10) else {
+        guard waitUntilGone(daemon, pid: pid, seconds: 10) else {
             throw DaemonError("the \(daemon.description) (pid \(pid)) did not stop on SIGKILL")
         }
     }
@@ -115,12 +115,33 @@ public struct ProcessRunner: DaemonRunner, Sendable {
         return waitpid(pid, &status, WNOHANG) == 0 || kill(pid, 0) == 0
     }
 
-    private func waitUntilGone(_ daemon: Daemon, seconds: Double) -> Bool {
+    private func waitUntilGone(_ daemon: Daemon, pid: pid_t, seconds: Double) -> Bool {
         for _ in 0..<Int(seconds * 20) {
-            if runningPid(daemon) == nil { return true }
+            if runningPid(daemon) == nil && hasExited(pid) { return true }
             usleep(50_000)
         }
-        return runningPid(daemon) == nil
+        return runningPid(daemon) == nil && hasExited(pid)
+    }
+
+    /// Gone, or only its zombie leader left: every thread has closed its files, sockets among them.
+    /// A process whose command line already reads empty may still be tearing its threads down, its
+    /// socket still listening (a restart then found "address in use").
+    private func hasExited(_ pid: pid_t) -> Bool {
+        var status: Int32 = 0
+        _ = waitpid(pid, &status, WNOHANG)
+        guard kill(pid, 0) == 0 else { return errno == ESRCH }
+        let state = readSmallFile("/proc/\(pid)/stat")?.split(separator: ")").last?.split(separator: " ").first
+        return state == "Z" && threadCount(pid) <= 1
+    }
+
+    private func threadCount(_ pid: pid_t) -> Int {
+        guard let directory = opendir("/proc/\(pid)/task") else { return 0 }
+        defer { closedir(directory) }
+        var count = 0
+        while let entry = readdir(directory) {
+            if entry.pointee.d_name.0 != UInt8(ascii: ".") { count += 1 }
+        }
+        return count
     }
 
     private func appendToLog(_ daemon: Daemon, _ line: String) throws {
