@@ -76,7 +76,7 @@ public final class DirectoryTarget: BackupTarget, @unchecked Sendable {
     }
 
     public func putDeferred(_ key: String, _ bytes: UnsafeRawBufferPointer) throws {
-        let temporary = try writeTemporary(key, bytes, sync: false, direct: ProcessInfo.processInfo.environment["KEEL_BUFFERED"] == nil)
+        let temporary = try writeTemporary(key, bytes, sync: false, direct: true)
         let full = lock.withLock {
             deferred.append((temporary, key))
             return deferred.count >= Self.deferredBatch
