@@ -7,10 +7,10 @@ import Glibc
 /// The node registry: the volumes this node created, in SQLite, each change
 /// durable before it returns. Every `keel` invocation opens its own.
 public final class Registry {
-    public static let schemaVersion: Int64 = 4
+    public static let schemaVersion: Int64 = 5
 
     public let layout: NodeLayout
-    private let database: Database
+    let database: Database
 
     public enum Failure: Error, CustomStringConvertible, Equatable {
         case cannotCreate(path: String, reason: String, denied: Bool)
@@ -65,6 +65,15 @@ public final class Registry {
                     ALTER TABLE volumes ADD COLUMN engine_port INTEGER NOT NULL DEFAULT 0;
                     ALTER TABLE replicas ADD COLUMN node TEXT;
                     \(Self.nodesTables)
+                    """)
+            }
+            if (1...4).contains(version) {
+                // Version 4 named a replica by its position, which a move changes: its slot keeps that name.
+                try database.execute("""
+                    ALTER TABLE replicas ADD COLUMN slot INTEGER NOT NULL DEFAULT 0;
+                    UPDATE replicas SET slot = position;
+                    ALTER TABLE replicas ADD COLUMN role TEXT NOT NULL DEFAULT 'member';
+                    \(Self.migrationsTable)
                     PRAGMA user_version = \(Self.schemaVersion);
                     """)
             }
@@ -85,10 +94,13 @@ public final class Registry {
                     address TEXT NOT NULL,
                     directory TEXT,
                     node TEXT,
+                    slot INTEGER NOT NULL DEFAULT 0,
+                    role TEXT NOT NULL DEFAULT 'member',
                     PRIMARY KEY (volume, position)
                 );
                 \(Self.snapshotsTable)
                 \(Self.nodesTables)
+                \(Self.migrationsTable)
                 PRAGMA user_version = \(Self.schemaVersion);
                 """)
         }
@@ -194,8 +206,11 @@ public final class Registry {
               let size = row[0].integer, let connections = row[1].integer, let runner = row[2].text,
               let createdAt = row[3].integer, let id = row[4].text else { return nil }
         let replicas = try database.query(
-            "SELECT address, directory, node FROM replicas WHERE volume = ? ORDER BY position", [.text(name)]
-        ).map { ReplicaRecord(address: $0[0].text ?? "", directory: $0[1].text, node: $0[2].text) }
+            "SELECT address, directory, node, slot, role FROM replicas WHERE volume = ? ORDER BY position", [.text(name)]
+        ).map {
+            ReplicaRecord(address: $0[0].text ?? "", directory: $0[1].text, node: $0[2].text, slot: Int($0[3].integer ?? 0),
+                          role: ReplicaRecord.Role(rawValue: $0[4].text ?? "") ?? .member)
+        }
         let engineNodes = try database.query(
             "SELECT node FROM engine_nodes WHERE volume = ? ORDER BY position", [.text(name)]).compactMap { $0[0].text }
         return VolumeRecord(name: name, id: id, size: UInt64(size), replicas: replicas, connections: Int(connections),
@@ -213,15 +228,29 @@ public final class Registry {
                 """, [.text(volume.name), .text(volume.id), .integer(Int64(volume.size)),
                       .integer(Int64(volume.connections)), .text(volume.runner.rawValue), .integer(volume.createdAt),
                       .integer(Int64(volume.enginePort))])
-            for (position, replica) in volume.replicas.enumerated() {
-                try database.query("INSERT INTO replicas (volume, position, address, directory, node) VALUES (?, ?, ?, ?, ?)",
-                                   [.text(volume.name), .integer(Int64(position)), .text(replica.address),
-                                    replica.directory.map { .text($0) } ?? .null, replica.node.map { .text($0) } ?? .null])
-            }
+            try insertReplicas(volume.replicas, of: volume.name)
             for (position, node) in volume.engineNodes.enumerated() {
                 try database.query("INSERT INTO engine_nodes (volume, position, node) VALUES (?, ?, ?)",
                                    [.text(volume.name), .integer(Int64(position)), .text(node)])
             }
+        }
+    }
+
+    /// Replaces the volume's replicas (a move adds and removes them).
+    public func setReplicas(_ replicas: [ReplicaRecord], of volume: String) throws {
+        try database.transaction {
+            try database.query("DELETE FROM replicas WHERE volume = ?", [.text(volume)])
+            try insertReplicas(replicas, of: volume)
+        }
+    }
+
+    private func insertReplicas(_ replicas: [ReplicaRecord], of volume: String) throws {
+        for (position, replica) in replicas.enumerated() {
+            try database.query("""
+                INSERT INTO replicas (volume, position, address, directory, node, slot, role) VALUES (?, ?, ?, ?, ?, ?, ?)
+                """, [.text(volume), .integer(Int64(position)), .text(replica.address),
+                      replica.directory.map { .text($0) } ?? .null, replica.node.map { .text($0) } ?? .null,
+                      .integer(Int64(replica.slot)), .text(replica.role.rawValue)])
         }
     }
 

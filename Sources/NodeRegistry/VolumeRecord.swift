@@ -17,6 +17,10 @@ public struct VolumeRecord: Equatable, Sendable {
     /// The TCP port the engine listens on when it runs on another node.
     public var enginePort: Int
 
+    /// The replicas an engine starts with: a move's joining ones are not members yet
+    /// (the move adds them through the engine, which rebuilds them).
+    public var engineReplicas: [ReplicaRecord] { replicas.filter { $0.role != .joining } }
+
     /// The engine runs on other nodes, failed over by the device frontend.
     public var enginePlacedElsewhere: Bool { !engineNodes.isEmpty }
 
@@ -57,13 +61,34 @@ public struct ReplicaRecord: Equatable, Sendable {
     public var address: String
     public var directory: String?
     public var node: String?
+    /// Its name on this node or on its agent's (`VOLUME-rSLOT`), kept for its life: the
+    /// replica list's order changes when a move adds and removes replicas.
+    public var slot: Int
+    public var role: Role
+
+    /// Where a replica stands in a move of the volume's replicas (`keel volume move`).
+    public enum Role: String, Sendable {
+        case member
+        /// Added by a move that has not finished: removed again if the move is cancelled or fails.
+        case joining
+        /// A joining replica the engine has made RW: a member of the volume now (an engine
+        /// started again must be given it), still removed if the move is cancelled or fails.
+        case joined
+        /// To be removed when the move finishes: kept if it is cancelled or fails.
+        case leaving
+    }
 
     public var isLocal: Bool { directory != nil }
 
-    public init(address: String, directory: String? = nil, node: String? = nil) {
+    /// Added by a move that has not finished (joining or joined): removed again if it is undone.
+    public var isNew: Bool { role == .joining || role == .joined }
+
+    public init(address: String, directory: String? = nil, node: String? = nil, slot: Int = 0, role: Role = .member) {
         self.address = address
         self.directory = directory
         self.node = node
+        self.slot = slot
+        self.role = role
     }
 }
 

@@ -36,18 +36,21 @@ public struct Node {
 
     /// The volume's replicas this node runs, with their data sockets.
     public func localReplicas(_ volume: VolumeRecord) -> [(daemon: Daemon, socket: String)] {
-        volume.replicas.enumerated().compactMap { index, replica in
-            guard let directory = replica.directory else { return nil }
-            let socket = layout.replicaSocket(volume: volume.name, index: index)
-            return (Daemon(kind: .replica, instance: layout.replicaName(volume: volume.name, index: index),
-                           arguments: ["--dir", directory, "--listen", "unix:" + socket, "--size", "\(volume.size)"]),
-                    socket)
-        }
+        volume.replicas.compactMap { localReplica($0, of: volume) }
+    }
+
+    /// The daemon of a replica this node runs, with its data socket; nil for one elsewhere.
+    public func localReplica(_ replica: ReplicaRecord, of volume: VolumeRecord) -> (daemon: Daemon, socket: String)? {
+        guard let directory = replica.directory else { return nil }
+        let socket = layout.replicaSocket(volume: volume.name, index: replica.slot)
+        return (Daemon(kind: .replica, instance: layout.replicaName(volume: volume.name, index: replica.slot),
+                       arguments: ["--dir", directory, "--listen", "unix:" + socket, "--size", "\(volume.size)"]),
+                socket)
     }
 
     public func engineDaemon(_ volume: VolumeRecord) -> Daemon {
         var arguments = ["--size", "\(volume.size)"]
-        for replica in volume.replicas { arguments += ["--replica", replica.address] }
+        for replica in volume.engineReplicas { arguments += ["--replica", replica.address] }
         arguments += ["--listen", "unix:" + layout.engineSocket(volume.name), "--control", engineControl(volume.name)]
         if !volume.id.isEmpty { arguments += ["--volume-id", volume.id] }
         return Daemon(kind: .engine, instance: volume.name, arguments: arguments)
@@ -60,7 +63,7 @@ public struct Node {
         if volume.enginePlacedElsewhere {
             for engineNode in engineNodes(volume) { arguments += ["--engine-node", engineNode.address] }
             arguments += ["--size", "\(volume.size)", "--engine-port", "\(volume.enginePort)"]
-            for replica in volume.replicas { arguments += ["--replica", replica.address] }
+            for replica in volume.engineReplicas { arguments += ["--replica", replica.address] }
             if !volume.id.isEmpty { arguments += ["--volume-id", volume.id] }
         } else {
             arguments += ["--engine", "unix:" + layout.engineSocket(volume.name), "--restart-engine",

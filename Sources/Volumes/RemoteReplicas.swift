@@ -16,18 +16,18 @@ public struct RemoteReplicas {
         if let first = placed.first { credentials.apply(for: first.agent.address) }
     }
 
-    /// The replicas an agent placed, with their index and their node.
+    /// The replicas an agent placed, with their slot and their node.
     public var placed: [(index: Int, replica: ReplicaRecord, agent: NodeRecord)] {
-        volume.replicas.enumerated().compactMap { index, replica in
+        volume.replicas.compactMap { replica in
             guard let name = replica.node, let agent = try? node.registry.node(named: name) else { return nil }
-            return (index, replica, agent)
+            return (replica.slot, replica, agent)
         }
     }
 
-    /// Has `agent` start replica `index` of the volume on a port it picks; returns its record.
-    public func place(index: Int, on agent: NodeRecord) throws -> ReplicaRecord {
-        let started = try start(index: index, port: 0, on: agent)
-        return ReplicaRecord(address: started, node: agent.name)
+    /// Has `agent` start the volume's replica in `slot` on a port it picks; returns its record.
+    public func place(slot: Int, on agent: NodeRecord, role: ReplicaRecord.Role = .member) throws -> ReplicaRecord {
+        let started = try start(index: slot, port: 0, on: agent)
+        return ReplicaRecord(address: started, node: agent.name, slot: slot, role: role)
     }
 
     /// Starts every placed replica that is not running, at its recorded address (after its node restarted, say).
@@ -40,9 +40,9 @@ public struct RemoteReplicas {
         }
     }
 
-    /// Stops every placed replica and deletes its data; the ones that could not be, with why.
-    public func remove() -> [String] {
-        placed.compactMap { index, replica, agent in
+    /// Stops every placed replica (or those `only` selects) and deletes its data; the ones that could not be, with why.
+    public func remove(only selected: (ReplicaRecord) -> Bool = { _ in true }) -> [String] {
+        placed.filter { selected($0.replica) }.compactMap { index, replica, agent in
             do {
                 _ = try callNode(agent.address, doing: "remove replica \(index) of \(volume.name)") {
                     try await $0.stopReplica(.with {

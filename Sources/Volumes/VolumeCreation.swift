@@ -86,20 +86,20 @@ extension Node {
         if spec.replicaAddresses.isEmpty {
             record.replicas = (0..<(spec.replicas - spec.replicaNodes.count)).map { index in
                 ReplicaRecord(address: "unix:" + layout.replicaSocket(volume: spec.name, index: index),
-                              directory: layout.replicaDirectory(volume: spec.name, index: index))
+                              directory: layout.replicaDirectory(volume: spec.name, index: index), slot: index)
             }
         } else {
-            record.replicas = try spec.replicaAddresses.map { text in
+            record.replicas = try spec.replicaAddresses.enumerated().map { slot, text in
                 let address = try parseListenAddress(text, option: "--replica")
                 try checkServedReplica(address, size: spec.size)
-                return ReplicaRecord(address: "\(address)")
+                return ReplicaRecord(address: "\(address)", slot: slot)
             }
         }
         do {
             try startReplicas(record)
             for agent in replicaAgents {
                 record.replicas.append(try RemoteReplicas(volume: record, node: self, credentials: credentials)
-                    .place(index: record.replicas.count, on: agent))
+                    .place(slot: record.replicas.count, on: agent))
             }
             try registry.add(record)
         } catch {
@@ -141,7 +141,7 @@ extension Node {
     }
 
     /// A replica given by address must already serve, with the volume's size.
-    private func checkServedReplica(_ address: Syscalls.SocketAddress, size: UInt64) throws {
+    func checkServedReplica(_ address: Syscalls.SocketAddress, size: UInt64) throws {
         let control = defaultControlAddress(forData: address)
         let status: Keel_Control_V1_ReplicaStatus
         do { status = try replicaStatus(control) } catch {

@@ -11,8 +11,8 @@ import Glibc
         return String(cString: mkdtemp(&template))
     }()
 
-    func volume(_ name: String, replicas: [ReplicaRecord] = [ReplicaRecord(address: "unix:/r0.sock", directory: "/d/r0"),
-                                                            ReplicaRecord(address: "10.0.0.2:7001")]) -> VolumeRecord {
+    func volume(_ name: String, replicas: [ReplicaRecord] = [ReplicaRecord(address: "unix:/r0.sock", directory: "/d/r0", slot: 0),
+                                                            ReplicaRecord(address: "10.0.0.2:7001", slot: 1)]) -> VolumeRecord {
         VolumeRecord(name: name, size: 1 << 30, replicas: replicas, connections: 2, runner: .keel, createdAt: 1_700_000_000)
     }
 
@@ -72,8 +72,9 @@ import Glibc
         try Registry(layout: layout).add(volume("old"))
         let database = try Database(path: layout.registryPath, create: false)
         try database.execute("""
-            DROP TABLE engine_nodes; DROP TABLE nodes;
+            DROP TABLE engine_nodes; DROP TABLE nodes; DROP TABLE migrations;
             ALTER TABLE volumes DROP COLUMN engine_port; ALTER TABLE replicas DROP COLUMN node;
+            ALTER TABLE replicas DROP COLUMN slot; ALTER TABLE replicas DROP COLUMN role;
             PRAGMA user_version = 3;
             """)
         let registry = try Registry(layout: layout)
@@ -81,6 +82,49 @@ import Glibc
         #expect(try registry.volume(named: "old")?.enginePlacedElsewhere == false)
         try registry.add(NodeRecord(name: "b", address: "h:1", addedAt: 1))
         #expect(try registry.nodes().map(\.name) == ["b"])
+    }
+
+    /// A registry written before moves existed names each replica by its position: that becomes its slot.
+    @Test func aVersion4RegistryKeepsItsReplicasNamesAsSlots() throws {
+        let layout = NodeLayout(stateDirectory: directory)
+        try Registry(layout: layout).add(volume("old"))
+        let database = try Database(path: layout.registryPath, create: false)
+        try database.execute("""
+            DROP TABLE migrations; ALTER TABLE replicas DROP COLUMN slot; ALTER TABLE replicas DROP COLUMN role;
+            PRAGMA user_version = 4;
+            """)
+        let registry = try Registry(layout: layout)
+        #expect(try registry.volume(named: "old")?.replicas.map(\.slot) == [0, 1])
+        #expect(try registry.volume(named: "old")?.replicas.map(\.role) == [.member, .member])
+        #expect(try registry.migration(of: "old") == nil)
+    }
+
+    @Test func aMoveRewritesTheReplicasAndItsRecordKeepsACancelAsked() throws {
+        let registry = try Registry(layout: NodeLayout(stateDirectory: directory))
+        try registry.add(volume("v"))
+        let moved = [ReplicaRecord(address: "10.0.0.2:7001", slot: 1, role: .leaving),
+                     ReplicaRecord(address: "10.0.0.3:7001", node: "c", slot: 2, role: .joining)]
+        try registry.setReplicas(moved, of: "v")
+        #expect(try registry.volume(named: "v")?.replicas == moved)
+        #expect(try registry.volume(named: "v")?.engineReplicas.map(\.slot) == [1])
+
+        var record = MigrationRecord(volume: "v", kind: "replicas", status: .migratingAttachable, phase: "adding",
+                                     target: "node c", bytesTotal: 100, startedAt: 10, updatedAt: 10, pid: 42)
+        try registry.setMigration(record)
+        #expect(try registry.requestCancel(of: "v"))
+        record.bytesDone = 50
+        try registry.setMigration(record)
+        #expect(try registry.migration(of: "v")?.cancelRequested == true, "a progress update keeps the cancel")
+        #expect(try registry.migration(of: "v")?.percent == 50)
+        record.status = .error
+        try registry.setMigration(record)
+        #expect(try !registry.requestCancel(of: "v"), "nothing runs to cancel")
+        record.status = .migratingAttachable
+        record.startedAt = 20
+        try registry.setMigration(record)
+        #expect(try registry.migration(of: "v")?.cancelRequested == false, "a new move starts without the old cancel")
+        try registry.remove(named: "v")
+        #expect(try registry.migration(of: "v") == nil)
     }
 
     @Test func removingForgetsTheReplicasToo() throws {
