@@ -20,6 +20,13 @@ public enum TerminationSignals {
         signal(SIGPIPE, SIG_IGN)
     }
 
+    /// True once SIGINT or SIGTERM has arrived (blocked, so pending): for work that polls.
+    public static var arePending: Bool {
+        var pending = sigset_t()
+        sigpending(&pending)
+        return sigismember(&pending, SIGINT) == 1 || sigismember(&pending, SIGTERM) == 1
+    }
+
     /// Blocks until SIGINT or SIGTERM arrives; returns the signal number.
     public static func wait() -> Int32 {
         var mask = set()

@@ -32,6 +32,9 @@ extension Node {
         let runner = self.runner(volume.runner)
         let before = self.attachment(volume)
         let localEngine = !volume.enginePlacedElsewhere
+        // A move of its replicas goes on through the engine; the move stops it at its end.
+        let moving = localEngine && before.engineRunning && (try? runningMigration(of: name)) != nil
+        let keepEngine = keepEngine || moving
         for daemon in [frontendDaemon(volume)] + (keepEngine || !localEngine ? [] : [engineDaemon(volume)]) {
             do { try runner.stop(daemon) } catch {
                 throw KeelError("cannot stop the \(daemon.description): \(error)")
@@ -47,7 +50,8 @@ extension Node {
         if !localEngine && !keepEngine {
             unstopped = RemoteEngines(volume: volume, node: self, credentials: credentials).stop()
         }
-        var was = before.device.map { "detached \($0)" + (keepEngine ? ", engine running" : "") }
+        let engineNote = moving ? ", engine running until the move of its replicas ends" : keepEngine ? ", engine running" : ""
+        var was = before.device.map { "detached \($0)" + engineNote }
             ?? (before.engineRunning && !keepEngine ? "engine stopped" : "was not attached")
         if !unstopped.isEmpty {
             was += "; could not ask every engine node to stop the engine (" + unstopped.joined(separator: "; ")

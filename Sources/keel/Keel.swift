@@ -10,7 +10,7 @@ struct Keel: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "keel",
         abstract: "Replicated block storage served over NBD.",
-        subcommands: [Volume.self, Snapshot.self, Backup.self, Export.self, Replica.self, EngineCommand.self, FrontendCommand.self, NodeCommand.self, Status.self,
+        subcommands: [Volume.self, Migrate.self, Snapshot.self, Backup.self, Export.self, Replica.self, EngineCommand.self, FrontendCommand.self, NodeCommand.self, Status.self,
                       CA.self, Cert.self])
 
     /// Every failure ends in one line on stderr and a non-zero exit.

@@ -11,7 +11,7 @@ struct Volume: ParsableCommand {
             are units (keel-replica@, keel-engine@; install them with scripts/install), otherwise keel \
             runs them itself as processes tracked by pid files.
             """,
-        subcommands: [Create.self, List.self, Show.self, Attach.self, Detach.self, Remove.self])
+        subcommands: [Create.self, List.self, Show.self, Attach.self, Detach.self, Move.self, Remove.self])
 
     struct Create: ParsableCommand {
         static let configuration = CommandConfiguration(

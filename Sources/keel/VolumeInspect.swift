@@ -9,6 +9,9 @@ struct VolumeReport {
     let record: VolumeRecord
     let attachment: Node.Attachment
     let replicasRunning: [Bool?]
+    let migration: MigrationRecord?
+    /// Recorded as running, its process gone.
+    let migrationInterrupted: Bool
 
     init(_ record: VolumeRecord, node: Node) {
         self.record = record
@@ -16,6 +19,17 @@ struct VolumeReport {
         let runner = node.runner(record.runner)
         var daemons = node.localReplicas(record).map(\.daemon).makeIterator()
         replicasRunning = record.replicas.map { $0.isLocal ? daemons.next().map(runner.isRunning) : nil }
+        migration = try? node.registry.migration(of: record.name)
+        migrationInterrupted = migration.map { $0.status.isRunning && !node.isAlive($0) } ?? false
+    }
+
+    var migrationStatus: MigrationRecord.Status { migration?.status ?? .none }
+
+    /// For `ls`: "migrating_attachable 40%", "success", "none".
+    var migrationSummary: String {
+        guard let migration else { return "none" }
+        if migrationInterrupted { return "\(migration.status.rawValue) (interrupted)" }
+        return migration.status.isRunning ? "\(migration.status.rawValue) \(migration.percent)%" : migration.status.rawValue
     }
 
     var json: [String: Any] {
@@ -26,8 +40,10 @@ struct VolumeReport {
             "engine_running": attachment.engineRunning, "frontend_running": attachment.frontendRunning,
             "replicas": zip(record.replicas, replicasRunning).map { replica, running in
                 ["address": replica.address, "local": replica.isLocal, "directory": replica.directory ?? NSNull(),
-                 "node": replica.node ?? NSNull(), "running": running ?? NSNull()] as [String: Any]
+                 "node": replica.node ?? NSNull(), "running": running ?? NSNull(), "role": replica.role.rawValue] as [String: Any]
             },
+            "migration_status": migrationStatus.rawValue,
+            "migration": migration.map { MigrationProgress.object($0, interrupted: migrationInterrupted) } ?? NSNull(),
             "engine_nodes": record.engineNodes,
             "engine_port": record.enginePlacedElsewhere ? record.enginePort : NSNull(),
             "frontend": attachment.frontend?.json ?? NSNull(),
@@ -42,21 +58,31 @@ extension Volume {
         @Flag(help: "Print JSON.")
         var json = false
 
+        @Option(help: ArgumentHelp("Only the volumes whose migration has this status: none, migrating, migrating_attachable, success, error.", valueName: "status"))
+        var migrationStatus: MigrationRecord.Status?
+
         @OptionGroup var node: NodeOptions
 
         func run() throws {
             let node = try Node(self.node)
             let reports = try node.registry.volumes().map { VolumeReport($0, node: node) }
+                .filter { migrationStatus == nil || $0.migrationStatus == migrationStatus }
             if json { return try printJSON(reports.map(\.json)) }
             guard !reports.isEmpty else {
+                if let migrationStatus { return print("no volume on this node has migration_status \(migrationStatus.rawValue)") }
                 return print("no volumes on this node; create one with 'keel volume create NAME --size SIZE'")
             }
             let width = max(6, reports.map(\.record.name.count).max() ?? 0)
-            print("NAME".padding(toLength: width, withPad: " ", startingAt: 0) + "  SIZE       REPLICAS  STATE")
+            let migrationWidth = max(9, reports.map(\.migrationSummary.count).max() ?? 0)
+            print("NAME".padding(toLength: width, withPad: " ", startingAt: 0) + "  SIZE       REPLICAS  "
+                + "MIGRATION".padding(toLength: migrationWidth, withPad: " ", startingAt: 0) + "  STATE")
             for report in reports {
+                // One row per volume, counting its replicas as they were before a move that runs.
+                let replicas = report.record.replicas.filter { !$0.isNew }.count
                 print(report.record.name.padding(toLength: width, withPad: " ", startingAt: 0)
                     + "  " + humanSize(report.record.size).padding(toLength: 9, withPad: " ", startingAt: 0)
-                    + "  " + "\(report.record.replicas.count)".padding(toLength: 8, withPad: " ", startingAt: 0)
+                    + "  " + "\(replicas)".padding(toLength: 8, withPad: " ", startingAt: 0)
+                    + "  " + report.migrationSummary.padding(toLength: migrationWidth, withPad: " ", startingAt: 0)
                     + "  " + report.attachment.summary)
             }
         }
@@ -99,9 +125,11 @@ extension Volume {
                 let mode = engine?.replicas.first(where: { $0.address == replica.address })?.mode
                 let where_ = replica.directory.map { "local, \($0)" } ?? replica.node.map { "on node \($0)" } ?? "remote"
                 let state = running.map { $0 ? "running" : "stopped" }
-                print("  replica \(replica.address)  (\([where_, state, mode].compactMap { $0 }.joined(separator: ", ")))")
+                let role = replica.role == .member ? nil : "\(replica.role.rawValue) (move)"
+                print("  replica \(replica.address)  (\([where_, state, mode, role].compactMap { $0 }.joined(separator: ", ")))")
             }
             if let engine { print("  engine: \(Status.health(engine)), epoch \(engine.epoch)") }
+            if report.migration != nil { print("  migration: \(report.migrationSummary), see 'keel migrate status \(record.name)'") }
         }
     }
 }
