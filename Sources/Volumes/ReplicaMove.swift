@@ -248,6 +248,7 @@ public final class ReplicaMove {
             runner.forget(daemon)
             try? FileManager.default.removeItem(atPath: directory)
         }
+        rmdir(node.layout.volumeDataDirectory(volume.name))  // the volume's last replica here: its directory goes too
         let slots = Set(replicas.map(\.slot))
         let failures = RemoteReplicas(volume: volume, node: node, credentials: credentials).remove { slots.contains($0.slot) }
         if !failures.isEmpty { record.error = "could not remove " + failures.joined(separator: "; ") }

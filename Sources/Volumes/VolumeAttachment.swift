@@ -21,6 +21,40 @@ extension Node {
                                     credentials: credentials).run()
     }
 
+    /// Starts the volume's replicas and its engine with no device frontend (user-space
+    /// clients such as qemu, fio's nbd engine or nbdcopy use its socket); returns its NBD URI.
+    /// An engine already running is left as it is.
+    public func startEngineOnly(_ name: String, force: Bool = false, timeout: Double = 120,
+                                credentials: ControlCredentials) throws -> String {
+        let held = try lock(name)
+        defer { held.unlock() }
+        let volume = try self.volume(name)
+        guard !volume.enginePlacedElsewhere else {
+            throw KeelError("volume \(name) runs its engine on engine nodes (\(volume.engineNodes.joined(separator: ", "))); "
+                + "--no-device starts an engine on this host only")
+        }
+        let uri = "nbd+unix:///\(name)?socket=\(layout.engineSocket(name))"
+        let attachment = self.attachment(volume)
+        if attachment.engineRunning { return uri }
+        if attachment.frontendRunning {
+            throw KeelError("volume \(name) is attached and its frontend is restarting its engine; try again in a moment")
+        }
+        try startReplicas(volume)
+        try RemoteReplicas(volume: volume, node: self, credentials: credentials).start()
+        if !force { try checkNoLiveEngine(volume) }
+        let runner = self.runner(volume.runner)
+        let engine = engineDaemon(volume)
+        do { try runner.start(engine) } catch {
+            try? runner.stop(engine)
+            throw KeelError("cannot start the engine of \(name): \(runner.lastFailure(engine) ?? "\(error)")")
+        }
+        do { try waitForEngine(of: name, engine, runner: runner, before: Date().addingTimeInterval(timeout), timeout: timeout) } catch {
+            try? runner.stop(engine)
+            throw error
+        }
+        return uri
+    }
+
     /// Detaches the volume: its frontend drains the device's I/O and detaches
     /// it, and its engine stops (here, or through its engine nodes' agents)
     /// unless `keepEngine`. Returns the device it had and what was done.

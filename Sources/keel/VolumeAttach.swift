@@ -27,12 +27,23 @@ extension Volume {
         @Option(help: "Seconds to wait for the engine to serve and the device to be attached.")
         var timeout: Double = 120
 
+        @Flag(help: "Start only the engine, with no kernel device: prints its NBD URI for user-space clients (qemu, fio's nbd engine, nbdcopy). keel volume attach without it adds the device later.")
+        var noDevice = false
+
         @OptionGroup var control: ControlClientOptions
 
-        func validate() throws { try validateDevice(device) }
+        func validate() throws {
+            try validateDevice(device)
+            if noDevice && device != nil { throw ValidationError("--no-device attaches no device: drop --device") }
+        }
 
         func run() throws {
             let node = try Node(target.node)
+            if noDevice {
+                let uri = try node.startEngineOnly(target.name, force: force, timeout: timeout, credentials: control.credentials)
+                if target.json { return try printJSON(["volume": target.name, "uri": uri]) }
+                return print(uri)
+            }
             let (device, link) = try node.attach(target.name, device: device, force: force, timeout: timeout,
                                                  credentials: control.credentials)
             if target.json { return try printJSON(["volume": target.name, "device": device, "link": link ?? NSNull()] as [String: Any]) }

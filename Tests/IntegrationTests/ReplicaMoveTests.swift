@@ -208,6 +208,25 @@ import Testing
         for node in nodes { #expect(node.runningReplicas.isEmpty, "\(node.name) still runs \(node.runningReplicas)") }
     }
 
+    @Test func anOldReplicaKilledMidwayIsDroppedAndTheMoveFinishes() throws {
+        let nodes = try nodes(["n1", "n2"])
+        defer { for node in nodes { node.remove() } }
+        try #require(try keel(["volume", "create", "vol", "--size", "64M", "--replicas", "2"]).status == 0)
+        let (move, moveLog) = try startMove(["vol", "--replica-node", "n1", "--replica-node", "n2"],
+                                            environment: ["KEEL_FAULTS": "slow-rebuild=0.1"])
+        try waitUntilCopying()
+        // The first old replica is the copy's source: the copy goes on from the other.
+        let old = try run(["pgrep", "-f", "replica serve --dir \(state)/replicas/vol/r0 "]).stdout
+        try #require(pid_t(old.trimmingCharacters(in: .whitespacesAndNewlines)) != nil, "\(old)")
+        kill(pid_t(old.trimmingCharacters(in: .whitespacesAndNewlines))!, SIGKILL)
+        let exit = waitForExit(move, seconds: 120)
+        #expect(exit == 0, "\((try? String(contentsOfFile: moveLog, encoding: .utf8)) ?? "")")
+        let status = try migration()
+        #expect(status["migration_status"] as? String == "success", "\(status)")
+        #expect(try replicas().compactMap { $0["node"] as? String } == ["n1", "n2"])
+        #expect(!FileManager.default.fileExists(atPath: state + "/replicas/vol/r0"))
+    }
+
     @Test func aBadMoveIsOneLineAndChangesNothing() throws {
         try #require(try keel(["volume", "create", "vol", "--size", "16M", "--replicas", "1"]).status == 0)
         let base = [Paths.keel, "volume", "move", "vol", "--state-dir", state]
