@@ -109,13 +109,29 @@ import Testing
         throw TestFailure("the move did not start copying within a minute: \(try migration())")
     }
 
+    /// A volume of two replicas on this host moving to nodes n1 and n2, copies slowed by `slowRebuild` s a region,
+    /// once it copies; the move's process and its log.
+    func startSlowMoveOfTwoReplicas(slowRebuild: Double) throws -> (Process, String) {
+        try #require(try keel(["volume", "create", "vol", "--size", "64M", "--replicas", "2"]).status == 0)
+        let started = try startMove(["vol", "--replica-node", "n1", "--replica-node", "n2"],
+                                    environment: ["KEEL_FAULTS": "slow-rebuild=\(slowRebuild)"])
+        try waitUntilCopying()
+        return started
+    }
+
+    /// What the test's volume runs goes: its engine, its replicas here and on the nodes (which the nodes' removal stops anyway).
+    func removeVolume() {
+        _ = try? keel(["volume", "detach", "vol"])
+        _ = try? keel(["volume", "rm", "vol", "--force"])
+    }
+
     func replicas() throws -> [[String: Any]] { try json(["volume", "show", "vol"])["replicas"] as? [[String: Any]] ?? [] }
 
     // MARK: - Tests
 
     @Test func allThreeReplicasMoveToThreeOtherNodesUnderStampedWritesAndNothingIsLost() throws {
         let nodes = try nodes(["n1", "n2", "n3", "n4", "n5", "n6"])
-        defer { for node in nodes { node.remove() } }
+        defer { removeVolume(); for node in nodes { node.remove() } }
         let created = try keel(["volume", "create", "vol", "--size", "64M", "--replicas", "3",
                                 "--replica-node", "n1", "--replica-node", "n2", "--replica-node", "n3"])
         try #require(created.status == 0, "\(created.stderr)")
@@ -155,22 +171,14 @@ import Testing
             let directory = ((try? FileManager.default.contentsOfDirectory(atPath: placed)) ?? []).first ?? "missing"
             return placed + "/" + directory + "/layers/head.img"
         }
-        for head in heads {
-            let check = try run(["/usr/bin/python3", FreshnessTests.stamp, "check", "--log", log, "--file", head], timeout: 120)
-            #expect(check.status == 0 && check.stdout.contains("lost 0, corrupt 0"), "seed \(seed), \(head): \(check.stdout)\(check.stderr)")
-        }
-        let compare = try run(["/usr/bin/python3", FreshnessTests.stamp, "compare", "--log", log] + heads, timeout: 120)
-        #expect(compare.status == 0, "seed \(seed): the new replicas differ: \(compare.stdout)")
+        try FreshnessTests.expectFreshAndIdentical(heads, log: log, seed: seed)
     }
 
     @Test func aCancelledMoveRemovesTheNewReplicasAndKeepsTheOldOnes() throws {
         let nodes = try nodes(["n1", "n2"])
-        defer { for node in nodes { node.remove() } }
-        try #require(try keel(["volume", "create", "vol", "--size", "64M", "--replicas", "2"]).status == 0)
-        let before = try replicas()
-        let (move, moveLog) = try startMove(["vol", "--replica-node", "n1", "--replica-node", "n2"],
-                                            environment: ["KEEL_FAULTS": "slow-rebuild=0.2"])
-        try waitUntilCopying()
+        defer { removeVolume(); for node in nodes { node.remove() } }
+        let (move, moveLog) = try startSlowMoveOfTwoReplicas(slowRebuild: 0.2)
+        let before = try replicas().filter { $0["local"] as? Bool == true }  // the old set: on this host
         let cancelled = try keel(["volume", "move", "vol", "--cancel"])
         #expect(cancelled.status == 0 && cancelled.stdout.contains("cancelled"), "\(cancelled.stdout)\(cancelled.stderr)")
         #expect(waitForExit(move, seconds: 120) == 0, "\((try? String(contentsOfFile: moveLog, encoding: .utf8)) ?? "")")
@@ -187,12 +195,9 @@ import Testing
 
     @Test func aNewReplicaKilledMidwayEndsTheMoveInErrorWithTheVolumeUnharmed() throws {
         let nodes = try nodes(["n1", "n2"])
-        defer { for node in nodes { node.remove() } }
-        try #require(try keel(["volume", "create", "vol", "--size", "64M", "--replicas", "2"]).status == 0)
-        let before = try replicas()
-        let (move, moveLog) = try startMove(["vol", "--replica-node", "n1", "--replica-node", "n2"],
-                                            environment: ["KEEL_FAULTS": "slow-rebuild=0.2"])
-        try waitUntilCopying()
+        defer { removeVolume(); for node in nodes { node.remove() } }
+        let (move, moveLog) = try startSlowMoveOfTwoReplicas(slowRebuild: 0.2)
+        let before = try replicas().filter { $0["local"] as? Bool == true }  // the old set: on this host
         let victim = nodes[0].runningReplicas
         try #require(victim.count == 1, "\(victim)")
         kill(pid_t(victim[0])!, SIGKILL)
@@ -210,11 +215,8 @@ import Testing
 
     @Test func anOldReplicaKilledMidwayIsDroppedAndTheMoveFinishes() throws {
         let nodes = try nodes(["n1", "n2"])
-        defer { for node in nodes { node.remove() } }
-        try #require(try keel(["volume", "create", "vol", "--size", "64M", "--replicas", "2"]).status == 0)
-        let (move, moveLog) = try startMove(["vol", "--replica-node", "n1", "--replica-node", "n2"],
-                                            environment: ["KEEL_FAULTS": "slow-rebuild=0.1"])
-        try waitUntilCopying()
+        defer { removeVolume(); for node in nodes { node.remove() } }
+        let (move, moveLog) = try startSlowMoveOfTwoReplicas(slowRebuild: 0.1)
         // The first old replica is the copy's source: the copy goes on from the other.
         let old = try run(["pgrep", "-f", "replica serve --dir \(state)/replicas/vol/r0 "]).stdout
         try #require(pid_t(old.trimmingCharacters(in: .whitespacesAndNewlines)) != nil, "\(old)")
@@ -229,6 +231,7 @@ import Testing
 
     @Test func aBadMoveIsOneLineAndChangesNothing() throws {
         try #require(try keel(["volume", "create", "vol", "--size", "16M", "--replicas", "1"]).status == 0)
+        defer { removeVolume() }
         let base = [Paths.keel, "volume", "move", "vol", "--state-dir", state]
         try expectOneLineRefusal(base, mentioning: ["--replica-node"])
         try expectOneLineRefusal(base + ["--replica-node", "nosuch"], mentioning: ["no node named nosuch"])
