@@ -102,20 +102,26 @@ public final class ReplicaMove {
         }
         let attachedAtStart = node.attachment(engine.volume).frontendRunning
         defer { releaseEngine(engine, attachedAtStart: attachedAtStart) }
-        do {
-            if record.phase != "removing" {
+        if record.phase != Self.removing {
+            do {
                 if record.cancelRequested { throw MoveStop.cancelled }
                 try copyNewReplicas(engine)
-                update(phase: "removing")
+            } catch let stop as MoveStop {
+                return undo(engine, because: stop)
+            } catch {
+                return undo(engine, because: .failed("\(error)"))
             }
-            try removeOldReplicas(engine)
-            return end(.success, phase: "done")
-        } catch let stop as MoveStop {
-            return undo(engine, because: stop)
-        } catch {
-            return undo(engine, because: .failed("\(error)"))
+            update(phase: Self.removing)
         }
+        // Past this point the membership may exclude the old replicas already: the move is only ever finished.
+        do { try removeOldReplicas(engine) } catch {
+            return interrupt("removing the old replicas failed: \(error)")
+        }
+        return end(.success, phase: "done")
     }
+
+    /// The phase from which a move is finished, never undone.
+    static let removing = "removing"
 
     enum MoveStop: Error {
         case cancelled
@@ -289,7 +295,8 @@ public final class ReplicaMove {
     /// running, so that once this process is gone `keel volume move --cancel` takes it over.
     private func interrupt(_ why: String) -> MigrationRecord {
         record.error = "\(why); run 'keel volume move \(name) --cancel' to end the move"
-        update(phase: "interrupted")
+        // A move interrupted while removing keeps that phase: it is taken over to be finished.
+        update(phase: record.phase == Self.removing ? Self.removing : "interrupted")
         return record
     }
 
