@@ -50,13 +50,16 @@ public final class ReplicaMove {
         }
         let remote = RemoteReplicas(volume: volume, node: node, credentials: credentials)
         if let first = plan.joinNodes.first { credentials.apply(for: first.address) }
+        // Nothing half-made: the replicas placed so far go again.
+        let removePlaced = { _ = RemoteReplicas(volume: VolumeRecord(copying: volume, replicas: joining), node: node,
+                                                credentials: credentials).remove() }
         do {
             for agent in plan.joinNodes {
                 joining.append(try remote.place(slot: nextSlot, on: agent, role: .joining))
                 nextSlot += 1
             }
         } catch {
-            _ = RemoteReplicas(volume: VolumeRecord(copying: volume, replicas: joining), node: node, credentials: credentials).remove()
+            removePlaced()
             throw error
         }
         let leaving = Set(plan.leave.map(\.slot))
@@ -73,7 +76,7 @@ public final class ReplicaMove {
             try node.registry.setReplicas(replicas, of: volume.name)
             try node.registry.setMigration(record)
         } catch {
-            _ = RemoteReplicas(volume: VolumeRecord(copying: volume, replicas: joining), node: node, credentials: credentials).remove()
+            removePlaced()
             try? node.registry.setReplicas(volume.replicas, of: volume.name)
             throw KeelError("cannot record the move of \(volume.name): \(error)")
         }
@@ -333,12 +336,6 @@ extension Node {
     /// The volume's migration while its process lives.
     public func runningMigration(of volume: String) throws -> MigrationRecord? {
         guard let record = try registry.migration(of: volume), record.status.isRunning, processIsAlive(record.pid) else { return nil }
-        return record
-    }
-
-    /// A migration recorded as running whose process is gone.
-    public func interruptedMigration(of volume: String) throws -> MigrationRecord? {
-        guard let record = try registry.migration(of: volume), record.status.isRunning, !processIsAlive(record.pid) else { return nil }
         return record
     }
 }
