@@ -170,7 +170,7 @@ let package = Package(
         .testTarget(name: "BackupStoreTests", dependencies: ["BackupStore", "S3Client"]),
         .testTarget(name: "S3ClientTests", dependencies: ["S3Client", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "LayerStackTests", dependencies: ["LayerStack", "SeededRandom"]),
-        .testTarget(name: "EngineUnitTests", dependencies: ["Engine", "ControlAPI"]),
+        .testTarget(name: "EngineUnitTests", dependencies: ["Engine", "ControlAPI", "RingLinks", "LibNBD"]),
         .testTarget(name: "ReplicaServerTests", dependencies: [
             "ReplicaServer", "ReplicaStore", "ReplicaIdentity",
             .product(name: "Logging", package: "swift-log"),

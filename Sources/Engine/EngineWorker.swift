@@ -349,6 +349,7 @@ public final class EngineWorker: BlockWorker {
             if operation.pointee.active && operation.pointee.sent < deadline { late.insert(operation.pointee.replica) }
         }
         for i in late.sorted() {
+            device.logger.warning("replica \(i) left a command unanswered: \(links[i].diagnostics)")
             device.replicas.fail(i, reason: "no answer within \(device.replicaTimeout / 1_000_000_000) s")
             linkDied(i)
         }

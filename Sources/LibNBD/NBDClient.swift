@@ -299,6 +299,13 @@ extension NBDClient {
 
     public var isDead: Bool { nbd_aio_is_dead(handle) == 1 || nbd_aio_is_closed(handle) == 1 }
 
+    /// libnbd's own words for where the connection's state machine is, for diagnostics.
+    public var stateDescription: String {
+        let direction = nbd_aio_get_direction(handle)
+        let state = nbd_connection_state(handle).map { String(cString: $0) } ?? "unknown"
+        return "\(state), \(commandsInFlight) in flight, direction \(direction)"
+    }
+
     public func notifyReadable() { _ = nbd_aio_notify_read(handle) }
     public func notifyWritable() { _ = nbd_aio_notify_write(handle) }
 

@@ -56,15 +56,30 @@ public struct RingLink {
 
     /// One of the link's polls completed: libnbd reads or writes (and may
     /// call back). Then call `service` again.
+    ///
+    /// A readable socket is peeked first: a POLLIN completion can be stale
+    /// by the time it is handled (seen under load after rebuilds), and
+    /// libnbd told to read with nothing there waits in REPLY.START, where it
+    /// issues none of the commands queued meanwhile: with no reply still to
+    /// come the link stops until the replica timeout fails it.
     public mutating func polled(sub: UInt8) {
         guard let client = live else { return }
         if sub == Self.pollIn {
             pollingIn = false
+            var byte: UInt8 = 0
+            let peeked = recv(client.descriptor, &byte, 1, Int32(MSG_PEEK | MSG_DONTWAIT))
+            if peeked < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { return }
             client.notifyReadable()
         } else {
             pollingOut = false
             client.notifyWritable()
         }
+    }
+
+    /// What the handle and the polls are doing, for a log line about a link that went quiet.
+    public var diagnostics: String {
+        guard let client else { return "no connection" }
+        return "\(client.stateDescription), polling\(pollingIn ? " in" : "")\(pollingOut ? " out" : "")"
     }
 
     /// The link is dead from now on; its socket is shut down.
