@@ -83,7 +83,15 @@ extension Volume {
         private func follow(_ move: ReplicaMove) throws {
             var progress = MigrationProgress(json: json)
             move.interrupted = { TerminationSignals.arePending }
-            move.onProgress = { progress.show($0) }
+            var pausedOnce = false
+            move.onProgress = { record in
+                progress.show(record)
+                // Holds the mover (not the engine's copy) once it copies, for the kernel suite's attach and detach.
+                if !pausedOnce && record.phase.hasPrefix("copying") && record.bytesDone > 0 {
+                    pausedOnce = true
+                    try? TestPausePoint.pause(at: "move-copy", until: Date().addingTimeInterval(600))
+                }
+            }
             let record = move.run()
             progress.finish()
             try report(record)

@@ -82,4 +82,8 @@ import Testing
     @Test func detachedVolumeBackupsAndAnAttachThatTakesTheBackupsEngineOver() throws {
         try Self.expectScenario("backup-detached", toSay: "detached-volume backups: complete")
     }
+
+    @Test func aVolumesReplicasMoveWhileItIsDetachedAndAttachedAgain() throws {
+        try Self.expectScenario("replica-move-attach", toSay: "replica move with detach and attach: ok")
+    }
 }
