@@ -237,7 +237,12 @@ public final class EngineWorker: BlockWorker {
     private func fanOut(_ r: UnsafeMutablePointer<IORequest>, _ token: IOToken, _ command: NBDClient.Command,
                         flags: NBDClient.CommandFlags) {
         guard !device.replicas.isFenced else { return }
-        for i in modes.indices where modes[i].isWritable { _ = issue(r, token, command, flags: flags, on: i) }
+        let isWrite = r.pointee.command != .flush
+        for i in modes.indices where modes[i].isWritable {
+            // A replica being rebuilt gets the writes behind its copy only (the copy brings the rest).
+            if isWrite && modes[i] == .wo && !device.replicas.takesWrite(i, at: r.pointee.offset) { continue }
+            _ = issue(r, token, command, flags: flags, on: i)
+        }
     }
 
     /// Reads go round robin over healthy replicas; a failed read moves on to the next one.

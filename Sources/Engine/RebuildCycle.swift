@@ -91,13 +91,15 @@ public final class RebuildCycle {
     /// The answer to `.copy`.
     public func copied(_ result: Result<Void, Error>) {
         guard case .copying(let region, let source) = state else { preconditionFailure("rebuild: copied() without a copy") }
-        openRegion()
         switch result {
         case .success:
+            // Before the region opens: its next writes must reach the new replica (`ReplicaSet.takesWrite`).
             replicas.rebuilt(index, bytes: span(of: region).end)
+            openRegion()
             failedSources = []
             state = .opening(region: region + 1)
         case .failure(let error):
+            openRegion()
             tryAnotherSource(region, after: source, error)
         }
     }

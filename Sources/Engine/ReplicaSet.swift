@@ -179,6 +179,21 @@ public final class ReplicaSet: @unchecked Sendable {
         state.withLock { $0[index].rebuiltBytes = bytes }
     }
 
+    /// A write at `offset` goes to the replica: every write to an RW one; to
+    /// a WO one only where its rebuild has copied already. Ahead of the copy
+    /// the write is copied with its region, which is copied only once no
+    /// write is in flight there, from a replica that took them all
+    /// (`RebuildCycle` moves the mark before it opens the region again).
+    public func takesWrite(_ index: Int, at offset: UInt64) -> Bool {
+        state.withLock { replicas in
+            switch replicas[index].mode {
+            case .rw: return true
+            case .wo: return offset < replicas[index].rebuiltBytes
+            case .err, .removed: return false
+            }
+        }
+    }
+
     /// WO → RW, when the rebuild has copied everything.
     func promote(_ index: Int) -> Bool {
         let done: Bool = state.withLock { replicas in

@@ -320,7 +320,11 @@ public final class Simulation {
 
     private func fanOut(_ request: SimRequest, on e: SimEngine) {
         guard !e.replicas.isFenced else { return }
-        for i in e.replicas.replicas.indices where e.replicas.mode(i).isWritable { _ = send(request, on: e, to: i) }
+        let offset = request.request.pointee.offset
+        for i in e.replicas.replicas.indices where e.replicas.mode(i).isWritable {
+            if request.kind == .write && !e.replicas.takesWrite(i, at: offset) { continue }
+            _ = send(request, on: e, to: i)
+        }
     }
 
     private func issueRead(_ request: SimRequest, on e: SimEngine) -> Bool {

@@ -54,6 +54,28 @@ import Testing
         #expect(metadata.calls.isEmpty, "no region was dirty: nothing to mark")
     }
 
+    /// Writes ahead of the copy skip the joining replica (the copy brings
+    /// them); a region's writes reach it from the moment the region opens
+    /// again after its copy, never later, or one parked there would be lost on it.
+    @Test func theJoiningReplicaTakesARegionsWritesFromTheMomentItsCopyOpensIt() throws {
+        let gate = WriteGate(size: 2 * region, regionSize: region)
+        let replicas = ReplicaSet((0..<2).map {
+            ReplicaSet.Replica(address: .unix(path: "r\($0)"), controlAddress: .unix(path: "c\($0)"), id: "r\($0)", mode: .rw)
+        }, logger: logger)
+        let index = try replicas.add(address: .unix(path: "r2"), controlAddress: .unix(path: "c2"), id: "r2")
+        var takenWhenOpened: [Bool] = []
+        let cycle = RebuildCycle(index: index, gate: gate, replicas: replicas, metadata: Metadata(), maxWaits: 10,
+                                 logger: logger) { takenWhenOpened.append(replicas.takesWrite(index, at: 0)) }
+        #expect(replicas.takesWrite(0, at: region) && !replicas.takesWrite(index, at: 0), "RW takes all; nothing copied yet")
+        #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: 0))
+        cycle.copied(.success(()))
+        #expect(takenWhenOpened == [true])
+        #expect(!replicas.takesWrite(index, at: region), "region 1 is still ahead of the copy")
+        #expect(cycle.next() == .copy(region: 1, range: ByteRange(offset: region, length: region), source: 0))
+        cycle.copied(.failure(EngineError("source gone")))
+        #expect(!replicas.takesWrite(index, at: region), "a failed copy leaves the region to the next try")
+    }
+
     @Test func aRegionIsCopiedOnlyOnceTheWritesInItHaveFinished() throws {
         let (gate, _, _, cycle) = try setUp()
         writeInFlight(gate, at: 0)
