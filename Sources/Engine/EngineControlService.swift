@@ -99,10 +99,10 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
 
     public func addReplica(request: Keel_Control_V1_AddReplicaRequest,
                            context: ServerContext) async throws -> Keel_Control_V1_EngineStatus {
-        let address = try parse(request.address)
+        let addresses = try ([request.address] + request.togetherWith).map(parse)
         let device = try await engine.device()
-        // Adding talks to the replica with blocking calls: off the cooperative pool.
-        try await offThePool { try refusing { try device.addReplica(address: address) } }
+        // Adding talks to the replicas with blocking calls: off the cooperative pool.
+        try await offThePool { try refusing { try device.addReplicas(addresses) } }
         return try await status(request: .init(), context: context)
     }
 

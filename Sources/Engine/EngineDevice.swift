@@ -162,19 +162,20 @@ public final class EngineDevice: BlockDevice, @unchecked Sendable {
 
     var rebuild: Rebuild? { currentRebuild.withLock { $0 } }
 
-    /// Adds a replica in WO mode and starts copying the volume to it.
-    public func addReplica(address: SocketAddress) throws {
+    /// Adds replicas in WO mode and starts copying the volume to them, one read for all.
+    public func addReplicas(_ addresses: [SocketAddress]) throws {
         guard !replicas.isFenced else { throw EngineError("this engine is fenced: a newer engine owns the volume") }
         try currentRebuild.withLock { current in
             if let current, !current.finished {
-                throw EngineError("a rebuild of \(current.address) is running; wait for it to finish")
+                throw EngineError("a rebuild of \(Rebuild.describe(current.addresses)) is running; wait for it to finish")
             }
-            current = try Rebuild.start(device: self, address: address, logger: logger)
+            current = try Rebuild.start(device: self, addresses: addresses, logger: logger)
         }
     }
 
+    /// Takes a replica out; a rebuild left with no replica to copy to stops (its thread joined).
     public func removeReplica(address: SocketAddress) throws {
-        let index = try replicas.remove(address: address)
-        if let rebuild, rebuild.index == index { rebuild.cancel() }
+        _ = try replicas.remove(address: address)
+        if let rebuild, rebuild.indexes.allSatisfy({ replicas.mode($0) != .wo }) { rebuild.cancel() }
     }
 }

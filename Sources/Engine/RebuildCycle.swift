@@ -2,22 +2,35 @@ import Logging
 import ReplicaIdentity
 
 /// The online rebuild's decisions, one step at a time: mark on the new
-/// replica the regions that are not clean, then copy the volume to it region
-/// by region, each closed to new writes (`WriteGate`) and quiet while it is
-/// copied, from an RW replica (another one when a copy fails), flush it, and
-/// make it RW. `Rebuild` performs the steps over libnbd on its own thread;
-/// the simulator performs them on its replicas in memory, between other events.
+/// replicas the regions that are not clean, then copy the volume to them
+/// region by region, each closed to new writes (`WriteGate`) and quiet while
+/// it is copied, from an RW replica (another one when a copy fails), flush
+/// them, and make them RW. Several new replicas are rebuilt in one pass: each
+/// region is read once for all of them, and one that fails is dropped alone.
+/// `Rebuild` performs the steps over libnbd on its own thread; the simulator
+/// performs them on its replicas in memory, between other events.
 public final class RebuildCycle {
     public enum Step: Equatable {
-        /// Copy `range` (all of `region`) from replica `source` to the new one:
-        /// the region is closed to writes, none in flight. Answer with `copied`.
-        case copy(region: Int, range: ByteRange, source: Int)
+        /// Copy `range` (all of `region`) from replica `source` to the new ones in
+        /// `targets`: the region is closed to writes, none in flight. Answer with `copied`.
+        case copy(region: Int, range: ByteRange, source: Int, targets: [Int])
         /// Writes are still in flight in the closed region: ask again soon.
         case wait
-        /// Every region is copied: flush the new replica. Answer with `flushed`.
-        case flush
-        /// Over: the replica is RW, failed, or the rebuild was stopped.
+        /// Every region is copied: flush the new replicas. Answer with `flushed`.
+        case flush(targets: [Int])
+        /// Over: every new replica is RW or failed, or the rebuild was stopped.
         case finished
+    }
+
+    /// A copy or flush that failed on one new replica (not on the source): that one alone is failed.
+    public struct TargetFailed: Error, CustomStringConvertible {
+        public let index: Int
+        public let reason: String
+        public init(index: Int, reason: String) {
+            self.index = index
+            self.reason = reason
+        }
+        public var description: String { reason }
     }
 
     private enum State: Equatable {
@@ -30,8 +43,8 @@ public final class RebuildCycle {
         case finished
     }
 
-    /// The new replica's index in the replica set (WO while this runs).
-    public let index: Int
+    /// The new replicas' indexes in the replica set (WO while this runs), in the order they joined.
+    public let indexes: [Int]
     private let gate: WriteGate
     private let replicas: ReplicaSet
     private let metadata: ReplicaMetadata
@@ -45,9 +58,10 @@ public final class RebuildCycle {
     /// Sources that failed a copy of the current region.
     private var failedSources = Set<Int>()
 
-    public init(index: Int, gate: WriteGate, replicas: ReplicaSet, metadata: ReplicaMetadata, maxWaits: Int,
+    public init(indexes: [Int], gate: WriteGate, replicas: ReplicaSet, metadata: ReplicaMetadata, maxWaits: Int,
                 logger: Logger, isCancelled: @escaping () -> Bool = { false }, wakeWorkers: @escaping () -> Void) {
-        self.index = index
+        precondition(!indexes.isEmpty, "rebuild: no replica to rebuild")
+        self.indexes = indexes
         self.gate = gate
         self.replicas = replicas
         self.metadata = metadata
@@ -59,8 +73,11 @@ public final class RebuildCycle {
 
     public var isFinished: Bool { state == .finished }
 
-    /// Stopped from outside, or the replica is no longer WO (failed or removed).
-    private var shouldStop: Bool { isCancelled() || replicas.mode(index) != .wo }
+    /// The new replicas still WO (not failed or removed).
+    public var targets: [Int] { indexes.filter { replicas.mode($0) == .wo } }
+
+    /// Stopped from outside, or no new replica is WO any more.
+    private var shouldStop: Bool { isCancelled() || targets.isEmpty }
 
     /// What to do now.
     public func next() -> Step {
@@ -74,7 +91,7 @@ public final class RebuildCycle {
             return next()
         case .opening(let region) where region == gate.regionCount:
             state = .flushing
-            return .flush
+            return .flush(targets: targets)
         case .opening(let region):
             return close(region, waits: 0, quiet: gate.lockForCopy(region))
         case .closing(let region, let waits):
@@ -82,45 +99,58 @@ public final class RebuildCycle {
         case .copying:
             preconditionFailure("rebuild: next() before the copy's answer")
         case .flushing:
-            return .flush
+            return .flush(targets: targets)
         case .finished:
             return .finished
         }
     }
 
-    /// The answer to `.copy`.
+    /// The answer to `.copy`: a `TargetFailed` fails that new replica and the
+    /// region is copied again to the others; any other error is the source's.
     public func copied(_ result: Result<Void, Error>) {
         guard case .copying(let region, let source) = state else { preconditionFailure("rebuild: copied() without a copy") }
         switch result {
         case .success:
-            // Before the region opens: its next writes must reach the new replica (`ReplicaSet.takesWrite`).
-            replicas.rebuilt(index, bytes: span(of: region).end)
+            // Before the region opens: its next writes must reach the new replicas (`ReplicaSet.takesWrite`).
+            for index in targets { replicas.rebuilt(index, bytes: span(of: region).end) }
             openRegion()
             failedSources = []
             state = .opening(region: region + 1)
+        case .failure(let failure as TargetFailed):
+            precondition(indexes.contains(failure.index), "rebuild: a copy failed on \(failure.index), not a new replica")
+            openRegion()
+            replicas.fail(failure.index, reason: "rebuild failed: copying region \(region) to it: \(failure.reason)")
+            state = .opening(region: region)
         case .failure(let error):
             openRegion()
             tryAnotherSource(region, after: source, error)
         }
     }
 
-    /// The answer to `.flush`.
+    /// The answer to `.flush`: a `TargetFailed` fails that new replica and the
+    /// others are flushed again; any other error fails them all.
     public func flushed(_ result: Result<Void, Error>) {
         precondition(state == .flushing, "rebuild: flushed() without a flush")
-        state = .finished
         switch result {
         case .success:
-            if replicas.promote(index) {
+            state = .finished
+            for index in targets where replicas.promote(index) {
                 logger.notice("replica \(replicas.replicas[index].address) rebuilt: now RW")
             }
+        case .failure(let failure as TargetFailed):
+            precondition(indexes.contains(failure.index), "rebuild: a flush failed on \(failure.index), not a new replica")
+            replicas.fail(failure.index, reason: "rebuild failed: flush: \(failure.reason)")
         case .failure(let error):
-            if !shouldStop { replicas.fail(index, reason: "rebuild failed: flush: \(error)") }
+            state = .finished
+            if !isCancelled() {
+                for index in targets { replicas.fail(index, reason: "rebuild failed: flush: \(error)") }
+            }
         }
     }
 
-    /// Regions dirty (or being marked) when the replica joins are marked on it
-    /// too: once it is RW, its own log must cover them. Later ones the keeper
-    /// marks on every writable replica, this one included.
+    /// Regions dirty (or being marked) when the replicas join are marked on
+    /// them too: once RW, their own logs must cover them. Later ones the keeper
+    /// marks on every writable replica, these included.
     private func markNonCleanRegions() {
         state = .opening(region: 0)
         let spans = gate.nonCleanRegions().map { region in
@@ -128,15 +158,17 @@ public final class RebuildCycle {
             return ByteRange(offset: range.offset, length: range.length)
         }
         guard !spans.isEmpty else { return }
-        switch metadata.run(.markDirty(spans), on: [index])[index] ?? .failed("no answer") {
-        case .done:
-            break
-        case .notOwner:
-            replicas.fence(by: index)
-            state = .finished
-        case .failed(let reason):
-            replicas.fail(index, reason: "rebuild failed: cannot mark dirty regions: \(reason)")
-            state = .finished
+        let answers = metadata.run(.markDirty(spans), on: targets)
+        for index in targets {
+            switch answers[index] ?? .failed("no answer") {
+            case .done:
+                break
+            case .notOwner:
+                replicas.fence(by: index)
+                state = .finished
+            case .failed(let reason):
+                replicas.fail(index, reason: "rebuild failed: cannot mark dirty regions: \(reason)")
+            }
         }
     }
 
@@ -147,7 +179,7 @@ public final class RebuildCycle {
         guard quiet else {
             guard waits < maxWaits else {
                 openRegion()
-                replicas.fail(index, reason: "rebuild failed: writes to region \(region) did not finish")
+                for index in targets { replicas.fail(index, reason: "rebuild failed: writes to region \(region) did not finish") }
                 state = .finished
                 return .finished
             }
@@ -155,28 +187,28 @@ public final class RebuildCycle {
             return .wait
         }
         let candidates = replicas.replicas.indices.filter {
-            $0 != index && replicas.mode($0) == .rw && !failedSources.contains($0)
+            replicas.mode($0) == .rw && !failedSources.contains($0)
         }
         guard let source = candidates.first else {
             openRegion()
             let why = failedSources.isEmpty ? "no healthy replica to copy from" : "every source failed to copy region \(region)"
-            replicas.fail(index, reason: "rebuild failed: \(why)")
+            for index in targets { replicas.fail(index, reason: "rebuild failed: \(why)") }
             state = .finished
             return .finished
         }
         state = .copying(region: region, source: source)
-        return .copy(region: region, range: span(of: region), source: source)
+        return .copy(region: region, range: span(of: region), source: source, targets: targets)
     }
 
     /// A try failed: the source may have died. The region opens again (writes
     /// there wait no longer than one try) and is copied from another replica,
-    /// each tried once; if the new replica itself is gone, every try fails.
+    /// each tried once.
     private func tryAnotherSource(_ region: Int, after source: Int, _ error: Error) {
         guard !shouldStop else {
             state = .finished
             return
         }
-        logger.warning("rebuild of \(replicas.replicas[index].address): copying region \(region) from replica \(source) failed (\(error)); trying another source")
+        logger.warning("rebuild of \(targets.map { "\(replicas.replicas[$0].address)" }.joined(separator: ", ")): copying region \(region) from replica \(source) failed (\(error)); trying another source")
         failedSources.insert(source)
         state = .opening(region: region)
     }

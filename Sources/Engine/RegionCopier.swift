@@ -3,13 +3,19 @@ import LibNBD
 /// Copies byte ranges from one replica to others over plain (blocking) libnbd
 /// connections: data is read and written, holes and zeroes become
 /// WRITE_ZEROES (BLOCK_STATUS tells which), so sparse regions stay sparse.
+/// One read of the source feeds every target.
 struct RegionCopier {
+    /// A target failed (not the source): `target` is its position in `targets`.
+    struct TargetFailure: Error, CustomStringConvertible {
+        let target: Int
+        let underlying: Error
+        var description: String { "\(underlying)" }
+    }
+
     let source: NBDClient
     let targets: [NBDClient]
     /// How long one range may take before the connections are cut.
     let timeoutSeconds: Double
-    /// The source's index in the replica set, when it is one of the engine's replicas.
-    var sourceIndex = 0
     /// When set, only the blocks this context of the source marks changed
     /// are copied (`keel:changed:<snapshot>`: the target holds that snapshot already).
     var changedContext: String?
@@ -26,6 +32,7 @@ struct RegionCopier {
     }
 
     /// Copies `length` bytes at `offset`; returns how many were data (not holes).
+    /// A target's failure throws `TargetFailure`; any other error is the source's.
     @discardableResult
     func copy(offset: UInt64, length: UInt64) throws -> UInt64 {
         let deadline = Deadline(seconds: timeoutSeconds,
@@ -51,7 +58,10 @@ struct RegionCopier {
             }
             return data
         } catch where deadline.expired {
-            throw EngineError("no answer within \(timeoutSeconds) s while copying \(length) bytes at \(offset)")
+            // The call in progress when the deadline fired is the one that hung: a target's, or the source's.
+            let timeout = EngineError("no answer within \(timeoutSeconds) s while copying \(length) bytes at \(offset)")
+            if let failure = error as? TargetFailure { throw TargetFailure(target: failure.target, underlying: timeout) }
+            throw timeout
         }
     }
 
@@ -68,13 +78,13 @@ struct RegionCopier {
                 let count = min(UInt64(extent.length), end - position)
                 guard count > 0 else { throw EngineError("the source replica sent an empty extent at \(position)") }
                 if extent.flags & Self.holeOrZero != 0 {
-                    for target in targets { try target.zero(count: count, at: position) }
+                    try eachTarget { try $0.zero(count: count, at: position) }
                 } else {
                     var done: UInt64 = 0
                     while done < count {
                         let piece = min(Self.chunk, count - done)
                         let bytes = try source.read(count: Int(piece), at: position + done)
-                        for target in targets { try target.write(bytes, at: position + done) }
+                        try eachTarget { try $0.write(bytes, at: position + done) }
                         done += piece
                     }
                     data += count
@@ -83,5 +93,11 @@ struct RegionCopier {
             }
         }
         return data
+    }
+
+    private func eachTarget(_ body: (NBDClient) throws -> Void) throws {
+        for (position, target) in targets.enumerated() {
+            do { try body(target) } catch { throw TargetFailure(target: position, underlying: error) }
+        }
     }
 }

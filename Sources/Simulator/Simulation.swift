@@ -469,28 +469,43 @@ public final class Simulation {
     // MARK: - Online rebuild
 
     /// The production `RebuildCycle`: one step of every engine's rebuild, or
-    /// (`keel replica add`) a rebuild of a replica the newest engine does not write to.
+    /// (`keel replica add`) a rebuild of replicas the newest engine does not write to.
     private func rebuildStep() {
         for e in engines where !e.crashed {
             guard let cycle = e.rebuild else { continue }
             switch cycle.next() {
             case .wait:
                 break
-            case .copy(let region, let range, let source):
+            case .copy(let region, let range, let source, let targets):
                 cycle.copied(Result {
-                    trace?("\(e.id) rebuild: region \(region) from replica \(e.replicaOf[source]) to \(e.replicaOf[cycle.index])")
-                    let from = try rebuildLink(e, e.replicaOf[source]), to = try rebuildLink(e, e.replicaOf[cycle.index])
-                    to.writeHead(blocks(of: range), from.volatile[blocks(of: range)])
+                    trace?("\(e.id) rebuild: region \(region) from replica \(e.replicaOf[source]) to \(targets.map { e.replicaOf[$0] })")
+                    let from = try rebuildLink(e, e.replicaOf[source])
+                    for index in targets {
+                        // As `Rebuild`: one target's link breaking fails that target alone.
+                        let to: SimReplica
+                        do { to = try rebuildLink(e, e.replicaOf[index]) } catch {
+                            throw RebuildCycle.TargetFailed(index: index, reason: "\(error)")
+                        }
+                        to.writeHead(blocks(of: range), from.volatile[blocks(of: range)])
+                    }
                 })
-            case .flush:
-                cycle.flushed(Result { try rebuildLink(e, e.replicaOf[cycle.index]).flush() })
+            case .flush(let targets):
+                cycle.flushed(Result {
+                    for index in targets {
+                        do { try rebuildLink(e, e.replicaOf[index]).flush() } catch {
+                            throw RebuildCycle.TargetFailed(index: index, reason: "\(error)")
+                        }
+                    }
+                })
             case .finished:
                 break
             }
             if cycle.isFinished {
                 e.rebuild = nil
-                if e.replicas.mode(cycle.index) == .rw { counts.rebuildsFinished += 1 }
-                trace?("\(e.id) rebuild of replica \(e.replicaOf[cycle.index]) ends: \(e.replicas.mode(cycle.index)) \(e.replicas.replicas[cycle.index].reason)")
+                for index in cycle.indexes {
+                    if e.replicas.mode(index) == .rw { counts.rebuildsFinished += 1 }
+                    trace?("\(e.id) rebuild of replica \(e.replicaOf[index]) ends: \(e.replicas.mode(index)) \(e.replicas.replicas[index].reason)")
+                }
             }
             return
         }
@@ -507,33 +522,38 @@ public final class Simulation {
         return replica
     }
 
-    /// As `Rebuild.start`: the replica must not belong to a newer engine; it
-    /// is claimed and joins in WO mode, receiving every write from now on.
+    /// As `Rebuild.start`: the replicas must not belong to a newer engine; they
+    /// are claimed and join in WO mode, one or two rebuilt in the same pass.
     private func startRebuild(on e: SimEngine) {
-        // As `Rebuild.start`, the membership without the replica is recorded before its chain is copied.
+        // As `Rebuild.start`, the membership without the replicas is recorded before their chains are copied.
         guard !e.crashed, !e.replicas.isFenced, e.replicas.hasHealthyReplica, e.chainChange == nil,
               !e.replicas.holdsAcknowledgements else { return }
-        let candidates = replicas.indices.filter { r in
+        var candidates = replicas.indices.filter { r in
             replicas[r].running && replicas[r].epoch <= e.epoch
                 && !e.indexes(of: r).contains { e.replicas.mode($0).isWritable }
         }
         guard !candidates.isEmpty else { return }
-        let r = candidates[random.below(candidates.count)]
-        let replica = replicas[r]
-        replica.epoch = e.epoch
-        replica.engine = e.id
-        replica.fence.advance(to: e.epoch)
-        // `ChainCopy`: the volume's snapshots first, from a healthy member.
-        if let source = e.replicas.replicas.indices.first(where: { e.replicas.mode($0) == .rw }) {
-            replica.takeChain(of: replicas[e.replicaOf[source]])
+        var indexes: [Int] = []
+        for _ in 0..<min(candidates.count, 1 + random.below(2)) {
+            let r = candidates.remove(at: random.below(candidates.count))
+            let replica = replicas[r]
+            replica.epoch = e.epoch
+            replica.engine = e.id
+            replica.fence.advance(to: e.epoch)
+            // `ChainCopy`: the volume's snapshots first, from a healthy member.
+            if let source = e.replicas.replicas.indices.first(where: { e.replicas.mode($0) == .rw }) {
+                replica.takeChain(of: replicas[e.replicaOf[source]])
+            }
+            guard let index = try? e.replicas.add(address: .unix(path: "sim-r\(r)"), controlAddress: .unix(path: "sim-r\(r).control"),
+                                                  id: replica.id) else { continue }
+            e.replicaOf.append(r)
+            e.linkAlive.append(true)
+            counts.rebuildsStarted += 1
+            trace?("\(e.id) rebuilds replica \(r) as index \(index)")
+            indexes.append(index)
         }
-        guard let index = try? e.replicas.add(address: .unix(path: "sim-r\(r)"), controlAddress: .unix(path: "sim-r\(r).control"),
-                                              id: replica.id) else { return }
-        e.replicaOf.append(r)
-        e.linkAlive.append(true)
-        counts.rebuildsStarted += 1
-        trace?("\(e.id) rebuilds replica \(r) as index \(index)")
-        e.rebuild = RebuildCycle(index: index, gate: e.gate, replicas: e.replicas,
+        guard !indexes.isEmpty else { return }
+        e.rebuild = RebuildCycle(indexes: indexes, gate: e.gate, replicas: e.replicas,
                                  metadata: SimMetadata(simulation: self, engine: e, marksAreActivity: false), maxWaits: 100, logger: logger) {}
     }
 

@@ -5,7 +5,7 @@ import Syscalls
 
 /// A move of a volume's replicas while it stays attached (or attachable): the new
 /// replicas are placed and join in the registry as `joining`, the engine adds and
-/// rebuilds them online one after another, then the old ones leave the engine, the
+/// rebuilds them online in one pass, then the old ones leave the engine, the
 /// registry and their nodes. No confirm step (as Cinder's). Cancelled, or failed
 /// before the old replicas start leaving, it is undone: the new ones go, the old
 /// set stays. The engine is what changes the membership on the replicas, so every
@@ -133,55 +133,66 @@ public final class ReplicaMove {
 
     // MARK: - Copying
 
+    /// The new replicas are added together: the engine rebuilds them in one pass (each region
+    /// read once for all). Progress is the sum over them of what each has copied.
     private func copyNewReplicas(_ engine: JobEngine) throws {
         let volume = try node.volume(name)
         let joining = volume.replicas.filter(\.isNew)
-        for (number, replica) in joining.enumerated() {
-            update(phase: "copying \(number + 1) of \(joining.count)")
-            try add(replica, engine: engine)
-            try waitUntilWritable(replica, engine: engine, copiedBefore: UInt64(number) * volume.size)
-        }
-    }
-
-    /// Asks the engine to add the replica unless it has it already (WO or RW); one it
-    /// failed, or that came up stale when the engine was started for the move, is added again.
-    private func add(_ replica: ReplicaRecord, engine: JobEngine) throws {
-        let address = try engineAddress(replica)
-        if let state = try status(engine).replicas.last(where: { $0.address == address }), ["WO", "RW"].contains(state.mode) { return }
-        _ = try callEngine(engine.control, doing: "add replica \(address)") {
-            try await $0.addReplica(.with { $0.address = address })
-        }
-    }
-
-    private func waitUntilWritable(_ replica: ReplicaRecord, engine: JobEngine, copiedBefore: UInt64) throws {
-        let address = try engineAddress(replica)
+        guard !joining.isEmpty else { return }
+        update(phase: joining.count == 1 ? "copying" : "copying \(joining.count) replicas")
+        let addresses = try joining.map(engineAddress)
+        try add(addresses, engine: engine)
         var lastProgress = (bytes: UInt64.max, at: Date())
         var addedAgain = 0
-        while true {
+        var writable = Set<String>()
+        while writable.count < joining.count {
             if record.cancelRequested || interrupted() { throw MoveStop.cancelled }
-            let state = try status(engine).replicas.last { $0.address == address }
-            switch state?.mode {
-            case "RW":
-                try setRole(.joined, of: replica)
-                update(bytes: copiedBefore + engine.volume.size)
-                return
-            case "WO":
-                let bytes = state?.rebuiltBytes ?? 0
-                update(bytes: copiedBefore + bytes)
-                if bytes != lastProgress.bytes { lastProgress = (bytes, Date()) }
-                if Date().timeIntervalSince(lastProgress.at) > 600 {
-                    throw MoveStop.failed("new replica \(replica.address) copied nothing for 10 minutes")
+            let status = try status(engine)
+            var bytes: UInt64 = 0
+            var missing: [String] = []
+            for (replica, address) in zip(joining, addresses) {
+                let state = status.replicas.last { $0.address == address }
+                switch state?.mode {
+                case "RW":
+                    if writable.insert(address).inserted { try setRole(.joined, of: replica) }
+                    bytes += volume.size
+                case "WO":
+                    bytes += state?.rebuiltBytes ?? 0
+                case nil:
+                    missing.append(address)
+                default:
+                    let why = state.map { $0.error.isEmpty ? $0.mode : $0.error } ?? "it left the volume"
+                    throw MoveStop.failed("new replica \(replica.address) failed: \(why)")
                 }
-            case nil where addedAgain < 3:
-                // An engine started again (its frontend restarts it) knows only the members: add it again.
-                addedAgain += 1
-                try add(replica, engine: engine)
-            default:
-                let why = state.map { $0.error.isEmpty ? $0.mode : $0.error } ?? "it left the volume"
-                throw MoveStop.failed("new replica \(replica.address) failed: \(why)")
             }
-            usleep(250_000)
-            refreshCancel()
+            update(bytes: bytes)
+            if bytes != lastProgress.bytes { lastProgress = (bytes, Date()) }
+            if Date().timeIntervalSince(lastProgress.at) > 600 {
+                throw MoveStop.failed("the new replicas copied nothing for 10 minutes")
+            }
+            if !missing.isEmpty {
+                // An engine started again (its frontend restarts it) knows only the members: add them again.
+                guard addedAgain < 3 else { throw MoveStop.failed("new replicas \(missing.joined(separator: ", ")) left the volume") }
+                addedAgain += 1
+                try add(missing, engine: engine)
+            }
+            if writable.count < joining.count {
+                usleep(250_000)
+                refreshCancel()
+            }
+        }
+    }
+
+    /// Asks the engine to add those of the replicas it does not have already (WO or RW); one it
+    /// failed, or that came up stale when the engine was started for the move, is added again.
+    private func add(_ addresses: [String], engine: JobEngine) throws {
+        let present = try status(engine).replicas
+        let absent = addresses.filter { address in
+            !(present.last { $0.address == address }.map { ["WO", "RW"].contains($0.mode) } ?? false)
+        }
+        guard let first = absent.first else { return }
+        _ = try callEngine(engine.control, doing: "add replicas \(absent.joined(separator: ", "))") {
+            try await $0.addReplica(.with { $0.address = first; $0.togetherWith = Array(absent.dropFirst()) })
         }
     }
 

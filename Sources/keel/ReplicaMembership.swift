@@ -5,15 +5,17 @@ import Syscalls
 import Volumes
 
 extension Replica {
-    /// `keel replica add`: a new (or stale) replica joins a running volume and is rebuilt.
+    /// `keel replica add`: new (or stale) replicas join a running volume and are rebuilt.
     struct Add: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Add a replica to a running volume and rebuild it online.",
+            abstract: "Add replicas to a running volume and rebuild them online.",
             discussion: """
-                The replica (started with `keel replica serve`, empty or stale) joins in WO mode: it
-                receives every new write at once while the engine copies the volume to it from a
-                healthy replica; then it becomes RW. Shows a progress bar on a terminal.
-                Example: keel replica add --engine 127.0.0.1:7900 127.0.0.1:7004
+                Each replica (started with `keel replica serve`, empty or stale) joins in WO mode: it
+                receives the writes behind the copy while the engine copies the volume to it from a
+                healthy replica; then it becomes RW. Several replicas named together are rebuilt in one
+                pass (each region read once for all); one that fails is dropped alone. Shows a progress
+                bar on a terminal.
+                Example: keel replica add --engine 127.0.0.1:7900 127.0.0.1:7004 127.0.0.1:7005
                 """)
 
         @Option(help: "The engine's control address, HOST:PORT or unix:/path (its --control).")
@@ -21,8 +23,8 @@ extension Replica {
 
         @OptionGroup var control: ControlClientOptions
 
-        @Argument(help: "The replica's data address, HOST:PORT or unix:/path.")
-        var replica: String
+        @Argument(help: "The replicas' data addresses, HOST:PORT or unix:/path.")
+        var replicas: [String]
 
         @Flag(help: "Print progress and the result as JSON lines.")
         var json = false
@@ -32,25 +34,24 @@ extension Replica {
 
         func run() throws {
             control.apply(for: engine)
-            let address = try parseListenAddress(replica, option: "REPLICA")
-            let text = "\(address)"
-            var status = try callEngine(engine, doing: "add \(text)") {
-                try await $0.addReplica(.with { $0.address = text })
+            let texts = try replicas.map { "\(try parseListenAddress($0, option: "REPLICA"))" }
+            var status = try callEngine(engine, doing: "add \(texts.joined(separator: ", "))") {
+                try await $0.addReplica(.with { $0.address = texts[0]; $0.togetherWith = Array(texts.dropFirst()) })
             }
             var progress = RebuildProgress(json: json)
-            progress.show(status, replica: text)
-            if noWait { return progress.finish(status, replica: text) }
+            progress.show(status, replicas: texts)
+            if noWait { return progress.finish(status, replicas: texts) }
             // A rebuild moves at disk speed; one status call per second is plenty.
-            while let state = status.replicas.last(where: { $0.address == text }), state.mode == "WO" {
+            while texts.contains(where: { status.replica($0)?.mode == "WO" }) {
                 Thread.sleep(forTimeInterval: progress.interval)
                 status = try callEngine(engine, doing: "report its status") { try await $0.status(.init()) }
-                progress.show(status, replica: text)
+                progress.show(status, replicas: texts)
             }
-            progress.finish(status, replica: text)
-            guard status.replicas.last(where: { $0.address == text })?.mode == "RW" else {
-                let reason = status.replicas.last(where: { $0.address == text })?.error ?? "it left the volume"
-                throw KeelError("the rebuild of \(text) failed: \(reason)")
+            progress.finish(status, replicas: texts)
+            let failed = texts.filter { status.replica($0)?.mode != "RW" }.map { text in
+                "\(text): \(status.replica(text)?.error ?? "it left the volume")"
             }
+            guard failed.isEmpty else { throw KeelError("the rebuild failed for \(failed.joined(separator: "; "))") }
         }
     }
 
@@ -91,26 +92,35 @@ struct RebuildProgress {
 
     var interval: TimeInterval { terminal && !json ? 0.25 : 1 }
 
-    mutating func show(_ status: Keel_Control_V1_EngineStatus, replica: String) {
-        guard let state = status.replicas.last(where: { $0.address == replica }) else { return }
-        let fraction = state.mode == "RW" ? 1 : state.rebuildProgress
+    mutating func show(_ status: Keel_Control_V1_EngineStatus, replicas: [String]) {
+        let states = replicas.compactMap { status.replica($0) }
+        guard !states.isEmpty else { return }
+        let fraction = states.map { $0.mode == "RW" ? 1 : $0.rebuildProgress }.min() ?? 0
+        let named = replicas.joined(separator: ", ")
         if json {
-            print(line(state, fraction: fraction))
+            for state in states { print(line(state, fraction: state.mode == "RW" ? 1 : state.rebuildProgress)) }
         } else if terminal {
             let width = 40, filled = Int(fraction * Double(width))
             let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
-            print("\rrebuilding \(replica) [\(bar)] \(Int(fraction * 100))% \(state.mode)", terminator: "")
+            let modes = Set(states.map(\.mode)).sorted().joined(separator: "/")
+            print("\rrebuilding \(named) [\(bar)] \(Int(fraction * 100))% \(modes)", terminator: "")
             fflush(stdout)
         } else if Int(fraction * 10) > lastTenth {
             lastTenth = Int(fraction * 10)
-            print("rebuilding \(replica): \(Int(fraction * 100))% (\(state.rebuiltBytes) of \(status.size) bytes), \(state.mode)")
+            for state in states {
+                let own = state.mode == "RW" ? 1 : state.rebuildProgress
+                print("rebuilding \(state.address): \(Int(own * 100))% (\(state.rebuiltBytes) of \(status.size) bytes), \(state.mode)")
+            }
         }
     }
 
-    func finish(_ status: Keel_Control_V1_EngineStatus, replica: String) {
+    func finish(_ status: Keel_Control_V1_EngineStatus, replicas: [String]) {
         if terminal && !json { print("") }
-        guard !json, let state = status.replicas.last(where: { $0.address == replica }) else { return }
-        print("replica \(replica) is \(state.mode); volume \(status.volume) is \(Status.health(status))")
+        guard !json else { return }
+        for replica in replicas {
+            guard let state = status.replica(replica) else { continue }
+            print("replica \(replica) is \(state.mode); volume \(status.volume) is \(Status.health(status))")
+        }
     }
 
     private func line(_ state: Keel_Control_V1_ReplicaState, fraction: Double) -> String {
@@ -119,5 +129,12 @@ struct RebuildProgress {
                                      "error": state.error]
         let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data()
         return String(decoding: data, as: UTF8.self)
+    }
+}
+
+extension Keel_Control_V1_EngineStatus {
+    /// The newest entry for a data address (an address re-added after a failure has two).
+    func replica(_ address: String) -> Keel_Control_V1_ReplicaState? {
+        replicas.last { $0.address == address }
     }
 }

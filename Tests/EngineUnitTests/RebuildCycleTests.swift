@@ -5,7 +5,8 @@ import Testing
 
 /// The rebuild's decisions without sockets: regions closed and quiet before
 /// each copy, another source after a failed copy, marks on the joining
-/// replica, the region open again however the rebuild ends.
+/// replicas, one of several that fails dropped alone, the region open again
+/// however the rebuild ends.
 @Suite struct RebuildCycleTests {
     private final class Metadata: ReplicaMetadata {
         var calls: [(MetadataCall, [Int])] = []
@@ -27,7 +28,7 @@ import Testing
         }, logger: logger)
         let index = try replicas.add(address: .unix(path: "r2"), controlAddress: .unix(path: "c2"), id: "r2")
         let metadata = Metadata()
-        let cycle = RebuildCycle(index: index, gate: gate, replicas: replicas, metadata: metadata, maxWaits: maxWaits,
+        let cycle = RebuildCycle(indexes: [index], gate: gate, replicas: replicas, metadata: metadata, maxWaits: maxWaits,
                                  logger: logger) {}
         return (gate, replicas, metadata, cycle)
     }
@@ -41,13 +42,13 @@ import Testing
 
     @Test func everyRegionIsCopiedThenTheReplicaIsFlushedAndPromoted() throws {
         let (_, replicas, metadata, cycle) = try setUp()
-        #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: 0))
+        #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: 0, targets: [2]))
         cycle.copied(.success(()))
         #expect(replicas.replicas[2].rebuiltBytes == region)
         // The last region is clipped to the volume.
-        #expect(cycle.next() == .copy(region: 1, range: ByteRange(offset: region, length: region - 4096), source: 0))
+        #expect(cycle.next() == .copy(region: 1, range: ByteRange(offset: region, length: region - 4096), source: 0, targets: [2]))
         cycle.copied(.success(()))
-        #expect(cycle.next() == .flush)
+        #expect(cycle.next() == .flush(targets: [2]))
         cycle.flushed(.success(()))
         #expect(cycle.next() == .finished)
         #expect(replicas.mode(2) == .rw)
@@ -64,14 +65,14 @@ import Testing
         }, logger: logger)
         let index = try replicas.add(address: .unix(path: "r2"), controlAddress: .unix(path: "c2"), id: "r2")
         var takenWhenOpened: [Bool] = []
-        let cycle = RebuildCycle(index: index, gate: gate, replicas: replicas, metadata: Metadata(), maxWaits: 10,
+        let cycle = RebuildCycle(indexes: [index], gate: gate, replicas: replicas, metadata: Metadata(), maxWaits: 10,
                                  logger: logger) { takenWhenOpened.append(replicas.takesWrite(index, at: 0)) }
         #expect(replicas.takesWrite(0, at: region) && !replicas.takesWrite(index, at: 0), "RW takes all; nothing copied yet")
-        #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: 0))
+        #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: 0, targets: [2]))
         cycle.copied(.success(()))
         #expect(takenWhenOpened == [true])
         #expect(!replicas.takesWrite(index, at: region), "region 1 is still ahead of the copy")
-        #expect(cycle.next() == .copy(region: 1, range: ByteRange(offset: region, length: region), source: 0))
+        #expect(cycle.next() == .copy(region: 1, range: ByteRange(offset: region, length: region), source: 0, targets: [2]))
         cycle.copied(.failure(EngineError("source gone")))
         #expect(!replicas.takesWrite(index, at: region), "a failed copy leaves the region to the next try")
     }
@@ -83,7 +84,7 @@ import Testing
         #expect(!gate.admit(offset: 8192, length: 4096), "the region is closed to new writes")
         #expect(cycle.next() == .wait)
         gate.finish(offset: 0, length: 4096)
-        guard case .copy(region: 0, _, _) = cycle.next() else { Issue.record("no copy once quiet"); return }
+        guard case .copy(region: 0, _, _, _) = cycle.next() else { Issue.record("no copy once quiet"); return }
         cycle.copied(.success(()))
         #expect(gate.admit(offset: 8192, length: 4096), "open again after the copy")
     }
@@ -100,13 +101,13 @@ import Testing
 
     @Test func aFailedCopyMovesToAnotherSourceThenFailsTheReplicaWhenNoneIsLeft() throws {
         let (gate, replicas, _, cycle) = try setUp()
-        #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: 0))
+        #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: 0, targets: [2]))
         cycle.copied(.failure(EngineError("source gone")))
         _ = gate.admit(offset: 0, length: 4096)
         gate.marked(gate.takeRegionsToMark())
         #expect(gate.admit(offset: 0, length: 4096), "the region opens between tries")
         gate.finish(offset: 0, length: 4096)
-        #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: 1))
+        #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: 1, targets: [2]))
         cycle.copied(.failure(EngineError("gone too")))
         #expect(cycle.next() == .finished)
         #expect(replicas.mode(2) == .err)
@@ -141,5 +142,74 @@ import Testing
         metadata.answer = .notOwner
         #expect(cycle.next() == .finished)
         #expect(replicas.isFenced)
+    }
+
+    /// Two RW replicas (0, 1) and three joining ones (2, 3, 4) rebuilt in one pass.
+    private func setUpThree() throws -> (WriteGate, ReplicaSet, Metadata, RebuildCycle) {
+        let gate = WriteGate(size: 2 * region, regionSize: region)
+        let replicas = ReplicaSet((0..<2).map {
+            ReplicaSet.Replica(address: .unix(path: "r\($0)"), controlAddress: .unix(path: "c\($0)"), id: "r\($0)", mode: .rw)
+        }, logger: logger)
+        let indexes = try (2..<5).map { try replicas.add(address: .unix(path: "r\($0)"), controlAddress: .unix(path: "c\($0)"), id: "r\($0)") }
+        let metadata = Metadata()
+        let cycle = RebuildCycle(indexes: indexes, gate: gate, replicas: replicas, metadata: metadata, maxWaits: 10, logger: logger) {}
+        return (gate, replicas, metadata, cycle)
+    }
+
+    @Test func severalReplicasAreCopiedFromOneReadOfEachRegionAndPromotedTogether() throws {
+        let (gate, replicas, metadata, cycle) = try setUpThree()
+        writeInFlight(gate, at: region)
+        gate.finish(offset: region, length: 4096)
+        #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: 0, targets: [2, 3, 4]))
+        #expect(metadata.calls.count == 1 && metadata.calls.first?.1 == [2, 3, 4], "the dirty region is marked on every joining replica")
+        cycle.copied(.success(()))
+        #expect((2..<5).allSatisfy { replicas.replicas[$0].rebuiltBytes == region && replicas.takesWrite($0, at: 0) })
+        #expect(cycle.next() == .copy(region: 1, range: ByteRange(offset: region, length: region), source: 0, targets: [2, 3, 4]))
+        cycle.copied(.success(()))
+        #expect(cycle.next() == .flush(targets: [2, 3, 4]))
+        cycle.flushed(.success(()))
+        #expect(cycle.next() == .finished)
+        #expect((2..<5).allSatisfy { replicas.mode($0) == .rw })
+    }
+
+    @Test func aJoiningReplicaThatFailsACopyIsDroppedAloneAndTheRegionCopiedAgainToTheOthers() throws {
+        let (gate, replicas, _, cycle) = try setUpThree()
+        #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: 0, targets: [2, 3, 4]))
+        cycle.copied(.failure(RebuildCycle.TargetFailed(index: 3, reason: "connection reset")))
+        #expect(replicas.mode(3) == .err && replicas.replicas[3].reason.contains("connection reset"))
+        writeInFlight(gate, at: 0)
+        gate.finish(offset: 0, length: 4096)
+        #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: 0, targets: [2, 4]),
+                "the same source, the region again (it opened between tries)")
+        #expect(!replicas.takesWrite(2, at: 0), "nothing counts as copied before the copy succeeds")
+        cycle.copied(.success(()))
+        _ = cycle.next()
+        cycle.copied(.success(()))
+        #expect(cycle.next() == .flush(targets: [2, 4]))
+        cycle.flushed(.failure(RebuildCycle.TargetFailed(index: 4, reason: "flush failed")))
+        #expect(cycle.next() == .flush(targets: [2]), "the others are flushed again")
+        cycle.flushed(.success(()))
+        #expect(cycle.next() == .finished)
+        #expect(replicas.mode(2) == .rw && replicas.mode(3) == .err && replicas.mode(4) == .err)
+    }
+
+    @Test func aJoiningReplicaRemovedMeanwhileLeavesTheOthersCopying() throws {
+        let (_, replicas, _, cycle) = try setUpThree()
+        _ = try replicas.remove(address: .unix(path: "r3"))
+        #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: 0, targets: [2, 4]))
+        cycle.copied(.success(()))
+        _ = try replicas.remove(address: .unix(path: "r2"))
+        _ = try replicas.remove(address: .unix(path: "r4"))
+        #expect(cycle.next() == .finished, "no joining replica left")
+    }
+
+    @Test func whenEverySourceFailsEveryJoiningReplicaFails() throws {
+        let (_, replicas, _, cycle) = try setUpThree()
+        for source in 0..<2 {
+            #expect(cycle.next() == .copy(region: 0, range: ByteRange(offset: 0, length: region), source: source, targets: [2, 3, 4]))
+            cycle.copied(.failure(EngineError("source \(source) gone")))
+        }
+        #expect(cycle.next() == .finished)
+        #expect((2..<5).allSatisfy { replicas.mode($0) == .err })
     }
 }

@@ -116,6 +116,13 @@ import Testing
         try expectFailure(["add", "--engine", "unix:" + cluster.scratch.file("no-engine"), otherSize.address],
                           mentioning: "cannot reach the engine")
         try expectFailure(["add", "--engine", control, "nowhere"], mentioning: "REPLICA")
+        try expectFailure(["add", "--engine", control], mentioning: "Missing expected argument '<replicas> ...'")
+        try expectFailure(["add", "--engine", control, otherSize.address, otherSize.address], mentioning: "named twice")
+        // Named with one already in the volume, a good replica is not added either.
+        let fresh = try cluster.startReplica(2)
+        defer { _ = fresh.stop() }
+        try expectFailure(["add", "--engine", control, fresh.address, cluster.replicas[1].address], mentioning: "already in the volume")
+        #expect(EngineTests.modes(try EngineTests.status(control)) == ["RW", "RW"])
         try expectFailure(["rm", "--engine", control, otherSize.address], mentioning: "not a replica of this volume")
         let first = try run([Paths.keel, "replica", "rm", "--engine", control, cluster.replicas[0].address])
         #expect(first.status == 0, "\(first.stderr)")
@@ -125,27 +132,29 @@ import Testing
     }
 
     /// `--no-wait` returns while the rebuild runs; the status shows its progress until RW.
-    @Test func addWithoutWaitingThenWatchTheStatus() throws {
+    /// Two replicas named together join at once and are rebuilt in one pass (`RebuildCycleTests`: one read for both).
+    @Test func twoReplicasAddedTogetherWithoutWaitingThenWatchTheStatus() throws {
         let cluster = try Cluster(replicas: 1, size: "64M")
         let control = "unix:" + cluster.scratch.file("engine.control")
         try cluster.startEngine(extra: ["--control", control])
         let writer = try NBDClient()
         try writer.connect(uri: cluster.uri)
         for i in 0..<48 { try writer.write(Pattern().bytes(at: UInt64(i) << 20, count: 1 << 20), at: UInt64(i) << 20) }
-        let fresh = try cluster.startReplica(1)
-        cluster.replicas.append(fresh)
-        let add = try run([Paths.keel, "replica", "add", "--no-wait", "--engine", control, fresh.address])
+        let fresh = try [1, 2].map { try cluster.startReplica($0) }
+        cluster.replicas += fresh
+        let add = try run([Paths.keel, "replica", "add", "--no-wait", "--engine", control] + fresh.map(\.address))
         #expect(add.status == 0, "\(add.stderr)")
-        var mode = ""
-        for _ in 0..<600 where mode != "RW" {
+        for replica in fresh { #expect(add.stdout.contains("replica \(replica.address) is WO"), "\(add.stdout)") }
+        var modes: [String] = []
+        for _ in 0..<600 where modes != ["RW", "RW"] {
             let replicas = try EngineTests.status(control)["replicas"] as! [[String: Any]]
-            mode = replicas[1]["mode"] as! String
-            #expect(mode == "WO" || mode == "RW")
+            modes = replicas[1...].map { $0["mode"] as! String }
+            #expect(modes.allSatisfy { $0 == "WO" || $0 == "RW" }, "\(replicas)")
             usleep(100_000)
         }
-        #expect(mode == "RW")
+        #expect(modes == ["RW", "RW"])
         #expect(cluster.engine!.stop() == 0)
         for replica in cluster.replicas { #expect(replica.stop() == 0) }
-        #expect(try cluster.headsAreIdentical([0, 1]))
+        #expect(try cluster.headsAreIdentical([0, 1, 2]))
     }
 }

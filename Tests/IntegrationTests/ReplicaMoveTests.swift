@@ -154,6 +154,7 @@ import Testing
         #expect((written?["acked"] as? Int ?? 0) > 500, "the writer wrote during the move: \(write.stdout)")
         #expect(moved == 0, "\(moveOutput)")
         #expect(moveOutput.contains("\"migration_status\":\"migrating_attachable\""), "\(moveOutput)")
+        #expect(moveOutput.contains("\"phase\":\"copying 3 replicas\""), "the three are rebuilt in one pass: \(moveOutput)")
 
         let status = try migration()
         #expect(status["migration_status"] as? String == "success" && status["percent"] as? Int == 100, "\(status)")

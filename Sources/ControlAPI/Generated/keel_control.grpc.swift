@@ -207,7 +207,7 @@ extension Keel_Control_V1_EngineControl {
         ///
         /// > Source IDL Documentation:
         /// >
-        /// > Adds a replica in WO mode and rebuilds it in the background; returns at once.
+        /// > Adds replicas in WO mode and rebuilds them in the background (one pass for all); returns at once.
         ///
         /// - Parameters:
         ///   - request: A streaming request of `Keel_Control_V1_AddReplicaRequest` messages.
@@ -368,7 +368,7 @@ extension Keel_Control_V1_EngineControl {
         ///
         /// > Source IDL Documentation:
         /// >
-        /// > Adds a replica in WO mode and rebuilds it in the background; returns at once.
+        /// > Adds replicas in WO mode and rebuilds them in the background (one pass for all); returns at once.
         ///
         /// - Parameters:
         ///   - request: A request containing a single `Keel_Control_V1_AddReplicaRequest` message.
@@ -527,7 +527,7 @@ extension Keel_Control_V1_EngineControl {
         ///
         /// > Source IDL Documentation:
         /// >
-        /// > Adds a replica in WO mode and rebuilds it in the background; returns at once.
+        /// > Adds replicas in WO mode and rebuilds them in the background (one pass for all); returns at once.
         ///
         /// - Parameters:
         ///   - request: A `Keel_Control_V1_AddReplicaRequest` message.
@@ -995,7 +995,7 @@ extension Keel_Control_V1_EngineControl {
         ///
         /// > Source IDL Documentation:
         /// >
-        /// > Adds a replica in WO mode and rebuilds it in the background; returns at once.
+        /// > Adds replicas in WO mode and rebuilds them in the background (one pass for all); returns at once.
         ///
         /// - Parameters:
         ///   - request: A request containing a single `Keel_Control_V1_AddReplicaRequest` message.
@@ -1226,7 +1226,7 @@ extension Keel_Control_V1_EngineControl {
         ///
         /// > Source IDL Documentation:
         /// >
-        /// > Adds a replica in WO mode and rebuilds it in the background; returns at once.
+        /// > Adds replicas in WO mode and rebuilds them in the background (one pass for all); returns at once.
         ///
         /// - Parameters:
         ///   - request: A request containing a single `Keel_Control_V1_AddReplicaRequest` message.
@@ -1497,7 +1497,7 @@ extension Keel_Control_V1_EngineControl.ClientProtocol {
     ///
     /// > Source IDL Documentation:
     /// >
-    /// > Adds a replica in WO mode and rebuilds it in the background; returns at once.
+    /// > Adds replicas in WO mode and rebuilds them in the background (one pass for all); returns at once.
     ///
     /// - Parameters:
     ///   - request: A request containing a single `Keel_Control_V1_AddReplicaRequest` message.
@@ -1745,7 +1745,7 @@ extension Keel_Control_V1_EngineControl.ClientProtocol {
     ///
     /// > Source IDL Documentation:
     /// >
-    /// > Adds a replica in WO mode and rebuilds it in the background; returns at once.
+    /// > Adds replicas in WO mode and rebuilds them in the background (one pass for all); returns at once.
     ///
     /// - Parameters:
     ///   - message: request message to send.

@@ -151,6 +151,9 @@ public nonisolated struct Keel_Control_V1_AddReplicaRequest: Sendable {
   /// the replica's data address, HOST:PORT or unix:/path
   public var address: String = String()
 
+  /// more replicas rebuilt in the same pass: one read of the source feeds them all
+  public var togetherWith: [String] = []
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -975,7 +978,7 @@ nonisolated extension Keel_Control_V1_EngineStatusRequest: SwiftProtobuf.Message
 
 nonisolated extension Keel_Control_V1_AddReplicaRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".AddReplicaRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}address\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}address\0\u{3}together_with\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -984,6 +987,7 @@ nonisolated extension Keel_Control_V1_AddReplicaRequest: SwiftProtobuf.Message, 
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularStringField(value: &self.address) }()
+      case 2: try { try decoder.decodeRepeatedStringField(value: &self.togetherWith) }()
       default: break
       }
     }
@@ -993,11 +997,15 @@ nonisolated extension Keel_Control_V1_AddReplicaRequest: SwiftProtobuf.Message, 
     if !self.address.isEmpty {
       try visitor.visitSingularStringField(value: self.address, fieldNumber: 1)
     }
+    if !self.togetherWith.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.togetherWith, fieldNumber: 2)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Keel_Control_V1_AddReplicaRequest, rhs: Keel_Control_V1_AddReplicaRequest) -> Bool {
     if lhs.address != rhs.address {return false}
+    if lhs.togetherWith != rhs.togetherWith {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
