@@ -9,8 +9,11 @@ engine, replicas on unix sockets, `keel volume` with its own state directory):
    fresh replicas: the IOPS during the move against before (goal: at least 0.85 x, the
    Cinder spec's 15 % drop), and the copy's rate meanwhile against the idle one (goal:
    at least 0.5 x). The volume is --size large, so that the copy outlasts the job.
+3. With --ceiling, also: the same job on volumes of 4 and 6 replicas (no move) against 3,
+   in turn: what a move that sends the writes behind its copy to one or three more
+   replicas can reach at best on this host.
 
-Usage: Bench/move [--size 4G] [--runtime 10] [--depth 32] [--rounds 3] [--dir DIR] [--json FILE]
+Usage: Bench/move [--size 4G] [--runtime 10] [--depth 32] [--rounds 3] [--ceiling] [--dir DIR] [--json FILE]
 """
 import argparse, json, os, shutil, subprocess, sys, tempfile, threading, time
 
@@ -82,8 +85,34 @@ class Bench:
             last = (status["bytes_total"], time.monotonic())
         return last[0] - first[0], last[1] - first[1]
 
+    def ceiling(self, depth, runtime, rounds):
+        """IOPS of volumes of 3, 4 and 6 replicas, the job run on each in turn; the ratios against 3 (medians)."""
+        uris = {}
+        for count in (3, 4, 6):
+            self.cli("volume", "create", f"c{count}", "--size", self.size, "--replicas", str(count))
+            uris[count] = self.cli("volume", "attach", f"c{count}", "--no-device").strip()
+            subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={uris[count]}", "--rw=write", "--bs=1M",
+                            "--iodepth=8", f"--size={self.size}", "--output=/dev/null"], check=True)
+        ratios = {4: [], 6: []}
+        for round_ in range(rounds):
+            iops = {}
+            for count in (3, 4, 6):
+                settle()
+                iops[count] = fio_randwrite(uris[count], depth, runtime, self.size)
+            for count in (4, 6):
+                ratios[count].append(iops[count] / iops[3])
+            print(f"  ceiling round {round_ + 1}: " + ", ".join(f"{c} replicas {round(iops[c])} IOPS" for c in (3, 4, 6)),
+                  flush=True)
+        for count in (3, 4, 6):
+            self.cli("volume", "detach", f"c{count}")
+            self.cli("volume", "rm", f"c{count}", "--force")
+        return {count: round(sorted(r)[len(r) // 2], 3) for count, r in ratios.items()}
+
     def close(self):
-        subprocess.run([self.keel, "volume", "detach", "vol", "--state-dir", self.state], capture_output=True)
+        for name in ("vol", "c3", "c4", "c6"):
+            subprocess.run([self.keel, "volume", "detach", name, "--state-dir", self.state], capture_output=True)
+        for name in ("c3", "c4", "c6"):  # a ceiling cut short: their replicas here
+            subprocess.run([self.keel, "volume", "rm", name, "--force", "--state-dir", self.state], capture_output=True)
         for server in reversed(self.servers):
             server.__exit__(None, None, None)
 
@@ -94,6 +123,7 @@ def main():
     parser.add_argument("--runtime", type=int, default=10)
     parser.add_argument("--depth", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ceiling", action="store_true", help="also measure volumes of 4 and 6 replicas against 3")
     parser.add_argument("--dir", default=None, help="where the replicas live (default: a directory under /var/tmp)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -141,6 +171,9 @@ def main():
             results[key + "_median"] = sorted(r[key] for r in rows)[len(rows) // 2]
         print(f"move: IOPS during / before (median) {results['iops_ratio_median']} (goal >= 0.85); "
               f"copy during / idle (median) {results['copy_ratio_median']} (goal >= 0.5)")
+        if args.ceiling:
+            results["ceiling"] = bench.ceiling(args.depth, args.runtime, args.rounds)
+            print(f"move: ceiling, IOPS of 4 and 6 replicas / 3 (median) {results['ceiling'][4]}, {results['ceiling'][6]}")
     finally:
         bench.close()
         shutil.rmtree(work, ignore_errors=True)
