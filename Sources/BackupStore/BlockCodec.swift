@@ -40,9 +40,8 @@ public struct BlockCodecError: Error, CustomStringConvertible {
 public enum BlockCodec {
     /// Level 3 is zstd's default: ~300 MB/s per core here, a fair ratio; higher levels cost the backup's CPU.
     static let level: Int32 = 3
-    static let incompressibleSample = 128 << 10
-    /// zstd's negative levels trade ratio for speed; -7 costs about a copy on data that does not compress.
-    static let incompressibleLevel: Int32 = -7
+    /// Three samples of this size (the block's start, middle and end) decide whether it is worth compressing.
+    static let incompressibleSample = 32 << 10
     /// A block moves over NBD as pieces of 256 KiB (what nbdcopy sends) all in flight at once:
     /// the server works on them in parallel.
     static let transferPiece = 256 << 10
@@ -62,6 +61,35 @@ public enum BlockCodec {
 
     public static func compressBound(_ count: Int) -> Int { ZSTD_compressBound(count) }
 
+    /// zstd's largest block (RFC 8878, Block_Maximum_Size).
+    static let maxBlock = 128 << 10
+
+    /// A zstd frame of raw (stored) blocks: magic, a single-segment header with the 4-byte content size,
+    /// then each block's 3-byte header (last flag, type 0, size) and its bytes (RFC 8878, 3.1.1). What
+    /// zstd itself writes for data it cannot shrink, without its search.
+    static func rawFrame(_ bytes: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Int {
+        precondition(bytes.count < 1 << 32, "a raw frame records its size in 4 bytes")
+        var position = 0
+        func put(_ value: UInt32, bytes count: Int) {
+            for i in 0 ..< count { output[position + i] = UInt8(truncatingIfNeeded: value >> (8 * i)) }
+            position += count
+        }
+        put(0xFD2F_B528, bytes: 4)
+        put(0b1010_0000, bytes: 1)  // Frame_Content_Size_flag 2 (4 bytes), Single_Segment_flag
+        put(UInt32(bytes.count), bytes: 4)
+        var start = 0
+        repeat {
+            let count = min(maxBlock, bytes.count - start)
+            let last: UInt32 = start + count == bytes.count ? 1 : 0
+            put(UInt32(count) << 3 | last, bytes: 3)  // Block_Type 0: raw
+            UnsafeMutableRawBufferPointer(rebasing: output[position ..< position + count])
+                .copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[start ..< start + count]))
+            position += count
+            start += count
+        } while start < bytes.count
+        return position
+    }
+
     /// A zstd context kept for many blocks: each new one allocates and clears its tables.
     public final class Compressor {
         private let context: OpaquePointer
@@ -75,16 +103,22 @@ public enum BlockCodec {
 
         /// Compresses into `output` (at least `compressBound(bytes.count)` bytes) and returns the compressed length.
         /// At level 3 zstd spends 0.3 CPU-s per GiB finding nothing in incompressible data (random, encrypted,
-        /// already compressed). As ZFS's zstd early abort does, a cheap try on a sample decides: a block whose
-        /// first 128 KiB do not shrink at level 1 is framed at zstd's fastest level (any decoder reads it).
+        /// already compressed). As ZFS's zstd early abort does, cheap tries on samples decide: a block none of
+        /// whose three samples shrinks at level 1 is stored in a frame of raw blocks (any decoder reads it).
         public func compress(_ bytes: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) throws -> Int {
             precondition(output.count >= compressBound(bytes.count), "zstd needs room for its worst case")
-            let sample = BlockCodec.incompressibleSample
-            if bytes.count > 2 * sample,
-               try compress(UnsafeRawBufferPointer(rebasing: bytes[0 ..< sample]), into: output, level: 1) >= sample - sample / 64 {
-                return try compress(bytes, into: output, level: BlockCodec.incompressibleLevel)
-            }
+            if try isIncompressible(bytes, scratch: output) { return BlockCodec.rawFrame(bytes, into: output) }
             return try compress(bytes, into: output, level: level)
+        }
+
+        private func isIncompressible(_ bytes: UnsafeRawBufferPointer, scratch: UnsafeMutableRawBufferPointer) throws -> Bool {
+            let sample = BlockCodec.incompressibleSample
+            guard bytes.count >= 8 * sample else { return false }
+            for start in [0, bytes.count / 2 - sample / 2, bytes.count - sample] {
+                let piece = UnsafeRawBufferPointer(rebasing: bytes[start ..< start + sample])
+                if try compress(piece, into: scratch, level: 1) < sample - sample / 64 { return false }
+            }
+            return true
         }
 
         private func compress(_ bytes: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer, level: Int32) throws -> Int {

@@ -1,4 +1,4 @@
-import BackupStore
+@testable import BackupStore
 import Foundation
 import Testing
 
@@ -18,9 +18,10 @@ import Testing
         #expect(throws: (any Error).self) { try BlockCodec.decompress(compressed, size: bytes.count - 1) }
     }
 
-    /// A block whose start does not compress is framed at zstd's fastest level: it still round-trips, and
-    /// what follows that start (zeros here) still shrinks; one that compresses from the start gets level 3.
-    @Test func incompressibleStartsTakeTheFastLevelAndStillRoundTrip() throws {
+    /// A block none of whose samples (start, middle, end) compresses is stored as a frame of raw blocks:
+    /// zstd reads it back, with its size recorded. One that compresses anywhere sampled gets level 3,
+    /// noise at its start or not.
+    @Test func incompressibleBlocksAreStoredRawAndStillRoundTrip() throws {
         var random = Fixture.Random(seed: 3)
         let noise = (0 ..< Self.blockSize).map { _ in UInt8(truncatingIfNeeded: random.next()) }
         let compressor = BlockCodec.Compressor()
@@ -28,14 +29,30 @@ import Testing
         defer { output.deallocate() }
         func roundTrip(_ bytes: [UInt8]) throws -> Int {
             let count = try bytes.withUnsafeBytes { try compressor.compress($0, into: output) }
-            #expect(try BlockCodec.decompress(Array(output[0 ..< count]), size: bytes.count) == bytes)
+            let frame = Array(output[0 ..< count])
+            #expect(try BlockCodec.decompress(frame, size: bytes.count) == bytes)
+            #expect(try BlockCodec.decompressFrame(frame) == bytes, "the content size is recorded")
             return count
         }
-        #expect(try roundTrip(noise) <= BlockCodec.compressBound(Self.blockSize))
+        let blocks = (Self.blockSize + (128 << 10) - 1) / (128 << 10)
+        #expect(try roundTrip(noise) == 9 + 3 * blocks + Self.blockSize, "a raw frame: header, block headers, the bytes")
         let noisyStart = Array(noise[0 ..< 256 << 10]) + [UInt8](repeating: 0, count: Self.blockSize - (256 << 10))
         #expect(try roundTrip(noisyStart) < 300 << 10)
+        let noisyEnd = [UInt8](repeating: 7, count: Self.blockSize - (256 << 10)) + Array(noise[0 ..< 256 << 10])
+        #expect(try roundTrip(noisyEnd) < 300 << 10)
         let text = (0 ..< Self.blockSize).map { UInt8(ascii: "a") + UInt8($0 % 7) }
         #expect(try roundTrip(text) < 4 << 10)
+    }
+
+    /// Raw frames of every shape zstd must read: empty, one byte, a block's exact size, one past it.
+    @Test(arguments: [0, 1, 128 << 10, (128 << 10) + 1, 300_001])
+    func rawFramesDecodeWithZstd(size: Int) throws {
+        var random = Fixture.Random(seed: UInt64(size) + 11)
+        let bytes = (0 ..< size).map { _ in UInt8(truncatingIfNeeded: random.next()) }
+        let output = UnsafeMutableRawBufferPointer.allocate(byteCount: BlockCodec.compressBound(max(size, 1)), alignment: 16)
+        defer { output.deallocate() }
+        let count = bytes.withUnsafeBytes { BlockCodec.rawFrame($0, into: output) }
+        #expect(try BlockCodec.decompressFrame(Array(output[0 ..< count])) == bytes)
     }
 
     /// Deferred puts: invisible until made durable, then whole; through O_DIRECT on a disk file
