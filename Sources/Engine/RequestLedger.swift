@@ -89,10 +89,15 @@ public enum RequestLedger {
 
     /// Replica `replica` answered one command with `error` (0: success). A
     /// replica that refuses an older epoch (ESHUTDOWN) fences the engine;
-    /// any other error fails that replica.
+    /// any other error fails that replica. A read that replica answered
+    /// after it left RW is read again elsewhere: re-added meanwhile, its head
+    /// may have been rewritten by its chain copy before the read ran.
     public static func commandFinished(_ r: UnsafeMutablePointer<IORequest>, replica: Int, error: Int32,
                                        replicas: ReplicaSet) -> Finished {
-        if error == 0 {
+        let staleRead = error == 0 && r.pointee.command == .read && replicas.mode(replica) != .rw
+        if staleRead {
+            // Neither progress nor a failure: the replica has already left.
+        } else if error == 0 {
             r.pointee.progress += 1
         } else if error == ESHUTDOWN {
             replicas.fence(by: replica)
@@ -101,7 +106,7 @@ public enum RequestLedger {
         }
         precondition(r.pointee.pendingOperations > 0, "a replica answered a request with no command pending")
         r.pointee.pendingOperations -= 1
-        if error != 0 && r.pointee.command == .read && r.pointee.progress == 0 {
+        if (error != 0 || staleRead) && r.pointee.command == .read && r.pointee.progress == 0 {
             r.pointee.pendingOperations += 1
             return .retryRead
         }

@@ -86,4 +86,23 @@ import Glibc
         #expect(RequestLedger.settle(r, replicas: replicas, gate: gate) == .hold)
         r.deallocate()
     }
+
+    /// Found by the simulator (seeds 1630, 1178): a read sent to a replica that then failed
+    /// (another request's error) and was added again at once ran only after the new rebuild's
+    /// chain copy had rewritten that replica's head, and its old data was answered to the client.
+    /// An answer from a replica that has left RW is read again from another.
+    @Test func aReadAnsweredByAReplicaThatLeftRWIsReadAgainElsewhere() {
+        let replicas = Self.replicas(2)
+        let r = Self.write(at: 0, gate: WriteGate(size: 1 << 20))
+        r.pointee.command = .read
+        RequestLedger.holdWhileIssuing(r)
+        #expect(RequestLedger.send(r) { .sent })
+        #expect(!RequestLedger.releaseIssuingHold(r))
+        replicas.fail(0, reason: "a FLUSH failed")
+        #expect(RequestLedger.commandFinished(r, replica: 0, error: 0, replicas: replicas) == .retryRead)
+        #expect(r.pointee.progress == 0, "its data does not count")
+        #expect(RequestLedger.commandFinished(r, replica: 1, error: 0, replicas: replicas) == .last)
+        #expect(r.pointee.progress == 1)
+        r.deallocate()
+    }
 }
