@@ -25,8 +25,9 @@ import Testing
     }
 
     @Test func createsTheDirectoryWhenMissing() throws {
-        let dir = try emptyDirectory() + "/nested"
-        defer { remove(dir) }
+        let parent = try emptyDirectory()
+        defer { remove(parent) }
+        let dir = parent + "/nested"
         #expect(try ReplicaStore.open(directory: dir, size: 1 << 20).size == 1 << 20)
     }
 
