@@ -58,6 +58,9 @@ final class Rebuild: @unchecked Sendable {
             throw EngineError("replica \(address) is named twice; nothing was changed")
         }
         let joining = try addresses.map { try check(device: device, address: $0) }
+        for (i, replica) in joining.enumerated() where joining[..<i].contains(where: { $0.status.id == replica.status.id }) {
+            throw EngineError("replica \(replica.address) is the same replica (\(replica.status.id)) as another one named; nothing was changed")
+        }
         // The chain copy overwrites its head with older snapshots' data: if it
         // failed a moment ago, the recorded membership may still name it, and
         // an engine started after a crash would trust that head.
@@ -67,19 +70,25 @@ final class Rebuild: @unchecked Sendable {
         // Their chains first, before they join (joined, they would take writes into the head it freezes).
         // Snapshots are refused until every one has its chain: all end at the same newest snapshot.
         var newestSnapshot: String?
-        do {
-            defer { device.copyingChain.withLock { $0 = nil } }
-            for replica in joining {
-                device.copyingChain.withLock { $0 = replica.address }
+        defer { device.copyingChain.withLock { $0 = nil } }
+        for replica in joining {
+            device.copyingChain.withLock { $0 = replica.address }
+            do {
                 newestSnapshot = try ChainCopy(device: device, target: replica.address,
                                                targetControl: try ReplicaControlClient(address: replica.controlAddress),
                                                targetSnapshots: replica.status.snapshots.map(\.name), logger: logger).run()
+            } catch let error as EngineError {
+                throw EngineError("\(error); nothing was added")
+            } catch {
+                throw EngineError("giving replica \(replica.address) the volume's snapshots failed: \(error); nothing was added")
             }
-        } catch let error as EngineError {
-            throw EngineError("\(error); nothing was added")
         }
         // The I/O threads take these connections when the replicas join: none of them blocks in a connect.
         var indexes: [Int] = []
+        let undo = {
+            for replica in joining { device.dropPreparedLinks(to: replica.address) }
+            for index in indexes { _ = try? device.replicas.remove(address: device.replicas.replicas[index].address) }
+        }
         do {
             for replica in joining {
                 try device.prepareLinks(to: replica.address)
@@ -87,12 +96,14 @@ final class Rebuild: @unchecked Sendable {
                                                        id: replica.status.id))
             }
         } catch {
-            for replica in joining { device.dropPreparedLinks(to: replica.address) }
-            for index in indexes { _ = try? device.replicas.remove(address: device.replicas.replicas[index].address) }
+            undo()
             throw error
         }
         let rebuild = Rebuild(device: device, addresses: addresses, indexes: indexes, newestSnapshot: newestSnapshot, logger: logger)
-        rebuild.thread = try PosixThread(name: "keel-rebuild") { rebuild.run() }
+        do { rebuild.thread = try PosixThread(name: "keel-rebuild") { rebuild.run() } } catch {
+            undo()
+            throw EngineError("cannot start the rebuild's thread: \(error); nothing was added")
+        }
         for replica in joining {
             logger.notice("replica \(replica.address) (\(replica.status.id)) added in WO mode; rebuilding")
         }
@@ -111,6 +122,10 @@ final class Rebuild: @unchecked Sendable {
         }
         guard status.size == device.size else {
             throw EngineError("replica \(address) holds \(status.size) bytes but the volume is \(device.size); nothing was changed")
+        }
+        // Before anything touches it: the chain copy would rewrite a member's head under its writes.
+        if let member = device.replicas.replicas.first(where: { $0.mode.isWritable && ($0.address == address || $0.id == status.id) }) {
+            throw EngineError("replica \(member.address) with this identity is already in the volume (\(member.mode.rawValue)); nothing was changed")
         }
         do {
             let probe = try NBDClient()

@@ -143,7 +143,7 @@ public final class RebuildCycle {
         case .failure(let error):
             state = .finished
             if !isCancelled() {
-                for index in targets { replicas.fail(index, reason: "rebuild failed: flush: \(error)") }
+                failAll("rebuild failed: flush: \(error)")
             }
         }
     }
@@ -179,7 +179,7 @@ public final class RebuildCycle {
         guard quiet else {
             guard waits < maxWaits else {
                 openRegion()
-                for index in targets { replicas.fail(index, reason: "rebuild failed: writes to region \(region) did not finish") }
+                failAll("rebuild failed: writes to region \(region) did not finish")
                 state = .finished
                 return .finished
             }
@@ -192,7 +192,7 @@ public final class RebuildCycle {
         guard let source = candidates.first else {
             openRegion()
             let why = failedSources.isEmpty ? "no healthy replica to copy from" : "every source failed to copy region \(region)"
-            for index in targets { replicas.fail(index, reason: "rebuild failed: \(why)") }
+            failAll("rebuild failed: \(why)")
             state = .finished
             return .finished
         }
@@ -217,6 +217,10 @@ public final class RebuildCycle {
     private func span(of region: Int) -> ByteRange {
         let range = gate.range(of: region)
         return ByteRange(offset: range.offset, length: min(range.length, gate.size - range.offset))
+    }
+
+    private func failAll(_ reason: String) {
+        for index in targets { replicas.fail(index, reason: reason) }
     }
 
     private func openRegion() {

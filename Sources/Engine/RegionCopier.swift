@@ -14,7 +14,9 @@ struct RegionCopier {
 
     let source: NBDClient
     let targets: [NBDClient]
-    /// How long one range may take before the connections are cut.
+    /// How long one call to a replica may take before its connection is cut
+    /// (`Deadline`): a replica that stopped answering fails that call, and the
+    /// failure is that replica's, the source's or one target's.
     let timeoutSeconds: Double
     /// When set, only the blocks this context of the source marks changed
     /// are copied (`keel:changed:<snapshot>`: the target holds that snapshot already).
@@ -35,34 +37,26 @@ struct RegionCopier {
     /// A target's failure throws `TargetFailure`; any other error is the source's.
     @discardableResult
     func copy(offset: UInt64, length: UInt64) throws -> UInt64 {
-        let deadline = Deadline(seconds: timeoutSeconds,
-                                descriptors: ([source] + targets).map(\.descriptor))
-        defer { deadline.cancel() }
-        do {
-            guard let changedContext else { return try copyExtents(offset: offset, length: length) }
-            guard source.canMetaContext(changedContext) else {
-                throw EngineError("the source replica does not offer \(changedContext)")
-            }
-            var data: UInt64 = 0
-            var position = offset
-            let end = offset + length
-            while position < end {
-                let extents = try source.blockStatus(count: min(end - position, 1 << 30), at: position, context: changedContext)
-                guard !extents.isEmpty else { throw EngineError("the source replica sent no \(changedContext) at \(position)") }
-                for extent in extents where position < end {
-                    let count = min(UInt64(extent.length), end - position)
-                    guard count > 0 else { throw EngineError("the source replica sent an empty extent at \(position)") }
-                    if extent.flags & 1 != 0 { data += try copyExtents(offset: position, length: count) }
-                    position += count
-                }
-            }
-            return data
-        } catch where deadline.expired {
-            // The call in progress when the deadline fired is the one that hung: a target's, or the source's.
-            let timeout = EngineError("no answer within \(timeoutSeconds) s while copying \(length) bytes at \(offset)")
-            if let failure = error as? TargetFailure { throw TargetFailure(target: failure.target, underlying: timeout) }
-            throw timeout
+        guard let changedContext else { return try copyExtents(offset: offset, length: length) }
+        guard source.canMetaContext(changedContext) else {
+            throw EngineError("the source replica does not offer \(changedContext)")
         }
+        var data: UInt64 = 0
+        var position = offset
+        let end = offset + length
+        while position < end {
+            let extents = try bounded(source) {
+                try source.blockStatus(count: min(end - position, 1 << 30), at: position, context: changedContext)
+            }
+            guard !extents.isEmpty else { throw EngineError("the source replica sent no \(changedContext) at \(position)") }
+            for extent in extents where position < end {
+                let count = min(UInt64(extent.length), end - position)
+                guard count > 0 else { throw EngineError("the source replica sent an empty extent at \(position)") }
+                if extent.flags & 1 != 0 { data += try copyExtents(offset: position, length: count) }
+                position += count
+            }
+        }
+        return data
     }
 
     private func copyExtents(offset: UInt64, length: UInt64) throws -> UInt64 {
@@ -71,7 +65,7 @@ struct RegionCopier {
         let end = offset + length
         while position < end {
             let extents = source.canMetaContext("base:allocation")
-                ? try source.blockStatus(count: min(end - position, 1 << 30), at: position)
+                ? try bounded(source) { try source.blockStatus(count: min(end - position, 1 << 30), at: position) }
                 : [NBDClient.Extent(length: UInt32(min(end - position, Self.chunk)), flags: 0)]
             guard !extents.isEmpty else { throw EngineError("the source replica sent no block status at \(position)") }
             for extent in extents where position < end {
@@ -83,7 +77,7 @@ struct RegionCopier {
                     var done: UInt64 = 0
                     while done < count {
                         let piece = min(Self.chunk, count - done)
-                        let bytes = try source.read(count: Int(piece), at: position + done)
+                        let bytes = try bounded(source) { try source.read(count: Int(piece), at: position + done) }
                         try eachTarget { try $0.write(bytes, at: position + done) }
                         done += piece
                     }
@@ -97,7 +91,16 @@ struct RegionCopier {
 
     private func eachTarget(_ body: (NBDClient) throws -> Void) throws {
         for (position, target) in targets.enumerated() {
-            do { try body(target) } catch { throw TargetFailure(target: position, underlying: error) }
+            do { try bounded(target) { try body(target) } } catch { throw TargetFailure(target: position, underlying: error) }
+        }
+    }
+
+    /// One call, its connection cut if it takes longer than `timeoutSeconds`.
+    private func bounded<T>(_ client: NBDClient, _ call: () throws -> T) throws -> T {
+        let deadline = Deadline(seconds: timeoutSeconds, descriptors: [client.descriptor])
+        defer { deadline.cancel() }
+        do { return try call() } catch where deadline.expired {
+            throw EngineError("no answer within \(timeoutSeconds) s")
         }
     }
 }

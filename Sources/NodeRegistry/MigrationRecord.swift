@@ -19,7 +19,7 @@ public struct MigrationRecord: Equatable, Sendable {
     /// `replicas` (a move, `keel volume move`) or `engine` (`keel migrate start`).
     public var kind: String
     public var status: Status
-    /// What it is doing now ("adding", "copying 2 of 3", "removing", "cancelling", "done").
+    /// What it is doing now ("adding", "copying 3 replicas", "removing", "cancelling", "done").
     public var phase: String
     /// What it moves to, for people ("nodes d, e, f").
     public var target: String

@@ -95,7 +95,8 @@ struct RebuildProgress {
     mutating func show(_ status: Keel_Control_V1_EngineStatus, replicas: [String]) {
         let states = replicas.compactMap { status.replica($0) }
         guard !states.isEmpty else { return }
-        let fraction = states.map { $0.mode == "RW" ? 1 : $0.rebuildProgress }.min() ?? 0
+        // A replica that failed stops moving: the bar follows those still copying.
+        let fraction = states.filter { ["WO", "RW"].contains($0.mode) }.map { $0.mode == "RW" ? 1 : $0.rebuildProgress }.min() ?? 1
         let named = replicas.joined(separator: ", ")
         if json {
             for state in states { print(line(state, fraction: state.mode == "RW" ? 1 : state.rebuildProgress)) }

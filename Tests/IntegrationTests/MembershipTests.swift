@@ -107,6 +107,14 @@ import Testing
             #expect(result.stderr.split(separator: "\n").count == 1, "\(result.stderr)")
             #expect(result.stderr.contains(word), "\(result.stderr)")
         }
+        // A snapshot, then newer data, on the members: a refused add must touch neither their chains nor their heads.
+        let client = try NBDClient()
+        try client.connect(uri: cluster.uri)
+        try client.write(Pattern().bytes(at: 0, count: 1 << 20), at: 0)
+        let snapshot = try run([Paths.keel, "snapshot", "create", "vol", "s1", "--engine", control], timeout: 60)
+        #expect(snapshot.status == 0, "\(snapshot.stderr)")
+        let newer = [UInt8](repeating: 0x5a, count: 1 << 20)
+        try client.write(newer, at: 0)
         let otherSize = try KeelServer(["replica", "serve", "--dir", cluster.scratch.file("big"), "--size", "32M"],
                                        scratch: cluster.scratch, address: "unix:" + cluster.scratch.file("big.sock"))
         try expectFailure(["add", "--engine", control, otherSize.address], mentioning: "holds 33554432 bytes")
@@ -123,6 +131,10 @@ import Testing
         defer { _ = fresh.stop() }
         try expectFailure(["add", "--engine", control, fresh.address, cluster.replicas[1].address], mentioning: "already in the volume")
         #expect(EngineTests.modes(try EngineTests.status(control)) == ["RW", "RW"])
+        let listed = try run([Paths.keel, "snapshot", "ls", "vol", "--engine", control], timeout: 60)
+        #expect(listed.stdout.contains("s1"), "\(listed.stdout)\(listed.stderr)")
+        for _ in 0..<4 { #expect(try client.read(count: 1 << 20, at: 0) == newer, "a member's head was rewritten") }
+        try client.shutdown()
         try expectFailure(["rm", "--engine", control, otherSize.address], mentioning: "not a replica of this volume")
         let first = try run([Paths.keel, "replica", "rm", "--engine", control, cluster.replicas[0].address])
         #expect(first.status == 0, "\(first.stderr)")
