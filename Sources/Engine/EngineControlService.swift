@@ -1,4 +1,5 @@
 import ControlAPI
+import Dispatch
 import GRPCCore
 import Synchronization
 import Syscalls
@@ -9,18 +10,58 @@ import Syscalls
 public final class EngineReference: Sendable {
     private enum State {
         case starting
+        /// Its sessions to the replicas are open; it claims nothing until activated.
+        case standingBy(epoch: UInt64)
+        /// Activation asked: claiming and resyncing, then serving.
+        case activating
         case started(EngineDevice)
         case failed(String)
     }
 
     private let state = Mutex<State>(.starting)
+    private let activationAsked = DispatchSemaphore(value: 0)
+    private let resynced = Mutex<UInt64>(0)
 
     public init(_ device: EngineDevice? = nil) {
         if let device { state.withLock { $0 = .started(device) } }
     }
 
-    public func started(_ device: EngineDevice) {
+    /// `resyncedBytes`: what the start copied between replicas (an activation answers it).
+    public func started(_ device: EngineDevice, resyncedBytes: UInt64 = 0) {
+        resynced.withLock { $0 = resyncedBytes }
         state.withLock { $0 = .started(device) }
+    }
+
+    var resyncedAtStart: UInt64 { resynced.withLock { $0 } }
+
+    public func standingBy(epoch: UInt64) {
+        state.withLock { $0 = .standingBy(epoch: epoch) }
+    }
+
+    /// Until `Activate` is called (true) or `seconds` pass (false).
+    public func waitForActivation(seconds: Double) -> Bool {
+        activationAsked.wait(timeout: .now() + seconds) == .success
+    }
+
+    /// Moves a standing-by engine on to activating; anything else refuses, with what it is doing.
+    func requestActivation() throws {
+        try state.withLock { state in
+            switch state {
+            case .standingBy:
+                state = .activating
+                activationAsked.signal()
+            case .activating: throw RPCError(code: .failedPrecondition, message: "this engine is being activated already")
+            case .starting: throw RPCError(code: .failedPrecondition, message: "this engine is starting, not standing by")
+            case .started(let device):
+                throw RPCError(code: .failedPrecondition, message: "this engine serves the volume already (epoch \(device.epoch)); it is not standing by")
+            case .failed(let reason): throw RPCError(code: .failedPrecondition, message: "this engine did not start: \(reason)")
+            }
+        }
+    }
+
+    var isStandingBy: Bool {
+        if case .standingBy = state.withLock({ $0 }) { return true }
+        return false
     }
 
     /// The start was refused: calls waiting for it get the reason at once.
@@ -41,7 +82,8 @@ public final class EngineReference: Sendable {
             switch state.withLock({ $0 }) {
             case .started(let device): return device
             case .failed(let reason): throw RPCError(code: .unavailable, message: "the engine did not start: \(reason)")
-            case .starting: try await Task.sleep(nanoseconds: 20_000_000)
+            case .starting, .activating: try await Task.sleep(nanoseconds: 20_000_000)
+            case .standingBy: throw RPCError(code: .unavailable, message: "the engine is standing by (a migration's new engine): it serves once activated")
             }
         }
         throw RPCError(code: .unavailable, message: "the engine is still starting (claiming and resyncing its replicas); try again")
@@ -58,7 +100,26 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
 
     public func alive(request: Keel_Control_V1_EngineAliveRequest,
                       context: ServerContext) async throws -> Keel_Control_V1_EngineAlive {
-        .with { $0.serving = engine.isServing }
+        .with {
+            $0.serving = engine.isServing
+            $0.standby = engine.isStandingBy
+        }
+    }
+
+    public func activate(request: Keel_Control_V1_ActivateRequest,
+                         context: ServerContext) async throws -> Keel_Control_V1_Activated {
+        let asked = monotonicSeconds()
+        try engine.requestActivation()
+        let device: EngineDevice
+        // Its failure is an answer, not an unreachable engine.
+        do { device = try await engine.device() } catch let error as RPCError {
+            throw RPCError(code: .aborted, message: error.message)
+        }
+        return .with {
+            $0.epoch = device.epoch
+            $0.resyncedBytes = engine.resyncedAtStart
+            $0.tookMicroseconds = UInt64((monotonicSeconds() - asked) * 1e6)
+        }
     }
 
     public func status(request: Keel_Control_V1_EngineStatusRequest,

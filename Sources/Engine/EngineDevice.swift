@@ -118,6 +118,11 @@ public final class EngineDevice: BlockDevice, @unchecked Sendable {
         preparedLinks.withLock { $0 += clients.map { PreparedLink(address: address, client: $0) } }
     }
 
+    /// Connections opened before the engine served (a standby engine's sessions), for its I/O threads.
+    public func adopt(_ links: [(SocketAddress, NBDClient)]) {
+        preparedLinks.withLock { $0 += links.map { PreparedLink(address: $0.0, client: $0.1) } }
+    }
+
     /// Closes prepared connections no I/O thread took (the replica never joined).
     func dropPreparedLinks(to address: SocketAddress) {
         let dropped: [PreparedLink] = preparedLinks.withLock { links in

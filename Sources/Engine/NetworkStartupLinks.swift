@@ -13,6 +13,8 @@ final class NetworkStartupLinks: StartupLinks {
     private var controls: [Int: ReplicaControlClient] = [:]
     /// The claims: a connection with the new epoch to each replica, which the resync copies over.
     private var clients: [Int: NBDClient] = [:]
+    /// While standing by: the epoch the standby sessions wait for, and the sessions (see `standBy`).
+    private var standby: (epoch: UInt64, replicas: Set<Int>, copyLinks: [Int: NBDClient])?
 
     init(addresses: [SocketAddress], startup: VolumeStartup) {
         self.addresses = addresses
@@ -21,11 +23,52 @@ final class NetworkStartupLinks: StartupLinks {
 
     func close() {
         for client in clients.values { try? client.shutdown() }
+        for client in standby?.copyLinks.values ?? [:].values { try? client.shutdown() }
         clients = [:]
+        standby = nil
+    }
+
+    /// Opens a standby session of `epoch` (`ReplicaExportName.standby`) to
+    /// every replica inspected before: one for the start's copies, which it
+    /// keeps, and `dataLinks` more, returned by replica for the I/O threads.
+    /// Claims nothing; from now on `inspect` asks only the control API (the
+    /// replica was checked), and `claim` is the control API's `Claim`.
+    func standBy(_ replicas: [Int], epoch: UInt64, dataLinks: Int) throws -> [Int: [NBDClient]] {
+        var copyLinks: [Int: NBDClient] = [:]
+        var data: [Int: [NBDClient]] = [:]
+        do {
+            for i in replicas {
+                copyLinks[i] = try openStandby(i, epoch: epoch)
+                data[i] = try (0..<dataLinks).map { _ in try openStandby(i, epoch: epoch) }
+            }
+        } catch {
+            for client in Array(copyLinks.values) + data.values.flatMap({ $0 }) { try? client.shutdown() }
+            throw error
+        }
+        standby = (epoch, Set(replicas), copyLinks)
+        return data
+    }
+
+    private func openStandby(_ replica: Int, epoch: UInt64) throws -> NBDClient {
+        let name = ReplicaExportName(volume: startup.identity, owner: Owner(epoch: epoch, engine: startup.engineID), standby: true)
+        do {
+            return try RegionCopier.connect {
+                try $0.setExportName(name.description)
+                try $0.connect(to: addresses[replica])
+            }
+        } catch {
+            throw EngineError("replica \(addresses[replica]) refused a standby session of epoch \(epoch): \(error)")
+        }
     }
 
     func inspect(_ replica: Int) throws -> Keel_Control_V1_ReplicaStatus {
         let address = addresses[replica]
+        if let standby {
+            guard standby.replicas.contains(replica) else { throw StartupUnreachable(reason: "it did not answer when the engine began standing by") }
+            do { return try controlCall(replica) { try await $0.status(.init(), options: $1) } } catch {
+                throw StartupUnreachable(reason: "\(error)")
+            }
+        }
         let probe = try NBDClient()
         do {
             try probe.setOptionMode(true)
@@ -65,6 +108,20 @@ final class NetworkStartupLinks: StartupLinks {
     }
 
     func claim(_ replica: Int, for owner: Owner) throws {
+        if let standby {
+            precondition(owner.epoch == standby.epoch, "a standby engine claims with its sessions' epoch")
+            let request = Keel_Control_V1_ClaimRequest.with {
+                $0.owner = owner.message
+                $0.volume = startup.volume
+                $0.volumeID = startup.volumeID
+            }
+            do { _ = try controls[replica]!.call(timeout: startup.replicaTimeoutSeconds) { try await $0.claim(request, options: $1) } } catch {
+                throw EngineError("replica \(addresses[replica]) refused epoch \(owner.epoch): \(error)")
+            }
+            clients[replica] = standby.copyLinks[replica]
+            self.standby?.copyLinks[replica] = nil
+            return
+        }
         do {
             clients[replica] = try RegionCopier.connect {
                 try $0.setExportName(exportName(owner))

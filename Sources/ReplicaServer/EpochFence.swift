@@ -12,7 +12,8 @@ import Syscalls
 /// claiming engine's handshake is answered.
 ///
 /// A request of an epoch older than the fence's is refused before it touches
-/// the disk. A request of the current epoch waits until every request of older
+/// the disk; so is one of a newer epoch that no claim under way is persisting
+/// (a standby session's, before its engine claims). A request of the current epoch waits until every request of older
 /// epochs already on its way to the disk has finished, so that no write of a
 /// fenced engine can land after the new engine's I/O. Snapshot readers
 /// (`ReplicaSession.snapshot`) are fenced by no epoch.
@@ -28,6 +29,8 @@ public final class EpochFence: Sendable {
 
     private struct State {
         var epoch: UInt64
+        /// Epochs whose claim is being persisted, by the claims under way.
+        var claiming: [UInt64: Int] = [:]
         var inFlight: [UInt64: Int] = [:]
         var held = false
         /// The chain on disk may differ from the one in memory: nothing is served any more.
@@ -47,14 +50,28 @@ public final class EpochFence: Sendable {
         state.withLock { $0.epoch = max($0.epoch, epoch) }
     }
 
+    /// A claim of `epoch` is being persisted: its sessions' requests wait for it (another
+    /// connection of the same engine may have been answered already). Pair with `endClaim`.
+    public func beginClaim(_ epoch: UInt64) {
+        state.withLock { $0.claiming[epoch, default: 0] += 1 }
+    }
+
+    public func endClaim(_ epoch: UInt64) {
+        state.withLock { s in
+            let left = s.claiming[epoch, default: 1] - 1
+            s.claiming[epoch] = left > 0 ? left : nil
+        }
+    }
+
     public func enter(session: UInt64) -> Admission {
         state.withLock { s in
             if s.broken { return .reject }
             if s.held { return .wait }
             if case .engine(let epoch) = ReplicaSession(session) {
                 if epoch < s.epoch { return .reject }
-                // Newer than the fence: its claim is still being persisted.
-                if epoch > s.epoch { return .wait }
+                // Newer than the fence: its claim is still being persisted, or it is a
+                // standby session whose engine has not claimed (nor may it send yet).
+                if epoch > s.epoch { return s.claiming[epoch] != nil ? .wait : .reject }
                 if s.inFlight.keys.contains(where: { $0 < epoch }) { return .wait }
             }
             s.inFlight[session, default: 0] += 1

@@ -7,7 +7,8 @@ import ReplicaStore
 /// and themselves (`ReplicaExportName`). Opening with a newer epoch claims
 /// the replica (durably, before the answer); an older epoch is refused, and
 /// so is the current one from another engine, and any engine of another volume.
-/// `<volume>@snapshot:<name>` opens a snapshot read-only and claims nothing.
+/// `<volume>@snapshot:<name>` opens a snapshot read-only and claims nothing;
+/// `<volume>@standby:<epoch>+<engine>` opens a session that waits for that claim.
 struct ReplicaCatalog: ExportCatalog {
     let store: ReplicaStore
     let fence: EpochFence
@@ -32,22 +33,20 @@ struct ReplicaCatalog: ExportCatalog {
         }
         let current = store.epoch
         let epoch = export.owner.epoch
-        if opening {
-            do {
-                switch try store.claim(export.owner, volume: export.volume) {
-                case .claimed:
-                    fence.advance(to: epoch)
-                    logger.notice("epoch \(epoch) claimed by engine \(export.owner.engine) (was \(current))")
-                case .current: break
-                case .stale(let newer): return refusal(epoch, newer)
-                case .taken(let other):
-                    return .refused(.errPolicy, "epoch \(epoch) already belongs to engine \(other); pick a newer epoch")
-                case .otherVolume(let reason):
-                    return .refused(.errPolicy, reason)
+        if opening && export.standby {
+            // Waits for its engine's claim: it must be able to outbid the owner, and it claims nothing.
+            guard !export.owner.engine.isEmpty else {
+                return .refused(.errPolicy, "a standby session names its engine: '<volume>@standby:<epoch>+<engine>'")
+            }
+            guard epoch > current else {
+                return .refused(.errPolicy, "a standby session of epoch \(epoch) could never be claimed: this replica is at epoch \(current)")
+            }
+        } else if opening {
+            do { try ReplicaClaim(store: store, fence: fence, logger: logger).claim(export.owner, volume: export.volume) } catch {
+                switch error {
+                case .policy(let reason): return .refused(.errPolicy, reason)
+                case .platform(let reason): return .refused(.errPlatform, reason)
                 }
-            } catch {
-                logger.error("cannot persist epoch \(epoch): \(error)")
-                return .refused(.errPlatform, "the replica cannot persist epoch \(epoch): \(error)")
             }
         } else if epoch < current {
             return refusal(epoch, current)
@@ -83,6 +82,6 @@ struct ReplicaCatalog: ExportCatalog {
     func transmissionEnded(_ export: ExportDescription) { sessions.ended(export) }
 
     private func refusal(_ epoch: UInt64, _ current: UInt64) -> ExportResolution {
-        .refused(.errPolicy, "epoch \(epoch) is older than this replica's epoch \(current): a newer engine owns it")
+        .refused(.errPolicy, ReplicaClaim.stale(epoch, current))
     }
 }

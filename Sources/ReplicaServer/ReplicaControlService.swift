@@ -13,18 +13,21 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
     /// Makes every write this replica has answered durable (its head's fdatasync).
     let flushData: @Sendable () throws -> Void
     let faults: ReplicaFaults
+    /// The data path's epoch: a claim moves it on.
+    let fence: EpochFence
     /// Snapshots are taken and listed on the chain; nil in tests of the records alone.
     let device: ReplicaDevice?
     let logger: Logger
 
     public init(device: ReplicaDevice, logger: Logger) {
         self.init(store: device.store, sessions: device.sessions, flushData: { try device.flush() },
-                  faults: device.faults, device: device, logger: logger)
+                  faults: device.faults, fence: device.fence, device: device, logger: logger)
     }
 
     init(store: ReplicaStore, sessions: EngineSessions, flushData: @escaping @Sendable () throws -> Void,
-         faults: ReplicaFaults = ReplicaFaults(), device: ReplicaDevice? = nil, logger: Logger) {
+         faults: ReplicaFaults = ReplicaFaults(), fence: EpochFence? = nil, device: ReplicaDevice? = nil, logger: Logger) {
         self.device = device
+        self.fence = fence ?? EpochFence(epoch: store.epoch)
         self.store = store
         self.sessions = sessions
         self.flushData = flushData
@@ -96,6 +99,29 @@ public struct ReplicaControlService: Keel_Control_V1_ReplicaControl.SimpleServic
         }
         if !request.check { logger.notice("reverted to snapshot \(request.name)") }
         return .with { $0.snapshots = (try? device.snapshots().map(\.message)) ?? [] }
+    }
+
+    public func claim(request: Keel_Control_V1_ClaimRequest, context: ServerContext) async throws -> Keel_Control_V1_Done {
+        let owner = Owner(request.owner)
+        guard !owner.engine.isEmpty, !request.volume.isEmpty else {
+            throw RPCError(code: .invalidArgument, message: "a claim names its engine and volume")
+        }
+        guard owner.epoch <= Owner.maximumEpoch else {
+            throw RPCError(code: .invalidArgument, message: "epoch \(owner.epoch) is larger than a replica can store")
+        }
+        // Persisting syncs SQLite: off the cooperative pool.
+        try await offThePool {
+            do {
+                try ReplicaClaim(store: store, fence: fence, logger: logger)
+                    .claim(owner, volume: VolumeIdentity(name: request.volume, id: request.volumeID))
+            } catch let refusal as ReplicaClaim.Refusal {
+                switch refusal {
+                case .policy(let reason): throw RPCError(code: .failedPrecondition, message: reason)
+                case .platform(let reason): throw RPCError(code: .unavailable, message: reason)
+                }
+            }
+        }
+        return .init()
     }
 
     public func markDirty(request: Keel_Control_V1_DirtyRanges, context: ServerContext) async throws -> Keel_Control_V1_Done {

@@ -16,7 +16,7 @@ struct EngineCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "engine",
         abstract: "Volume engines: serve a volume, replicated to its replicas.",
-        subcommands: [Serve.self])
+        subcommands: [Serve.self, Activate.self])
 
     struct Serve: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -59,10 +59,19 @@ struct EngineCommand: ParsableCommand {
         @Option(help: "TLS on the links to the replicas: require (with --tls-certificates, or --tls-psk and --tls-username) or off.")
         var replicaTls: LinkTLSMode = .off
 
+        @Flag(help: "Stand by (a migration's new engine): open sessions to every replica that claim nothing, then wait for the control API's Activate to claim them and serve. Needs --control.")
+        var standby = false
+
         @OptionGroup var serving: ServingOptions
 
         func validate() throws {
             guard !replicas.isEmpty else { throw ValidationError("give at least one --replica HOST:PORT") }
+            guard !standby || control != nil else {
+                throw ValidationError("--standby waits for the control API's Activate: give --control HOST:PORT")
+            }
+            guard !standby || epoch == nil else {
+                throw ValidationError("--standby picks its epoch (one more than the replicas have seen); leave out --epoch")
+            }
             guard replicaTimeout >= 0.1 && replicaTimeout <= 3600 else {
                 throw ValidationError("--replica-timeout must be between 0.1 and 3600 seconds")
             }
@@ -108,7 +117,18 @@ struct EngineCommand: ParsableCommand {
                                         replicaTimeoutSeconds: replicaTimeout, allowDegraded: allowDegraded,
                                         logger: logger)
             let outcome: VolumeStartup.Outcome
-            do { outcome = try startup.run(addresses: addresses, epoch: epoch) } catch {
+            var standbyLinks: [(SocketAddress, NBDClient)] = []
+            do {
+                if standby {
+                    guard let started = try standBy(startup, addresses: addresses, engine: engine, logger: logger) else {
+                        listener.close()
+                        return
+                    }
+                    (outcome, standbyLinks) = started
+                } else {
+                    outcome = try startup.run(addresses: addresses, epoch: epoch)
+                }
+            } catch {
                 engine.failed("\(error)")
                 listener.close()
                 throw KeelError("\(error)")
@@ -116,6 +136,7 @@ struct EngineCommand: ParsableCommand {
             let device = EngineDevice(volume: volume, volumeID: volumeID, size: size.bytes, epoch: outcome.epoch, engineID: engineID,
                                       replicas: outcome.replicas, gate: WriteGate(size: size.bytes),
                                       replicaTimeoutSeconds: replicaTimeout, logger: logger)
+            device.adopt(standbyLinks)
             try device.startKeeper()
             defer {
                 // No control call (replica add or rm) may race the keeper's final clear.
@@ -126,13 +147,62 @@ struct EngineCommand: ParsableCommand {
             try serveUntilSignalled(device, on: address, listener: listener, logger: logger, what: what,
                                     afterStart: {
                                         // Control calls made during the start waited for this.
-                                        engine.started(device)
+                                        engine.started(device, resyncedBytes: outcome.resyncedBytes)
                                     }) { listener in
                 let export = ExportDescription(name: volume, size: device.size, readOnly: device.readOnly)
                 return Server(device: device, listener: listener, catalog: EngineExports(device: device, export: export), tls: listenerTLS,
                               threads: serving.threads, logger: logger)
             }
         }
+    }
+}
+
+extension EngineCommand {
+    struct Activate: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Make a standing-by engine (keel engine serve --standby) take its volume over.",
+            discussion: """
+                It claims every replica with its standby sessions' epoch, which fences the engine that had
+                them: quiesce that engine's clients first (keel migrate confirm does all of it).
+                Example: keel engine activate --engine unix:/run/keel/db.b.control
+                """)
+
+        @Option(help: "The standing-by engine's control address, HOST:PORT or unix:/path (its --control).")
+        var engine: String
+
+        @OptionGroup var control: ControlClientOptions
+
+        func run() throws {
+            control.apply(for: engine)
+            let activated = try callEngine(engine, doing: "take the volume over") { try await $0.activate(.init()) }
+            let resynced = activated.resyncedBytes > 0 ? ", \(activated.resyncedBytes) bytes made identical between replicas" : ""
+            print("engine at \(engine) serves the volume: epoch \(activated.epoch), "
+                  + "activated in \(String(format: "%.1f", Double(activated.tookMicroseconds) / 1000)) ms\(resynced)")
+        }
+    }
+}
+
+extension EngineCommand.Serve {
+    /// Opens standby sessions and waits for `Activate` (then claims and
+    /// returns the start) or for SIGTERM (nil: nothing was claimed).
+    func standBy(_ startup: VolumeStartup, addresses: [SocketAddress], engine: EngineReference,
+                 logger: Logger) throws -> (VolumeStartup.Outcome, [(SocketAddress, NBDClient)])? {
+        let standby = try StandbyStart(startup, addresses: addresses, threads: serving.threads)
+        engine.standingBy(epoch: standby.epoch)
+        let what = "volume \(volume): sessions of epoch \(standby.epoch) open to \(standby.replicasReached) of \(addresses.count) replica(s)"
+        logger.notice("standing by for \(what); nothing is claimed until Activate")
+        ServiceManager.notify("READY=1\nSTATUS=standing by for \(what)")
+        while !engine.waitForActivation(seconds: 0.1) {
+            if TerminationSignals.arePending {
+                standby.close()
+                logger.notice("stood down: nothing was claimed")
+                return nil
+            }
+        }
+        let asked = monotonicSeconds()
+        let started = try standby.activate()
+        logger.notice("activated: claimed epoch \(started.outcome.epoch) in \(Int((monotonicSeconds() - asked) * 1000)) ms")
+        return started
     }
 }
 

@@ -130,8 +130,8 @@ final class KeelServer {
         let deadline = Date().addingTimeInterval(20)
         while Date() < deadline {
             guard process.isRunning else { throw TestFailure("keel exited early:\n\(log)") }
-            // Engines bind before they claim their replicas: ready once they say they serve.
-            if log.contains("] serving "), let fd = try? Socket.connect(to: target) {
+            // Engines bind before they claim their replicas: ready once they say they serve (or stand by).
+            if log.contains("] serving ") || log.contains("] standing by for "), let fd = try? Socket.connect(to: target) {
                 fd.close()
                 return
             }

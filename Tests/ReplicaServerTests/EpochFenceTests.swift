@@ -18,11 +18,22 @@ import Testing
 
     @Test func aRequestNewerThanTheFenceWaitsForItsClaim() {
         let fence = EpochFence(epoch: 3)
+        fence.beginClaim(4)
         #expect(fence.enter(session: 4) == .wait)
         fence.advance(to: 4)
+        fence.endClaim(4)
         #expect(fence.enter(session: 4) == .admit)
         fence.advance(to: 2)
         #expect(fence.epoch == 4, "the epoch never goes back")
+    }
+
+    /// A standby session's request before its engine's claim: refused, never left waiting.
+    @Test func aRequestNewerThanTheFenceWithNoClaimUnderWayIsRefused() {
+        let fence = EpochFence(epoch: 3)
+        #expect(fence.enter(session: 4) == .reject)
+        fence.beginClaim(5)
+        #expect(fence.enter(session: 4) == .reject, "only the epoch being claimed waits")
+        fence.endClaim(5)
     }
 }
 
@@ -57,5 +68,9 @@ import Testing
         #expect(ReplicaExportName(parsing: "db@7")?.owner == Owner(epoch: 7, engine: ""))
         #expect(ReplicaExportName(parsing: "db@9223372036854775808+e") == nil, "an epoch SQLite cannot store")
         #expect(ReplicaExportName(parsing: "db@7+e/not hex") == nil)
+        let standby = ReplicaExportName(volume: VolumeIdentity(name: "db", id: "0a"), owner: Owner(epoch: 8, engine: "e2"), standby: true)
+        #expect(standby.description == "db@standby:8+e2/0a")
+        #expect(ReplicaExportName(parsing: standby.description) == standby)
+        #expect(ReplicaExportName(parsing: "db@standby:x+e") == nil)
     }
 }

@@ -126,6 +126,19 @@ public enum Keel_Control_V1_EngineControl: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "Activate" metadata.
+        public enum Activate: Sendable {
+            /// Request type for "Activate".
+            public typealias Input = Keel_Control_V1_ActivateRequest
+            /// Response type for "Activate".
+            public typealias Output = Keel_Control_V1_Activated
+            /// Descriptor for "Activate".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.EngineControl"),
+                method: "Activate",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "keel.control.v1.EngineControl" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Status.descriptor,
@@ -135,7 +148,8 @@ public enum Keel_Control_V1_EngineControl: Sendable {
             CreateSnapshot.descriptor,
             ListSnapshots.descriptor,
             RemoveSnapshot.descriptor,
-            RevertSnapshot.descriptor
+            RevertSnapshot.descriptor,
+            Activate.descriptor
         ]
     }
 }
@@ -313,6 +327,27 @@ extension Keel_Control_V1_EngineControl {
             request: GRPCCore.StreamingServerRequest<Keel_Control_V1_RevertSnapshotRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots>
+
+        /// Handle the "Activate" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > A standby engine (`keel engine serve --standby`) takes the volume over:
+        /// > it claims every replica with its standby sessions' epoch (fencing the
+        /// > engine before it), makes them identical where that engine left writes
+        /// > half done, and starts serving. Refused by an engine that is not standing by.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_ActivateRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_Activated` messages.
+        func activate(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_ActivateRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Activated>
     }
 
     /// Service protocol for the "keel.control.v1.EngineControl" service.
@@ -474,6 +509,27 @@ extension Keel_Control_V1_EngineControl {
             request: GRPCCore.ServerRequest<Keel_Control_V1_RevertSnapshotRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>
+
+        /// Handle the "Activate" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > A standby engine (`keel engine serve --standby`) takes the volume over:
+        /// > it claims every replica with its standby sessions' epoch (fencing the
+        /// > engine before it), makes them identical where that engine left writes
+        /// > half done, and starts serving. Refused by an engine that is not standing by.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_ActivateRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_Activated` message.
+        func activate(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_ActivateRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Activated>
     }
 
     /// Simple service protocol for the "keel.control.v1.EngineControl" service.
@@ -633,6 +689,27 @@ extension Keel_Control_V1_EngineControl {
             request: Keel_Control_V1_RevertSnapshotRequest,
             context: GRPCCore.ServerContext
         ) async throws -> Keel_Control_V1_Snapshots
+
+        /// Handle the "Activate" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > A standby engine (`keel engine serve --standby`) takes the volume over:
+        /// > it claims every replica with its standby sessions' epoch (fencing the
+        /// > engine before it), makes them identical where that engine left writes
+        /// > half done, and starts serving. Refused by an engine that is not standing by.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_ActivateRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_Activated` to respond with.
+        func activate(
+            request: Keel_Control_V1_ActivateRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_Activated
     }
 }
 
@@ -728,6 +805,17 @@ extension Keel_Control_V1_EngineControl.StreamingServiceProtocol {
                 )
             }
         )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_EngineControl.Method.Activate.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_ActivateRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Activated>(),
+            handler: { request, context in
+                try await self.activate(
+                    request: request,
+                    context: context
+                )
+            }
+        )
     }
 }
 
@@ -816,6 +904,17 @@ extension Keel_Control_V1_EngineControl.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots> {
         let response = try await self.revertSnapshot(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func activate(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_ActivateRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Activated> {
+        let response = try await self.activate(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -923,6 +1022,19 @@ extension Keel_Control_V1_EngineControl.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots> {
         return GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>(
             message: try await self.revertSnapshot(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func activate(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_ActivateRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Activated> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_Activated>(
+            message: try await self.activate(
                 request: request.message,
                 context: context
             ),
@@ -1130,6 +1242,32 @@ extension Keel_Control_V1_EngineControl {
             deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "Activate" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > A standby engine (`keel engine serve --standby`) takes the volume over:
+        /// > it claims every replica with its standby sessions' epoch (fencing the
+        /// > engine before it), makes them identical where that engine left writes
+        /// > half done, and starts serving. Refused by an engine that is not standing by.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_ActivateRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_ActivateRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Activated` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func activate<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_ActivateRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_ActivateRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Activated>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Activated>) async throws -> Result
         ) async throws -> Result where Result: Sendable
     }
 
@@ -1428,6 +1566,43 @@ extension Keel_Control_V1_EngineControl {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "Activate" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > A standby engine (`keel engine serve --standby`) takes the volume over:
+        /// > it claims every replica with its standby sessions' epoch (fencing the
+        /// > engine before it), makes them identical where that engine left writes
+        /// > half done, and starts serving. Refused by an engine that is not standing by.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_ActivateRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_ActivateRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Activated` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func activate<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_ActivateRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_ActivateRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Activated>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Activated>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_EngineControl.Method.Activate.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -1665,6 +1840,38 @@ extension Keel_Control_V1_EngineControl.ClientProtocol {
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_RevertSnapshotRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Snapshots>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Activate" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > A standby engine (`keel engine serve --standby`) takes the volume over:
+    /// > it claims every replica with its standby sessions' epoch (fencing the
+    /// > engine before it), makes them identical where that engine left writes
+    /// > half done, and starts serving. Refused by an engine that is not standing by.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_ActivateRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func activate<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_ActivateRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Activated>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.activate(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_ActivateRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Activated>(),
             options: options,
             onResponse: handleResponse
         )
@@ -1941,6 +2148,42 @@ extension Keel_Control_V1_EngineControl.ClientProtocol {
             onResponse: handleResponse
         )
     }
+
+    /// Call the "Activate" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > A standby engine (`keel engine serve --standby`) takes the volume over:
+    /// > it claims every replica with its standby sessions' epoch (fencing the
+    /// > engine before it), makes them identical where that engine left writes
+    /// > half done, and starts serving. Refused by an engine that is not standing by.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func activate<Result>(
+        _ message: Keel_Control_V1_ActivateRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Activated>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_ActivateRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.activate(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
 }
 
 // MARK: - keel.control.v1.ReplicaControl
@@ -2043,6 +2286,19 @@ public enum Keel_Control_V1_ReplicaControl: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "Claim" metadata.
+        public enum Claim: Sendable {
+            /// Request type for "Claim".
+            public typealias Input = Keel_Control_V1_ClaimRequest
+            /// Response type for "Claim".
+            public typealias Output = Keel_Control_V1_Done
+            /// Descriptor for "Claim".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.ReplicaControl"),
+                method: "Claim",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "keel.control.v1.ReplicaControl" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Status.descriptor,
@@ -2051,7 +2307,8 @@ public enum Keel_Control_V1_ReplicaControl: Sendable {
             SetMembership.descriptor,
             FreezeHead.descriptor,
             MergeSnapshot.descriptor,
-            RevertToSnapshot.descriptor
+            RevertToSnapshot.descriptor,
+            Claim.descriptor
         ]
     }
 }
@@ -2215,6 +2472,25 @@ extension Keel_Control_V1_ReplicaControl {
             request: GRPCCore.StreamingServerRequest<Keel_Control_V1_RevertToSnapshotRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots>
+
+        /// Handle the "Claim" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Claims the replica for an engine, as opening its export with a newer
+        /// > epoch does; the engine's standby sessions of that epoch are served from then on.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_ClaimRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_Done` messages.
+        func claim(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_ClaimRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Done>
     }
 
     /// Service protocol for the "keel.control.v1.ReplicaControl" service.
@@ -2362,6 +2638,25 @@ extension Keel_Control_V1_ReplicaControl {
             request: GRPCCore.ServerRequest<Keel_Control_V1_RevertToSnapshotRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>
+
+        /// Handle the "Claim" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Claims the replica for an engine, as opening its export with a newer
+        /// > epoch does; the engine's standby sessions of that epoch are served from then on.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_ClaimRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_Done` message.
+        func claim(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_ClaimRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Done>
     }
 
     /// Simple service protocol for the "keel.control.v1.ReplicaControl" service.
@@ -2507,6 +2802,25 @@ extension Keel_Control_V1_ReplicaControl {
             request: Keel_Control_V1_RevertToSnapshotRequest,
             context: GRPCCore.ServerContext
         ) async throws -> Keel_Control_V1_Snapshots
+
+        /// Handle the "Claim" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Claims the replica for an engine, as opening its export with a newer
+        /// > epoch does; the engine's standby sessions of that epoch are served from then on.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_ClaimRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_Done` to respond with.
+        func claim(
+            request: Keel_Control_V1_ClaimRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_Done
     }
 }
 
@@ -2591,6 +2905,17 @@ extension Keel_Control_V1_ReplicaControl.StreamingServiceProtocol {
                 )
             }
         )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_ReplicaControl.Method.Claim.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_ClaimRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Done>(),
+            handler: { request, context in
+                try await self.claim(
+                    request: request,
+                    context: context
+                )
+            }
+        )
     }
 }
 
@@ -2668,6 +2993,17 @@ extension Keel_Control_V1_ReplicaControl.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Snapshots> {
         let response = try await self.revertToSnapshot(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func claim(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_ClaimRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Done> {
+        let response = try await self.claim(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -2762,6 +3098,19 @@ extension Keel_Control_V1_ReplicaControl.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Snapshots> {
         return GRPCCore.ServerResponse<Keel_Control_V1_Snapshots>(
             message: try await self.revertToSnapshot(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func claim(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_ClaimRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Done> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_Done>(
+            message: try await self.claim(
                 request: request.message,
                 context: context
             ),
@@ -2950,6 +3299,30 @@ extension Keel_Control_V1_ReplicaControl {
             deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Snapshots>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Snapshots>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "Claim" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Claims the replica for an engine, as opening its export with a newer
+        /// > epoch does; the engine's standby sessions of that epoch are served from then on.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_ClaimRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_ClaimRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Done` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func claim<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_ClaimRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_ClaimRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Done>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result
         ) async throws -> Result where Result: Sendable
     }
 
@@ -3218,6 +3591,41 @@ extension Keel_Control_V1_ReplicaControl {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "Claim" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Claims the replica for an engine, as opening its export with a newer
+        /// > epoch does; the engine's standby sessions of that epoch are served from then on.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_ClaimRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_ClaimRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Done` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func claim<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_ClaimRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_ClaimRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Done>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_ReplicaControl.Method.Claim.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -3428,6 +3836,36 @@ extension Keel_Control_V1_ReplicaControl.ClientProtocol {
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_RevertToSnapshotRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Snapshots>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Claim" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Claims the replica for an engine, as opening its export with a newer
+    /// > epoch does; the engine's standby sessions of that epoch are served from then on.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_ClaimRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func claim<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_ClaimRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.claim(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_ClaimRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Done>(),
             options: options,
             onResponse: handleResponse
         )
@@ -3668,6 +4106,40 @@ extension Keel_Control_V1_ReplicaControl.ClientProtocol {
             metadata: metadata
         )
         return try await self.revertToSnapshot(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Claim" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Claims the replica for an engine, as opening its export with a newer
+    /// > epoch does; the engine's standby sessions of that epoch are served from then on.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func claim<Result>(
+        _ message: Keel_Control_V1_ClaimRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Done>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_ClaimRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.claim(
             request: request,
             options: options,
             onResponse: handleResponse

@@ -22,6 +22,34 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
+public nonisolated struct Keel_Control_V1_ActivateRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Keel_Control_V1_Activated: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var epoch: UInt64 = 0
+
+  /// copied between replicas where the engine before left writes half done
+  public var resyncedBytes: UInt64 = 0
+
+  /// from the request to serving
+  public var tookMicroseconds: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 public nonisolated struct Keel_Control_V1_CreateSnapshotRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -125,8 +153,11 @@ public nonisolated struct Keel_Control_V1_EngineAlive: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// false: still claiming and resyncing its replicas
+  /// false: still claiming and resyncing its replicas, or standing by
   public var serving: Bool = false
+
+  /// standing by: its sessions to every replica are open, it claims nothing until Activate
+  public var standby: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -298,6 +329,31 @@ public nonisolated struct Keel_Control_V1_IOCounters: Sendable {
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
+}
+
+public nonisolated struct Keel_Control_V1_ClaimRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var owner: Keel_Control_V1_Owner {
+    get {_owner ?? Keel_Control_V1_Owner()}
+    set {_owner = newValue}
+  }
+  /// Returns true if `owner` has been explicitly set.
+  public var hasOwner: Bool {self._owner != nil}
+  /// Clears the value of `owner`. Subsequent reads from it will return its default value.
+  public mutating func clearOwner() {self._owner = nil}
+
+  public var volume: String = String()
+
+  public var volumeID: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _owner: Keel_Control_V1_Owner? = nil
 }
 
 public nonisolated struct Keel_Control_V1_RevertToSnapshotRequest: Sendable {
@@ -709,6 +765,65 @@ public nonisolated struct Keel_Control_V1_StopReplicaRequest: Sendable {
 
 fileprivate nonisolated let _protobuf_package = "keel.control.v1"
 
+nonisolated extension Keel_Control_V1_ActivateRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ActivateRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Keel_Control_V1_ActivateRequest, rhs: Keel_Control_V1_ActivateRequest) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Keel_Control_V1_Activated: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Activated"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}epoch\0\u{3}resynced_bytes\0\u{3}took_microseconds\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.resyncedBytes) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.tookMicroseconds) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.epoch != 0 {
+      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 1)
+    }
+    if self.resyncedBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.resyncedBytes, fieldNumber: 2)
+    }
+    if self.tookMicroseconds != 0 {
+      try visitor.visitSingularUInt64Field(value: self.tookMicroseconds, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Keel_Control_V1_Activated, rhs: Keel_Control_V1_Activated) -> Bool {
+    if lhs.epoch != rhs.epoch {return false}
+    if lhs.resyncedBytes != rhs.resyncedBytes {return false}
+    if lhs.tookMicroseconds != rhs.tookMicroseconds {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
 nonisolated extension Keel_Control_V1_CreateSnapshotRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CreateSnapshotRequest"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0")
@@ -929,7 +1044,7 @@ nonisolated extension Keel_Control_V1_EngineAliveRequest: SwiftProtobuf.Message,
 
 nonisolated extension Keel_Control_V1_EngineAlive: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".EngineAlive"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}serving\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}serving\0\u{1}standby\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -938,6 +1053,7 @@ nonisolated extension Keel_Control_V1_EngineAlive: SwiftProtobuf.Message, SwiftP
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularBoolField(value: &self.serving) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.standby) }()
       default: break
       }
     }
@@ -947,11 +1063,15 @@ nonisolated extension Keel_Control_V1_EngineAlive: SwiftProtobuf.Message, SwiftP
     if self.serving != false {
       try visitor.visitSingularBoolField(value: self.serving, fieldNumber: 1)
     }
+    if self.standby != false {
+      try visitor.visitSingularBoolField(value: self.standby, fieldNumber: 2)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Keel_Control_V1_EngineAlive, rhs: Keel_Control_V1_EngineAlive) -> Bool {
     if lhs.serving != rhs.serving {return false}
+    if lhs.standby != rhs.standby {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1219,6 +1339,50 @@ nonisolated extension Keel_Control_V1_IOCounters: SwiftProtobuf.Message, SwiftPr
     if lhs.writtenBytes != rhs.writtenBytes {return false}
     if lhs.flushes != rhs.flushes {return false}
     if lhs.errors != rhs.errors {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Keel_Control_V1_ClaimRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ClaimRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}owner\0\u{1}volume\0\u{3}volume_id\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._owner) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.volume) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.volumeID) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._owner {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if !self.volume.isEmpty {
+      try visitor.visitSingularStringField(value: self.volume, fieldNumber: 2)
+    }
+    if !self.volumeID.isEmpty {
+      try visitor.visitSingularStringField(value: self.volumeID, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Keel_Control_V1_ClaimRequest, rhs: Keel_Control_V1_ClaimRequest) -> Bool {
+    if lhs._owner != rhs._owner {return false}
+    if lhs.volume != rhs.volume {return false}
+    if lhs.volumeID != rhs.volumeID {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
