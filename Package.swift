@@ -88,9 +88,12 @@ let package = Package(
         // The kernel's NBD driver over generic netlink: /dev/nbdX from sockets in transmission.
         .systemLibrary(name: "CNetlink"),
         .target(name: "KernelNBD", dependencies: ["CNetlink", "Syscalls"]),
+        // The device-mapper linear device over /dev/nbdX that a host mounts: suspended while its engine switches.
+        .systemLibrary(name: "CDeviceMapper"),
+        .target(name: "DeviceMapper", dependencies: ["CDeviceMapper"]),
         // The host's device of a volume: /dev/nbdX held connected to the volume's engine, wherever it runs.
         .target(name: "DeviceFrontend", dependencies: [
-            "KernelNBD", "NBDProtocol", "Syscalls", "TLSSession", .product(name: "Logging", package: "swift-log"),
+            "ControlAPI", "DeviceMapper", "KernelNBD", .product(name: "GRPCCore", package: "grpc-swift-2"), "NBDProtocol", "Syscalls", "TLSSession", .product(name: "Logging", package: "swift-log"),
         ]),
         // `keel engine serve`: a volume's frontend, replicated synchronously to its replicas.
         .target(name: "Engine", dependencies: [

@@ -1,3 +1,5 @@
+import DeviceMapper
+import Foundation
 import KernelNBD
 import Logging
 import Synchronization
@@ -29,21 +31,34 @@ public final class DeviceFrontend: @unchecked Sendable {
     }
     public typealias StatusObserver = @Sendable (Status) -> Void
 
-    private let device: KernelDevice
+    let device: KernelDevice
+    /// `keel-<volume>`: the device-mapper device over /dev/nbdX that the host mounts, or nil.
+    private let mapperName: String?
+    /// Set once attached, with `mapperName`.
+    var linear: LinearDevice?
+    /// While an engine switch holds the device's I/O: since when, and until when at most (monotonic seconds).
+    let hold = Mutex<(since: Double, until: Double)?>(nil)
+    /// The kernel's dead-link reports since the hold began: a switch waits for every link's.
+    var switchReports: KernelNBD.DeadLinks?
+    /// Taken by whatever hands the kernel new connections: the watcher's reconnects and a switch.
+    let relinking = NSLock()
     private let connectTimeout: Int32
     /// TLS for links to an engine over TCP (kTLS once negotiated); unix links stay plaintext.
     private let tls: TLSCredentials?
-    private let logger: Logger
+    let logger: Logger
     private let replacement: Replacement?
-    private let observer: StatusObserver?
-    private let endpoint: Mutex<EngineEndpoint>
+    let observer: StatusObserver?
+    let endpoint: Mutex<EngineEndpoint>
     private let running = Atomic<Bool>(false)
     private var watcher: PosixThread?
 
-    /// `connectTimeout`: milliseconds a connection and its handshake may take.
+    /// `connectTimeout`: milliseconds a connection and its handshake may take. With
+    /// `mapperName`, the host's device is a device-mapper linear device of that name over
+    /// /dev/nbdX, which an engine switch suspends.
     public init(device: KernelDevice, engine: EngineEndpoint, connectTimeout: Int32 = 3000, tls: TLSCredentials? = nil,
-                logger: Logger, replacement: Replacement? = nil, observer: StatusObserver? = nil) {
+                mapperName: String? = nil, logger: Logger, replacement: Replacement? = nil, observer: StatusObserver? = nil) {
         self.device = device
+        self.mapperName = mapperName
         self.connectTimeout = connectTimeout
         self.tls = tls
         self.logger = logger
@@ -75,7 +90,18 @@ public final class DeviceFrontend: @unchecked Sendable {
             links.forEach { $0.fd.close() }
             throw error
         }
-        let path = try device.attach(links)
+        var path = try device.attach(links)
+        if let mapperName {
+            do {
+                let linear = try LinearDevice.create(name: mapperName, over: path, sectors: (device.size ?? 0) / 512)
+                self.linear = linear
+                logger.notice("\(linear.path) maps \(path): mount it, not \(path), so that its engine can switch under it")
+                path = linear.path
+            } catch {
+                device.detach()
+                throw error
+            }
+        }
         observer?(.connected(engine))
         running.store(true, ordering: .releasing)
         watcher = try PosixThread(name: "keel-frontend") { [self] in watch(events) }
@@ -87,12 +113,16 @@ public final class DeviceFrontend: @unchecked Sendable {
         running.store(false, ordering: .releasing)
         watcher?.join()
         watcher = nil
+        if let linear {
+            if hold.withLock({ $0 }) != nil { try? linear.resume() }
+            do { try linear.remove() } catch { logger.warning("cannot remove \(linear.path): \(error)") }
+        }
         device.detach()
     }
 
     private var isRunning: Bool { running.load(ordering: .acquiring) }
 
-    private func link(to engine: EngineEndpoint) throws -> EngineLink {
+    func link(to engine: EngineEndpoint) throws -> EngineLink {
         let overTCP = if case .tcp = engine.address { true } else { false }
         return try EngineLink.open(engine, timeout: connectTimeout, unanswered: unanswered, tls: overTCP ? tls : nil)
     }
@@ -110,7 +140,8 @@ public final class DeviceFrontend: @unchecked Sendable {
                 logger.error("cannot read the kernel's dead-link notifications: \(error)")
                 usleep(250_000)
             }
-            if device.deadLinks() > 0 { reconnect() }
+            if releaseExpiredHold() { continue }
+            if device.deadLinks() > 0 && !isHeld { reconnect() }
         }
     }
 
@@ -120,7 +151,9 @@ public final class DeviceFrontend: @unchecked Sendable {
         let started = monotonicSeconds()
         var lastFailure: String?
         var warnedAboutDeadline = false
-        while isRunning {
+        while isRunning && !isHeld {
+            relinking.lock()
+            defer { relinking.unlock() }
             let dead = device.deadLinks()
             if dead == 0 { break }
             let engine = self.engine
@@ -159,7 +192,7 @@ public final class DeviceFrontend: @unchecked Sendable {
                 logger.error("/dev/nbd\(index): no engine for \(Int(waited)) s, past the dead-connection timeout: the kernel fails the device's I/O until one answers at \(engine)")
                 observer?(.failing(engine, failure: lastFailure ?? "no answer"))
             }
-            for _ in 0..<5 where isRunning { usleep(50_000) }
+            for _ in 0..<5 where isRunning && !isHeld { usleep(50_000) }
         }
     }
 }

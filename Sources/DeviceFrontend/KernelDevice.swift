@@ -167,6 +167,8 @@ public final class KernelDevice {
     }
 
     /// Reads and writes the block layer has queued or sent and not completed.
+    public var requestsInFlight: Int { index.map(requestsInFlight) ?? 0 }
+
     private func requestsInFlight(_ index: UInt32) -> Int {
         guard let text = readSmallFile("/sys/block/nbd\(index)/inflight", limit: 64) else { return 0 }
         return text.split(whereSeparator: { $0 == " " || $0 == "\n" }).compactMap { Int($0) }.reduce(0, +)

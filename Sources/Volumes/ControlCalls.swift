@@ -7,6 +7,14 @@ import Syscalls
 public typealias EngineStub = Keel_Control_V1_EngineControl.Client<ControlTransport>
 public typealias NodeStub = Keel_Control_V1_NodeControl.Client<ControlTransport>
 public typealias ReplicaStub = Keel_Control_V1_ReplicaControl.Client<ControlTransport>
+public typealias FrontendStub = Keel_Control_V1_FrontendControl.Client<ControlTransport>
+
+/// Calls a device frontend's control API (its `--control` address).
+public func callFrontend<T: Sendable>(_ frontend: String, doing what: String,
+                                      _ body: @escaping @Sendable (FrontendStub) async throws -> T) throws -> T {
+    try callControl(frontend, option: "--frontend", refusing: "the device frontend at \(frontend)",
+                    unreachable: "the device frontend's control API at \(frontend)", doing: what) { try await body(FrontendStub(wrapping: $0)) }
+}
 
 /// Calls an engine's control API (its `--control` address) from a command;
 /// a refusal or an unreachable engine becomes one line for the user.

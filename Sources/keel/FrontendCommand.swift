@@ -12,7 +12,7 @@ struct FrontendCommand: ParsableCommand {
         commandName: "frontend",
         abstract: "The host's device of a volume (/dev/nbdX), held connected to the volume's engine wherever it runs.",
         discussion: "keel volume attach starts one per attached volume (keel-frontend@VOLUME under systemd).",
-        subcommands: [Serve.self])
+        subcommands: [Serve.self, Hold.self, Switch.self, Resume.self])
 
     struct Serve: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -77,6 +77,12 @@ struct FrontendCommand: ParsableCommand {
         @Flag(help: "The engine at --engine is this node's engine daemon of the volume (keel volume attach started it): when it stops answering, the frontend starts it again, the only one that does.")
         var restartEngine = false
 
+        @Flag(help: "Put a device-mapper linear device, /dev/mapper/keel-VOLUME, over /dev/nbdX, and print it: mounted instead of /dev/nbdX, its I/O can be held while the volume's engine switches (keel frontend hold, switch).")
+        var mapper = false
+
+        @Option(name: .customLong("control"), help: "Control API (gRPC) address HOST:PORT or unix:/path, for engine switches (default: none).")
+        var controlAddress: String?
+
         @OptionGroup var node: NodeOptions
 
         @OptionGroup var control: ControlClientOptions
@@ -127,11 +133,13 @@ struct FrontendCommand: ParsableCommand {
                 throw KeelError("no engine node could start the engine of \(volume) (\(engineNode.joined(separator: ", "))); see the log")
             }
             let tls = try linkCredentials()
+            let controlListen = try controlAddress.map { try parseListenAddress($0, option: "--control") }
             let frontend: DeviceFrontend
             let path: String
             do {
                 frontend = DeviceFrontend(device: try KernelDevice(settings: settings, logger: logger), engine: endpoint,
-                                          connectTimeout: Int32(connectTimeout * 1000), tls: tls, logger: logger,
+                                          connectTimeout: Int32(connectTimeout * 1000), tls: tls,
+                                          mapperName: mapper ? "keel-\(volume)" : nil, logger: logger,
                                           replacement: failover.map { failover in { @Sendable in failover.engine(replacing: $0, failure: $1) } },
                                           observer: { @Sendable status in
                                               if case .connected = status { failover?.engineAnswered() }
@@ -142,6 +150,16 @@ struct FrontendCommand: ParsableCommand {
                 throw KeelError("cannot attach volume \(volume) from engine \(endpoint): \(error)")
             }
             failover?.deviceAttached(size: frontend.size)
+            let controlServer: ControlServer?
+            do {
+                controlServer = try controlListen.map {
+                    try ControlServer(address: $0, services: [FrontendControlService(frontend: frontend)])
+                }
+            } catch {
+                frontend.stop()
+                throw error
+            }
+            defer { controlServer?.stop() }
             print(path)
             fflush(stdout)
             ServiceManager.notify("READY=1\nSTATUS=\(path) connected to engine \(endpoint)")
@@ -187,3 +205,75 @@ struct FrontendCommand: ParsableCommand {
         }
     }
 }
+extension FrontendCommand {
+    struct Hold: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Hold a device's I/O for an engine switch (its device-mapper device suspended).",
+            discussion: """
+                Returns once the I/O in flight is answered; the hold ends with 'keel frontend switch' or \
+                'keel frontend resume', or by itself after --seconds (keel migrate confirm does all of it).
+                Example: keel frontend hold --frontend unix:/run/keel/db.frontend.control
+                """)
+
+        @Option(help: "The device frontend's control address (its --control).")
+        var frontend: String
+
+        @Option(help: "Seconds at most the I/O stays held.")
+        var seconds: Double = 10
+
+        @OptionGroup var control: ControlClientOptions
+
+        func validate() throws {
+            guard seconds > 0 && seconds <= 600 else { throw ValidationError("--seconds must be above 0 and at most 600") }
+        }
+
+        func run() throws {
+            control.apply(for: frontend)
+            let held = try callFrontend(frontend, doing: "hold the device's I/O") { [seconds] in
+                try await $0.hold(.with { $0.holdSeconds = seconds })
+            }
+            print("I/O held (in flight answered in \(milliseconds(held.drainedMicroseconds)) ms, \(held.inFlight) left); "
+                  + "switch or resume within \(Int(seconds)) s")
+        }
+    }
+
+    struct Switch: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Connect a held device to another engine, then let its I/O go on.",
+            discussion: "Example: keel frontend switch --frontend unix:/run/keel/db.frontend.control --engine unix:/run/keel/db.b.sock")
+
+        @Option(help: "The device frontend's control address (its --control).")
+        var frontend: String
+
+        @Option(help: "The new engine's NBD address: unix:/path or HOST:PORT.")
+        var engine: String
+
+        @OptionGroup var control: ControlClientOptions
+
+        func run() throws {
+            control.apply(for: frontend)
+            let released = try callFrontend(frontend, doing: "switch engines") { [engine] in
+                try await $0.switchEngine(.with { $0.engine = engine })
+            }
+            print("device connected to engine \(released.engine); I/O was held \(milliseconds(released.heldMicroseconds)) ms")
+        }
+    }
+
+    struct Resume: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Let a held device's I/O go on with the engine it has (a switch given up).")
+
+        @Option(help: "The device frontend's control address (its --control).")
+        var frontend: String
+
+        @OptionGroup var control: ControlClientOptions
+
+        func run() throws {
+            control.apply(for: frontend)
+            let released = try callFrontend(frontend, doing: "resume the device's I/O") { try await $0.resume(.init()) }
+            print("I/O goes on with engine \(released.engine); it was held \(milliseconds(released.heldMicroseconds)) ms")
+        }
+    }
+}
+
+private func milliseconds(_ microseconds: UInt64) -> String { String(format: "%.1f", Double(microseconds) / 1000) }

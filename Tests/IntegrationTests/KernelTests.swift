@@ -42,6 +42,11 @@ import Testing
         try Self.expectScenario("engine-restart", toSay: "engine restarted under fio without I/O errors")
     }
 
+    /// A live upgrade at the frontend's level: hold, stop, activate, switch; no I/O error, no kernel timeout.
+    @Test func engineSwitchedUnderFioOnTheMountedVolume() throws {
+        try Self.expectScenario("engine-switch", toSay: "engine switched under fio without I/O errors")
+    }
+
     @Test func fioVerifyOnTheDeviceWhileAReplicaIsKilled() throws {
         try Self.expectScenario("fio-verify-replica-killed", toSay: "fio verified with a replica killed")
     }

@@ -99,6 +99,11 @@ start_frontend() {
     device=$(cat "$work/frontend.out")
     [ -b "$device" ] || { echo "no device from the frontend: '$device'"; exit 1; }
     nbd=$(basename "$device")
+    # With --mapper the frontend prints its device-mapper device: the NBD device is the one under it.
+    case "$device" in /dev/mapper/*)
+        dm=$(basename "$(readlink -f "/sys/dev/block/$(printf '%d:%d' "0x$(stat -c %t "$device")" "0x$(stat -c %T "$device")")")")
+        nbd=$(ls "/sys/block/$dm/slaves");;
+    esac
     for _ in $(seq 100); do [ "$(cat /sys/block/$nbd/size)" != 0 ] && break; sleep 0.1; done
     echo "attached $device, backend $(cat /sys/block/$nbd/backend)"
     [ "$(cat /sys/block/$nbd/backend)" = keel:vol ]

@@ -39,7 +39,8 @@ CACHE = os.path.join(REPO, ".build-vm")
 # Loaded in this order (dependencies first, resolved from each module's .modinfo).
 MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "ext4", "crc32c_generic", "loop", "virtio_blk",
            "tls", "gcm", "ctr", "ghash_generic",  # kTLS: the TLS upper layer and AES-GCM (AES is built in)
-           "veth"]  # nodes as network namespaces linked by veth pairs
+           "veth",  # nodes as network namespaces linked by veth pairs
+           "dm_mod"]  # the device-mapper device a host mounts over /dev/nbdX (held during an engine switch)
 GUEST_INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc

@@ -4147,6 +4147,824 @@ extension Keel_Control_V1_ReplicaControl.ClientProtocol {
     }
 }
 
+// MARK: - keel.control.v1.FrontendControl
+
+/// Namespace containing generated types for the "keel.control.v1.FrontendControl" service.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+public enum Keel_Control_V1_FrontendControl: Sendable {
+    /// Service descriptor for the "keel.control.v1.FrontendControl" service.
+    public static let descriptor = GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.FrontendControl")
+    /// Namespace for method metadata.
+    public enum Method: Sendable {
+        /// Namespace for "Hold" metadata.
+        public enum Hold: Sendable {
+            /// Request type for "Hold".
+            public typealias Input = Keel_Control_V1_HoldRequest
+            /// Response type for "Hold".
+            public typealias Output = Keel_Control_V1_Held
+            /// Descriptor for "Hold".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.FrontendControl"),
+                method: "Hold",
+                type: .unary
+            )
+        }
+        /// Namespace for "SwitchEngine" metadata.
+        public enum SwitchEngine: Sendable {
+            /// Request type for "SwitchEngine".
+            public typealias Input = Keel_Control_V1_SwitchEngineRequest
+            /// Response type for "SwitchEngine".
+            public typealias Output = Keel_Control_V1_Released
+            /// Descriptor for "SwitchEngine".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.FrontendControl"),
+                method: "SwitchEngine",
+                type: .unary
+            )
+        }
+        /// Namespace for "Resume" metadata.
+        public enum Resume: Sendable {
+            /// Request type for "Resume".
+            public typealias Input = Keel_Control_V1_ResumeRequest
+            /// Response type for "Resume".
+            public typealias Output = Keel_Control_V1_Released
+            /// Descriptor for "Resume".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.FrontendControl"),
+                method: "Resume",
+                type: .unary
+            )
+        }
+        /// Descriptors for all methods in the "keel.control.v1.FrontendControl" service.
+        public static let descriptors: [GRPCCore.MethodDescriptor] = [
+            Hold.descriptor,
+            SwitchEngine.descriptor,
+            Resume.descriptor
+        ]
+    }
+}
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension GRPCCore.ServiceDescriptor {
+    /// Service descriptor for the "keel.control.v1.FrontendControl" service.
+    public static let keel_control_v1_FrontendControl = GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.FrontendControl")
+}
+
+// MARK: keel.control.v1.FrontendControl (server)
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_FrontendControl {
+    /// Streaming variant of the service protocol for the "keel.control.v1.FrontendControl" service.
+    ///
+    /// This protocol is the lowest-level of the service protocols generated for this service
+    /// giving you the most flexibility over the implementation of your service. This comes at
+    /// the cost of more verbose and less strict APIs. Each RPC requires you to implement it in
+    /// terms of a request stream and response stream. Where the RPC expects only a single
+    /// request or response message, you are responsible for ensuring your implementation
+    /// maintains this invariant.
+    ///
+    /// Where possible, prefer using the stricter, less-verbose ``ServiceProtocol``
+    /// or ``SimpleServiceProtocol`` instead.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > One per device frontend started with --control (`keel frontend serve`): an
+    /// > engine switch (a migration's confirm) goes through it.
+    public protocol StreamingServiceProtocol: GRPCCore.RegistrableRPCService {
+        /// Handle the "Hold" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Holds the device's I/O above /dev/nbdX (its device-mapper device
+        /// > suspended); returns once the I/O in flight is answered. The hold ends
+        /// > with SwitchEngine or Resume, or by itself after `hold_seconds`.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_HoldRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_Held` messages.
+        func hold(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_HoldRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Held>
+
+        /// Handle the "SwitchEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Replaces every connection of /dev/nbdX by one to `engine`, then lets the
+        /// > held I/O go on. On failure the device goes on with the engine it had.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_SwitchEngineRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_Released` messages.
+        func switchEngine(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_SwitchEngineRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Released>
+
+        /// Handle the "Resume" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Lets the held I/O go on with the engine the device has.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_ResumeRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_Released` messages.
+        func resume(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_ResumeRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Released>
+    }
+
+    /// Service protocol for the "keel.control.v1.FrontendControl" service.
+    ///
+    /// This protocol is higher level than ``StreamingServiceProtocol`` but lower level than
+    /// the ``SimpleServiceProtocol``, it provides access to request and response metadata and
+    /// trailing response metadata. If you don't need these then consider using
+    /// the ``SimpleServiceProtocol``. If you need fine grained control over your RPCs then
+    /// use ``StreamingServiceProtocol``.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > One per device frontend started with --control (`keel frontend serve`): an
+    /// > engine switch (a migration's confirm) goes through it.
+    public protocol ServiceProtocol: Keel_Control_V1_FrontendControl.StreamingServiceProtocol {
+        /// Handle the "Hold" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Holds the device's I/O above /dev/nbdX (its device-mapper device
+        /// > suspended); returns once the I/O in flight is answered. The hold ends
+        /// > with SwitchEngine or Resume, or by itself after `hold_seconds`.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_HoldRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_Held` message.
+        func hold(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_HoldRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Held>
+
+        /// Handle the "SwitchEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Replaces every connection of /dev/nbdX by one to `engine`, then lets the
+        /// > held I/O go on. On failure the device goes on with the engine it had.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_SwitchEngineRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_Released` message.
+        func switchEngine(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_SwitchEngineRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Released>
+
+        /// Handle the "Resume" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Lets the held I/O go on with the engine the device has.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_ResumeRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_Released` message.
+        func resume(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_ResumeRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Released>
+    }
+
+    /// Simple service protocol for the "keel.control.v1.FrontendControl" service.
+    ///
+    /// This is the highest level protocol for the service. The API is the easiest to use but
+    /// doesn't provide access to request or response metadata. If you need access to these
+    /// then use ``ServiceProtocol`` instead.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > One per device frontend started with --control (`keel frontend serve`): an
+    /// > engine switch (a migration's confirm) goes through it.
+    public protocol SimpleServiceProtocol: Keel_Control_V1_FrontendControl.ServiceProtocol {
+        /// Handle the "Hold" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Holds the device's I/O above /dev/nbdX (its device-mapper device
+        /// > suspended); returns once the I/O in flight is answered. The hold ends
+        /// > with SwitchEngine or Resume, or by itself after `hold_seconds`.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_HoldRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_Held` to respond with.
+        func hold(
+            request: Keel_Control_V1_HoldRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_Held
+
+        /// Handle the "SwitchEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Replaces every connection of /dev/nbdX by one to `engine`, then lets the
+        /// > held I/O go on. On failure the device goes on with the engine it had.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_SwitchEngineRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_Released` to respond with.
+        func switchEngine(
+            request: Keel_Control_V1_SwitchEngineRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_Released
+
+        /// Handle the "Resume" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Lets the held I/O go on with the engine the device has.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_ResumeRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_Released` to respond with.
+        func resume(
+            request: Keel_Control_V1_ResumeRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_Released
+    }
+}
+
+// Default implementation of 'registerMethods(with:)'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_FrontendControl.StreamingServiceProtocol {
+    public func registerMethods<Transport>(with router: inout GRPCCore.RPCRouter<Transport>) where Transport: GRPCCore.ServerTransport {
+        router.registerHandler(
+            forMethod: Keel_Control_V1_FrontendControl.Method.Hold.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_HoldRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Held>(),
+            handler: { request, context in
+                try await self.hold(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_FrontendControl.Method.SwitchEngine.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_SwitchEngineRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Released>(),
+            handler: { request, context in
+                try await self.switchEngine(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_FrontendControl.Method.Resume.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_ResumeRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Released>(),
+            handler: { request, context in
+                try await self.resume(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+    }
+}
+
+// Default implementation of streaming methods from 'StreamingServiceProtocol'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_FrontendControl.ServiceProtocol {
+    public func hold(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_HoldRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Held> {
+        let response = try await self.hold(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func switchEngine(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_SwitchEngineRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Released> {
+        let response = try await self.switchEngine(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func resume(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_ResumeRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Released> {
+        let response = try await self.resume(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+}
+
+// Default implementation of methods from 'ServiceProtocol'.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_FrontendControl.SimpleServiceProtocol {
+    public func hold(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_HoldRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Held> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_Held>(
+            message: try await self.hold(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func switchEngine(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_SwitchEngineRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Released> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_Released>(
+            message: try await self.switchEngine(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func resume(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_ResumeRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Released> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_Released>(
+            message: try await self.resume(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+}
+
+// MARK: keel.control.v1.FrontendControl (client)
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_FrontendControl {
+    /// Generated client protocol for the "keel.control.v1.FrontendControl" service.
+    ///
+    /// You don't need to implement this protocol directly, use the generated
+    /// implementation, ``Client``.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > One per device frontend started with --control (`keel frontend serve`): an
+    /// > engine switch (a migration's confirm) goes through it.
+    public protocol ClientProtocol: Sendable {
+        /// Call the "Hold" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Holds the device's I/O above /dev/nbdX (its device-mapper device
+        /// > suspended); returns once the I/O in flight is answered. The hold ends
+        /// > with SwitchEngine or Resume, or by itself after `hold_seconds`.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_HoldRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_HoldRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Held` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func hold<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_HoldRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_HoldRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Held>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Held>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "SwitchEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Replaces every connection of /dev/nbdX by one to `engine`, then lets the
+        /// > held I/O go on. On failure the device goes on with the engine it had.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_SwitchEngineRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_SwitchEngineRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Released` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func switchEngine<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_SwitchEngineRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_SwitchEngineRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Released>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Released>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "Resume" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Lets the held I/O go on with the engine the device has.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_ResumeRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_ResumeRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Released` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func resume<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_ResumeRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_ResumeRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Released>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Released>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+    }
+
+    /// Generated client for the "keel.control.v1.FrontendControl" service.
+    ///
+    /// The ``Client`` provides an implementation of ``ClientProtocol`` which wraps
+    /// a `GRPCCore.GRPCCClient`. The underlying `GRPCClient` provides the long-lived
+    /// means of communication with the remote peer.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > One per device frontend started with --control (`keel frontend serve`): an
+    /// > engine switch (a migration's confirm) goes through it.
+    public struct Client<Transport>: ClientProtocol where Transport: GRPCCore.ClientTransport {
+        private let client: GRPCCore.GRPCClient<Transport>
+
+        /// Creates a new client wrapping the provided `GRPCCore.GRPCClient`.
+        ///
+        /// - Parameters:
+        ///   - client: A `GRPCCore.GRPCClient` providing a communication channel to the service.
+        public init(wrapping client: GRPCCore.GRPCClient<Transport>) {
+            self.client = client
+        }
+
+        /// Call the "Hold" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Holds the device's I/O above /dev/nbdX (its device-mapper device
+        /// > suspended); returns once the I/O in flight is answered. The hold ends
+        /// > with SwitchEngine or Resume, or by itself after `hold_seconds`.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_HoldRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_HoldRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Held` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func hold<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_HoldRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_HoldRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Held>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Held>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_FrontendControl.Method.Hold.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "SwitchEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Replaces every connection of /dev/nbdX by one to `engine`, then lets the
+        /// > held I/O go on. On failure the device goes on with the engine it had.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_SwitchEngineRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_SwitchEngineRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Released` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func switchEngine<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_SwitchEngineRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_SwitchEngineRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Released>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Released>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_FrontendControl.Method.SwitchEngine.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "Resume" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Lets the held I/O go on with the engine the device has.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_ResumeRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_ResumeRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Released` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func resume<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_ResumeRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_ResumeRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Released>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Released>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_FrontendControl.Method.Resume.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+    }
+}
+
+// Helpers providing default arguments to 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_FrontendControl.ClientProtocol {
+    /// Call the "Hold" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Holds the device's I/O above /dev/nbdX (its device-mapper device
+    /// > suspended); returns once the I/O in flight is answered. The hold ends
+    /// > with SwitchEngine or Resume, or by itself after `hold_seconds`.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_HoldRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func hold<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_HoldRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Held>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.hold(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_HoldRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Held>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "SwitchEngine" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Replaces every connection of /dev/nbdX by one to `engine`, then lets the
+    /// > held I/O go on. On failure the device goes on with the engine it had.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_SwitchEngineRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func switchEngine<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_SwitchEngineRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Released>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.switchEngine(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_SwitchEngineRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Released>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Resume" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Lets the held I/O go on with the engine the device has.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_ResumeRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func resume<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_ResumeRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Released>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.resume(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_ResumeRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Released>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}
+
+// Helpers providing sugared APIs for 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension Keel_Control_V1_FrontendControl.ClientProtocol {
+    /// Call the "Hold" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Holds the device's I/O above /dev/nbdX (its device-mapper device
+    /// > suspended); returns once the I/O in flight is answered. The hold ends
+    /// > with SwitchEngine or Resume, or by itself after `hold_seconds`.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func hold<Result>(
+        _ message: Keel_Control_V1_HoldRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Held>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_HoldRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.hold(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "SwitchEngine" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Replaces every connection of /dev/nbdX by one to `engine`, then lets the
+    /// > held I/O go on. On failure the device goes on with the engine it had.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func switchEngine<Result>(
+        _ message: Keel_Control_V1_SwitchEngineRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Released>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_SwitchEngineRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.switchEngine(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "Resume" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Lets the held I/O go on with the engine the device has.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func resume<Result>(
+        _ message: Keel_Control_V1_ResumeRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Released>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_ResumeRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.resume(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}
+
 // MARK: - keel.control.v1.NodeControl
 
 /// Namespace containing generated types for the "keel.control.v1.NodeControl" service.

@@ -1,0 +1,44 @@
+# An engine switch under fio on the mounted volume, to an engine started from
+# another keel binary (a live upgrade): the frontend holds the I/O above
+# /dev/nbdX (its device-mapper device suspended, the I/O in flight answered),
+# the old engine stops, the standby engine (its sessions to the replicas
+# opened while fio ran, claiming nothing) is activated, and the frontend
+# connects /dev/nbdX to it and lets the I/O go on. No I/O error, data
+# verified; the I/O timeout is 30 s, so a request left to a kernel timeout
+# would show as a completion latency of 30 s: the longest is reported.
+. "$(dirname "$0")/common.sh"
+for i in 0 1 2; do start_replica $i 256M; done
+IO_TIMEOUT=30 FRONTEND_EXTRA="--mapper --control unix:$work/frontend.control" start_kernel_engine 256M
+mapper=$device
+mkfs.ext4 -q "$mapper"
+mkdir -p /mnt/vol
+mount "$mapper" /mnt/vol
+step "fio randwrite + verify on a file of the mounted $mapper over /dev/$nbd; the engine switches after 4 s"
+fio --name=switch --filename=/mnt/vol/fio.dat --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 \
+    --size=48M --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --eta=never \
+    --time_based --runtime=16 --write_lat_log="$work/switch" --log_avg_msec=0 --output="$work/fio.out" &
+fio=$!
+cp "$KEEL" "$work/keel-upgraded"
+"$work/keel-upgraded" engine serve --standby --volume vol --size 256M --listen "unix:$work/b.sock" \
+    --control "unix:$work/b.control" --replica-timeout 30 \
+    --replica "unix:$work/r0.sock" --replica "unix:$work/r1.sock" --replica "unix:$work/r2.sock" 2>>"$work/b.log" &
+standby=$!
+for _ in $(seq 600); do grep -q "standing by for" "$work/b.log" && break; sleep 0.1; done
+grep "standing by for" "$work/b.log"
+sleep 4
+"$KEEL" frontend hold --frontend "unix:$work/frontend.control" --seconds 30
+kill -TERM "$engine"
+wait "$engine"
+"$KEEL" engine activate --engine "unix:$work/b.control"
+"$KEEL" frontend switch --frontend "unix:$work/frontend.control" --engine "unix:$work/b.sock"
+engine=$standby
+check_fio
+"$KEEL" status --engine "unix:$work/b.control" | head -2
+"$KEEL" status --engine "unix:$work/b.control" | grep -q "epoch 2"
+grep "switched from engine" "$work/frontend.log"
+longest=$(cat "$work"/switch_clat.*.log | awk -F, '{ if ($2 > m) m = $2 } END { printf "%.1f", m / 1e6 }')
+echo "longest completion latency: $longest ms"
+awk -v m="$longest" 'BEGIN { exit !(m < 10000) }' || { echo "a request waited $longest ms: a kernel timeout"; exit 1; }
+umount /mnt/vol
+stop_kernel_engine
+echo "engine switched under fio without I/O errors, longest completion $longest ms"
