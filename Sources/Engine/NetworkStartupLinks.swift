@@ -108,20 +108,7 @@ final class NetworkStartupLinks: StartupLinks {
     }
 
     func claim(_ replica: Int, for owner: Owner) throws {
-        if let standby {
-            precondition(owner.epoch == standby.epoch, "a standby engine claims with its sessions' epoch")
-            let request = Keel_Control_V1_ClaimRequest.with {
-                $0.owner = owner.message
-                $0.volume = startup.volume
-                $0.volumeID = startup.volumeID
-            }
-            do { _ = try controls[replica]!.call(timeout: startup.replicaTimeoutSeconds) { try await $0.claim(request, options: $1) } } catch {
-                throw EngineError("replica \(addresses[replica]) refused epoch \(owner.epoch): \(error)")
-            }
-            clients[replica] = standby.copyLinks[replica]
-            self.standby?.copyLinks[replica] = nil
-            return
-        }
+        if standby != nil { return try claim([replica], for: owner) }
         do {
             clients[replica] = try RegionCopier.connect {
                 try $0.setExportName(exportName(owner))
@@ -129,6 +116,46 @@ final class NetworkStartupLinks: StartupLinks {
             }
         } catch {
             throw EngineError("replica \(addresses[replica]) refused epoch \(owner.epoch): \(error)")
+        }
+    }
+
+    /// A standby engine's claims go through the control API, all at once: the
+    /// time they take is the time the host's I/O is held in a migration.
+    func claim(_ replicas: [Int], for owner: Owner) throws {
+        guard let standby else {
+            for i in replicas { try claim(i, for: owner) }
+            return
+        }
+        precondition(owner.epoch == standby.epoch, "a standby engine claims with its sessions' epoch")
+        let request = Keel_Control_V1_ClaimRequest.with {
+            $0.owner = owner.message
+            $0.volume = startup.volume
+            $0.volumeID = startup.volumeID
+        }
+        let calls = replicas.map { i in
+            (i, controls[i]!.start(timeout: startup.replicaTimeoutSeconds) { try await $0.claim(request, options: $1) })
+        }
+        var refusals: [String] = []
+        for (i, call) in calls {
+            do { _ = try call.take().get() } catch {
+                refusals.append("replica \(addresses[i]) refused epoch \(owner.epoch): \(error)")
+                continue
+            }
+            clients[i] = standby.copyLinks[i]
+            self.standby?.copyLinks[i] = nil
+        }
+        if !refusals.isEmpty { throw EngineError(refusals.joined(separator: "; ")) }
+    }
+
+    func setMembership(_ membership: Keel_Control_V1_Membership, on replicas: [Int], for owner: Owner) throws {
+        let update = Keel_Control_V1_MembershipUpdate.with { $0.owner = owner.message; $0.membership = membership }
+        let calls = replicas.map { i in
+            (i, controls[i]!.start(timeout: startup.replicaTimeoutSeconds) { try await $0.setMembership(update, options: $1) })
+        }
+        for (i, call) in calls {
+            do { _ = try call.take().get() } catch {
+                throw EngineError("replica \(addresses[i]) failed a control call: \(error)")
+            }
         }
     }
 

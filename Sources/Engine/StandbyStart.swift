@@ -57,7 +57,11 @@ public final class StandbyStart {
     public func activate() throws -> (outcome: VolumeStartup.Outcome, links: [(SocketAddress, NBDClient)]) {
         defer { links.close() }
         let outcome: VolumeStartup.Outcome
-        do { outcome = try startup.run(links, addresses: addresses, epoch: epoch) } catch {
+        do { outcome = try startup.run(links, addresses: addresses, epoch: epoch) } catch let error as EpochNotNewer {
+            close()
+            throw EngineError("the replicas moved on to epoch \(error.newest) since this engine began standing by for epoch \(epoch) "
+                              + "(another engine started meanwhile); nothing was claimed: start a standby engine again")
+        } catch {
             close()
             throw error
         }

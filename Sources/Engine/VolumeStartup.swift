@@ -69,12 +69,10 @@ public struct VolumeStartup {
         guard epoch <= Owner.maximumEpoch else {
             throw EngineError("--epoch \(epoch) is larger than a replica can store (\(Owner.maximumEpoch)); nothing was changed")
         }
-        guard epoch > newest else {
-            throw EngineError("--epoch \(epoch) is not newer than epoch \(newest), which a replica has seen; nothing was changed")
-        }
+        guard epoch > newest else { throw EpochNotNewer(epoch: epoch, newest: newest) }
 
         let owner = Owner(epoch: epoch, engine: engineID)
-        for i in inspected.indices where inspected[i] != nil { try links.claim(i, for: owner) }
+        try links.claim(inspected.indices.filter { inspected[$0] != nil }, for: owner)
         let claimed = try inspected.indices.map { i in try inspected[i].map { _ in try links.status(i) } }
         let members = try decide(claimed, addressCount: addresses.count, unreachable: unreachable)
 
@@ -118,7 +116,7 @@ public struct VolumeStartup {
             $0.generation = replicas.generation
             $0.members = ordered.map { claimed[$0]!.id }
         }
-        for i in claimed.indices where claimed[i] != nil { try links.setMembership(membership, on: i, for: owner) }
+        try links.setMembership(membership, on: claimed.indices.filter { claimed[$0] != nil }, for: owner)
         replicas.persisted(generation: replicas.generation)
         for line in unreachable { logger.warning("replica unreachable at start, left out: \(line)") }
         for i in claimed.indices where claimed[i] != nil && !members.contains(i) {

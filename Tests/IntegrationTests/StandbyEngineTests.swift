@@ -54,6 +54,23 @@ import Testing
         try FreshnessTests.expectFreshAndIdentical(heads, log: afterLog, seed: seed + 1)
     }
 
+    /// Another engine started while B stood by: its epoch is taken, B claims nothing and says why.
+    @Test func aStandbyEngineOutbidMeanwhileRefusesToActivate() throws {
+        let cluster = try Cluster(replicas: 2, size: "16M")
+        let engineA = try cluster.startEngine()
+        let controlB = "unix:" + cluster.scratch.file("b.control")
+        let engineB = try Self.startStandby(cluster, control: controlB)
+        #expect(engineA.stop() == 0)
+        let restarted = try cluster.startEngine(extra: ["--control", "unix:" + cluster.scratch.file("a2.control")])
+        try expectOneLineRefusal([Paths.keel, "engine", "activate", "--engine", controlB],
+                                 mentioning: ["moved on to epoch 2", "start a standby engine again"])
+        #expect(engineB.stop() != 0, "B failed its start")
+        let seed = UInt64.random(in: 1...UInt64(UInt32.max))
+        print("outbid writer seed \(seed)")
+        try Self.write(cluster.uri, offset: 0, log: cluster.scratch.file("w.log"), seed: seed)
+        #expect(restarted.stop() == 0)
+    }
+
     @Test func aStandbyEngineStoodDownLeavesNoTrace() throws {
         let cluster = try Cluster(replicas: 2, size: "16M")
         let controlA = "unix:" + cluster.scratch.file("a.control")
