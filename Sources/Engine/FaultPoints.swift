@@ -22,6 +22,8 @@ import Glibc
 ///   only, then the engine kills itself (SIGKILL).
 /// - `die-mid-revert`: the first writable replica reverts, then the engine
 ///   kills itself (SIGKILL).
+/// - `die-mid-activation`: a standby engine claims its first replica only,
+///   then kills itself (SIGKILL): the engine before it is fenced there alone.
 public struct FaultPoints: Sendable {
     public var breakLinkInSubmit: (replica: Int, command: Int)?
     public var slowMembershipSeconds: Double = 0
@@ -30,6 +32,7 @@ public struct FaultPoints: Sendable {
     public var dieMidSnapshot = false
     public var dieMidRemoval = false
     public var dieMidRevert = false
+    public var dieMidActivation = false
 
     /// Whether the I/O path has anything to inject.
     public var enabled: Bool { breakLinkInSubmit != nil }
@@ -74,6 +77,8 @@ public struct FaultPoints: Sendable {
                 faults.dieMidRemoval = true
             case ("die-mid-revert", nil):
                 faults.dieMidRevert = true
+            case ("die-mid-activation", nil):
+                faults.dieMidActivation = true
             case ("slow-rebuild", let value?):
                 faults.slowRebuildSeconds = try seconds(value, for: "slow-rebuild")
             default:

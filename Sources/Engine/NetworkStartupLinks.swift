@@ -3,6 +3,9 @@ import GRPCCore
 import LibNBD
 import ReplicaIdentity
 import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `StartupLinks` over the network: NBD to look at, claim and copy between
 /// replicas, each replica's gRPC control API for its records. Every call is
@@ -132,8 +135,13 @@ final class NetworkStartupLinks: StartupLinks {
             $0.volume = startup.volume
             $0.volumeID = startup.volumeID
         }
-        let calls = replicas.map { i in
+        let dying = FaultPoints.fromEnvironment.dieMidActivation
+        let calls = (dying ? Array(replicas.prefix(1)) : replicas).map { i in
             (i, controls[i]!.start(timeout: startup.replicaTimeoutSeconds) { try await $0.claim(request, options: $1) })
+        }
+        if dying {
+            _ = calls.map { try? $0.1.take().get() }
+            kill(getpid(), SIGKILL)
         }
         var refusals: [String] = []
         for (i, call) in calls {

@@ -10,6 +10,7 @@ import Testing
         #expect(!FaultPoints.none.enabled)
         #expect(try FaultPoints.parse("slow-rebuild=0.1").slowRebuildSeconds == 0.1)
         #expect(try !FaultPoints.parse("slow-rebuild=0.1").enabled, "nothing for the I/O path")
+        #expect(try FaultPoints.parse("die-mid-activation").dieMidActivation)
     }
 
     @Test func malformedFaultPointsAreRefused() {

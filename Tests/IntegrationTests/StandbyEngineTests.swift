@@ -8,9 +8,9 @@ import Testing
 @Suite(.serialized) struct StandbyEngineTests {
     typealias Cluster = EngineTests.Cluster
 
-    static func startStandby(_ cluster: Cluster, control: String) throws -> KeelServer {
+    static func startStandby(_ cluster: Cluster, control: String, environment: [String: String] = [:]) throws -> KeelServer {
         try KeelServer(["engine", "serve", "--standby", "--volume", "vol", "--size", cluster.size, "--control", control]
-                       + cluster.replicaArguments, scratch: cluster.scratch)
+                       + cluster.replicaArguments, scratch: cluster.scratch, environment: environment)
     }
 
     /// Stamped writes to `blocks` blocks at `offset`, for `seconds`: all acknowledged, none failed.
@@ -69,6 +69,34 @@ import Testing
         print("outbid writer seed \(seed)")
         try Self.write(cluster.uri, offset: 0, log: cluster.scratch.file("w.log"), seed: seed)
         #expect(restarted.stop() == 0)
+    }
+
+    /// The standby engine dies having claimed one replica of three (the old engine stopped for the
+    /// switch): the next engine to start takes them all, and every write before and after is there.
+    @Test func aStandbyEngineThatDiesMidActivationLosesNothing() throws {
+        let cluster = try Cluster(replicas: 3, size: "16M")
+        let engineA = try cluster.startEngine()
+        let controlB = "unix:" + cluster.scratch.file("b.control")
+        let engineB = try Self.startStandby(cluster, control: controlB, environment: ["KEEL_FAULTS": "die-mid-activation"])
+        let seed = UInt64.random(in: 1...UInt64(UInt32.max))
+        print("mid-activation writer seed \(seed)")
+        let beforeLog = cluster.scratch.file("before.log")
+        try Self.write(cluster.uri, offset: 0, log: beforeLog, seed: seed)
+        #expect(engineA.stop() == 0)
+        let activate = try run([Paths.keel, "engine", "activate", "--engine", controlB], timeout: 60)
+        #expect(activate.status != 0, "\(activate.stdout)")
+        #expect(engineB.stop() == nil || engineB.process.terminationReason == .uncaughtSignal, "B killed itself")
+
+        let controlC = "unix:" + cluster.scratch.file("c.control")
+        let engineC = try cluster.startEngine(extra: ["--control", controlC])
+        #expect(try EngineTests.status(controlC)["epoch"] as? UInt64 == 3, "one more than B's claim")
+        let afterLog = cluster.scratch.file("after.log")
+        try Self.write(cluster.uri, offset: 1 << 20, log: afterLog, seed: seed + 1)
+        #expect(engineC.stop() == 0)
+        for replica in cluster.replicas { replica.stop() }
+        let heads = (0..<3).map { cluster.replicaDirectory($0) + "/layers/head.img" }
+        try FreshnessTests.expectFreshAndIdentical(heads, log: beforeLog, seed: seed)
+        try FreshnessTests.expectFreshAndIdentical(heads, log: afterLog, seed: seed + 1)
     }
 
     @Test func aStandbyEngineStoodDownLeavesNoTrace() throws {
