@@ -17,8 +17,8 @@ public struct ProcessRunner: DaemonRunner, Sendable {
         self.executable = executable
     }
 
-    func pidPath(_ daemon: Daemon) -> String { "\(runDirectory)/\(daemon.unit).pid" }
-    public func logPath(_ daemon: Daemon) -> String { "\(logDirectory)/\(daemon.unit).log" }
+    func pidPath(_ daemon: Daemon, beside: String = "") -> String { "\(runDirectory)/\(daemon.unit).\(beside.isEmpty ? "" : beside + ".")pid" }
+    public func logPath(_ daemon: Daemon, beside: String = "") -> String { "\(logDirectory)/\(daemon.unit).\(beside.isEmpty ? "" : beside + ".")log" }
 
     /// Each start begins with this line in the log: failures are looked for after the last one.
     static let startMarker = "-- keel: started "
@@ -57,6 +57,51 @@ public struct ProcessRunner: DaemonRunner, Sendable {
         throw DaemonError("the \(daemon.description) (pid \(pid)) did not stop within \(Int(daemon.stopTimeout)) s and was killed")
     }
 
+    /// Starts a second instance of `daemon` from `executable` beside the one
+    /// running (a migration's standby engine), with its own pid file and log
+    /// named after `beside`; returns its pid.
+    public func startBeside(_ daemon: Daemon, executable: String, beside: String) throws -> pid_t {
+        let log = logPath(daemon, beside: beside)
+        let fd = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        if fd >= 0 {
+            let line = Self.startMarker + daemon.commandLine.joined(separator: " ") + "\n"
+            _ = write(fd, line, line.utf8.count)
+            close(fd)
+        }
+        let pid = try spawnDetached([executable] + daemon.commandLine, log: log)
+        do { try writeFileAtomically(pidPath(daemon, beside: beside), "\(pid)\n") } catch {
+            kill(pid, SIGKILL)
+            throw DaemonError("cannot record the pid of the second \(daemon.description): \(error)")
+        }
+        return pid
+    }
+
+    /// The instance beside, if it runs.
+    public func runningPid(_ daemon: Daemon, beside: String) -> pid_t? { runningPid(daemon, pidFile: pidPath(daemon, beside: beside)) }
+
+    /// Stops the instance beside (SIGTERM, then SIGKILL) and forgets its pid file.
+    public func stopBeside(_ daemon: Daemon, beside: String) {
+        defer { unlink(pidPath(daemon, beside: beside)) }
+        guard let pid = runningPid(daemon, beside: beside) else { return }
+        kill(pid, SIGTERM)
+        for _ in 0..<Int(daemon.stopTimeout * 20) where !hasExited(pid) { usleep(50_000) }
+        if !hasExited(pid) {
+            kill(pid, SIGKILL)
+            for _ in 0..<100 where !hasExited(pid) { usleep(50_000) }
+        }
+    }
+
+    /// The instance beside becomes the daemon: its pid file and log take the
+    /// daemon's names (the log before is kept with `.previous`).
+    public func promote(_ daemon: Daemon, beside: String) throws {
+        let log = logPath(daemon)
+        _ = rename(log, logPath(daemon, beside: "previous"))
+        guard rename(logPath(daemon, beside: beside), log) == 0,
+              rename(pidPath(daemon, beside: beside), pidPath(daemon)) == 0 else {
+            throw DaemonError("cannot make the second \(daemon.description) the daemon: \(String(cString: strerror(errno)))")
+        }
+    }
+
     public func killNow(_ daemon: Daemon) throws {
         guard let pid = runningPid(daemon) else { return }
         kill(pid, SIGKILL)
@@ -70,8 +115,10 @@ public struct ProcessRunner: DaemonRunner, Sendable {
 
     public func isRunning(_ daemon: Daemon) -> Bool { runningPid(daemon) != nil }
 
-    public func lastFailure(_ daemon: Daemon) -> String? {
-        guard let log = readFileTail(logPath(daemon), bytes: 64 << 10) else { return nil }
+    public func lastFailure(_ daemon: Daemon) -> String? { lastFailure(daemon, beside: "") }
+
+    public func lastFailure(_ daemon: Daemon, beside: String) -> String? {
+        guard let log = readFileTail(logPath(daemon, beside: beside), bytes: 64 << 10) else { return nil }
         let lines = log.split(separator: "\n")
         let thisRun = lines.lastIndex(where: { $0.hasPrefix(Self.startMarker) }).map { lines[$0...] } ?? lines[...]
         return lastFailureLine(in: thisRun.joined(separator: "\n"))
@@ -96,8 +143,10 @@ public struct ProcessRunner: DaemonRunner, Sendable {
 
     /// The pid in the pid file, if that process is alive and is this daemon
     /// (pids are reused: its command line must name the daemon).
-    func runningPid(_ daemon: Daemon) -> pid_t? {
-        guard let text = readSmallFile(pidPath(daemon)),
+    func runningPid(_ daemon: Daemon) -> pid_t? { runningPid(daemon, pidFile: pidPath(daemon)) }
+
+    private func runningPid(_ daemon: Daemon, pidFile: String) -> pid_t? {
+        guard let text = readSmallFile(pidFile),
               let pid = text.split(whereSeparator: \.isWhitespace).first.flatMap({ pid_t($0) }), pid > 0 else {
             return nil
         }

@@ -58,8 +58,9 @@ public struct Node {
 
     /// The process that holds the volume's /dev/nbdX, connected to its engine:
     /// the local one, or one its engine nodes' agents start and fail over.
-    public func frontendDaemon(_ volume: VolumeRecord, device: String? = nil) -> Daemon {
+    public func frontendDaemon(_ volume: VolumeRecord, device: String? = nil, mapper: Bool = false) -> Daemon {
         var arguments = ["--connections", "\(volume.connections)", "--status-file", layout.frontendStatus(volume.name)]
+        if mapper { arguments += ["--mapper", "--control", "unix:" + layout.frontendControl(volume.name)] }
         if volume.enginePlacedElsewhere {
             for engineNode in engineNodes(volume) { arguments += ["--engine-node", engineNode.address] }
             arguments += ["--size", "\(volume.size)", "--engine-port", "\(volume.enginePort)"]
@@ -72,6 +73,9 @@ public struct Node {
         if let device { arguments += ["--device", device] }
         return Daemon(kind: .frontend, instance: volume.name, arguments: arguments)
     }
+
+    /// The device-mapper device of an attach with --mapper: `/dev/mapper/keel-VOLUME`.
+    public func mapperName(_ volume: String) -> String { "keel-\(volume)" }
 
     /// The volume's engine nodes, in order, as the registry knows them (it keeps a node while a volume names it).
     public func engineNodes(_ volume: VolumeRecord) -> [NodeRecord] {

@@ -12,13 +12,16 @@ extension Node {
     /// the engine (starting it on an engine node when it runs elsewhere).
     /// Returns the device and its udev link (nil: udev made none). Nothing
     /// half-attached is left on failure.
+    /// With `mapper` (or when a frontend before left it), the device to mount is the
+    /// device-mapper device over /dev/nbdX, which an engine migration holds.
     public func attach(_ name: String, device: String? = nil, force: Bool = false, timeout: Double = 120,
-                       credentials: ControlCredentials) throws -> (device: String, link: String?) {
+                       mapper: Bool = false, credentials: ControlCredentials) throws -> (device: String, link: String?) {
         if let device, !device.hasPrefix("/dev/nbd") || UInt32(device.dropFirst("/dev/nbd".count)) == nil {
             throw KeelError("--device takes a kernel NBD device such as /dev/nbd0, not '\(device)'")
         }
+        let mapper = mapper || access("/dev/mapper/" + mapperName(name), F_OK) == 0
         return try VolumeAttachment(node: self, name: name, device: device, force: force, timeout: timeout,
-                                    credentials: credentials).run()
+                                    mapper: mapper, credentials: credentials).run()
     }
 
     /// Starts the volume's replicas and its engine with no device frontend (user-space
@@ -67,7 +70,12 @@ extension Node {
         let before = self.attachment(volume)
         let localEngine = !volume.enginePlacedElsewhere
         // A move of its replicas goes on through the engine; the move stops it at its end.
-        let moving = localEngine && before.engineRunning && (try? runningMigration(of: name)) != nil
+        let migration = (try? runningMigration(of: name)) ?? nil
+        let moving = localEngine && before.engineRunning && migration?.kind == ReplicaMove.kind
+        if migration?.kind == EngineMigration.kind {
+            // Its engine B stands by for a device that goes away: the migration ends here.
+            _ = try? EngineMigration(node: self, volume: name).rollback(because: "the volume was detached", locked: true)
+        }
         let keepEngine = keepEngine || moving
         for daemon in [frontendDaemon(volume)] + (keepEngine || !localEngine ? [] : [engineDaemon(volume)]) {
             do { try runner.stop(daemon) } catch {
@@ -102,6 +110,7 @@ private struct VolumeAttachment {
     let device: String?
     let force: Bool
     let timeout: Double
+    let mapper: Bool
     let credentials: ControlCredentials
 
     func run() throws -> (device: String, link: String?) {
@@ -110,7 +119,7 @@ private struct VolumeAttachment {
         let volume = try node.volume(name)
         let runner = node.runner(volume.runner)
         let engine = node.engineDaemon(volume)
-        let frontend = node.frontendDaemon(volume, device: device)
+        let frontend = node.frontendDaemon(volume, device: device, mapper: mapper)
         let attachment = node.attachment(volume)
         if attachment.engineRunning, attachment.frontendRunning, let device = attachment.device {
             throw KeelError("volume \(name) is already attached as \(device)")
@@ -144,7 +153,19 @@ private struct VolumeAttachment {
             if localEngine && !attachment.engineRunning && !attachment.frontendRunning { try? runner.stop(engine) }
             throw error
         }
-        return (device, waitForLink(device))
+        let link = waitForLink(device)
+        guard mapper else { return (device, link) }
+        return (try waitForMapper(before: deadline), link)
+    }
+
+    /// The frontend makes the device-mapper device right after attaching /dev/nbdX.
+    private func waitForMapper(before deadline: Date) throws -> String {
+        let path = "/dev/mapper/" + node.mapperName(name)
+        while Date() < deadline {
+            if access(path, F_OK) == 0 { return path }
+            usleep(50_000)
+        }
+        throw KeelError("the device frontend of \(name) attached /dev/nbdX but made no \(path) within \(Int(timeout)) s; see its log")
     }
 
     private func start(_ daemon: Daemon, runner: DaemonRunner) throws {

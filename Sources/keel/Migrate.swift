@@ -6,8 +6,8 @@ import Volumes
 /// `keel migrate`: a volume's migrations (for now, the moves of its replicas: `keel volume move`).
 struct Migrate: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Follow a volume's migration: its status (none, migrating, migrating_attachable, success, error), phase and progress.",
-        subcommands: [Status.self])
+        abstract: "Migrate a volume's engine live (start, confirm, rollback) and follow any migration: its status (none, migrating, migrating_attachable, success, error), phase and progress.",
+        subcommands: [Start.self, Confirm.self, Rollback.self, Status.self])
 
     struct Status: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -49,12 +49,14 @@ struct Migrate: ParsableCommand {
         }
 
         static func describe(_ record: MigrationRecord, interrupted: Bool) -> String {
+            let ending = record.kind == ReplicaMove.kind ? "keel volume move \(record.volume) --cancel" : "keel migrate rollback \(record.volume)"
             let started = Date(timeIntervalSince1970: TimeInterval(record.startedAt))
             var text = "volume \(record.volume): migration_status \(record.status.rawValue)"
-                + (interrupted ? " (interrupted: its process is gone; end it with 'keel volume move \(record.volume) --cancel')" : "")
-                + "\n  \(record.kind == ReplicaMove.kind ? "move of its replicas" : "migration") to \(record.target), "
+                + (interrupted ? " (interrupted: its process is gone; end it with '\(ending)')" : "")
+                + "\n  \(record.kind == ReplicaMove.kind ? "move of its replicas" : "migration of its engine") to \(record.target), "
                 + "started \(ISO8601DateFormatter().string(from: started))"
-                + "\n  phase \(record.phase), \(record.percent)% (\(record.bytesDone) of \(record.bytesTotal) bytes)"
+                + "\n  phase \(record.phase), \(record.percent)%"
+                + (record.kind == ReplicaMove.kind ? " (\(record.bytesDone) of \(record.bytesTotal) bytes)" : "")
             if !record.error.isEmpty { text += "\n  error: \(record.error)" }
             return text
         }
@@ -62,3 +64,87 @@ struct Migrate: ParsableCommand {
 }
 
 extension MigrationRecord.Status: ExpressibleByArgument {}
+
+extension Migrate {
+    struct Start: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Start a live migration of a volume's engine: engine B stands by beside engine A.",
+            discussion: """
+                Engine B opens its sessions to every replica and claims nothing: A serves on, undisturbed. \
+                Confirm with 'keel migrate confirm VOL' (the switch holds the device's I/O for a moment), or \
+                roll back with 'keel migrate rollback VOL'. The same node with --binary is a live upgrade. \
+                The volume must be attached with --mapper (or detached with its engine running).
+                Example: keel migrate start db --binary /opt/keel-1.1/keel
+                """)
+
+        @OptionGroup var target: VolumeTarget
+
+        @Option(help: "The node to run engine B on (default, and for now the only choice: this node).")
+        var to: String?
+
+        @Option(help: "The keel executable engine B runs (default: this one).")
+        var binary: String?
+
+        @Option(help: "Seconds to wait for engine B to stand by.")
+        var timeout: Double = 120
+
+        func run() throws {
+            let node = try Node(target.node)
+            if let to, to != thisNodeName {
+                throw KeelError("keel migrate moves an engine on this node only, for now (not to \(to)); leave out --to")
+            }
+            let record = try EngineMigration(node: node, volume: target.name).start(binary: binary, timeout: timeout)
+            if target.json { return try printJSON(MigrationProgress.object(record, interrupted: false)) }
+            print("migration of \(target.name) to \(record.target) started: engine B stands by; "
+                  + "confirm it with 'keel migrate confirm \(target.name)' or roll it back with 'keel migrate rollback \(target.name)'; "
+                  + "follow it with 'keel migrate status \(target.name)'")
+        }
+    }
+
+    struct Confirm: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Switch the volume to engine B: the device's I/O held, A stopped, B claims the replicas, the device switched.",
+            discussion: """
+                Refused, with the reason, when no migration stands by or engine B is not ready. If B cannot \
+                take over, the volume goes on with engine A (started again) and the migration ends in error.
+                Example: keel migrate confirm db
+                """)
+
+        @OptionGroup var target: VolumeTarget
+
+        @Option(help: "Seconds at most the device's I/O is held (it goes on by itself after that).")
+        var hold: Double = 30
+
+        func validate() throws {
+            guard hold > 0 && hold <= 600 else { throw ValidationError("--hold must be above 0 and at most 600 seconds") }
+        }
+
+        func run() throws {
+            let node = try Node(target.node)
+            let confirmed = try EngineMigration(node: node, volume: target.name).confirm(holdSeconds: hold)
+            if target.json {
+                var object = MigrationProgress.object(confirmed.record, interrupted: false)
+                object["epoch"] = confirmed.epoch
+                object["held_milliseconds"] = confirmed.heldMilliseconds ?? NSNull()
+                return try printJSON(object)
+            }
+            print("volume \(target.name) runs on engine B (epoch \(confirmed.epoch))"
+                  + (confirmed.heldMilliseconds.map { "; the device's I/O was held \($0) ms" } ?? "; it has no device attached"))
+        }
+    }
+
+    struct Rollback: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Give up a migration that stands by: engine B goes away, engine A serves on.",
+            discussion: "Example: keel migrate rollback db")
+
+        @OptionGroup var target: VolumeTarget
+
+        func run() throws {
+            let node = try Node(target.node)
+            let record = try EngineMigration(node: node, volume: target.name).rollback()
+            if target.json { return try printJSON(MigrationProgress.object(record, interrupted: false)) }
+            print("migration of \(target.name) rolled back: engine B stopped, the volume stays on engine A")
+        }
+    }
+}

@@ -27,6 +27,9 @@ extension Volume {
         @Option(help: "Seconds to wait for the engine to serve and the device to be attached.")
         var timeout: Double = 120
 
+        @Flag(help: "Put a device-mapper device over /dev/nbdX and print it (/dev/mapper/keel-NAME; /dev/keel/NAME points at it): mounted instead of /dev/nbdX, its engine can be migrated live (keel migrate).")
+        var mapper = false
+
         @Flag(help: "Start only the engine, with no kernel device: prints its NBD URI for user-space clients (qemu, fio's nbd engine, nbdcopy). keel volume attach without it adds the device later.")
         var noDevice = false
 
@@ -35,6 +38,7 @@ extension Volume {
         func validate() throws {
             try validateDevice(device)
             if noDevice && device != nil { throw ValidationError("--no-device attaches no device: drop --device") }
+            if noDevice && mapper { throw ValidationError("--no-device attaches no device: drop --mapper") }
         }
 
         func run() throws {
@@ -45,7 +49,7 @@ extension Volume {
                 return print(uri)
             }
             let (device, link) = try node.attach(target.name, device: device, force: force, timeout: timeout,
-                                                 credentials: control.credentials)
+                                                 mapper: mapper, credentials: control.credentials)
             if target.json { return try printJSON(["volume": target.name, "device": device, "link": link ?? NSNull()] as [String: Any]) }
             print(device)
             if let link { print(link) } else {

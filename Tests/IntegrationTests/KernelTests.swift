@@ -47,6 +47,11 @@ import Testing
         try Self.expectScenario("engine-switch", toSay: "engine switched under fio without I/O errors")
     }
 
+    /// keel migrate start, rollback, start, confirm under fio on a volume attached with --mapper.
+    @Test func engineMigratedLiveUnderFio() throws {
+        try Self.expectScenario("engine-migration", toSay: "keel migrate: engine migrated under fio without I/O errors")
+    }
+
     @Test func fioVerifyOnTheDeviceWhileAReplicaIsKilled() throws {
         try Self.expectScenario("fio-verify-replica-killed", toSay: "fio verified with a replica killed")
     }

@@ -1,0 +1,262 @@
+import ControlAPI
+import Daemons
+import Foundation
+import NodeRegistry
+import Syscalls
+
+/// A live migration of a volume's engine on this node (another keel binary:
+/// a live upgrade). `start`: engine B starts standing by (its sessions to
+/// every replica open, nothing claimed). `confirm`: the device frontend holds
+/// the I/O above /dev/nbdX, engine A stops (answering everything it has),
+/// B claims the replicas and takes A's place (its sockets and pid file), the
+/// frontend connects the device to it and lets the I/O go on. `rollback`: B
+/// goes away, A never noticed.
+///
+/// Its state is the volume's migration record (`migrating`, then `success` or
+/// `error`); the record's pid is B's while it stands by.
+public struct EngineMigration {
+    public static let kind = "engine"
+
+    /// The phases in order, with the progress each stands for.
+    public enum Phase: String, CaseIterable {
+        case starting = "starting engine B"
+        case standingBy = "standing by"
+        case holding = "holding the device's I/O"
+        case stoppingOld = "stopping engine A"
+        case activating = "activating engine B"
+        case switching = "switching the device"
+        case done
+        case rolledBack = "rolled back"
+
+        var percent: UInt64 {
+            switch self {
+            case .starting: 10
+            case .standingBy: 50
+            case .holding: 60
+            case .stoppingOld: 70
+            case .activating: 80
+            case .switching: 90
+            case .done, .rolledBack: 100
+            }
+        }
+    }
+
+    let node: Node
+    let name: String
+
+    public init(node: Node, volume: String) {
+        self.node = node
+        name = volume
+    }
+
+    // MARK: - Start
+
+    /// Starts engine B from `binary` standing by and records the migration;
+    /// returns the record. Nothing is left if this throws.
+    public func start(binary: String?, timeout: Double = 120) throws -> MigrationRecord {
+        let held = try node.lock(name)
+        defer { held.unlock() }
+        let volume = try node.volume(name)
+        if let running = try node.runningMigration(of: name) {
+            let how = running.kind == Self.kind ? "confirm it with 'keel migrate confirm \(name)' or roll it back with 'keel migrate rollback \(name)'"
+                : "follow it with 'keel migrate status \(name)'"
+            throw KeelError("a \(running.kind == Self.kind ? "migration" : "move") of \(name) is running (\(running.phase)); \(how)")
+        }
+        guard !volume.enginePlacedElsewhere else {
+            throw KeelError("volume \(name) runs its engine on engine nodes (\(volume.engineNodes.joined(separator: ", "))); "
+                + "keel migrate moves an engine that runs on this host only, for now")
+        }
+        guard volume.runner == .keel else {
+            throw KeelError("volume \(name) runs under systemd, whose unit keel-engine@\(name) cannot run twice; "
+                + "keel migrate works for volumes keel runs itself (keel volume create without --systemd), for now")
+        }
+        let runner = node.runner(volume.runner)
+        guard runner.isRunning(node.engineDaemon(volume)) else {
+            throw KeelError("volume \(name) has no running engine to migrate from; attach it ('keel volume attach \(name)') first")
+        }
+        let attachment = node.attachment(volume)
+        if attachment.frontendRunning {
+            guard access(node.layout.frontendControl(name), F_OK) == 0 else {
+                throw KeelError("volume \(name) is attached without its device-mapper device, so its I/O cannot be held for "
+                    + "the switch; detach it and attach it again with 'keel volume attach \(name) --mapper'")
+            }
+        }
+        let executable = binary ?? node.executable
+        guard access(executable, X_OK) == 0 else {
+            throw KeelError("--binary \(executable) is not an executable file")
+        }
+        let standby = StandbyEngine(node: node, volume: volume)
+        let now = Int64(Date().timeIntervalSince1970)
+        var record = MigrationRecord(volume: name, kind: Self.kind, status: .migrating, phase: Phase.starting.rawValue,
+                                     target: "this node (\(executable))", bytesDone: Phase.starting.percent, bytesTotal: 100,
+                                     startedAt: now, updatedAt: now, pid: 0)
+        let pid = try standby.spawn(executable: executable)
+        record.pid = pid
+        try node.registry.setMigration(record)
+        node.logMigration("migration of \(name): engine B (pid \(pid), \(executable)) starting, standing by")
+        do { try standby.waitUntilStandingBy(pid: pid, timeout: timeout) } catch {
+            standby.stop(pid: pid)
+            try? end(&record, .error, error: "\(error)")
+            throw error
+        }
+        try end(&record, nil, phase: .standingBy)
+        return record
+    }
+
+    // MARK: - Confirm
+
+    /// Switches the volume to engine B. On a failure before B took over, the
+    /// volume goes on with engine A (restarted if it had stopped) and the
+    /// record says what happened.
+    public func confirm(holdSeconds: Double = 30) throws -> (record: MigrationRecord, epoch: UInt64, heldMilliseconds: Int?) {
+        let held = try node.lock(name)
+        defer { held.unlock() }
+        let volume = try node.volume(name)
+        var record = try standingBy()
+        let standby = StandbyEngine(node: node, volume: volume)
+        do { try standby.checkStandingBy() } catch {
+            throw KeelError("engine B of \(name) is not ready: \(error); roll back with 'keel migrate rollback \(name)'")
+        }
+        let runner = node.runner(volume.runner)
+        let engine = node.engineDaemon(volume)
+        let frontend = node.attachment(volume).frontendRunning ? "unix:" + node.layout.frontendControl(name) : nil
+        node.logMigration("migration of \(name): confirming")
+
+        if let frontend {
+            try end(&record, nil, phase: .holding)
+            do { _ = try callFrontend(frontend, doing: "hold the device's I/O") { try await $0.hold(.with { $0.holdSeconds = holdSeconds }) } } catch {
+                try end(&record, nil, phase: .standingBy)
+                throw KeelError("\(error); the migration stands by: confirm again, or roll it back")
+            }
+        }
+        try end(&record, nil, phase: .stoppingOld)
+        do { try runner.stop(engine) } catch {
+            // A cannot be known to have answered everything: B must not claim.
+            let resumed = resume(frontend)
+            try end(&record, nil, phase: .standingBy)
+            throw KeelError("cannot stop engine A of \(name): \(error)\(resumed); the migration stands by")
+        }
+        try end(&record, nil, phase: .activating)
+        let activated: Keel_Control_V1_Activated
+        do {
+            activated = try callEngine(standby.control, doing: "take the volume over") { try await $0.activate(.init()) }
+        } catch {
+            standby.stop(pid: record.pid)
+            let back = restartOld(volume, runner: runner, engine: engine, frontend: frontend)
+            try end(&record, .error, error: "engine B could not take over: \(error); \(back)")
+            throw KeelError("engine B of \(name) could not take over: \(error); \(back)")
+        }
+        do { try standby.takePlace(pid: record.pid, of: engine) } catch {
+            try end(&record, .error, error: "\(error)")
+            throw error
+        }
+        try end(&record, nil, phase: .switching)
+        var heldMilliseconds: Int?
+        if let frontend {
+            do {
+                let released = try callFrontend(frontend, doing: "switch engines") { [socket = node.layout.engineSocket(name)] in
+                    try await $0.switchEngine(.with { $0.engine = "unix:" + socket })
+                }
+                heldMilliseconds = Int(released.heldMicroseconds / 1000)
+            } catch {
+                try end(&record, .error, error: "engine B serves the volume (epoch \(activated.epoch)) but the device could not switch: \(error)")
+                throw KeelError("engine B serves \(name) (epoch \(activated.epoch)) but the device could not switch to it: \(error)")
+            }
+        }
+        record.pid = 0
+        try end(&record, .success, phase: .done)
+        node.logMigration("migration of \(name): done, engine B serves epoch \(activated.epoch)"
+                 + (heldMilliseconds.map { ", the device's I/O held \($0) ms" } ?? ""))
+        return (record, activated.epoch, heldMilliseconds)
+    }
+
+    // MARK: - Rollback
+
+    /// Stops engine B; engine A never noticed.
+    public func rollback() throws -> MigrationRecord {
+        try rollback(because: "rolled back", locked: false)
+    }
+
+    /// `locked`: the caller holds the volume's lock (a detach).
+    func rollback(because reason: String, locked: Bool) throws -> MigrationRecord {
+        let held = locked ? nil : try node.lock(name)
+        defer { held?.unlock() }
+        let volume = try node.volume(name)
+        guard let record = try node.registry.migration(of: name), record.kind == Self.kind, record.status.isRunning else {
+            throw KeelError("no migration of \(name)'s engine is running: nothing to roll back (see 'keel migrate status \(name)')")
+        }
+        var current = record
+        StandbyEngine(node: node, volume: volume).stop(pid: record.pid)
+        current.pid = 0
+        try end(&current, .error, error: "\(reason): the volume stays on engine A", phase: .rolledBack)
+        return current
+    }
+
+    // MARK: - Steps
+
+    /// The running migration, standing by: the only phase confirm starts from.
+    private func standingBy() throws -> MigrationRecord {
+        guard let record = try node.registry.migration(of: name), record.kind == Self.kind, record.status.isRunning else {
+            throw KeelError("no migration of \(name)'s engine is running; start one with 'keel migrate start \(name)'")
+        }
+        guard record.phase == Phase.standingBy.rawValue else {
+            throw KeelError("the migration of \(name) is at '\(record.phase)', not standing by; roll it back with 'keel migrate rollback \(name)'")
+        }
+        return record
+    }
+
+    private func resume(_ frontend: String?) -> String {
+        guard let frontend else { return "" }
+        do {
+            _ = try callFrontend(frontend, doing: "resume the device's I/O") { try await $0.resume(.init()) }
+            return ""
+        } catch {
+            return " (and the device's I/O could not be resumed: \(error); it resumes by itself after its hold)"
+        }
+    }
+
+    /// After B failed to take over: A again, the device on it.
+    private func restartOld(_ volume: VolumeRecord, runner: any DaemonRunner, engine: Daemon, frontend: String?) -> String {
+        do {
+            try runner.start(engine)
+            try node.waitForEngine(of: name, engine, runner: runner, before: Date().addingTimeInterval(120), timeout: 120)
+        } catch {
+            return "engine A could not be started again either: \(error)\(resume(frontend))"
+        }
+        guard let frontend else { return "the volume runs on engine A again" }
+        do {
+            _ = try callFrontend(frontend, doing: "switch engines") { [socket = node.layout.engineSocket(name)] in
+                try await $0.switchEngine(.with { $0.engine = "unix:" + socket })
+            }
+        } catch {
+            return "engine A runs again, but the device could not switch back: \(error)"
+        }
+        return "the volume runs on engine A again"
+    }
+
+    /// Records the phase (its progress) and, with a status, the end.
+    private func end(_ record: inout MigrationRecord, _ status: MigrationRecord.Status?, error: String = "",
+                     phase: Phase? = nil) throws {
+        if let phase {
+            record.phase = phase.rawValue
+            record.bytesDone = phase.percent
+        }
+        if let status { record.status = status }
+        if !error.isEmpty { record.error = error }
+        record.updatedAt = Int64(Date().timeIntervalSince1970)
+        try node.registry.setMigration(record)
+        if let status, status == .error { node.logMigration("migration of \(name): \(status.rawValue): \(record.error)") }
+    }
+}
+
+extension Node {
+    /// Migrations' starts, steps and ends, one line each, in the node's log directory.
+    func logMigration(_ line: String) {
+        let path = "\(layout.logDirectory)/keel-migrations.log"
+        let text = ISO8601DateFormatter().string(from: Date()) + " " + line + "\n"
+        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { return }
+        _ = write(fd, text, text.utf8.count)
+        close(fd)
+    }
+}
