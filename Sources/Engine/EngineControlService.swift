@@ -3,6 +3,9 @@ import Dispatch
 import GRPCCore
 import Synchronization
 import Syscalls
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The engine a control API speaks for: none yet while the engine starts, so
 /// that the API's address is bound (and a clash refused) before any replica
@@ -21,8 +24,11 @@ public final class EngineReference: Sendable {
     private let state = Mutex<State>(.starting)
     private let activationAsked = DispatchSemaphore(value: 0)
     private let resynced = Mutex<UInt64>(0)
+    /// Its unix sockets' paths, which an activation may rename.
+    public let names: SocketNames
 
-    public init(_ device: EngineDevice? = nil) {
+    public init(_ device: EngineDevice? = nil, names: SocketNames = SocketNames(listen: nil, control: nil)) {
+        self.names = names
         if let device { state.withLock { $0 = .started(device) } }
     }
 
@@ -90,6 +96,33 @@ public final class EngineReference: Sendable {
     }
 }
 
+/// The paths of an engine's unix sockets. A standby engine takes those of the
+/// engine before it at activation (renamed), and at exit removes only the
+/// names it holds then: the ones it started with may be another standby's.
+public final class SocketNames: Sendable {
+    private let paths: Mutex<(listen: String?, control: String?)>
+
+    public init(listen: String?, control: String?) {
+        paths = Mutex((listen, control))
+    }
+
+    public var listen: String? { paths.withLock { $0.listen } }
+    public var control: String? { paths.withLock { $0.control } }
+
+    /// Renames the sockets to the paths given (an empty one is left as it is).
+    func take(listen: String, control: String) throws {
+        try paths.withLock { paths in
+            for (current, next, isListener) in [(paths.listen, listen, true), (paths.control, control, false)] where !next.isEmpty {
+                guard let current else { throw EngineError("it serves no unix socket to rename to \(next)") }
+                guard rename(current, next) == 0 else {
+                    throw EngineError("cannot rename \(current) to \(next): \(String(cString: strerror(errno)))")
+                }
+                if isListener { paths.listen = next } else { paths.control = next }
+            }
+        }
+    }
+}
+
 /// The engine's side of the control API.
 public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceProtocol {
     let engine: EngineReference
@@ -114,6 +147,9 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
         // Its failure is an answer, not an unreachable engine.
         do { device = try await engine.device() } catch let error as RPCError {
             throw RPCError(code: .aborted, message: error.message)
+        }
+        do { try engine.names.take(listen: request.listenPath, control: request.controlPath) } catch {
+            throw RPCError(code: .internalError, message: "the engine serves, but its sockets cannot take their new names: \(error)")
         }
         return .with {
             $0.epoch = device.epoch

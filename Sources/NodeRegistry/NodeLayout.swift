@@ -53,9 +53,10 @@ public struct NodeLayout: Sendable {
     /// The engine's NBD listener, for user-space clients beside the kernel device.
     public func engineSocket(_ volume: String) -> String { "\(runDirectory)/\(volume).nbd" }
     public func engineControl(_ volume: String) -> String { "\(runDirectory)/\(volume).control" }
-    /// A migration's new engine while it stands by: its sockets take the engine's names at confirm.
-    public func standbyEngineSocket(_ volume: String) -> String { "\(runDirectory)/\(volume).next.nbd" }
-    public func standbyEngineControl(_ volume: String) -> String { "\(runDirectory)/\(volume).next.control" }
+    /// A migration's new engine while it stands by (`token`: its own, six hex digits): its
+    /// sockets take the engine's names when it takes over.
+    public func standbyEngineSocket(_ volume: String, token: String) -> String { "\(runDirectory)/\(volume).next-\(token).nbd" }
+    public func standbyEngineControl(_ volume: String, token: String) -> String { "\(runDirectory)/\(volume).next-\(token).control" }
     /// The device frontend's control API (`keel volume attach --mapper`): engine switches.
     public func frontendControl(_ volume: String) -> String { "\(runDirectory)/\(volume).frontend.control" }
     /// What the volume's device frontend last said of its engine (JSON).
@@ -63,6 +64,7 @@ public struct NodeLayout: Sendable {
 
     /// The longest socket path this layout makes for a volume name (unix socket paths hold 107 bytes).
     public func longestSocketPath(volume: String) -> Int {
-        max((replicaSocket(volume: volume, index: 15) + ".control").utf8.count, frontendControl(volume).utf8.count)
+        [(replicaSocket(volume: volume, index: 15) + ".control"), frontendControl(volume),
+         standbyEngineControl(volume, token: "ffffff")].map(\.utf8.count).max()!
     }
 }

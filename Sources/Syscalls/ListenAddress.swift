@@ -4,6 +4,9 @@ public enum SocketAddress: Equatable, CustomStringConvertible, Sendable {
     case unix(path: String)
     case tcp(host: String, port: UInt16)
 
+    /// The path of a unix socket's address.
+    public var unixPath: String? { if case .unix(let path) = self { path } else { nil } }
+
     public struct ParseError: Error, CustomStringConvertible {
         public let description: String
     }

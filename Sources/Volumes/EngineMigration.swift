@@ -25,6 +25,9 @@ public struct EngineMigration {
         case stoppingOld = "stopping engine A"
         case activating = "activating engine B"
         case switching = "switching the device"
+        /// Engine A was lost while B stood by: B took over; confirm ends it, rollback brings A back.
+        case tookOver = "running on engine B (engine A was lost)"
+        case restartingA = "starting engine A again"
         case done
         case rolledBack = "rolled back"
 
@@ -35,7 +38,8 @@ public struct EngineMigration {
             case .holding: 60
             case .stoppingOld: 70
             case .activating: 80
-            case .switching: 90
+            case .switching, .tookOver: 90
+            case .restartingA: 50
             case .done, .rolledBack: 100
             }
         }
@@ -85,17 +89,17 @@ public struct EngineMigration {
         guard access(executable, X_OK) == 0 else {
             throw KeelError("--binary \(executable) is not an executable file")
         }
-        let standby = StandbyEngine(node: node, volume: volume)
         let now = Int64(Date().timeIntervalSince1970)
         var record = MigrationRecord(volume: name, kind: Self.kind, status: .migrating, phase: Phase.starting.rawValue,
                                      target: "this node (\(executable))", bytesDone: Phase.starting.percent, bytesTotal: 100,
                                      startedAt: now, updatedAt: now, pid: 0)
-        let pid = try standby.spawn(executable: executable)
+        let standby = try StandbyEngine.spawn(node: node, volume: volume, executable: executable)
+        let pid = standby.pid
         record.pid = pid
         try node.registry.setMigration(record)
         node.logMigration("migration of \(name): engine B (pid \(pid), \(executable)) starting, standing by")
-        do { try standby.waitUntilStandingBy(pid: pid, timeout: timeout) } catch {
-            standby.stop(pid: pid)
+        do { try standby.waitUntilStandingBy(timeout: timeout) } catch {
+            standby.stop()
             try? end(&record, .error, error: "\(error)")
             throw error
         }
@@ -107,67 +111,123 @@ public struct EngineMigration {
 
     /// Switches the volume to engine B. On a failure before B took over, the
     /// volume goes on with engine A (restarted if it had stopped) and the
-    /// record says what happened.
-    public func confirm(holdSeconds: Double = 30) throws -> (record: MigrationRecord, epoch: UInt64, heldMilliseconds: Int?) {
+    /// record says what happened. After A was lost and B took over, it ends
+    /// the migration and says so.
+    public func confirm(holdSeconds: Double = 30) throws -> Confirmed {
         let held = try node.lock(name)
         defer { held.unlock() }
         let volume = try node.volume(name)
-        var record = try standingBy()
-        let standby = StandbyEngine(node: node, volume: volume)
+        var record = try running()
+        if record.phase == Phase.tookOver.rawValue {
+            record.pid = 0
+            try end(&record, .success, phase: .done)
+            return Confirmed(record: record, epoch: nil, heldMilliseconds: nil, alreadyOnB: true)
+        }
+        guard record.phase == Phase.standingBy.rawValue else {
+            throw KeelError("the migration of \(name) is at '\(record.phase)', not standing by; roll it back with 'keel migrate rollback \(name)'")
+        }
+        let standby = StandbyEngine(node: node, volume: volume, pid: record.pid)
         do { try standby.checkStandingBy() } catch {
             throw KeelError("engine B of \(name) is not ready: \(error); roll back with 'keel migrate rollback \(name)'")
         }
+        node.logMigration("migration of \(name): confirming")
+        let switched = try switchOver(to: standby, volume: volume, record: &record, holdSeconds: holdSeconds, what: "engine B")
+        record.pid = 0
+        try end(&record, .success, phase: .done)
+        node.logMigration("migration of \(name): done, engine B serves epoch \(switched.epoch)"
+                          + (switched.heldMilliseconds.map { ", the device's I/O held \($0) ms" } ?? ""))
+        return Confirmed(record: record, epoch: switched.epoch, heldMilliseconds: switched.heldMilliseconds, alreadyOnB: false)
+    }
+
+    public struct Confirmed {
+        public var record: MigrationRecord
+        public var epoch: UInt64?
+        public var heldMilliseconds: Int?
+        /// Engine A was lost during the migration and B had taken over already.
+        public var alreadyOnB: Bool
+    }
+
+    /// The device's I/O held, the engine serving stopped, the standby engine
+    /// (`record.pid`) activated in its place, the device switched to it.
+    private func switchOver(to standby: StandbyEngine, volume: VolumeRecord, record: inout MigrationRecord,
+                            holdSeconds: Double, what: String) throws -> (epoch: UInt64, heldMilliseconds: Int?) {
         let runner = node.runner(volume.runner)
         let engine = node.engineDaemon(volume)
         let frontend = node.attachment(volume).frontendRunning ? "unix:" + node.layout.frontendControl(name) : nil
-        node.logMigration("migration of \(name): confirming")
-
+        let phase = record.phase
         if let frontend {
             try end(&record, nil, phase: .holding)
             do { _ = try callFrontend(frontend, doing: "hold the device's I/O") { try await $0.hold(.with { $0.holdSeconds = holdSeconds }) } } catch {
-                try end(&record, nil, phase: .standingBy)
-                throw KeelError("\(error); the migration stands by: confirm again, or roll it back")
+                try end(&record, nil, phase: Phase(rawValue: phase))
+                throw KeelError("\(error); the migration stands by: try again, or roll it back")
             }
         }
         try end(&record, nil, phase: .stoppingOld)
         do { try runner.stop(engine) } catch {
-            // A cannot be known to have answered everything: B must not claim.
+            // The engine serving cannot be known to have answered everything: the new one must not claim.
             let resumed = resume(frontend)
-            try end(&record, nil, phase: .standingBy)
-            throw KeelError("cannot stop engine A of \(name): \(error)\(resumed); the migration stands by")
+            try end(&record, nil, phase: Phase(rawValue: phase))
+            throw KeelError("cannot stop the engine of \(name): \(error)\(resumed); the migration stands by")
         }
         try end(&record, nil, phase: .activating)
         let activated: Keel_Control_V1_Activated
         do {
-            activated = try callEngine(standby.control, doing: "take the volume over") { try await $0.activate(.init()) }
+            activated = try standby.activate()
         } catch {
-            standby.stop(pid: record.pid)
+            standby.stop()
             let back = restartOld(volume, runner: runner, engine: engine, frontend: frontend)
-            try end(&record, .error, error: "engine B could not take over: \(error); \(back)")
-            throw KeelError("engine B of \(name) could not take over: \(error); \(back)")
+            record.pid = 0
+            try end(&record, .error, error: "\(what) could not take over: \(error); \(back)")
+            throw KeelError("\(what) of \(name) could not take over: \(error); \(back)")
         }
-        do { try standby.takePlace(pid: record.pid, of: engine) } catch {
+        do { try standby.takePlace() } catch {
             try end(&record, .error, error: "\(error)")
             throw error
         }
         try end(&record, nil, phase: .switching)
-        var heldMilliseconds: Int?
-        if let frontend {
-            do {
-                let released = try callFrontend(frontend, doing: "switch engines") { [socket = node.layout.engineSocket(name)] in
-                    try await $0.switchEngine(.with { $0.engine = "unix:" + socket })
-                }
-                heldMilliseconds = Int(released.heldMicroseconds / 1000)
-            } catch {
-                try end(&record, .error, error: "engine B serves the volume (epoch \(activated.epoch)) but the device could not switch: \(error)")
-                throw KeelError("engine B serves \(name) (epoch \(activated.epoch)) but the device could not switch to it: \(error)")
+        guard let frontend else { return (activated.epoch, nil) }
+        do {
+            let released = try callFrontend(frontend, doing: "switch engines") { [socket = node.layout.engineSocket(name)] in
+                try await $0.switchEngine(.with { $0.engine = "unix:" + socket })
             }
+            return (activated.epoch, Int(released.heldMicroseconds / 1000))
+        } catch {
+            try end(&record, .error, error: "\(what) serves the volume (epoch \(activated.epoch)) but the device could not switch: \(error)")
+            throw KeelError("\(what) serves \(name) (epoch \(activated.epoch)) but the device could not switch to it: \(error)")
         }
-        record.pid = 0
-        try end(&record, .success, phase: .done)
-        node.logMigration("migration of \(name): done, engine B serves epoch \(activated.epoch)"
-                 + (heldMilliseconds.map { ", the device's I/O held \($0) ms" } ?? ""))
-        return (record, activated.epoch, heldMilliseconds)
+    }
+
+    // MARK: - Engine A lost
+
+    /// The device frontend lost engine A while B stood by: B takes over (no
+    /// hold: A answers nothing any more). True when B serves the volume now;
+    /// false when no migration stands by or B cannot (the frontend then
+    /// starts A again).
+    public func takeOverAfterLoss() -> Bool {
+        guard let held = try? node.lock(name) else { return false }
+        defer { held.unlock() }
+        guard let volume = try? node.volume(name), var record = try? running(),
+              record.phase == Phase.standingBy.rawValue else { return false }
+        let standby = StandbyEngine(node: node, volume: volume, pid: record.pid)
+        guard (try? standby.checkStandingBy()) != nil else { return false }
+        let engine = node.engineDaemon(volume)
+        let runner = node.runner(volume.runner)
+        // A hung rather than dead must not write after B claims.
+        if runner.isRunning(engine) { try? runner.killNow(engine) }
+        node.logMigration("migration of \(name): engine A was lost; engine B takes over")
+        do {
+            try end(&record, nil, phase: .activating)
+            let activated = try standby.activate()
+            try standby.takePlace()
+            try end(&record, nil, phase: .tookOver)
+            node.logMigration("migration of \(name): engine B serves epoch \(activated.epoch) after engine A was lost")
+            return true
+        } catch {
+            standby.stop()
+            record.pid = 0
+            try? end(&record, .error, error: "engine A was lost and engine B could not take over: \(error); engine A is started again")
+            return false
+        }
     }
 
     // MARK: - Rollback
@@ -182,25 +242,42 @@ public struct EngineMigration {
         let held = locked ? nil : try node.lock(name)
         defer { held?.unlock() }
         let volume = try node.volume(name)
-        guard let record = try node.registry.migration(of: name), record.kind == Self.kind, record.status.isRunning else {
+        guard var record = try node.registry.migration(of: name), record.kind == Self.kind, record.status.isRunning else {
             throw KeelError("no migration of \(name)'s engine is running: nothing to roll back (see 'keel migrate status \(name)')")
         }
-        var current = record
-        StandbyEngine(node: node, volume: volume).stop(pid: record.pid)
-        current.pid = 0
-        try end(&current, .error, error: "\(reason): the volume stays on engine A", phase: .rolledBack)
-        return current
+        if record.phase == Phase.tookOver.rawValue {
+            try switchBackToA(volume, record: &record)
+            return record
+        }
+        StandbyEngine(node: node, volume: volume, pid: record.pid).stop()
+        record.pid = 0
+        try end(&record, .error, error: "\(reason): the volume stays on engine A", phase: .rolledBack)
+        return record
+    }
+
+    /// After B took over from a lost A: A (this node's keel) stands by and takes the volume back.
+    private func switchBackToA(_ volume: VolumeRecord, record: inout MigrationRecord) throws {
+        node.logMigration("migration of \(name): rolling back to engine A, which was lost")
+        let serving = record.pid
+        let standby = try StandbyEngine.spawn(node: node, volume: volume, executable: node.executable)
+        record.pid = standby.pid
+        try end(&record, nil, phase: .restartingA)
+        do { try standby.waitUntilStandingBy(timeout: 120) } catch {
+            standby.stop()
+            record.pid = serving
+            try end(&record, nil, phase: .tookOver)
+            throw KeelError("engine A cannot be started again: \(error); the volume stays on engine B")
+        }
+        _ = try switchOver(to: standby, volume: volume, record: &record, holdSeconds: 30, what: "engine A")
+        record.pid = 0
+        try end(&record, .error, error: "rolled back: engine A was started again and the volume switched back to it", phase: .rolledBack)
     }
 
     // MARK: - Steps
 
-    /// The running migration, standing by: the only phase confirm starts from.
-    private func standingBy() throws -> MigrationRecord {
+    private func running() throws -> MigrationRecord {
         guard let record = try node.registry.migration(of: name), record.kind == Self.kind, record.status.isRunning else {
             throw KeelError("no migration of \(name)'s engine is running; start one with 'keel migrate start \(name)'")
-        }
-        guard record.phase == Phase.standingBy.rawValue else {
-            throw KeelError("the migration of \(name) is at '\(record.phase)', not standing by; roll it back with 'keel migrate rollback \(name)'")
         }
         return record
     }

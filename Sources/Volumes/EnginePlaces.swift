@@ -127,12 +127,16 @@ public struct LocalPlace: EnginePlace {
     public let control: String
     /// Seconds a start may take (claiming replicas).
     public var startTimeout: Double = 120
+    /// A migration's engine standing by takes over from a lost engine (true: it serves now).
+    public let standbyTakesOver: @Sendable () -> Bool
 
-    public init(runner: any DaemonRunner & Sendable, engine: Daemon, socket: String, control: String) {
+    public init(runner: any DaemonRunner & Sendable, engine: Daemon, socket: String, control: String,
+                standbyTakesOver: @escaping @Sendable () -> Bool = { false }) {
         self.runner = runner
         self.engine = engine
         self.socket = socket
         self.control = control
+        self.standbyTakesOver = standbyTakesOver
     }
 
     public var name: String { "this node" }
@@ -149,7 +153,10 @@ public struct LocalPlace: EnginePlace {
             alreadyRunning = false
             detail = restartRunning ? "restarted: it did not answer the device" : "restarted: its control API did not answer within 5 s"
         }
-        if !alreadyRunning {
+        if !alreadyRunning && standbyTakesOver() {
+            alreadyRunning = true
+            detail = "a migration's engine B took over"
+        } else if !alreadyRunning {
             do { try runner.startAgain(engine) } catch {
                 throw KeelError("cannot start the \(engine.description): \(runner.lastFailure(engine) ?? "\(error)")")
             }

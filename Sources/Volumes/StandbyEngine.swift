@@ -4,52 +4,89 @@ import Foundation
 import NodeRegistry
 import Syscalls
 
-/// A migration's engine B on this node: a second engine daemon of the volume
-/// beside A (its own pid file and log), on sockets of its own while it stands
-/// by, which take A's names when it takes A's place.
+/// A migration's new engine on this node: a second engine daemon of the
+/// volume beside the one serving (its own pid file and log), standing by on
+/// sockets of its own, which take the serving engine's names when it takes
+/// its place. Each gets new socket names: gRPC removes the path it bound when
+/// it stops, which must not be the next standby engine's.
 struct StandbyEngine {
     static let beside = "next"
 
     let node: Node
     let volume: VolumeRecord
+    let pid: pid_t
+    /// Its NBD socket and control API while it stands by (empty once its process is gone).
+    let socket: String
+    let control: String
 
-    private var runner: ProcessRunner {
+    /// The standby engine `pid` of the volume, as its command line names its sockets.
+    init(node: Node, volume: VolumeRecord, pid: pid_t) {
+        self.node = node
+        self.volume = volume
+        self.pid = pid
+        let arguments = readSmallFile("/proc/\(pid)/cmdline", limit: 64 << 10)?
+            .split(separator: "\0", omittingEmptySubsequences: false).map(String.init) ?? []
+        func value(_ option: String) -> String {
+            arguments.firstIndex(of: option).map { $0 + 1 < arguments.count ? arguments[$0 + 1] : "" } ?? ""
+        }
+        socket = String(value("--listen").dropFirst("unix:".count))
+        control = value("--control")
+    }
+
+    /// Starts one from `executable`, standing by on sockets named for it alone.
+    static func spawn(node: Node, volume: VolumeRecord, executable: String) throws -> StandbyEngine {
+        let token = String(UInt32.random(in: 0x100000...0xFFFFFF), radix: 16)
+        var arguments = node.engineDaemon(volume).arguments
+        for (option, value) in [("--listen", "unix:" + node.layout.standbyEngineSocket(volume.name, token: token)),
+                                ("--control", "unix:" + node.layout.standbyEngineControl(volume.name, token: token))] {
+            if let i = arguments.firstIndex(of: option) { arguments[i + 1] = value }
+        }
+        let daemon = Daemon(kind: .engine, instance: volume.name, arguments: arguments + ["--standby"])
+        let pid: pid_t
+        do { pid = try runner(node).startBeside(daemon, executable: executable, beside: beside) } catch {
+            throw KeelError("cannot start the new engine of \(volume.name): \(error)")
+        }
+        // Its command line may still be this process's for a moment: the paths are known here.
+        return StandbyEngine(node: node, volume: volume, pid: pid, socket: node.layout.standbyEngineSocket(volume.name, token: token),
+                             control: "unix:" + node.layout.standbyEngineControl(volume.name, token: token))
+    }
+
+    private init(node: Node, volume: VolumeRecord, pid: pid_t, socket: String, control: String) {
+        self.node = node
+        self.volume = volume
+        self.pid = pid
+        self.socket = socket
+        self.control = control
+    }
+
+    private static func runner(_ node: Node) -> ProcessRunner {
         ProcessRunner(runDirectory: node.layout.runDirectory, logDirectory: node.layout.logDirectory, executable: node.executable)
     }
 
-    var control: String { "unix:" + node.layout.standbyEngineControl(volume.name) }
+    private var runner: ProcessRunner { Self.runner(node) }
+    private var daemon: Daemon { node.engineDaemon(volume) }
+    private var log: String { runner.logPath(daemon, beside: Self.beside) }
 
-    /// A's daemon with B's sockets, standing by.
-    private var daemon: Daemon {
-        var arguments = node.engineDaemon(volume).arguments
-        for (option, value) in [("--listen", "unix:" + node.layout.standbyEngineSocket(volume.name)), ("--control", control)] {
-            if let i = arguments.firstIndex(of: option) { arguments[i + 1] = value }
-        }
-        return Daemon(kind: .engine, instance: volume.name, arguments: arguments + ["--standby"])
-    }
-
-    func spawn(executable: String) throws -> pid_t {
-        do { return try runner.startBeside(daemon, executable: executable, beside: Self.beside) } catch {
-            throw KeelError("cannot start engine B of \(volume.name): \(error)")
-        }
-    }
-
-    /// Until B says it stands by (its sessions to every replica open), or fails.
-    func waitUntilStandingBy(pid: pid_t, timeout: Double) throws {
+    /// Until it says it stands by (its sessions to every replica open), or fails.
+    func waitUntilStandingBy(timeout: Double) throws {
         let deadline = Date().addingTimeInterval(timeout)
+        var started = false
         while Date() < deadline {
-            guard runner.runningPid(daemon, beside: Self.beside) == pid else {
-                throw KeelError("engine B of \(volume.name) stopped before standing by: "
-                    + (runner.lastFailure(daemon, beside: Self.beside) ?? "see \(runner.logPath(daemon, beside: Self.beside))"))
+            // Until the new program's arguments show in /proc, the pid looks like nobody's.
+            let running = runner.runningPid(daemon, beside: Self.beside) == pid
+            started = started || running
+            guard running || (!started && kill(pid, 0) == 0) else {
+                throw KeelError("the new engine of \(volume.name) stopped before standing by: "
+                    + (runner.lastFailure(daemon, beside: Self.beside) ?? "see \(log)"))
             }
             if (try? alive())?.standby == true { return }
             usleep(100_000)
         }
-        throw KeelError("engine B of \(volume.name) did not stand by within \(Int(timeout)) s; see \(runner.logPath(daemon, beside: Self.beside))")
+        throw KeelError("the new engine of \(volume.name) did not stand by within \(Int(timeout)) s; see \(log)")
     }
 
     func checkStandingBy() throws {
-        guard runner.runningPid(daemon, beside: Self.beside) != nil else { throw KeelError("its process is gone") }
+        guard !control.isEmpty, runner.runningPid(daemon, beside: Self.beside) == pid else { throw KeelError("its process is gone") }
         guard try alive().standby else { throw KeelError("it is not standing by") }
     }
 
@@ -57,25 +94,27 @@ struct StandbyEngine {
         try callEngine(control, doing: "say whether it stands by") { try await $0.alive(.init()) }
     }
 
-    /// Stops B if it runs; nothing it had stays.
-    func stop(pid: pid_t) {
+    /// Stops it if it runs; nothing it had stays.
+    func stop() {
         runner.stopBeside(daemon, beside: Self.beside)
-        unlink(node.layout.standbyEngineSocket(volume.name))
-        unlink(node.layout.standbyEngineControl(volume.name))
+        if !socket.isEmpty { unlink(socket) }
+        if !control.isEmpty { unlink(String(control.dropFirst("unix:".count))) }
     }
 
-    /// B, serving now, becomes the volume's engine daemon: A's socket names (clients and the
-    /// device frontend connect by them), pid file and log.
-    func takePlace(pid: pid_t, of engine: Daemon) throws {
-        for (from, to) in [(node.layout.standbyEngineSocket(volume.name), node.layout.engineSocket(volume.name)),
-                           (node.layout.standbyEngineControl(volume.name), node.layout.engineControl(volume.name))] {
-            guard rename(from, to) == 0 else {
-                throw KeelError("engine B serves \(volume.name) but its socket \(from) cannot take the name \(to): "
-                    + String(cString: strerror(errno)))
-            }
+    /// Activates it; once it serves, its sockets take the serving engine's names (clients
+    /// and the device frontend connect by them). Returns what the activation answered.
+    func activate() throws -> Keel_Control_V1_Activated {
+        let request = Keel_Control_V1_ActivateRequest.with {
+            $0.listenPath = node.layout.engineSocket(volume.name)
+            $0.controlPath = node.layout.engineControl(volume.name)
         }
-        do { try runner.promote(engine, beside: Self.beside) } catch {
-            throw KeelError("engine B serves \(volume.name) but cannot be recorded as its engine: \(error)")
+        return try callEngine(control, doing: "take the volume over") { try await $0.activate(request) }
+    }
+
+    /// Serving under the engine's socket names now, it becomes the volume's engine daemon: its pid file and log.
+    func takePlace() throws {
+        do { try runner.promote(daemon, beside: Self.beside) } catch {
+            throw KeelError("the new engine serves \(volume.name) but cannot be recorded as its engine: \(error)")
         }
     }
 }

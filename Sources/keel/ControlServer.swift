@@ -14,13 +14,17 @@ final class ControlServer: @unchecked Sendable {
     private let server: GRPCServer<HTTP2ServerTransport.Posix>
     private let finished = DispatchSemaphore(value: 0)
     private let address: Syscalls.SocketAddress
+    /// The unix socket's path at stop (it may have been renamed meanwhile).
+    private let pathAtStop: @Sendable () -> String?
 
     /// Starts serving; returns once the address is bound, or throws a KeelError.
-    init(address: Syscalls.SocketAddress, tls: ControlTLS = .plaintext, services: [any RegistrableRPCService]) throws {
+    init(address: Syscalls.SocketAddress, tls: ControlTLS = .plaintext, services: [any RegistrableRPCService],
+         pathAtStop: (@Sendable () -> String?)? = nil) throws {
         if case .unix(let path) = address {
             do { try Socket.removeStaleUnixSocket(at: path) } catch { throw KeelError("--control: \(error)") }
         }
         self.address = address
+        self.pathAtStop = pathAtStop ?? { address.unixPath }
         server = GRPCServer(transport: .http2NIOPosix(address: address.grpcBindTarget, transportSecurity: tls.serverSecurity),
                             services: services)
         let bound = Handoff<Result<Void, Error>>()
@@ -47,7 +51,7 @@ final class ControlServer: @unchecked Sendable {
         guard !stopped.withLock({ was in defer { was = true }; return was }) else { return }
         server.beginGracefulShutdown()
         finished.wait()
-        if case .unix(let path) = address { unlink(path) }
+        if let path = pathAtStop() { unlink(path) }
     }
 }
 

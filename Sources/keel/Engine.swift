@@ -99,12 +99,13 @@ struct EngineCommand: ParsableCommand {
             // Everything that can refuse the start comes before the first claim:
             // a refused start must not fence the engine that runs now.
             let listener = try bindListener(address)
-            let engine = EngineReference()
+            let names = SocketNames(listen: address.unixPath, control: controlAddress?.unixPath)
+            let engine = EngineReference(names: names)
             let controlServer: ControlServer?
             do {
                 controlServer = try controlAddress.map {
                     try ControlServer(address: $0, tls: serving.controlTLS,
-                                      services: [EngineControlService(engine: engine)])
+                                      services: [EngineControlService(engine: engine)], pathAtStop: { names.control })
                 }
             } catch {
                 listener.close()
@@ -148,7 +149,7 @@ struct EngineCommand: ParsableCommand {
                                     afterStart: {
                                         // Control calls made during the start waited for this.
                                         engine.started(device, resyncedBytes: outcome.resyncedBytes)
-                                    }) { listener in
+                                    }, pathAtExit: { names.listen }) { listener in
                 let export = ExportDescription(name: volume, size: device.size, readOnly: device.readOnly)
                 return Server(device: device, listener: listener, catalog: EngineExports(device: device, export: export), tls: listenerTLS,
                               threads: serving.threads, logger: logger)

@@ -195,7 +195,8 @@ struct FrontendCommand: ParsableCommand {
                 throw KeelError("--restart-engine: the engine of \(volume) on this node listens on unix:\(socket), not \(engine)")
             }
             return [LocalPlace(runner: thisNode.runner(record.runner), engine: thisNode.engineDaemon(record),
-                               socket: socket, control: thisNode.layout.engineControl(volume))]
+                               socket: socket, control: thisNode.layout.engineControl(volume),
+                               standbyTakesOver: { [volume] in EngineMigration(node: thisNode, volume: volume).takeOverAfterLoss() })]
         }
 
         private static func record(_ status: DeviceFrontend.Status, in file: String, logger: Logger) {

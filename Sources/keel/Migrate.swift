@@ -124,11 +124,15 @@ extension Migrate {
             let confirmed = try EngineMigration(node: node, volume: target.name).confirm(holdSeconds: hold)
             if target.json {
                 var object = MigrationProgress.object(confirmed.record, interrupted: false)
-                object["epoch"] = confirmed.epoch
+                object["epoch"] = confirmed.epoch ?? NSNull()
                 object["held_milliseconds"] = confirmed.heldMilliseconds ?? NSNull()
+                object["already_on_b"] = confirmed.alreadyOnB
                 return try printJSON(object)
             }
-            print("volume \(target.name) runs on engine B (epoch \(confirmed.epoch))"
+            if confirmed.alreadyOnB {
+                return print("volume \(target.name) already runs on engine B: engine A was lost during the migration and B took over")
+            }
+            print("volume \(target.name) runs on engine B (epoch \(confirmed.epoch ?? 0))"
                   + (confirmed.heldMilliseconds.map { "; the device's I/O was held \($0) ms" } ?? "; it has no device attached"))
         }
     }
@@ -144,7 +148,7 @@ extension Migrate {
             let node = try Node(target.node)
             let record = try EngineMigration(node: node, volume: target.name).rollback()
             if target.json { return try printJSON(MigrationProgress.object(record, interrupted: false)) }
-            print("migration of \(target.name) rolled back: engine B stopped, the volume stays on engine A")
+            print("migration of \(target.name) rolled back: \(record.error.replacingOccurrences(of: "rolled back: ", with: ""))")
         }
     }
 }

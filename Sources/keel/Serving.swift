@@ -12,6 +12,7 @@ import Volumes
 func serveUntilSignalled<Device: BlockDevice>(
     _ device: Device, on address: SocketAddress, listener bound: FileDescriptor? = nil, logger: Logger, what: String,
     afterStart: () throws -> Void = {}, beforeStop: () -> Void = {},
+    pathAtExit: (() -> String?)? = nil,
     makeServer: (FileDescriptor) -> Server<Device>
 ) throws {
     let listener = try bound ?? bindListener(address)
@@ -37,7 +38,7 @@ func serveUntilSignalled<Device: BlockDevice>(
     server.stop()
     server.wait()
     listener.close()
-    if case .unix(let path) = address { unlink(path) }
+    if let path = pathAtExit?() ?? address.unixPath { unlink(path) }
     do { try device.flush() } catch {
         throw KeelError("final flush failed: \(error)")
     }

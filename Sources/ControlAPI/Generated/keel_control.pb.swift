@@ -27,6 +27,12 @@ public nonisolated struct Keel_Control_V1_ActivateRequest: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// Unix socket paths the engine's NBD listener and control API take once it
+  /// serves (renamed: clients reach it by the names of the engine before it).
+  public var listenPath: String = String()
+
+  public var controlPath: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -834,18 +840,34 @@ fileprivate nonisolated let _protobuf_package = "keel.control.v1"
 
 nonisolated extension Keel_Control_V1_ActivateRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ActivateRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}listen_path\0\u{3}control_path\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    // Load everything into unknown fields
-    while try decoder.nextFieldNumber() != nil {}
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.listenPath) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.controlPath) }()
+      default: break
+      }
+    }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.listenPath.isEmpty {
+      try visitor.visitSingularStringField(value: self.listenPath, fieldNumber: 1)
+    }
+    if !self.controlPath.isEmpty {
+      try visitor.visitSingularStringField(value: self.controlPath, fieldNumber: 2)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Keel_Control_V1_ActivateRequest, rhs: Keel_Control_V1_ActivateRequest) -> Bool {
+    if lhs.listenPath != rhs.listenPath {return false}
+    if lhs.controlPath != rhs.controlPath {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

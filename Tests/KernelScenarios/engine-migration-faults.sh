@@ -1,0 +1,105 @@
+# The Longhorn HA migration matrix's rows that one node can play, each for
+# confirm and for rollback, on a volume of keel volume attached with --mapper,
+# mounted, fio randwrite with verify running through each cell:
+#   1. engine B crashes while standing by: confirm is refused with the reason,
+#      the volume stays on A; rollback succeeds.
+#   3. engine A crashes: the device frontend's failover hands the volume to B;
+#      confirm answers that it runs on B; rollback starts A again and switches
+#      the device back.
+#   5. the volume is degraded (a replica killed): confirm and rollback succeed.
+# After every cell: fio without I/O errors, one engine process, the record's
+# status as expected, the files checksummed.
+. "$(dirname "$0")/common.sh"
+start_udev
+export KEEL_STATE_DIR="$work/data/state"
+state_logs() {
+    status=$?
+    if [ $status -ne 0 ]; then for f in "$KEEL_STATE_DIR"/log/*; do echo "--- $f"; tail -n 25 "$f"; done; fi
+    (exit $status); on_exit
+}
+trap state_logs EXIT
+engines() { pgrep -f "engine serve --volume vol " || true; }
+one_engine() {
+    for _ in $(seq 100); do [ "$(engines | wc -l)" = 1 ] && return 0; sleep 0.1; done
+    echo "engines: $(engines | tr '\n' ' ')"; exit 1
+}
+status_says() { "$KEEL" migrate status vol | tee "$work/status" | head -3; grep -q "$1" "$work/status" || { echo "status lacks '$1'"; exit 1; }; }
+fio_start() {
+    fio --name=cell --filename=/mnt/vol/fio.dat --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=8 \
+        --size=16M --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --eta=never \
+        --time_based --runtime="$1" --output="$work/fio.out" &
+    fio=$!
+}
+cell_end() {
+    check_fio
+    one_engine
+    (cd /mnt/vol && sha256sum -c --quiet "$work/sums")
+    echo "cell $1: passed"
+    cells="$cells $1"
+}
+cells=""
+"$KEEL" volume create vol --size 256M --replicas 3
+"$KEEL" volume attach vol --mapper
+fill_filesystem /dev/keel/vol
+cp "$KEEL" "$work/keel-upgraded"
+
+step "1 confirm: engine B crashes while standing by"
+fio_start 15
+"$KEEL" migrate start vol --binary "$work/keel-upgraded"
+pkill -9 -f "keel-upgraded engine serve"
+if "$KEEL" migrate confirm vol 2>"$work/err"; then echo "confirm succeeded without B"; exit 1; fi
+cat "$work/err"; grep -q "not ready" "$work/err"
+"$KEEL" migrate rollback vol
+status_says "migration_status error"
+cell_end 1-confirm
+
+step "1 rollback: engine B crashes while standing by"
+fio_start 12
+"$KEEL" migrate start vol --binary "$work/keel-upgraded"
+pkill -9 -f "keel-upgraded engine serve"
+"$KEEL" migrate rollback vol
+status_says "rolled back"
+cell_end 1-rollback
+
+step "3 confirm: engine A crashes; the frontend hands the volume to B"
+fio_start 45
+"$KEEL" migrate start vol --binary "$work/keel-upgraded"
+a=$(pgrep -f "^$KEEL engine serve --volume vol ")
+kill -9 "$a"
+for _ in $(seq 900); do "$KEEL" migrate status vol | grep -q "engine A was lost" && break; sleep 0.2; done
+status_says "running on engine B (engine A was lost)"
+"$KEEL" migrate confirm vol | tee "$work/confirm"
+grep -q "already runs on engine B" "$work/confirm"
+status_says "migration_status success"
+tr '\0' ' ' < "/proc/$(engines)/cmdline" | grep -q keel-upgraded || { echo "the engine is not B"; exit 1; }
+cell_end 3-confirm
+
+step "3 rollback: engine A (now the upgraded one) crashes; rollback brings back this keel's engine"
+fio_start 45
+"$KEEL" migrate start vol
+a=$(engines | head -1)
+kill -9 "$a"
+for _ in $(seq 900); do "$KEEL" migrate status vol | grep -q "engine A was lost" && break; sleep 0.2; done
+status_says "running on engine B (engine A was lost)"
+"$KEEL" migrate rollback vol
+status_says "engine A was started again"
+cell_end 3-rollback
+
+step "5 confirm and rollback: the volume degraded (a replica killed)"
+pkill -9 -f "replica serve --dir $KEEL_STATE_DIR/replicas/vol/r2"
+fio_start 20
+"$KEEL" migrate start vol --binary "$work/keel-upgraded"
+"$KEEL" migrate rollback vol
+status_says "rolled back"
+cell_end 5-rollback
+fio_start 20
+"$KEEL" migrate start vol --binary "$work/keel-upgraded"
+sleep 2
+"$KEEL" migrate confirm vol
+status_says "migration_status success"
+cell_end 5-confirm
+
+umount /mnt/vol
+"$KEEL" volume detach vol
+[ -z "$(engines)" ] || { echo "an engine outlived the detach"; exit 1; }
+echo "migration matrix: cells$cells passed"
