@@ -24,6 +24,8 @@ public final class EngineReference: Sendable {
     private let state = Mutex<State>(.starting)
     private let activationAsked = DispatchSemaphore(value: 0)
     private let resynced = Mutex<UInt64>(0)
+    /// While standing by: the replicas that closed its sessions.
+    private let lostWhileStandingBy = Mutex<(@Sendable () -> [String])?>(nil)
     /// Its unix sockets' paths, which an activation may rename.
     public let names: SocketNames
 
@@ -40,9 +42,13 @@ public final class EngineReference: Sendable {
 
     var resyncedAtStart: UInt64 { resynced.withLock { $0 } }
 
-    public func standingBy(epoch: UInt64) {
+    /// `lost`: the replicas that closed its standby sessions since.
+    public func standingBy(epoch: UInt64, lost: @escaping @Sendable () -> [String] = { [] }) {
+        lostWhileStandingBy.withLock { $0 = lost }
         state.withLock { $0 = .standingBy(epoch: epoch) }
     }
+
+    var standbyLost: [String] { isStandingBy ? (lostWhileStandingBy.withLock { $0 }?() ?? []) : [] }
 
     /// Until `Activate` is called (true) or `seconds` pass (false).
     public func waitForActivation(seconds: Double) -> Bool {
@@ -136,6 +142,7 @@ public struct EngineControlService: Keel_Control_V1_EngineControl.SimpleServiceP
         .with {
             $0.serving = engine.isServing
             $0.standby = engine.isStandingBy
+            $0.standbyLost = engine.standbyLost
         }
     }
 

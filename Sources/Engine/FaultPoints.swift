@@ -24,6 +24,8 @@ import Glibc
 ///   kills itself (SIGKILL).
 /// - `die-mid-activation`: a standby engine claims its first replica only,
 ///   then kills itself (SIGKILL): the engine before it is fenced there alone.
+/// - `drop-standby-links=S`: a standby engine shuts its sessions to every
+///   replica down S seconds after it began standing by, as if cut off.
 public struct FaultPoints: Sendable {
     public var breakLinkInSubmit: (replica: Int, command: Int)?
     public var slowMembershipSeconds: Double = 0
@@ -33,6 +35,7 @@ public struct FaultPoints: Sendable {
     public var dieMidRemoval = false
     public var dieMidRevert = false
     public var dieMidActivation = false
+    public var dropStandbyLinksAfter: Double?
 
     /// Whether the I/O path has anything to inject.
     public var enabled: Bool { breakLinkInSubmit != nil }
@@ -79,6 +82,8 @@ public struct FaultPoints: Sendable {
                 faults.dieMidRevert = true
             case ("die-mid-activation", nil):
                 faults.dieMidActivation = true
+            case ("drop-standby-links", let value?):
+                faults.dropStandbyLinksAfter = try seconds(value, for: "drop-standby-links")
             case ("slow-rebuild", let value?):
                 faults.slowRebuildSeconds = try seconds(value, for: "slow-rebuild")
             default:

@@ -52,6 +52,16 @@ final class NetworkStartupLinks: StartupLinks {
         return data
     }
 
+    /// A replica whose standby sessions were lost is left out of the activation, as one
+    /// that was unreachable at standby (`inspect` says so).
+    func leaveOutOfStandby(_ replica: Int) {
+        standby?.replicas.remove(replica)
+        if let link = standby?.copyLinks.removeValue(forKey: replica) { try? link.shutdown() }
+    }
+
+    /// The standby session kept for the start's copies, by replica.
+    var standbyCopyLinks: [Int: NBDClient] { standby?.copyLinks ?? [:] }
+
     private func openStandby(_ replica: Int, epoch: UInt64) throws -> NBDClient {
         let name = ReplicaExportName(volume: startup.identity, owner: Owner(epoch: epoch, engine: startup.engineID), standby: true)
         do {

@@ -87,7 +87,12 @@ struct StandbyEngine {
 
     func checkStandingBy() throws {
         guard !control.isEmpty, runner.runningPid(daemon, beside: Self.beside) == pid else { throw KeelError("its process is gone") }
-        guard try alive().standby else { throw KeelError("it is not standing by") }
+        let alive = try alive()
+        guard alive.standby else { throw KeelError("it is not standing by") }
+        guard alive.standbyLost.isEmpty else {
+            throw KeelError("it lost its sessions to replica(s) \(alive.standbyLost.joined(separator: ", ")) (restarted, or cut off); "
+                + "switching to it would leave them out")
+        }
     }
 
     private func alive() throws -> Keel_Control_V1_EngineAlive {

@@ -189,11 +189,16 @@ extension EngineCommand.Serve {
     func standBy(_ startup: VolumeStartup, addresses: [SocketAddress], engine: EngineReference,
                  logger: Logger) throws -> (VolumeStartup.Outcome, [(SocketAddress, NBDClient)])? {
         let standby = try StandbyStart(startup, addresses: addresses, threads: serving.threads)
-        engine.standingBy(epoch: standby.epoch)
+        engine.standingBy(epoch: standby.epoch) { standby.lostReplicas().map { "\($0)" } }
         let what = "volume \(volume): sessions of epoch \(standby.epoch) open to \(standby.replicasReached) of \(addresses.count) replica(s)"
         logger.notice("standing by for \(what); nothing is claimed until Activate")
         ServiceManager.notify("READY=1\nSTATUS=standing by for \(what)")
+        let dropLinksAt = FaultPoints.fromEnvironment.dropStandbyLinksAfter.map { monotonicSeconds() + $0 }
         while !engine.waitForActivation(seconds: 0.1) {
+            if let at = dropLinksAt, monotonicSeconds() >= at, standby.lostReplicas().isEmpty {
+                logger.warning("fault point drop-standby-links: every standby session shut down")
+                standby.dropSessionsForTest()
+            }
             if TerminationSignals.arePending {
                 standby.close()
                 logger.notice("stood down: nothing was claimed")

@@ -11,6 +11,7 @@ import Testing
         #expect(try FaultPoints.parse("slow-rebuild=0.1").slowRebuildSeconds == 0.1)
         #expect(try !FaultPoints.parse("slow-rebuild=0.1").enabled, "nothing for the I/O path")
         #expect(try FaultPoints.parse("die-mid-activation").dieMidActivation)
+        #expect(try FaultPoints.parse("drop-standby-links=1.5").dropStandbyLinksAfter == 1.5)
     }
 
     @Test func malformedFaultPointsAreRefused() {

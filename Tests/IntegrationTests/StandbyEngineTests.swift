@@ -99,6 +99,24 @@ import Testing
         try FreshnessTests.expectFreshAndIdentical(heads, log: afterLog, seed: seed + 1)
     }
 
+    /// Its sessions cut (fault point drop-standby-links): an activation claims nothing and says why.
+    @Test func aStandbyEngineCutOffFromEveryReplicaClaimsNothing() throws {
+        let cluster = try Cluster(replicas: 2, size: "16M")
+        let controlA = "unix:" + cluster.scratch.file("a.control")
+        let engineA = try cluster.startEngine(extra: ["--control", controlA])
+        let controlB = "unix:" + cluster.scratch.file("b.control")
+        let engineB = try Self.startStandby(cluster, control: controlB, environment: ["KEEL_FAULTS": "drop-standby-links=0.2"])
+        for _ in 0..<100 where !engineB.log.contains("every standby session shut down") { usleep(50_000) }
+        #expect(engineB.log.contains("every standby session shut down"))
+        try expectOneLineRefusal([Paths.keel, "engine", "activate", "--engine", controlB],
+                                 mentioning: ["cannot reach any replica", "nothing was changed"])
+        #expect(try EngineTests.status(controlA)["epoch"] as? UInt64 == 1, "A was not fenced")
+        let seed = UInt64.random(in: 1...UInt64(UInt32.max))
+        print("cut-off writer seed \(seed)")
+        try Self.write(cluster.uri, offset: 0, log: cluster.scratch.file("w.log"), seed: seed)
+        #expect(engineA.stop() == 0)
+    }
+
     @Test func aStandbyEngineStoodDownLeavesNoTrace() throws {
         let cluster = try Cluster(replicas: 2, size: "16M")
         let controlA = "unix:" + cluster.scratch.file("a.control")

@@ -6,6 +6,9 @@
 #   3. engine A crashes: the device frontend's failover hands the volume to B;
 #      confirm answers that it runs on B; rollback starts A again and switches
 #      the device back.
+#   2. engine B loses every replica link while standing by (fault point
+#      drop-standby-links): confirm is refused with the reason, the volume
+#      stays on A; rollback succeeds.
 #   5. the volume is degraded (a replica killed): confirm and rollback succeed.
 # After every cell: fio without I/O errors, one engine process, the record's
 # status as expected, the files checksummed.
@@ -84,6 +87,23 @@ status_says "running on engine B (engine A was lost)"
 "$KEEL" migrate rollback vol
 status_says "engine A was started again"
 cell_end 3-rollback
+
+step "2 confirm and rollback: engine B loses every replica link while standing by"
+fio_start 15
+KEEL_FAULTS=drop-standby-links=1 "$KEEL" migrate start vol --binary "$work/keel-upgraded"
+for _ in $(seq 100); do grep -q "drop-standby-links" "$KEEL_STATE_DIR"/log/keel-engine@vol.service.next.log && break; sleep 0.1; done
+if "$KEEL" migrate confirm vol 2>"$work/err"; then echo "confirm succeeded with B cut off"; exit 1; fi
+cat "$work/err"; grep -q "lost its sessions" "$work/err"
+status_says "phase standing by"
+"$KEEL" migrate rollback vol
+status_says "rolled back"
+cell_end 2-confirm
+fio_start 12
+KEEL_FAULTS=drop-standby-links=1 "$KEEL" migrate start vol --binary "$work/keel-upgraded"
+sleep 2
+"$KEEL" migrate rollback vol
+status_says "rolled back"
+cell_end 2-rollback
 
 step "5 confirm and rollback: the volume degraded (a replica killed)"
 pkill -9 -f "replica serve --dir $KEEL_STATE_DIR/replicas/vol/r2"

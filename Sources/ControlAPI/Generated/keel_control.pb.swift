@@ -165,6 +165,9 @@ public nonisolated struct Keel_Control_V1_EngineAlive: Sendable {
   /// standing by: its sessions to every replica are open, it claims nothing until Activate
   public var standby: Bool = false
 
+  /// standing by: replicas that closed its sessions since (restarted, or cut off)
+  public var standbyLost: [String] = []
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1133,7 +1136,7 @@ nonisolated extension Keel_Control_V1_EngineAliveRequest: SwiftProtobuf.Message,
 
 nonisolated extension Keel_Control_V1_EngineAlive: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".EngineAlive"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}serving\0\u{1}standby\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}serving\0\u{1}standby\0\u{3}standby_lost\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1143,6 +1146,7 @@ nonisolated extension Keel_Control_V1_EngineAlive: SwiftProtobuf.Message, SwiftP
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularBoolField(value: &self.serving) }()
       case 2: try { try decoder.decodeSingularBoolField(value: &self.standby) }()
+      case 3: try { try decoder.decodeRepeatedStringField(value: &self.standbyLost) }()
       default: break
       }
     }
@@ -1155,12 +1159,16 @@ nonisolated extension Keel_Control_V1_EngineAlive: SwiftProtobuf.Message, SwiftP
     if self.standby != false {
       try visitor.visitSingularBoolField(value: self.standby, fieldNumber: 2)
     }
+    if !self.standbyLost.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.standbyLost, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Keel_Control_V1_EngineAlive, rhs: Keel_Control_V1_EngineAlive) -> Bool {
     if lhs.serving != rhs.serving {return false}
     if lhs.standby != rhs.standby {return false}
+    if lhs.standbyLost != rhs.standbyLost {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
