@@ -52,8 +52,8 @@ import Testing
         try Self.expectScenario("engine-migration", toSay: "keel migrate: engine migrated under fio without I/O errors")
     }
 
-    /// Rows 1, 3 and 5 of the Longhorn HA migration matrix, for confirm and for rollback.
-    @Test func migrationMatrixRowsOneThreeAndFive() throws {
+    /// Rows 1, 2, 3 and 5 of the Longhorn HA migration matrix, for confirm and for rollback.
+    @Test func migrationMatrixRowsOneToThreeAndFive() throws {
         try Self.expectScenario("engine-migration-faults", timeout: 900, toSay: "migration matrix: cells")
     }
 
