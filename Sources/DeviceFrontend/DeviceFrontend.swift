@@ -36,8 +36,8 @@ public final class DeviceFrontend: @unchecked Sendable {
     private let mapperName: String?
     /// Set once attached, with `mapperName`.
     var linear: LinearDevice?
-    /// While an engine switch holds the device's I/O: since when, and until when at most (monotonic seconds).
-    let hold = Mutex<(since: Double, until: Double)?>(nil)
+    /// While an engine switch holds the device's I/O: since when, until when at most (monotonic seconds), and whether the suspend is done.
+    let hold = Mutex<(since: Double, until: Double, established: Bool)?>(nil)
     /// The kernel's dead-link reports since the hold began: a switch waits for every link's.
     var switchReports: KernelNBD.DeadLinks?
     /// Taken by whatever hands the kernel new connections: the watcher's reconnects and a switch.

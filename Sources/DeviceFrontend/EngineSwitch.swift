@@ -18,7 +18,9 @@ extension DeviceFrontend {
         public let description: String
     }
 
-    var isHeld: Bool { hold.withLock { $0 != nil } }
+    /// Held once the suspend is done: until then the watcher still replaces a link that dies
+    /// (the requests in flight on it must finish for the suspend to return).
+    var isHeld: Bool { hold.withLock { $0?.established == true } }
 
     /// Holds the device's I/O for an engine switch, at most `seconds` (then it
     /// goes on with the engine it has). Returns how long the I/O in flight took
@@ -27,23 +29,30 @@ extension DeviceFrontend {
         guard let linear else {
             throw SwitchError(description: "the device was attached without its device-mapper device (keel frontend serve --mapper): its I/O cannot be held for a switch")
         }
-        relinking.lock()
-        defer { relinking.unlock() }
-        guard device.deadLinks() == 0 else {
-            throw SwitchError(description: "the device is not connected to its engine on every link now; try again in a moment")
-        }
-        // Subscribed before anything dies: each link's report counts, also the old engine closing it.
-        let reports = try KernelNBD.DeadLinks()
         let started = monotonicSeconds()
-        try hold.withLock { hold in
-            guard hold == nil else { throw SwitchError(description: "the device's I/O is held already (a switch is under way)") }
-            hold = (started, started + seconds)
+        let reports: KernelNBD.DeadLinks
+        do {
+            relinking.lock()
+            defer { relinking.unlock() }
+            guard device.deadLinks() == 0 else {
+                throw SwitchError(description: "the device is not connected to its engine on every link now; try again in a moment")
+            }
+            // Subscribed before anything dies: each link's report counts, also the old engine closing it.
+            reports = try KernelNBD.DeadLinks()
+            try hold.withLock { hold in
+                guard hold == nil else { throw SwitchError(description: "the device's I/O is held already (a switch is under way)") }
+                hold = (started, started + seconds, false)
+            }
         }
+        // Not under `relinking`: a link that dies meanwhile must be replaced for the suspend to return.
         do { try linear.suspend() } catch {
             hold.withLock { $0 = nil }
             throw error
         }
+        relinking.lock()
         switchReports = reports
+        hold.withLock { $0?.established = true }
+        relinking.unlock()
         let took = monotonicSeconds() - started
         let inFlight = device.requestsInFlight
         logger.notice("\(linear.path): I/O held for an engine switch (in flight drained in \(Int(took * 1000)) ms, \(inFlight) left on \(device.path ?? "the device"))")
@@ -54,7 +63,7 @@ extension DeviceFrontend {
     /// returns how long it was held. On failure the device goes on with the
     /// engine it had (its links are replaced as after any engine loss).
     public func switchEngine(to next: EngineEndpoint) throws -> Double {
-        guard let linear, let heldSince = hold.withLock({ $0?.since }) else {
+        guard let linear, let heldSince = hold.withLock({ $0?.established == true ? $0?.since : nil }) else {
             throw SwitchError(description: "the device's I/O is not held: hold it first (the switch must find nothing in flight)")
         }
         relinking.lock()
@@ -84,7 +93,7 @@ extension DeviceFrontend {
 
     /// Lets the held I/O go on with the engine the device has (a switch given up); returns how long it was held.
     public func resumeHeld() throws -> Double {
-        guard let linear, let heldSince = hold.withLock({ $0?.since }) else { throw SwitchError(description: "the device's I/O is not held") }
+        guard let linear, let heldSince = hold.withLock({ $0?.established == true ? $0?.since : nil }) else { throw SwitchError(description: "the device's I/O is not held") }
         relinking.lock()
         defer { relinking.unlock() }
         return release(linear, since: heldSince)
@@ -92,7 +101,7 @@ extension DeviceFrontend {
 
     /// The watcher's check: a hold nobody ended in time ends here.
     func releaseExpiredHold() -> Bool {
-        guard let held = hold.withLock({ $0 }), monotonicSeconds() > held.until, let linear else { return false }
+        guard let held = hold.withLock({ $0 }), held.established, monotonicSeconds() > held.until, let linear else { return false }
         relinking.lock()
         defer { relinking.unlock() }
         guard hold.withLock({ $0 }) != nil else { return false }

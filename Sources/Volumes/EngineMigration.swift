@@ -96,7 +96,10 @@ public struct EngineMigration {
         let standby = try StandbyEngine.spawn(node: node, volume: volume, executable: executable)
         let pid = standby.pid
         record.pid = pid
-        try node.registry.setMigration(record)
+        do { try node.registry.setMigration(record) } catch {
+            standby.stop()
+            throw KeelError("cannot record the migration of \(name): \(error); nothing was started")
+        }
         node.logMigration("migration of \(name): engine B (pid \(pid), \(executable)) starting, standing by")
         do { try standby.waitUntilStandingBy(timeout: timeout) } catch {
             standby.stop()
