@@ -21,6 +21,13 @@ import Testing
         #expect(write.status == 0 && (write.stdout + write.stderr).contains("errors 0, unanswered 0"), "\(write.stdout)\(write.stderr)")
     }
 
+    /// With the engines stopped: each replica's head, read alone, holds every write of the logs.
+    static func expectEveryWriteOnEveryReplica(_ cluster: Cluster, logs: [(path: String, seed: UInt64)]) throws {
+        for replica in cluster.replicas { replica.stop() }
+        let heads = cluster.replicas.indices.map { cluster.replicaDirectory($0) + "/layers/head.img" }
+        for log in logs { try FreshnessTests.expectFreshAndIdentical(heads, log: log.path, seed: log.seed) }
+    }
+
     @Test func aStandbyEngineFencesNobodyThenTakesTheVolumeOver() throws {
         let cluster = try Cluster(replicas: 3, size: "16M")
         let controlA = "unix:" + cluster.scratch.file("a.control")
@@ -48,10 +55,7 @@ import Testing
         #expect(statusB["epoch"] as? UInt64 == 2 && statusB["health"] as? String == "healthy", "\(statusB)")
 
         #expect(engineB.stop() == 0)
-        for replica in cluster.replicas { replica.stop() }
-        let heads = (0..<3).map { cluster.replicaDirectory($0) + "/layers/head.img" }
-        try FreshnessTests.expectFreshAndIdentical(heads, log: beforeLog, seed: seed)
-        try FreshnessTests.expectFreshAndIdentical(heads, log: afterLog, seed: seed + 1)
+        try Self.expectEveryWriteOnEveryReplica(cluster, logs: [(beforeLog, seed), (afterLog, seed + 1)])
     }
 
     /// Another engine started while B stood by: its epoch is taken, B claims nothing and says why.
@@ -93,10 +97,7 @@ import Testing
         let afterLog = cluster.scratch.file("after.log")
         try Self.write(cluster.uri, offset: 1 << 20, log: afterLog, seed: seed + 1)
         #expect(engineC.stop() == 0)
-        for replica in cluster.replicas { replica.stop() }
-        let heads = (0..<3).map { cluster.replicaDirectory($0) + "/layers/head.img" }
-        try FreshnessTests.expectFreshAndIdentical(heads, log: beforeLog, seed: seed)
-        try FreshnessTests.expectFreshAndIdentical(heads, log: afterLog, seed: seed + 1)
+        try Self.expectEveryWriteOnEveryReplica(cluster, logs: [(beforeLog, seed), (afterLog, seed + 1)])
     }
 
     /// Its sessions cut (fault point drop-standby-links): an activation claims nothing and says why.

@@ -150,6 +150,15 @@ check_fio() {
     grep -q "err= 0" "$work/fio.out"
 }
 
+# expect_refusal PATTERN ARGS…: keel fails with one line matching PATTERN.
+expect_refusal() {
+    pattern=$1; shift
+    if "$KEEL" "$@" >"$work/out" 2>"$work/err"; then echo "'keel $*' should have failed"; exit 1; fi
+    cat "$work/err"
+    [ "$(wc -l < "$work/err")" = 1 ] || { echo "more than one line"; exit 1; }
+    grep -q "$pattern" "$work/err" || { echo "no '$pattern' in the refusal"; exit 1; }
+}
+
 # fill_filesystem DEVICE: mkfs.ext4, mount on /mnt/vol, write two files, sync,
 # record their checksums in $work/sums (check with: cd /mnt/vol && sha256sum -c "$work/sums").
 fill_filesystem() {

@@ -10,13 +10,6 @@
 start_udev
 export KEEL_STATE_DIR="$work/data/state"
 
-expect_refusal() {
-    pattern=$1; shift
-    if "$KEEL" "$@" >"$work/out" 2>"$work/err"; then echo "'keel $*' should have failed"; exit 1; fi
-    cat "$work/err"
-    [ "$(wc -l < "$work/err")" = 1 ] || { echo "more than one line"; exit 1; }
-    grep -q "$pattern" "$work/err" || { echo "no '$pattern' in the refusal"; exit 1; }
-}
 engine_pid() { pgrep -f "engine serve --volume vol " | head -1; }
 
 step "create, attach --mapper, mount"

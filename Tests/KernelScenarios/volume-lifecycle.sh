@@ -12,15 +12,6 @@
 start_udev
 export KEEL_STATE_DIR="$work/data/state"
 
-# expect_refusal PATTERN ARGS…: keel fails with one line matching PATTERN.
-expect_refusal() {
-    pattern=$1; shift
-    if "$KEEL" "$@" >"$work/out" 2>"$work/err"; then echo "'keel $*' should have failed"; exit 1; fi
-    cat "$work/err"
-    [ "$(wc -l < "$work/err")" = 1 ] || { echo "more than one line"; exit 1; }
-    grep -q "$pattern" "$work/err" || { echo "no '$pattern' in the refusal"; exit 1; }
-}
-
 engine_running() { pgrep -f "keel engine serve --volume $1 " >/dev/null; }
 
 step "keel volume create, attach"
