@@ -49,10 +49,23 @@ extension DeviceFrontend {
             hold.withLock { $0 = nil }
             throw error
         }
-        relinking.lock()
-        switchReports = reports
-        hold.withLock { $0?.established = true }
-        relinking.unlock()
+        do {
+            relinking.lock()
+            defer { relinking.unlock() }
+            // A link that died while the I/O drained was replaced: its report is not one the switch waits for.
+            while try !reports.next(waitingUpTo: 0).isEmpty {}
+            guard device.deadLinks() == 0 else {
+                hold.withLock { $0 = nil }
+                try? linear.resume()
+                throw SwitchError(description: "a link of the device died while its I/O drained; the I/O goes on, try again in a moment")
+            }
+            switchReports = reports
+            hold.withLock { $0?.established = true }
+        } catch {
+            hold.withLock { $0 = nil }
+            try? linear.resume()
+            throw error
+        }
         let took = monotonicSeconds() - started
         let inFlight = device.requestsInFlight
         logger.notice("\(linear.path): I/O held for an engine switch (in flight drained in \(Int(took * 1000)) ms, \(inFlight) left on \(device.path ?? "the device"))")

@@ -75,7 +75,7 @@ public struct Node {
     }
 
     /// The device-mapper device of an attach with --mapper: `/dev/mapper/keel-VOLUME`.
-    public func mapperName(_ volume: String) -> String { "keel-\(volume)" }
+    public static func mapperName(_ volume: String) -> String { "keel-\(volume)" }
 
     /// The volume's engine nodes, in order, as the registry knows them (it keeps a node while a volume names it).
     public func engineNodes(_ volume: VolumeRecord) -> [NodeRecord] {

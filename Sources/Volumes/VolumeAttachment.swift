@@ -19,7 +19,7 @@ extension Node {
         if let device, !device.hasPrefix("/dev/nbd") || UInt32(device.dropFirst("/dev/nbd".count)) == nil {
             throw KeelError("--device takes a kernel NBD device such as /dev/nbd0, not '\(device)'")
         }
-        let mapper = mapper || access("/dev/mapper/" + mapperName(name), F_OK) == 0
+        let mapper = mapper || access("/dev/mapper/" + Node.mapperName(name), F_OK) == 0
         return try VolumeAttachment(node: self, name: name, device: device, force: force, timeout: timeout,
                                     mapper: mapper, credentials: credentials).run()
     }
@@ -160,7 +160,7 @@ private struct VolumeAttachment {
 
     /// The frontend makes the device-mapper device right after attaching /dev/nbdX.
     private func waitForMapper(before deadline: Date) throws -> String {
-        let path = "/dev/mapper/" + node.mapperName(name)
+        let path = "/dev/mapper/" + Node.mapperName(name)
         while Date() < deadline {
             if access(path, F_OK) == 0 { return path }
             usleep(50_000)

@@ -85,6 +85,8 @@ struct EngineCommand: ParsableCommand {
 
         func run() throws {
             let logger = makeLogger(label: "keel.engine", level: serving.logLevel)
+            // A mistyped KEEL_FAULTS stops the start here, not half way through a claim.
+            _ = FaultPoints.fromEnvironment
             let address = try parseListenAddress(listen)
             let addresses = try replicas.map { try parseListenAddress($0, option: "--replica") }
             let controlAddress = try control.map { try parseListenAddress($0, option: "--control") }

@@ -139,7 +139,7 @@ struct FrontendCommand: ParsableCommand {
             do {
                 frontend = DeviceFrontend(device: try KernelDevice(settings: settings, logger: logger), engine: endpoint,
                                           connectTimeout: Int32(connectTimeout * 1000), tls: tls,
-                                          mapperName: mapper ? "keel-\(volume)" : nil, logger: logger,
+                                          mapperName: mapper ? Node.mapperName(volume) : nil, logger: logger,
                                           replacement: failover.map { failover in { @Sendable in failover.engine(replacing: $0, failure: $1) } },
                                           observer: { @Sendable status in
                                               if case .connected = status { failover?.engineAnswered() }
