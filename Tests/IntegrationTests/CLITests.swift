@@ -28,8 +28,7 @@ import Testing
     @Test func takenPortAndTakenSocket() throws {
         let scratch = try Scratch()
         let image = try scratch.image(size: 1 << 20)
-        let port = 20000 + Int.random(in: 0..<20000)
-        let first = try KeelServer(image: image, scratch: scratch, address: "127.0.0.1:\(port)")
+        let (first, port) = try onFreeTCPPort { try KeelServer(image: image, scratch: scratch, address: "127.0.0.1:\($0)") }
         try expectOneLineFailure(["export", image, "--listen", "127.0.0.1:\(port)"], mentioning: ["already in use"])
         let onSocket = try KeelServer(image: image, scratch: scratch)
         try expectOneLineFailure(["export", image, "--listen", onSocket.address], mentioning: ["another process"])

@@ -56,9 +56,8 @@ import Testing
 
     @Test func tcpListener() throws {
         let scratch = try Scratch()
-        let port = 20000 + Int.random(in: 0..<20000)
-        let server = try KeelServer(image: try scratch.image(size: 1 << 20), scratch: scratch,
-                                    address: "127.0.0.1:\(port)")
+        let image = try scratch.image(size: 1 << 20)
+        let (server, port) = try onFreeTCPPort { try KeelServer(image: image, scratch: scratch, address: "127.0.0.1:\($0)") }
         let client = try NBDClient()
         try client.connect(host: "127.0.0.1", port: UInt16(port))
         #expect(try client.size == 1 << 20)

@@ -28,8 +28,9 @@ import Testing
                            "--control", "0.0.0.0:7002", "--tls", "require", "--tls-psk", "/nowhere.psk"], mentioning: ["--control", "reachable from other hosts"])
         #expect(!FileManager.default.fileExists(atPath: scratch.file("r")), "a refused replica made its directory")
 
-        let port = 20000 + Int.random(in: 0..<20000)
-        let open = try KeelServer(image: image, scratch: scratch, extra: ["--tls", "off"], address: "0.0.0.0:\(port)")
+        let (open, port) = try onFreeTCPPort("0.0.0.0") {
+            try KeelServer(image: image, scratch: scratch, extra: ["--tls", "off"], address: "0.0.0.0:\($0)")
+        }
         let size = try run(["nbdinfo", "--size", "nbd://127.0.0.1:\(port)"])
         #expect(size.stdout == "1048576\n", "\(size.stderr)")
         #expect(open.log.contains("serving in plaintext to other hosts (--tls off)"), "\(open.log)")

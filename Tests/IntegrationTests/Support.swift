@@ -224,20 +224,35 @@ func permissions(_ path: String) throws -> Int {
     (try FileManager.default.attributesOfItem(atPath: path)[.posixPermissions] as! NSNumber).intValue
 }
 
-/// A TCP port on 127.0.0.1 that nothing listened on a moment ago (the kernel's pick).
-func freeTCPPort() throws -> Int {
+/// A TCP port on `host` that nothing used a moment ago (the kernel's pick; "0.0.0.0" for a port
+/// free on every address).
+func freeTCPPort(on host: String = "127.0.0.1") throws -> Int {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     guard fd >= 0 else { throw TestFailure("socket: \(errno)") }
     defer { close(fd) }
     var address = sockaddr_in()
     address.sin_family = sa_family_t(AF_INET)
-    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    address.sin_addr.s_addr = inet_addr(host)
     var length = socklen_t(MemoryLayout<sockaddr_in>.size)
     let bound = withUnsafeMutablePointer(to: &address) {
         $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { pointer in
             bind(fd, pointer, length) == 0 && getsockname(fd, pointer, &length) == 0
         }
     }
-    guard bound else { throw TestFailure("bind 127.0.0.1:0: \(errno)") }
+    guard bound else { throw TestFailure("bind \(host):0: \(errno)") }
     return Int(UInt16(bigEndian: address.sin_port))
+}
+
+/// Starts a server on a free TCP port, trying another port when an outgoing connection took the
+/// chosen one in between (a free port is only free until someone binds it).
+func onFreeTCPPort<Server>(_ host: String = "127.0.0.1", attempts: Int = 5,
+                           _ start: (Int) throws -> Server) throws -> (server: Server, port: Int) {
+    for attempt in 1...attempts {
+        let port = try freeTCPPort(on: host)
+        do { return (try start(port), port) } catch let failure as TestFailure
+            where attempt < attempts && "\(failure)".contains("already in use") {
+            continue
+        }
+    }
+    preconditionFailure("unreachable: the last attempt returns or throws")
 }
