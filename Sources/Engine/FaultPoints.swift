@@ -26,6 +26,8 @@ import Glibc
 ///   then kills itself (SIGKILL): the engine before it is fenced there alone.
 /// - `drop-standby-links=S`: a standby engine shuts its sessions to every
 ///   replica down S seconds after it began standing by, as if cut off.
+/// - `drop-standby-links-when=PATH`: the same, once the file PATH exists (on a
+///   test's cue).
 public struct FaultPoints: Sendable {
     public var breakLinkInSubmit: (replica: Int, command: Int)?
     public var slowMembershipSeconds: Double = 0
@@ -36,6 +38,7 @@ public struct FaultPoints: Sendable {
     public var dieMidRevert = false
     public var dieMidActivation = false
     public var dropStandbyLinksAfter: Double?
+    public var dropStandbyLinksWhen: String?
 
     /// Whether the I/O path has anything to inject.
     public var enabled: Bool { breakLinkInSubmit != nil }
@@ -84,6 +87,11 @@ public struct FaultPoints: Sendable {
                 faults.dieMidActivation = true
             case ("drop-standby-links", let value?):
                 faults.dropStandbyLinksAfter = try seconds(value, for: "drop-standby-links")
+            case ("drop-standby-links-when", let value?):
+                guard value.hasPrefix("/") else {
+                    throw Malformed(description: "drop-standby-links-when takes an absolute file path, not \(value)")
+                }
+                faults.dropStandbyLinksWhen = value
             case ("slow-rebuild", let value?):
                 faults.slowRebuildSeconds = try seconds(value, for: "slow-rebuild")
             default:

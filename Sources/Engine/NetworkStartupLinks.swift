@@ -77,7 +77,7 @@ final class NetworkStartupLinks: StartupLinks {
     func inspect(_ replica: Int) throws -> Keel_Control_V1_ReplicaStatus {
         let address = addresses[replica]
         if let standby {
-            guard standby.replicas.contains(replica) else { throw StartupUnreachable(reason: "it did not answer when the engine began standing by") }
+            guard standby.replicas.contains(replica) else { throw StartupUnreachable(reason: "no standby session: it did not answer when the engine began standing by, or closed the session since") }
             do { return try controlCall(replica) { try await $0.status(.init(), options: $1) } } catch {
                 throw StartupUnreachable(reason: "\(error)")
             }

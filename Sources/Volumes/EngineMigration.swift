@@ -101,6 +101,7 @@ public struct EngineMigration {
             throw KeelError("cannot record the migration of \(name): \(error); nothing was started")
         }
         node.logMigration("migration of \(name): engine B (pid \(pid), \(executable)) starting, standing by")
+        node.stopIfAsked(at: .spawned, volume: name)
         do { try standby.waitUntilStandingBy(timeout: timeout) } catch {
             standby.stop()
             try? end(&record, .error, error: "\(error)")
@@ -135,6 +136,7 @@ public struct EngineMigration {
         }
         node.logMigration("migration of \(name): confirming")
         let switched = try switchOver(to: standby, volume: volume, record: &record, holdSeconds: holdSeconds, what: "engine B")
+        node.stopIfAsked(at: .switched, volume: name)
         record.pid = 0
         try end(&record, .success, phase: .done)
         node.logMigration("migration of \(name): done, engine B serves epoch \(switched.epoch)"
@@ -164,6 +166,7 @@ public struct EngineMigration {
                 try end(&record, nil, phase: Phase(rawValue: phase))
                 throw KeelError("\(error); the migration stands by: try again, or roll it back")
             }
+            node.stopIfAsked(at: .held, volume: name)
         }
         try end(&record, nil, phase: .stoppingOld)
         do { try runner.stop(engine) } catch {
@@ -172,6 +175,7 @@ public struct EngineMigration {
             try end(&record, nil, phase: Phase(rawValue: phase))
             throw KeelError("cannot stop the engine of \(name): \(error)\(resumed); the migration stands by")
         }
+        node.stopIfAsked(at: .oldStopped, volume: name)
         try end(&record, nil, phase: .activating)
         let activated: Keel_Control_V1_Activated
         do {
@@ -187,6 +191,7 @@ public struct EngineMigration {
             try end(&record, .error, error: "\(error)")
             throw error
         }
+        node.stopIfAsked(at: .activated, volume: name)
         try end(&record, nil, phase: .switching)
         guard let frontend else { return (activated.epoch, nil) }
         do {
@@ -195,8 +200,16 @@ public struct EngineMigration {
             }
             return (activated.epoch, Int(released.heldMicroseconds / 1000))
         } catch {
-            try end(&record, .error, error: "\(what) serves the volume (epoch \(activated.epoch)) but the device could not switch: \(error)")
-            throw KeelError("\(what) serves \(name) (epoch \(activated.epoch)) but the device could not switch to it: \(error)")
+            guard !runner.isRunning(engine) else {
+                try end(&record, .error, error: "\(what) serves the volume (epoch \(activated.epoch)) but the device could not switch: \(error)")
+                throw KeelError("\(what) serves \(name) (epoch \(activated.epoch)) but the device could not switch to it: \(error)")
+            }
+            // It died after it took over: the volume needs an engine, and this keel's is at hand. The failed
+            // switch let the device's I/O go on: its links reconnect to the engine by themselves.
+            let back = restartOld(volume, runner: runner, engine: engine, frontend: frontend, switchDevice: false)
+            record.pid = 0
+            try end(&record, .error, error: "\(what) stopped after it took over (epoch \(activated.epoch)): \(error); \(back)")
+            throw KeelError("\(what) of \(name) stopped after it took over: \(error); \(back)")
         }
     }
 
@@ -252,6 +265,7 @@ public struct EngineMigration {
             try switchBackToA(volume, record: &record)
             return record
         }
+        node.stopIfAsked(at: .rollingBack, volume: name)
         StandbyEngine(node: node, volume: volume, pid: record.pid).stop()
         record.pid = 0
         try end(&record, .error, error: "\(reason): the volume stays on engine A", phase: .rolledBack)
@@ -296,14 +310,16 @@ public struct EngineMigration {
     }
 
     /// After B failed to take over: A again, the device on it.
-    private func restartOld(_ volume: VolumeRecord, runner: any DaemonRunner, engine: Daemon, frontend: String?) -> String {
+    private func restartOld(_ volume: VolumeRecord, runner: any DaemonRunner, engine: Daemon, frontend: String?,
+                            switchDevice: Bool = true) -> String {
         do {
             try runner.start(engine)
             try node.waitForEngine(of: name, engine, runner: runner, before: Date().addingTimeInterval(120), timeout: 120)
         } catch {
-            return "engine A could not be started again either: \(error)\(resume(frontend))"
+            return "engine A could not be started again either: \(error)\(switchDevice ? resume(frontend) : "")"
         }
         guard let frontend else { return "the volume runs on engine A again" }
+        guard switchDevice else { return "the volume runs on engine A again, the device reconnecting to it" }
         do {
             _ = try callFrontend(frontend, doing: "switch engines") { [socket = node.layout.engineSocket(name)] in
                 try await $0.switchEngine(.with { $0.engine = "unix:" + socket })

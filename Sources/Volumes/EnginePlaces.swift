@@ -156,6 +156,10 @@ public struct LocalPlace: EnginePlace {
         if !alreadyRunning && standbyTakesOver() {
             alreadyRunning = true
             detail = "a migration's engine B took over"
+        } else if !alreadyRunning && runner.isRunning(engine) {
+            // A migration's confirm, which held the volume meanwhile, made engine B the volume's engine.
+            alreadyRunning = true
+            detail = "a migration's engine B took its place"
         } else if !alreadyRunning {
             do { try runner.startAgain(engine) } catch {
                 throw KeelError("cannot start the \(engine.description): \(runner.lastFailure(engine) ?? "\(error)")")

@@ -195,9 +195,15 @@ extension EngineCommand.Serve {
         let what = "volume \(volume): sessions of epoch \(standby.epoch) open to \(standby.replicasReached) of \(addresses.count) replica(s)"
         logger.notice("standing by for \(what); nothing is claimed until Activate")
         ServiceManager.notify("READY=1\nSTATUS=standing by for \(what)")
-        let dropLinksAt = FaultPoints.fromEnvironment.dropStandbyLinksAfter.map { monotonicSeconds() + $0 }
+        let faults = FaultPoints.fromEnvironment
+        let dropLinksAt = faults.dropStandbyLinksAfter.map { monotonicSeconds() + $0 }
+        func dropLinksNow() -> Bool {
+            if let at = dropLinksAt, monotonicSeconds() >= at { return true }
+            if let cue = faults.dropStandbyLinksWhen, access(cue, F_OK) == 0 { return true }
+            return false
+        }
         while !engine.waitForActivation(seconds: 0.1) {
-            if let at = dropLinksAt, monotonicSeconds() >= at, standby.lostReplicas().isEmpty {
+            if dropLinksNow(), standby.lostReplicas().isEmpty {
                 logger.warning("fault point drop-standby-links: every standby session shut down")
                 standby.dropSessionsForTest()
             }

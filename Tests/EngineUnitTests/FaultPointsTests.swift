@@ -12,6 +12,8 @@ import Testing
         #expect(try !FaultPoints.parse("slow-rebuild=0.1").enabled, "nothing for the I/O path")
         #expect(try FaultPoints.parse("die-mid-activation").dieMidActivation)
         #expect(try FaultPoints.parse("drop-standby-links=1.5").dropStandbyLinksAfter == 1.5)
+        #expect(try FaultPoints.parse("drop-standby-links-when=/tmp/cue").dropStandbyLinksWhen == "/tmp/cue")
+        #expect(throws: FaultPoints.Malformed.self) { try FaultPoints.parse("drop-standby-links-when=cue") }
     }
 
     @Test func malformedFaultPointsAreRefused() {
