@@ -193,7 +193,18 @@ public struct EngineMigration {
         }
         node.stopIfAsked(at: .activated, volume: name)
         try end(&record, nil, phase: .switching)
-        guard let frontend else { return (activated.epoch, nil) }
+        // It died after it took over: the volume needs an engine, and this keel's is at hand. A failed
+        // switch let the device's I/O go on: its links reconnect to that engine by themselves.
+        func restartAfterLoss(_ reason: String) throws -> Never {
+            let back = restartOld(volume, runner: runner, engine: engine, frontend: frontend, switchDevice: false)
+            record.pid = 0
+            try end(&record, .error, error: "\(what) stopped after it took over (epoch \(activated.epoch)): \(reason); \(back)")
+            throw KeelError("\(what) of \(name) stopped after it took over: \(reason); \(back)")
+        }
+        guard let frontend else {
+            guard runner.isRunning(engine) else { try restartAfterLoss("its process is gone") }
+            return (activated.epoch, nil)
+        }
         do {
             let released = try callFrontend(frontend, doing: "switch engines") { [socket = node.layout.engineSocket(name)] in
                 try await $0.switchEngine(.with { $0.engine = "unix:" + socket })
@@ -204,12 +215,7 @@ public struct EngineMigration {
                 try end(&record, .error, error: "\(what) serves the volume (epoch \(activated.epoch)) but the device could not switch: \(error)")
                 throw KeelError("\(what) serves \(name) (epoch \(activated.epoch)) but the device could not switch to it: \(error)")
             }
-            // It died after it took over: the volume needs an engine, and this keel's is at hand. The failed
-            // switch let the device's I/O go on: its links reconnect to the engine by themselves.
-            let back = restartOld(volume, runner: runner, engine: engine, frontend: frontend, switchDevice: false)
-            record.pid = 0
-            try end(&record, .error, error: "\(what) stopped after it took over (epoch \(activated.epoch)): \(error); \(back)")
-            throw KeelError("\(what) of \(name) stopped after it took over: \(error); \(back)")
+            try restartAfterLoss("\(error)")
         }
     }
 

@@ -86,4 +86,67 @@ import Testing
         #expect(detached.status == 0, "\(detached.stderr)")
         #expect(try engines().isEmpty, "detach stops the engine B became")
     }
+
+    /// `keel migrate confirm` stopped at a named moment (KEEL_MIGRATION_STOP) while engine B is
+    /// killed: before B's activation and after it, the volume ends on engine A (this keel), every
+    /// write there, the migration in error saying so.
+    @Test func engineBKilledAtAStopPointLeavesTheVolumeOnEngineA() throws {
+        #expect(try keel(["volume", "create", "mig", "--size", "16M", "--replicas", "3"]).status == 0)
+        defer { _ = try? keel(["volume", "rm", "mig", "--force"]) }
+        let uri = try keel(["volume", "attach", "mig", "--no-device"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let upgraded = scratch.file("keel-upgraded")
+        try FileManager.default.copyItem(atPath: Paths.keel, toPath: upgraded)
+        let seed = UInt64.random(in: 1...UInt64(UInt32.max))
+        print("stop point writer seed \(seed)")
+        var logs: [String] = []
+        for (n, point, says) in [(0, "confirm:a-stopped", "could not take over"), (1, "confirm:activated", "stopped after it took over")] {
+            logs.append(scratch.file("w\(n).log"))
+            try StandbyEngineTests.write(uri, offset: n << 20, log: logs[n], seed: seed + UInt64(n))
+            #expect(try keel(["migrate", "start", "mig", "--binary", upgraded]).status == 0)
+            let confirmed = try confirm(stoppingAt: point) {
+                _ = try run(["pkill", "-9", "-f", "^\(upgraded) engine serve --volume mig "])
+            }
+            #expect(confirmed.status != 0 && confirmed.stderr.contains(says) && confirmed.stderr.contains("engine A again"),
+                    "\(point): \(confirmed.status) \(confirmed.stdout) \(confirmed.stderr)")
+            let status = try keel(["migrate", "status", "mig"]).stdout
+            #expect(status.contains("migration_status error") && status.contains(says), "\(point): \(status)")
+            if !status.contains("migration_status error") { return }
+            let serving = try engines()
+            #expect(serving.count == 1 && serving.first?.contains(upgraded) == false, "\(point): \(serving)")
+        }
+        for (n, log) in logs.enumerated() {
+            let check = try run(["/usr/bin/python3", FreshnessTests.stamp, "check", "--log", log, "--uri", uri], timeout: 120)
+            #expect(check.status == 0 && check.stdout.contains("lost 0, corrupt 0"), "seed \(seed + UInt64(n)): \(check.stdout)\(check.stderr)")
+        }
+        #expect(try keel(["volume", "detach", "mig"]).status == 0)
+    }
+
+    /// Runs `keel migrate confirm mig` stopped at `point`; `strike` runs while it is stopped there.
+    func confirm(stoppingAt point: String, strike: () throws -> Void) throws -> Finished {
+        let outcome = Outcome()
+        let done = DispatchSemaphore(value: 0)
+        Thread.detachNewThread { [state] in
+            outcome.value = Result { try run([Paths.keel, "migrate", "confirm", "mig", "--state-dir", state], timeout: 180,
+                                             environment: ["KEEL_MIGRATION_STOP": point]) }
+            done.signal()
+        }
+        var stopped = false
+        for _ in 0..<600 where !stopped {
+            let pids = try run(["pgrep", "-f", "migrate confirm mig --state-dir \(state)"]).stdout.split(separator: "\n")
+            stopped = pids.contains { (try? String(contentsOfFile: "/proc/\($0)/status", encoding: .utf8))?.contains("(stopped)") == true }
+            if stopped {
+                try strike()
+                for pid in pids { kill(pid_t(pid)!, SIGCONT) }
+            } else {
+                usleep(100_000)
+            }
+        }
+        #expect(stopped, "keel migrate confirm never stopped at \(point)")
+        done.wait()
+        return try outcome.value!.get()
+    }
+
+    final class Outcome: @unchecked Sendable {  // written by one thread before the semaphore, read after
+        var value: Result<Finished, any Error>?
+    }
 }
