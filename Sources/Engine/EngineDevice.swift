@@ -123,13 +123,13 @@ public final class EngineDevice: BlockDevice, @unchecked Sendable {
         preparedLinks.withLock { $0 += links.map { PreparedLink(address: $0.0, client: $0.1) } }
     }
 
-    /// Closes prepared connections no I/O thread took (the replica never joined).
+    /// Closes prepared connections no I/O thread took (the replica never joined: it may be unreachable).
     func dropPreparedLinks(to address: SocketAddress) {
         let dropped: [PreparedLink] = preparedLinks.withLock { links in
             defer { links.removeAll { $0.address == address } }
             return links.filter { $0.address == address }
         }
-        for link in dropped { try? link.client.shutdown() }
+        for link in dropped { link.client.abandon() }
     }
 
     func connect(address: SocketAddress) throws -> NBDClient {

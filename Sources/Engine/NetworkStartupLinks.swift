@@ -24,9 +24,10 @@ final class NetworkStartupLinks: StartupLinks {
         self.startup = startup
     }
 
+    /// Abandoned, not shut down: a replica may have become unreachable since (its node down).
     func close() {
-        for client in clients.values { try? client.shutdown() }
-        for client in standby?.copyLinks.values ?? [:].values { try? client.shutdown() }
+        for client in clients.values { client.abandon() }
+        for client in standby?.copyLinks.values ?? [:].values { client.abandon() }
         clients = [:]
         standby = nil
     }
@@ -45,7 +46,7 @@ final class NetworkStartupLinks: StartupLinks {
                 data[i] = try (0..<dataLinks).map { _ in try openStandby(i, epoch: epoch) }
             }
         } catch {
-            for client in Array(copyLinks.values) + data.values.flatMap({ $0 }) { try? client.shutdown() }
+            for client in Array(copyLinks.values) + data.values.flatMap({ $0 }) { client.abandon() }
             throw error
         }
         standby = (epoch, Set(replicas), copyLinks)
@@ -56,7 +57,7 @@ final class NetworkStartupLinks: StartupLinks {
     /// that was unreachable at standby (`inspect` says so).
     func leaveOutOfStandby(_ replica: Int) {
         standby?.replicas.remove(replica)
-        if let link = standby?.copyLinks.removeValue(forKey: replica) { try? link.shutdown() }
+        if let link = standby?.copyLinks.removeValue(forKey: replica) { link.abandon() }
     }
 
     /// The standby session kept for the start's copies, by replica.

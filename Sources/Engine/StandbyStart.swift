@@ -85,7 +85,7 @@ public final class StandbyStart: @unchecked Sendable {  // lostReplicas only pol
         for i in lostIndexes() {
             startup.logger.warning("replica \(addresses[i]) closed its standby sessions (restarted, or cut off): left out")
             links.leaveOutOfStandby(i)
-            for client in dataLinks.removeValue(forKey: i) ?? [] { try? client.shutdown() }
+            for client in dataLinks.removeValue(forKey: i) ?? [] { client.abandon() }
         }
         let outcome: VolumeStartup.Outcome
         do { outcome = try startup.run(links, addresses: addresses, epoch: epoch) } catch let error as EpochNotNewer {
@@ -103,7 +103,7 @@ public final class StandbyStart: @unchecked Sendable {  // lostReplicas only pol
 
     /// Closes every session (standing down, or after a failed activation).
     public func close() {
-        for client in dataLinks.values.flatMap({ $0 }) { try? client.shutdown() }
+        for client in dataLinks.values.flatMap({ $0 }) { client.abandon() }
         dataLinks = [:]
         links.close()
     }

@@ -1,5 +1,8 @@
 import CLibNBD
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A failed libnbd call: the errno the server (or libnbd) reported, and libnbd's message.
 public struct NBDClientError: Error, CustomStringConvertible {
@@ -108,6 +111,15 @@ public final class NBDClient {
     }
 
     public func shutdown() throws { try check(nbd_shutdown(handle, 0)) }
+
+    /// Ends the connection without waiting for the server: NBD_CMD_DISC queued if the
+    /// handle can take it, the socket shut down. For a peer that may be gone (a replica
+    /// whose node is down), where `shutdown()` would wait until TCP gives up, minutes later.
+    public func abandon() {
+        _ = nbd_aio_disconnect(handle, 0)
+        let fd = nbd_aio_get_fd(handle)
+        if fd >= 0 { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+    }
 
     // MARK: - What the server offers
 
