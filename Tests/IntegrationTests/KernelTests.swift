@@ -1,4 +1,5 @@
 import Foundation
+import SeededRandom
 import Testing
 
 /// The real-kernel suite: each test boots Debian's kernel in QEMU
@@ -13,10 +14,11 @@ import Testing
     /// Runs a scenario in a fresh guest (which sees the test build's `keel` at
     /// the same path); its output is printed for the CI log.
     /// With `systemd`, the guest boots systemd as PID 1 and runs the scenario as a unit.
-    static func scenario(_ name: String, systemd: Bool = false, timeout: Int = 600) throws -> (status: Int32, output: String) {
+    static func scenario(_ name: String, systemd: Bool = false, timeout: Int = 600,
+                         arguments: [String] = []) throws -> (status: Int32, output: String) {
         let result = try run(["/usr/bin/python3", repository + "/scripts/kernel-vm/vm.py", "run", "--timeout", "\(timeout)"]
                              + (systemd ? ["--systemd"] : [])
-                             + ["--", "sh", repository + "/Tests/KernelScenarios/\(name).sh", Paths.keel],
+                             + ["--", "sh", repository + "/Tests/KernelScenarios/\(name).sh", Paths.keel] + arguments,
                              timeout: TimeInterval(timeout + 120))
         let output = result.stdout + result.stderr
         print("--- kernel scenario \(name) (exit \(result.status))\n\(output)")
@@ -24,8 +26,9 @@ import Testing
     }
 
     /// The scenario exits 0 and its output says `line` (its last words on success).
-    static func expectScenario(_ name: String, systemd: Bool = false, timeout: Int = 600, toSay line: String) throws {
-        let result = try scenario(name, systemd: systemd, timeout: timeout)
+    static func expectScenario(_ name: String, systemd: Bool = false, timeout: Int = 600, arguments: [String] = [],
+                               toSay line: String) throws {
+        let result = try scenario(name, systemd: systemd, timeout: timeout, arguments: arguments)
         #expect(result.status == 0)
         #expect(result.output.contains(line))
     }
@@ -55,6 +58,29 @@ import Testing
     /// Rows 1, 2, 3 and 5 of the Longhorn HA migration matrix, for confirm and for rollback.
     @Test func migrationMatrixRowsOneToThreeAndFive() throws {
         try Self.expectScenario("engine-migration-faults", timeout: 900, toSay: "migration matrix: cells")
+    }
+
+    /// Row 6: one replica's node (a network namespace) goes down during a migration, for rollback and confirm.
+    @Test func migrationMatrixRowSixAReplicasNodeDown() throws {
+        try Self.expectScenario("engine-migration-node-down", timeout: 900, toSay: "migration matrix: cells 6-rollback 6-confirm passed")
+    }
+
+    /// Row 4 (every replica crashes) for confirm and rollback, and a seeded, rotating subset of the
+    /// repetitions of rows 1-4 with the fault at a named moment (`KEEL_MIGRATION_SEED` replays one;
+    /// Bench/migration-matrix runs them all).
+    @Test func migrationMatrixRowFourAndRepetitionsAtStopPoints() throws {
+        let all = try String(contentsOfFile: Self.repository + "/Tests/KernelScenarios/migration-repetitions.txt", encoding: .utf8)
+            .split(separator: "\n").map(String.init).filter { !$0.isEmpty && !$0.hasPrefix("#") }
+        let everyRun = ["4-confirm-before", "4-rollback-before"]
+        let seed = ProcessInfo.processInfo.environment["KEEL_MIGRATION_SEED"].flatMap { UInt64($0) }
+            ?? UInt64.random(in: 1...UInt64(UInt32.max))
+        var random = SplitMix64(seed: seed)
+        var others = all.filter { !everyRun.contains($0) }
+        var chosen: [String] = []
+        for _ in 0..<4 { chosen.append(others.remove(at: random.below(others.count))) }
+        print("migration repetitions: seed \(seed) (KEEL_MIGRATION_SEED replays it): \(chosen.joined(separator: " "))")
+        try Self.expectScenario("engine-migration-points", timeout: 900, arguments: everyRun + chosen,
+                                toSay: "migration repetitions: \((everyRun + chosen).joined(separator: " ")) passed")
     }
 
     @Test func fioVerifyOnTheDeviceWhileAReplicaIsKilled() throws {

@@ -10,41 +10,10 @@
 #      drop-standby-links): confirm is refused with the reason, the volume
 #      stays on A; rollback succeeds.
 #   5. the volume is degraded (a replica killed): confirm and rollback succeed.
-# After every cell: fio without I/O errors, one engine process, the record's
-# status as expected, the files checksummed.
-. "$(dirname "$0")/common.sh"
-start_udev
-export KEEL_STATE_DIR="$work/data/state"
-state_logs() {
-    status=$?
-    if [ $status -ne 0 ]; then for f in "$KEEL_STATE_DIR"/log/*; do echo "--- $f"; tail -n 25 "$f"; done; fi
-    (exit $status); on_exit
-}
-trap state_logs EXIT
-engines() { pgrep -f "engine serve --volume vol " || true; }
-one_engine() {
-    for _ in $(seq 100); do [ "$(engines | wc -l)" = 1 ] && return 0; sleep 0.1; done
-    echo "engines: $(engines | tr '\n' ' ')"; exit 1
-}
-status_says() { "$KEEL" migrate status vol | tee "$work/status" | head -3; grep -q "$1" "$work/status" || { echo "status lacks '$1'"; exit 1; }; }
-fio_start() {
-    fio --name=cell --filename=/mnt/vol/fio.dat --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=8 \
-        --size=16M --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --eta=never \
-        --time_based --runtime="$1" --output="$work/fio.out" &
-    fio=$!
-}
-cell_end() {
-    check_fio
-    one_engine
-    (cd /mnt/vol && sha256sum -c --quiet "$work/sums")
-    echo "cell $1: passed"
-    cells="$cells $1"
-}
-cells=""
-"$KEEL" volume create vol --size 256M --replicas 3
-"$KEEL" volume attach vol --mapper
-fill_filesystem /dev/keel/vol
-cp "$KEEL" "$work/keel-upgraded"
+# After every cell: fio without I/O errors, one engine process, no orphan
+# process, the record's status as expected, the files checksummed.
+. "$(dirname "$0")/migration-common.sh"
+mounted_volume --replicas 3
 
 step "1 confirm: engine B crashes while standing by"
 fio_start 15
