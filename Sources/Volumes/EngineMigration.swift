@@ -51,6 +51,8 @@ public struct EngineMigration {
     public init(node: Node, volume: String) {
         self.node = node
         name = volume
+        // A mistyped stop point fails here, before anything is started.
+        _ = MigrationStopPoint.chosen
     }
 
     // MARK: - Start

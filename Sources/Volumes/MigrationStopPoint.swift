@@ -3,7 +3,8 @@ import Foundation
 /// Test-only stop points of `keel migrate`: `KEEL_MIGRATION_STOP=POINT` makes
 /// the command stop itself (SIGSTOP) at POINT, after a line in the migration
 /// log, so that a test can crash or cut off a part at that very moment and
-/// let the command go on (SIGCONT). Off unless the variable is set.
+/// let the command go on (SIGCONT). Off unless the variable is set. The
+/// confirm points also come in a rollback that switches back to engine A.
 public enum MigrationStopPoint: String, CaseIterable, Sendable {
     /// `start`: engine B was spawned, not yet standing by.
     case spawned = "start:spawned"
