@@ -30,6 +30,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -264,6 +265,11 @@ def wait(guest, timeout):
         guest.process.wait()
         log("the guest did not finish within %d s; console log: %s" % (timeout, run_dir + "/console.log"))
         return 124
+    except BaseException:
+        # Stopped itself (SIGTERM, ^C): the guest goes with it, not left running alone.
+        guest.process.kill()
+        guest.process.wait()
+        raise
     status_file = os.path.join(run_dir, "exit-status")
     if not os.path.exists(status_file):
         log("the guest ended without an exit status; console log:")
@@ -293,6 +299,7 @@ def main():
     runner.add_argument("--run-dir", help="the run directory (default: a fresh one, removed on success)")
     runner.add_argument("command", nargs="+")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.action == "prepare":
         prepare()
     else:
