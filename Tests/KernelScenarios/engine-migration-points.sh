@@ -131,8 +131,9 @@ repetition() {
     fi
     status_says "migration_status \(success\|error\)"
     if [ "$row" = 4 ]; then recover; fi
-    # B serves after a success, unless it was the one that crashed (row 1: the frontend started this keel's engine).
-    if [ "$row" != 1 ] && [ "$point" != after ] && grep -q "migration_status success" "$work/status"; then
+    # B serves after a success, unless it crashed (row 1: the frontend started this keel's engine) or
+    # the volume was attached afresh (row 4).
+    if { [ "$row" = 2 ] || [ "$row" = 3 ]; } && [ "$point" != after ] && grep -q "migration_status success" "$work/status"; then
         [ "$(binary_of "$(engines)")" = "$b_bin" ] || { echo "the migration succeeded but engine B does not serve"; exit 1; }
     fi
     cell_end "$1"
