@@ -55,8 +55,6 @@ extension DeviceFrontend {
             // A link that died while the I/O drained was replaced: its report is not one the switch waits for.
             while try !reports.next(waitingUpTo: 0).isEmpty {}
             guard device.deadLinks() == 0 else {
-                hold.withLock { $0 = nil }
-                try? linear.resume()
                 throw SwitchError(description: "a link of the device died while its I/O drained; the I/O goes on, try again in a moment")
             }
             switchReports = reports

@@ -77,7 +77,7 @@ import Testing
         var random = SplitMix64(seed: seed)
         var others = all.filter { !everyRun.contains($0) }
         var chosen: [String] = []
-        for _ in 0..<4 { chosen.append(others.remove(at: random.below(others.count))) }
+        for _ in 0..<2 { chosen.append(others.remove(at: random.below(others.count))) }
         print("migration repetitions: seed \(seed) (KEEL_MIGRATION_SEED replays it): \(chosen.joined(separator: " "))")
         try Self.expectScenario("engine-migration-points", timeout: 900, arguments: everyRun + chosen,
                                 toSay: "migration repetitions: \((everyRun + chosen).joined(separator: " ")) passed")
