@@ -182,7 +182,7 @@ let package = Package(
         .testTarget(name: "NodeTests", dependencies: ["NodeRegistry", "Daemons", "SQLite"]),
         .testTarget(name: "SimulatorTests", dependencies: ["Simulator"]),
         // Also runs Tests/KernelScenarios/*.sh in a QEMU guest with Debian's kernel (KernelTests).
-        .testTarget(name: "IntegrationTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls", "SeededRandom", "Volumes", "NodeRegistry", "DeviceFrontend", "TLSSession"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["LibNBD", "NBDProtocol", "Syscalls", "SeededRandom", "Volumes", "NodeRegistry", "DeviceFrontend", "TLSSession", "ControlAPI"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -76,6 +76,13 @@ public struct ProcessRunner: DaemonRunner, Sendable {
         return pid
     }
 
+    /// The value after `option` on the command line of process `pid` ("" when it has none).
+    public static func option(_ option: String, ofProcess pid: pid_t) -> String {
+        let arguments = readSmallFile("/proc/\(pid)/cmdline", limit: 64 << 10)?
+            .split(separator: "\0", omittingEmptySubsequences: false).map(String.init) ?? []
+        return arguments.firstIndex(of: option).map { $0 + 1 < arguments.count ? arguments[$0 + 1] : "" } ?? ""
+    }
+
     /// The instance beside, if it runs.
     public func runningPid(_ daemon: Daemon, beside: String) -> pid_t? { runningPid(daemon, pidFile: pidPath(daemon, beside: beside)) }
 

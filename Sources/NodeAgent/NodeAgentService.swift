@@ -67,12 +67,7 @@ public struct NodeAgentService: Keel_Control_V1_NodeControl.SimpleServiceProtoco
 
     public func startEngine(request: Keel_Control_V1_StartEngineRequest,
                             context: ServerContext) async throws -> Keel_Control_V1_StartedEngine {
-        if let problem = VolumeRecord.validate(name: request.volume) {
-            throw RPCError(code: .invalidArgument, message: "volume: \(problem)")
-        }
-        guard request.size > 0, !request.replicas.isEmpty, request.port > 0, request.port <= UInt32(UInt16.max) else {
-            throw RPCError(code: .invalidArgument, message: "an engine needs a size, replicas and a port")
-        }
+        try Self.validate(request)
         let engine = engineDaemon(request)
         let address = self.address(port: request.port)
         var alreadyRunning = try await offThePool { runner.isRunning(engine) }
@@ -171,6 +166,15 @@ public struct NodeAgentService: Keel_Control_V1_NodeControl.SimpleServiceProtoco
         return try await health(request: .init(), context: context)
     }
 
+    static func validate(_ request: Keel_Control_V1_StartEngineRequest) throws {
+        if let problem = VolumeRecord.validate(name: request.volume) {
+            throw RPCError(code: .invalidArgument, message: "volume: \(problem)")
+        }
+        guard request.size > 0, !request.replicas.isEmpty, request.port > 0, request.port <= UInt32(UInt16.max) else {
+            throw RPCError(code: .invalidArgument, message: "an engine needs a size, replicas and a port")
+        }
+    }
+
     private static func validateReplica(volume: String, volumeID: String) throws {
         if let problem = VolumeRecord.validate(name: volume) {
             throw RPCError(code: .invalidArgument, message: "volume: \(problem)")
@@ -181,7 +185,7 @@ public struct NodeAgentService: Keel_Control_V1_NodeControl.SimpleServiceProtoco
     }
 
     /// HOST:PORT on this node's address ([HOST]:PORT for IPv6), for its engines and replicas.
-    private func address(port: UInt32) -> String {
+    func address(port: UInt32) -> String {
         "\(settings.host.contains(":") ? "[\(settings.host)]" : settings.host):\(port)"
     }
 

@@ -236,6 +236,17 @@ public final class Registry {
         }
     }
 
+    /// Replaces the volume's engine nodes, in order (a migration's new node goes first).
+    public func setEngineNodes(_ nodes: [String], of volume: String) throws {
+        try database.transaction {
+            try database.query("DELETE FROM engine_nodes WHERE volume = ?", [.text(volume)])
+            for (position, node) in nodes.enumerated() {
+                try database.query("INSERT INTO engine_nodes (volume, position, node) VALUES (?, ?, ?)",
+                                   [.text(volume), .integer(Int64(position)), .text(node)])
+            }
+        }
+    }
+
     /// Replaces the volume's replicas (a move adds and removes them).
     public func setReplicas(_ replicas: [ReplicaRecord], of volume: String) throws {
         try database.transaction {

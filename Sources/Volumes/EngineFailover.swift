@@ -19,9 +19,14 @@ public final class EngineFailover: Sendable {
     /// Since when the current engine has not answered (nil: it answers, or was just started).
     private let unansweredSince = Mutex<Double?>(nil)
 
-    public init(places: [any EnginePlace], spec: EngineSpec, hungAfter: Double, logger: Logger) {
+    /// A migration's engine B standing by takes over from a lost engine: its NBD address when it serves now.
+    private let standbyTakesOver: (@Sendable () -> String?)?
+
+    public init(places: [any EnginePlace], spec: EngineSpec, hungAfter: Double, logger: Logger,
+                standbyTakesOver: (@Sendable () -> String?)? = nil) {
         precondition(!places.isEmpty, "a failover needs a place to start engines")
         self.places = places
+        self.standbyTakesOver = standbyTakesOver
         self.spec = Mutex(spec)
         self.hungAfter = hungAfter
         self.logger = logger
@@ -39,6 +44,12 @@ public final class EngineFailover: Sendable {
     /// The engine that serves the volume now, or nil when no place could start one.
     /// Without a lost engine (the first attach), the places in their order.
     public func engine(replacing lost: EngineEndpoint?, failure: String = "") -> EngineEndpoint? {
+        if lost != nil, let address = standbyTakesOver?(), let endpoint = try? SocketAddress(parsing: address) {
+            unansweredSince.withLock { $0 = nil }
+            let volume = spec.withLock { $0.volume }
+            logger.notice("engine of \(volume): a migration's engine B at \(address) took over")
+            return EngineEndpoint(address: endpoint, exportName: volume)
+        }
         let hung = lost != nil && unansweredFor() >= hungAfter
         for place in lost.map(ordered(after:)) ?? places {
             if calls.isCancelled { return nil }

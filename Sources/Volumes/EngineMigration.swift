@@ -57,9 +57,10 @@ public struct EngineMigration {
 
     // MARK: - Start
 
-    /// Starts engine B from `binary` standing by and records the migration;
-    /// returns the record. Nothing is left if this throws.
-    public func start(binary: String?, timeout: Double = 120) throws -> MigrationRecord {
+    /// Starts engine B from `binary` standing by, on this node or on node
+    /// `to` (through its agent), and records the migration; returns the
+    /// record. Nothing is left if this throws.
+    public func start(binary: String?, to: String? = nil, timeout: Double = 120) throws -> MigrationRecord {
         let held = try node.lock(name)
         defer { held.unlock() }
         let volume = try node.volume(name)
@@ -68,9 +69,12 @@ public struct EngineMigration {
                 : "follow it with 'keel migrate status \(name)'"
             throw KeelError("a \(running.kind == Self.kind ? "migration" : "move") of \(name) is running (\(running.phase)); \(how)")
         }
-        guard !volume.enginePlacedElsewhere else {
-            throw KeelError("volume \(name) runs its engine on engine nodes (\(volume.engineNodes.joined(separator: ", "))); "
-                + "keel migrate moves an engine that runs on this host only, for now")
+        if volume.enginePlacedElsewhere {
+            return try startOnNode(to, volume: volume, binary: binary)
+        }
+        if let to, to != thisNodeName {
+            throw KeelError("volume \(name) runs its engine on this host; keel migrate moves it to another node only when it "
+                + "runs on engine nodes (keel volume create --engine-node), for now: leave out --to")
         }
         guard volume.runner == .keel else {
             throw KeelError("volume \(name) runs under systemd, whose unit keel-engine@\(name) cannot run twice; "
@@ -113,6 +117,55 @@ public struct EngineMigration {
         return record
     }
 
+    /// Engine B on node `to`, started standing by through its agent; engine A is the
+    /// engine node's the device frontend is connected to.
+    private func startOnNode(_ to: String?, volume: VolumeRecord, binary: String?) throws -> MigrationRecord {
+        guard let to else {
+            throw KeelError("volume \(name) runs its engine on engine nodes (\(volume.engineNodes.joined(separator: ", "))): "
+                + "name the node engine B goes to with --to NODE")
+        }
+        guard binary == nil else {
+            throw KeelError("--binary: an engine on an engine node runs its agent's keel; to upgrade, run the new keel's agent "
+                + "on a node and migrate the engine there with --to")
+        }
+        let target = try node.registeredNode(to)
+        guard node.attachment(volume).frontendRunning, let from = node.servingEngineNode(volume) else {
+            throw KeelError("the device of \(name) is not connected to an engine on its engine nodes now (see 'keel volume show \(name)'); "
+                + "attach it ('keel volume attach \(name) --mapper'), or try again once it is connected")
+        }
+        guard access(node.layout.frontendControl(name), F_OK) == 0 else {
+            throw KeelError("volume \(name) is attached without its device-mapper device, so its I/O cannot be held for "
+                + "the switch; detach it and attach it again with 'keel volume attach \(name) --mapper'")
+        }
+        guard from.name != to else {
+            throw KeelError("engine A of \(name) runs on node \(to) already; name another node with --to")
+        }
+        let place = NodesMigrationTarget(to: to, from: from.name)
+        let now = Int64(Date().timeIntervalSince1970)
+        var record = MigrationRecord(volume: name, kind: Self.kind, status: .migrating, phase: Phase.starting.rawValue,
+                                     target: place.description, bytesDone: Phase.starting.percent, bytesTotal: 100,
+                                     startedAt: now, updatedAt: now, pid: 0)
+        try node.registry.setMigration(record)
+        node.logMigration("migration of \(name): engine B starting on node \(to) (engine A on node \(from.name)), standing by")
+        node.stopIfAsked(at: .spawned, volume: name)
+        do { _ = try RemoteEngineB.start(node.engineSpec(volume), on: target, volume: volume) } catch {
+            RemoteEngineB(volume: volume, agent: target).stop()
+            try? end(&record, .error, error: "\(error)")
+            throw error
+        }
+        try end(&record, nil, phase: .standingBy)
+        return record
+    }
+
+    /// The migration's engines: A and B beside each other on this node, or on two engine nodes.
+    private func engines(_ volume: VolumeRecord, _ record: MigrationRecord) throws -> (a: any MigrationEngineA, b: any MigrationEngineB) {
+        guard let place = NodesMigrationTarget(record) else {
+            return (LocalEngineA(node: node, volume: volume), StandbyEngine(node: node, volume: volume, pid: record.pid))
+        }
+        return (RemoteEngineA(node: node, volume: volume, agent: try node.registeredNode(place.from)),
+                RemoteEngineB(volume: volume, agent: try node.registeredNode(place.to)))
+    }
+
     // MARK: - Confirm
 
     /// Switches the volume to engine B. On a failure before B took over, the
@@ -126,20 +179,22 @@ public struct EngineMigration {
         var record = try running()
         if record.phase == Phase.tookOver.rawValue {
             record.pid = 0
+            try engineNodeChosen(volume, record)
             try end(&record, .success, phase: .done)
             return Confirmed(record: record, epoch: nil, heldMilliseconds: nil, alreadyOnB: true)
         }
         guard record.phase == Phase.standingBy.rawValue else {
             throw KeelError("the migration of \(name) is at '\(record.phase)', not standing by; roll it back with 'keel migrate rollback \(name)'")
         }
-        let standby = StandbyEngine(node: node, volume: volume, pid: record.pid)
-        do { try standby.checkStandingBy() } catch {
+        let (engineA, engineB) = try engines(volume, record)
+        do { try engineB.checkStandingBy() } catch {
             throw KeelError("engine B of \(name) is not ready: \(error); roll back with 'keel migrate rollback \(name)'")
         }
         node.logMigration("migration of \(name): confirming")
-        let switched = try switchOver(to: standby, volume: volume, record: &record, holdSeconds: holdSeconds, what: "engine B")
+        let switched = try switchOver(from: engineA, to: engineB, volume: volume, record: &record, holdSeconds: holdSeconds, what: "engine B")
         node.stopIfAsked(at: .switched, volume: name)
         record.pid = 0
+        try engineNodeChosen(volume, record)
         try end(&record, .success, phase: .done)
         node.logMigration("migration of \(name): done, engine B serves epoch \(switched.epoch)"
                           + (switched.heldMilliseconds.map { ", the device's I/O held \($0) ms" } ?? ""))
@@ -154,12 +209,16 @@ public struct EngineMigration {
         public var alreadyOnB: Bool
     }
 
-    /// The device's I/O held, the engine serving stopped, the standby engine
-    /// (`record.pid`) activated in its place, the device switched to it.
-    private func switchOver(to standby: StandbyEngine, volume: VolumeRecord, record: inout MigrationRecord,
-                            holdSeconds: Double, what: String) throws -> (epoch: UInt64, heldMilliseconds: Int?) {
-        let runner = node.runner(volume.runner)
-        let engine = node.engineDaemon(volume)
+    /// B's node goes first in the volume's engine nodes: the next attach starts the engine there.
+    private func engineNodeChosen(_ volume: VolumeRecord, _ record: MigrationRecord) throws {
+        guard let place = NodesMigrationTarget(record) else { return }
+        try node.registry.setEngineNodes([place.to] + volume.engineNodes.filter { $0 != place.to }, of: name)
+    }
+
+    /// The device's I/O held, engine A stopped, the standby engine B
+    /// activated in its place, the device switched to it.
+    private func switchOver(from engineA: any MigrationEngineA, to standby: any MigrationEngineB, volume: VolumeRecord,
+                            record: inout MigrationRecord, holdSeconds: Double, what: String) throws -> (epoch: UInt64, heldMilliseconds: Int?) {
         let frontend = node.attachment(volume).frontendRunning ? "unix:" + node.layout.frontendControl(name) : nil
         let phase = record.phase
         if let frontend {
@@ -171,7 +230,7 @@ public struct EngineMigration {
             node.stopIfAsked(at: .held, volume: name)
         }
         try end(&record, nil, phase: .stoppingOld)
-        do { try runner.stop(engine) } catch {
+        do { try engineA.stop() } catch {
             // The engine serving cannot be known to have answered everything: the new one must not claim.
             let resumed = resume(frontend)
             try end(&record, nil, phase: Phase(rawValue: phase))
@@ -183,37 +242,41 @@ public struct EngineMigration {
         do {
             activated = try standby.activate()
         } catch {
+            // It serves: stopping it now would leave the volume without an engine.
+            let failure = (error as? KeelError)?.message ?? "\(error)"
+            guard !failure.contains("cannot be recorded as its engine") else {
+                try end(&record, .error, error: failure)
+                throw error
+            }
             standby.stop()
-            let back = restartOld(volume, runner: runner, engine: engine, frontend: frontend)
+            let back = restartOld(engineA, frontend: frontend)
             record.pid = 0
             try end(&record, .error, error: "\(what) could not take over: \(error); \(back)")
             throw KeelError("\(what) of \(name) could not take over: \(error); \(back)")
         }
-        do { try standby.takePlace() } catch {
-            try end(&record, .error, error: "\(error)")
-            throw error
-        }
         node.stopIfAsked(at: .activated, volume: name)
         try end(&record, nil, phase: .switching)
-        // It died after it took over: the volume needs an engine, and this keel's is at hand. A failed
-        // switch let the device's I/O go on: its links reconnect to that engine by themselves.
+        // It died after it took over: the volume needs an engine. This keel's is at hand; an engine
+        // node's the frontend starts again itself. A failed switch let the device's I/O go on: its
+        // links reconnect to that engine by themselves.
         func restartAfterLoss(_ reason: String) throws -> Never {
-            let back = restartOld(volume, runner: runner, engine: engine, frontend: frontend, switchDevice: false)
+            let back = engineA.frontendRestartsIt ? "the device frontend has the engine started again on an engine node that answers"
+                : restartOld(engineA, frontend: frontend, switchDevice: false)
             record.pid = 0
             try end(&record, .error, error: "\(what) stopped after it took over (epoch \(activated.epoch)): \(reason); \(back)")
             throw KeelError("\(what) of \(name) stopped after it took over: \(reason); \(back)")
         }
         guard let frontend else {
-            guard runner.isRunning(engine) else { try restartAfterLoss("its process is gone") }
+            guard standby.runs else { try restartAfterLoss("its process is gone") }
             return (activated.epoch, nil)
         }
         do {
-            let released = try callFrontend(frontend, doing: "switch engines") { [socket = node.layout.engineSocket(name)] in
-                try await $0.switchEngine(.with { $0.engine = "unix:" + socket })
+            let released = try callFrontend(frontend, doing: "switch engines") { [endpoint = standby.endpoint] in
+                try await $0.switchEngine(.with { $0.engine = endpoint })
             }
             return (activated.epoch, Int(released.heldMicroseconds / 1000))
         } catch {
-            guard !runner.isRunning(engine) else {
+            guard !standby.runs else {
                 try end(&record, .error, error: "\(what) serves the volume (epoch \(activated.epoch)) but the device could not switch: \(error)")
                 throw KeelError("\(what) serves \(name) (epoch \(activated.epoch)) but the device could not switch to it: \(error)")
             }
@@ -224,33 +287,30 @@ public struct EngineMigration {
     // MARK: - Engine A lost
 
     /// The device frontend lost engine A while B stood by: B takes over (no
-    /// hold: A answers nothing any more). True when B serves the volume now;
-    /// false when no migration stands by or B cannot (the frontend then
-    /// starts A again).
-    public func takeOverAfterLoss() -> Bool {
-        guard let held = try? node.lock(name) else { return false }
+    /// hold: A answers nothing any more). B's NBD address when it serves the
+    /// volume now; nil when no migration stands by or B cannot (the frontend
+    /// then starts an engine as after any loss).
+    public func takeOverAfterLoss() -> String? {
+        guard let held = try? node.lock(name) else { return nil }
         defer { held.unlock() }
         guard let volume = try? node.volume(name), var record = try? running(),
-              record.phase == Phase.standingBy.rawValue else { return false }
-        let standby = StandbyEngine(node: node, volume: volume, pid: record.pid)
-        guard (try? standby.checkStandingBy()) != nil else { return false }
-        let engine = node.engineDaemon(volume)
-        let runner = node.runner(volume.runner)
+              record.phase == Phase.standingBy.rawValue,
+              let (engineA, engineB) = try? engines(volume, record),
+              (try? engineB.checkStandingBy()) != nil else { return nil }
         // A hung rather than dead must not write after B claims.
-        if runner.isRunning(engine) { try? runner.killNow(engine) }
+        engineA.kill()
         node.logMigration("migration of \(name): engine A was lost; engine B takes over")
         do {
             try end(&record, nil, phase: .activating)
-            let activated = try standby.activate()
-            try standby.takePlace()
+            let activated = try engineB.activate()
             try end(&record, nil, phase: .tookOver)
             node.logMigration("migration of \(name): engine B serves epoch \(activated.epoch) after engine A was lost")
-            return true
+            return engineB.endpoint
         } catch {
-            standby.stop()
+            engineB.stop()
             record.pid = 0
             try? end(&record, .error, error: "engine A was lost and engine B could not take over: \(error); engine A is started again")
-            return false
+            return nil
         }
     }
 
@@ -274,26 +334,56 @@ public struct EngineMigration {
             return record
         }
         node.stopIfAsked(at: .rollingBack, volume: name)
-        StandbyEngine(node: node, volume: volume, pid: record.pid).stop()
+        var unstopped = ""
+        if let place = NodesMigrationTarget(record), let agent = try? node.registeredNode(place.to) {
+            let engineB = RemoteEngineB(volume: volume, agent: agent)
+            engineB.stop()
+            if !AgentPlace(address: agent.address).answers(CancellableCalls()) {
+                unstopped = " (engine B's node \(place.to) does not answer: nothing of it serves the volume, which a later engine's epoch fences anyway)"
+            }
+        } else {
+            StandbyEngine(node: node, volume: volume, pid: record.pid).stop()
+        }
         record.pid = 0
-        try end(&record, .error, error: "\(reason): the volume stays on engine A", phase: .rolledBack)
+        try end(&record, .error, error: "\(reason): the volume stays on engine A\(unstopped)", phase: .rolledBack)
         return record
     }
 
-    /// After B took over from a lost A: A (this node's keel) stands by and takes the volume back.
+    /// After B took over from a lost A: A (this node's keel, or an engine on A's node) stands by
+    /// and takes the volume back; refused when A's node does not answer.
     private func switchBackToA(_ volume: VolumeRecord, record: inout MigrationRecord) throws {
         node.logMigration("migration of \(name): rolling back to engine A, which was lost")
-        let serving = record.pid
-        let standby = try StandbyEngine.spawn(node: node, volume: volume, executable: node.executable)
-        record.pid = standby.pid
-        try end(&record, nil, phase: .restartingA)
-        do { try standby.waitUntilStandingBy(timeout: 120) } catch {
-            standby.stop()
-            record.pid = serving
-            try end(&record, nil, phase: .tookOver)
-            throw KeelError("engine A cannot be started again: \(error); the volume stays on engine B")
+        let tookOver = record
+        let serving: any MigrationEngineA
+        let standby: any MigrationEngineB
+        if let place = NodesMigrationTarget(record) {
+            let nodeA = try node.registeredNode(place.from)
+            guard AgentPlace(address: nodeA.address).answers(CancellableCalls()) else {
+                throw KeelError("engine A's node \(place.from) does not answer, so the volume cannot go back to it: it runs on engine B "
+                    + "(node \(place.to)); end the migration with 'keel migrate confirm \(name)'")
+            }
+            serving = RemoteEngineA(node: node, volume: volume, agent: try node.registeredNode(place.to))
+            try end(&record, nil, phase: .restartingA)
+            do { standby = try RemoteEngineB.start(node.engineSpec(volume), on: nodeA, volume: volume) } catch {
+                RemoteEngineB(volume: volume, agent: nodeA).stop()
+                record = tookOver
+                try end(&record, nil)
+                throw KeelError("engine A cannot be started again on node \(place.from): \(error); the volume stays on engine B")
+            }
+        } else {
+            let spawned = try StandbyEngine.spawn(node: node, volume: volume, executable: node.executable)
+            record.pid = spawned.pid
+            try end(&record, nil, phase: .restartingA)
+            do { try spawned.waitUntilStandingBy(timeout: 120) } catch {
+                spawned.stop()
+                record = tookOver
+                try end(&record, nil)
+                throw KeelError("engine A cannot be started again: \(error); the volume stays on engine B")
+            }
+            serving = LocalEngineA(node: node, volume: volume)
+            standby = spawned
         }
-        _ = try switchOver(to: standby, volume: volume, record: &record, holdSeconds: 30, what: "engine A")
+        _ = try switchOver(from: serving, to: standby, volume: volume, record: &record, holdSeconds: 30, what: "engine A")
         record.pid = 0
         try end(&record, .error, error: "rolled back: engine A was started again and the volume switched back to it", phase: .rolledBack)
     }
@@ -318,19 +408,16 @@ public struct EngineMigration {
     }
 
     /// After B failed to take over: A again, the device on it.
-    private func restartOld(_ volume: VolumeRecord, runner: any DaemonRunner, engine: Daemon, frontend: String?,
-                            switchDevice: Bool = true) -> String {
-        do {
-            try runner.start(engine)
-            try node.waitForEngine(of: name, engine, runner: runner, before: Date().addingTimeInterval(120), timeout: 120)
-        } catch {
+    private func restartOld(_ engineA: any MigrationEngineA, frontend: String?, switchDevice: Bool = true) -> String {
+        let endpoint: String
+        do { endpoint = try engineA.restart() } catch {
             return "engine A could not be started again either: \(error)\(switchDevice ? resume(frontend) : "")"
         }
         guard let frontend else { return "the volume runs on engine A again" }
         guard switchDevice else { return "the volume runs on engine A again, the device reconnecting to it" }
         do {
-            _ = try callFrontend(frontend, doing: "switch engines") { [socket = node.layout.engineSocket(name)] in
-                try await $0.switchEngine(.with { $0.engine = "unix:" + socket })
+            _ = try callFrontend(frontend, doing: "switch engines") {
+                try await $0.switchEngine(.with { $0.engine = endpoint })
             }
         } catch {
             return "engine A runs again, but the device could not switch back: \(error)"

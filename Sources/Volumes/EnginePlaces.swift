@@ -84,8 +84,13 @@ public struct AgentPlace: EnginePlace {
     public var name: String { "node \(address)" }
 
     public func ran(_ endpoint: EngineEndpoint) -> Bool {
-        guard case .tcp(let host, _) = endpoint.address,
-              case .tcp(let agentHost, _)? = try? Syscalls.SocketAddress(parsing: address) else { return false }
+        guard case .tcp(let host, _) = endpoint.address else { return false }
+        return hosts(host)
+    }
+
+    /// Whether `host` is this node's address (its engines listen on the agent's host).
+    func hosts(_ host: String) -> Bool {
+        guard case .tcp(let agentHost, _)? = try? Syscalls.SocketAddress(parsing: address) else { return false }
         return host == agentHost
     }
 

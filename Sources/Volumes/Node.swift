@@ -66,6 +66,7 @@ public struct Node {
             arguments += ["--size", "\(volume.size)", "--engine-port", "\(volume.enginePort)"]
             for replica in volume.engineReplicas { arguments += ["--replica", replica.address] }
             if !volume.id.isEmpty { arguments += ["--volume-id", volume.id] }
+            arguments += ["--migrations", "--state-dir", layout.stateDirectory]
         } else {
             arguments += ["--engine", "unix:" + layout.engineSocket(volume.name), "--restart-engine",
                           "--state-dir", layout.stateDirectory]

@@ -346,7 +346,9 @@ extension VolumeRecord {
 extension Node {
     /// The volume's migration while its process lives.
     public func runningMigration(of volume: String) throws -> MigrationRecord? {
-        guard let record = try registry.migration(of: volume), record.status.isRunning, processIsAlive(record.pid) else { return nil }
+        // A migration between engine nodes has no process here: its engines run on those nodes.
+        guard let record = try registry.migration(of: volume), record.status.isRunning,
+              processIsAlive(record.pid) || NodesMigrationTarget(record) != nil else { return nil }
         return record
     }
 }

@@ -24,13 +24,8 @@ struct StandbyEngine {
         self.node = node
         self.volume = volume
         self.pid = pid
-        let arguments = readSmallFile("/proc/\(pid)/cmdline", limit: 64 << 10)?
-            .split(separator: "\0", omittingEmptySubsequences: false).map(String.init) ?? []
-        func value(_ option: String) -> String {
-            arguments.firstIndex(of: option).map { $0 + 1 < arguments.count ? arguments[$0 + 1] : "" } ?? ""
-        }
-        socket = String(value("--listen").dropFirst("unix:".count))
-        control = value("--control")
+        socket = String(ProcessRunner.option("--listen", ofProcess: pid).dropFirst("unix:".count))
+        control = ProcessRunner.option("--control", ofProcess: pid)
     }
 
     /// Starts one from `executable`, standing by on sockets named for it alone.
@@ -108,7 +103,7 @@ struct StandbyEngine {
 
     /// Activates it; once it serves, its sockets take the serving engine's names (clients
     /// and the device frontend connect by them). Returns what the activation answered.
-    func activate() throws -> Keel_Control_V1_Activated {
+    func activateHere() throws -> Keel_Control_V1_Activated {
         let request = Keel_Control_V1_ActivateRequest.with {
             $0.listenPath = node.layout.engineSocket(volume.name)
             $0.controlPath = node.layout.engineControl(volume.name)

@@ -77,6 +77,9 @@ struct FrontendCommand: ParsableCommand {
         @Flag(help: "The engine at --engine is this node's engine daemon of the volume (keel volume attach started it): when it stops answering, the frontend starts it again, the only one that does.")
         var restartEngine = false
 
+        @Flag(help: "With --engine-node: take part in this node's migrations of the volume (keel migrate, its registry in --state-dir): when the engine is lost while a migration's engine B stands by, B takes over.")
+        var migrations = false
+
         @Flag(help: "Put a device-mapper linear device, /dev/mapper/keel-VOLUME, over /dev/nbdX, and print it: mounted instead of /dev/nbdX, its I/O can be held while the volume's engine switches (keel frontend hold, switch).")
         var mapper = false
 
@@ -102,6 +105,9 @@ struct FrontendCommand: ParsableCommand {
             if engine == nil && (engineNode.isEmpty || size == nil) {
                 throw ValidationError("give the engine's address (--engine ADDR), or --engine-node with --size and --replica to have a node start one")
             }
+            if migrations && engineNode.isEmpty {
+                throw ValidationError("--migrations is for engines on engine nodes (--engine-node); this node's engine takes part with --restart-engine")
+            }
             if restartEngine && (engine == nil || !engineNode.isEmpty) {
                 throw ValidationError("--restart-engine is for this node's engine at --engine; with --engine-node the node agents restart it")
             }
@@ -122,7 +128,8 @@ struct FrontendCommand: ParsableCommand {
                 EngineFailover(places: places,
                                spec: .init(volume: volume, volumeID: volumeID, size: size?.bytes ?? 0, replicas: replicas,
                                            port: UInt32(enginePort), replicaTimeout: replicaTimeout),
-                               hungAfter: max(5, 2 * connectTimeout), logger: logger)
+                               hungAfter: max(5, 2 * connectTimeout), logger: logger,
+                               standbyTakesOver: try migrationHook())
             }
             let endpoint: EngineEndpoint
             if let engine {
@@ -196,7 +203,14 @@ struct FrontendCommand: ParsableCommand {
             }
             return [LocalPlace(runner: thisNode.runner(record.runner), engine: thisNode.engineDaemon(record),
                                socket: socket, control: thisNode.layout.engineControl(volume),
-                               standbyTakesOver: { [volume] in EngineMigration(node: thisNode, volume: volume).takeOverAfterLoss() })]
+                               standbyTakesOver: { [volume] in EngineMigration(node: thisNode, volume: volume).takeOverAfterLoss() != nil })]
+        }
+
+        /// With --migrations: a migration's engine B on an engine node takes over from a lost engine.
+        private func migrationHook() throws -> (@Sendable () -> String?)? {
+            guard migrations else { return nil }
+            let thisNode = try Node(node)
+            return { [volume] in EngineMigration(node: thisNode, volume: volume).takeOverAfterLoss() }
         }
 
         private static func record(_ status: DeviceFrontend.Status, in file: String, logger: Logger) {

@@ -79,7 +79,7 @@ extension Migrate {
 
         @OptionGroup var target: VolumeTarget
 
-        @Option(help: "The node to run engine B on (default, and for now the only choice: this node).")
+        @Option(help: "The registered node (keel node add) to run engine B on, through its agent: for a volume whose engine runs on engine nodes (default: this node, for a volume whose engine runs here).")
         var to: String?
 
         @Option(help: "The keel executable engine B runs (default: this one).")
@@ -90,10 +90,7 @@ extension Migrate {
 
         func run() throws {
             let node = try Node(target.node)
-            if let to, to != thisNodeName {
-                throw KeelError("keel migrate moves an engine on this node only, for now (not to \(to)); leave out --to")
-            }
-            let record = try EngineMigration(node: node, volume: target.name).start(binary: binary, timeout: timeout)
+            let record = try EngineMigration(node: node, volume: target.name).start(binary: binary, to: to, timeout: timeout)
             if target.json { return try printJSON(MigrationProgress.object(record, interrupted: false)) }
             print("migration of \(target.name) to \(record.target) started: engine B stands by; "
                   + "confirm it with 'keel migrate confirm \(target.name)' or roll it back with 'keel migrate rollback \(target.name)'; "

@@ -36,7 +36,7 @@ import Testing
         try expectRefusal(["migrate", "start", "mig"], mentioning: ["no running engine", "keel volume attach mig"])
         try expectRefusal(["migrate", "confirm", "mig"], mentioning: ["no migration", "keel migrate start mig"])
         try expectRefusal(["migrate", "rollback", "mig"], mentioning: ["nothing to roll back"])
-        try expectRefusal(["migrate", "start", "mig", "--to", "elsewhere"], mentioning: ["this node only"])
+        try expectRefusal(["migrate", "start", "mig", "--to", "elsewhere"], mentioning: ["runs its engine on this host", "--engine-node"])
 
         let attached = try keel(["volume", "attach", "mig", "--no-device"])
         #expect(attached.status == 0, "\(attached.stderr)")

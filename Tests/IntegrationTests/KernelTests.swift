@@ -65,6 +65,13 @@ import Testing
         try Self.expectScenario("engine-migration-node-down", timeout: 900, toSay: "migration matrix: cells 6-rollback 6-confirm passed")
     }
 
+    /// keel migrate start --to NODE between engine nodes (network namespaces with their agents), confirm
+    /// and rollback; row 7 (engine B's node down) and row 8 (engine A's node down), confirm and rollback.
+    @Test func migrationToAnotherNodeAndMatrixRowsSevenAndEight() throws {
+        try Self.expectScenario("engine-migration-nodes", timeout: 900,
+                                toSay: "migration matrix: cells to-c-confirm to-b-rollback 7-confirm-refused-rollback 8-rollback-refused-confirm passed")
+    }
+
     /// Row 4 (every replica crashes) for confirm and rollback, and a seeded, rotating subset of the
     /// repetitions of rows 1-4 with the fault at a named moment (`KEEL_MIGRATION_SEED` replays one;
     /// Bench/migration-matrix runs them all).

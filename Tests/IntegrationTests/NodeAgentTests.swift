@@ -1,6 +1,8 @@
+import ControlAPI
 import Foundation
 import LibNBD
 import Testing
+import Volumes
 
 /// `keel node serve` on loopback with real replicas: engines started and
 /// stopped through the agent's API, its health, and the refusals.
@@ -92,6 +94,62 @@ import Testing
         let pids = found.stdout.split(separator: "\n").compactMap { pid_t($0) }
         try #require(pids.count == 1, "engines: \(found.stdout)")
         return pids[0]
+    }
+
+    /// A migration's engine B through the agent (engine A runs elsewhere): it stands by with
+    /// its sessions open and claims nothing, A writes on; activated, it serves with the next
+    /// epoch, which fences A, and it is the node's engine of the volume.
+    @Test func aStandbyEngineStandsByThroughTheAgentAndTakesOverWhenActivated() throws {
+        try cluster.startEngine()
+        let engineA = try NBDClient()
+        try engineA.connect(uri: cluster.uri)
+        try engineA.write(Array(repeating: 5, count: 4096), at: 0)
+        try engineA.flush()
+        let port = try freeTCPPort()
+        let request = Keel_Control_V1_StartEngineRequest.with {
+            $0.volume = "vol"
+            $0.size = 16 << 20
+            $0.replicas = cluster.replicas.map(\.address)
+            $0.port = UInt32(port)
+        }
+        let vol = Keel_Control_V1_StopEngineRequest.with { $0.volume = "vol" }
+        let started = try callNode(address, doing: "start engine B") { try await $0.startStandbyEngine(request) }
+        #expect(started.address == "127.0.0.1:\(port)")
+        let state = try callNode(address, doing: "say whether it stands by") { try await $0.standbyEngineState(vol) }
+        #expect(state.standby && state.standbyLost.isEmpty, "\(state)")
+        #expect(throws: KeelError.self) { try callNode(self.address, doing: "start engine B") { try await $0.startStandbyEngine(request) } }
+
+        try engineA.write(Array(repeating: 6, count: 4096), at: 4096)
+        try engineA.flush()
+        let activated = try callNode(address, doing: "activate engine B") { try await $0.activateStandbyEngine(vol) }
+        #expect(activated.epoch > 0)
+        let engineB = try NBDClient()
+        try engineB.connect(uri: "nbd://127.0.0.1:\(port)/vol")
+        #expect(try engineB.read(count: 8192, at: 0) == Array(repeating: 5, count: 4096) + Array(repeating: 6, count: 4096))
+        try engineB.write(Array(repeating: 7, count: 4096), at: 0)
+        try engineB.flush()
+        #expect(throws: (any Error).self) {
+            try engineA.write(Array(repeating: 8, count: 4096), at: 0)
+            try engineA.flush()
+        }
+        #expect(try engineB.read(count: 4096, at: 0) == Array(repeating: 7, count: 4096))
+        try engineB.shutdown()
+
+        let daemons = try health()["daemons"] as? [[String: Any]] ?? []
+        #expect(daemons.contains { $0["kind"] as? String == "engine" && $0["running"] as? Bool == true }, "\(daemons)")
+        do {
+            _ = try callNode(address, doing: "start engine B") { try await $0.startStandbyEngine(request) }
+            Issue.record("a standby engine beside the node's engine of the volume should be refused")
+        } catch let error as KeelError {
+            #expect(error.message.contains("runs on n1: engine B goes on another node"), "\(error)")
+        }
+        #expect(try keel(["stop-engine", address, "--volume", "vol"]).status == 0)
+        do {
+            _ = try callNode(address, doing: "say whether it stands by") { try await $0.standbyEngineState(vol) }
+            Issue.record("no engine stands by now")
+        } catch let error as KeelError {
+            #expect(error.message.contains("no engine of vol stands by on n1"), "\(error)")
+        }
     }
 
     @Test func anEngineThatCannotStartIsOneLineWithItsReason() throws {

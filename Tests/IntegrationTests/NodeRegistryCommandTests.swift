@@ -85,6 +85,19 @@ import Testing
         #expect(try keel(["node", "rm", "node-b"]).status == 0)
     }
 
+    /// keel migrate of a volume whose engine runs on engine nodes: one line each saying what to do, no record.
+    @Test func aMigrationBetweenEngineNodesRefusesWhatItCannotDo() throws {
+        #expect(try keel(["node", "add", "node-b", address]).status == 0)
+        #expect(try keel(["volume", "create", "vol", "--size", "16M", "--engine-node", "node-b"] + replicaArguments).status == 0)
+        try expectRefusal(["migrate", "start", "vol"], mentioning: ["engine nodes (node-b)", "--to NODE"])
+        try expectRefusal(["migrate", "start", "vol", "--to", "nosuch"], mentioning: ["no node named nosuch", "keel node add"])
+        try expectRefusal(["migrate", "start", "vol", "--to", "node-b", "--binary", Paths.keel], mentioning: ["--binary", "agent"])
+        try expectRefusal(["migrate", "start", "vol", "--to", "node-b"], mentioning: ["not connected to an engine", "keel volume attach vol --mapper"])
+        let status = try keel(["migrate", "status", "vol"])
+        #expect(status.stdout.contains("migration_status none"), "\(status.stdout)\(status.stderr)")
+        #expect(try keel(["volume", "rm", "vol"]).status == 0)
+    }
+
     @Test func anEngineNodeThatIsNotKnownIsOneLineAndNoVolume() throws {
         try expectRefusal(["volume", "create", "vol", "--size", "16M", "--engine-node", "nosuch"] + replicaArguments,
                           mentioning: ["no node named nosuch", "keel node add"])

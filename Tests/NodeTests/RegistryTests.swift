@@ -66,6 +66,24 @@ import Glibc
         #expect(try registry.nodes().isEmpty)
     }
 
+    /// A migration between engine nodes puts its new node first; the rest keep their order.
+    @Test func engineNodesAreReorderedAsAWhole() throws {
+        let registry = try Registry(layout: NodeLayout(stateDirectory: directory))
+        for (name, host) in [("b", "10.0.0.2"), ("c", "10.0.0.3"), ("d", "10.0.0.4")] {
+            try registry.add(NodeRecord(name: name, address: "\(host):7800", addedAt: 1))
+        }
+        var placed = volume("v", replicas: [ReplicaRecord(address: "10.0.0.9:7001")])
+        placed.engineNodes = ["b", "c"]
+        placed.enginePort = 10810
+        try registry.add(placed)
+        try registry.setEngineNodes(["d", "b", "c"], of: "v")
+        #expect(try registry.volume(named: "v")?.engineNodes == ["d", "b", "c"])
+        #expect(throws: Registry.Failure.nodeInUse(node: "d", volumes: ["v"])) { try registry.removeNode(named: "d") }
+        try registry.setEngineNodes(["c", "b"], of: "v")
+        #expect(try registry.volume(named: "v")?.engineNodes == ["c", "b"])
+        #expect(try registry.removeNode(named: "d"))
+    }
+
     /// A registry written before nodes existed keeps its volumes, each with its engine on this node.
     @Test func aVersion3RegistryOpensWithItsVolumesOnThisNode() throws {
         let layout = NodeLayout(stateDirectory: directory)

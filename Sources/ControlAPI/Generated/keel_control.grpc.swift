@@ -5039,13 +5039,69 @@ public enum Keel_Control_V1_NodeControl: Sendable {
                 type: .unary
             )
         }
+        /// Namespace for "StartStandbyEngine" metadata.
+        public enum StartStandbyEngine: Sendable {
+            /// Request type for "StartStandbyEngine".
+            public typealias Input = Keel_Control_V1_StartEngineRequest
+            /// Response type for "StartStandbyEngine".
+            public typealias Output = Keel_Control_V1_StartedEngine
+            /// Descriptor for "StartStandbyEngine".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.NodeControl"),
+                method: "StartStandbyEngine",
+                type: .unary
+            )
+        }
+        /// Namespace for "StandbyEngineState" metadata.
+        public enum StandbyEngineState: Sendable {
+            /// Request type for "StandbyEngineState".
+            public typealias Input = Keel_Control_V1_StopEngineRequest
+            /// Response type for "StandbyEngineState".
+            public typealias Output = Keel_Control_V1_EngineAlive
+            /// Descriptor for "StandbyEngineState".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.NodeControl"),
+                method: "StandbyEngineState",
+                type: .unary
+            )
+        }
+        /// Namespace for "ActivateStandbyEngine" metadata.
+        public enum ActivateStandbyEngine: Sendable {
+            /// Request type for "ActivateStandbyEngine".
+            public typealias Input = Keel_Control_V1_StopEngineRequest
+            /// Response type for "ActivateStandbyEngine".
+            public typealias Output = Keel_Control_V1_Activated
+            /// Descriptor for "ActivateStandbyEngine".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.NodeControl"),
+                method: "ActivateStandbyEngine",
+                type: .unary
+            )
+        }
+        /// Namespace for "StopStandbyEngine" metadata.
+        public enum StopStandbyEngine: Sendable {
+            /// Request type for "StopStandbyEngine".
+            public typealias Input = Keel_Control_V1_StopEngineRequest
+            /// Response type for "StopStandbyEngine".
+            public typealias Output = Keel_Control_V1_NodeHealth
+            /// Descriptor for "StopStandbyEngine".
+            public static let descriptor = GRPCCore.MethodDescriptor(
+                service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "keel.control.v1.NodeControl"),
+                method: "StopStandbyEngine",
+                type: .unary
+            )
+        }
         /// Descriptors for all methods in the "keel.control.v1.NodeControl" service.
         public static let descriptors: [GRPCCore.MethodDescriptor] = [
             Health.descriptor,
             StartEngine.descriptor,
             StopEngine.descriptor,
             StartReplica.descriptor,
-            StopReplica.descriptor
+            StopReplica.descriptor,
+            StartStandbyEngine.descriptor,
+            StandbyEngineState.descriptor,
+            ActivateStandbyEngine.descriptor,
+            StopStandbyEngine.descriptor
         ]
     }
 }
@@ -5171,6 +5227,81 @@ extension Keel_Control_V1_NodeControl {
             request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StopReplicaRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_NodeHealth>
+
+        /// Handle the "StartStandbyEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > A live migration's engine B here: started standing by (its sessions to
+        /// > every replica open, nothing claimed), on this node's address at `port`;
+        /// > returns once it stands by. Refused while the volume's engine runs here.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_StartEngineRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_StartedEngine` messages.
+        func startStandbyEngine(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StartEngineRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_StartedEngine>
+
+        /// Handle the "StandbyEngineState" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Whether the volume's standby engine here stands by, with every session.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_StopEngineRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_EngineAlive` messages.
+        func standbyEngineState(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StopEngineRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_EngineAlive>
+
+        /// Handle the "ActivateStandbyEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The standby engine claims the replicas (the next epoch) and becomes the
+        /// > volume's engine here.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_StopEngineRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_Activated` messages.
+        func activateStandbyEngine(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StopEngineRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Activated>
+
+        /// Handle the "StopStandbyEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stops the volume's standby engine here, if one runs; nothing it had stays.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request of `Keel_Control_V1_StopEngineRequest` messages.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A streaming response of `Keel_Control_V1_NodeHealth` messages.
+        func stopStandbyEngine(
+            request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StopEngineRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_NodeHealth>
     }
 
     /// Service protocol for the "keel.control.v1.NodeControl" service.
@@ -5280,6 +5411,81 @@ extension Keel_Control_V1_NodeControl {
             request: GRPCCore.ServerRequest<Keel_Control_V1_StopReplicaRequest>,
             context: GRPCCore.ServerContext
         ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth>
+
+        /// Handle the "StartStandbyEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > A live migration's engine B here: started standing by (its sessions to
+        /// > every replica open, nothing claimed), on this node's address at `port`;
+        /// > returns once it stands by. Refused while the volume's engine runs here.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StartEngineRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_StartedEngine` message.
+        func startStandbyEngine(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_StartEngineRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_StartedEngine>
+
+        /// Handle the "StandbyEngineState" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Whether the volume's standby engine here stands by, with every session.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_EngineAlive` message.
+        func standbyEngineState(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_StopEngineRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineAlive>
+
+        /// Handle the "ActivateStandbyEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The standby engine claims the replicas (the next epoch) and becomes the
+        /// > volume's engine here.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_Activated` message.
+        func activateStandbyEngine(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_StopEngineRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Activated>
+
+        /// Handle the "StopStandbyEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stops the volume's standby engine here, if one runs; nothing it had stays.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A response containing a single `Keel_Control_V1_NodeHealth` message.
+        func stopStandbyEngine(
+            request: GRPCCore.ServerRequest<Keel_Control_V1_StopEngineRequest>,
+            context: GRPCCore.ServerContext
+        ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth>
     }
 
     /// Simple service protocol for the "keel.control.v1.NodeControl" service.
@@ -5387,6 +5593,81 @@ extension Keel_Control_V1_NodeControl {
             request: Keel_Control_V1_StopReplicaRequest,
             context: GRPCCore.ServerContext
         ) async throws -> Keel_Control_V1_NodeHealth
+
+        /// Handle the "StartStandbyEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > A live migration's engine B here: started standing by (its sessions to
+        /// > every replica open, nothing claimed), on this node's address at `port`;
+        /// > returns once it stands by. Refused while the volume's engine runs here.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_StartEngineRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_StartedEngine` to respond with.
+        func startStandbyEngine(
+            request: Keel_Control_V1_StartEngineRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_StartedEngine
+
+        /// Handle the "StandbyEngineState" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Whether the volume's standby engine here stands by, with every session.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_StopEngineRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_EngineAlive` to respond with.
+        func standbyEngineState(
+            request: Keel_Control_V1_StopEngineRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_EngineAlive
+
+        /// Handle the "ActivateStandbyEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The standby engine claims the replicas (the next epoch) and becomes the
+        /// > volume's engine here.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_StopEngineRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_Activated` to respond with.
+        func activateStandbyEngine(
+            request: Keel_Control_V1_StopEngineRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_Activated
+
+        /// Handle the "StopStandbyEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stops the volume's standby engine here, if one runs; nothing it had stays.
+        ///
+        /// - Parameters:
+        ///   - request: A `Keel_Control_V1_StopEngineRequest` message.
+        ///   - context: Context providing information about the RPC.
+        /// - Throws: Any error which occurred during the processing of the request. Thrown errors
+        ///     of type `RPCError` are mapped to appropriate statuses. All other errors are converted
+        ///     to an internal error.
+        /// - Returns: A `Keel_Control_V1_NodeHealth` to respond with.
+        func stopStandbyEngine(
+            request: Keel_Control_V1_StopEngineRequest,
+            context: GRPCCore.ServerContext
+        ) async throws -> Keel_Control_V1_NodeHealth
     }
 }
 
@@ -5449,6 +5730,50 @@ extension Keel_Control_V1_NodeControl.StreamingServiceProtocol {
                 )
             }
         )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_NodeControl.Method.StartStandbyEngine.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_StartEngineRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_StartedEngine>(),
+            handler: { request, context in
+                try await self.startStandbyEngine(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_NodeControl.Method.StandbyEngineState.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_StopEngineRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_EngineAlive>(),
+            handler: { request, context in
+                try await self.standbyEngineState(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_NodeControl.Method.ActivateStandbyEngine.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_StopEngineRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_Activated>(),
+            handler: { request, context in
+                try await self.activateStandbyEngine(
+                    request: request,
+                    context: context
+                )
+            }
+        )
+        router.registerHandler(
+            forMethod: Keel_Control_V1_NodeControl.Method.StopStandbyEngine.descriptor,
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_StopEngineRequest>(),
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_NodeHealth>(),
+            handler: { request, context in
+                try await self.stopStandbyEngine(
+                    request: request,
+                    context: context
+                )
+            }
+        )
     }
 }
 
@@ -5504,6 +5829,50 @@ extension Keel_Control_V1_NodeControl.ServiceProtocol {
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_NodeHealth> {
         let response = try await self.stopReplica(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func startStandbyEngine(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StartEngineRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_StartedEngine> {
+        let response = try await self.startStandbyEngine(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func standbyEngineState(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StopEngineRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_EngineAlive> {
+        let response = try await self.standbyEngineState(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func activateStandbyEngine(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StopEngineRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_Activated> {
+        let response = try await self.activateStandbyEngine(
+            request: GRPCCore.ServerRequest(stream: request),
+            context: context
+        )
+        return GRPCCore.StreamingServerResponse(single: response)
+    }
+
+    public func stopStandbyEngine(
+        request: GRPCCore.StreamingServerRequest<Keel_Control_V1_StopEngineRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.StreamingServerResponse<Keel_Control_V1_NodeHealth> {
+        let response = try await self.stopStandbyEngine(
             request: GRPCCore.ServerRequest(stream: request),
             context: context
         )
@@ -5572,6 +5941,58 @@ extension Keel_Control_V1_NodeControl.SimpleServiceProtocol {
     ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth> {
         return GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth>(
             message: try await self.stopReplica(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func startStandbyEngine(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_StartEngineRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_StartedEngine> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_StartedEngine>(
+            message: try await self.startStandbyEngine(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func standbyEngineState(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_StopEngineRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_EngineAlive> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_EngineAlive>(
+            message: try await self.standbyEngineState(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func activateStandbyEngine(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_StopEngineRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_Activated> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_Activated>(
+            message: try await self.activateStandbyEngine(
+                request: request.message,
+                context: context
+            ),
+            metadata: [:]
+        )
+    }
+
+    public func stopStandbyEngine(
+        request: GRPCCore.ServerRequest<Keel_Control_V1_StopEngineRequest>,
+        context: GRPCCore.ServerContext
+    ) async throws -> GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth> {
+        return GRPCCore.ServerResponse<Keel_Control_V1_NodeHealth>(
+            message: try await self.stopStandbyEngine(
                 request: request.message,
                 context: context
             ),
@@ -5709,6 +6130,101 @@ extension Keel_Control_V1_NodeControl {
         func stopReplica<Result>(
             request: GRPCCore.ClientRequest<Keel_Control_V1_StopReplicaRequest>,
             serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StopReplicaRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_NodeHealth>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "StartStandbyEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > A live migration's engine B here: started standing by (its sessions to
+        /// > every replica open, nothing claimed), on this node's address at `port`;
+        /// > returns once it stands by. Refused while the volume's engine runs here.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StartEngineRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_StartEngineRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_StartedEngine` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func startStandbyEngine<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_StartEngineRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StartEngineRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_StartedEngine>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_StartedEngine>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "StandbyEngineState" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Whether the volume's standby engine here stands by, with every session.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_StopEngineRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_EngineAlive` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func standbyEngineState<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StopEngineRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_EngineAlive>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineAlive>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "ActivateStandbyEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The standby engine claims the replicas (the next epoch) and becomes the
+        /// > volume's engine here.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_StopEngineRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Activated` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func activateStandbyEngine<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StopEngineRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Activated>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Activated>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+
+        /// Call the "StopStandbyEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stops the volume's standby engine here, if one runs; nothing it had stays.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_StopEngineRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_NodeHealth` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func stopStandbyEngine<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StopEngineRequest>,
             deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_NodeHealth>,
             options: GRPCCore.CallOptions,
             onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result
@@ -5910,6 +6426,145 @@ extension Keel_Control_V1_NodeControl {
                 onResponse: handleResponse
             )
         }
+
+        /// Call the "StartStandbyEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > A live migration's engine B here: started standing by (its sessions to
+        /// > every replica open, nothing claimed), on this node's address at `port`;
+        /// > returns once it stands by. Refused while the volume's engine runs here.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StartEngineRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_StartEngineRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_StartedEngine` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func startStandbyEngine<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_StartEngineRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StartEngineRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_StartedEngine>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_StartedEngine>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_NodeControl.Method.StartStandbyEngine.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "StandbyEngineState" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Whether the volume's standby engine here stands by, with every session.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_StopEngineRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_EngineAlive` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func standbyEngineState<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StopEngineRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_EngineAlive>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineAlive>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_NodeControl.Method.StandbyEngineState.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "ActivateStandbyEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > The standby engine claims the replicas (the next epoch) and becomes the
+        /// > volume's engine here.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_StopEngineRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_Activated` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func activateStandbyEngine<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StopEngineRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_Activated>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Activated>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_NodeControl.Method.ActivateStandbyEngine.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+
+        /// Call the "StopStandbyEngine" method.
+        ///
+        /// > Source IDL Documentation:
+        /// >
+        /// > Stops the volume's standby engine here, if one runs; nothing it had stays.
+        ///
+        /// - Parameters:
+        ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
+        ///   - serializer: A serializer for `Keel_Control_V1_StopEngineRequest` messages.
+        ///   - deserializer: A deserializer for `Keel_Control_V1_NodeHealth` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        public func stopStandbyEngine<Result>(
+            request: GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>,
+            serializer: some GRPCCore.MessageSerializer<Keel_Control_V1_StopEngineRequest>,
+            deserializer: some GRPCCore.MessageDeserializer<Keel_Control_V1_NodeHealth>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result = { response in
+                try response.message
+            }
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.unary(
+                request: request,
+                descriptor: Keel_Control_V1_NodeControl.Method.StopStandbyEngine.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
     }
 }
 
@@ -6060,6 +6715,125 @@ extension Keel_Control_V1_NodeControl.ClientProtocol {
         try await self.stopReplica(
             request: request,
             serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_StopReplicaRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_NodeHealth>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "StartStandbyEngine" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > A live migration's engine B here: started standing by (its sessions to
+    /// > every replica open, nothing claimed), on this node's address at `port`;
+    /// > returns once it stands by. Refused while the volume's engine runs here.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_StartEngineRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func startStandbyEngine<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_StartEngineRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_StartedEngine>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.startStandbyEngine(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_StartEngineRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_StartedEngine>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "StandbyEngineState" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Whether the volume's standby engine here stands by, with every session.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func standbyEngineState<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineAlive>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.standbyEngineState(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_StopEngineRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_EngineAlive>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "ActivateStandbyEngine" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > The standby engine claims the replicas (the next epoch) and becomes the
+    /// > volume's engine here.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func activateStandbyEngine<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Activated>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.activateStandbyEngine(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_StopEngineRequest>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_Activated>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "StopStandbyEngine" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Stops the volume's standby engine here, if one runs; nothing it had stays.
+    ///
+    /// - Parameters:
+    ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func stopStandbyEngine<Result>(
+        request: GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        try await self.stopStandbyEngine(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Keel_Control_V1_StopEngineRequest>(),
             deserializer: GRPCProtobuf.ProtobufDeserializer<Keel_Control_V1_NodeHealth>(),
             options: options,
             onResponse: handleResponse
@@ -6234,6 +7008,141 @@ extension Keel_Control_V1_NodeControl.ClientProtocol {
             metadata: metadata
         )
         return try await self.stopReplica(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "StartStandbyEngine" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > A live migration's engine B here: started standing by (its sessions to
+    /// > every replica open, nothing claimed), on this node's address at `port`;
+    /// > returns once it stands by. Refused while the volume's engine runs here.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func startStandbyEngine<Result>(
+        _ message: Keel_Control_V1_StartEngineRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_StartedEngine>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_StartEngineRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.startStandbyEngine(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "StandbyEngineState" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Whether the volume's standby engine here stands by, with every session.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func standbyEngineState<Result>(
+        _ message: Keel_Control_V1_StopEngineRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_EngineAlive>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.standbyEngineState(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "ActivateStandbyEngine" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > The standby engine claims the replicas (the next epoch) and becomes the
+    /// > volume's engine here.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func activateStandbyEngine<Result>(
+        _ message: Keel_Control_V1_StopEngineRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_Activated>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.activateStandbyEngine(
+            request: request,
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+
+    /// Call the "StopStandbyEngine" method.
+    ///
+    /// > Source IDL Documentation:
+    /// >
+    /// > Stops the volume's standby engine here, if one runs; nothing it had stays.
+    ///
+    /// - Parameters:
+    ///   - message: request message to send.
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    public func stopStandbyEngine<Result>(
+        _ message: Keel_Control_V1_StopEngineRequest,
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.ClientResponse<Keel_Control_V1_NodeHealth>) async throws -> Result = { response in
+            try response.message
+        }
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.ClientRequest<Keel_Control_V1_StopEngineRequest>(
+            message: message,
+            metadata: metadata
+        )
+        return try await self.stopStandbyEngine(
             request: request,
             options: options,
             onResponse: handleResponse

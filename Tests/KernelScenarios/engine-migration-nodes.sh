@@ -1,0 +1,134 @@
+# keel migrate start --to NODE, and rows 7 and 8 of the Longhorn HA migration
+# matrix. Engine nodes b and c are network namespaces over veth, each with its
+# node agent (plain TCP); the three replicas serve on this host's own address
+# 10.77.100.1 (on the guest's loopback; both nodes route to the guest). The volume's engine runs on
+# an engine node (keel volume create --engine-node b --engine-node c),
+# attached with --mapper and mounted, fio randwrite with verify running.
+# A node goes down as a real one does: its link cut first (no FIN), then its
+# processes killed; it comes back with its link up and its agent restarted.
+#   to c, confirm: the device switches to engine B on c; the registry puts c first.
+#   to b, rollback: engine B goes from b; the volume stays on c.
+#   row 7 (engine B's node down): confirm is refused with the reason; rollback succeeds.
+#   row 8 (engine A's node down): the frontend fails over to B, which takes
+#   over; rollback is refused with the reason; confirm answers that it runs on B.
+# After each: fio without I/O errors, one engine, no process on a node without
+# its pid file there, the files checksummed.
+. "$(dirname "$0")/migration-common.sh"
+ip link set lo up
+ip addr add 10.77.100.1/32 dev lo
+for i in 0 1 2; do
+    # Each on a port and the next (its control API).
+    "$KEEL" replica serve --dir "$work/data/r$i" --listen "10.77.100.1:700$((2 * i + 1))" --size 256M --tls off 2>>"$work/r$i.log" &
+    for _ in $(seq 600); do grep -q "serving replica" "$work/r$i.log" && break; sleep 0.1; done
+    grep -q "serving replica" "$work/r$i.log" || { echo "replica $i did not start"; exit 1; }
+done
+net() { case $1 in b) echo 2 ;; c) echo 3 ;; esac; }
+agent_up() {
+    ip netns exec "$1" "$KEEL" node serve --listen "10.77.$(net "$1").2:7800" --tls off --name "$1" \
+        --state-dir "$work/node-$1" 2>>"$work/node-$1.log" &
+    for _ in $(seq 600); do [ "$(grep -c "serving the agent" "$work/node-$1.log")" -ge "$2" ] && return; sleep 0.1; done
+    echo "the agent of node $1 did not start"; exit 1
+}
+for node in b c; do
+    make_node "$node" "10.77.$(net $node).2"
+    ip -n "$node" route add default via "10.77.$(net $node).1"
+    mkdir -p "$work/node-$node"
+    agent_up "$node" 1
+    "$KEEL" node add "$node" "10.77.$(net $node).2:7800"
+done
+mounted_volume --replica 10.77.100.1:7001 --replica 10.77.100.1:7003 --replica 10.77.100.1:7005 --engine-node b --engine-node c
+node_down() {
+    ip link set "h-$1" down
+    for pid in $(ip netns pids "$1"); do kill -9 "$pid"; done
+    echo "-- node $1 down"
+}
+node_up() {
+    ip link set "h-$1" up
+    agent_up "$1" "$(( $(grep -c "serving the agent" "$work/node-$1.log") + 1 ))"
+    echo "-- node $1 up"
+}
+# The engine runs in namespace $1.
+engine_on() {
+    for pid in $(ip netns pids "$1"); do
+        tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "engine serve --volume vol " && return 0
+    done
+    echo "the engine does not run on node $1"; exit 1
+}
+# Every engine and replica an agent runs has its pid file in that node's state directory.
+no_node_orphans() {
+    for node in b c; do
+        for pid in $(pgrep -f " (engine|replica) serve .*$work/node-$node" || true); do
+            cat "$work/node-$node"/run/*.pid 2>/dev/null | grep -qx "$pid" && continue
+            echo "orphan process $pid on node $node: $(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null)"; exit 1
+        done
+    done
+}
+nodes_cell_end() { no_node_orphans; cell_end "$1"; }
+# Until the migration status says $1 (at most $2 s).
+wait_status() {
+    end=$(($(date +%s) + $2))
+    while [ "$(date +%s)" -lt "$end" ]; do "$KEEL" migrate status vol | grep -q "$1" && return; sleep 1; done
+    "$KEEL" migrate status vol; echo "the migration did not reach '$1' within $2 s"; exit 1
+}
+engine_on b
+
+step "to c, confirm: the device switches to engine B on node c"
+fio_start 40
+sleep 1
+timeout 300 "$KEEL" migrate start vol --to c
+status_says "phase standing by"
+if grep -q interrupted "$work/status"; then echo "a migration between nodes has no process here: it is not interrupted"; exit 1; fi
+expect_refusal "a migration of vol is running" migrate start vol --to b
+timeout 300 "$KEEL" migrate confirm vol
+status_says "migration_status success"
+engine_on c
+"$KEEL" volume show vol | tee "$work/show"
+grep -q "connected to 10.77.3.2" "$work/show" || { echo "the device is not connected to node c"; exit 1; }
+"$KEEL" volume show vol --json | grep -A3 '"engine_nodes"' | tr -d ' \n' | grep -q '\["c","b"\]' \
+    || { echo "the registry does not put node c first"; "$KEEL" volume show vol --json; exit 1; }
+nodes_cell_end to-c-confirm
+
+step "to b, rollback: engine B goes from node b, the volume stays on c"
+fio_start 20
+sleep 1
+timeout 300 "$KEEL" migrate start vol --to b
+timeout 300 "$KEEL" migrate rollback vol
+status_says "rolled back"
+engine_on c
+nodes_cell_end to-b-rollback
+
+step "7: engine B's node (b) goes down: confirm refused, rollback succeeds"
+fio_start 25
+sleep 1
+timeout 300 "$KEEL" migrate start vol --to b
+node_down b
+timeout 300 "$KEEL" migrate confirm vol >"$work/out" 2>"$work/err" && { echo "confirm should be refused with node b down"; exit 1; }
+cat "$work/err"
+grep -q "engine B of vol is not ready" "$work/err" || { echo "the refusal does not say engine B is not ready"; exit 1; }
+status_says "standing by"
+timeout 300 "$KEEL" migrate rollback vol
+status_says "rolled back"
+engine_on c
+nodes_cell_end 7-confirm-refused-rollback
+node_up b
+
+step "8: engine A's node (c) goes down: the volume fails over to engine B on b; rollback refused; confirm answers it runs on B"
+fio_start 60
+sleep 1
+timeout 300 "$KEEL" migrate start vol --to b
+node_down c
+wait_status "engine A was lost" 180
+engine_on b
+timeout 300 "$KEEL" migrate rollback vol >"$work/out" 2>"$work/err" && { echo "rollback should be refused with node c down"; exit 1; }
+cat "$work/err"
+grep -q "node c does not answer" "$work/err" || { echo "the refusal does not say node c does not answer"; exit 1; }
+timeout 300 "$KEEL" migrate confirm vol | tee "$work/out"
+grep -q "already runs on engine B" "$work/out" || { echo "confirm does not say it runs on B"; exit 1; }
+status_says "migration_status success"
+nodes_cell_end 8-rollback-refused-confirm
+node_up c
+
+umount /mnt/vol
+"$KEEL" volume detach vol
+[ -z "$(engines)" ] || { echo "an engine outlived the detach"; exit 1; }
+echo "migration matrix: cells$cells passed"
