@@ -23,7 +23,7 @@ case "$(readlink -f /dev/keel/vol)" in /dev/dm-*) ;; *) echo "/dev/keel/vol is n
 expect_refusal "no migration" migrate confirm vol
 fill_filesystem /dev/keel/vol
 fio --name=migrate --filename=/mnt/vol/fio.dat --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 \
-    --size=48M --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --eta=never \
+    --size=16M --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --eta=never \
     --time_based --runtime=40 --write_lat_log="$work/migrate" --log_avg_msec=0 --output="$work/fio.out" &
 fio=$!
 cp "$KEEL" "$work/keel-upgraded"

@@ -18,7 +18,7 @@ mkdir -p /mnt/vol
 mount "$mapper" /mnt/vol
 step "fio randwrite + verify on a file of the mounted $mapper over /dev/$nbd"
 fio --name=switch --filename=/mnt/vol/fio.dat --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 \
-    --size=48M --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --eta=never \
+    --size=16M --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --eta=never \
     --time_based --runtime=24 --write_lat_log="$work/switch" --log_avg_msec=0 --output="$work/fio.out" &
 fio=$!
 
