@@ -58,8 +58,9 @@ public struct Node {
 
     /// The process that holds the volume's /dev/nbdX, connected to its engine:
     /// the local one, or one its engine nodes' agents start and fail over.
-    public func frontendDaemon(_ volume: VolumeRecord, device: String? = nil, mapper: Bool = false) -> Daemon {
+    public func frontendDaemon(_ volume: VolumeRecord, device: String? = nil, mapper: Bool = false, ioTimeout: UInt64? = nil) -> Daemon {
         var arguments = ["--connections", "\(volume.connections)", "--status-file", layout.frontendStatus(volume.name)]
+        if let ioTimeout { arguments += ["--io-timeout", "\(ioTimeout)"] }
         if mapper { arguments += ["--mapper", "--control", "unix:" + layout.frontendControl(volume.name)] }
         if volume.enginePlacedElsewhere {
             for engineNode in engineNodes(volume) { arguments += ["--engine-node", engineNode.address] }

@@ -15,13 +15,13 @@ extension Node {
     /// With `mapper` (or when a frontend before left it), the device to mount is the
     /// device-mapper device over /dev/nbdX, which an engine migration holds.
     public func attach(_ name: String, device: String? = nil, force: Bool = false, timeout: Double = 120,
-                       mapper: Bool = false, credentials: ControlCredentials) throws -> (device: String, link: String?) {
+                       mapper: Bool = false, ioTimeout: UInt64? = nil, credentials: ControlCredentials) throws -> (device: String, link: String?) {
         if let device, !device.hasPrefix("/dev/nbd") || UInt32(device.dropFirst("/dev/nbd".count)) == nil {
             throw KeelError("--device takes a kernel NBD device such as /dev/nbd0, not '\(device)'")
         }
         let mapper = mapper || access("/dev/mapper/" + Node.mapperName(name), F_OK) == 0
         return try VolumeAttachment(node: self, name: name, device: device, force: force, timeout: timeout,
-                                    mapper: mapper, credentials: credentials).run()
+                                    mapper: mapper, ioTimeout: ioTimeout, credentials: credentials).run()
     }
 
     /// Starts the volume's replicas and its engine with no device frontend (user-space
@@ -111,6 +111,7 @@ private struct VolumeAttachment {
     let force: Bool
     let timeout: Double
     let mapper: Bool
+    let ioTimeout: UInt64?
     let credentials: ControlCredentials
 
     func run() throws -> (device: String, link: String?) {
@@ -119,7 +120,7 @@ private struct VolumeAttachment {
         let volume = try node.volume(name)
         let runner = node.runner(volume.runner)
         let engine = node.engineDaemon(volume)
-        let frontend = node.frontendDaemon(volume, device: device, mapper: mapper)
+        let frontend = node.frontendDaemon(volume, device: device, mapper: mapper, ioTimeout: ioTimeout)
         let attachment = node.attachment(volume)
         if attachment.engineRunning, attachment.frontendRunning, let device = attachment.device {
             throw KeelError("volume \(name) is already attached as \(device)")

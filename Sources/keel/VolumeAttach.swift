@@ -30,6 +30,9 @@ extension Volume {
         @Flag(help: "Put a device-mapper device over /dev/nbdX and print it (/dev/mapper/keel-NAME; /dev/keel/NAME points at it): mounted instead of /dev/nbdX, its engine can be migrated live (keel migrate).")
         var mapper = false
 
+        @Option(help: "Seconds the kernel lets a request run before it gives up on its connection and retries it on another (the device frontend's --io-timeout, 30 by default); a lost engine is replaced after that.")
+        var ioTimeout: UInt64?
+
         @Flag(help: "Start only the engine, with no kernel device: prints its NBD URI for user-space clients (qemu, fio's nbd engine, nbdcopy). keel volume attach without it adds the device later.")
         var noDevice = false
 
@@ -39,6 +42,7 @@ extension Volume {
             try validateDevice(device)
             if noDevice && device != nil { throw ValidationError("--no-device attaches no device: drop --device") }
             if noDevice && mapper { throw ValidationError("--no-device attaches no device: drop --mapper") }
+            if let ioTimeout, !(1...3600).contains(ioTimeout) { throw ValidationError("--io-timeout must be between 1 and 3600 seconds") }
         }
 
         func run() throws {
@@ -49,7 +53,7 @@ extension Volume {
                 return print(uri)
             }
             let (device, link) = try node.attach(target.name, device: device, force: force, timeout: timeout,
-                                                 mapper: mapper, credentials: control.credentials)
+                                                 mapper: mapper, ioTimeout: ioTimeout, credentials: control.credentials)
             if target.json { return try printJSON(["volume": target.name, "device": device, "link": link ?? NSNull()] as [String: Any]) }
             print(device)
             if let link { print(link) } else {

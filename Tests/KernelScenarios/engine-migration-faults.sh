@@ -34,7 +34,7 @@ status_says "rolled back"
 cell_end 1-rollback
 
 step "3 confirm: engine A crashes; the frontend hands the volume to B"
-fio_start 45
+fio_start 30
 "$KEEL" migrate start vol --binary "$work/keel-upgraded"
 a=$(pgrep -f "^$KEEL engine serve --volume vol ")
 kill -9 "$a"
@@ -47,7 +47,7 @@ tr '\0' ' ' < "/proc/$(engines)/cmdline" | grep -q keel-upgraded || { echo "the 
 cell_end 3-confirm
 
 step "3 rollback: engine A (now the upgraded one) crashes; rollback brings back this keel's engine"
-fio_start 45
+fio_start 30
 "$KEEL" migrate start vol
 a=$(engines | head -1)
 kill -9 "$a"

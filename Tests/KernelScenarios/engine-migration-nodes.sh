@@ -113,7 +113,7 @@ nodes_cell_end 7-confirm-refused-rollback
 node_up b
 
 step "8: engine A's node (c) goes down: the volume fails over to engine B on b; rollback refused; confirm answers it runs on B"
-fio_start 60
+fio_start 45
 sleep 1
 timeout 300 "$KEEL" migrate start vol --to b
 node_down c

@@ -89,10 +89,10 @@ recover() {
     kill "$fio" 2>/dev/null || true
     wait "$fio" || true
     grep -E "err=" "$work/fio.out" || true
-    keel_bounded 180 volume attach vol --mapper
+    keel_bounded 180 volume attach vol --mapper --io-timeout 15
     timeout 150 umount /mnt/vol
     keel_bounded 120 volume detach vol
-    keel_bounded 180 volume attach vol --mapper
+    keel_bounded 180 volume attach vol --mapper --io-timeout 15
     [ "$rc" = 0 ] || exit 1
     e2fsck -fy /dev/keel/vol >/dev/null || [ $? -le 1 ]
     mount /dev/keel/vol /mnt/vol

@@ -40,8 +40,9 @@ cell_end() {
 }
 cp "$KEEL" "$work/keel-upgraded"
 # mounted_volume CREATE_ARGS...: volume vol created with them, attached with --mapper, files on ext4 in /mnt/vol.
+# The kernel's I/O timeout is 15 s (not 30): a cell whose engine is lost waits that long for the failover.
 mounted_volume() {
     "$KEEL" volume create vol --size 256M "$@"
-    "$KEEL" volume attach vol --mapper
+    "$KEEL" volume attach vol --mapper --io-timeout 15
     fill_filesystem /dev/keel/vol
 }
