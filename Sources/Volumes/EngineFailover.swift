@@ -20,6 +20,7 @@ public final class EngineFailover: Sendable {
     private let unansweredSince = Mutex<Double?>(nil)
 
     /// A migration's engine B standing by takes over from a lost engine: its NBD address when it serves now.
+    /// (This node's engine has the same hook in its `LocalPlace`, which restarts it.)
     private let standbyTakesOver: (@Sendable () -> String?)?
 
     public init(places: [any EnginePlace], spec: EngineSpec, hungAfter: Double, logger: Logger,

@@ -84,13 +84,7 @@ public struct EngineMigration {
         guard runner.isRunning(node.engineDaemon(volume)) else {
             throw KeelError("volume \(name) has no running engine to migrate from; attach it ('keel volume attach \(name)') first")
         }
-        let attachment = node.attachment(volume)
-        if attachment.frontendRunning {
-            guard access(node.layout.frontendControl(name), F_OK) == 0 else {
-                throw KeelError("volume \(name) is attached without its device-mapper device, so its I/O cannot be held for "
-                    + "the switch; detach it and attach it again with 'keel volume attach \(name) --mapper'")
-            }
-        }
+        if node.attachment(volume).frontendRunning { try checkDeviceCanBeHeld() }
         let executable = binary ?? node.executable
         guard access(executable, X_OK) == 0 else {
             throw KeelError("--binary \(executable) is not an executable file")
@@ -133,10 +127,7 @@ public struct EngineMigration {
             throw KeelError("the device of \(name) is not connected to an engine on its engine nodes now (see 'keel volume show \(name)'); "
                 + "attach it ('keel volume attach \(name) --mapper'), or try again once it is connected")
         }
-        guard access(node.layout.frontendControl(name), F_OK) == 0 else {
-            throw KeelError("volume \(name) is attached without its device-mapper device, so its I/O cannot be held for "
-                + "the switch; detach it and attach it again with 'keel volume attach \(name) --mapper'")
-        }
+        try checkDeviceCanBeHeld()
         guard from.name != to else {
             throw KeelError("engine A of \(name) runs on node \(to) already; name another node with --to")
         }
@@ -155,6 +146,14 @@ public struct EngineMigration {
         }
         try end(&record, nil, phase: .standingBy)
         return record
+    }
+
+    /// The frontend's control API holds the device's I/O for the switch: it has one with its mapper device.
+    private func checkDeviceCanBeHeld() throws {
+        guard access(node.layout.frontendControl(name), F_OK) == 0 else {
+            throw KeelError("volume \(name) is attached without its device-mapper device, so its I/O cannot be held for "
+                + "the switch; detach it and attach it again with 'keel volume attach \(name) --mapper'")
+        }
     }
 
     /// The migration's engines: A and B beside each other on this node, or on two engine nodes.

@@ -26,6 +26,20 @@ public struct EngineSpec: Sendable {
     }
 }
 
+extension EngineSpec {
+    /// What a node agent is asked to start.
+    var request: Keel_Control_V1_StartEngineRequest {
+        .with {
+            $0.volume = volume
+            $0.volumeID = volumeID
+            $0.size = size
+            $0.replicas = replicas
+            $0.port = port
+            $0.replicaTimeout = replicaTimeout
+        }
+    }
+}
+
 /// An engine serving the volume after a start: where, and whether it had been running.
 public struct StartedEngine: Sendable {
     public var endpoint: EngineEndpoint
@@ -103,15 +117,8 @@ public struct AgentPlace: EnginePlace {
     }
 
     public func startEngine(_ spec: EngineSpec, restartRunning: Bool, _ calls: CancellableCalls) throws -> StartedEngine {
-        let request = Keel_Control_V1_StartEngineRequest.with {
-            $0.volume = spec.volume
-            $0.volumeID = spec.volumeID
-            $0.size = spec.size
-            $0.replicas = spec.replicas
-            $0.port = spec.port
-            $0.replicaTimeout = spec.replicaTimeout
-            $0.restartRunning = restartRunning
-        }
+        var request = spec.request
+        request.restartRunning = restartRunning
         let started = try calls.run { hook in
             try callNode(address, doing: "start the engine of \(spec.volume)", started: hook) {
                 try await $0.startEngine(request, options: .timeout(seconds: 150))

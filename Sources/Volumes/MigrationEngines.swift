@@ -144,14 +144,7 @@ struct RemoteEngineB: MigrationEngineB {
 
     /// Starts it on `agent`'s node, standing by; returns once it does.
     static func start(_ spec: EngineSpec, on agent: NodeRecord, volume: VolumeRecord) throws -> RemoteEngineB {
-        let request = Keel_Control_V1_StartEngineRequest.with {
-            $0.volume = spec.volume
-            $0.volumeID = spec.volumeID
-            $0.size = spec.size
-            $0.replicas = spec.replicas
-            $0.port = spec.port
-        }
-        let started = try callNode(agent.address, doing: "start engine B of \(spec.volume)") {
+        let started = try callNode(agent.address, doing: "start engine B of \(spec.volume)") { [request = spec.request] in
             try await $0.startStandbyEngine(request, options: .timeout(seconds: 150))
         }
         return RemoteEngineB(volume: volume, agent: agent, endpoint: started.address)
