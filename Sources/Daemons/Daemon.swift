@@ -18,13 +18,20 @@ public struct Daemon: Equatable, Sendable {
     /// What follows `keel <kind> serve` (an engine's or frontend's `--volume` comes from the instance).
     public var arguments: [String]
 
-    public init(kind: Kind, instance: String, arguments: [String]) {
+    /// Under systemd: the engine's other unit (`keel-engine-alt@VOLUME`), which a live migration alternates with the first.
+    public var alternate: Bool
+    /// Under systemd: the keel executable the unit runs instead of its own (a live upgrade's engine B).
+    public var executable: String?
+
+    public init(kind: Kind, instance: String, arguments: [String], alternate: Bool = false, executable: String? = nil) {
         self.kind = kind
         self.instance = instance
         self.arguments = arguments
+        self.alternate = alternate
+        self.executable = executable
     }
 
-    public var unit: String { "keel-\(kind.rawValue)@\(instance).service" }
+    public var unit: String { "keel-\(kind.rawValue)\(alternate ? "-alt" : "")@\(instance).service" }
 
     /// The command line after the executable.
     public var commandLine: [String] {

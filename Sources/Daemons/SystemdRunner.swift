@@ -31,7 +31,7 @@ public struct SystemdRunner: DaemonRunner, Sendable {
 
     public func environmentFile(_ daemon: Daemon) -> String {
         let prefix = switch daemon.kind { case .replica: "replica"; case .engine: "volume"; case .frontend: "frontend" }
-        return "\(configurationDirectory)/\(prefix)-\(daemon.instance).env"
+        return "\(configurationDirectory)/\(prefix)\(daemon.alternate ? "-alt" : "")-\(daemon.instance).env"
     }
 
     func dropInDirectory(_ daemon: Daemon) -> String { "\(unitDirectory)/\(daemon.unit).d" }
@@ -49,17 +49,48 @@ public struct SystemdRunner: DaemonRunner, Sendable {
     public func start(_ daemon: Daemon) throws {
         try makeDirectories(configurationDirectory)
         try writeFileAtomically(environmentFile(daemon), environment(daemon))
+        var reload = false
         if stateDirectory != "/var/lib/keel" {
             try makeDirectories(dropInDirectory(daemon))
             try writeFileAtomically(dropInDirectory(daemon) + "/state-directory.conf",
                           "[Service]\nReadWritePaths=\(stateDirectory)\n")
-            try systemctl("daemon-reload")
+            reload = true
         }
+        // It stays until the next start that names an executable: the unit runs that keel from then on.
+        if let executable = daemon.executable {
+            try makeDirectories(dropInDirectory(daemon))
+            let variable = "KEEL_\(daemon.kind.rawValue.uppercased())_ARGS"
+            try writeFileAtomically(dropInDirectory(daemon) + "/executable.conf",
+                                    "# Written by keel migrate: the engine's keel executable.\n[Service]\nExecStart=\n"
+                                    + "ExecStart=\(executable) \(daemon.kind.rawValue) serve --volume %i $\(variable)\n")
+            reload = true
+        }
+        if reload { try systemctl("daemon-reload") }
         try systemctl("enable", "--now", daemon.unit)
+    }
+
+    /// Rewrites the daemon's environment file only: what its next start runs (the running one is left as it is).
+    public func rewriteEnvironment(_ daemon: Daemon) throws {
+        try writeFileAtomically(environmentFile(daemon), environment(daemon))
+    }
+
+    /// The pid of the unit's main process, if it runs.
+    public func mainPid(_ daemon: Daemon) -> pid_t? {
+        properties(daemon, "MainPID")["MainPID"].flatMap { pid_t($0) }.flatMap { $0 > 0 ? $0 : nil }
     }
 
     public func stop(_ daemon: Daemon) throws {
         try systemctl("disable", "--now", daemon.unit)
+    }
+
+    /// Stops the unit and leaves it enabled: `disable` (a reload of systemd's
+    /// configuration) takes seconds that an engine switch holds the host's I/O for.
+    public func stopOnly(_ daemon: Daemon) throws {
+        try systemctl("stop", daemon.unit)
+    }
+
+    public func disable(_ daemon: Daemon) throws {
+        try systemctl("disable", daemon.unit)
     }
 
     public func killNow(_ daemon: Daemon) throws {
@@ -106,6 +137,7 @@ public struct SystemdRunner: DaemonRunner, Sendable {
     public func forget(_ daemon: Daemon) {
         unlink(environmentFile(daemon))
         unlink(dropInDirectory(daemon) + "/state-directory.conf")
+        unlink(dropInDirectory(daemon) + "/executable.conf")
         if rmdir(dropInDirectory(daemon)) == 0 { _ = try? systemctl("daemon-reload") }
         _ = try? runToCompletion(["systemctl", "reset-failed", daemon.unit])
     }

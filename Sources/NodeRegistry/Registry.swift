@@ -7,7 +7,7 @@ import Glibc
 /// The node registry: the volumes this node created, in SQLite, each change
 /// durable before it returns. Every `keel` invocation opens its own.
 public final class Registry {
-    public static let schemaVersion: Int64 = 5
+    public static let schemaVersion: Int64 = 6
 
     public let layout: NodeLayout
     let database: Database
@@ -74,6 +74,12 @@ public final class Registry {
                     UPDATE replicas SET slot = position;
                     ALTER TABLE replicas ADD COLUMN role TEXT NOT NULL DEFAULT 'member';
                     \(Self.migrationsTable)
+                    """)
+            }
+            if (1...5).contains(version) {
+                // Version 5 ran every engine under its first unit: a live migration under systemd alternates two.
+                try database.execute("""
+                    ALTER TABLE volumes ADD COLUMN engine_unit TEXT NOT NULL DEFAULT '';
                     PRAGMA user_version = \(Self.schemaVersion);
                     """)
             }
@@ -86,7 +92,8 @@ public final class Registry {
                     connections INTEGER NOT NULL,
                     runner TEXT NOT NULL,
                     created_at INTEGER NOT NULL,
-                    engine_port INTEGER NOT NULL DEFAULT 0
+                    engine_port INTEGER NOT NULL DEFAULT 0,
+                    engine_unit TEXT NOT NULL DEFAULT ''
                 );
                 CREATE TABLE replicas (
                     volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
@@ -202,7 +209,7 @@ public final class Registry {
 
     public func volume(named name: String) throws -> VolumeRecord? {
         guard let row = try database.query(
-            "SELECT size, connections, runner, created_at, id, engine_port FROM volumes WHERE name = ?", [.text(name)]).first,
+            "SELECT size, connections, runner, created_at, id, engine_port, engine_unit FROM volumes WHERE name = ?", [.text(name)]).first,
               let size = row[0].integer, let connections = row[1].integer, let runner = row[2].text,
               let createdAt = row[3].integer, let id = row[4].text else { return nil }
         let replicas = try database.query(
@@ -215,7 +222,13 @@ public final class Registry {
             "SELECT node FROM engine_nodes WHERE volume = ? ORDER BY position", [.text(name)]).compactMap { $0[0].text }
         return VolumeRecord(name: name, id: id, size: UInt64(size), replicas: replicas, connections: Int(connections),
                             runner: VolumeRecord.Runner(rawValue: runner) ?? .keel, createdAt: createdAt,
-                            engineNodes: engineNodes, enginePort: Int(row[5].integer ?? 0))
+                            engineNodes: engineNodes, enginePort: Int(row[5].integer ?? 0),
+                            engineUnit: VolumeRecord.EngineUnit(rawValue: row[6].text ?? "") ?? .first)
+    }
+
+    /// The unit the volume's engine runs as now (a live migration under systemd switches it).
+    public func setEngineUnit(_ unit: VolumeRecord.EngineUnit, of volume: String) throws {
+        try database.query("UPDATE volumes SET engine_unit = ? WHERE name = ?", [.text(unit.rawValue), .text(volume)])
     }
 
     public func add(_ volume: VolumeRecord) throws {
@@ -224,10 +237,11 @@ public final class Registry {
                 throw Failure.exists(volume.name)
             }
             try database.query("""
-                INSERT INTO volumes (name, id, size, connections, runner, created_at, engine_port) VALUES (?, ?, ?, ?, ?, ?, ?)
+                INSERT INTO volumes (name, id, size, connections, runner, created_at, engine_port, engine_unit)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                 """, [.text(volume.name), .text(volume.id), .integer(Int64(volume.size)),
                       .integer(Int64(volume.connections)), .text(volume.runner.rawValue), .integer(volume.createdAt),
-                      .integer(Int64(volume.enginePort))])
+                      .integer(Int64(volume.enginePort)), .text(volume.engineUnit.rawValue)])
             try insertReplicas(volume.replicas, of: volume.name)
             for (position, node) in volume.engineNodes.enumerated() {
                 try database.query("INSERT INTO engine_nodes (volume, position, node) VALUES (?, ?, ?)",

@@ -16,6 +16,18 @@ public struct VolumeRecord: Equatable, Sendable {
     public var engineNodes: [String]
     /// The TCP port the engine listens on when it runs on another node.
     public var enginePort: Int
+    /// Which of its two units the engine runs as under systemd: a live migration starts
+    /// engine B as the other, which then is the volume's engine.
+    public var engineUnit: EngineUnit
+
+    public enum EngineUnit: String, Sendable {
+        /// `keel-engine@VOLUME`
+        case first = ""
+        /// `keel-engine-alt@VOLUME`
+        case alternate = "alt"
+
+        public var other: EngineUnit { self == .first ? .alternate : .first }
+    }
 
     /// The replicas an engine starts with: a move's joining ones are not members yet
     /// (the move adds them through the engine, which rebuilds them).
@@ -32,7 +44,7 @@ public struct VolumeRecord: Equatable, Sendable {
     }
 
     public init(name: String, id: String = "", size: UInt64, replicas: [ReplicaRecord], connections: Int,
-                runner: Runner, createdAt: Int64, engineNodes: [String] = [], enginePort: Int = 0) {
+                runner: Runner, createdAt: Int64, engineNodes: [String] = [], enginePort: Int = 0, engineUnit: EngineUnit = .first) {
         self.name = name
         self.id = id
         self.size = size
@@ -42,6 +54,7 @@ public struct VolumeRecord: Equatable, Sendable {
         self.createdAt = createdAt
         self.engineNodes = engineNodes
         self.enginePort = enginePort
+        self.engineUnit = engineUnit
     }
 
     /// Volume names become file names, unit instances and `/dev/keel/<name>`.

@@ -76,10 +76,6 @@ public struct EngineMigration {
             throw KeelError("volume \(name) runs its engine on this host; keel migrate moves it to another node only when it "
                 + "runs on engine nodes (keel volume create --engine-node), for now: leave out --to")
         }
-        guard volume.runner == .keel else {
-            throw KeelError("volume \(name) runs under systemd, whose unit keel-engine@\(name) cannot run twice; "
-                + "keel migrate works for volumes keel runs itself (keel volume create without --systemd), for now")
-        }
         let runner = node.runner(volume.runner)
         guard runner.isRunning(node.engineDaemon(volume)) else {
             throw KeelError("volume \(name) has no running engine to migrate from; attach it ('keel volume attach \(name)') first")
@@ -93,7 +89,7 @@ public struct EngineMigration {
         var record = MigrationRecord(volume: name, kind: Self.kind, status: .migrating, phase: Phase.starting.rawValue,
                                      target: "this node (\(executable))", bytesDone: Phase.starting.percent, bytesTotal: 100,
                                      startedAt: now, updatedAt: now, pid: 0)
-        let standby = try StandbyEngine.spawn(node: node, volume: volume, executable: executable)
+        let standby = try spawnStandby(volume, executable: executable)
         let pid = standby.pid
         record.pid = pid
         do { try node.registry.setMigration(record) } catch {
@@ -156,10 +152,18 @@ public struct EngineMigration {
         }
     }
 
+    /// Engine B beside A on this node: a process of keel's own, or the volume's other engine unit under systemd.
+    private func spawnStandby(_ volume: VolumeRecord, executable: String) throws -> any LocalStandby {
+        volume.runner == .systemd ? try SystemdStandbyEngine.start(node: node, volume: volume, executable: executable)
+            : try StandbyEngine.spawn(node: node, volume: volume, executable: executable)
+    }
+
     /// The migration's engines: A and B beside each other on this node, or on two engine nodes.
     private func engines(_ volume: VolumeRecord, _ record: MigrationRecord) throws -> (a: any MigrationEngineA, b: any MigrationEngineB) {
         guard let place = NodesMigrationTarget(record) else {
-            return (LocalEngineA(node: node, volume: volume), StandbyEngine(node: node, volume: volume, pid: record.pid))
+            let standby: any MigrationEngineB = volume.runner == .systemd ? SystemdStandbyEngine(node: node, volume: volume)
+                : StandbyEngine(node: node, volume: volume, pid: record.pid)
+            return (LocalEngineA(node: node, volume: volume), standby)
         }
         return (RemoteEngineA(node: node, volume: volume, agent: try node.registeredNode(place.from)),
                 RemoteEngineB(volume: volume, agent: try node.registeredNode(place.to)))
@@ -191,6 +195,7 @@ public struct EngineMigration {
         }
         node.logMigration("migration of \(name): confirming")
         let switched = try switchOver(from: engineA, to: engineB, volume: volume, record: &record, holdSeconds: holdSeconds, what: "engine B")
+        engineA.retire()
         node.stopIfAsked(at: .switched, volume: name)
         record.pid = 0
         try engineNodeChosen(volume, record)
@@ -259,6 +264,7 @@ public struct EngineMigration {
         // node's the frontend starts again itself. A failed switch let the device's I/O go on: its
         // links reconnect to that engine by themselves.
         func restartAfterLoss(_ reason: String) throws -> Never {
+            standby.stop()
             let back = engineA.frontendRestartsIt ? "the device frontend has the engine started again on an engine node that answers"
                 : restartOld(engineA, frontend: frontend, switchDevice: false)
             record.pid = 0
@@ -302,6 +308,7 @@ public struct EngineMigration {
         do {
             try end(&record, nil, phase: .activating)
             let activated = try engineB.activate()
+            engineA.retire()
             try end(&record, nil, phase: .tookOver)
             node.logMigration("migration of \(name): engine B serves epoch \(activated.epoch) after engine A was lost")
             return engineB.endpoint
@@ -341,7 +348,7 @@ public struct EngineMigration {
                 unstopped = " (engine B's node \(place.to) does not answer: nothing of it serves the volume, which a later engine's epoch fences anyway)"
             }
         } else {
-            StandbyEngine(node: node, volume: volume, pid: record.pid).stop()
+            try engines(volume, record).b.stop()
         }
         record.pid = 0
         try end(&record, .error, error: "\(reason): the volume stays on engine A\(unstopped)", phase: .rolledBack)
@@ -370,7 +377,7 @@ public struct EngineMigration {
                 throw KeelError("engine A cannot be started again on node \(place.from): \(error); the volume stays on engine B")
             }
         } else {
-            let spawned = try StandbyEngine.spawn(node: node, volume: volume, executable: node.executable)
+            let spawned = try spawnStandby(volume, executable: node.executable)
             record.pid = spawned.pid
             try end(&record, nil, phase: .restartingA)
             do { try spawned.waitUntilStandingBy(timeout: 120) } catch {
@@ -383,6 +390,7 @@ public struct EngineMigration {
             standby = spawned
         }
         _ = try switchOver(from: serving, to: standby, volume: volume, record: &record, holdSeconds: 30, what: "engine A")
+        serving.retire()
         record.pid = 0
         try end(&record, .error, error: "rolled back: engine A was started again and the volume switched back to it", phase: .rolledBack)
     }

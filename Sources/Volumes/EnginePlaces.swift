@@ -133,7 +133,9 @@ public struct AgentPlace: EnginePlace {
 /// of keel's own), which nothing but the frontend restarts.
 public struct LocalPlace: EnginePlace {
     public let runner: any DaemonRunner & Sendable
-    public let engine: Daemon
+    /// The volume's engine daemon, looked up at each use: a migration under systemd changes its unit.
+    private let currentEngine: @Sendable () -> Daemon
+    public var engine: Daemon { currentEngine() }
     /// The engine's NBD socket and control API.
     public let socket: String
     public let control: String
@@ -142,10 +144,10 @@ public struct LocalPlace: EnginePlace {
     /// A migration's engine standing by takes over from a lost engine (true: it serves now).
     public let standbyTakesOver: @Sendable () -> Bool
 
-    public init(runner: any DaemonRunner & Sendable, engine: Daemon, socket: String, control: String,
+    public init(runner: any DaemonRunner & Sendable, engine: @autoclosure @escaping @Sendable () -> Daemon, socket: String, control: String,
                 standbyTakesOver: @escaping @Sendable () -> Bool = { false }) {
         self.runner = runner
-        self.engine = engine
+        self.currentEngine = engine
         self.socket = socket
         self.control = control
         self.standbyTakesOver = standbyTakesOver

@@ -9,6 +9,8 @@ import Syscalls
 protocol MigrationEngineA {
     /// Stops it once it has answered everything it read (the switch's drain).
     func stop() throws
+    /// After the switch: what is left of it goes (a unit is disabled).
+    func retire()
     /// It was lost while B stood by: a hung one must not write after B claims.
     func kill()
     /// Starts it again after B failed to take over; its NBD address.
@@ -42,7 +44,13 @@ struct LocalEngineA: MigrationEngineA {
     private var runner: any DaemonRunner { node.runner(volume.runner) }
     private var engine: Daemon { node.engineDaemon(volume) }
 
-    func stop() throws { try runner.stop(engine) }
+    func stop() throws {
+        if let systemd = runner as? SystemdRunner { try systemd.stopOnly(engine) } else { try runner.stop(engine) }
+    }
+
+    func retire() {
+        if let systemd = runner as? SystemdRunner { try? systemd.disable(engine) }
+    }
 
     func kill() { if runner.isRunning(engine) { try? runner.killNow(engine) } }
 
@@ -50,6 +58,8 @@ struct LocalEngineA: MigrationEngineA {
 
     func restart() throws -> String {
         try runner.start(engine)
+        // Under systemd B's unit may have become the volume's: A's is again.
+        try node.registry.setEngineUnit(volume.engineUnit, of: volume.name)
         try node.waitForEngine(of: volume.name, engine, runner: runner, before: Date().addingTimeInterval(120), timeout: 120)
         return "unix:" + node.layout.engineSocket(volume.name)
     }
@@ -123,6 +133,8 @@ struct RemoteEngineA: MigrationEngineA {
         }
     }
 
+    func retire() {}
+
     func kill() {
         _ = try? callNode(agent.address, doing: "stop the engine of \(volume.name)") { [name = volume.name] in
             try await $0.stopEngine(.with { $0.volume = name }, options: .timeout(seconds: 10))
@@ -166,11 +178,7 @@ struct RemoteEngineB: MigrationEngineB {
         let alive = try callNode(agent.address, doing: "say whether engine B of \(volume.name) stands by") { [name = volume.name] in
             try await $0.standbyEngineState(.with { $0.volume = name }, options: .timeout(seconds: 5))
         }
-        guard alive.standby else { throw KeelError("it is not standing by") }
-        guard alive.standbyLost.isEmpty else {
-            throw KeelError("it lost its sessions to replica(s) \(alive.standbyLost.joined(separator: ", ")) (restarted, or cut off); "
-                + "switching to it would leave them out")
-        }
+        try checkStandby(alive)
     }
 
     func activate() throws -> Keel_Control_V1_Activated {

@@ -53,7 +53,7 @@ public struct Node {
         for replica in volume.engineReplicas { arguments += ["--replica", replica.address] }
         arguments += ["--listen", "unix:" + layout.engineSocket(volume.name), "--control", engineControl(volume.name)]
         if !volume.id.isEmpty { arguments += ["--volume-id", volume.id] }
-        return Daemon(kind: .engine, instance: volume.name, arguments: arguments)
+        return Daemon(kind: .engine, instance: volume.name, arguments: arguments, alternate: volume.engineUnit == .alternate)
     }
 
     /// The process that holds the volume's /dev/nbdX, connected to its engine:

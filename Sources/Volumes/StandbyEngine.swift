@@ -74,7 +74,7 @@ struct StandbyEngine {
                 throw KeelError("the new engine of \(volume.name) stopped before standing by: "
                     + (runner.lastFailure(daemon, beside: Self.beside) ?? "see \(log)"))
             }
-            if (try? alive())?.standby == true { return }
+            if (try? standbyState(control))?.standby == true { return }
             usleep(100_000)
         }
         throw KeelError("the new engine of \(volume.name) did not stand by within \(Int(timeout)) s; see \(log)")
@@ -82,16 +82,7 @@ struct StandbyEngine {
 
     func checkStandingBy() throws {
         guard !control.isEmpty, runner.runningPid(daemon, beside: Self.beside) == pid else { throw KeelError("its process is gone") }
-        let alive = try alive()
-        guard alive.standby else { throw KeelError("it is not standing by") }
-        guard alive.standbyLost.isEmpty else {
-            throw KeelError("it lost its sessions to replica(s) \(alive.standbyLost.joined(separator: ", ")) (restarted, or cut off); "
-                + "switching to it would leave them out")
-        }
-    }
-
-    private func alive() throws -> Keel_Control_V1_EngineAlive {
-        try callEngine(control, doing: "say whether it stands by") { try await $0.alive(.init()) }
+        try checkStandby(control)
     }
 
     /// Stops it if it runs; nothing it had stays.
@@ -116,5 +107,30 @@ struct StandbyEngine {
         do { try runner.promote(daemon, beside: Self.beside) } catch {
             throw KeelError("the new engine serves \(volume.name) but cannot be recorded as its engine: \(error)")
         }
+    }
+}
+
+/// A standby engine on this node, as the migration starts it.
+protocol LocalStandby: MigrationEngineB {
+    var pid: pid_t { get }
+    func waitUntilStandingBy(timeout: Double) throws
+}
+
+extension StandbyEngine: LocalStandby {}
+
+/// What the standby engine at `control` says of itself.
+func standbyState(_ control: String) throws -> Keel_Control_V1_EngineAlive {
+    try callEngine(control, doing: "say whether it stands by") { try await $0.alive(.init()) }
+}
+
+/// Refuses when the engine at `control` does not stand by with every session open.
+func checkStandby(_ control: String) throws { try checkStandby(try standbyState(control)) }
+
+/// Refuses when a standby engine that said `alive` does not stand by with every session open.
+func checkStandby(_ alive: Keel_Control_V1_EngineAlive) throws {
+    guard alive.standby else { throw KeelError("it is not standing by") }
+    guard alive.standbyLost.isEmpty else {
+        throw KeelError("it lost its sessions to replica(s) \(alive.standbyLost.joined(separator: ", ")) (restarted, or cut off); "
+            + "switching to it would leave them out")
     }
 }

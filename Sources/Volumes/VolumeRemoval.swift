@@ -34,7 +34,11 @@ extension Node {
         let runner = self.runner(volume.runner)
         try? runner.stop(frontendDaemon(volume))
         runner.forget(frontendDaemon(volume))
-        runner.forget(engineDaemon(volume))
+        for unit in [VolumeRecord.EngineUnit.first, .alternate] {
+            var engine = volume
+            engine.engineUnit = unit
+            runner.forget(engineDaemon(engine))
+        }
         do { try registry.remove(named: name) } catch { throw KeelError("\(error)") }
         return volume.replicas.filter { !$0.isLocal && $0.node == nil }.count
     }

@@ -201,7 +201,8 @@ struct FrontendCommand: ParsableCommand {
             guard "unix:" + socket == engine else {
                 throw KeelError("--restart-engine: the engine of \(volume) on this node listens on unix:\(socket), not \(engine)")
             }
-            return [LocalPlace(runner: thisNode.runner(record.runner), engine: thisNode.engineDaemon(record),
+            return [LocalPlace(runner: thisNode.runner(record.runner),
+                               engine: (try? thisNode.volume(volume)).map(thisNode.engineDaemon) ?? thisNode.engineDaemon(record),
                                socket: socket, control: thisNode.layout.engineControl(volume),
                                standbyTakesOver: { [volume] in EngineMigration(node: thisNode, volume: volume).takeOverAfterLoss() != nil })]
         }

@@ -72,6 +72,12 @@ import Testing
                                 toSay: "migration matrix: cells to-c-confirm to-b-rollback 7-confirm-refused-rollback 8-rollback-refused-confirm passed")
     }
 
+    /// keel migrate of a volume systemd runs: engine B as the other engine unit (keel-engine-alt@), rollback,
+    /// confirm under fio, the frontend restarting the new unit, engine A lost while B stands by.
+    @Test func migrationUnderSystemdAlternatesTheEngineUnits() throws {
+        try Self.expectScenario("engine-migration-systemd", systemd: true, timeout: 900, toSay: "keel migrate under systemd: complete")
+    }
+
     /// Row 4 (every replica crashes) for confirm and rollback, and a seeded, rotating subset of the
     /// repetitions of rows 1-4 with the fault at a named moment (`KEEL_MIGRATION_SEED` replays one;
     /// Bench/migration-matrix runs them all).

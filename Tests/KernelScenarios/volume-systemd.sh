@@ -13,7 +13,7 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 
 step "install: binary, units, udev rule"
 install -m 0755 "$KEEL" /usr/local/bin/keel
-cp "$repo"/Systemd/keel-replica@.service "$repo"/Systemd/keel-engine@.service "$repo"/Systemd/keel-frontend@.service "$repo"/Systemd/keel-replicas.target \
+cp "$repo"/Systemd/keel-replica@.service "$repo"/Systemd/keel-engine@.service "$repo"/Systemd/keel-engine-alt@.service "$repo"/Systemd/keel-frontend@.service "$repo"/Systemd/keel-replicas.target \
     /etc/systemd/system/
 systemctl daemon-reload
 mkdir -p /etc/udev/rules.d /var/lib/keel

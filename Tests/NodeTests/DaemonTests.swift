@@ -34,4 +34,14 @@ import Testing
         let spaced = Daemon(kind: .replica, instance: "x", arguments: ["--dir", "/srv/my data"])
         #expect(throws: DaemonError.self) { try systemd.environment(spaced) }
     }
+
+    /// A live migration under systemd starts engine B as the volume's other engine unit, with its own
+    /// environment file (keel-engine-alt@.service reads volume-alt-NAME.env); the command line is the same.
+    @Test func theAlternateEngineUnitHasItsOwnNameAndEnvironmentFile() {
+        let alternate = Daemon(kind: .engine, instance: "db", arguments: engine.arguments, alternate: true)
+        #expect(alternate.unit == "keel-engine-alt@db.service")
+        #expect(alternate.identity == engine.identity && alternate.commandLine == engine.commandLine)
+        let systemd = SystemdRunner(stateDirectory: "/var/lib/keel", configurationDirectory: "/etc/keel")
+        #expect(systemd.environmentFile(alternate) == "/etc/keel/volume-alt-db.env")
+    }
 }

@@ -66,6 +66,17 @@ import Glibc
         #expect(try registry.nodes().isEmpty)
     }
 
+    /// A live migration under systemd switches the volume's engine unit; a new volume starts on the first.
+    @Test func theEngineUnitIsKeptPerVolume() throws {
+        let registry = try Registry(layout: NodeLayout(stateDirectory: directory))
+        try registry.add(volume("v"))
+        #expect(try registry.volume(named: "v")?.engineUnit == .first)
+        try registry.setEngineUnit(.alternate, of: "v")
+        let reopened = try Registry(layout: NodeLayout(stateDirectory: directory))
+        #expect(try reopened.volume(named: "v")?.engineUnit == .alternate)
+        #expect(VolumeRecord.EngineUnit.alternate.other == .first)
+    }
+
     /// A migration between engine nodes puts its new node first; the rest keep their order.
     @Test func engineNodesAreReorderedAsAWhole() throws {
         let registry = try Registry(layout: NodeLayout(stateDirectory: directory))
@@ -93,6 +104,7 @@ import Glibc
             DROP TABLE engine_nodes; DROP TABLE nodes; DROP TABLE migrations;
             ALTER TABLE volumes DROP COLUMN engine_port; ALTER TABLE replicas DROP COLUMN node;
             ALTER TABLE replicas DROP COLUMN slot; ALTER TABLE replicas DROP COLUMN role;
+            ALTER TABLE volumes DROP COLUMN engine_unit;
             PRAGMA user_version = 3;
             """)
         let registry = try Registry(layout: layout)
@@ -109,12 +121,25 @@ import Glibc
         let database = try Database(path: layout.registryPath, create: false)
         try database.execute("""
             DROP TABLE migrations; ALTER TABLE replicas DROP COLUMN slot; ALTER TABLE replicas DROP COLUMN role;
+            ALTER TABLE volumes DROP COLUMN engine_unit;
             PRAGMA user_version = 4;
             """)
         let registry = try Registry(layout: layout)
         #expect(try registry.volume(named: "old")?.replicas.map(\.slot) == [0, 1])
         #expect(try registry.volume(named: "old")?.replicas.map(\.role) == [.member, .member])
         #expect(try registry.migration(of: "old") == nil)
+    }
+
+    /// A registry written before engine units alternated runs each engine under its first unit.
+    @Test func aVersion5RegistryRunsItsEnginesUnderTheirFirstUnit() throws {
+        let layout = NodeLayout(stateDirectory: directory)
+        try Registry(layout: layout).add(volume("old"))
+        let database = try Database(path: layout.registryPath, create: false)
+        try database.execute("ALTER TABLE volumes DROP COLUMN engine_unit; PRAGMA user_version = 5;")
+        let registry = try Registry(layout: layout)
+        #expect(try registry.volume(named: "old") == volume("old"))
+        #expect(try registry.volume(named: "old")?.engineUnit == .first)
+        #expect(try database.query("PRAGMA user_version").first?.first?.integer == Registry.schemaVersion)
     }
 
     @Test func aMoveRewritesTheReplicasAndItsRecordKeepsACancelAsked() throws {
