@@ -89,8 +89,10 @@ public struct SystemdRunner: DaemonRunner, Sendable {
         try systemctl("stop", daemon.unit)
     }
 
+    /// Disables the stopped unit and forgets that it failed (a killed engine's did).
     public func disable(_ daemon: Daemon) throws {
         try systemctl("disable", daemon.unit)
+        _ = try? runToCompletion(["systemctl", "reset-failed", daemon.unit])
     }
 
     public func killNow(_ daemon: Daemon) throws {
