@@ -98,11 +98,23 @@ struct VolumeRestore {
         node.remember(try callEngine(engine.control, doing: what, body).snapshots, of: volume)
     }
 
+    /// Removes a snapshot of this command's own; the export that read it may still be letting go of it
+    /// (a removal is refused while it reads), so it tries again for up to 10 s.
+    private func removeSoon(_ snapshot: String, engine: JobEngine) {
+        let deadline = Date().addingTimeInterval(10)
+        repeat {
+            if (try? snapshotCall(engine, doing: "remove \(snapshot)") { try await $0.removeSnapshot(.with { $0.name = snapshot }) }) != nil {
+                return
+            }
+            usleep(200_000)
+        } while Date() < deadline
+    }
+
     /// What was written since the snapshot, read from a snapshot of the volume as it is now (nil: nothing).
     private func writtenSince(_ restorePoint: String, engine: JobEngine) throws -> String? {
         let now = "restore-check-" + BackupID.make().dropFirst("bk-".count).lowercased()
         try snapshotCall(engine, doing: "take snapshot \(now)") { try await $0.createSnapshot(.with { $0.name = now }) }
-        defer { try? snapshotCall(engine, doing: "remove \(now)") { try await $0.removeSnapshot(.with { $0.name = now }) } }
+        defer { removeSoon(now, engine: engine) }
         let replicas = try callEngine(engine.control, doing: "report its replicas") { try await $0.status(.init()) }.replicas
             .map { try parseListenAddress($0.address, option: "--replica") }
         let logger = makeLogger(label: "keel.restore", level: .warning)
