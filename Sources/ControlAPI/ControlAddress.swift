@@ -42,12 +42,12 @@ extension Syscalls.SocketAddress {
 }
 
 /// Runs `body` with a client connected to a control API, over TLS when
-/// `ControlTLS.calls` has certificates.
+/// `ControlTLS.calls(to:)` has certificates for that address.
 public func withControlClient<T: Sendable>(
     _ address: Syscalls.SocketAddress, _ body: (GRPCClient<ControlTransport>) async throws -> T
 ) async throws -> T {
     try await withGRPCClient(transport: .http2NIOPosix(target: address.grpcTarget,
-                                                       transportSecurity: ControlTLS.calls.clientSecurity)) {
+                                                       transportSecurity: ControlTLS.calls(to: address).clientSecurity)) {
         try await body($0)
     }
 }

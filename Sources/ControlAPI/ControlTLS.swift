@@ -1,5 +1,6 @@
 import GRPCNIOTransportHTTP2
 import Synchronization
+import Syscalls
 
 /// TLS on the control API (gRPC over NIOSSL): both ends present a
 /// certificate the cluster CA signed, from a directory as `keel cert issue`
@@ -16,14 +17,41 @@ public struct ControlTLS: Sendable, Equatable {
         self.certificates = certificates
     }
 
-    private static let forCalls = Mutex(ControlTLS.plaintext)
+    /// What a process's control calls use, by transport: a command may call a
+    /// node agent over TCP (TLS, with the node's credentials) and this node's
+    /// device frontend over a unix socket (plaintext) in turn.
+    public struct ForCalls: Sendable, Equatable {
+        public var overTCP: ControlTLS
+        public var overUnix: ControlTLS
 
-    /// What this process's control calls (to engines and replicas) use from now on.
+        public init(overTCP: ControlTLS, overUnix: ControlTLS) {
+            self.overTCP = overTCP
+            self.overUnix = overUnix
+        }
+
+        public func tls(to address: Syscalls.SocketAddress) -> ControlTLS {
+            switch address {
+            case .unix: return overUnix
+            case .tcp: return overTCP
+            }
+        }
+    }
+
+    private static let forCalls = Mutex(ForCalls(overTCP: .plaintext, overUnix: .plaintext))
+
+    /// What this process's control calls (to engines and replicas) use from now on, on either transport.
     public static func useForCalls(_ tls: ControlTLS) {
+        useForCalls(ForCalls(overTCP: tls, overUnix: tls))
+    }
+
+    public static func useForCalls(_ tls: ForCalls) {
         forCalls.withLock { $0 = tls }
     }
 
-    public static var calls: ControlTLS { forCalls.withLock { $0 } }
+    /// What a call to `address` uses.
+    public static func calls(to address: Syscalls.SocketAddress) -> ControlTLS {
+        forCalls.withLock { $0.tls(to: address) }
+    }
 
     private func file(_ name: String) -> String { certificates! + "/" + name }
 

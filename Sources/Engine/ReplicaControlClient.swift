@@ -13,7 +13,7 @@ public final class ReplicaControlClient: Sendable {
     public init(address: Syscalls.SocketAddress) throws {
         self.address = address
         client = GRPCClient(transport: try .http2NIOPosix(target: address.grpcTarget,
-                                                          transportSecurity: ControlTLS.calls.clientSecurity))
+                                                          transportSecurity: ControlTLS.calls(to: address).clientSecurity))
         Task { [client] in try? await client.runConnections() }
     }
 

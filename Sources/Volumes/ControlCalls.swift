@@ -101,19 +101,22 @@ public var thisNodeName: String { ProcessInfo.processInfo.hostName }
 
 /// The certificates for calls to control APIs that require TLS: the named
 /// directory, else $KEEL_TLS_CERTIFICATES, else for a TCP address the node's
-/// own (STATE/tls/NAME, when there is one), else plaintext.
+/// own (STATE/tls/NAME, when there is one), else plaintext. A unix socket's
+/// daemon is this node's: plaintext unless a directory is named.
 public struct ControlCredentials: Sendable {
     public var certificates: String?
 
     public init(certificates: String? = nil) { self.certificates = certificates }
 
-    /// For calls to `address`: the node's own credentials are the default
-    /// for TCP only, as a unix socket's daemon is this node's, plaintext unless told.
-    public func apply(for address: String) {
-        let overTCP = address.hasPrefix("unix:") == false
-        let directory = certificates ?? ProcessInfo.processInfo.environment["KEEL_TLS_CERTIFICATES"]
-            ?? (overTCP ? nodeCredentialsDirectory() : nil)
-        ControlTLS.useForCalls(ControlTLS(certificates: directory))
+    public var forCalls: ControlTLS.ForCalls {
+        let named = certificates ?? ProcessInfo.processInfo.environment["KEEL_TLS_CERTIFICATES"]
+        return ControlTLS.ForCalls(overTCP: ControlTLS(certificates: named ?? nodeCredentialsDirectory()),
+                                   overUnix: ControlTLS(certificates: named))
+    }
+
+    /// This process's control calls use these credentials from now on.
+    public func apply() {
+        ControlTLS.useForCalls(forCalls)
     }
 }
 

@@ -11,7 +11,7 @@ public struct RemoteEngines {
     public init(volume: VolumeRecord, node: Node, credentials: ControlCredentials) {
         self.volume = volume
         self.node = node
-        if let first = node.engineNodes(volume).first { credentials.apply(for: first.address) }
+        credentials.apply()
     }
 
     /// Each engine node and whether the volume's engine runs there (nil: its agent does not answer).

@@ -13,7 +13,7 @@ public struct RemoteReplicas {
     public init(volume: VolumeRecord, node: Node, credentials: ControlCredentials) {
         self.volume = volume
         self.node = node
-        if let first = placed.first { credentials.apply(for: first.agent.address) }
+        credentials.apply()
     }
 
     /// The replicas an agent placed, with their slot and their node.

@@ -49,7 +49,7 @@ public final class ReplicaMove {
             return ReplicaRecord(address: "\($0)", slot: nextSlot, role: .joining)
         }
         let remote = RemoteReplicas(volume: volume, node: node, credentials: credentials)
-        if let first = plan.joinNodes.first { credentials.apply(for: first.address) }
+        credentials.apply()
         // Nothing half-made: the replicas placed so far go again.
         let removePlaced = { _ = RemoteReplicas(volume: VolumeRecord(copying: volume, replicas: joining), node: node,
                                                 credentials: credentials).remove() }

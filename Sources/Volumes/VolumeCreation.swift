@@ -82,7 +82,7 @@ extension Node {
                                   runner: runnerKind, createdAt: Int64(Date().timeIntervalSince1970))
         try placeEngine(&record, spec)
         let replicaAgents = try spec.replicaNodes.map(replicaNode)
-        if let first = replicaAgents.first { credentials.apply(for: first.address) }
+        credentials.apply()
         if spec.replicaAddresses.isEmpty {
             record.replicas = (0..<(spec.replicas - spec.replicaNodes.count)).map { index in
                 ReplicaRecord(address: "unix:" + layout.replicaSocket(volume: spec.name, index: index),

@@ -63,7 +63,7 @@ extension Backup {
             let report: RestoreReport
             let destination: String
             if let toVolume {
-                control.apply(for: "unix:")
+                control.apply()
                 let node = try Node(self.node)
                 if !incremental, (try? node.volume(toVolume)) != nil {
                     throw KeelError("volume \(toVolume) exists; restore into a new volume, or onto it with --incremental if it was restored from an older backup")

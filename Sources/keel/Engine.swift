@@ -176,7 +176,7 @@ extension EngineCommand {
         @OptionGroup var control: ControlClientOptions
 
         func run() throws {
-            control.apply(for: engine)
+            control.apply()
             let activated = try callEngine(engine, doing: "take the volume over") { try await $0.activate(.init()) }
             let resynced = activated.resyncedBytes > 0 ? ", \(activated.resyncedBytes) bytes made identical between replicas" : ""
             print("engine at \(engine) serves the volume: epoch \(activated.epoch), "

@@ -123,7 +123,7 @@ struct FrontendCommand: ParsableCommand {
                                                  deadConnectionTimeout: deadConnectionTimeout,
                                                  device: device.flatMap(deviceIndex))
             for node in engineNode { _ = try parseListenAddress(node, option: "--engine-node") }
-            if let node = engineNode.first { control.apply(for: node) }
+            control.apply()
             let failover = try places().map { places in
                 EngineFailover(places: places,
                                spec: .init(volume: volume, volumeID: volumeID, size: size?.bytes ?? 0, replicas: replicas,
@@ -244,7 +244,7 @@ extension FrontendCommand {
         }
 
         func run() throws {
-            control.apply(for: frontend)
+            control.apply()
             let held = try callFrontend(frontend, doing: "hold the device's I/O") { [seconds] in
                 try await $0.hold(.with { $0.holdSeconds = seconds })
             }
@@ -267,7 +267,7 @@ extension FrontendCommand {
         @OptionGroup var control: ControlClientOptions
 
         func run() throws {
-            control.apply(for: frontend)
+            control.apply()
             let released = try callFrontend(frontend, doing: "switch engines") { [engine] in
                 try await $0.switchEngine(.with { $0.engine = engine })
             }
@@ -285,7 +285,7 @@ extension FrontendCommand {
         @OptionGroup var control: ControlClientOptions
 
         func run() throws {
-            control.apply(for: frontend)
+            control.apply()
             let released = try callFrontend(frontend, doing: "resume the device's I/O") { try await $0.resume(.init()) }
             print("I/O goes on with engine \(released.engine); it was held \(milliseconds(released.heldMicroseconds)) ms")
         }

@@ -136,6 +136,6 @@ struct ControlClientOptions: ParsableArguments {
 
     var credentials: ControlCredentials { ControlCredentials(certificates: tlsCertificates) }
 
-    /// For calls to `address`: see `ControlCredentials`.
-    func apply(for address: String) { credentials.apply(for: address) }
+    /// This command's control calls take these credentials: see `ControlCredentials`.
+    func apply() { credentials.apply() }
 }

@@ -88,7 +88,10 @@ extension Migrate {
         @Option(help: "Seconds to wait for engine B to stand by.")
         var timeout: Double = 120
 
+        @OptionGroup var control: ControlClientOptions
+
         func run() throws {
+            control.apply()
             let node = try Node(target.node)
             let record = try EngineMigration(node: node, volume: target.name).start(binary: binary, to: to, timeout: timeout)
             if target.json { return try printJSON(MigrationProgress.object(record, interrupted: false)) }
@@ -112,11 +115,14 @@ extension Migrate {
         @Option(help: "Seconds at most the device's I/O is held (it goes on by itself after that).")
         var hold: Double = 30
 
+        @OptionGroup var control: ControlClientOptions
+
         func validate() throws {
             guard hold > 0 && hold <= 600 else { throw ValidationError("--hold must be above 0 and at most 600 seconds") }
         }
 
         func run() throws {
+            control.apply()
             let node = try Node(target.node)
             let confirmed = try EngineMigration(node: node, volume: target.name).confirm(holdSeconds: hold)
             if target.json {
@@ -141,7 +147,10 @@ extension Migrate {
 
         @OptionGroup var target: VolumeTarget
 
+        @OptionGroup var control: ControlClientOptions
+
         func run() throws {
+            control.apply()
             let node = try Node(target.node)
             let record = try EngineMigration(node: node, volume: target.name).rollback()
             if target.json { return try printJSON(MigrationProgress.object(record, interrupted: false)) }

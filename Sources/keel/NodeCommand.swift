@@ -57,6 +57,8 @@ struct NodeCommand: ParsableCommand {
             // An agent whose own API requires TLS has its engines require it too, with its credentials:
             // device frontends reach them over TLS handed to the kernel (kTLS).
             let engineTLS = serving.tls == .require ? serving.certificatesDirectory.map { ["--tls", "require", "--tls-certificates", $0] } : nil
+            // Such engines' control APIs (unix sockets) require it as well: the agent's calls to them take its credentials.
+            ControlTLS.useForCalls(engineTLS == nil ? .plaintext : serving.controlTLS)
             let settings = NodeAgentService.Settings(
                 name: name ?? thisNodeName, host: host, layout: layout, version: keelVersion,
                 engineListenerArguments: engineTLS ?? plaintext, replicaListenerArguments: plaintext)
@@ -86,7 +88,7 @@ struct NodeCommand: ParsableCommand {
         @OptionGroup var control: ControlClientOptions
 
         func run() throws {
-            control.apply(for: address)
+            control.apply()
             let health = try callNode(address, doing: "report its health") { try await $0.health(.init(), options: .timeout(seconds: 10)) }
             if json {
                 return try printJSON(["name": health.name, "version": health.version, "load_average": health.loadAverage,
@@ -142,7 +144,7 @@ struct NodeCommand: ParsableCommand {
         }
 
         func run() throws {
-            control.apply(for: address)
+            control.apply()
             let request = Keel_Control_V1_StartEngineRequest.with {
                 $0.volume = volume
                 $0.volumeID = volumeID
@@ -176,7 +178,7 @@ struct NodeCommand: ParsableCommand {
         @OptionGroup var control: ControlClientOptions
 
         func run() throws {
-            control.apply(for: address)
+            control.apply()
             _ = try callNode(address, doing: "stop the engine of \(volume)") {
                 try await $0.stopEngine(.with { $0.volume = volume }, options: .timeout(seconds: 150))
             }

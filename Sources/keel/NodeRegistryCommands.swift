@@ -42,7 +42,7 @@ extension NodeCommand {
         func run() throws {
             let parsed = try parseListenAddress(address, option: "ADDR")
             guard case .tcp = parsed else { throw KeelError("ADDR takes HOST:PORT, the agent's address on the network") }
-            control.apply(for: address)
+            control.apply()
             let health = try callNode(address, doing: "report its health") { try await $0.health(.init(), options: .timeout(seconds: 5)) }
             let registry = try Node(node).registry
             let record = NodeRecord(name: name, address: "\(parsed)", addedAt: Int64(Date().timeIntervalSince1970))
@@ -74,7 +74,7 @@ extension NodeCommand {
                 },
             ]]
             for known in try this.registry.nodes() {
-                control.apply(for: known.address)
+                control.apply()
                 var row: [String: Any] = ["name": known.name, "address": known.address]
                 do {
                     let health = try callNode(known.address, doing: "report its health") {

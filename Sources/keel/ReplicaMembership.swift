@@ -33,7 +33,7 @@ extension Replica {
         var noWait = false
 
         func run() throws {
-            control.apply(for: engine)
+            control.apply()
             let texts = try replicas.map { "\(try parseListenAddress($0, option: "REPLICA"))" }
             var status = try callEngine(engine, doing: "add \(texts.joined(separator: ", "))") {
                 try await $0.addReplica(.with { $0.address = texts[0]; $0.togetherWith = Array(texts.dropFirst()) })
@@ -71,7 +71,7 @@ extension Replica {
         var replica: String
 
         func run() throws {
-            control.apply(for: engine)
+            control.apply()
             let text = "\(try parseListenAddress(replica, option: "REPLICA"))"
             let status = try callEngine(engine, doing: "remove \(text)") {
                 try await $0.removeReplica(.with { $0.address = text })

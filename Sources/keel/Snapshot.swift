@@ -36,11 +36,8 @@ struct Snapshot: ParsableCommand {
 
         /// The engine's control address, once it is known to run.
         func engineControl() throws -> String {
-            if let engine {
-                control.apply(for: engine)
-                return engine
-            }
-            control.apply(for: "unix:")  // the node's own engine, on a unix socket of the state directory
+            control.apply()
+            if let engine { return engine }
             let node = try Node(self.node)
             let record = try node.volume(volume)
             guard node.attachment(record).engineRunning else {
@@ -52,11 +49,8 @@ struct Snapshot: ParsableCommand {
         /// The engine for a job (a backup): `--engine`, the running engine of this node's volume, or,
         /// when the volume is detached, its engine started now with the frontend disabled.
         func engineForJob(timeout: Double) throws -> (control: String, job: JobEngine?) {
-            if let engine {
-                control.apply(for: engine)
-                return (engine, nil)
-            }
-            control.apply(for: "unix:")
+            control.apply()
+            if let engine { return (engine, nil) }
             let job = try JobEngine(node: try Node(node), volume: volume, timeout: timeout)
             return (job.control, job)
         }

@@ -19,7 +19,7 @@ struct Status: ParsableCommand {
     var json = false
 
     func run() throws {
-        control.apply(for: engine)
+        control.apply()
         let status = try callEngine(engine, doing: "report its status") { try await $0.status(.init()) }
         if json {
             print(try renderJSON(status))
