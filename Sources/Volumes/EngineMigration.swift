@@ -245,13 +245,11 @@ public struct EngineMigration {
         let activated: Keel_Control_V1_Activated
         do {
             activated = try standby.activate()
-        } catch {
+        } catch let error as EngineServesUnrecorded {
             // It serves: stopping it now would leave the volume without an engine.
-            let failure = (error as? KeelError)?.message ?? "\(error)"
-            guard !failure.contains("cannot be recorded as its engine") else {
-                try end(&record, .error, error: failure)
-                throw error
-            }
+            try end(&record, .error, error: error.message)
+            throw KeelError(error.message)
+        } catch {
             standby.stop()
             let back = restartOld(engineA, frontend: frontend)
             record.pid = 0

@@ -27,7 +27,7 @@ protocol MigrationEngineB {
     /// Refuses when it does not stand by with every session open.
     func checkStandingBy() throws
     /// Claims the replicas with the next epoch and takes the engine's place (its names, its
-    /// pid file). A failure to take the place, once it serves, says "cannot be recorded as its engine".
+    /// pid file). A failure to take the place, once it serves, is `EngineServesUnrecorded`.
     func activate() throws -> Keel_Control_V1_Activated
     /// After its activation: whether it still runs.
     var runs: Bool { get }
@@ -182,8 +182,12 @@ struct RemoteEngineB: MigrationEngineB {
     }
 
     func activate() throws -> Keel_Control_V1_Activated {
-        try callNode(agent.address, doing: "have engine B take \(volume.name) over") { [name = volume.name] in
-            try await $0.activateStandbyEngine(.with { $0.volume = name }, options: .timeout(seconds: 150))
+        do {
+            return try callNode(agent.address, doing: "have engine B take \(volume.name) over") { [name = volume.name] in
+                try await $0.activateStandbyEngine(.with { $0.volume = name }, options: .timeout(seconds: 150))
+            }
+        } catch let error as KeelError where error.message.contains(EngineServesUnrecorded.agentsWords) {
+            throw EngineServesUnrecorded(message: error.message)
         }
     }
 
@@ -197,4 +201,20 @@ struct RemoteEngineB: MigrationEngineB {
             try await $0.stopStandbyEngine(.with { $0.volume = name }, options: .timeout(seconds: 60))
         }
     }
+}
+
+/// Engine B took the volume over (it serves, it claimed the replicas) but could not take the
+/// engine's place in the records: stopping it would leave the volume without an engine.
+struct EngineServesUnrecorded: Error, CustomStringConvertible {
+    /// How an agent's answer to ActivateStandbyEngine says it (keel_control.proto).
+    static let agentsWords = "cannot be recorded as its engine"
+    let message: String
+
+    init(message: String) { self.message = message }
+
+    init(volume: String, _ error: Error) {
+        message = "the new engine serves \(volume) but \(Self.agentsWords): \(error)"
+    }
+
+    var description: String { message }
 }

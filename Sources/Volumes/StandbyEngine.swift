@@ -105,7 +105,7 @@ struct StandbyEngine {
     /// Serving under the engine's socket names now, it becomes the volume's engine daemon: its pid file and log.
     func takePlace() throws {
         do { try runner.promote(daemon, beside: Self.beside) } catch {
-            throw KeelError("the new engine serves \(volume.name) but cannot be recorded as its engine: \(error)")
+            throw EngineServesUnrecorded(volume: volume.name, error)
         }
     }
 }

@@ -73,7 +73,7 @@ struct SystemdStandbyEngine: LocalStandby {
             try runner.rewriteEnvironment(serving)
             try node.registry.setEngineUnit(unit, of: volume.name)
         } catch {
-            throw KeelError("the new engine serves \(volume.name) but cannot be recorded as its engine: \(error)")
+            throw EngineServesUnrecorded(volume: volume.name, error)
         }
         return activated
     }

@@ -5271,7 +5271,9 @@ extension Keel_Control_V1_NodeControl {
         /// > Source IDL Documentation:
         /// >
         /// > The standby engine claims the replicas (the next epoch) and becomes the
-        /// > volume's engine here.
+        /// > volume's engine here. INTERNAL with "cannot be recorded as its engine":
+        /// > it serves (stopping it would leave the volume without one) but the
+        /// > agent's records do not say so.
         ///
         /// - Parameters:
         ///   - request: A streaming request of `Keel_Control_V1_StopEngineRequest` messages.
@@ -5455,7 +5457,9 @@ extension Keel_Control_V1_NodeControl {
         /// > Source IDL Documentation:
         /// >
         /// > The standby engine claims the replicas (the next epoch) and becomes the
-        /// > volume's engine here.
+        /// > volume's engine here. INTERNAL with "cannot be recorded as its engine":
+        /// > it serves (stopping it would leave the volume without one) but the
+        /// > agent's records do not say so.
         ///
         /// - Parameters:
         ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
@@ -5637,7 +5641,9 @@ extension Keel_Control_V1_NodeControl {
         /// > Source IDL Documentation:
         /// >
         /// > The standby engine claims the replicas (the next epoch) and becomes the
-        /// > volume's engine here.
+        /// > volume's engine here. INTERNAL with "cannot be recorded as its engine":
+        /// > it serves (stopping it would leave the volume without one) but the
+        /// > agent's records do not say so.
         ///
         /// - Parameters:
         ///   - request: A `Keel_Control_V1_StopEngineRequest` message.
@@ -6188,7 +6194,9 @@ extension Keel_Control_V1_NodeControl {
         /// > Source IDL Documentation:
         /// >
         /// > The standby engine claims the replicas (the next epoch) and becomes the
-        /// > volume's engine here.
+        /// > volume's engine here. INTERNAL with "cannot be recorded as its engine":
+        /// > it serves (stopping it would leave the volume without one) but the
+        /// > agent's records do not say so.
         ///
         /// - Parameters:
         ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
@@ -6502,7 +6510,9 @@ extension Keel_Control_V1_NodeControl {
         /// > Source IDL Documentation:
         /// >
         /// > The standby engine claims the replicas (the next epoch) and becomes the
-        /// > volume's engine here.
+        /// > volume's engine here. INTERNAL with "cannot be recorded as its engine":
+        /// > it serves (stopping it would leave the volume without one) but the
+        /// > agent's records do not say so.
         ///
         /// - Parameters:
         ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
@@ -6786,7 +6796,9 @@ extension Keel_Control_V1_NodeControl.ClientProtocol {
     /// > Source IDL Documentation:
     /// >
     /// > The standby engine claims the replicas (the next epoch) and becomes the
-    /// > volume's engine here.
+    /// > volume's engine here. INTERNAL with "cannot be recorded as its engine":
+    /// > it serves (stopping it would leave the volume without one) but the
+    /// > agent's records do not say so.
     ///
     /// - Parameters:
     ///   - request: A request containing a single `Keel_Control_V1_StopEngineRequest` message.
@@ -7087,7 +7099,9 @@ extension Keel_Control_V1_NodeControl.ClientProtocol {
     /// > Source IDL Documentation:
     /// >
     /// > The standby engine claims the replicas (the next epoch) and becomes the
-    /// > volume's engine here.
+    /// > volume's engine here. INTERNAL with "cannot be recorded as its engine":
+    /// > it serves (stopping it would leave the volume without one) but the
+    /// > agent's records do not say so.
     ///
     /// - Parameters:
     ///   - message: request message to send.
