@@ -80,10 +80,12 @@ extension DeviceFrontend {
         relinking.lock()
         defer { relinking.unlock() }
         let previous = engine
+        var encrypted = false
         do {
             var links: [EngineLink] = []
             defer { links.forEach { $0.fd.close() } }
             for _ in 0..<device.settings.connections { links.append(try link(to: next)) }
+            encrypted = links.allSatisfy(\.encrypted)
             // The kernel reports each connection it gives up on: wait for all before handing it new ones
             // (RECONFIGURE fills only slots it holds dead).
             device.retireLinks()
@@ -97,7 +99,7 @@ extension DeviceFrontend {
             throw SwitchError(description: "cannot connect the device to engine \(next): \(error); it goes on with engine \(previous)")
         }
         let held = release(linear, since: heldSince)
-        logger.notice("/dev/nbd\(device.index.map(String.init) ?? "?"): switched from engine \(previous) to \(next); I/O held \(Int(held * 1000)) ms")
+        logger.notice("/dev/nbd\(device.index.map(String.init) ?? "?"): switched from engine \(previous) to \(next)\(encrypted ? " (TLS held by the kernel, kTLS)" : ""); I/O held \(Int(held * 1000)) ms")
         observer?(.connected(next))
         return held
     }

@@ -123,8 +123,8 @@ public struct ControlCredentials: Sendable {
 /// The node's credentials when none are named: the one directory under
 /// STATE/tls ($KEEL_STATE_DIR, else /var/lib/keel) that holds a node's
 /// certificate, as `keel cert issue` leaves it on a node. None, or several, is nil.
-public func nodeCredentialsDirectory() -> String? {
-    let state = ProcessInfo.processInfo.environment["KEEL_STATE_DIR"] ?? NodeLayout.defaultStateDirectory
+public func nodeCredentialsDirectory(stateDirectory: String? = nil) -> String? {
+    let state = stateDirectory ?? ProcessInfo.processInfo.environment["KEEL_STATE_DIR"] ?? NodeLayout.defaultStateDirectory
     let names = (try? FileManager.default.contentsOfDirectory(atPath: state + "/tls")) ?? []
     let found = names.map { "\(state)/tls/\($0)" }.filter { FileManager.default.fileExists(atPath: $0 + "/server-cert.pem") }
     return found.count == 1 ? found[0] : nil

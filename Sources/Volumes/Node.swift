@@ -52,6 +52,12 @@ public struct Node {
         var arguments = ["--size", "\(volume.size)"]
         for replica in volume.engineReplicas { arguments += ["--replica", replica.address] }
         arguments += ["--listen", "unix:" + layout.engineSocket(volume.name), "--control", engineControl(volume.name)]
+        // A node with credentials is in a TLS cluster: its links to replicas on other nodes are TLS,
+        // as are its control calls to them (and TLS agents' replicas require it).
+        if volume.engineReplicas.contains(where: { !$0.address.hasPrefix("unix:") }),
+           let credentials = nodeCredentialsDirectory(stateDirectory: layout.stateDirectory) {
+            arguments += ["--replica-tls", "require", "--tls-certificates", credentials]
+        }
         if !volume.id.isEmpty { arguments += ["--volume-id", volume.id] }
         return Daemon(kind: .engine, instance: volume.name, arguments: arguments, alternate: volume.engineUnit == .alternate)
     }

@@ -54,14 +54,16 @@ struct NodeCommand: ParsableCommand {
                 ? SystemdRunner(stateDirectory: layout.stateDirectory)
                 : ProcessRunner(runDirectory: layout.runDirectory, logDirectory: layout.logDirectory)
             let plaintext = loopback ? [] : ["--tls", "off"]
-            // An agent whose own API requires TLS has its engines require it too, with its credentials:
-            // device frontends reach them over TLS handed to the kernel (kTLS).
-            let engineTLS = serving.tls == .require ? serving.certificatesDirectory.map { ["--tls", "require", "--tls-certificates", $0] } : nil
+            // An agent whose own API requires TLS has its engines and replicas require it too, with its
+            // credentials: every link between nodes is TLS (device frontends hand theirs to the kernel, kTLS).
+            let credentials = serving.tls == .require ? serving.certificatesDirectory : nil
+            let listenerTLS = credentials.map { ["--tls", "require", "--tls-certificates", $0] }
             // Such engines' control APIs (unix sockets) require it as well: the agent's calls to them take its credentials.
-            ControlTLS.useForCalls(engineTLS == nil ? .plaintext : serving.controlTLS)
+            ControlTLS.useForCalls(credentials == nil ? .plaintext : serving.controlTLS)
             let settings = NodeAgentService.Settings(
                 name: name ?? thisNodeName, host: host, layout: layout, version: keelVersion,
-                engineListenerArguments: engineTLS ?? plaintext, replicaListenerArguments: plaintext)
+                engineListenerArguments: listenerTLS.map { $0 + ["--replica-tls", "require"] } ?? plaintext,
+                replicaListenerArguments: listenerTLS ?? plaintext)
             TerminationSignals.block()
             let server = try ControlServer(address: address, tls: serving.controlTLS,
                                            services: [NodeAgentService(settings: settings, runner: runner)])
