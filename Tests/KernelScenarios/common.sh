@@ -5,7 +5,8 @@ KEEL=$1
 work=$(mktemp -d /tmp/keel.XXXXXX)
 pids=""
 
-step() { echo "== $*"; }
+began=$(date +%s)
+step() { echo "== [$(($(date +%s) - began)) s] $*"; }
 
 # Replica data needs O_DIRECT: ext4 on a loop device (the guest's tmpfs refuses it).
 truncate -s 3G "$work/disk.img"
@@ -149,6 +150,56 @@ check_fio() {
     grep -E "IOPS|err=|clat \(|lat \(" "$work/fio.out"
     grep -q "err= 0" "$work/fio.out"
 }
+
+# fio_rounds_start FILE: fio randwrite with verify on FILE (16M) in rounds of 3 s, each verified,
+# in the background until fio_rounds_stop (at most 300 s); a round with an I/O or verify error
+# ends them. The I/O runs through whatever comes next and ends a round after it, not at a set time;
+# at 200 writes a second, so that in the guest (TCG, a debug build) keel's commands are not starved.
+fio_rounds_start() {
+    rm -f "$work/fio.stop" "$work"/fio.round*
+    (   end=$(($(date +%s) + 300)); round=0
+        while [ ! -e "$work/fio.stop" ] && [ "$(date +%s)" -lt "$end" ]; do
+            round=$((round + 1))
+            fio --name=cell --filename="$1" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=8 \
+                --rate_iops=200 --size=16M --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --eta=never \
+                --time_based --runtime=3 --output="$work/fio.round$round" || exit 1
+        done
+    ) &
+    fio=$!
+    sleep 1
+}
+
+# fio_rounds_stop: the rounds end; fails unless every round ended without an I/O or verify error.
+fio_rounds_stop() {
+    touch "$work/fio.stop"
+    rounds_status=0; wait "$fio" || rounds_status=$?
+    cat "$work"/fio.round* > "$work/fio.out" 2>/dev/null || true
+    awk -v rounds="$(ls "$work"/fio.round* 2>/dev/null | wc -l)" '
+        match($0, /^ +clat \((nsec|usec|msec)\): .*max=[0-9.]+/) {
+            unit = substr($0, index($0, "(") + 1, 4); max = substr($0, index($0, "max=") + 4) + 0
+            s = max / (unit == "nsec" ? 1e9 : unit == "usec" ? 1e6 : 1e3); if (s > longest) longest = s }
+        END { printf "fio: %d round(s), longest completion %.2f s\n", rounds, longest }' "$work/fio.out"
+    grep -E "err=" "$work/fio.out" | grep -v "err= 0" && rounds_status=1
+    [ "$rounds_status" = 0 ] || { echo "fio failed"; tail -30 "$work/fio.out"; return 1; }
+}
+
+# install_systemd_units: keel in /usr/local/bin (KEEL points at it), Systemd/'s units and the udev rule
+# installed as scripts/install does; /var/lib/keel is ext4 on a loop device (O_DIRECT).
+install_systemd_units() {
+    repo=$(cd "$(dirname "$0")/../.." && pwd)
+    install -m 0755 "$KEEL" /usr/local/bin/keel
+    cp "$repo"/Systemd/keel-replica@.service "$repo"/Systemd/keel-engine@.service "$repo"/Systemd/keel-engine-alt@.service \
+        "$repo"/Systemd/keel-frontend@.service "$repo"/Systemd/keel-replicas.target /etc/systemd/system/
+    systemctl daemon-reload
+    mkdir -p /etc/udev/rules.d /var/lib/keel
+    cp "$repo/Udev/60-keel.rules" /etc/udev/rules.d/
+    udevadm control --reload
+    truncate -s 2G "$work/keel.img"
+    mkfs.ext4 -q "$work/keel.img"
+    mount -o loop "$work/keel.img" /var/lib/keel
+    KEEL=/usr/local/bin/keel
+}
+unit_state() { echo "$(systemctl is-enabled "$1" 2>/dev/null || true)/$(systemctl is-active "$1" 2>/dev/null || true)"; }
 
 # expect_refusal PATTERN ARGS…: keel fails with one line matching PATTERN.
 expect_refusal() {

@@ -23,7 +23,7 @@ node_down() { ip link set "h-$1" down; echo "-- node $1 down"; }
 took() { echo "$(( $(date +%s) - $1 )) s"; }
 
 step "6 rollback: node d goes down while engine B stands by"
-fio_start 30
+fio_start
 "$KEEL" migrate start vol --binary "$work/keel-upgraded"
 node_down d
 "$KEEL" migrate rollback vol
@@ -31,7 +31,7 @@ status_says "rolled back"
 cell_end 6-rollback
 
 step "6 confirm: node e goes down while engine B stands by"
-fio_start 40
+fio_start
 "$KEEL" migrate start vol --binary "$work/keel-upgraded"
 node_down e
 began=$(date +%s)

@@ -1,6 +1,9 @@
 # keel migrate start --to NODE, and rows 7 and 8 of the Longhorn HA migration
 # matrix. Engine nodes b and c are network namespaces over veth, each with its
-# node agent (plain TCP); the three replicas serve on this host's own address
+# node agent requiring TLS, as every link between nodes does (certificates of
+# a cluster CA: the agents start their engines with TLS, to the device and to
+# the replicas; the device's links are kTLS; keel migrate calls the agents
+# over TLS and this host's frontend over its unix socket, plaintext); the three replicas serve on this host's own address
 # 10.77.100.1 (on the guest's loopback; both nodes route to the guest). The volume's engine runs on
 # an engine node (keel volume create --engine-node b --engine-node c),
 # attached with --mapper and mounted, fio randwrite with verify running.
@@ -16,23 +19,33 @@
 . "$(dirname "$0")/migration-common.sh"
 ip link set lo up
 ip addr add 10.77.100.1/32 dev lo
+net() { case $1 in b) echo 2 ;; c) echo 3 ;; esac; }
+# This host's credentials in its state directory (found there by keel's commands and the frontend);
+# each node's in its own.
+"$KEEL" ca init --state-dir "$work/ca" >/dev/null
+mkdir -p "$KEEL_STATE_DIR/tls" "$work/node-b/tls" "$work/node-c/tls"
+"$KEEL" cert issue a --ip 10.77.100.1 --state-dir "$work/ca" --out "$KEEL_STATE_DIR/tls/a" >/dev/null
+for node in b c; do
+    "$KEEL" cert issue "$node" --ip "10.77.$(net $node).2" --state-dir "$work/ca" --out "$work/node-$node/tls/$node" >/dev/null
+done
+# The replicas' copy: a process naming the state directory is one keel runs (no_orphans).
+cp -r "$KEEL_STATE_DIR/tls/a" "$work/replica-tls"
 for i in 0 1 2; do
     # Each on a port and the next (its control API).
-    "$KEEL" replica serve --dir "$work/data/r$i" --listen "10.77.100.1:700$((2 * i + 1))" --size 256M --tls off 2>>"$work/r$i.log" &
+    "$KEEL" replica serve --dir "$work/data/r$i" --listen "10.77.100.1:700$((2 * i + 1))" --size 256M \
+        --tls require --tls-certificates "$work/replica-tls" 2>>"$work/r$i.log" &
     for _ in $(seq 600); do grep -q "serving replica" "$work/r$i.log" && break; sleep 0.1; done
     grep -q "serving replica" "$work/r$i.log" || { echo "replica $i did not start"; exit 1; }
 done
-net() { case $1 in b) echo 2 ;; c) echo 3 ;; esac; }
 agent_up() {
-    ip netns exec "$1" "$KEEL" node serve --listen "10.77.$(net "$1").2:7800" --tls off --name "$1" \
-        --state-dir "$work/node-$1" 2>>"$work/node-$1.log" &
+    ip netns exec "$1" "$KEEL" node serve --listen "10.77.$(net "$1").2:7800" --name "$1" \
+        --tls require --tls-certificates "$work/node-$1/tls/$1" --state-dir "$work/node-$1" 2>>"$work/node-$1.log" &
     for _ in $(seq 600); do [ "$(grep -c "serving the agent" "$work/node-$1.log")" -ge "$2" ] && return; sleep 0.1; done
     echo "the agent of node $1 did not start"; exit 1
 }
 for node in b c; do
     make_node "$node" "10.77.$(net $node).2"
     ip -n "$node" route add default via "10.77.$(net $node).1"
-    mkdir -p "$work/node-$node"
     agent_up "$node" 1
     "$KEEL" node add "$node" "10.77.$(net $node).2:7800"
 done
@@ -73,8 +86,7 @@ wait_status() {
 engine_on b
 
 step "to c, confirm: the device switches to engine B on node c"
-fio_start 40
-sleep 1
+fio_start
 timeout 300 "$KEEL" migrate start vol --to c
 status_says "phase standing by"
 if grep -q interrupted "$work/status"; then echo "a migration between nodes has no process here: it is not interrupted"; exit 1; fi
@@ -84,13 +96,14 @@ status_says "migration_status success"
 engine_on c
 "$KEEL" volume show vol | tee "$work/show"
 grep -q "connected to 10.77.3.2" "$work/show" || { echo "the device is not connected to node c"; exit 1; }
+grep "switched from engine" "$KEEL_STATE_DIR"/log/keel-frontend@vol.service*.log | tail -1 | grep "kTLS" \
+    || { echo "the device's links to node c are not kTLS"; exit 1; }
 "$KEEL" volume show vol --json | grep -A3 '"engine_nodes"' | tr -d ' \n' | grep -q '\["c","b"\]' \
     || { echo "the registry does not put node c first"; "$KEEL" volume show vol --json; exit 1; }
 nodes_cell_end to-c-confirm
 
 step "to b, rollback: engine B goes from node b, the volume stays on c"
-fio_start 20
-sleep 1
+fio_start
 timeout 300 "$KEEL" migrate start vol --to b
 timeout 300 "$KEEL" migrate rollback vol
 status_says "rolled back"
@@ -98,8 +111,7 @@ engine_on c
 nodes_cell_end to-b-rollback
 
 step "7: engine B's node (b) goes down: confirm refused, rollback succeeds"
-fio_start 25
-sleep 1
+fio_start
 timeout 300 "$KEEL" migrate start vol --to b
 node_down b
 timeout 300 "$KEEL" migrate confirm vol >"$work/out" 2>"$work/err" && { echo "confirm should be refused with node b down"; exit 1; }
@@ -113,8 +125,7 @@ nodes_cell_end 7-confirm-refused-rollback
 node_up b
 
 step "8: engine A's node (c) goes down: the volume fails over to engine B on b; rollback refused; confirm answers it runs on B"
-fio_start 45
-sleep 1
+fio_start
 timeout 300 "$KEEL" migrate start vol --to b
 node_down c
 wait_status "engine A was lost" 180

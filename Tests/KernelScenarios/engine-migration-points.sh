@@ -86,9 +86,10 @@ settle() {
 # After row 4: the replicas come back (keel volume attach starts them; an engine the frontend could not
 # start then starts), the filesystem is unmounted, the volume attached afresh, checked and mounted again.
 recover() {
-    kill "$fio" 2>/dev/null || true
+    touch "$work/fio.stop"
+    pkill -f -- "fio --name=cell " || true
     wait "$fio" || true
-    grep -E "err=" "$work/fio.out" || true
+    grep -hE "err=" "$work"/fio.round* || true
     keel_bounded 180 volume attach vol --mapper --io-timeout 15
     timeout 150 umount /mnt/vol
     keel_bounded 120 volume detach vol
@@ -96,7 +97,7 @@ recover() {
     [ "$rc" = 0 ] || exit 1
     e2fsck -fy /dev/keel/vol >/dev/null || [ $? -le 1 ]
     mount /dev/keel/vol /mnt/vol
-    fio_start 3
+    fio_start
 }
 
 repetition() {
@@ -106,8 +107,7 @@ repetition() {
     b_bin=$KEEL; [ "$a_bin" = "$KEEL" ] && b_bin="$work/keel-upgraded"
     rm -f "$work/cue"
     export KEEL_FAULTS="drop-standby-links-when=$work/cue"
-    fio_start 30
-    sleep 1
+    fio_start
     if [ "$point" = spawned ]; then at_stop start:spawned migrate start vol --binary "$b_bin"
     else keel_bounded 150 migrate start vol --binary "$b_bin"; fi
     unset KEEL_FAULTS

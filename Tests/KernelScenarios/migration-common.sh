@@ -1,5 +1,6 @@
 # Shared by the migration matrix scenarios: a volume of keel volume attached
-# with --mapper, mounted, fio randwrite with verify on it; checks after a cell.
+# with --mapper, mounted, fio randwrite with verify on it (rounds of 3 s until
+# the cell ends: fio_rounds_start in common.sh); checks after a cell.
 # Usage: . migration-common.sh KEEL_BINARY
 . "$(dirname "$0")/common.sh"
 start_udev
@@ -23,15 +24,10 @@ no_orphans() {
     done
 }
 status_says() { "$KEEL" migrate status vol | tee "$work/status" | head -3; grep -q "$1" "$work/status" || { echo "status lacks '$1'"; exit 1; }; }
-fio_start() {
-    fio --name=cell --filename=/mnt/vol/fio.dat --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=8 \
-        --size=16M --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --eta=never \
-        --time_based --runtime="$1" --output="$work/fio.out" &
-    fio=$!
-}
+fio_start() { fio_rounds_start /mnt/vol/fio.dat; }
 cells=""
 cell_end() {
-    check_fio
+    fio_rounds_stop
     one_engine
     no_orphans
     (cd /mnt/vol && sha256sum -c --quiet "$work/sums")

@@ -4,26 +4,22 @@
 # that attaches /dev/nbdX with its udev link; kill -9 of the engine: its
 # device frontend (not systemd: Restart=no) starts the unit again and the new
 # engine takes the device over under a mounted
-# filesystem; detach disables the engine; rm removes the replicas' units, files
-# and data; a backup schedule's timer fires and backs the detached volume up.
+# filesystem; detach disables the engine; keel migrate on it, attached again
+# with --mapper (migration-systemd-steps.sh); a backup schedule's timer fires
+# and backs the detached volume up; rm removes the replicas' units, files and
+# data, and both engine units' files.
 # State in /var/lib/keel (ext4 on a loop device, for O_DIRECT).
 . "$(dirname "$0")/common.sh"
 [ "$(cat /proc/1/comm)" = systemd ] || { echo "PID 1 is not systemd"; exit 1; }
-repo=$(cd "$(dirname "$0")/../.." && pwd)
+journal() {
+    status=$?
+    [ $status -ne 0 ] && journalctl -u keel-engine@vol -u keel-engine-alt@vol -u keel-frontend@vol --no-pager | tail -40
+    (exit $status); on_exit
+}
+trap journal EXIT
 
 step "install: binary, units, udev rule"
-install -m 0755 "$KEEL" /usr/local/bin/keel
-cp "$repo"/Systemd/keel-replica@.service "$repo"/Systemd/keel-engine@.service "$repo"/Systemd/keel-engine-alt@.service "$repo"/Systemd/keel-frontend@.service "$repo"/Systemd/keel-replicas.target \
-    /etc/systemd/system/
-systemctl daemon-reload
-mkdir -p /etc/udev/rules.d /var/lib/keel
-cp "$repo/Udev/60-keel.rules" /etc/udev/rules.d/
-udevadm control --reload
-truncate -s 2G "$work/keel.img"
-mkfs.ext4 -q "$work/keel.img"
-mount -o loop "$work/keel.img" /var/lib/keel
-KEEL=/usr/local/bin/keel
-unit_state() { echo "$(systemctl is-enabled "$1" 2>/dev/null || true)/$(systemctl is-active "$1" 2>/dev/null || true)"; }
+install_systemd_units
 
 step "keel volume create: replica units"
 "$KEEL" volume create vol --size 256M --replicas 2
@@ -74,6 +70,8 @@ done
 [ "$(cat /sys/block/$(basename "$device")/size)" = 0 ]
 "$KEEL" volume ls
 
+. "$(dirname "$0")/migration-systemd-steps.sh"
+
 step "keel backup schedule: its timer backs the detached volume up (the engine unit started for the job, then stopped)"
 mkdir -p "$work/backups"
 "$KEEL" backup schedule vol --name quick --target "file://$work/backups" --every 10s --keep 2
@@ -111,5 +109,9 @@ timeout 30 "$KEEL" backup schedule ls | grep -q "no backup schedule" || { echo "
 [ ! -e "/etc/systemd/system/keel-backup:vol:nightly.timer" ]
 for r in vol-r0 vol-r1; do [ "$(unit_state keel-replica@$r)" = disabled/inactive ] || { echo "keel-replica@$r: $(unit_state keel-replica@$r)"; exit 1; }; done
 [ ! -e /etc/keel/replica-vol-r0.env ] && [ ! -e /var/lib/keel/replicas/vol ] || { echo "rm left the replicas' files"; exit 1; }
+for f in /etc/keel/volume-vol.env /etc/keel/volume-alt-vol.env /etc/systemd/system/keel-engine@vol.service.d \
+    /etc/systemd/system/keel-engine-alt@vol.service.d; do
+    [ ! -e "$f" ] || { echo "rm left $f"; exit 1; }
+done
 umount /var/lib/keel
 echo "keel volume under systemd: complete"
