@@ -55,16 +55,12 @@ import Testing
         try Self.expectScenario("engine-migration-faults", timeout: 900, toSay: "migration matrix: cells")
     }
 
-    /// Row 6: one replica's node (a network namespace) goes down during a migration, for rollback and confirm.
-    @Test func migrationMatrixRowSixAReplicasNodeDown() throws {
-        try Self.expectScenario("engine-migration-node-down", timeout: 900, toSay: "migration matrix: cells 6-rollback 6-confirm passed")
-    }
-
     /// keel migrate start --to NODE between engine nodes (network namespaces with their agents), confirm
-    /// and rollback; row 7 (engine B's node down) and row 8 (engine A's node down), confirm and rollback.
-    @Test func migrationToAnotherNodeAndMatrixRowsSevenAndEight() throws {
+    /// and rollback; row 7 (engine B's node down), row 8 (engine A's node down) and row 6 (a replica's
+    /// node down), confirm and rollback.
+    @Test func migrationToAnotherNodeAndMatrixRowsSixToEight() throws {
         try Self.expectScenario("engine-migration-nodes", timeout: 900,
-                                toSay: "migration matrix: cells to-c-confirm to-b-rollback 7-confirm-refused-rollback 8-rollback-refused-confirm passed")
+                                toSay: "migration matrix: cells to-c-confirm to-b-rollback 7-confirm-refused-rollback 8-rollback-refused-confirm 6-rollback 6-confirm passed")
     }
 
     /// Row 4 (every replica crashes) for confirm and rollback, and a seeded, rotating subset of the

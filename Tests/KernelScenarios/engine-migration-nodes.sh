@@ -1,25 +1,35 @@
-# keel migrate start --to NODE, and rows 7 and 8 of the Longhorn HA migration
-# matrix. Engine nodes b and c are network namespaces over veth, each with its
-# node agent requiring TLS, as every link between nodes does (certificates of
-# a cluster CA: the agents start their engines with TLS, to the device and to
-# the replicas; the device's links are kTLS; keel migrate calls the agents
-# over TLS and this host's frontend over its unix socket, plaintext); the three replicas serve on this host's own address
-# 10.77.100.1 (on the guest's loopback; both nodes route to the guest). The volume's engine runs on
-# an engine node (keel volume create --engine-node b --engine-node c),
-# attached with --mapper and mounted, fio randwrite with verify running.
-# A node goes down as a real one does: its link cut first (no FIN), then its
-# processes killed; it comes back with its link up and its agent restarted.
+# keel migrate start --to NODE, and rows 6, 7 and 8 of the Longhorn HA
+# migration matrix. Engine nodes b and c are network namespaces over veth,
+# each with its node agent requiring TLS, as every link between nodes does
+# (certificates of a cluster CA: the agents start their engines with TLS, to
+# the device and to the replicas; the device's links are kTLS; keel migrate
+# calls the agents over TLS and this host's frontend over its unix socket,
+# plaintext). Replica 0 serves on this host's own address 10.77.100.1 (on the
+# guest's loopback), replicas 1 and 2 on nodes d and e (namespaces too; the
+# guest routes between its nodes). The volume's engine runs on an engine node
+# (keel volume create --engine-node b --engine-node c), attached with --mapper
+# and mounted, fio randwrite with verify running.
+# An engine node goes down as a real one does: its link cut first (no FIN),
+# then its processes killed; it comes back with its link up and its agent
+# restarted. A replica's node goes down by its link only: nothing from it
+# arrives any more, not even a FIN.
 #   to c, confirm: the device switches to engine B on c; the registry puts c first.
 #   to b, rollback: engine B goes from b; the volume stays on c.
 #   row 7 (engine B's node down): confirm is refused with the reason; rollback succeeds.
 #   row 8 (engine A's node down): the frontend fails over to B, which takes
 #   over; rollback is refused with the reason; confirm answers that it runs on B.
+#   row 6 (a replica's node down while B stands by): rollback with node d
+#   down succeeds; confirm with node e down succeeds: its hold waits until
+#   engine A has failed e (its writes there time out after
+#   --replica-timeout), then B takes over from the replica that holds every
+#   write, and the volume goes on degraded.
 # After each: fio without I/O errors, one engine, no process on a node without
 # its pid file there, the files checksummed.
 . "$(dirname "$0")/migration-common.sh"
 ip link set lo up
 ip addr add 10.77.100.1/32 dev lo
-net() { case $1 in b) echo 2 ;; c) echo 3 ;; esac; }
+sysctl -qw net.ipv4.ip_forward=1
+net() { case $1 in b) echo 2 ;; c) echo 3 ;; d) echo 4 ;; e) echo 5 ;; esac; }
 # This host's credentials in its state directory (found there by keel's commands and the frontend);
 # each node's in its own.
 "$KEEL" ca init --state-dir "$work/ca" >/dev/null
@@ -28,15 +38,24 @@ mkdir -p "$KEEL_STATE_DIR/tls" "$work/node-b/tls" "$work/node-c/tls"
 for node in b c; do
     "$KEEL" cert issue "$node" --ip "10.77.$(net $node).2" --state-dir "$work/ca" --out "$work/node-$node/tls/$node" >/dev/null
 done
-# The replicas' copy: a process naming the state directory is one keel runs (no_orphans).
-cp -r "$KEEL_STATE_DIR/tls/a" "$work/replica-tls"
-for i in 0 1 2; do
-    # Each on a port and the next (its control API).
-    "$KEEL" replica serve --dir "$work/data/r$i" --listen "10.77.100.1:700$((2 * i + 1))" --size 256M \
-        --tls require --tls-certificates "$work/replica-tls" 2>>"$work/r$i.log" &
-    for _ in $(seq 600); do grep -q "serving replica" "$work/r$i.log" && break; sleep 0.1; done
-    grep -q "serving replica" "$work/r$i.log" || { echo "replica $i did not start"; exit 1; }
+# The replicas' copies: a process naming the state directory is one keel runs (no_orphans).
+cp -r "$KEEL_STATE_DIR/tls/a" "$work/replica-tls-a"
+for node in d e; do
+    make_node "$node" "10.77.$(net $node).2"
+    ip -n "$node" route add default via "10.77.$(net $node).1"
+    "$KEEL" cert issue "$node" --ip "10.77.$(net $node).2" --state-dir "$work/ca" --out "$work/replica-tls-$node" >/dev/null
 done
+# replica_up INDEX NODE ADDRESS: on a port and the next (its control API); node a is this host.
+replica_up() {
+    in=""; [ "$2" = a ] || in="ip netns exec $2"
+    $in "$KEEL" replica serve --dir "$work/data/r$1" --listen "$3" --size 256M \
+        --tls require --tls-certificates "$work/replica-tls-$2" 2>>"$work/r$1.log" &
+    for _ in $(seq 600); do grep -q "serving replica" "$work/r$1.log" && break; sleep 0.1; done
+    grep -q "serving replica" "$work/r$1.log" || { echo "replica $1 did not start"; exit 1; }
+}
+replica_up 0 a 10.77.100.1:7001
+replica_up 1 d 10.77.4.2:7003
+replica_up 2 e 10.77.5.2:7005
 agent_up() {
     ip netns exec "$1" "$KEEL" node serve --listen "10.77.$(net "$1").2:7800" --name "$1" \
         --tls require --tls-certificates "$work/node-$1/tls/$1" --state-dir "$work/node-$1" 2>>"$work/node-$1.log" &
@@ -49,12 +68,13 @@ for node in b c; do
     agent_up "$node" 1
     "$KEEL" node add "$node" "10.77.$(net $node).2:7800"
 done
-mounted_volume --replica 10.77.100.1:7001 --replica 10.77.100.1:7003 --replica 10.77.100.1:7005 --engine-node b --engine-node c
+mounted_volume --replica 10.77.100.1:7001 --replica 10.77.4.2:7003 --replica 10.77.5.2:7005 --engine-node b --engine-node c
 node_down() {
     ip link set "h-$1" down
     for pid in $(ip netns pids "$1"); do kill -9 "$pid"; done
     echo "-- node $1 down"
 }
+replica_node_down() { ip link set "h-$1" down; echo "-- node $1 down"; }
 node_up() {
     ip link set "h-$1" up
     agent_up "$1" "$(( $(grep -c "serving the agent" "$work/node-$1.log") + 1 ))"
@@ -138,6 +158,26 @@ grep -q "already runs on engine B" "$work/out" || { echo "confirm does not say i
 status_says "migration_status success"
 nodes_cell_end 8-rollback-refused-confirm
 node_up c
+
+step "6 rollback: node d (replica 1) goes down while engine B stands by"
+fio_start
+timeout 300 "$KEEL" migrate start vol --to c
+replica_node_down d
+timeout 300 "$KEEL" migrate rollback vol
+status_says "rolled back"
+engine_on b
+nodes_cell_end 6-rollback
+
+step "6 confirm: node e (replica 2) goes down while engine B stands by"
+fio_start
+timeout 300 "$KEEL" migrate start vol --to c
+replica_node_down e
+began=$(date +%s)
+timeout 300 "$KEEL" migrate confirm vol
+echo "confirm took $(( $(date +%s) - began )) s"
+status_says "migration_status success"
+engine_on c
+nodes_cell_end 6-confirm
 
 umount /mnt/vol
 "$KEEL" volume detach vol
