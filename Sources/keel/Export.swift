@@ -50,6 +50,7 @@ struct Export: ParsableCommand {
 }
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
+extension SchedulingPolicy: ExpressibleByArgument {}
 
 func makeLogger(label: String, level: Logger.Level) -> Logger {
     var logger = Logger(label: label) { StreamLogHandler.standardError(label: $0) }

@@ -38,10 +38,16 @@ struct Replica: ParsableCommand {
         @Option(help: "Size of a new replica, e.g. 10G (binary units); must match an existing one.")
         var size: ByteCount?
 
+        @Option(help: ArgumentHelp("CPU scheduling of the replica's threads: batch (a request's wakeup does not preempt the engine or another replica sharing the cores; they are served in batches) or normal.", valueName: "policy"))
+        var scheduling: SchedulingPolicy = .batch
+
         @OptionGroup var serving: ServingOptions
 
         func run() throws {
             let logger = makeLogger(label: "keel.replica", level: serving.logLevel)
+            do { try scheduling.applyToThisThread() } catch {
+                logger.warning("\(error): the replica's threads keep the normal policy")
+            }
             let address = try parseListenAddress(listen)
             let controlAddress = try control.map { try parseListenAddress($0, option: "--control") }
                 ?? defaultControlAddress(forData: address)
