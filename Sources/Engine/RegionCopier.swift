@@ -1,4 +1,7 @@
 import LibNBD
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Copies byte ranges from one replica to others over plain (blocking) libnbd
 /// connections: data is read and written, holes and zeroes become
@@ -78,7 +81,7 @@ struct RegionCopier {
                     while done < count {
                         let piece = min(Self.chunk, count - done)
                         let bytes = try bounded(source) { try source.read(count: Int(piece), at: position + done) }
-                        try eachTarget { try $0.write(bytes, at: position + done) }
+                        try writeToEveryTarget(bytes, at: position + done)
                         done += piece
                     }
                     data += count
@@ -87,6 +90,46 @@ struct RegionCopier {
             }
         }
         return data
+    }
+
+    /// The targets' writes of one piece are in flight together (a copy waits for the slowest
+    /// target, not for each in turn), each bounded by its own deadline. Every write has finished
+    /// or failed before this returns, so none is left reading `bytes`; the first failure is thrown.
+    private func writeToEveryTarget(_ bytes: [UInt8], at offset: UInt64) throws {
+        guard targets.count > 1 else { return try eachTarget { try $0.write(bytes, at: offset) } }
+        try bytes.withUnsafeBytes { buffer in
+            var pending: [(target: Int, cookie: Int64, deadline: Deadline)] = []
+            var firstFailure: TargetFailure?
+            func failed(_ target: Int, _ error: Error, _ deadline: Deadline) {
+                deadline.cancel()
+                let reason = deadline.expired ? EngineError("no answer within \(timeoutSeconds) s") : error
+                if firstFailure == nil { firstFailure = TargetFailure(target: target, underlying: reason) }
+            }
+            for (index, target) in targets.enumerated() {
+                let deadline = Deadline(seconds: timeoutSeconds, descriptors: [target.descriptor])
+                do { pending.append((index, try target.startWrite(buffer, at: offset), deadline)) } catch {
+                    failed(index, error, deadline)
+                }
+            }
+            // Bounded: each write completes, fails, or has its connection cut by its deadline.
+            while !pending.isEmpty {
+                pending = pending.filter { entry in
+                    do {
+                        guard try targets[entry.target].isComplete(entry.cookie) else { return true }
+                        entry.deadline.cancel()
+                    } catch {
+                        failed(entry.target, error, entry.deadline)
+                    }
+                    return false
+                }
+                if pending.isEmpty { break }
+                do { try NBDClient.poll(pending.map { targets[$0.target] }, milliseconds: 1000) } catch {
+                    // Their connections cut, libnbd fails the writes: the loop retires them.
+                    for entry in pending { shutdown(targets[entry.target].descriptor, Int32(SHUT_RDWR)) }
+                }
+            }
+            if let firstFailure { throw firstFailure }
+        }
     }
 
     private func eachTarget(_ body: (NBDClient) throws -> Void) throws {

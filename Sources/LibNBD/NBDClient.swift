@@ -269,6 +269,21 @@ public final class NBDClient {
     /// Waits for traffic for up to `milliseconds`.
     public func poll(milliseconds: Int32) throws { try check(nbd_poll(handle, milliseconds)) }
 
+    /// Waits up to `milliseconds` for traffic on any of `clients`' connections, then lets each
+    /// ready one read or write (`nbd_poll` for several handles: their commands progress together).
+    public static func poll(_ clients: [NBDClient], milliseconds: Int32) throws {
+        var descriptors = clients.map { client in
+            pollfd(fd: client.descriptor, events: Int16(POLLIN) | (client.wantsToWrite ? Int16(POLLOUT) : 0), revents: 0)
+        }
+        let ready = Glibc.poll(&descriptors, nfds_t(descriptors.count), milliseconds)
+        if ready < 0 && errno != EINTR { throw NBDClientError(errno: errno, message: "poll: \(String(cString: strerror(errno)))") }
+        guard ready > 0 else { return }
+        for (client, descriptor) in zip(clients, descriptors) where descriptor.revents != 0 {
+            if descriptor.revents & Int16(POLLOUT) != 0 { client.notifyWritable() }
+            if descriptor.revents & ~Int16(POLLOUT) != 0 { client.notifyReadable() }
+        }
+    }
+
     /// True once the command finished; throws if it failed.
     public func isComplete(_ cookie: Int64) throws -> Bool {
         let rc = nbd_aio_command_completed(handle, UInt64(cookie))
