@@ -63,7 +63,7 @@ def volume_pids(name):
                 argv = f.read().split("\0")
         except OSError:
             continue
-        if argv[1:3] == ["engine", "serve"] and f"--volume\0{name}\0" in "\0".join(argv) + "\0":
+        if argv[1:3] == ["engine", "serve"] and "--volume" in argv and argv[argv.index("--volume") + 1:][:1] == [name]:
             engine.append(int(pid))
         elif argv[1:3] == ["replica", "serve"] and any(f"/replicas/{name}/" in a for a in argv):
             replicas.append(int(pid))

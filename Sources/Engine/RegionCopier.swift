@@ -96,7 +96,6 @@ struct RegionCopier {
     /// target, not for each in turn), each bounded by its own deadline. Every write has finished
     /// or failed before this returns, so none is left reading `bytes`; the first failure is thrown.
     private func writeToEveryTarget(_ bytes: [UInt8], at offset: UInt64) throws {
-        guard targets.count > 1 else { return try eachTarget { try $0.write(bytes, at: offset) } }
         try bytes.withUnsafeBytes { buffer in
             var pending: [(target: Int, cookie: Int64, deadline: Deadline)] = []
             var firstFailure: TargetFailure?
